@@ -1,0 +1,742 @@
+//! ferry wire protocol, version 1 (specified in docs/protocol.md).
+//!
+//! The same protocol is spoken agent → process server → master target. It
+//! runs over one TCP (later TLS) connection per disk. Every message is one
+//! frame:
+//!
+//! ```text
+//! frame  = MAGIC:u32 || TYPE:u8 || FLAGS:u8 (0) || RESERVED:u16 (0)
+//!          || BODY_LEN:u32 || BODY || XXH3_128(header || BODY):16
+//! ```
+//!
+//! All integers are little-endian. `BODY_LEN` is at most [`MAX_BODY`]; a
+//! decoder rejects anything longer *before* allocating, rejects a frame whose
+//! checksum does not match, and validates every field of the body (lengths,
+//! offsets that overflow, unknown codecs or kinds) in [`Msg::decode_body`], so
+//! that a [`Msg`] value is always well-formed. Bounds that depend on the disk
+//! (an extent past its end) are checked by the receiver, which knows the size.
+//!
+//! Flow (client = agent or process server, server = master target):
+//!
+//! ```text
+//! C: HELLO(min,max,peer)          S: HELLO_ACK(version,peer) | ERROR
+//! C: OPEN(name,size,generation)   S: OPEN_ACK(durable_seq,flags,generation) | ERROR
+//! C: DATA/ZERO/DISCARD/REF/TAG (seq strictly increasing), SUMS_REQ ...
+//! S: ACK(durable_seq) after the frames up to it are durable,
+//!    POINT(seq,id) when a TAG became a recovery point,
+//!    SUMS(...) answering SUMS_REQ in stream order, ERROR then close.
+//! ```
+//!
+//! The client keeps at most a window of unacknowledged bytes in flight and
+//! drops nothing before it is acknowledged; after a reconnect it resumes from
+//! the server's `durable_seq`.
+
+use std::io::{self, Read, Write};
+use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;
+
+/// Protocol versions this build speaks.
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+
+/// Frame magic: low 32 bits of xxh3-64("ferry wire frame v1"). Do not modify.
+pub const MAGIC: u32 = const_xxh3_64(b"ferry wire frame v1") as u32;
+/// Fixed frame header size.
+pub const HEADER_LEN: usize = 12;
+/// Trailing checksum size.
+pub const TRAILER_LEN: usize = 16;
+/// Largest extent carried by one DATA/ZERO/DISCARD/REF frame (4 MiB).
+pub const MAX_EXTENT: u32 = 4 << 20;
+/// Largest body accepted: a DATA frame of MAX_EXTENT raw bytes plus room.
+pub const MAX_BODY: u32 = MAX_EXTENT + 4096;
+/// Most checksums in one SUMS frame.
+pub const MAX_SUMS: u32 = 65_536;
+/// Extents must be aligned to and multiples of this (one sector).
+pub const SECTOR: u64 = 512;
+/// Longest name or message string.
+pub const MAX_STR: usize = 1024;
+
+/// Payload encodings of a DATA frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+/// Recovery point kinds, as carried by TAG and stored in the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PointKind {
+    /// Equals the source at one instant.
+    Crash = 1,
+    /// Equals the source at a freeze of its filesystems or applications.
+    App = 2,
+}
+
+impl PointKind {
+    pub fn from_u8(v: u8) -> Option<PointKind> {
+        match v {
+            1 => Some(PointKind::Crash),
+            2 => Some(PointKind::App),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PointKind::Crash => "crash",
+            PointKind::App => "app",
+        }
+    }
+}
+
+/// OPEN_ACK flag: the server already holds a replica of this disk.
+pub const OPEN_EXISTS: u32 = 1;
+/// OPEN_ACK flag: the server's replica belongs to the generation offered.
+pub const OPEN_SAME_GENERATION: u32 = 2;
+
+/// ERROR codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    UnsupportedVersion = 1,
+    BadFrame = 2,
+    Checksum = 3,
+    OutOfRange = 4,
+    SizeChanged = 5,
+    Busy = 6,
+    RefMiss = 7,
+    Internal = 8,
+    BadSequence = 9,
+    NotOpen = 10,
+    Refused = 11,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => UnsupportedVersion,
+            2 => BadFrame,
+            3 => Checksum,
+            4 => OutOfRange,
+            5 => SizeChanged,
+            6 => Busy,
+            7 => RefMiss,
+            8 => Internal,
+            9 => BadSequence,
+            10 => NotOpen,
+            11 => Refused,
+            _ => return None,
+        })
+    }
+}
+
+/// One protocol message, always well-formed once decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    Hello { min: u16, max: u16, peer: String },
+    HelloAck { version: u16, peer: String },
+    Open { name: String, size: u64, generation: [u8; 16] },
+    OpenAck { durable_seq: u64, flags: u32, generation: [u8; 16] },
+    /// Bytes at `offset`; `payload` is `len` raw bytes or their zstd frame.
+    Data { seq: u64, offset: u64, len: u32, codec: Codec, payload: Vec<u8> },
+    /// `[offset, offset+len)` reads as zero (write-zeroes, or zero data).
+    Zero { seq: u64, offset: u64, len: u32 },
+    /// `[offset, offset+len)` was discarded; the replica stores zeroes.
+    Discard { seq: u64, offset: u64, len: u32 },
+    /// Bytes at `offset` equal content already sent whose BLAKE3 is `digest`.
+    Ref { seq: u64, offset: u64, len: u32, digest: [u8; 32] },
+    /// Consistency marker: the stream up to `seq` is a recovery point.
+    Tag { seq: u64, time_ns: u64, kind: PointKind },
+    Ack { durable_seq: u64 },
+    SumsReq { req: u64, offset: u64, chunk: u32, count: u32 },
+    Sums { req: u64, offset: u64, chunk: u32, sums: Vec<[u8; 16]> },
+    Point { seq: u64, id: u64 },
+    Error { code: ErrorCode, msg: String },
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad frame magic {0:#010x} (not a ferry peer, or a ferry too old or new)")]
+    Magic(u32),
+    #[error("frame body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
+    TooLarge(u32),
+    #[error("frame checksum mismatch (corrupted in transit)")]
+    Checksum,
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    #[error("malformed {what} frame: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+impl ProtoError {
+    /// The ERROR code a receiver should answer this with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtoError::Checksum => ErrorCode::Checksum,
+            ProtoError::Io(_) => ErrorCode::Internal,
+            _ => ErrorCode::BadFrame,
+        }
+    }
+}
+
+mod ty {
+    pub const HELLO: u8 = 0x01;
+    pub const HELLO_ACK: u8 = 0x02;
+    pub const OPEN: u8 = 0x03;
+    pub const OPEN_ACK: u8 = 0x04;
+    pub const DATA: u8 = 0x10;
+    pub const ZERO: u8 = 0x11;
+    pub const DISCARD: u8 = 0x12;
+    pub const REF: u8 = 0x13;
+    pub const TAG: u8 = 0x14;
+    pub const ACK: u8 = 0x20;
+    pub const SUMS_REQ: u8 = 0x21;
+    pub const SUMS: u8 = 0x22;
+    pub const POINT: u8 = 0x23;
+    pub const ERROR: u8 = 0x30;
+}
+
+/// Little-endian body cursor that turns every short read into an error.
+struct Rd<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Rd<'a> {
+    fn bad(&self, why: impl Into<String>) -> ProtoError {
+        ProtoError::Malformed { what: self.what, why: why.into() }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.b.len() < n {
+            return Err(self.bad(format!("truncated: wanted {n} more bytes, have {}", self.b.len())));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], ProtoError> {
+        Ok(self.take(N)?.try_into().expect("N"))
+    }
+    fn zeros(&mut self, n: usize) -> Result<(), ProtoError> {
+        if self.take(n)?.iter().any(|&b| b != 0) {
+            return Err(self.bad("reserved bytes are not zero"));
+        }
+        Ok(())
+    }
+    fn string(&mut self) -> Result<String, ProtoError> {
+        let n = self.u16()? as usize;
+        if n > MAX_STR {
+            return Err(self.bad(format!("string of {n} bytes exceeds {MAX_STR}")));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if !self.b.is_empty() {
+            return Err(self.bad(format!("{} trailing bytes", self.b.len())));
+        }
+        Ok(())
+    }
+    /// An extent: aligned to SECTOR, 1..=MAX_EXTENT bytes, not overflowing.
+    fn extent(&mut self) -> Result<(u64, u64, u32), ProtoError> {
+        let seq = self.u64()?;
+        let offset = self.u64()?;
+        let len = self.u32()?;
+        if len == 0 || len > MAX_EXTENT {
+            return Err(self.bad(format!("extent length {len} not in 1..={MAX_EXTENT}")));
+        }
+        if offset % SECTOR != 0 || u64::from(len) % SECTOR != 0 {
+            return Err(self.bad(format!("extent {offset}+{len} not aligned to {SECTOR} bytes")));
+        }
+        if offset.checked_add(u64::from(len)).is_none() {
+            return Err(self.bad("extent end overflows"));
+        }
+        Ok((seq, offset, len))
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(MAX_STR)];
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+impl Msg {
+    fn type_byte(&self) -> u8 {
+        match self {
+            Msg::Hello { .. } => ty::HELLO,
+            Msg::HelloAck { .. } => ty::HELLO_ACK,
+            Msg::Open { .. } => ty::OPEN,
+            Msg::OpenAck { .. } => ty::OPEN_ACK,
+            Msg::Data { .. } => ty::DATA,
+            Msg::Zero { .. } => ty::ZERO,
+            Msg::Discard { .. } => ty::DISCARD,
+            Msg::Ref { .. } => ty::REF,
+            Msg::Tag { .. } => ty::TAG,
+            Msg::Ack { .. } => ty::ACK,
+            Msg::SumsReq { .. } => ty::SUMS_REQ,
+            Msg::Sums { .. } => ty::SUMS,
+            Msg::Point { .. } => ty::POINT,
+            Msg::Error { .. } => ty::ERROR,
+        }
+    }
+
+    /// The stream sequence number of a data-path frame.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Msg::Data { seq, .. } | Msg::Zero { seq, .. } | Msg::Discard { seq, .. } | Msg::Ref { seq, .. } | Msg::Tag { seq, .. } => {
+                Some(*seq)
+            }
+            _ => None,
+        }
+    }
+
+    fn encode_body(&self, o: &mut Vec<u8>) {
+        let ext = |o: &mut Vec<u8>, seq: u64, offset: u64, len: u32| {
+            o.extend_from_slice(&seq.to_le_bytes());
+            o.extend_from_slice(&offset.to_le_bytes());
+            o.extend_from_slice(&len.to_le_bytes());
+        };
+        match self {
+            Msg::Hello { min, max, peer } => {
+                o.extend_from_slice(&min.to_le_bytes());
+                o.extend_from_slice(&max.to_le_bytes());
+                put_str(o, peer);
+            }
+            Msg::HelloAck { version, peer } => {
+                o.extend_from_slice(&version.to_le_bytes());
+                put_str(o, peer);
+            }
+            Msg::Open { name, size, generation } => {
+                o.extend_from_slice(&size.to_le_bytes());
+                o.extend_from_slice(generation);
+                put_str(o, name);
+            }
+            Msg::OpenAck { durable_seq, flags, generation } => {
+                o.extend_from_slice(&durable_seq.to_le_bytes());
+                o.extend_from_slice(&flags.to_le_bytes());
+                o.extend_from_slice(&[0; 4]);
+                o.extend_from_slice(generation);
+            }
+            Msg::Data { seq, offset, len, codec, payload } => {
+                ext(o, *seq, *offset, *len);
+                o.push(*codec as u8);
+                o.extend_from_slice(&[0; 3]);
+                o.extend_from_slice(payload);
+            }
+            Msg::Zero { seq, offset, len } | Msg::Discard { seq, offset, len } => {
+                ext(o, *seq, *offset, *len);
+                o.extend_from_slice(&[0; 4]);
+            }
+            Msg::Ref { seq, offset, len, digest } => {
+                ext(o, *seq, *offset, *len);
+                o.extend_from_slice(&[0; 4]);
+                o.extend_from_slice(digest);
+            }
+            Msg::Tag { seq, time_ns, kind } => {
+                o.extend_from_slice(&seq.to_le_bytes());
+                o.extend_from_slice(&time_ns.to_le_bytes());
+                o.push(*kind as u8);
+                o.extend_from_slice(&[0; 7]);
+            }
+            Msg::Ack { durable_seq } => o.extend_from_slice(&durable_seq.to_le_bytes()),
+            Msg::SumsReq { req, offset, chunk, count } => {
+                o.extend_from_slice(&req.to_le_bytes());
+                o.extend_from_slice(&offset.to_le_bytes());
+                o.extend_from_slice(&chunk.to_le_bytes());
+                o.extend_from_slice(&count.to_le_bytes());
+            }
+            Msg::Sums { req, offset, chunk, sums } => {
+                o.extend_from_slice(&req.to_le_bytes());
+                o.extend_from_slice(&offset.to_le_bytes());
+                o.extend_from_slice(&chunk.to_le_bytes());
+                o.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+                for s in sums {
+                    o.extend_from_slice(s);
+                }
+            }
+            Msg::Point { seq, id } => {
+                o.extend_from_slice(&seq.to_le_bytes());
+                o.extend_from_slice(&id.to_le_bytes());
+            }
+            Msg::Error { code, msg } => {
+                o.extend_from_slice(&(*code as u16).to_le_bytes());
+                put_str(o, msg);
+            }
+        }
+    }
+
+    /// Append this message as one complete frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.push(self.type_byte());
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&[0; 4]); // length, patched below
+        self.encode_body(out);
+        let body_len = (out.len() - start - HEADER_LEN) as u32;
+        out[start + 8..start + 12].copy_from_slice(&body_len.to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_128(&out[start..]).to_le_bytes();
+        out.extend_from_slice(&sum);
+    }
+
+    /// Decode and validate a body of frame type `t`.
+    pub fn decode_body(t: u8, body: &[u8]) -> Result<Msg, ProtoError> {
+        let what = match t {
+            ty::HELLO => "HELLO",
+            ty::HELLO_ACK => "HELLO_ACK",
+            ty::OPEN => "OPEN",
+            ty::OPEN_ACK => "OPEN_ACK",
+            ty::DATA => "DATA",
+            ty::ZERO => "ZERO",
+            ty::DISCARD => "DISCARD",
+            ty::REF => "REF",
+            ty::TAG => "TAG",
+            ty::ACK => "ACK",
+            ty::SUMS_REQ => "SUMS_REQ",
+            ty::SUMS => "SUMS",
+            ty::POINT => "POINT",
+            ty::ERROR => "ERROR",
+            other => return Err(ProtoError::UnknownType(other)),
+        };
+        let mut r = Rd { b: body, what };
+        let m = match t {
+            ty::HELLO => {
+                let (min, max) = (r.u16()?, r.u16()?);
+                if min > max {
+                    return Err(r.bad(format!("version range {min}..{max} is empty")));
+                }
+                Msg::Hello { min, max, peer: r.string()? }
+            }
+            ty::HELLO_ACK => Msg::HelloAck { version: r.u16()?, peer: r.string()? },
+            ty::OPEN => {
+                let size = r.u64()?;
+                let generation = r.arr()?;
+                let name = r.string()?;
+                if size == 0 || size % SECTOR != 0 {
+                    return Err(r.bad(format!("disk size {size} is not a positive multiple of {SECTOR}")));
+                }
+                if !valid_name(&name) {
+                    return Err(r.bad(format!("disk name {name:?} must be 1-64 of [A-Za-z0-9._-], not starting with '.'")));
+                }
+                Msg::Open { name, size, generation }
+            }
+            ty::OPEN_ACK => {
+                let durable_seq = r.u64()?;
+                let flags = r.u32()?;
+                r.zeros(4)?;
+                Msg::OpenAck { durable_seq, flags, generation: r.arr()? }
+            }
+            ty::DATA => {
+                let (seq, offset, len) = r.extent()?;
+                let codec = match r.u8()? {
+                    0 => Codec::Raw,
+                    1 => Codec::Zstd,
+                    c => return Err(r.bad(format!("unknown codec {c}"))),
+                };
+                r.zeros(3)?;
+                let payload = r.rest().to_vec();
+                if codec == Codec::Raw && payload.len() != len as usize {
+                    return Err(r.bad(format!("raw payload of {} bytes for a {len}-byte extent", payload.len())));
+                }
+                if payload.is_empty() {
+                    return Err(r.bad("empty payload"));
+                }
+                Msg::Data { seq, offset, len, codec, payload }
+            }
+            ty::ZERO | ty::DISCARD => {
+                let (seq, offset, len) = r.extent()?;
+                r.zeros(4)?;
+                if t == ty::ZERO {
+                    Msg::Zero { seq, offset, len }
+                } else {
+                    Msg::Discard { seq, offset, len }
+                }
+            }
+            ty::REF => {
+                let (seq, offset, len) = r.extent()?;
+                r.zeros(4)?;
+                Msg::Ref { seq, offset, len, digest: r.arr()? }
+            }
+            ty::TAG => {
+                let seq = r.u64()?;
+                let time_ns = r.u64()?;
+                let k = r.u8()?;
+                let kind = PointKind::from_u8(k).ok_or_else(|| r.bad(format!("unknown point kind {k}")))?;
+                r.zeros(7)?;
+                Msg::Tag { seq, time_ns, kind }
+            }
+            ty::ACK => Msg::Ack { durable_seq: r.u64()? },
+            ty::SUMS_REQ => {
+                let (req, offset, chunk, count) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
+                check_sums_shape(&r, offset, chunk, count)?;
+                Msg::SumsReq { req, offset, chunk, count }
+            }
+            ty::SUMS => {
+                let (req, offset, chunk, count) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
+                check_sums_shape(&r, offset, chunk, count)?;
+                if r.b.len() != count as usize * 16 {
+                    return Err(r.bad(format!("{} bytes of sums for count {count}", r.b.len())));
+                }
+                let sums = r.rest().chunks_exact(16).map(|c| c.try_into().expect("16")).collect();
+                Msg::Sums { req, offset, chunk, sums }
+            }
+            ty::POINT => Msg::Point { seq: r.u64()?, id: r.u64()? },
+            ty::ERROR => {
+                let c = r.u16()?;
+                let code = ErrorCode::from_u16(c).ok_or_else(|| r.bad(format!("unknown error code {c}")))?;
+                Msg::Error { code, msg: r.string()? }
+            }
+            _ => unreachable!("type checked above"),
+        };
+        r.end()?;
+        Ok(m)
+    }
+}
+
+fn check_sums_shape(r: &Rd<'_>, offset: u64, chunk: u32, count: u32) -> Result<(), ProtoError> {
+    if !(SECTOR as u32..=MAX_EXTENT).contains(&chunk) || chunk % SECTOR as u32 != 0 || offset % SECTOR != 0 {
+        return Err(r.bad(format!("chunk {chunk} at {offset} is not a sector-aligned size up to {MAX_EXTENT}")));
+    }
+    if count == 0 || count > MAX_SUMS {
+        return Err(r.bad(format!("count {count} not in 1..={MAX_SUMS}")));
+    }
+    if offset.checked_add(u64::from(chunk) * u64::from(count)).is_none() {
+        return Err(r.bad("range overflows"));
+    }
+    Ok(())
+}
+
+/// A disk name: 1–64 bytes of `[A-Za-z0-9._-]`, not starting with `.`
+/// (it names a folder on the master target).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Read one frame from `r`. `Ok(None)` on a clean end of stream before a frame.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Msg>, ProtoError> {
+    let mut head = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame").into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    decode_after_header(&head, r).map(Some)
+}
+
+fn decode_after_header(head: &[u8; HEADER_LEN], r: &mut impl Read) -> Result<Msg, ProtoError> {
+    let magic = u32::from_le_bytes(head[0..4].try_into().expect("4"));
+    if magic != MAGIC {
+        return Err(ProtoError::Magic(magic));
+    }
+    let t = head[4];
+    if head[5..8] != [0, 0, 0] {
+        return Err(ProtoError::Malformed { what: "frame header", why: "flags or reserved bytes are not zero".into() });
+    }
+    let len = u32::from_le_bytes(head[8..12].try_into().expect("4"));
+    if len > MAX_BODY {
+        return Err(ProtoError::TooLarge(len));
+    }
+    let mut rest = vec![0u8; len as usize + TRAILER_LEN];
+    r.read_exact(&mut rest)?;
+    let (body, sum) = rest.split_at(len as usize);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(head);
+    h.update(body);
+    if h.digest128().to_le_bytes() != sum {
+        return Err(ProtoError::Checksum);
+    }
+    Msg::decode_body(t, body)
+}
+
+/// Decode exactly one frame from a byte slice (for fuzzing and tests).
+/// Returns the message and the bytes consumed.
+pub fn decode_frame(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
+    let mut cur = io::Cursor::new(buf);
+    match read_frame(&mut cur)? {
+        Some(m) => Ok((m, cur.position() as usize)),
+        None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "empty input").into()),
+    }
+}
+
+/// Write one message as a frame.
+pub fn write_msg(w: &mut impl Write, m: &Msg) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(64);
+    m.encode(&mut buf);
+    w.write_all(&buf)
+}
+
+/// Compress `raw` with zstd level 1 when that saves at least 1/8; otherwise
+/// return it raw. Returns the codec and the payload to send.
+pub fn compress(raw: &[u8]) -> (Codec, Vec<u8>) {
+    match zstd::bulk::compress(raw, 1) {
+        Ok(c) if c.len() < raw.len() - raw.len() / 8 => (Codec::Zstd, c),
+        _ => (Codec::Raw, raw.to_vec()),
+    }
+}
+
+/// Recover the `len` raw bytes of a DATA payload, rejecting a payload that
+/// does not decode to exactly `len` bytes.
+pub fn decompress(codec: Codec, payload: &[u8], len: u32) -> Result<Vec<u8>, ProtoError> {
+    let bad = |why: String| ProtoError::Malformed { what: "DATA", why };
+    match codec {
+        Codec::Raw => Ok(payload.to_vec()),
+        Codec::Zstd => {
+            let out = zstd::bulk::decompress(payload, len as usize).map_err(|e| bad(format!("zstd payload does not decode: {e}")))?;
+            if out.len() != len as usize {
+                return Err(bad(format!("zstd payload decodes to {} bytes, extent is {len}", out.len())));
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all_kinds() -> Vec<Msg> {
+        vec![
+            Msg::Hello { min: 1, max: 1, peer: "agent".into() },
+            Msg::HelloAck { version: 1, peer: "mt".into() },
+            Msg::Open { name: "db-1.disk0".into(), size: 1 << 30, generation: [7; 16] },
+            Msg::OpenAck { durable_seq: 9, flags: OPEN_EXISTS, generation: [1; 16] },
+            Msg::Data { seq: 1, offset: 4096, len: 512, codec: Codec::Raw, payload: vec![3; 512] },
+            Msg::Zero { seq: 2, offset: 0, len: 4096 },
+            Msg::Discard { seq: 3, offset: 512, len: 512 },
+            Msg::Ref { seq: 4, offset: 8192, len: 4096, digest: [9; 32] },
+            Msg::Tag { seq: 5, time_ns: 123, kind: PointKind::App },
+            Msg::Ack { durable_seq: 5 },
+            Msg::SumsReq { req: 1, offset: 0, chunk: 4096, count: 3 },
+            Msg::Sums { req: 1, offset: 0, chunk: 4096, sums: vec![[1; 16], [2; 16]] },
+            Msg::Point { seq: 5, id: 2 },
+            Msg::Error { code: ErrorCode::OutOfRange, msg: "past the end".into() },
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        for m in all_kinds() {
+            let mut b = Vec::new();
+            m.encode(&mut b);
+            let (d, used) = decode_frame(&b).unwrap();
+            assert_eq!(d, m);
+            assert_eq!(used, b.len());
+        }
+    }
+
+    #[test]
+    fn flipped_bit_is_a_checksum_error() {
+        let mut b = Vec::new();
+        Msg::Zero { seq: 2, offset: 0, len: 4096 }.encode(&mut b);
+        b[14] ^= 0x10;
+        assert!(matches!(decode_frame(&b), Err(ProtoError::Checksum)));
+    }
+
+    #[test]
+    fn oversize_length_is_rejected_before_reading_the_body() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&[ty::DATA, 0, 0, 0]);
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode_frame(&b), Err(ProtoError::TooLarge(_))));
+    }
+
+    #[test]
+    fn wrong_magic_and_unknown_type() {
+        let mut b = Vec::new();
+        Msg::Ack { durable_seq: 1 }.encode(&mut b);
+        let mut m = b.clone();
+        m[0] ^= 1;
+        assert!(matches!(decode_frame(&m), Err(ProtoError::Magic(_))));
+        // Unknown type with a valid checksum.
+        let mut u = b[..HEADER_LEN + 8].to_vec();
+        u[4] = 0x7f;
+        let s = xxhash_rust::xxh3::xxh3_128(&u).to_le_bytes();
+        u.extend_from_slice(&s);
+        assert!(matches!(decode_frame(&u), Err(ProtoError::UnknownType(0x7f))));
+    }
+
+    fn frame_of(t: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = MAGIC.to_le_bytes().to_vec();
+        b.extend_from_slice(&[t, 0, 0, 0]);
+        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        b.extend_from_slice(body);
+        let s = xxhash_rust::xxh3::xxh3_128(&b).to_le_bytes();
+        b.extend_from_slice(&s);
+        b
+    }
+
+    #[test]
+    fn invalid_extents_are_rejected() {
+        let ext = |off: u64, len: u32| {
+            let mut b = 1u64.to_le_bytes().to_vec();
+            b.extend_from_slice(&off.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&[0; 4]);
+            frame_of(ty::ZERO, &b)
+        };
+        assert!(decode_frame(&ext(0, 4096)).is_ok());
+        for (off, len) in [(0, 0), (1, 512), (0, 513), (u64::MAX - 511, 512), (0, MAX_EXTENT + 512)] {
+            assert!(matches!(decode_frame(&ext(off, len)), Err(ProtoError::Malformed { .. })), "{off}+{len}");
+        }
+    }
+
+    #[test]
+    fn raw_payload_must_match_length_and_zstd_must_decode_exactly() {
+        let mut b = Vec::new();
+        Msg::Data { seq: 1, offset: 0, len: 1024, codec: Codec::Raw, payload: vec![0; 512] }.encode(&mut b);
+        assert!(decode_frame(&b).is_err());
+        let (c, p) = compress(&[5u8; 4096]);
+        assert_eq!(c, Codec::Zstd);
+        assert_eq!(decompress(c, &p, 4096).unwrap(), vec![5u8; 4096]);
+        assert!(decompress(c, &p, 8192).is_err());
+        assert!(decompress(c, &p, 512).is_err());
+        assert!(decompress(Codec::Zstd, b"not zstd", 512).is_err());
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        assert!(valid_name("web-01.sda"));
+        for n in ["", ".hidden", "a/b", "..", &"x".repeat(65), "sp ace"] {
+            assert!(!valid_name(n), "{n:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_bodies_with_valid_checksums(t in 0u8..0x40, body in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode_frame(&frame_of(t, &body));
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The change-tracking ABI and the record ring.
+//!
+//! [`generated`] is bindgen's rendering of `cbt-module/include/uapi/ferry_cbt.h`
+//! (regenerate with `scripts/bindgen.sh`; never edit by hand). [`Record`] is the
+//! validated in-memory form of one ABI record, and [`Ring`] is the lock-free
+//! single-producer / single-consumer ring of records in shared memory that the
+//! kernel-side trackers fill and the agent drains.
+//!
+//! Ownership of the ring indices (see the header comment in the uapi file):
+//!
+//! | field      | written by | read by  | ordering                         |
+//! |------------|------------|----------|----------------------------------|
+//! | slots      | producer   | consumer | published by `producer` Release  |
+//! | `producer` | producer   | both     | store Release / load Acquire     |
+//! | `consumer` | consumer   | both     | store Release / load Acquire     |
+//! | `overflows`, `flags` | producer | consumer | Relaxed counters        |
+//!
+//! The consumer never writes a producer-owned field: it notices overflow by
+//! comparing `overflows` with the count it last handled.
+
+#[allow(non_camel_case_types, dead_code, clippy::all)]
+pub mod generated;
+mod ring;
+
+pub use ring::{IndexMath, Ring, RingError};
+
+use generated::ferry_cbt_record;
+
+const _: () = assert!(std::mem::size_of::<generated::ferry_cbt_record>() == 32);
+const _: () = assert!(std::mem::size_of::<generated::ferry_cbt_ring_header>() == 4096);
+
+/// What a record says happened to its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Write,
+    Discard,
+    WriteZeroes,
+    Tag,
+}
+
+/// One validated dirty-extent record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub kind: RecordKind,
+    /// The write carried a preflush or FUA.
+    pub flush: bool,
+    pub time_ns: u64,
+}
+
+/// A raw record that does not describe anything valid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid tracker record (seq {seq}): {why}")]
+pub struct BadRecord {
+    pub seq: u64,
+    pub why: &'static str,
+}
+
+impl TryFrom<ferry_cbt_record> for Record {
+    type Error = BadRecord;
+    fn try_from(r: ferry_cbt_record) -> Result<Self, BadRecord> {
+        let bad = |why| BadRecord { seq: r.seq, why };
+        let kind = match u32::from(r.kind) {
+            generated::FERRY_REC_WRITE => RecordKind::Write,
+            generated::FERRY_REC_DISCARD => RecordKind::Discard,
+            generated::FERRY_REC_WRITE_ZEROES => RecordKind::WriteZeroes,
+            generated::FERRY_REC_TAG => RecordKind::Tag,
+            _ => return Err(bad("unknown kind")),
+        };
+        if kind == RecordKind::Tag && r.length != 0 {
+            return Err(bad("tag with a length"));
+        }
+        if kind != RecordKind::Tag && r.length == 0 {
+            return Err(bad("empty extent"));
+        }
+        if r.offset.checked_add(u64::from(r.length)).is_none() {
+            return Err(bad("extent overflows"));
+        }
+        Ok(Record {
+            seq: r.seq,
+            offset: r.offset,
+            length: r.length,
+            kind,
+            flush: u32::from(r.flags) & generated::FERRY_RECF_FLUSH != 0,
+            time_ns: r.time_ns,
+        })
+    }
+}
+
+impl From<Record> for ferry_cbt_record {
+    fn from(r: Record) -> Self {
+        let kind = match r.kind {
+            RecordKind::Write => generated::FERRY_REC_WRITE,
+            RecordKind::Discard => generated::FERRY_REC_DISCARD,
+            RecordKind::WriteZeroes => generated::FERRY_REC_WRITE_ZEROES,
+            RecordKind::Tag => generated::FERRY_REC_TAG,
+        };
+        ferry_cbt_record {
+            seq: r.seq,
+            offset: r.offset,
+            length: r.length,
+            kind: kind as u16,
+            flags: if r.flush { generated::FERRY_RECF_FLUSH as u16 } else { 0 },
+            time_ns: r.time_ns,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_validation() {
+        let ok = Record { seq: 1, offset: 4096, length: 512, kind: RecordKind::Write, flush: true, time_ns: 9 };
+        assert_eq!(Record::try_from(ferry_cbt_record::from(ok)), Ok(ok));
+        let mut raw = ferry_cbt_record::from(ok);
+        raw.kind = 99;
+        assert!(Record::try_from(raw).is_err());
+        raw = ferry_cbt_record::from(ok);
+        raw.length = 0;
+        assert!(Record::try_from(raw).is_err());
+        raw = ferry_cbt_record::from(ok);
+        raw.offset = u64::MAX;
+        assert!(Record::try_from(raw).is_err());
+    }
+}

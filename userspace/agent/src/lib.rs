@@ -1,0 +1,865 @@
+//! ferry agent: protects one disk by shipping it to a master target.
+//!
+//! What it does, in order, each time it (re)connects:
+//!
+//! 1. Reconciles with the master target: if the target is behind what it
+//!    once acknowledged, or holds a replica from another protection, a
+//!    checksum resync is required (only differing chunks move).
+//! 2. Initial sync, resumable: the disk is read in 4 MiB I/Os (`O_DIRECT`
+//!    where possible) by a reader thread, split into 64 KiB units by two
+//!    worker threads (zero detection, BLAKE3 for dedup, zstd level 1 when it
+//!    pays) and sent in disk order; `sync_cursor` in the state file advances
+//!    as the master target acknowledges, so a restart continues from it.
+//! 3. Checksum resync when required ([`scan_pass`](Agent::scan_pass)):
+//!    both sides hash fixed chunks with xxh3-128; only differing chunks move.
+//! 4. Then the tracker's loop: `scan` re-checks by checksum and cuts a point;
+//!    `ring` ships the extents a tracker queues in `STATE/ring`, coalesced,
+//!    releasing ring slots only after the master target made them durable.
+//!
+//! Recovery points are labelled by what the agent can show (docs/consistency.md):
+//! `app` when taken under `--freeze-cmd`; `crash` when a final pass found the
+//! replica equal to the source with no change in between (the ring stayed
+//! quiet, or the scan's verify pass found no difference).
+
+pub mod session;
+pub mod state;
+
+use crossbeam_channel::bounded;
+use ferry_common::buf::AlignedBuf;
+use ferry_common::durable::{hex, unhex};
+use ferry_common::source::Source;
+use ferry_proto::{ErrorCode, PointKind};
+use ferry_ring::{Record, Ring};
+use session::{prepare, Session, Unit};
+use state::{AgentState, LastPoint, StateDir};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// I/O size of the initial sync reader.
+const IO: usize = 4 << 20;
+/// Unit of dedup and framing in the initial sync.
+const UNIT: usize = 64 << 10;
+/// Checksum chunk of a resync pass (a quarter of 1% random 4 KiB changes in a
+/// 1 GiB disk costs 0.4% of the disk in checksums at this size).
+pub const RESYNC_CHUNK: u32 = 4096;
+/// Checksum chunk of a verify pass.
+pub const VERIFY_CHUNK: u32 = 64 << 10;
+/// Default ring size (records) when the agent creates `STATE/ring`.
+pub const DEFAULT_RING: u64 = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("cannot reach the master target at {0}")]
+    Connect(String),
+    #[error("connection to the master target lost: {0}")]
+    Lost(String),
+    #[error("master target refused: {msg}")]
+    Refused { code: ErrorCode, msg: String },
+    #[error("{0}")]
+    State(#[from] ferry_common::durable::StateError),
+    #[error("{0}")]
+    Ring(#[from] ferry_ring::RingError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    NoConsistentPoint(String),
+}
+
+impl AgentError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Io { what, source }
+    }
+
+    /// Whether reconnecting may help.
+    pub fn retryable(&self) -> bool {
+        matches!(self, AgentError::Connect(_) | AgentError::Lost(_) | AgentError::Refused { code: ErrorCode::RefMiss | ErrorCode::Internal, .. })
+    }
+}
+
+/// Which change tracker feeds the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracker {
+    Auto,
+    Kmod,
+    Bpf,
+    Scan,
+    /// An external producer fills `STATE/ring` (tests, integrations).
+    Ring,
+}
+
+impl Tracker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracker::Auto => "auto",
+            Tracker::Kmod => "kmod",
+            Tracker::Bpf => "bpf",
+            Tracker::Scan => "scan",
+            Tracker::Ring => "ring",
+        }
+    }
+}
+
+/// Everything `ferry agent` accepts.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub disk: PathBuf,
+    pub name: String,
+    pub target: String,
+    pub tracker: Tracker,
+    pub state: PathBuf,
+    pub once: bool,
+    pub point_every: Duration,
+    pub freeze_cmd: Option<String>,
+    pub thaw_cmd: Option<String>,
+    pub ring_capacity: u64,
+    /// Give up after this long without reaching the master target (`--once`).
+    pub connect_timeout: Duration,
+    pub progress: bool,
+}
+
+/// What `--once` prints.
+#[derive(serde::Serialize, Debug, Clone)]
+pub struct Summary {
+    pub name: String,
+    pub tracker: String,
+    pub point_id: u64,
+    pub point_kind: String,
+    pub seq: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub seconds: f64,
+    pub initial_sync: bool,
+    pub resync: bool,
+}
+
+/// Modification stamp of a regular-file source (None for devices).
+fn stamp(src: &Source) -> Option<(i64, i64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = src.file().metadata().ok()?;
+    m.file_type().is_file().then(|| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
+
+fn random_generation() -> [u8; 16] {
+    let mut g = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut g);
+    }
+    let t = ferry_common::now_ns().to_le_bytes();
+    for (i, b) in t.iter().enumerate() {
+        g[i] ^= b;
+    }
+    g
+}
+
+fn run_hook(what: &str, cmd: &str) -> Result<(), AgentError> {
+    let st = std::process::Command::new("sh").arg("-c").arg(cmd).status().map_err(AgentError::io(format!("{what} command")))?;
+    if !st.success() {
+        return Err(AgentError::NoConsistentPoint(format!("{what} command `{cmd}` failed ({st})")));
+    }
+    Ok(())
+}
+
+/// A running agent for one disk.
+pub struct Agent {
+    opts: Options,
+    sd: StateDir,
+    st: AgentState,
+    src: Arc<Source>,
+    generation: [u8; 16],
+    tracker: Tracker,
+    ring: Option<Ring>,
+    bytes_read: u64,
+    bytes_sent_prev: u64,
+    bytes_received_prev: u64,
+    last_save: Instant,
+    did_initial: bool,
+    did_resync: bool,
+}
+
+impl Agent {
+    /// Open the disk and the state folder, and pick the tracker.
+    pub fn new(opts: Options) -> Result<Agent, AgentError> {
+        if !ferry_proto::valid_name(&opts.name) {
+            return Err(AgentError::Usage(format!("--name {:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'", opts.name)));
+        }
+        let src = Source::open(&opts.disk).map_err(AgentError::io(format!("cannot open disk {}", opts.disk.display())))?;
+        let size = src.size();
+        if size == 0 || size % ferry_proto::SECTOR != 0 {
+            return Err(AgentError::Usage(format!("disk {} is {size} bytes: ferry protects disks whose size is a positive multiple of 512", opts.disk.display())));
+        }
+        std::fs::create_dir_all(&opts.state).map_err(AgentError::io(format!("state folder {}", opts.state.display())))?;
+        let sd = StateDir::new(&opts.state);
+        let tracker = match opts.tracker {
+            Tracker::Auto => {
+                log::info!("tracker auto: picked scan (checksum comparison); the bpf and kmod trackers are not part of this build yet");
+                Tracker::Scan
+            }
+            Tracker::Kmod | Tracker::Bpf => {
+                return Err(AgentError::Usage(format!(
+                    "--tracker {}: not available in this build yet; use --tracker scan",
+                    opts.tracker.as_str()
+                )))
+            }
+            t => t,
+        };
+        let st = match sd.load()? {
+            Some(st) => {
+                if st.name != opts.name {
+                    return Err(AgentError::Usage(format!(
+                        "state folder {} protects disk {:?}, not {:?}: use another --state",
+                        opts.state.display(),
+                        st.name,
+                        opts.name
+                    )));
+                }
+                if st.size != size {
+                    return Err(AgentError::Usage(format!(
+                        "disk {} changed size from {} to {size} bytes: protect it under a new --name and --state",
+                        opts.disk.display(),
+                        st.size
+                    )));
+                }
+                if st.running {
+                    log::warn!("the previous agent for {} did not stop cleanly; resuming from its last acknowledged state", st.name);
+                }
+                st
+            }
+            None => AgentState {
+                name: opts.name.clone(),
+                disk: opts.disk.display().to_string(),
+                size,
+                generation: hex(&random_generation()),
+                tracker: tracker.as_str().into(),
+                target: opts.target.clone(),
+                sync_cursor: Some(0),
+                resync_required: None,
+                acked_seq: 0,
+                ring_overflows_seen: 0,
+                last_point: None,
+                last_ack_ns: 0,
+                mode: "initial-sync".into(),
+                running: false,
+                bytes_sent_total: 0,
+                bytes_read_total: 0,
+            },
+        };
+        let generation = unhex::<16>(&st.generation).ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+        let ring = if tracker == Tracker::Ring {
+            let p = sd.ring_file();
+            Some(if p.exists() { Ring::open(&p)? } else { Ring::create(&p, opts.ring_capacity)? })
+        } else {
+            None
+        };
+        let mut st = st;
+        st.tracker = tracker.as_str().into();
+        st.target = opts.target.clone();
+        Ok(Agent {
+            opts,
+            sd,
+            st,
+            src: Arc::new(src),
+            generation,
+            tracker,
+            ring,
+            bytes_read: 0,
+            bytes_sent_prev: 0,
+            bytes_received_prev: 0,
+            last_save: Instant::now(),
+            did_initial: false,
+            did_resync: false,
+        })
+    }
+
+    /// The tracker in use (after `auto` was resolved).
+    pub fn tracker(&self) -> Tracker {
+        self.tracker
+    }
+
+    fn save(&mut self) -> Result<(), AgentError> {
+        self.sd.save(&self.st)?;
+        self.last_save = Instant::now();
+        Ok(())
+    }
+
+    fn note_ack(&mut self, sess: &Session) {
+        self.st.acked_seq = self.st.acked_seq.max(sess.acked());
+        let t = sess.last_ack_ns();
+        if t > 0 {
+            self.st.last_ack_ns = t;
+        }
+    }
+
+    fn save_if_due(&mut self) -> Result<(), AgentError> {
+        if self.last_save.elapsed() >= Duration::from_millis(500) {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Run until `--once` is satisfied (or forever without it).
+    pub fn run(mut self) -> Result<Summary, AgentError> {
+        let start = Instant::now();
+        self.st.running = true;
+        self.save()?;
+        let mut unreachable_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(200);
+        let result = loop {
+            let sess = Session::connect(&self.opts.target, &self.opts.name, self.st.size, self.generation, self.st.acked_seq + 1);
+            let r = sess.and_then(|mut s| {
+                unreachable_since = None;
+                backoff = Duration::from_millis(200);
+                let r = self.work(&mut s, start);
+                self.bytes_sent_prev += s.bytes_sent;
+                self.bytes_received_prev += s.bytes_received();
+                self.st.bytes_sent_total += s.bytes_sent;
+                self.note_ack(&s);
+                s.close();
+                r
+            });
+            match r {
+                Ok(summary) => break Ok(summary),
+                Err(e) if e.retryable() => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if self.opts.once && since.elapsed() > self.opts.connect_timeout {
+                        break Err(e);
+                    }
+                    log::warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
+                    let _ = self.save();
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.st.running = false;
+        self.st.mode = if result.is_ok() { "stopped".into() } else { self.st.mode.clone() };
+        self.st.bytes_read_total += self.bytes_read;
+        let _ = self.save();
+        result
+    }
+
+    fn work(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+        let exists = sess.open_flags & ferry_proto::OPEN_EXISTS != 0;
+        let same_gen = sess.open_flags & ferry_proto::OPEN_SAME_GENERATION != 0;
+        if !exists && self.st.sync_cursor.is_none() {
+            log::warn!("the master target has no replica of {}: starting a full initial sync", self.st.name);
+            self.st.sync_cursor = Some(0);
+            self.st.resync_required = None;
+        } else if exists && !same_gen {
+            // A replica from another protection (lost agent state, or a new
+            // agent for a known disk): only what differs needs to move.
+            self.st.sync_cursor = None;
+            self.st.resync_required = Some("the master target holds a replica from an earlier protection".into());
+        } else if sess.durable_at_open < self.st.acked_seq {
+            self.st.resync_required =
+                Some(format!("the master target is durable only to seq {} but had acknowledged {}", sess.durable_at_open, self.st.acked_seq));
+        }
+        // From here on the master target's durable sequence is the truth.
+        self.st.acked_seq = sess.durable_at_open;
+        if let Some(r) = &self.st.resync_required {
+            log::warn!("resync required: {r}");
+        }
+        self.save()?;
+
+        let mut verified_by_stamp = false;
+        if let Some(from) = self.st.sync_cursor {
+            self.st.mode = "initial-sync".into();
+            let before = stamp(&self.src);
+            self.full_pass(sess, from)?;
+            self.st.sync_cursor = None;
+            self.did_initial = true;
+            verified_by_stamp = from == 0 && before.is_some() && before == stamp(&self.src);
+            self.save()?;
+        }
+        if self.st.resync_required.is_some() {
+            self.resync(sess)?;
+        }
+        match self.tracker {
+            Tracker::Ring => self.stream_ring(sess, start),
+            _ => self.scan_loop(sess, start, verified_by_stamp),
+        }
+    }
+
+    fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
+        self.st.mode = "resync".into();
+        self.save()?;
+        let n = self.scan_pass(sess, RESYNC_CHUNK)?;
+        self.st.resync_required = None;
+        self.did_resync = true;
+        self.note_ack(sess);
+        self.save()?;
+        Ok(n)
+    }
+
+    fn summary(&self, sess: &Session, start: Instant, p: &LastPoint) -> Summary {
+        Summary {
+            name: self.st.name.clone(),
+            tracker: self.tracker.as_str().into(),
+            point_id: p.id,
+            point_kind: p.kind.clone(),
+            seq: p.seq,
+            bytes_read: self.bytes_read,
+            bytes_sent: self.bytes_sent_prev + sess.bytes_sent,
+            bytes_received: self.bytes_received_prev + sess.bytes_received(),
+            seconds: start.elapsed().as_secs_f64(),
+            initial_sync: self.did_initial,
+            resync: self.did_resync,
+        }
+    }
+
+    /// Send a tag, wait for its point, and remember it.
+    fn cut(&mut self, sess: &mut Session, kind: PointKind) -> Result<LastPoint, AgentError> {
+        let t = ferry_common::now_ns();
+        let seq = sess.send_tag(kind, t)?;
+        let id = sess.wait_point(seq)?;
+        let p = LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() };
+        log::info!("recovery point {id} ({}) at seq {seq}", kind.as_str());
+        self.st.last_point = Some(p.clone());
+        self.note_ack(sess);
+        self.st.mode = "streaming".into();
+        self.save()?;
+        Ok(p)
+    }
+
+    /// The scan tracker: checksum passes, then a point once a pass finds the
+    /// replica equal to the source.
+    fn scan_loop(&mut self, sess: &mut Session, start: Instant, mut verified: bool) -> Result<Summary, AgentError> {
+        let mut first = true;
+        loop {
+            if !first || !(self.did_initial || self.did_resync) {
+                let before = stamp(&self.src);
+                self.st.mode = "resync".into();
+                self.scan_pass(sess, RESYNC_CHUNK)?;
+                verified = before.is_some() && before == stamp(&self.src);
+            }
+            first = false;
+            let frozen = match &self.opts.freeze_cmd {
+                Some(c) => {
+                    run_hook("freeze", c)?;
+                    true
+                }
+                None => false,
+            };
+            let r = (|| {
+                let mut passes = 0;
+                // Under a freeze nothing moves: one verify pass settles it.
+                while !verified || frozen {
+                    let diff = self.scan_pass(sess, VERIFY_CHUNK)?;
+                    passes += 1;
+                    if diff == 0 {
+                        break;
+                    }
+                    if passes >= 5 {
+                        return Err(AgentError::NoConsistentPoint(format!(
+                            "{}: the disk kept changing through {passes} checksum passes; no consistent point cut (use a tracker, or --freeze-cmd)",
+                            self.st.name
+                        )));
+                    }
+                    verified = false;
+                }
+                self.cut(sess, if frozen { PointKind::App } else { PointKind::Crash })
+            })();
+            if frozen {
+                if let Some(c) = &self.opts.thaw_cmd {
+                    run_hook("thaw", c)?;
+                }
+            }
+            let p = r?;
+            if self.opts.once {
+                return Ok(self.summary(sess, start, &p));
+            }
+            verified = false;
+            std::thread::sleep(self.opts.point_every);
+        }
+    }
+
+    /// Ship all of `[from, size)`.
+    fn full_pass(&mut self, sess: &mut Session, from: u64) -> Result<(), AgentError> {
+        let size = self.st.size;
+        let chunks: Vec<(u64, usize)> = (from..size).step_by(IO).map(|o| (o, ((size - o) as usize).min(IO))).collect();
+        let pb = progress_bar(self.opts.progress, size, "initial sync");
+        pb.set_position(from);
+        log::info!("initial sync of {} ({} bytes) from offset {from}", self.st.name, size);
+        let src = Arc::clone(&self.src);
+        let r = std::thread::scope(|s| -> Result<(), AgentError> {
+            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
+            for _ in 0..6 {
+                pool_tx.send(AlignedBuf::new(IO)).expect("pool has room");
+            }
+            let (work_tx, work_rx) = bounded::<Result<(usize, u64, usize, AlignedBuf), AgentError>>(4);
+            let (done_tx, done_rx) = bounded::<Result<(usize, u64, usize, Vec<Unit>, AlignedBuf), AgentError>>(4);
+            let chunks2 = chunks.clone();
+            s.spawn(move || {
+                for (i, &(off, len)) in chunks2.iter().enumerate() {
+                    let Ok(mut buf) = pool_rx.recv() else { return };
+                    let r = src.read_into(&mut buf, off, len).map(|_| ()).map_err(AgentError::io(format!("reading the disk at {off}")));
+                    let item = r.map(|_| (i, off, len, buf));
+                    let stop = item.is_err();
+                    if work_tx.send(item).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+            for _ in 0..2 {
+                let work_rx = work_rx.clone();
+                let done_tx = done_tx.clone();
+                s.spawn(move || {
+                    for item in work_rx {
+                        let out = item.map(|(i, off, len, buf)| {
+                            let mut units = Vec::with_capacity(len / UNIT + 1);
+                            prepare(off, &buf[..len], UNIT, &mut units);
+                            (i, off, len, units, buf)
+                        });
+                        if done_tx.send(out).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(work_rx);
+            drop(done_tx);
+            let mut reorder = BTreeMap::new();
+            let mut next = 0usize;
+            let mut progress: VecDeque<(u64, u64)> = VecDeque::new();
+            for item in done_rx.iter() {
+                let (i, off, len, units, buf) = item?;
+                reorder.insert(i, (off, len, units, buf));
+                while let Some((off, len, units, buf)) = reorder.remove(&next) {
+                    for u in units {
+                        sess.send_unit(u)?;
+                    }
+                    self.bytes_read += len as u64;
+                    let _ = pool_tx.try_send(buf);
+                    progress.push_back((sess.next_seq - 1, off + len as u64));
+                    next += 1;
+                    pb.set_position(off + len as u64);
+                    let acked = sess.acked();
+                    while let Some(&(seq, end)) = progress.front() {
+                        if seq > acked {
+                            break;
+                        }
+                        self.st.sync_cursor = Some(end);
+                        progress.pop_front();
+                    }
+                    self.note_ack(sess);
+                    self.save_if_due()?;
+                }
+            }
+            if next != chunks.len() {
+                return Err(AgentError::Lost("initial sync pipeline stopped early".into()));
+            }
+            sess.wait_acked(sess.next_seq - 1)?;
+            Ok(())
+        });
+        pb.finish_and_clear();
+        r?;
+        self.st.sync_cursor = Some(size);
+        self.note_ack(sess);
+        Ok(())
+    }
+
+    /// One checksum pass at `chunk` granularity; sends every differing chunk
+    /// and returns the number of differing bytes.
+    pub fn scan_pass(&mut self, sess: &mut Session, chunk: u32) -> Result<u64, AgentError> {
+        let size = self.st.size;
+        let per = ((IO as u32) / chunk).clamp(1, ferry_proto::MAX_SUMS);
+        let span = u64::from(chunk) * u64::from(per);
+        let ranges: Vec<(u64, usize)> = (0..size).step_by(span as usize).map(|o| (o, ((size - o).min(span)) as usize)).collect();
+        let pb = progress_bar(self.opts.progress, size, if chunk == VERIFY_CHUNK { "verify" } else { "resync" });
+        let src = Arc::clone(&self.src);
+        let mut diff_bytes = 0u64;
+        let r = std::thread::scope(|s| -> Result<(), AgentError> {
+            let (tx, rx) = bounded::<Result<(u64, usize, AlignedBuf, Vec<[u8; 16]>), AgentError>>(4);
+            let ranges2 = ranges.clone();
+            s.spawn(move || {
+                for &(off, len) in &ranges2 {
+                    let mut buf = AlignedBuf::new(span as usize);
+                    let r = src.read_into(&mut buf, off, len).map(|d| d.chunks(chunk as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
+                    let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
+                    let stop = item.is_err();
+                    if tx.send(item).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+            const AHEAD: usize = 8;
+            let mut requested = 0;
+            while requested < ranges.len().min(AHEAD) {
+                sess.request_sums(ranges[requested].0, chunk, per)?;
+                requested += 1;
+            }
+            for item in rx.iter() {
+                let (off, len, buf, local) = item?;
+                let (_, roff, remote) = sess.recv_sums()?;
+                if requested < ranges.len() {
+                    sess.request_sums(ranges[requested].0, chunk, per)?;
+                    requested += 1;
+                }
+                if roff != off || remote.len() != local.len() {
+                    return Err(AgentError::Lost(format!("checksum answer for {roff} ({} sums) does not match request {off}", remote.len())));
+                }
+                self.bytes_read += len as u64;
+                // Coalesce runs of differing chunks into extents.
+                let mut i = 0;
+                while i < local.len() {
+                    if local[i] == remote[i] {
+                        i += 1;
+                        continue;
+                    }
+                    let a = i;
+                    while i < local.len() && local[i] != remote[i] && (i - a + 1) * chunk as usize <= 1 << 20 {
+                        i += 1;
+                    }
+                    let lo = a * chunk as usize;
+                    let hi = (i * chunk as usize).min(len);
+                    diff_bytes += (hi - lo) as u64;
+                    let mut units = Vec::new();
+                    prepare(off + lo as u64, &buf[lo..hi], UNIT, &mut units);
+                    for u in units {
+                        sess.send_unit(u)?;
+                    }
+                }
+                pb.set_position(off + len as u64);
+                self.note_ack(sess);
+                self.save_if_due()?;
+            }
+            sess.wait_acked(sess.next_seq - 1)?;
+            Ok(())
+        });
+        pb.finish_and_clear();
+        r?;
+        self.note_ack(sess);
+        log::info!("{} pass at {chunk}-byte chunks: {diff_bytes} bytes differed", if chunk == VERIFY_CHUNK { "verify" } else { "checksum" });
+        Ok(diff_bytes)
+    }
+
+    /// The ring tracker: ship queued extents; cut points when the ring is
+    /// quiet (or under a freeze).
+    fn stream_ring(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+        let ring = self.ring.take().expect("ring tracker has a ring");
+        let r = self.stream_ring_inner(sess, &ring, start);
+        self.ring = Some(ring);
+        r
+    }
+
+    fn stream_ring_inner(&mut self, sess: &mut Session, ring: &Ring, start: Instant) -> Result<Summary, AgentError> {
+        self.st.mode = "streaming".into();
+        let mut cursor = ring.consumer();
+        let mut pending: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut last_cut = Instant::now();
+        let mut buf = AlignedBuf::new(1 << 20);
+        let mut quiet_tries = 0u32;
+        loop {
+            let overflows = ring.overflows();
+            if overflows > self.st.ring_overflows_seen {
+                self.st.resync_required = Some(format!("ring overflow: {} records lost", overflows - self.st.ring_overflows_seen));
+                log::warn!("resync required: ring overflow");
+                self.save()?;
+                self.resync(sess)?;
+                self.st.ring_overflows_seen = overflows;
+                self.save()?;
+            }
+            let (recs, next) = ring.read_from(cursor, 4096)?;
+            if recs.is_empty() {
+                self.release_acked(sess, ring, &mut pending)?;
+                let due = self.opts.once || last_cut.elapsed() >= self.opts.point_every;
+                if due {
+                    let cut = match &self.opts.freeze_cmd {
+                        Some(f) => {
+                            let f = f.clone();
+                            Some(self.frozen_cut(sess, ring, &mut cursor, &mut pending, &f)?)
+                        }
+                        None => self.quiet_cut(sess, ring, cursor, &mut pending)?,
+                    };
+                    if let Some(p) = cut {
+                        last_cut = Instant::now();
+                        quiet_tries = 0;
+                        if self.opts.once {
+                            return Ok(self.summary(sess, start, &p));
+                        }
+                    } else {
+                        quiet_tries += 1;
+                        if self.opts.once && quiet_tries > 2000 {
+                            return Err(AgentError::NoConsistentPoint(format!(
+                                "{}: writes never paused long enough to cut a consistent point; use --freeze-cmd",
+                                self.st.name
+                            )));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let mut exts = Vec::with_capacity(recs.len());
+            let mut bad = None;
+            for r in recs {
+                match r {
+                    Ok(rec) => exts.push(rec),
+                    Err(e) => bad = Some(e.to_string()),
+                }
+            }
+            if let Some(why) = bad {
+                self.st.resync_required = Some(format!("tracker sent an invalid record ({why})"));
+                self.save()?;
+                self.resync(sess)?;
+            }
+            self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
+            pending.push_back((sess.next_seq - 1, next));
+            cursor = next;
+            self.release_acked(sess, ring, &mut pending)?;
+        }
+    }
+
+    fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], buf: &mut AlignedBuf) -> Result<(), AgentError> {
+        for &(a, b) in exts {
+            let mut off = a;
+            while off < b {
+                let n = ((b - off) as usize).min(buf.len());
+                let data = self.src.read_into(buf, off, n).map_err(AgentError::io(format!("reading the disk at {off}")))?;
+                self.bytes_read += n as u64;
+                let mut units = Vec::new();
+                prepare(off, data, UNIT, &mut units);
+                for u in units {
+                    sess.send_unit(u)?;
+                }
+                off += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
+        sess.flush()?;
+        let acked = sess.acked();
+        let mut upto = None;
+        while let Some(&(seq, idx)) = pending.front() {
+            if seq > acked {
+                break;
+            }
+            upto = Some(idx);
+            pending.pop_front();
+        }
+        if let Some(idx) = upto {
+            ring.release(idx)?;
+        }
+        self.note_ack(sess);
+        self.save_if_due()
+    }
+
+    /// Cut a crash-consistent point if nothing was written while the last
+    /// extents were shipped and made durable.
+    fn quiet_cut(&mut self, sess: &mut Session, ring: &Ring, cursor: u64, pending: &mut VecDeque<(u64, u64)>) -> Result<Option<LastPoint>, AgentError> {
+        let p0 = ring.producer();
+        if p0 != cursor {
+            return Ok(None);
+        }
+        sess.wait_acked(sess.next_seq - 1)?;
+        self.release_acked(sess, ring, pending)?;
+        if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen {
+            return Ok(None);
+        }
+        Ok(Some(self.cut(sess, PointKind::Crash)?))
+    }
+
+    /// Freeze, drain the ring completely, cut an app-consistent point, thaw.
+    fn frozen_cut(
+        &mut self,
+        sess: &mut Session,
+        ring: &Ring,
+        cursor: &mut u64,
+        pending: &mut VecDeque<(u64, u64)>,
+        freeze: &str,
+    ) -> Result<LastPoint, AgentError> {
+        run_hook("freeze", freeze)?;
+        let r = (|| {
+            let mut buf = AlignedBuf::new(1 << 20);
+            loop {
+                let (recs, next) = ring.read_from(*cursor, 4096)?;
+                if recs.is_empty() {
+                    break;
+                }
+                let exts: Vec<Record> = recs.into_iter().filter_map(Result::ok).collect();
+                self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
+                pending.push_back((sess.next_seq - 1, next));
+                *cursor = next;
+            }
+            if ring.overflows() > self.st.ring_overflows_seen {
+                return Err(AgentError::NoConsistentPoint("ring overflowed during the freeze; resync first".into()));
+            }
+            sess.wait_acked(sess.next_seq - 1)?;
+            self.release_acked(sess, ring, pending)?;
+            self.cut(sess, PointKind::App)
+        })();
+        if let Some(t) = &self.opts.thaw_cmd {
+            run_hook("thaw", t)?;
+        }
+        r
+    }
+}
+
+/// Merge records into sorted, sector-aligned, non-overlapping extents
+/// clipped to the disk (tags carry no extent).
+pub fn coalesce(recs: &[Record], size: u64) -> Vec<(u64, u64)> {
+    let s = ferry_proto::SECTOR;
+    let mut v: Vec<(u64, u64)> = recs
+        .iter()
+        .filter(|r| r.kind != ferry_ring::RecordKind::Tag && r.offset < size)
+        .map(|r| (r.offset / s * s, (r.offset + u64::from(r.length)).div_ceil(s).saturating_mul(s).min(size)))
+        .collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Read the agent's state for `ferry status`.
+pub fn status(state: &Path) -> Result<(AgentState, Option<(u64, u64, u64)>), AgentError> {
+    let sd = StateDir::new(state);
+    let st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
+    let ring = if sd.ring_file().exists() {
+        let r = Ring::open(&sd.ring_file())?;
+        Some((r.producer().wrapping_sub(r.consumer()), r.overflows(), r.capacity()))
+    } else {
+        None
+    };
+    Ok((st, ring))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ring::RecordKind;
+
+    fn w(offset: u64, length: u32) -> Record {
+        Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, time_ns: 0 }
+    }
+
+    #[test]
+    fn coalesce_merges_overlaps_and_neighbours_and_clips() {
+        let recs = [w(4096, 512), w(0, 512), w(512, 512), w(4096, 4096), w(100, 10), w(10_000, 100_000)];
+        assert_eq!(coalesce(&recs, 16384), vec![(0, 1024), (4096, 8192), (9728, 16384)]);
+    }
+}

@@ -1,0 +1,74 @@
+//! The agent's durable state in `--state DIR`.
+//!
+//! `DIR/agent.state` (checksummed state file, docs/formats.md) records what
+//! the master target has acknowledged, so a restarted agent resumes instead
+//! of starting over; `DIR/ring` is the record ring a tracker fills.
+
+use ferry_common::durable::{read_state, write_state, StateError};
+use std::path::{Path, PathBuf};
+
+pub const KIND: &str = "ferry-agent-state";
+pub const VERSION: u32 = 1;
+
+/// The last recovery point the master target confirmed.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LastPoint {
+    pub id: u64,
+    pub seq: u64,
+    pub time_ns: u64,
+    pub kind: String,
+}
+
+/// Contents of `agent.state`.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub struct AgentState {
+    pub name: String,
+    pub disk: String,
+    pub size: u64,
+    /// Hex of the 16-byte generation id of this protection.
+    pub generation: String,
+    pub tracker: String,
+    pub target: String,
+    /// Initial sync in progress: every byte below this offset is durable at
+    /// the master target. `None` once the initial sync finished.
+    pub sync_cursor: Option<u64>,
+    /// Why a checksum resync is required, until one completes.
+    pub resync_required: Option<String>,
+    /// Highest sequence number the master target acknowledged as durable.
+    pub acked_seq: u64,
+    /// Ring overflows already covered by a resync.
+    pub ring_overflows_seen: u64,
+    pub last_point: Option<LastPoint>,
+    /// Wall-clock ns of the last acknowledgement.
+    pub last_ack_ns: u64,
+    /// "streaming", "initial-sync", "resync", "stopped".
+    pub mode: String,
+    /// Set while an agent runs; a start that finds it set knows the last
+    /// agent did not stop cleanly.
+    pub running: bool,
+    pub bytes_sent_total: u64,
+    pub bytes_read_total: u64,
+}
+
+/// Paths inside the state folder.
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> StateDir {
+        StateDir { dir: dir.to_path_buf() }
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("agent.state")
+    }
+    pub fn ring_file(&self) -> PathBuf {
+        self.dir.join("ring")
+    }
+    pub fn load(&self) -> Result<Option<AgentState>, StateError> {
+        read_state(&self.state_file(), KIND, VERSION)
+    }
+    pub fn save(&self, s: &AgentState) -> Result<(), StateError> {
+        write_state(&self.state_file(), KIND, VERSION, s)
+    }
+}

@@ -1,0 +1,263 @@
+//! The `ferry` command: parses flags and calls into the role crates.
+//! The command-line surface is ../shared/CONTRACT.md (docs/operating.md).
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_agent::{Options, Tracker};
+use ferry_target::recover::{self, Format, Selector};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Continuous block-level disaster-recovery replication")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TrackerArg {
+    Auto,
+    Kmod,
+    Bpf,
+    Scan,
+    Ring,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve replication streams; DIR holds one folder per protected disk.
+    MasterTarget {
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
+    /// Protect one block device or image file.
+    Agent {
+        #[arg(long, value_name = "PATH")]
+        disk: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_name = "ADDR")]
+        target: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        tracker: TrackerArg,
+        /// Agent state folder (default /var/lib/ferry/agent/NAME).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Ship until the replica equals the source at a consistent point, then exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        json: bool,
+        /// Seconds between recovery points.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        point_every: f64,
+        #[arg(long, value_name = "CMD")]
+        freeze_cmd: Option<String>,
+        #[arg(long, value_name = "CMD")]
+        thaw_cmd: Option<String>,
+        /// Slots in STATE/ring when the agent creates it (power of two).
+        #[arg(long, value_name = "N", default_value_t = ferry_agent::DEFAULT_RING)]
+        ring_capacity: u64,
+        /// With --once: give up after this many seconds without the master target.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        connect_timeout: u64,
+    },
+    /// List recovery points, oldest first.
+    Points {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Materialize a recovery point as an image.
+    Recover {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
+        #[arg(long, value_name = "ID|latest|TIME")]
+        point: String,
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: FormatArg,
+    },
+    /// The agent's view: tracker, mode, lag, bytes pending, last point.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("ferry: internal error: {info}; please report this");
+    }));
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().format_target(false).init();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("ferry: {msg}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::MasterTarget { listen, data } => {
+            let l = ferry_target::server::bind(listen, &data)?;
+            log::info!("master target listening on {listen}, data in {}", data.display());
+            ferry_target::server::serve(l, &data).context("serving")?;
+            Ok(())
+        }
+        Cmd::Agent { disk, name, target, tracker, state, once, json, point_every, freeze_cmd, thaw_cmd, ring_capacity, connect_timeout } => {
+            if !(point_every.is_finite() && point_every > 0.0) {
+                anyhow::bail!("--point-every must be a positive number of seconds");
+            }
+            let tracker = match tracker {
+                TrackerArg::Auto => Tracker::Auto,
+                TrackerArg::Kmod => Tracker::Kmod,
+                TrackerArg::Bpf => Tracker::Bpf,
+                TrackerArg::Scan => Tracker::Scan,
+                TrackerArg::Ring => Tracker::Ring,
+            };
+            let state = state.unwrap_or_else(|| PathBuf::from("/var/lib/ferry/agent").join(&name));
+            let opts = Options {
+                disk,
+                name,
+                target,
+                tracker,
+                state,
+                once,
+                point_every: Duration::from_secs_f64(point_every),
+                freeze_cmd,
+                thaw_cmd,
+                ring_capacity,
+                connect_timeout: Duration::from_secs(connect_timeout),
+                progress: !json && std::io::stderr().is_terminal(),
+            };
+            let agent = ferry_agent::Agent::new(opts)?;
+            let s = agent.run()?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "{}: recovery point {} ({}) at seq {}; read {} sent {} in {:.1}s (tracker {})",
+                    s.name,
+                    s.point_id,
+                    s.point_kind,
+                    s.seq,
+                    human(s.bytes_read),
+                    human(s.bytes_sent),
+                    s.seconds,
+                    s.tracker
+                );
+            }
+            Ok(())
+        }
+        Cmd::Points { data, name, json } => {
+            let pts = recover::points(&data, &name)?;
+            if json {
+                let v: Vec<_> = pts
+                    .iter()
+                    .map(|p| serde_json::json!({"id": p.id, "time": recover::rfc3339(p.time_ns), "kind": p.kind.as_str(), "seq": p.seq}))
+                    .collect();
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{:>6}  {:<32}  {:<5}  {:>12}", "ID", "TIME", "KIND", "SEQ");
+                for p in &pts {
+                    println!("{:>6}  {:<32}  {:<5}  {:>12}", p.id, recover::rfc3339(p.time_ns), p.kind.as_str(), p.seq);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Recover { data, name, point, out, format } => {
+            let sel: Selector = point.parse()?;
+            let pts = recover::points(&data, &name)?;
+            let p = recover::select(&name, &pts, &sel, &point)?;
+            let fmt = match format {
+                FormatArg::Raw => Format::Raw,
+                FormatArg::Qcow2 => Format::Qcow2,
+            };
+            recover::recover(&data, &name, &p, &out, fmt)?;
+            eprintln!("recovered {name} point {} ({}, {}) to {}", p.id, p.kind.as_str(), recover::rfc3339(p.time_ns), out.display());
+            Ok(())
+        }
+        Cmd::Status { state, json } => {
+            let (st, ring) = ferry_agent::status(&state)?;
+            let lag_s = if st.last_ack_ns > 0 { (now_ns().saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
+            let pending = ring.map(|(n, _, _)| n).unwrap_or(0);
+            if json {
+                let v = serde_json::json!({
+                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": st.mode,
+                    "running": st.running, "target": st.target,
+                    "initial_sync_cursor": st.sync_cursor, "resync_required": st.resync_required,
+                    "acked_seq": st.acked_seq,
+                    "seconds_since_last_ack": if lag_s.is_finite() { serde_json::json!(lag_s) } else { serde_json::Value::Null },
+                    "records_pending": pending,
+                    "ring_overflows": ring.map(|(_, o, _)| o),
+                    "last_point": st.last_point.as_ref().map(|p| serde_json::json!({"id": p.id, "seq": p.seq, "kind": p.kind, "time": recover::rfc3339(p.time_ns)})),
+                    "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
+                });
+                println!("{v}");
+            } else {
+                println!("disk       {} ({}, {})", st.name, st.disk, human(st.size));
+                println!("tracker    {}   mode {}{}", st.tracker, st.mode, if st.running { "   (agent running)" } else { "" });
+                if let Some(c) = st.sync_cursor {
+                    println!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64);
+                }
+                if let Some(r) = &st.resync_required {
+                    println!("RESYNC     required: {r}");
+                }
+                println!("acked      seq {}{}", st.acked_seq, if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() });
+                if let Some((n, o, cap)) = ring {
+                    println!("ring       {n} of {cap} records pending, {o} overflows");
+                }
+                match &st.last_point {
+                    Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),
+                    None => println!("last point none yet"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

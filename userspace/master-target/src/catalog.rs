@@ -1,0 +1,145 @@
+//! The catalog of recovery points: `DIR/NAME/points.log`.
+//!
+//! An append-only file of fixed 64-byte records, oldest first:
+//!
+//! ```text
+//! record = MAGIC:u32 || VERSION:u16 (1) || KIND:u8 (1 crash, 2 app)
+//!          || PAD:u8 (0) || ID:u64 || SEQ:u64 || TIME_NS:u64
+//!          || JOURNAL_POS:u64 || RESERVED:u64 (0)
+//!          || XXH3_128(previous 48 bytes):16
+//! ```
+//!
+//! A point is appended only after the journal COMMIT covering its SEQ is
+//! durable, so every listed point is recoverable. JOURNAL_POS is where the
+//! journal stood when the point's TAG was applied: every record with a larger
+//! seq lies at or after it, so recovery reads only the journal after the
+//! point. A record that fails its checksum ends the catalog (torn tail), and
+//! the master target cuts it off at start.
+
+use ferry_proto::PointKind;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;
+
+/// Record magic: low 32 bits of xxh3-64("ferry recovery point v1"). Do not modify.
+pub const MAGIC: u32 = const_xxh3_64(b"ferry recovery point v1") as u32;
+pub const VERSION: u16 = 1;
+pub const RECORD: usize = 64;
+
+/// One recovery point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Point {
+    pub id: u64,
+    pub seq: u64,
+    pub time_ns: u64,
+    pub kind: PointKind,
+    pub journal_pos: u64,
+}
+
+impl Point {
+    fn pack(&self) -> [u8; RECORD] {
+        let mut b = [0u8; RECORD];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.time_ns.to_le_bytes());
+        b[32..40].copy_from_slice(&self.journal_pos.to_le_bytes());
+        let s = ferry_common::xxh128(&b[..48]);
+        b[48..64].copy_from_slice(&s);
+        b
+    }
+
+    fn unpack(b: &[u8; RECORD]) -> Option<Point> {
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        if u32::from_le_bytes(b[0..4].try_into().ok()?) != MAGIC
+            || u16::from_le_bytes(b[4..6].try_into().ok()?) != VERSION
+            || b[7] != 0
+            || u64_at(40) != 0
+            || ferry_common::xxh128(&b[..48]) != b[48..64]
+        {
+            return None;
+        }
+        Some(Point { id: u64_at(8), seq: u64_at(16), time_ns: u64_at(24), kind: PointKind::from_u8(b[6])?, journal_pos: u64_at(32) })
+    }
+}
+
+/// Read every valid point; also returns the byte length of the valid prefix.
+pub fn read_points(path: &Path) -> io::Result<(Vec<Point>, u64)> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for c in data.chunks_exact(RECORD) {
+        match Point::unpack(c.try_into().expect("64")) {
+            Some(p) => out.push(p),
+            None => break,
+        }
+    }
+    let valid = (out.len() * RECORD) as u64;
+    Ok((out, valid))
+}
+
+/// The appending side.
+pub struct Catalog {
+    file: File,
+    len: u64,
+    pub next_id: u64,
+}
+
+impl Catalog {
+    /// Open (creating) the catalog, cutting off a torn tail.
+    pub fn open(path: &Path) -> io::Result<(Catalog, Vec<Point>)> {
+        let (points, valid) = read_points(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        if file.metadata()?.len() != valid {
+            log::warn!("{}: discarding a torn tail after {} points", path.display(), points.len());
+            file.set_len(valid)?;
+            file.sync_all()?;
+        }
+        let next_id = points.last().map_or(1, |p| p.id + 1);
+        Ok((Catalog { file, len: valid, next_id }, points))
+    }
+
+    /// Append a point (not yet durable: call [`Catalog::sync`]).
+    pub fn append(&mut self, seq: u64, time_ns: u64, kind: PointKind, journal_pos: u64) -> io::Result<Point> {
+        let p = Point { id: self.next_id, seq, time_ns, kind, journal_pos };
+        self.file.write_all_at(&p.pack(), self.len)?;
+        self.len += RECORD as u64;
+        self.next_id += 1;
+        Ok(p)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_read_and_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("points.log");
+        let (mut c, pts) = Catalog::open(&p).unwrap();
+        assert!(pts.is_empty());
+        c.append(5, 100, PointKind::Crash, 64).unwrap();
+        c.append(9, 200, PointKind::App, 128).unwrap();
+        c.sync().unwrap();
+        drop(c);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[1, 2, 3], 128).unwrap(); // a torn third record
+        let (c, pts) = Catalog::open(&p).unwrap();
+        assert_eq!(pts.len(), 2);
+        assert_eq!(pts[1], Point { id: 2, seq: 9, time_ns: 200, kind: PointKind::App, journal_pos: 128 });
+        assert_eq!(c.next_id, 3);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 128);
+    }
+}

@@ -1,0 +1,347 @@
+//! One protected disk's folder on the master target, and applying a stream
+//! to it.
+//!
+//! ```text
+//! DIR/NAME/disk.meta     name, size, generation (checksummed state file)
+//! DIR/NAME/replica.img   sparse image, the newest durable state
+//! DIR/NAME/journal.fj    undo journal (see journal.rs)
+//! DIR/NAME/points.log    recovery point catalog (see catalog.rs)
+//! DIR/NAME/lock          flock: one writer (master target) at a time
+//! ```
+//!
+//! Locking: the master target holds an exclusive `flock` on `lock` for as long
+//! as a stream for the disk is open; a second stream for the same disk (from
+//! this or another process) is refused as busy. Readers (`ferry points`,
+//! `ferry recover`) take no lock: the journal's write-ahead order makes a
+//! replica read followed by a journal read consistent (see journal.rs).
+
+use crate::catalog::{Catalog, Point};
+use crate::journal::{Journal, JournalError, JournalReader, KIND_COMMIT, KIND_UNDO, KIND_UNDO_ZERO};
+use ferry_common::durable::{hex, read_state, unhex, write_state, StateError};
+use ferry_proto::PointKind;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub const META_KIND: &str = "ferry-disk-meta";
+pub const META_VERSION: u32 = 1;
+/// Dedup index entries kept per open disk before the index is reset.
+const DEDUP_MAX: usize = 1 << 22;
+
+/// `disk.meta` contents.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub struct Meta {
+    pub name: String,
+    pub size: u64,
+    /// Hex of the 16-byte generation id of the agent stream last opened.
+    pub generation: String,
+    pub created_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{0}")]
+    Io(String),
+    #[error("disk {0} is being written by another stream (another agent, or another master target on this folder)")]
+    Busy(String),
+    #[error("disk {name} was {was} bytes and is now {now}: a resized disk needs a new name (or remove its folder)")]
+    SizeChanged { name: String, was: u64, now: u64 },
+    #[error("no disk named {name} under {data}")]
+    NotFound { name: String, data: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> DiskError {
+    move |e| DiskError::Io(format!("{what}: {e}"))
+}
+
+/// Paths of a disk folder.
+pub struct Paths {
+    pub dir: PathBuf,
+    pub meta: PathBuf,
+    pub replica: PathBuf,
+    pub journal: PathBuf,
+    pub points: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl Paths {
+    pub fn new(data: &Path, name: &str) -> Paths {
+        let dir = data.join(name);
+        Paths {
+            meta: dir.join("disk.meta"),
+            replica: dir.join("replica.img"),
+            journal: dir.join("journal.fj"),
+            points: dir.join("points.log"),
+            lock: dir.join("lock"),
+            dir,
+        }
+    }
+}
+
+/// Read a disk's metadata, for readers.
+pub fn read_meta(data: &Path, name: &str) -> Result<Meta, DiskError> {
+    let p = Paths::new(data, name);
+    read_state(&p.meta, META_KIND, META_VERSION)?.ok_or_else(|| DiskError::NotFound { name: name.into(), data: data.display().to_string() })
+}
+
+/// One change to apply, already validated against the disk's size.
+pub enum Op {
+    Write { seq: u64, offset: u64, data: Vec<u8>, digest: Option<[u8; 32]> },
+    Zero { seq: u64, offset: u64, len: u32 },
+    Tag { seq: u64, time_ns: u64, kind: PointKind },
+}
+
+impl Op {
+    fn seq(&self) -> u64 {
+        match self {
+            Op::Write { seq, .. } | Op::Zero { seq, .. } | Op::Tag { seq, .. } => *seq,
+        }
+    }
+    fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Op::Write { offset, data, .. } => Some((*offset, *offset + data.len() as u64)),
+            Op::Zero { offset, len, .. } => Some((*offset, *offset + u64::from(*len))),
+            Op::Tag { .. } => None,
+        }
+    }
+}
+
+/// What `Disk::open` found.
+pub struct OpenInfo {
+    pub existed: bool,
+    pub same_generation: bool,
+}
+
+/// An open disk with its writer lock.
+pub struct Disk {
+    pub name: String,
+    pub size: u64,
+    paths: Paths,
+    replica: File,
+    journal: Journal,
+    catalog: Catalog,
+    pub durable_seq: u64,
+    dedup: HashMap<[u8; 32], (u64, u32)>,
+    _lock: File,
+}
+
+/// Take the folder's writer lock without blocking.
+fn lock(paths: &Paths, name: &str) -> Result<File, DiskError> {
+    let f = OpenOptions::new().write(true).create(true).truncate(false).open(&paths.lock).map_err(ioe(paths.lock.display()))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Err(DiskError::Busy(name.into())) } else { Err(ioe(paths.lock.display())(e)) };
+    }
+    Ok(f)
+}
+
+impl Disk {
+    /// Open (or create) the folder for `name`, take its lock, and repair the
+    /// journal tail. `size` and `generation` are what the agent offers.
+    pub fn open(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
+        let paths = Paths::new(data, name);
+        fs::create_dir_all(&paths.dir).map_err(ioe(paths.dir.display()))?;
+        let lockf = lock(&paths, name)?;
+        let meta: Option<Meta> = read_state(&paths.meta, META_KIND, META_VERSION)?;
+        let gen_hex = hex(&generation);
+        let info = match &meta {
+            Some(m) if m.size != size => return Err(DiskError::SizeChanged { name: name.into(), was: m.size, now: size }),
+            Some(m) => OpenInfo { existed: true, same_generation: m.generation == gen_hex },
+            None => OpenInfo { existed: false, same_generation: false },
+        };
+        if meta.is_none() {
+            let r = OpenOptions::new().write(true).create(true).truncate(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
+            r.set_len(size).map_err(ioe(paths.replica.display()))?;
+            r.sync_all().map_err(ioe(paths.replica.display()))?;
+            let _ = fs::remove_file(&paths.journal);
+            let _ = fs::remove_file(&paths.points);
+        }
+        if !info.same_generation {
+            let m = Meta { name: name.into(), size, generation: gen_hex, created_ns: meta.as_ref().map_or_else(ferry_common::now_ns, |m| m.created_ns) };
+            write_state(&paths.meta, META_KIND, META_VERSION, &m)?;
+        }
+        let replica = OpenOptions::new().read(true).write(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
+        let mut journal = Journal::open(&paths.journal)?;
+        let durable_seq = repair(&paths, &replica, &mut journal)?;
+        let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
+        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), _lock: lockf };
+        Ok((disk, info))
+    }
+
+    /// The folder of this disk.
+    pub fn dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    fn read_replica(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
+        let mut v = vec![0u8; len];
+        self.replica.read_exact_at(&mut v, offset).map_err(ioe(self.paths.replica.display()))?;
+        Ok(v)
+    }
+
+    fn write_pending(&mut self, ops: &[Op], pending: &mut Vec<usize>) -> Result<(), DiskError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.journal.sync()?; // undo before overwrite
+        for &i in pending.iter() {
+            match &ops[i] {
+                Op::Write { offset, data, .. } => self.replica.write_all_at(data, *offset).map_err(ioe(self.paths.replica.display()))?,
+                Op::Zero { offset, len, .. } => zero_range(&self.replica, *offset, u64::from(*len)).map_err(ioe(self.paths.replica.display()))?,
+                Op::Tag { .. } => {}
+            }
+        }
+        pending.clear();
+        Ok(())
+    }
+
+    /// Apply a batch durably, in order. Returns the points recorded for the
+    /// batch's tags. Sequence numbers must be increasing (the caller checks).
+    pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Point>, DiskError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pending = Vec::new();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut tags = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            match op.range() {
+                Some((a, b)) => {
+                    // A range overlapping one still pending must see that
+                    // write in its pre-image: write the pending ones first.
+                    if ranges.iter().any(|&(x, y)| a < y && x < b) {
+                        self.write_pending(ops, &mut pending)?;
+                        ranges.clear();
+                    }
+                    let pre = self.read_replica(a, (b - a) as usize)?;
+                    self.journal.undo(op.seq(), a, &pre);
+                    pending.push(i);
+                    ranges.push((a, b));
+                }
+                None => {
+                    if let Op::Tag { seq, time_ns, kind } = op {
+                        tags.push((*seq, *time_ns, *kind, self.journal.end()));
+                    }
+                }
+            }
+        }
+        self.write_pending(ops, &mut pending)?;
+        self.replica.sync_data().map_err(ioe(self.paths.replica.display()))?;
+        let last = ops.last().map_or(self.durable_seq, Op::seq);
+        self.journal.commit(last);
+        self.journal.sync()?;
+        self.durable_seq = last;
+        let mut points = Vec::new();
+        for (seq, t, k, pos) in tags {
+            points.push(self.catalog.append(seq, t, k, pos).map_err(ioe(self.paths.points.display()))?);
+        }
+        if !points.is_empty() {
+            self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
+        }
+        if self.dedup.len() > DEDUP_MAX {
+            self.dedup.clear();
+        }
+        for op in ops {
+            if let Op::Write { offset, data, digest: Some(d), .. } = op {
+                self.dedup.insert(*d, (*offset, data.len() as u32));
+            }
+        }
+        Ok(points)
+    }
+
+    /// Content for a REF frame: bytes already in the replica whose BLAKE3 is
+    /// `digest`, verified now (the location may have been overwritten since).
+    pub fn resolve_ref(&self, digest: &[u8; 32], len: u32) -> Result<Option<Vec<u8>>, DiskError> {
+        let Some(&(off, l)) = self.dedup.get(digest) else { return Ok(None) };
+        if l != len {
+            return Ok(None);
+        }
+        let data = self.read_replica(off, len as usize)?;
+        Ok((blake3::hash(&data).as_bytes() == digest).then_some(data))
+    }
+
+    /// xxh3-128 of `count` chunks of `chunk` bytes from `offset`; a chunk
+    /// that reaches past the end of the disk hashes only the part inside.
+    pub fn sums(&self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, DiskError> {
+        chunk_sums(&self.replica, self.size, offset, chunk, count).map_err(ioe(self.paths.replica.display()))
+    }
+}
+
+/// Chunk checksums of a file, shared by the master target and the agent.
+pub fn chunk_sums(f: &File, size: u64, offset: u64, chunk: u32, count: u32) -> io::Result<Vec<[u8; 16]>> {
+    let mut out = Vec::with_capacity(count as usize);
+    let end = size.min(offset + u64::from(chunk) * u64::from(count));
+    let mut buf = vec![0u8; (4 << 20).max(chunk as usize)];
+    let mut pos = offset;
+    while pos < end {
+        let n = ((end - pos) as usize).min(buf.len() / chunk as usize * chunk as usize);
+        f.read_exact_at(&mut buf[..n], pos)?;
+        for c in buf[..n].chunks(chunk as usize) {
+            out.push(ferry_common::xxh128(c));
+        }
+        pos += n as u64;
+    }
+    Ok(out)
+}
+
+/// Make `[offset, offset+len)` read as zero, as a hole where possible.
+pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    if fallocate(f.as_raw_fd(), flags, offset as i64, len as i64).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(4 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Start-up repair: undo what the last, uncommitted batch may have written,
+/// and cut the journal after the last COMMIT. Returns the durable sequence.
+fn repair(paths: &Paths, replica: &File, journal: &mut Journal) -> Result<u64, DiskError> {
+    let reader = JournalReader::open(&paths.journal)?;
+    let recs = reader.scan(0)?;
+    let file_len = reader.len()?;
+    let last_commit = recs.iter().rposition(|r| r.kind == KIND_COMMIT);
+    let (durable, cut) = match last_commit {
+        Some(i) => (recs[i].seq, recs[i].end),
+        None => (0, crate::journal::HEADER_LEN),
+    };
+    let tail = &recs[last_commit.map_or(0, |i| i + 1)..];
+    for r in tail.iter().rev() {
+        if r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO {
+            let data = reader.data(r).map_err(ioe(paths.journal.display()))?;
+            replica.write_all_at(&data, r.offset).map_err(ioe(paths.replica.display()))?;
+        }
+    }
+    if !tail.is_empty() || file_len != cut {
+        log::warn!(
+            "{}: rolled back {} uncommitted journal records and cut {} bytes of journal tail; durable up to seq {durable}",
+            paths.dir.display(),
+            tail.len(),
+            file_len - cut
+        );
+        replica.sync_data().map_err(ioe(paths.replica.display()))?;
+        journal.truncate(cut)?;
+    }
+    Ok(durable)
+}
+
+/// Parse a stored generation.
+pub fn parse_generation(m: &Meta) -> Option<[u8; 16]> {
+    unhex::<16>(&m.generation)
+}

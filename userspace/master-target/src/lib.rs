@@ -1,0 +1,30 @@
+//! ferry master target: holds replicas of protected disks, with an undo
+//! journal and a catalog of recovery points, and materializes any point.
+//!
+//! - [`server`]: the network side (wire protocol v1, docs/protocol.md).
+//! - [`disk`]: one disk folder and the durable batch apply.
+//! - [`journal`]: the undo journal format and its crash repair.
+//! - [`catalog`]: the recovery point catalog.
+//! - [`recover`]: listing and materializing points with no server running.
+//!
+//! Crash ordering of one batch (the invariant "undo before overwrite"):
+//!
+//! | step | what                                    | durable by         |
+//! |------|-----------------------------------------|--------------------|
+//! | 1    | pre-images appended to the journal      | journal fdatasync  |
+//! | 2    | replica ranges overwritten              | replica fdatasync  |
+//! | 3    | COMMIT(seq) appended                    | journal fdatasync  |
+//! | 4    | points for the batch's TAGs appended    | catalog fdatasync  |
+//! | 5    | ACK(seq) sent                           | —                  |
+//!
+//! A crash before 3 is rolled back at the next start from the journal; a
+//! crash between 3 and 4 loses only the point records of that batch (their
+//! data is durable; the agent, seeing no POINT, tags again).
+//!
+//! Formats: docs/formats.md.
+
+pub mod catalog;
+pub mod disk;
+pub mod journal;
+pub mod recover;
+pub mod server;

@@ -1,0 +1,185 @@
+//! Reading a disk folder with no server: listing points and materializing one.
+//!
+//! Recovery copies the replica as it is now (sparse: only data extents), then
+//! reads the journal from the point's position and applies, newest first,
+//! every pre-image recorded after the point. It is safe while a master target
+//! is writing the folder: the replica is read before the journal, and every
+//! overwrite of the replica is preceded by its durable pre-image, so any
+//! change the copy may have seen is undone (see journal.rs).
+
+use crate::catalog::{read_points, Point};
+use crate::disk::{read_meta, DiskError, Paths};
+use crate::journal::{JournalReader, KIND_UNDO, KIND_UNDO_ZERO};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("{0}")]
+    Io(String),
+    #[error("disk {0} has no recovery points yet (the first appears when the initial sync completes)")]
+    NoPoints(String),
+    #[error("no recovery point {sel} for disk {name} (see `ferry points`)")]
+    NoSuchPoint { name: String, sel: String },
+    #[error("bad point {0:?}: give a point id, `latest`, or an RFC 3339 time like 2026-11-27T10:00:00Z")]
+    BadSelector(String),
+    #[error("refusing to write the recovery over the replica itself ({0})")]
+    OverReplica(String),
+    #[error("qemu-img failed converting to qcow2: {0}")]
+    Convert(String),
+}
+
+fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> RecoverError {
+    move |e| RecoverError::Io(format!("{what}: {e}"))
+}
+
+/// Which point to recover.
+#[derive(Clone, Debug)]
+pub enum Selector {
+    Latest,
+    Id(u64),
+    /// The newest point at or before this time (ns since the epoch).
+    AtOrBefore(u64),
+}
+
+impl std::str::FromStr for Selector {
+    type Err = RecoverError;
+    fn from_str(s: &str) -> Result<Selector, RecoverError> {
+        if s == "latest" {
+            return Ok(Selector::Latest);
+        }
+        if let Ok(id) = s.parse::<u64>() {
+            return Ok(Selector::Id(id));
+        }
+        let t = humantime::parse_rfc3339_weak(s).map_err(|_| RecoverError::BadSelector(s.into()))?;
+        let ns = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| RecoverError::BadSelector(s.into()))?.as_nanos() as u64;
+        Ok(Selector::AtOrBefore(ns))
+    }
+}
+
+/// Output image formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// The recovery points of a disk, oldest first.
+pub fn points(data: &Path, name: &str) -> Result<Vec<Point>, RecoverError> {
+    read_meta(data, name)?;
+    let p = Paths::new(data, name);
+    Ok(read_points(&p.points).map_err(ioe(p.points.display()))?.0)
+}
+
+/// Pick the point `sel` names.
+pub fn select(name: &str, pts: &[Point], sel: &Selector, text: &str) -> Result<Point, RecoverError> {
+    if pts.is_empty() {
+        return Err(RecoverError::NoPoints(name.into()));
+    }
+    let found = match sel {
+        Selector::Latest => pts.last().copied(),
+        Selector::Id(id) => pts.iter().find(|p| p.id == *id).copied(),
+        Selector::AtOrBefore(t) => pts.iter().rev().find(|p| p.time_ns <= *t).copied(),
+    };
+    found.ok_or_else(|| RecoverError::NoSuchPoint { name: name.into(), sel: text.into() })
+}
+
+/// Format a point's time as RFC 3339 (UTC, nanoseconds).
+pub fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
+}
+
+/// Materialize `point` of disk `name` into `out`.
+pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Format) -> Result<(), RecoverError> {
+    if format == Format::Qcow2 {
+        let tmp = out.with_extension(format!("raw-tmp{}", std::process::id()));
+        let r = recover(data, name, point, &tmp, Format::Raw).and_then(|_| {
+            let st = std::process::Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(&tmp)
+                .arg(out)
+                .status()
+                .map_err(|e| RecoverError::Convert(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(RecoverError::Convert(format!("qemu-img exited with {st}")))
+            }
+        });
+        let _ = std::fs::remove_file(&tmp);
+        return r;
+    }
+    let meta = read_meta(data, name)?;
+    let p = Paths::new(data, name);
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&p.replica), std::fs::canonicalize(out)) {
+        if a == b {
+            return Err(RecoverError::OverReplica(out.display().to_string()));
+        }
+    }
+    let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
+    let is_dev = std::fs::metadata(out).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    let outf = OpenOptions::new().write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
+    if !is_dev {
+        outf.set_len(meta.size).map_err(ioe(out.display()))?;
+    }
+    copy_sparse(&replica, &outf, meta.size, !is_dev).map_err(ioe(out.display()))?;
+    // Only now read the journal (see the module note).
+    let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
+    let recs = j.scan(point.journal_pos).map_err(DiskError::from)?;
+    for r in recs.iter().rev() {
+        if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > point.seq {
+            let d = j.data(r).map_err(ioe(p.journal.display()))?;
+            outf.write_all_at(&d, r.offset).map_err(ioe(out.display()))?;
+        }
+    }
+    outf.sync_all().map_err(ioe(out.display()))?;
+    Ok(())
+}
+
+/// Copy `size` bytes; with `holes`, skip the source's holes (the target is a
+/// fresh sparse file that already reads as zero there).
+fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool) -> io::Result<()> {
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let (start, end) = if holes { next_data(src, pos, size)? } else { (pos, size) };
+        if start >= size {
+            break;
+        }
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            if !(holes && ferry_common::is_zero(&buf[..n])) {
+                dst.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// The next data extent `[start, end)` at or after `pos` (SEEK_DATA/SEEK_HOLE).
+fn next_data(f: &File, pos: u64, size: u64) -> io::Result<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on an fd we own; no memory is passed.
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok((size, size)),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((pos, size)),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    let end = if end < 0 { size } else { (end as u64).min(size) };
+    Ok((start as u64, end))
+}

@@ -1,0 +1,286 @@
+//! The master target's network side: one thread per connection, one open
+//! disk per connection, frames validated against the disk and applied in
+//! durable batches (see `Disk::apply`), acknowledged after they are durable.
+
+use crate::disk::{Disk, DiskError, Op};
+use ferry_proto::{decompress, read_frame, write_msg, ErrorCode, Msg, ProtoError, VERSION_MAX, VERSION_MIN};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Apply a batch once it holds this many payload bytes...
+const BATCH_BYTES: usize = 16 << 20;
+/// ...or this many frames, or when no more input is waiting.
+const BATCH_OPS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listening on {0} needs authentication, which this ferry does not have yet: listen on 127.0.0.1 or ::1")]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("data folder {path}: {source}")]
+    Data { path: String, source: io::Error },
+}
+
+/// Why a connection ended badly: sent to the peer as ERROR, then logged.
+struct Fail {
+    code: ErrorCode,
+    msg: String,
+}
+
+impl Fail {
+    fn new(code: ErrorCode, msg: impl Into<String>) -> Fail {
+        Fail { code, msg: msg.into() }
+    }
+}
+
+impl From<ProtoError> for Fail {
+    fn from(e: ProtoError) -> Fail {
+        Fail::new(e.code(), e.to_string())
+    }
+}
+
+impl From<DiskError> for Fail {
+    fn from(e: DiskError) -> Fail {
+        let code = match e {
+            DiskError::Busy(_) => ErrorCode::Busy,
+            DiskError::SizeChanged { .. } => ErrorCode::SizeChanged,
+            _ => ErrorCode::Internal,
+        };
+        Fail::new(code, e.to_string())
+    }
+}
+
+impl From<io::Error> for Fail {
+    fn from(e: io::Error) -> Fail {
+        Fail::new(ErrorCode::Internal, format!("connection: {e}"))
+    }
+}
+
+/// Bind the listener (refusing non-loopback addresses for now).
+pub fn bind(addr: SocketAddr, data: &Path) -> Result<TcpListener, ServeError> {
+    if !addr.ip().is_loopback() {
+        return Err(ServeError::NotLoopback(addr));
+    }
+    std::fs::create_dir_all(data).map_err(|source| ServeError::Data { path: data.display().to_string(), source })?;
+    TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serve forever.
+pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
+    let data = Arc::new(data.to_path_buf());
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let data = Arc::clone(&data);
+        std::thread::spawn(move || handle(conn, &data));
+    }
+    Ok(())
+}
+
+fn handle(conn: TcpStream, data: &PathBuf) {
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let _ = conn.set_nodelay(true);
+    let mut c = match Conn::new(conn) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("{peer}: {e}");
+            return;
+        }
+    };
+    let mut disk_name = String::from("-");
+    let r = session(&mut c, data, &mut disk_name);
+    match r {
+        Ok(()) => log::info!("{peer} disk {disk_name}: stream closed"),
+        Err(f) => {
+            log::warn!("{peer} disk {disk_name}: {}; connection closed", f.msg);
+            let _ = write_msg(&mut c.w, &Msg::Error { code: f.code, msg: f.msg });
+            let _ = c.w.flush();
+        }
+    }
+}
+
+struct Conn {
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+    fd: i32,
+}
+
+impl Conn {
+    fn new(s: TcpStream) -> io::Result<Conn> {
+        let fd = s.as_raw_fd();
+        Ok(Conn { r: BufReader::with_capacity(4 << 20, s.try_clone()?), w: BufWriter::with_capacity(1 << 16, s), fd })
+    }
+
+    fn recv(&mut self) -> Result<Option<Msg>, Fail> {
+        Ok(read_frame(&mut self.r)?)
+    }
+
+    fn send(&mut self, m: &Msg) -> Result<(), Fail> {
+        write_msg(&mut self.w, m)?;
+        Ok(())
+    }
+
+    /// Whether more input is already waiting (buffered, or in the socket).
+    fn more_waiting(&self) -> bool {
+        if !self.r.buffer().is_empty() {
+            return true;
+        }
+        let mut p = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, count 1, zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0
+    }
+}
+
+fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail> {
+    let Some(first) = c.recv()? else { return Ok(()) };
+    let Msg::Hello { min, max, peer } = first else {
+        return Err(Fail::new(ErrorCode::BadFrame, "expected HELLO first"));
+    };
+    if max < VERSION_MIN || min > VERSION_MAX {
+        return Err(Fail::new(
+            ErrorCode::UnsupportedVersion,
+            format!("peer {peer} speaks protocol v{min}..v{max}, this master target v{VERSION_MIN}..v{VERSION_MAX}: upgrade the older side"),
+        ));
+    }
+    let version = max.min(VERSION_MAX);
+    c.send(&Msg::HelloAck { version, peer: format!("ferry-master-target {}", env!("CARGO_PKG_VERSION")) })?;
+    c.w.flush()?;
+    let Some(Msg::Open { name, size, generation }) = c.recv()? else {
+        return Err(Fail::new(ErrorCode::NotOpen, "expected OPEN after HELLO"));
+    };
+    *disk_name = name.clone();
+    let (mut disk, info) = Disk::open(data, &name, size, generation)?;
+    log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
+    let mut flags = 0;
+    if info.existed {
+        flags |= ferry_proto::OPEN_EXISTS;
+    }
+    if info.same_generation {
+        flags |= ferry_proto::OPEN_SAME_GENERATION;
+    }
+    c.send(&Msg::OpenAck { durable_seq: disk.durable_seq, flags, generation })?;
+    c.w.flush()?;
+    stream(c, &mut disk)
+}
+
+fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
+    let mut batch: Vec<Op> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut last_seq = disk.durable_seq;
+    let result = loop {
+        let msg = match c.recv() {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(f) => break Err(f),
+        };
+        if let Some(seq) = msg.seq() {
+            if seq <= last_seq {
+                break Err(Fail::new(ErrorCode::BadSequence, format!("frame seq {seq} does not follow {last_seq}")));
+            }
+            last_seq = seq;
+        }
+        let in_disk = |off: u64, len: u32| -> Result<(), Fail> {
+            if off + u64::from(len) > disk.size {
+                return Err(Fail::new(ErrorCode::OutOfRange, format!("extent {off}+{len} is past the end of the {}-byte disk", disk.size)));
+            }
+            Ok(())
+        };
+        let op = match msg {
+            Msg::Data { seq, offset, len, codec, payload } => {
+                if let Err(f) = in_disk(offset, len) {
+                    break Err(f);
+                }
+                let raw = match decompress(codec, &payload, len) {
+                    Ok(r) => r,
+                    Err(e) => break Err(e.into()),
+                };
+                let digest = Some(*blake3::hash(&raw).as_bytes());
+                Op::Write { seq, offset, data: raw, digest }
+            }
+            Msg::Ref { seq, offset, len, digest } => {
+                if let Err(f) = in_disk(offset, len) {
+                    break Err(f);
+                }
+                match disk.resolve_ref(&digest, len) {
+                    Ok(Some(d)) => Op::Write { seq, offset, data: d, digest: None },
+                    Ok(None) => break Err(Fail::new(ErrorCode::RefMiss, format!("REF seq {seq}: content not held; resend it as DATA"))),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+            Msg::Zero { seq, offset, len } | Msg::Discard { seq, offset, len } => {
+                if let Err(f) = in_disk(offset, len) {
+                    break Err(f);
+                }
+                Op::Zero { seq, offset, len }
+            }
+            Msg::Tag { seq, time_ns, kind } => Op::Tag { seq, time_ns, kind },
+            Msg::SumsReq { req, offset, chunk, count } => {
+                if offset >= disk.size {
+                    break Err(Fail::new(ErrorCode::OutOfRange, format!("checksum range at {offset} is past the end of the disk")));
+                }
+                if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
+                    break Err(f);
+                }
+                match disk.sums(offset, chunk, count) {
+                    Ok(sums) => {
+                        if let Err(f) = c.send(&Msg::Sums { req, offset, chunk, sums }) {
+                            break Err(f);
+                        }
+                        if !c.more_waiting() {
+                            if let Err(e) = c.w.flush() {
+                                break Err(e.into());
+                            }
+                        }
+                    }
+                    Err(e) => break Err(e.into()),
+                }
+                continue;
+            }
+            other => break Err(Fail::new(ErrorCode::BadFrame, format!("unexpected {other:?} in a stream").chars().take(200).collect::<String>())),
+        };
+        batch_bytes += match &op {
+            Op::Write { data, .. } => data.len(),
+            _ => 64,
+        };
+        batch.push(op);
+        if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_OPS || !c.more_waiting() {
+            if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
+                break Err(f);
+            }
+        }
+    };
+    // Whatever valid frames preceded the end (or the bad frame) are applied:
+    // they were well-formed and in order, and the agent may rely on them.
+    let tail = flush(c, disk, &mut batch, &mut batch_bytes);
+    result.and(tail)
+}
+
+/// Apply the batch durably, then acknowledge it (and report its points).
+fn flush(c: &mut Conn, disk: &mut Disk, batch: &mut Vec<Op>, bytes: &mut usize) -> Result<(), Fail> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let points = disk.apply(batch)?;
+    batch.clear();
+    *bytes = 0;
+    c.send(&Msg::Ack { durable_seq: disk.durable_seq })?;
+    for p in points {
+        log::info!("disk {}: recovery point {} ({}) at seq {}", disk.name, p.id, p.kind.as_str(), p.seq);
+        c.send(&Msg::Point { seq: p.seq, id: p.id })?;
+    }
+    // Best effort: the peer may already be gone after a bad frame.
+    if let Err(e) = c.w.flush() {
+        return Err(e.into());
+    }
+    Ok(())
+}

@@ -245,6 +245,7 @@ impl Agent {
                 last_ack_ns: 0,
                 mode: "initial-sync".into(),
                 running: false,
+                source_stamp: None,
                 bytes_sent_total: 0,
                 bytes_read_total: 0,
             },
@@ -370,11 +371,15 @@ impl Agent {
         let mut verified_by_stamp = false;
         if let Some(from) = self.st.sync_cursor {
             self.st.mode = "initial-sync".into();
-            let before = stamp(&self.src);
+            if from == 0 {
+                self.st.source_stamp = stamp(&self.src);
+                self.save()?;
+            }
             self.full_pass(sess, from)?;
             self.st.sync_cursor = None;
             self.did_initial = true;
-            verified_by_stamp = from == 0 && before.is_some() && before == stamp(&self.src);
+            // An image file untouched since the sync began needs no verify pass.
+            verified_by_stamp = self.st.source_stamp.is_some() && self.st.source_stamp == stamp(&self.src);
             self.save()?;
         }
         if self.st.resync_required.is_some() {

@@ -46,6 +46,10 @@ pub struct AgentState {
     /// Set while an agent runs; a start that finds it set knows the last
     /// agent did not stop cleanly.
     pub running: bool,
+    /// (mtime s, ns, ctime s, ns) of an image-file source when the initial
+    /// sync began; equal at its end means the file did not change meanwhile.
+    #[serde(default)]
+    pub source_stamp: Option<(i64, i64, i64, i64)>,
     pub bytes_sent_total: u64,
     pub bytes_read_total: u64,
 }

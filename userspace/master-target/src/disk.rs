@@ -129,6 +129,8 @@ pub struct Disk {
     catalog: Catalog,
     pub durable_seq: u64,
     dedup: HashMap<[u8; 32], (u64, u32)>,
+    /// Metadata to write before the first batch (a new generation).
+    new_meta: Option<Meta>,
     _lock: File,
 }
 
@@ -165,15 +167,23 @@ impl Disk {
             let _ = fs::remove_file(&paths.journal);
             let _ = fs::remove_file(&paths.points);
         }
+        // A new disk's meta is written now (it marks the folder complete); a
+        // new generation for an existing disk only once its stream writes,
+        // so that a stream that sends nothing changes nothing.
+        let mut new_meta = None;
         if !info.same_generation {
             let m = Meta { name: name.into(), size, generation: gen_hex, created_ns: meta.as_ref().map_or_else(ferry_common::now_ns, |m| m.created_ns) };
-            write_state(&paths.meta, META_KIND, META_VERSION, &m)?;
+            if meta.is_none() {
+                write_state(&paths.meta, META_KIND, META_VERSION, &m)?;
+            } else {
+                new_meta = Some(m);
+            }
         }
         let replica = OpenOptions::new().read(true).write(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
         let mut journal = Journal::open(&paths.journal)?;
         let durable_seq = repair(&paths, &replica, &mut journal)?;
         let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
-        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), _lock: lockf };
+        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), new_meta, _lock: lockf };
         Ok((disk, info))
     }
 
@@ -209,6 +219,9 @@ impl Disk {
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Point>, DiskError> {
         if ops.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(m) = self.new_meta.take() {
+            write_state(&self.paths.meta, META_KIND, META_VERSION, &m)?;
         }
         let mut pending = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();

@@ -1,0 +1,60 @@
+//! The command-line contract: exit codes and one-line errors.
+
+use ferry_tests::*;
+
+fn one_line_error(o: &std::process::Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(code == 2 || lines.len() == 1, "expected one line, got: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    one_line_error(&run(&["agent", "--disk"]), 2, "--disk");
+    one_line_error(&run(&["frobnicate"]), 2, "frobnicate");
+    one_line_error(&run(&["agent", "--disk", "/x", "--name", "n", "--target", "t", "--tracker", "magic"]), 2, "magic");
+}
+
+#[test]
+fn failures_exit_1_with_one_line() {
+    let t = TempDir::new("cli");
+    one_line_error(&run(&["points", "--data", &t.s("nothing"), "--name", "vm"]), 1, "no disk named vm");
+    one_line_error(&run(&["recover", "--data", &t.s("d"), "--name", "vm", "--point", "yesterday", "--out", &t.s("o")]), 1, "bad point");
+    one_line_error(&run(&["agent", "--disk", &t.s("missing.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "cannot open disk");
+    std::fs::write(t.path("odd.img"), vec![1u8; 1000]).unwrap();
+    one_line_error(&run(&["agent", "--disk", &t.s("odd.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "multiple of 512");
+    one_line_error(&run(&["agent", "--disk", &t.s("odd.img"), "--name", "../etc", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "--name");
+    one_line_error(&run(&["status", "--state", &t.s("none")]), 1, "no agent state");
+}
+
+#[test]
+fn agent_gives_up_cleanly_when_no_master_target_answers() {
+    let t = TempDir::new("nomt");
+    std::fs::write(t.path("a.img"), vec![0u8; 1 << 20]).unwrap();
+    let port = free_port().to_string();
+    let o = run(&[
+        "agent", "--disk", &t.s("a.img"), "--name", "vm", "--target", &format!("127.0.0.1:{port}"),
+        "--state", &t.s("st"), "--once", "--connect-timeout", "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().last().unwrap().starts_with("ferry: cannot reach the master target"), "{err}");
+}
+
+#[test]
+fn status_reports_the_agent_view() {
+    let t = TempDir::new("status");
+    std::fs::write(t.path("a.img"), vec![7u8; 1 << 20]).unwrap();
+    let mt = MasterTarget::start(&t.path("data"));
+    run_ok(&["agent", "--disk", &t.s("a.img"), "--name", "vm", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st"), "--once"]);
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &t.s("st"), "--json"])).unwrap();
+    assert_eq!(v["tracker"], "scan");
+    assert_eq!(v["running"], false);
+    assert_eq!(v["last_point"]["id"], 1);
+    assert!(v["initial_sync_cursor"].is_null());
+    let human = run_ok(&["status", "--state", &t.s("st")]);
+    assert!(human.contains("last point 1 (crash)"), "{human}");
+}

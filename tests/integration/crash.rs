@@ -1,0 +1,134 @@
+//! Crashes: SIGKILL of the master target or the agent, and what survives.
+
+use ferry_ring::Ring;
+use ferry_tests::versioned::{self, Workload};
+use ferry_tests::*;
+use std::fs::OpenOptions;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Acceptance: SIGKILL of the master target in the middle of the initial
+/// sync, then a restart of both: the sync completes without starting over
+/// (total bytes sent < 1.3 x disk size) and the replica is identical.
+#[test]
+fn master_target_killed_mid_initial_sync_resumes_without_starting_over() {
+    let t = TempDir::new("mtkill");
+    let img = t.path("src.img");
+    let size = 1u64 << 30;
+    mixed_image(&img, size, 11);
+    let mut mt = MasterTarget::start(&t.path("data"));
+    let agent_args = ["agent", "--disk", &t.s("src.img"), "--name", "vm", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st"), "--once", "--json"];
+    let mut agent = Proc(ferry().args(agent_args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let st = t.path("st");
+    wait_for("the initial sync to be between 30% and 80% durable", 120, || {
+        let c = agent_state(&st).and_then(|s| s["sync_cursor"].as_u64()).unwrap_or(0);
+        assert!(c < size, "initial sync finished before the kill");
+        c >= size * 3 / 10 && c <= size * 8 / 10
+    });
+    mt.proc.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.alive(), "the agent retries rather than dying when the master target goes away");
+    let first_run_bytes = agent.wchar();
+    agent.kill9();
+    let cursor = agent_state(&st).unwrap()["sync_cursor"].as_u64().unwrap();
+    assert!(cursor > 0 && cursor < size);
+
+    let mt2 = MasterTarget::start(&t.path("data"));
+    let mut args = agent_args;
+    args[6] = &mt2.addr;
+    let s = summary(&run_ok(&args));
+    let total = first_run_bytes + s["bytes_sent"].as_u64().unwrap();
+    assert!(total * 10 < size * 13, "sent {total} bytes in all for a {size}-byte disk: the sync started over");
+    assert!(s["bytes_read"].as_u64().unwrap() < size - cursor + (64 << 20) + size / 100, "second run re-read too much: {s}");
+    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rec.img")]);
+    assert_same(&img, &t.path("rec.img"));
+}
+
+/// Acceptance: SIGKILL of the agent in the middle of continuous shipping,
+/// restart: nothing lost, identical; no full resync. Every point cut while
+/// the workload ran is a prefix of its write log.
+#[test]
+fn agent_killed_during_continuous_shipping_loses_nothing() {
+    let t = TempDir::new("agentkill");
+    let blocks = 4096u64; // 16 MiB
+    let img = t.path("src.img");
+    std::fs::File::create(&img).unwrap().set_len(blocks * 4096).unwrap();
+    let st = t.path("st");
+    std::fs::create_dir_all(&st).unwrap();
+    let ring = Ring::create(&st.join("ring"), 1 << 16).unwrap();
+    let mt = MasterTarget::start(&t.path("data"));
+    let args = ["agent", "--disk", &t.s("src.img"), "--name", "vm", "--target", &mt.addr, "--tracker", "ring", "--state", &t.s("st"), "--point-every", "0.2"];
+    let disk = OpenOptions::new().write(true).open(&img).unwrap();
+    let mut w = Workload::new(blocks, 5);
+
+    let mut agent = Proc(ferry().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let write_for = |w: &mut Workload, n: usize| {
+        for k in 0..n {
+            w.write(&disk, Some(&ring));
+            if k % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    write_for(&mut w, 1500);
+    wait_for("the agent to finish its initial sync and ship", 60, || agent_state(&st).is_some_and(|s| s["sync_cursor"].is_null()));
+    write_for(&mut w, 1500);
+    agent.kill9();
+    write_for(&mut w, 1500); // tracked while no agent runs
+    let mut agent = Proc(ferry().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    write_for(&mut w, 1500);
+    wait_for("the ring to drain", 60, || ring.consumer() == ring.producer());
+    agent.kill9();
+
+    let mut once = args.to_vec();
+    once.extend(["--once", "--json"]);
+    let s = summary(&run_ok(&once));
+    assert_eq!(s["initial_sync"], false, "{s}");
+    assert_eq!(s["resync"], false, "{s}");
+    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rec.img")]);
+    assert_same(&img, &t.path("rec.img"));
+    assert_eq!(versioned::check(&t.path("rec.img"), &w.log, blocks), Ok(w.log.len() as u64));
+
+    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("data"), "--name", "vm", "--json"])).unwrap();
+    let pts = pts.as_array().unwrap();
+    assert!(pts.len() >= 2, "points were cut while the workload ran: {pts:?}");
+    for p in pts {
+        let id = p["id"].to_string();
+        let out = t.path(&format!("p{id}.img"));
+        run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", &id, "--out", &out.display().to_string()]);
+        if let Err(e) = versioned::check(&out, &w.log, blocks) {
+            panic!("point {id} is not consistent: {e}");
+        }
+        std::fs::remove_file(out).unwrap();
+    }
+}
+
+/// The checker itself: it must reject a state that is not a prefix.
+#[test]
+fn versioned_checker_rejects_a_state_that_is_not_a_prefix() {
+    let t = TempDir::new("checker");
+    let img = t.path("d.img");
+    let blocks = 64;
+    std::fs::File::create(&img).unwrap().set_len(blocks * 4096).unwrap();
+    let disk = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut w = Workload::new(blocks, 9);
+    for _ in 0..200 {
+        w.write(&disk, None);
+    }
+    assert_eq!(versioned::check(&img, &w.log, blocks), Ok(200));
+    // Roll one block back to an older version that the newest write left
+    // alone: no prefix of the log gives that state.
+    use std::os::unix::fs::FileExt;
+    let b = w.log[199];
+    let (older, ob) = w.log.iter().enumerate().rev().map(|(i, &x)| (i as u64 + 1, x)).find(|&(_, x)| x != b).unwrap();
+    let prev = w.log[..older as usize - 1].iter().rposition(|&x| x == ob);
+    let content = match prev {
+        Some(i) => versioned::stamp(i as u64 + 1, ob),
+        None => vec![0u8; 4096],
+    };
+    disk.write_all_at(&content, ob * 4096).unwrap();
+    assert!(versioned::check(&img, &w.log, blocks).is_err());
+    // Foreign content is rejected too.
+    disk.write_all_at(&[0xAB; 4096], 0).unwrap();
+    assert!(versioned::check(&img, &w.log, blocks).unwrap_err().contains("no logged write"));
+}

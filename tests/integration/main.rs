@@ -1,0 +1,7 @@
+//! ferry integration tests: real `ferry` processes over loopback TCP, real
+//! image files and loop devices. Modules by area.
+
+mod bad_input;
+mod cli;
+mod crash;
+mod replication;

@@ -1,0 +1,401 @@
+//! Support for ferry's integration tests: the `ferry` binary, master target
+//! processes, sample images, loop devices. Every resource is released by a
+//! guard's `Drop`, so a failing test leaves nothing behind.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the built `ferry` binary (`FERRY_BIN`, or next to the test binary).
+pub fn ferry_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("ferry");
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// A `ferry` command with a quiet log.
+pub fn ferry() -> Command {
+    let mut c = Command::new(ferry_bin());
+    c.env("RUST_LOG", std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+    c
+}
+
+/// Run ferry to completion, capturing output.
+pub fn run(args: &[&str]) -> Output {
+    ferry().args(args).stdin(Stdio::null()).output().expect("run ferry")
+}
+
+/// Run ferry and require success; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "ferry {args:?} failed: {}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).expect("utf8")
+}
+
+/// A temporary folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::var("FERRY_TEST_TMP").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+        let p = base.join(format!("ferry-test-{tag}-{}-{}", std::process::id(), ferry_common::now_ns()));
+        std::fs::create_dir_all(&p).expect("mkdir temp");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+    /// Bytes this process has written through write(2)-family calls
+    /// (sockets included), from /proc/PID/io.
+    pub fn wchar(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap_or_default();
+        s.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A running master target.
+pub struct MasterTarget {
+    pub proc: Proc,
+    pub addr: String,
+    pub data: PathBuf,
+}
+
+impl MasterTarget {
+    pub fn start(data: &Path) -> MasterTarget {
+        Self::start_at(data, &format!("127.0.0.1:{}", free_port()))
+    }
+
+    pub fn start_at(data: &Path, addr: &str) -> MasterTarget {
+        let mut child = ferry()
+            .env("RUST_LOG", "info")
+            .args(["master-target", "--listen", addr, "--data"])
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn master target");
+        // Wait for the listening line, then keep draining the log to a file.
+        let err = child.stderr.take().expect("stderr");
+        let mut rd = BufReader::new(err);
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            line.clear();
+            if rd.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+                panic!("master target did not start: {line}");
+            }
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        let log = data.with_extension("mt.log");
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new().create(true).append(true).open(log).ok();
+            for l in rd.lines().map_while(Result::ok) {
+                if let Some(f) = f.as_mut() {
+                    let _ = writeln!(f, "{l}");
+                }
+            }
+        });
+        MasterTarget { proc: Proc(child), addr: addr.to_string(), data: data.to_path_buf() }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("mt.log")).unwrap_or_default()
+    }
+}
+
+/// Small, fast, deterministic PRNG (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Write a sample image of `size` bytes (a multiple of 256 KiB) with mixed
+/// content: a quarter zeros, a quarter text-like, a quarter random, a quarter
+/// drawn from 32 distinct 64 KiB blocks.
+pub fn mixed_image(path: &Path, size: u64, seed: u64) {
+    assert_eq!(size % (256 << 10), 0);
+    let f = File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut rng = Rng::new(seed);
+    let q = size / 4;
+    let words: Vec<&[u8]> = vec![b"replica ", b"journal ", b"the ", b"point ", b"of ", b"recovery\n", b"disk ", b"0x1f3a ", b"ERROR ", b"write "];
+    let blocks: Vec<Vec<u8>> = (0..32)
+        .map(|_| {
+            let mut b = vec![0u8; 65536];
+            rng.fill(&mut b);
+            b
+        })
+        .collect();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = q; // first quarter stays a hole (zeros)
+    while off < size {
+        let n = (buf.len() as u64).min(q - off % q) as usize;
+        let buf = &mut buf[..n];
+        if off < 2 * q {
+            let mut i = 0;
+            while i < buf.len() {
+                let w = words[rng.below(words.len() as u64) as usize];
+                let n = w.len().min(buf.len() - i);
+                buf[i..i + n].copy_from_slice(&w[..n]);
+                i += n;
+            }
+        } else if off < 3 * q {
+            rng.fill(buf);
+        } else {
+            for c in buf.chunks_mut(65536) {
+                c.copy_from_slice(&blocks[rng.below(32) as usize]);
+            }
+        }
+        f.write_all_at(buf, off).expect("write image");
+        off += n as u64;
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Overwrite `fraction` of the image's 4 KiB blocks with random bytes.
+/// Returns the number of blocks changed.
+pub fn change_blocks(path: &Path, fraction: f64, seed: u64) -> u64 {
+    let f = OpenOptions::new().write(true).open(path).expect("open image");
+    let size = f.metadata().expect("meta").len();
+    let blocks = size / 4096;
+    let n = (blocks as f64 * fraction) as u64;
+    let mut rng = Rng::new(seed);
+    let mut b = vec![0u8; 4096];
+    for _ in 0..n {
+        rng.fill(&mut b);
+        f.write_all_at(&b, rng.below(blocks) * 4096).expect("write block");
+    }
+    f.sync_all().expect("sync");
+    n
+}
+
+/// xxh3-128 of a whole file or device (for equality checks of large images).
+pub fn file_digest(path: &Path) -> u128 {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.digest128()
+}
+
+/// Assert two images are byte-identical; on a mismatch, name the first
+/// differing 4 KiB block.
+pub fn assert_same(a: &Path, b: &Path) {
+    if file_digest(a) == file_digest(b) {
+        return;
+    }
+    let (fa, fb) = (File::open(a).expect("open"), File::open(b).expect("open"));
+    let (mut ba, mut bb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let mut off = 0u64;
+    loop {
+        let na = fa.read_at(&mut ba, off).expect("read");
+        let nb = fb.read_at(&mut bb, off).expect("read");
+        if na != nb || ba[..na] != bb[..nb] {
+            panic!("{} and {} differ in the 4 KiB block at offset {off} (lengths read {na}/{nb})", a.display(), b.display());
+        }
+        if na == 0 {
+            panic!("digests differ but no differing block found");
+        }
+        off += na as u64;
+    }
+}
+
+/// Parse the `--json` summary of `ferry agent --once`.
+pub fn summary(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("agent summary is not JSON ({e}): {stdout}"))
+}
+
+/// Read the agent's state JSON (skipping the two header lines).
+pub fn agent_state(state_dir: &Path) -> Option<serde_json::Value> {
+    let s = std::fs::read_to_string(state_dir.join("agent.state")).ok()?;
+    let body: String = s.splitn(3, '\n').nth(2)?.to_string();
+    serde_json::from_str(&body).ok()
+}
+
+/// Wait until `f` holds, polling; panics with `what` after `secs`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let o = Command::new("losetup").args(["--find", "--show", "--direct-io=off"]).arg(file).output().expect("run losetup");
+        assert!(o.status.success(), "losetup failed: {}", String::from_utf8_lossy(&o.stderr));
+        LoopDev { dev: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string()) }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// The versioned-block workload and its checker.
+///
+/// Every write puts one 4 KiB block stamped with its write number (1-based),
+/// its block index, a pattern derived from both, and an xxh3-128 of the rest;
+/// writes happen one at a time and are logged. A disk image is *consistent*
+/// when it equals the state after some prefix of the log: the checker takes
+/// the newest stamp it finds as that prefix's end and demands every block
+/// hold exactly what the log says it held then.
+pub mod versioned {
+    use super::Rng;
+    use ferry_ring::{Record, RecordKind, Ring};
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    pub const BLOCK: usize = 4096;
+
+    /// The content of block `b` written by write number `i`.
+    pub fn stamp(i: u64, b: u64) -> Vec<u8> {
+        let mut v = vec![0u8; BLOCK];
+        v[0..8].copy_from_slice(&i.to_le_bytes());
+        v[8..16].copy_from_slice(&b.to_le_bytes());
+        Rng::new(i ^ (b << 32)).fill(&mut v[16..BLOCK - 16]);
+        let s = xxhash_rust::xxh3::xxh3_128(&v[..BLOCK - 16]).to_le_bytes();
+        v[BLOCK - 16..].copy_from_slice(&s);
+        v
+    }
+
+    /// A workload over a zeroed disk of `blocks` blocks.
+    pub struct Workload {
+        pub log: Vec<u64>,
+        blocks: u64,
+        rng: Rng,
+    }
+
+    impl Workload {
+        pub fn new(blocks: u64, seed: u64) -> Workload {
+            Workload { log: Vec::new(), blocks, rng: Rng::new(seed) }
+        }
+
+        /// One write, then its record on `ring`: an observing tracker reports
+        /// a write when it completes, so that the agent, reading the range
+        /// after seeing the record, reads the new data.
+        pub fn write(&mut self, disk: &File, ring: Option<&Ring>) {
+            let b = self.rng.below(self.blocks);
+            let i = self.log.len() as u64 + 1;
+            disk.write_all_at(&stamp(i, b), b * BLOCK as u64).expect("workload write");
+            self.log.push(b);
+            if let Some(r) = ring {
+                r.push(Record { seq: i, offset: b * BLOCK as u64, length: BLOCK as u32, kind: RecordKind::Write, flush: false, time_ns: 0 });
+            }
+        }
+    }
+
+    /// Check `image` against `log`; returns the prefix length it matches.
+    pub fn check(image: &Path, log: &[u64], blocks: u64) -> Result<u64, String> {
+        let f = File::open(image).map_err(|e| e.to_string())?;
+        let mut seen = vec![0u64; blocks as usize];
+        let mut buf = vec![0u8; BLOCK];
+        for b in 0..blocks {
+            f.read_exact_at(&mut buf, b * BLOCK as u64).map_err(|e| e.to_string())?;
+            if buf.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let i = u64::from_le_bytes(buf[0..8].try_into().unwrap());
+            if i == 0 || i > log.len() as u64 || buf != stamp(i, b) {
+                return Err(format!("block {b} holds content no logged write put there"));
+            }
+            seen[b as usize] = i;
+        }
+        let k = seen.iter().copied().max().unwrap_or(0);
+        let mut want = vec![0u64; blocks as usize];
+        for (n, &b) in log.iter().take(k as usize).enumerate() {
+            want[b as usize] = n as u64 + 1;
+        }
+        for b in 0..blocks as usize {
+            if seen[b] != want[b] {
+                return Err(format!("not a prefix of the log: block {b} holds write {} but after write {k} it held write {}", seen[b], want[b]));
+            }
+        }
+        Ok(k)
+    }
+}

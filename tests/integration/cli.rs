@@ -23,10 +23,22 @@ fn failures_exit_1_with_one_line() {
     let t = TempDir::new("cli");
     one_line_error(&run(&["points", "--data", &t.s("nothing"), "--name", "vm"]), 1, "no disk named vm");
     one_line_error(&run(&["recover", "--data", &t.s("d"), "--name", "vm", "--point", "yesterday", "--out", &t.s("o")]), 1, "bad point");
-    one_line_error(&run(&["agent", "--disk", &t.s("missing.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "cannot open disk");
+    one_line_error(
+        &run(&["agent", "--disk", &t.s("missing.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]),
+        1,
+        "cannot open disk",
+    );
     std::fs::write(t.path("odd.img"), vec![1u8; 1000]).unwrap();
-    one_line_error(&run(&["agent", "--disk", &t.s("odd.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "multiple of 512");
-    one_line_error(&run(&["agent", "--disk", &t.s("odd.img"), "--name", "../etc", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]), 1, "--name");
+    one_line_error(
+        &run(&["agent", "--disk", &t.s("odd.img"), "--name", "vm", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]),
+        1,
+        "multiple of 512",
+    );
+    one_line_error(
+        &run(&["agent", "--disk", &t.s("odd.img"), "--name", "../etc", "--target", "127.0.0.1:1", "--state", &t.s("st"), "--once"]),
+        1,
+        "--name",
+    );
     one_line_error(&run(&["status", "--state", &t.s("none")]), 1, "no agent state");
 }
 
@@ -36,8 +48,18 @@ fn agent_gives_up_cleanly_when_no_master_target_answers() {
     std::fs::write(t.path("a.img"), vec![0u8; 1 << 20]).unwrap();
     let port = free_port().to_string();
     let o = run(&[
-        "agent", "--disk", &t.s("a.img"), "--name", "vm", "--target", &format!("127.0.0.1:{port}"),
-        "--state", &t.s("st"), "--once", "--connect-timeout", "1",
+        "agent",
+        "--disk",
+        &t.s("a.img"),
+        "--name",
+        "vm",
+        "--target",
+        &format!("127.0.0.1:{port}"),
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--connect-timeout",
+        "1",
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -17,7 +17,21 @@ fn master_target_killed_mid_initial_sync_resumes_without_starting_over() {
     let size = 1u64 << 30;
     mixed_image(&img, size, 11);
     let mut mt = MasterTarget::start(&t.path("data"));
-    let agent_args = ["agent", "--disk", &t.s("src.img"), "--name", "vm", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st"), "--once", "--json"];
+    let agent_args = [
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "scan",
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--json",
+    ];
     let mut agent = Proc(ferry().args(agent_args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
     let st = t.path("st");
     wait_for("the initial sync to be between 30% and 80% durable", 120, || {
@@ -57,7 +71,21 @@ fn agent_killed_during_continuous_shipping_loses_nothing() {
     std::fs::create_dir_all(&st).unwrap();
     let ring = Ring::create(&st.join("ring"), 1 << 16).unwrap();
     let mt = MasterTarget::start(&t.path("data"));
-    let args = ["agent", "--disk", &t.s("src.img"), "--name", "vm", "--target", &mt.addr, "--tracker", "ring", "--state", &t.s("st"), "--point-every", "0.2"];
+    let args = [
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "ring",
+        "--state",
+        &t.s("st"),
+        "--point-every",
+        "0.2",
+    ];
     let disk = OpenOptions::new().write(true).open(&img).unwrap();
     let mut w = Workload::new(blocks, 5);
 

@@ -158,7 +158,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -167,11 +167,11 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -186,7 +186,8 @@ pub fn mixed_image(path: &Path, size: u64, seed: u64) {
     f.set_len(size).expect("size image");
     let mut rng = Rng::new(seed);
     let q = size / 4;
-    let words: Vec<&[u8]> = vec![b"replica ", b"journal ", b"the ", b"point ", b"of ", b"recovery\n", b"disk ", b"0x1f3a ", b"ERROR ", b"write "];
+    let words: Vec<&[u8]> =
+        vec![b"replica ", b"journal ", b"the ", b"point ", b"of ", b"recovery\n", b"disk ", b"0x1f3a ", b"ERROR ", b"write "];
     let blocks: Vec<Vec<u8>> = (0..32)
         .map(|_| {
             let mut b = vec![0u8; 65536];
@@ -365,7 +366,14 @@ pub mod versioned {
             disk.write_all_at(&stamp(i, b), b * BLOCK as u64).expect("workload write");
             self.log.push(b);
             if let Some(r) = ring {
-                r.push(Record { seq: i, offset: b * BLOCK as u64, length: BLOCK as u32, kind: RecordKind::Write, flush: false, time_ns: 0 });
+                r.push(Record {
+                    seq: i,
+                    offset: b * BLOCK as u64,
+                    length: BLOCK as u32,
+                    kind: RecordKind::Write,
+                    flush: false,
+                    time_ns: 0,
+                });
             }
         }
     }
@@ -393,7 +401,10 @@ pub mod versioned {
         }
         for b in 0..blocks as usize {
             if seen[b] != want[b] {
-                return Err(format!("not a prefix of the log: block {b} holds write {} but after write {k} it held write {}", seen[b], want[b]));
+                return Err(format!(
+                    "not a prefix of the log: block {b} holds write {} but after write {k} it held write {}",
+                    seen[b], want[b]
+                ));
             }
         }
         Ok(k)

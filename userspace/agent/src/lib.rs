@@ -77,7 +77,10 @@ impl AgentError {
 
     /// Whether reconnecting may help.
     pub fn retryable(&self) -> bool {
-        matches!(self, AgentError::Connect(_) | AgentError::Lost(_) | AgentError::Refused { code: ErrorCode::RefMiss | ErrorCode::Internal, .. })
+        matches!(
+            self,
+            AgentError::Connect(_) | AgentError::Lost(_) | AgentError::Refused { code: ErrorCode::RefMiss | ErrorCode::Internal, .. }
+        )
     }
 }
 
@@ -191,7 +194,10 @@ impl Agent {
         let src = Source::open(&opts.disk).map_err(AgentError::io(format!("cannot open disk {}", opts.disk.display())))?;
         let size = src.size();
         if size == 0 || size % ferry_proto::SECTOR != 0 {
-            return Err(AgentError::Usage(format!("disk {} is {size} bytes: ferry protects disks whose size is a positive multiple of 512", opts.disk.display())));
+            return Err(AgentError::Usage(format!(
+                "disk {} is {size} bytes: ferry protects disks whose size is a positive multiple of 512",
+                opts.disk.display()
+            )));
         }
         std::fs::create_dir_all(&opts.state).map_err(AgentError::io(format!("state folder {}", opts.state.display())))?;
         let sd = StateDir::new(&opts.state);
@@ -250,7 +256,8 @@ impl Agent {
                 bytes_read_total: 0,
             },
         };
-        let generation = unhex::<16>(&st.generation).ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+        let generation = unhex::<16>(&st.generation)
+            .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
         let ring = if tracker == Tracker::Ring {
             let p = sd.ring_file();
             Some(if p.exists() { Ring::open(&p)? } else { Ring::create(&p, opts.ring_capacity)? })
@@ -358,8 +365,10 @@ impl Agent {
             self.st.sync_cursor = None;
             self.st.resync_required = Some("the master target holds a replica from an earlier protection".into());
         } else if sess.durable_at_open < self.st.acked_seq {
-            self.st.resync_required =
-                Some(format!("the master target is durable only to seq {} but had acknowledged {}", sess.durable_at_open, self.st.acked_seq));
+            self.st.resync_required = Some(format!(
+                "the master target is durable only to seq {} but had acknowledged {}",
+                sess.durable_at_open, self.st.acked_seq
+            ));
         }
         // From here on the master target's durable sequence is the truth.
         self.st.acked_seq = sess.durable_at_open;
@@ -585,7 +594,8 @@ impl Agent {
             s.spawn(move || {
                 for &(off, len) in &ranges2 {
                     let mut buf = AlignedBuf::new(span as usize);
-                    let r = src.read_into(&mut buf, off, len).map(|d| d.chunks(chunk as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
+                    let r =
+                        src.read_into(&mut buf, off, len).map(|d| d.chunks(chunk as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
                     let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
                     let stop = item.is_err();
                     if tx.send(item).is_err() || stop {
@@ -607,7 +617,10 @@ impl Agent {
                     requested += 1;
                 }
                 if roff != off || remote.len() != local.len() {
-                    return Err(AgentError::Lost(format!("checksum answer for {roff} ({} sums) does not match request {off}", remote.len())));
+                    return Err(AgentError::Lost(format!(
+                        "checksum answer for {roff} ({} sums) does not match request {off}",
+                        remote.len()
+                    )));
                 }
                 self.bytes_read += len as u64;
                 // Coalesce runs of differing chunks into extents.
@@ -640,7 +653,10 @@ impl Agent {
         pb.finish_and_clear();
         r?;
         self.note_ack(sess);
-        log::info!("{} pass at {chunk}-byte chunks: {diff_bytes} bytes differed", if chunk == VERIFY_CHUNK { "verify" } else { "checksum" });
+        log::info!(
+            "{} pass at {chunk}-byte chunks: {diff_bytes} bytes differed",
+            if chunk == VERIFY_CHUNK { "verify" } else { "checksum" }
+        );
         Ok(diff_bytes)
     }
 
@@ -759,7 +775,13 @@ impl Agent {
 
     /// Cut a crash-consistent point if nothing was written while the last
     /// extents were shipped and made durable.
-    fn quiet_cut(&mut self, sess: &mut Session, ring: &Ring, cursor: u64, pending: &mut VecDeque<(u64, u64)>) -> Result<Option<LastPoint>, AgentError> {
+    fn quiet_cut(
+        &mut self,
+        sess: &mut Session,
+        ring: &Ring,
+        cursor: u64,
+        pending: &mut VecDeque<(u64, u64)>,
+    ) -> Result<Option<LastPoint>, AgentError> {
         let p0 = ring.producer();
         if p0 != cursor {
             return Ok(None);
@@ -840,13 +862,21 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// The ring as `ferry status` shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct RingStatus {
+    pub pending: u64,
+    pub overflows: u64,
+    pub capacity: u64,
+}
+
 /// Read the agent's state for `ferry status`.
-pub fn status(state: &Path) -> Result<(AgentState, Option<(u64, u64, u64)>), AgentError> {
+pub fn status(state: &Path) -> Result<(AgentState, Option<RingStatus>), AgentError> {
     let sd = StateDir::new(state);
     let st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
     let ring = if sd.ring_file().exists() {
         let r = Ring::open(&sd.ring_file())?;
-        Some((r.producer().wrapping_sub(r.consumer()), r.overflows(), r.capacity()))
+        Some(RingStatus { pending: r.producer().wrapping_sub(r.consumer()), overflows: r.overflows(), capacity: r.capacity() })
     } else {
         None
     };

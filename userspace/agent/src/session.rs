@@ -47,7 +47,9 @@ pub fn prepare(offset: u64, raw: &[u8], unit: usize, out: &mut Vec<Unit>) {
         let off = offset + (i * unit) as u64;
         if ferry_common::is_zero(c) {
             match out.last_mut() {
-                Some(Unit::Zero { offset: zo, len }) if *zo + u64::from(*len) == off && (*len as usize + c.len()) <= ferry_proto::MAX_EXTENT as usize => {
+                Some(Unit::Zero { offset: zo, len })
+                    if *zo + u64::from(*len) == off && (*len as usize + c.len()) <= ferry_proto::MAX_EXTENT as usize =>
+                {
                     *len += c.len() as u32
                 }
                 _ => out.push(Unit::Zero { offset: off, len: c.len() as u32 }),

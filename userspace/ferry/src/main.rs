@@ -110,7 +110,10 @@ fn main() {
         eprintln!("ferry: internal error: {info}; please report this");
     }));
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().format_target(false).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .format_target(false)
+        .init();
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
@@ -130,7 +133,20 @@ fn run(cli: Cli) -> Result<()> {
             ferry_target::server::serve(l, &data).context("serving")?;
             Ok(())
         }
-        Cmd::Agent { disk, name, target, tracker, state, once, json, point_every, freeze_cmd, thaw_cmd, ring_capacity, connect_timeout } => {
+        Cmd::Agent {
+            disk,
+            name,
+            target,
+            tracker,
+            state,
+            once,
+            json,
+            point_every,
+            freeze_cmd,
+            thaw_cmd,
+            ring_capacity,
+            connect_timeout,
+        } => {
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
             }
@@ -206,7 +222,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Status { state, json } => {
             let (st, ring) = ferry_agent::status(&state)?;
             let lag_s = if st.last_ack_ns > 0 { (now_ns().saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
-            let pending = ring.map(|(n, _, _)| n).unwrap_or(0);
+            let pending = ring.map(|r| r.pending).unwrap_or(0);
             if json {
                 let v = serde_json::json!({
                     "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": st.mode,
@@ -215,7 +231,7 @@ fn run(cli: Cli) -> Result<()> {
                     "acked_seq": st.acked_seq,
                     "seconds_since_last_ack": if lag_s.is_finite() { serde_json::json!(lag_s) } else { serde_json::Value::Null },
                     "records_pending": pending,
-                    "ring_overflows": ring.map(|(_, o, _)| o),
+                    "ring_overflows": ring.map(|r| r.overflows),
                     "last_point": st.last_point.as_ref().map(|p| serde_json::json!({"id": p.id, "seq": p.seq, "kind": p.kind, "time": recover::rfc3339(p.time_ns)})),
                     "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
                 });
@@ -230,8 +246,8 @@ fn run(cli: Cli) -> Result<()> {
                     println!("RESYNC     required: {r}");
                 }
                 println!("acked      seq {}{}", st.acked_seq, if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() });
-                if let Some((n, o, cap)) = ring {
-                    println!("ring       {n} of {cap} records pending, {o} overflows");
+                if let Some(r) = ring {
+                    println!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows);
                 }
                 match &st.last_point {
                     Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),

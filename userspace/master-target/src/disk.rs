@@ -141,7 +141,11 @@ fn lock(paths: &Paths, name: &str) -> Result<File, DiskError> {
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Err(DiskError::Busy(name.into())) } else { Err(ioe(paths.lock.display())(e)) };
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Err(DiskError::Busy(name.into()))
+        } else {
+            Err(ioe(paths.lock.display())(e))
+        };
     }
     Ok(f)
 }
@@ -161,7 +165,8 @@ impl Disk {
             None => OpenInfo { existed: false, same_generation: false },
         };
         if meta.is_none() {
-            let r = OpenOptions::new().write(true).create(true).truncate(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
+            let r =
+                OpenOptions::new().write(true).create(true).truncate(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
             r.set_len(size).map_err(ioe(paths.replica.display()))?;
             r.sync_all().map_err(ioe(paths.replica.display()))?;
             let _ = fs::remove_file(&paths.journal);
@@ -172,7 +177,12 @@ impl Disk {
         // so that a stream that sends nothing changes nothing.
         let mut new_meta = None;
         if !info.same_generation {
-            let m = Meta { name: name.into(), size, generation: gen_hex, created_ns: meta.as_ref().map_or_else(ferry_common::now_ns, |m| m.created_ns) };
+            let m = Meta {
+                name: name.into(),
+                size,
+                generation: gen_hex,
+                created_ns: meta.as_ref().map_or_else(ferry_common::now_ns, |m| m.created_ns),
+            };
             if meta.is_none() {
                 write_state(&paths.meta, META_KIND, META_VERSION, &m)?;
             } else {
@@ -183,7 +193,8 @@ impl Disk {
         let mut journal = Journal::open(&paths.journal)?;
         let durable_seq = repair(&paths, &replica, &mut journal)?;
         let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
-        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), new_meta, _lock: lockf };
+        let disk =
+            Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), new_meta, _lock: lockf };
         Ok((disk, info))
     }
 
@@ -206,7 +217,9 @@ impl Disk {
         for &i in pending.iter() {
             match &ops[i] {
                 Op::Write { offset, data, .. } => self.replica.write_all_at(data, *offset).map_err(ioe(self.paths.replica.display()))?,
-                Op::Zero { offset, len, .. } => zero_range(&self.replica, *offset, u64::from(*len)).map_err(ioe(self.paths.replica.display()))?,
+                Op::Zero { offset, len, .. } => {
+                    zero_range(&self.replica, *offset, u64::from(*len)).map_err(ioe(self.paths.replica.display()))?
+                }
                 Op::Tag { .. } => {}
             }
         }
@@ -328,7 +341,7 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
 fn repair(paths: &Paths, replica: &File, journal: &mut Journal) -> Result<u64, DiskError> {
     let reader = JournalReader::open(&paths.journal)?;
     let recs = reader.scan(0)?;
-    let file_len = reader.len()?;
+    let file_len = reader.file_len()?;
     let last_commit = recs.iter().rposition(|r| r.kind == KIND_COMMIT);
     let (durable, cut) = match last_commit {
         Some(i) => (recs[i].seq, recs[i].end),

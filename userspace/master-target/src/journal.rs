@@ -99,7 +99,9 @@ impl JournalReader {
 
     fn check_header(&self) -> Result<(), JournalError> {
         let mut h = [0u8; HEADER_LEN as usize];
-        self.file.read_exact_at(&mut h, 0).map_err(|e| JournalError::BadHeader { path: self.path.clone(), why: format!("unreadable header: {e}") })?;
+        self.file
+            .read_exact_at(&mut h, 0)
+            .map_err(|e| JournalError::BadHeader { path: self.path.clone(), why: format!("unreadable header: {e}") })?;
         let bad = |why: &str| JournalError::BadHeader { path: self.path.clone(), why: why.into() };
         if u64::from_le_bytes(h[0..8].try_into().expect("8")) != MAGIC {
             return Err(bad("not a ferry undo journal"));
@@ -153,7 +155,7 @@ impl JournalReader {
 
     /// Every valid record from `from` up to the first invalid one.
     pub fn scan(&self, from: u64) -> Result<Vec<RecordInfo>, JournalError> {
-        let len = self.len()?;
+        let len = self.file_len()?;
         let mut out = Vec::new();
         let mut pos = from.max(HEADER_LEN);
         while let Some(r) = self.record_at(pos, len) {
@@ -163,7 +165,7 @@ impl JournalReader {
         Ok(out)
     }
 
-    pub fn len(&self) -> Result<u64, JournalError> {
+    pub fn file_len(&self) -> Result<u64, JournalError> {
         self.file.metadata().map(|m| m.len()).map_err(|source| JournalError::Io { path: self.path.clone(), source })
     }
 

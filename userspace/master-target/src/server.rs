@@ -7,7 +7,7 @@ use ferry_proto::{decompress, read_frame, write_msg, ErrorCode, Msg, ProtoError,
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Apply a batch once it holds this many payload bytes...
@@ -86,7 +86,7 @@ pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn handle(conn: TcpStream, data: &PathBuf) {
+fn handle(conn: TcpStream, data: &Path) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
     let mut c = match Conn::new(conn) {
@@ -149,7 +149,9 @@ fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail
     if max < VERSION_MIN || min > VERSION_MAX {
         return Err(Fail::new(
             ErrorCode::UnsupportedVersion,
-            format!("peer {peer} speaks protocol v{min}..v{max}, this master target v{VERSION_MIN}..v{VERSION_MAX}: upgrade the older side"),
+            format!(
+                "peer {peer} speaks protocol v{min}..v{max}, this master target v{VERSION_MIN}..v{VERSION_MAX}: upgrade the older side"
+            ),
         ));
     }
     let version = max.min(VERSION_MAX);
@@ -246,7 +248,12 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                 }
                 continue;
             }
-            other => break Err(Fail::new(ErrorCode::BadFrame, format!("unexpected {other:?} in a stream").chars().take(200).collect::<String>())),
+            other => {
+                break Err(Fail::new(
+                    ErrorCode::BadFrame,
+                    format!("unexpected {other:?} in a stream").chars().take(200).collect::<String>(),
+                ))
+            }
         };
         batch_bytes += match &op {
             Op::Write { data, .. } => data.len(),

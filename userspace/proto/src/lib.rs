@@ -132,25 +132,81 @@ impl ErrorCode {
 /// One protocol message, always well-formed once decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
-    Hello { min: u16, max: u16, peer: String },
-    HelloAck { version: u16, peer: String },
-    Open { name: String, size: u64, generation: [u8; 16] },
-    OpenAck { durable_seq: u64, flags: u32, generation: [u8; 16] },
+    Hello {
+        min: u16,
+        max: u16,
+        peer: String,
+    },
+    HelloAck {
+        version: u16,
+        peer: String,
+    },
+    Open {
+        name: String,
+        size: u64,
+        generation: [u8; 16],
+    },
+    OpenAck {
+        durable_seq: u64,
+        flags: u32,
+        generation: [u8; 16],
+    },
     /// Bytes at `offset`; `payload` is `len` raw bytes or their zstd frame.
-    Data { seq: u64, offset: u64, len: u32, codec: Codec, payload: Vec<u8> },
+    Data {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        codec: Codec,
+        payload: Vec<u8>,
+    },
     /// `[offset, offset+len)` reads as zero (write-zeroes, or zero data).
-    Zero { seq: u64, offset: u64, len: u32 },
+    Zero {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
     /// `[offset, offset+len)` was discarded; the replica stores zeroes.
-    Discard { seq: u64, offset: u64, len: u32 },
+    Discard {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
     /// Bytes at `offset` equal content already sent whose BLAKE3 is `digest`.
-    Ref { seq: u64, offset: u64, len: u32, digest: [u8; 32] },
+    Ref {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        digest: [u8; 32],
+    },
     /// Consistency marker: the stream up to `seq` is a recovery point.
-    Tag { seq: u64, time_ns: u64, kind: PointKind },
-    Ack { durable_seq: u64 },
-    SumsReq { req: u64, offset: u64, chunk: u32, count: u32 },
-    Sums { req: u64, offset: u64, chunk: u32, sums: Vec<[u8; 16]> },
-    Point { seq: u64, id: u64 },
-    Error { code: ErrorCode, msg: String },
+    Tag {
+        seq: u64,
+        time_ns: u64,
+        kind: PointKind,
+    },
+    Ack {
+        durable_seq: u64,
+    },
+    SumsReq {
+        req: u64,
+        offset: u64,
+        chunk: u32,
+        count: u32,
+    },
+    Sums {
+        req: u64,
+        offset: u64,
+        chunk: u32,
+        sums: Vec<[u8; 16]>,
+    },
+    Point {
+        seq: u64,
+        id: u64,
+    },
+    Error {
+        code: ErrorCode,
+        msg: String,
+    },
 }
 
 /// Why a frame was rejected.
@@ -511,7 +567,7 @@ impl Msg {
 }
 
 fn check_sums_shape(r: &Rd<'_>, offset: u64, chunk: u32, count: u32) -> Result<(), ProtoError> {
-    if !(SECTOR as u32..=MAX_EXTENT).contains(&chunk) || chunk % SECTOR as u32 != 0 || offset % SECTOR != 0 {
+    if !(SECTOR as u32..=MAX_EXTENT).contains(&chunk) || !chunk.is_multiple_of(SECTOR as u32) || !offset.is_multiple_of(SECTOR) {
         return Err(r.bad(format!("chunk {chunk} at {offset} is not a sector-aligned size up to {MAX_EXTENT}")));
     }
     if count == 0 || count > MAX_SUMS {
@@ -581,6 +637,11 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
         Some(m) => Ok((m, cur.position() as usize)),
         None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "empty input").into()),
     }
+}
+
+/// The trailing checksum of a frame whose header and body are `b`.
+pub fn frame_checksum(b: &[u8]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(b).to_le_bytes()
 }
 
 /// Write one message as a frame.

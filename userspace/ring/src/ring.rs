@@ -1,8 +1,6 @@
 //! The shared-memory SPSC record ring (layout in the uapi header).
 
-use crate::generated::{
-    ferry_cbt_record, ferry_cbt_ring_header, FERRY_CBT_ABI_VERSION, FERRY_CBT_RING_MAGIC, FERRY_RINGF_OVERFLOW,
-};
+use crate::generated::{ferry_cbt_record, ferry_cbt_ring_header, FERRY_CBT_ABI_VERSION, FERRY_CBT_RING_MAGIC, FERRY_RINGF_OVERFLOW};
 use crate::Record;
 use memmap2::MmapMut;
 use std::fs::OpenOptions;
@@ -76,8 +74,10 @@ impl Ring {
     /// Create (or truncate) a ring file with `capacity` slots.
     pub fn create(path: &Path, capacity: u64) -> Result<Ring, RingError> {
         let p = path.display().to_string();
-        let math = IndexMath::new(capacity)
-            .ok_or_else(|| RingError::BadHeader { path: p.clone(), why: format!("capacity {capacity} is not a power of two up to {MAX_CAPACITY}") })?;
+        let math = IndexMath::new(capacity).ok_or_else(|| RingError::BadHeader {
+            path: p.clone(),
+            why: format!("capacity {capacity} is not a power of two up to {MAX_CAPACITY}"),
+        })?;
         let io = |source| RingError::Io { path: p.clone(), source };
         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io)?;
         f.set_len((HEADER + capacity as usize * REC) as u64).map_err(io)?;

@@ -1,0 +1,37 @@
+//! `ferry-mkimage`: the sample images of the tests, for the demo and the
+//! benchmark.
+//!
+//! ```text
+//! ferry-mkimage mixed PATH SIZE_MIB SEED    quarter zeros/text/random/repeated blocks
+//! ferry-mkimage change PATH FRACTION SEED   overwrite that fraction of 4 KiB blocks
+//! ```
+
+use std::path::Path;
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let usage = || -> ! {
+        eprintln!("usage: ferry-mkimage mixed PATH SIZE_MIB SEED | change PATH FRACTION SEED");
+        std::process::exit(2)
+    };
+    if a.len() != 5 {
+        usage();
+    }
+    let seed: u64 = a[4].parse().unwrap_or_else(|_| usage());
+    match a[1].as_str() {
+        "mixed" => {
+            let mib: u64 = a[3].parse().unwrap_or_else(|_| usage());
+            if mib == 0 || mib % 4 != 0 {
+                eprintln!("ferry-mkimage: SIZE_MIB must be a positive multiple of 4");
+                std::process::exit(2);
+            }
+            ferry_tests::mixed_image(Path::new(&a[2]), mib << 20, seed);
+        }
+        "change" => {
+            let f: f64 = a[3].parse().unwrap_or_else(|_| usage());
+            let n = ferry_tests::change_blocks(Path::new(&a[2]), f, seed);
+            println!("{n}");
+        }
+        _ => usage(),
+    }
+}

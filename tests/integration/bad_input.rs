@@ -146,7 +146,7 @@ fn every_bad_input_is_refused_and_changes_nothing() {
 
     // A REF to content the master target does not hold.
     let (mut c, d) = Client::open(&mt.addr, "good", size);
-    c.send(&Msg::Ref { seq: d + 1, offset: 0, len: 4096, digest: [3; 32] });
+    c.send(&Msg::Ref { seq: d + 1, offset: 0, len: 4096, src: 8192, digest: [3; 32] });
     c.expect_error(ErrorCode::RefMiss, "resend");
 
     // OPEN with a name that would escape the data folder.

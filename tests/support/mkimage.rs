@@ -21,7 +21,7 @@ fn main() {
     match a[1].as_str() {
         "mixed" => {
             let mib: u64 = a[3].parse().unwrap_or_else(|_| usage());
-            if mib == 0 || mib % 4 != 0 {
+            if mib == 0 || !mib.is_multiple_of(4) {
                 eprintln!("ferry-mkimage: SIZE_MIB must be a positive multiple of 4");
                 std::process::exit(2);
             }

@@ -41,11 +41,12 @@ use std::time::{Duration, Instant};
 const IO: usize = 4 << 20;
 /// Unit of dedup and framing in the initial sync.
 const UNIT: usize = 64 << 10;
-/// Checksum chunk of a resync pass (a quarter of 1% random 4 KiB changes in a
-/// 1 GiB disk costs 0.4% of the disk in checksums at this size).
-pub const RESYNC_CHUNK: u32 = 4096;
-/// Checksum chunk of a verify pass.
-pub const VERIFY_CHUNK: u32 = 64 << 10;
+/// First-level checksum chunk of a scan pass (16 bytes of checksum per 64 KiB:
+/// 0.025% of the disk).
+pub const COARSE_CHUNK: u32 = 64 << 10;
+/// Second-level chunk, for the coarse chunks that differ: what moves is a
+/// multiple of this.
+pub const FINE_CHUNK: u32 = 4096;
 /// Default ring size (records) when the agent creates `STATE/ring`.
 pub const DEFAULT_RING: u64 = 1 << 16;
 
@@ -403,7 +404,7 @@ impl Agent {
     fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
         self.st.mode = "resync".into();
         self.save()?;
-        let n = self.scan_pass(sess, RESYNC_CHUNK)?;
+        let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
         self.did_resync = true;
         self.note_ack(sess);
@@ -449,7 +450,7 @@ impl Agent {
             if !first || !(self.did_initial || self.did_resync) {
                 let before = stamp(&self.src);
                 self.st.mode = "resync".into();
-                self.scan_pass(sess, RESYNC_CHUNK)?;
+                self.scan_pass(sess, "resync")?;
                 verified = before.is_some() && before == stamp(&self.src);
             }
             first = false;
@@ -464,7 +465,7 @@ impl Agent {
                 let mut passes = 0;
                 // Under a freeze nothing moves: one verify pass settles it.
                 while !verified || frozen {
-                    let diff = self.scan_pass(sess, VERIFY_CHUNK)?;
+                    let diff = self.scan_pass(sess, "verify")?;
                     passes += 1;
                     if diff == 0 {
                         break;
@@ -578,14 +579,16 @@ impl Agent {
         Ok(())
     }
 
-    /// One checksum pass at `chunk` granularity; sends every differing chunk
-    /// and returns the number of differing bytes.
-    pub fn scan_pass(&mut self, sess: &mut Session, chunk: u32) -> Result<u64, AgentError> {
+    /// One checksum pass over the whole disk, in two levels: xxh3-128 of
+    /// [`COARSE_CHUNK`] chunks first, then of [`FINE_CHUNK`] pieces of the
+    /// coarse chunks that differ; only differing fine pieces are sent.
+    /// Returns the number of differing bytes.
+    pub fn scan_pass(&mut self, sess: &mut Session, what: &str) -> Result<u64, AgentError> {
         let size = self.st.size;
-        let per = ((IO as u32) / chunk).clamp(1, ferry_proto::MAX_SUMS);
-        let span = u64::from(chunk) * u64::from(per);
+        let per = (IO as u32) / COARSE_CHUNK;
+        let span = u64::from(COARSE_CHUNK) * u64::from(per);
         let ranges: Vec<(u64, usize)> = (0..size).step_by(span as usize).map(|o| (o, ((size - o).min(span)) as usize)).collect();
-        let pb = progress_bar(self.opts.progress, size, if chunk == VERIFY_CHUNK { "verify" } else { "resync" });
+        let pb = progress_bar(self.opts.progress, size, what);
         let src = Arc::clone(&self.src);
         let mut diff_bytes = 0u64;
         let r = std::thread::scope(|s| -> Result<(), AgentError> {
@@ -594,8 +597,9 @@ impl Agent {
             s.spawn(move || {
                 for &(off, len) in &ranges2 {
                     let mut buf = AlignedBuf::new(span as usize);
-                    let r =
-                        src.read_into(&mut buf, off, len).map(|d| d.chunks(chunk as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
+                    let r = src
+                        .read_into(&mut buf, off, len)
+                        .map(|d| d.chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
                     let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
                     let stop = item.is_err();
                     if tx.send(item).is_err() || stop {
@@ -604,43 +608,41 @@ impl Agent {
                 }
             });
             const AHEAD: usize = 8;
+            let mut coarse_reqs = VecDeque::new();
             let mut requested = 0;
             while requested < ranges.len().min(AHEAD) {
-                sess.request_sums(ranges[requested].0, chunk, per)?;
+                coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
                 requested += 1;
             }
             for item in rx.iter() {
                 let (off, len, buf, local) = item?;
-                let (_, roff, remote) = sess.recv_sums()?;
+                let req = coarse_reqs.pop_front().expect("one request per range");
+                let remote = sess.recv_sums_for(req, off, local.len())?;
                 if requested < ranges.len() {
-                    sess.request_sums(ranges[requested].0, chunk, per)?;
+                    coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
                     requested += 1;
                 }
-                if roff != off || remote.len() != local.len() {
-                    return Err(AgentError::Lost(format!(
-                        "checksum answer for {roff} ({} sums) does not match request {off}",
-                        remote.len()
-                    )));
-                }
                 self.bytes_read += len as u64;
-                // Coalesce runs of differing chunks into extents.
-                let mut i = 0;
-                while i < local.len() {
-                    if local[i] == remote[i] {
-                        i += 1;
-                        continue;
-                    }
-                    let a = i;
-                    while i < local.len() && local[i] != remote[i] && (i - a + 1) * chunk as usize <= 1 << 20 {
-                        i += 1;
-                    }
-                    let lo = a * chunk as usize;
-                    let hi = (i * chunk as usize).min(len);
-                    diff_bytes += (hi - lo) as u64;
-                    let mut units = Vec::new();
-                    prepare(off + lo as u64, &buf[lo..hi], UNIT, &mut units);
-                    for u in units {
-                        sess.send_unit(u)?;
+                // Refine each run of differing coarse chunks.
+                let mut fine_reqs = Vec::new();
+                for (a, b) in diff_runs(&local, &remote, usize::MAX) {
+                    let lo = a * COARSE_CHUNK as usize;
+                    let hi = (b * COARSE_CHUNK as usize).min(len);
+                    let n = (hi - lo).div_ceil(FINE_CHUNK as usize);
+                    fine_reqs.push((sess.request_sums(off + lo as u64, FINE_CHUNK, n as u32)?, lo, hi));
+                }
+                for (req, lo, hi) in fine_reqs {
+                    let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
+                    let rsums = sess.recv_sums_for(req, off + lo as u64, lsums.len())?;
+                    for (a, b) in diff_runs(&lsums, &rsums, (1 << 20) / FINE_CHUNK as usize) {
+                        let l2 = lo + a * FINE_CHUNK as usize;
+                        let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
+                        diff_bytes += (h2 - l2) as u64;
+                        let mut units = Vec::new();
+                        prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
+                        for u in units {
+                            sess.send_unit(u)?;
+                        }
                     }
                 }
                 pb.set_position(off + len as u64);
@@ -653,10 +655,7 @@ impl Agent {
         pb.finish_and_clear();
         r?;
         self.note_ack(sess);
-        log::info!(
-            "{} pass at {chunk}-byte chunks: {diff_bytes} bytes differed",
-            if chunk == VERIFY_CHUNK { "verify" } else { "checksum" }
-        );
+        log::info!("{what} pass: {diff_bytes} bytes differed");
         Ok(diff_bytes)
     }
 
@@ -830,6 +829,24 @@ impl Agent {
     }
 }
 
+/// Runs `[a, b)` of indices where `x` and `y` differ, at most `max` long.
+fn diff_runs(x: &[[u8; 16]], y: &[[u8; 16]], max: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < x.len() {
+        if x[i] == y[i] {
+            i += 1;
+            continue;
+        }
+        let a = i;
+        while i < x.len() && x[i] != y[i] && i - a < max {
+            i += 1;
+        }
+        out.push((a, i));
+    }
+    out
+}
+
 /// Merge records into sorted, sector-aligned, non-overlapping extents
 /// clipped to the disk (tags carry no extent).
 pub fn coalesce(recs: &[Record], size: u64) -> Vec<(u64, u64)> {
@@ -890,6 +907,18 @@ mod tests {
 
     fn w(offset: u64, length: u32) -> Record {
         Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, time_ns: 0 }
+    }
+
+    #[test]
+    fn diff_runs_split_at_equal_entries_and_at_the_limit() {
+        let a = [[0u8; 16]; 8];
+        let mut b = a;
+        for i in [1, 2, 3, 6] {
+            b[i][0] = 1;
+        }
+        assert_eq!(diff_runs(&a, &b, 100), vec![(1, 4), (6, 7)]);
+        assert_eq!(diff_runs(&a, &b, 2), vec![(1, 3), (3, 4), (6, 7)]);
+        assert!(diff_runs(&a, &a, 2).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use crate::AgentError;
 use crossbeam_channel::{unbounded, Receiver};
 use ferry_proto::{read_frame, Codec, ErrorCode, Msg, PointKind, VERSION_MAX, VERSION_MIN};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,6 +17,8 @@ use std::time::Duration;
 
 /// Most unacknowledged frame bytes in flight.
 pub const WINDOW: u64 = 64 << 20;
+/// Dedup cache entries (48 bytes each) before the cache is reset.
+const DEDUP_MAX: usize = 1 << 20;
 
 #[derive(Default)]
 struct SharedState {
@@ -74,9 +76,14 @@ pub struct Session {
     pub durable_at_open: u64,
     pub open_flags: u32,
     pub bytes_sent: u64,
-    /// BLAKE3 digest -> seq of the DATA frame that carried it.
-    dedup: HashMap<[u8; 32], u64>,
+    /// BLAKE3 digest -> (offset, seq) of the DATA frame that carried it.
+    dedup: HashMap<[u8; 32], (u64, u64)>,
+    /// The same entries by offset -> (digest, len), to forget an entry when
+    /// its range is overwritten.
+    dedup_at: BTreeMap<u64, ([u8; 32], u32)>,
     next_req: u64,
+    /// SUMS answers received ahead of the one being waited for.
+    stash: HashMap<u64, (u64, Vec<[u8; 16]>)>,
     buf: Vec<u8>,
 }
 
@@ -162,7 +169,9 @@ impl Session {
             open_flags: flags,
             bytes_sent: 0,
             dedup: HashMap::new(),
+            dedup_at: BTreeMap::new(),
             next_req: 1,
+            stash: HashMap::new(),
             buf: Vec::with_capacity(ferry_proto::MAX_BODY as usize + 64),
         })
     }
@@ -228,17 +237,41 @@ impl Session {
         s
     }
 
+    /// Forget dedup entries whose source range overlaps `[a, b)`.
+    fn forget_overlapping(&mut self, a: u64, b: u64) {
+        let from = a.saturating_sub(u64::from(ferry_proto::MAX_EXTENT));
+        let hit: Vec<u64> = self.dedup_at.range(from..b).filter(|(&o, &(_, l))| o + u64::from(l) > a).map(|(&o, _)| o).collect();
+        for o in hit {
+            if let Some((d, _)) = self.dedup_at.remove(&o) {
+                if self.dedup.get(&d).is_some_and(|&(src, _)| src == o) {
+                    self.dedup.remove(&d);
+                }
+            }
+        }
+    }
+
     /// Send one prepared unit; returns its sequence number.
     pub fn send_unit(&mut self, u: Unit) -> Result<u64, AgentError> {
+        let (a, b) = match &u {
+            Unit::Zero { offset, len } | Unit::Data { offset, len, .. } => (*offset, *offset + u64::from(*len)),
+        };
+        self.forget_overlapping(a, b);
         let seq = self.take_seq();
         let m = match u {
             Unit::Zero { offset, len } => Msg::Zero { seq, offset, len },
             Unit::Data { offset, len, digest, codec, payload } => {
                 let acked = self.acked();
                 match self.dedup.get(&digest) {
-                    Some(&s) if s <= acked => Msg::Ref { seq, offset, len, digest },
+                    Some(&(src, s)) if s <= acked => Msg::Ref { seq, offset, len, src, digest },
                     _ => {
-                        self.dedup.entry(digest).or_insert(seq);
+                        if self.dedup.len() >= DEDUP_MAX {
+                            self.dedup.clear();
+                            self.dedup_at.clear();
+                        }
+                        if let std::collections::hash_map::Entry::Vacant(e) = self.dedup.entry(digest) {
+                            e.insert((offset, seq));
+                            self.dedup_at.insert(offset, (digest, len));
+                        }
                         Msg::Data { seq, offset, len, codec, payload }
                     }
                 }
@@ -291,15 +324,30 @@ impl Session {
         Ok(req)
     }
 
-    /// The next SUMS answer (answers come in request order).
-    pub fn recv_sums(&mut self) -> Result<(u64, u64, Vec<[u8; 16]>), AgentError> {
+    /// The answer to SUMS request `req`, which must cover `count` chunks
+    /// from `offset`. Answers come in request order; any that arrive first
+    /// for other requests are kept for their own call.
+    pub fn recv_sums_for(&mut self, req: u64, offset: u64, count: usize) -> Result<Vec<[u8; 16]>, AgentError> {
         self.flush()?;
-        match self.sums_rx.recv() {
-            Ok(Msg::Sums { req, offset, sums, .. }) => Ok((req, offset, sums)),
-            _ => {
-                let st = self.shared.st.lock().expect("poisoned");
-                Self::check_closed(&st)?;
-                Err(AgentError::Lost("connection ended while waiting for checksums".into()))
+        loop {
+            if let Some((roff, sums)) = self.stash.remove(&req) {
+                if roff != offset || sums.len() != count {
+                    return Err(AgentError::Lost(format!(
+                        "checksum answer {req} covers {} chunks at {roff}, asked {count} at {offset}",
+                        sums.len()
+                    )));
+                }
+                return Ok(sums);
+            }
+            match self.sums_rx.recv() {
+                Ok(Msg::Sums { req: r, offset: o, sums, .. }) => {
+                    self.stash.insert(r, (o, sums));
+                }
+                _ => {
+                    let st = self.shared.st.lock().expect("poisoned");
+                    Self::check_closed(&st)?;
+                    return Err(AgentError::Lost("connection ended while waiting for checksums".into()));
+                }
             }
         }
     }

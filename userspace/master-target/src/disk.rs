@@ -19,7 +19,6 @@ use crate::catalog::{Catalog, Point};
 use crate::journal::{Journal, JournalError, JournalReader, KIND_COMMIT, KIND_UNDO, KIND_UNDO_ZERO};
 use ferry_common::durable::{hex, read_state, unhex, write_state, StateError};
 use ferry_proto::PointKind;
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -28,8 +27,6 @@ use std::path::{Path, PathBuf};
 
 pub const META_KIND: &str = "ferry-disk-meta";
 pub const META_VERSION: u32 = 1;
-/// Dedup index entries kept per open disk before the index is reset.
-const DEDUP_MAX: usize = 1 << 22;
 
 /// `disk.meta` contents.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
@@ -93,7 +90,7 @@ pub fn read_meta(data: &Path, name: &str) -> Result<Meta, DiskError> {
 
 /// One change to apply, already validated against the disk's size.
 pub enum Op {
-    Write { seq: u64, offset: u64, data: Vec<u8>, digest: Option<[u8; 32]> },
+    Write { seq: u64, offset: u64, data: Vec<u8> },
     Zero { seq: u64, offset: u64, len: u32 },
     Tag { seq: u64, time_ns: u64, kind: PointKind },
 }
@@ -104,7 +101,8 @@ impl Op {
             Op::Write { seq, .. } | Op::Zero { seq, .. } | Op::Tag { seq, .. } => *seq,
         }
     }
-    fn range(&self) -> Option<(u64, u64)> {
+    /// The byte range the op writes, if any.
+    pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Op::Write { offset, data, .. } => Some((*offset, *offset + data.len() as u64)),
             Op::Zero { offset, len, .. } => Some((*offset, *offset + u64::from(*len))),
@@ -128,7 +126,6 @@ pub struct Disk {
     journal: Journal,
     catalog: Catalog,
     pub durable_seq: u64,
-    dedup: HashMap<[u8; 32], (u64, u32)>,
     /// Metadata to write before the first batch (a new generation).
     new_meta: Option<Meta>,
     _lock: File,
@@ -193,8 +190,7 @@ impl Disk {
         let mut journal = Journal::open(&paths.journal)?;
         let durable_seq = repair(&paths, &replica, &mut journal)?;
         let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
-        let disk =
-            Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, dedup: HashMap::new(), new_meta, _lock: lockf };
+        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, new_meta, _lock: lockf };
         Ok((disk, info))
     }
 
@@ -248,8 +244,12 @@ impl Disk {
                         self.write_pending(ops, &mut pending)?;
                         ranges.clear();
                     }
-                    let pre = self.read_replica(a, (b - a) as usize)?;
-                    self.journal.undo(op.seq(), a, &pre);
+                    if is_hole(&self.replica, a, b) {
+                        self.journal.undo_zero(op.seq(), a, (b - a) as u32);
+                    } else {
+                        let pre = self.read_replica(a, (b - a) as usize)?;
+                        self.journal.undo(op.seq(), a, &pre);
+                    }
                     pending.push(i);
                     ranges.push((a, b));
                 }
@@ -273,25 +273,17 @@ impl Disk {
         if !points.is_empty() {
             self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
         }
-        if self.dedup.len() > DEDUP_MAX {
-            self.dedup.clear();
-        }
-        for op in ops {
-            if let Op::Write { offset, data, digest: Some(d), .. } = op {
-                self.dedup.insert(*d, (*offset, data.len() as u32));
-            }
-        }
         Ok(points)
     }
 
-    /// Content for a REF frame: bytes already in the replica whose BLAKE3 is
-    /// `digest`, verified now (the location may have been overwritten since).
-    pub fn resolve_ref(&self, digest: &[u8; 32], len: u32) -> Result<Option<Vec<u8>>, DiskError> {
-        let Some(&(off, l)) = self.dedup.get(digest) else { return Ok(None) };
-        if l != len {
+    /// Content for a REF frame: the `len` bytes at `src` in the replica, if
+    /// their BLAKE3 is `digest` (the range may have been overwritten since
+    /// the agent sent it; then `None`).
+    pub fn resolve_ref(&self, src: u64, len: u32, digest: &[u8; 32]) -> Result<Option<Vec<u8>>, DiskError> {
+        if src + u64::from(len) > self.size {
             return Ok(None);
         }
-        let data = self.read_replica(off, len as usize)?;
+        let data = self.read_replica(src, len as usize)?;
         Ok((blake3::hash(&data).as_bytes() == digest).then_some(data))
     }
 
@@ -317,6 +309,17 @@ pub fn chunk_sums(f: &File, size: u64, offset: u64, chunk: u32, count: u32) -> i
         pos += n as u64;
     }
     Ok(out)
+}
+
+/// Whether `[a, b)` of `f` lies entirely in a hole (so reads as zero without
+/// being read). Errors answer "no": the caller then reads the range.
+fn is_hole(f: &File, a: u64, b: u64) -> bool {
+    // SAFETY: lseek on an fd we own; no memory is passed.
+    let d = unsafe { libc::lseek(f.as_raw_fd(), a as libc::off_t, libc::SEEK_DATA) };
+    if d < 0 {
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    d as u64 >= b
 }
 
 /// Make `[offset, offset+len)` read as zero, as a hole where possible.

@@ -232,6 +232,11 @@ impl Journal {
         }
     }
 
+    /// Buffer the pre-image of a range known to be all zero.
+    pub fn undo_zero(&mut self, seq: u64, offset: u64, len: u32) {
+        self.push(KIND_UNDO_ZERO, seq, offset, len, &[]);
+    }
+
     /// Buffer a commit marker for everything up to `seq`.
     pub fn commit(&mut self, seq: u64) {
         self.push(KIND_COMMIT, seq, 0, 0, &[]);

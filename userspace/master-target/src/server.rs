@@ -206,15 +206,14 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                     Ok(r) => r,
                     Err(e) => break Err(e.into()),
                 };
-                let digest = Some(*blake3::hash(&raw).as_bytes());
-                Op::Write { seq, offset, data: raw, digest }
+                Op::Write { seq, offset, data: raw }
             }
-            Msg::Ref { seq, offset, len, digest } => {
+            Msg::Ref { seq, offset, len, src, digest } => {
                 if let Err(f) = in_disk(offset, len) {
                     break Err(f);
                 }
-                match disk.resolve_ref(&digest, len) {
-                    Ok(Some(d)) => Op::Write { seq, offset, data: d, digest: None },
+                match disk.resolve_ref(src, len, &digest) {
+                    Ok(Some(d)) => Op::Write { seq, offset, data: d },
                     Ok(None) => break Err(Fail::new(ErrorCode::RefMiss, format!("REF seq {seq}: content not held; resend it as DATA"))),
                     Err(e) => break Err(e.into()),
                 }
@@ -230,8 +229,14 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                 if offset >= disk.size {
                     break Err(Fail::new(ErrorCode::OutOfRange, format!("checksum range at {offset} is past the end of the disk")));
                 }
-                if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
-                    break Err(f);
+                // Checksums must see every earlier frame: apply the pending
+                // batch first if it touches the range (a scan asks ahead of
+                // the data it sends, so usually it does not).
+                let end = offset + u64::from(chunk) * u64::from(count);
+                if batch.iter().any(|op| op.range().is_some_and(|(a, b)| a < end && offset < b)) {
+                    if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
+                        break Err(f);
+                    }
                 }
                 match disk.sums(offset, chunk, count) {
                     Ok(sums) => {

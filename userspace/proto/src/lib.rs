@@ -171,11 +171,14 @@ pub enum Msg {
         offset: u64,
         len: u32,
     },
-    /// Bytes at `offset` equal content already sent whose BLAKE3 is `digest`.
+    /// Bytes at `offset` equal the `len` bytes already sent to `src`, whose
+    /// BLAKE3 is `digest`. The receiver verifies the digest against what it
+    /// holds at `src` and answers ERROR RefMiss if they differ.
     Ref {
         seq: u64,
         offset: u64,
         len: u32,
+        src: u64,
         digest: [u8; 32],
     },
     /// Consistency marker: the stream up to `seq` is a recovery point.
@@ -400,9 +403,10 @@ impl Msg {
                 ext(o, *seq, *offset, *len);
                 o.extend_from_slice(&[0; 4]);
             }
-            Msg::Ref { seq, offset, len, digest } => {
+            Msg::Ref { seq, offset, len, src, digest } => {
                 ext(o, *seq, *offset, *len);
                 o.extend_from_slice(&[0; 4]);
+                o.extend_from_slice(&src.to_le_bytes());
                 o.extend_from_slice(digest);
             }
             Msg::Tag { seq, time_ns, kind } => {
@@ -528,7 +532,11 @@ impl Msg {
             ty::REF => {
                 let (seq, offset, len) = r.extent()?;
                 r.zeros(4)?;
-                Msg::Ref { seq, offset, len, digest: r.arr()? }
+                let src = r.u64()?;
+                if src % SECTOR != 0 || src.checked_add(u64::from(len)).is_none() {
+                    return Err(r.bad(format!("source {src} is not a sector-aligned extent start")));
+                }
+                Msg::Ref { seq, offset, len, src, digest: r.arr()? }
             }
             ty::TAG => {
                 let seq = r.u64()?;
@@ -690,7 +698,7 @@ mod tests {
             Msg::Data { seq: 1, offset: 4096, len: 512, codec: Codec::Raw, payload: vec![3; 512] },
             Msg::Zero { seq: 2, offset: 0, len: 4096 },
             Msg::Discard { seq: 3, offset: 512, len: 512 },
-            Msg::Ref { seq: 4, offset: 8192, len: 4096, digest: [9; 32] },
+            Msg::Ref { seq: 4, offset: 8192, len: 4096, src: 0, digest: [9; 32] },
             Msg::Tag { seq: 5, time_ns: 123, kind: PointKind::App },
             Msg::Ack { durable_seq: 5 },
             Msg::SumsReq { req: 1, offset: 0, chunk: 4096, count: 3 },

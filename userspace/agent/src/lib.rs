@@ -592,21 +592,34 @@ impl Agent {
         let src = Arc::clone(&self.src);
         let mut diff_bytes = 0u64;
         let r = std::thread::scope(|s| -> Result<(), AgentError> {
-            let (tx, rx) = bounded::<Result<(u64, usize, AlignedBuf, Vec<[u8; 16]>), AgentError>>(4);
-            let ranges2 = ranges.clone();
-            s.spawn(move || {
-                for &(off, len) in &ranges2 {
-                    let mut buf = AlignedBuf::new(span as usize);
-                    let r = src
-                        .read_into(&mut buf, off, len)
-                        .map(|d| d.chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
-                    let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
-                    let stop = item.is_err();
-                    if tx.send(item).is_err() || stop {
-                        return;
+            // Two readers (even and odd ranges) keep two reads in flight,
+            // which O_DIRECT needs to stream a disk; the consumer alternates.
+            type Item = Result<(u64, usize, AlignedBuf, Vec<[u8; 16]>), AgentError>;
+            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
+            for _ in 0..8 {
+                pool_tx.send(AlignedBuf::new(span as usize)).expect("pool has room");
+            }
+            let mut rxs = Vec::new();
+            for t in 0..2 {
+                let (tx, rx) = bounded::<Item>(2);
+                rxs.push(rx);
+                let (src, pool_rx, ranges) = (Arc::clone(&src), pool_rx.clone(), &ranges);
+                s.spawn(move || {
+                    for &(off, len) in ranges.iter().skip(t).step_by(2) {
+                        let Ok(mut buf) = pool_rx.recv() else { return };
+                        let r = src
+                            .read_into(&mut buf, off, len)
+                            .map(|d| d.chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
+                        let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
+                        let stop = item.is_err();
+                        if tx.send(item).is_err() || stop {
+                            return;
+                        }
                     }
-                }
-            });
+                });
+            }
+            drop(pool_rx);
+            let items = (0..ranges.len()).map_while(|i| rxs[i % 2].recv().ok());
             const AHEAD: usize = 8;
             let mut coarse_reqs = VecDeque::new();
             let mut requested = 0;
@@ -614,8 +627,10 @@ impl Agent {
                 coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
                 requested += 1;
             }
-            for item in rx.iter() {
+            let mut processed = 0usize;
+            for item in items {
                 let (off, len, buf, local) = item?;
+                processed += 1;
                 let req = coarse_reqs.pop_front().expect("one request per range");
                 let remote = sess.recv_sums_for(req, off, local.len())?;
                 if requested < ranges.len() {
@@ -645,9 +660,13 @@ impl Agent {
                         }
                     }
                 }
+                let _ = pool_tx.try_send(buf);
                 pb.set_position(off + len as u64);
                 self.note_ack(sess);
                 self.save_if_due()?;
+            }
+            if processed != ranges.len() {
+                return Err(AgentError::Lost("checksum pass pipeline stopped early".into()));
             }
             sess.wait_acked(sess.next_seq - 1)?;
             Ok(())

@@ -128,6 +128,8 @@ pub struct Disk {
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
     new_meta: Option<Meta>,
+    /// Reused read buffer for checksums.
+    scratch: Vec<u8>,
     _lock: File,
 }
 
@@ -190,7 +192,8 @@ impl Disk {
         let mut journal = Journal::open(&paths.journal)?;
         let durable_seq = repair(&paths, &replica, &mut journal)?;
         let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
-        let disk = Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, new_meta, _lock: lockf };
+        let disk =
+            Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, new_meta, scratch: Vec::new(), _lock: lockf };
         Ok((disk, info))
     }
 
@@ -289,26 +292,27 @@ impl Disk {
 
     /// xxh3-128 of `count` chunks of `chunk` bytes from `offset`; a chunk
     /// that reaches past the end of the disk hashes only the part inside.
-    pub fn sums(&self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, DiskError> {
-        chunk_sums(&self.replica, self.size, offset, chunk, count).map_err(ioe(self.paths.replica.display()))
-    }
-}
-
-/// Chunk checksums of a file, shared by the master target and the agent.
-pub fn chunk_sums(f: &File, size: u64, offset: u64, chunk: u32, count: u32) -> io::Result<Vec<[u8; 16]>> {
-    let mut out = Vec::with_capacity(count as usize);
-    let end = size.min(offset + u64::from(chunk) * u64::from(count));
-    let mut buf = vec![0u8; (4 << 20).max(chunk as usize)];
-    let mut pos = offset;
-    while pos < end {
-        let n = ((end - pos) as usize).min(buf.len() / chunk as usize * chunk as usize);
-        f.read_exact_at(&mut buf[..n], pos)?;
-        for c in buf[..n].chunks(chunk as usize) {
-            out.push(ferry_common::xxh128(c));
+    pub fn sums(&mut self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, DiskError> {
+        let step = (4usize << 20).max(chunk as usize) / chunk as usize * chunk as usize;
+        if self.scratch.len() < step {
+            self.scratch.resize(step, 0);
         }
-        pos += n as u64;
+        let end = self.size.min(offset + u64::from(chunk) * u64::from(count));
+        let mut out = Vec::with_capacity(count as usize);
+        let mut pos = offset;
+        while pos < end {
+            let n = ((end - pos) as usize).min(step);
+            self.replica.read_exact_at(&mut self.scratch[..n], pos).map_err(ioe(self.paths.replica.display()))?;
+            out.extend(self.scratch[..n].chunks(chunk as usize).map(ferry_common::xxh128));
+            pos += n as u64;
+        }
+        // A scan walks the disk in order: ask the kernel to read ahead.
+        if end < self.size {
+            // SAFETY: posix_fadvise on an fd we own; advice only, no memory passed.
+            unsafe { libc::posix_fadvise(self.replica.as_raw_fd(), end as libc::off_t, 16 << 20, libc::POSIX_FADV_WILLNEED) };
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Whether `[a, b)` of `f` lies entirely in a hole (so reads as zero without

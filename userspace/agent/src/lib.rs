@@ -21,9 +21,11 @@
 //! replica equal to the source with no change in between (the ring stayed
 //! quiet, or the scan's verify pass found no difference).
 
+pub mod chunkmap;
 pub mod session;
 pub mod state;
 
+use chunkmap::ChunkMap;
 use crossbeam_channel::bounded;
 use ferry_common::buf::AlignedBuf;
 use ferry_common::durable::{hex, unhex};
@@ -184,6 +186,11 @@ pub struct Agent {
     last_save: Instant,
     did_initial: bool,
     did_resync: bool,
+    /// A trusted chunk map for the next scan pass (see chunkmap.rs).
+    map: Option<ChunkMap>,
+    /// Coarse sums of the last complete pass: the replica's content if no
+    /// frame follows before the next point.
+    pass_sums: Option<Vec<[u8; 16]>>,
 }
 
 impl Agent {
@@ -282,6 +289,8 @@ impl Agent {
             last_save: Instant::now(),
             did_initial: false,
             did_resync: false,
+            map: None,
+            pass_sums: None,
         })
     }
 
@@ -373,6 +382,15 @@ impl Agent {
         }
         // From here on the master target's durable sequence is the truth.
         self.st.acked_seq = sess.durable_at_open;
+        self.pass_sums = None;
+        self.map = ChunkMap::load(&self.sd.chunk_map_file()).filter(|m| {
+            same_gen
+                && self.st.resync_required.is_none()
+                && m.seq == sess.durable_at_open
+                && m.generation == self.generation
+                && m.size == self.st.size
+                && m.chunk == COARSE_CHUNK
+        });
         if let Some(r) = &self.st.resync_required {
             log::warn!("resync required: {r}");
         }
@@ -435,6 +453,14 @@ impl Agent {
         let id = sess.wait_point(seq)?;
         let p = LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() };
         log::info!("recovery point {id} ({}) at seq {seq}", kind.as_str());
+        // The pass just before this tag left the replica equal to its sums,
+        // and the tag is the newest durable frame: record the map.
+        if let Some(sums) = self.pass_sums.take() {
+            let m = ChunkMap { chunk: COARSE_CHUNK, size: self.st.size, seq, generation: self.generation, sums };
+            if let Err(e) = m.save(&self.sd.chunk_map_file()) {
+                log::warn!("cannot save the chunk map ({e}); the next pass reads the replica instead");
+            }
+        }
         self.st.last_point = Some(p.clone());
         self.note_ack(sess);
         self.st.mode = "streaming".into();
@@ -502,13 +528,14 @@ impl Agent {
         pb.set_position(from);
         log::info!("initial sync of {} ({} bytes) from offset {from}", self.st.name, size);
         let src = Arc::clone(&self.src);
-        let r = std::thread::scope(|s| -> Result<(), AgentError> {
+        let r = std::thread::scope(|s| -> Result<Vec<[u8; 16]>, AgentError> {
             let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
             for _ in 0..6 {
                 pool_tx.send(AlignedBuf::new(IO)).expect("pool has room");
             }
             let (work_tx, work_rx) = bounded::<Result<(usize, u64, usize, AlignedBuf), AgentError>>(4);
-            let (done_tx, done_rx) = bounded::<Result<(usize, u64, usize, Vec<Unit>, AlignedBuf), AgentError>>(4);
+            type Done = Result<(usize, u64, usize, Vec<Unit>, Vec<[u8; 16]>, AlignedBuf), AgentError>;
+            let (done_tx, done_rx) = bounded::<Done>(4);
             let chunks2 = chunks.clone();
             s.spawn(move || {
                 for (i, &(off, len)) in chunks2.iter().enumerate() {
@@ -529,7 +556,8 @@ impl Agent {
                         let out = item.map(|(i, off, len, buf)| {
                             let mut units = Vec::with_capacity(len / UNIT + 1);
                             prepare(off, &buf[..len], UNIT, &mut units);
-                            (i, off, len, units, buf)
+                            let sums = buf[..len].chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect();
+                            (i, off, len, units, sums, buf)
                         });
                         if done_tx.send(out).is_err() {
                             return;
@@ -541,11 +569,13 @@ impl Agent {
             drop(done_tx);
             let mut reorder = BTreeMap::new();
             let mut next = 0usize;
+            let mut all_sums = Vec::new();
             let mut progress: VecDeque<(u64, u64)> = VecDeque::new();
             for item in done_rx.iter() {
-                let (i, off, len, units, buf) = item?;
-                reorder.insert(i, (off, len, units, buf));
-                while let Some((off, len, units, buf)) = reorder.remove(&next) {
+                let (i, off, len, units, sums, buf) = item?;
+                reorder.insert(i, (off, len, units, sums, buf));
+                while let Some((off, len, units, sums, buf)) = reorder.remove(&next) {
+                    all_sums.extend(sums);
                     for u in units {
                         sess.send_unit(u)?;
                     }
@@ -570,10 +600,12 @@ impl Agent {
                 return Err(AgentError::Lost("initial sync pipeline stopped early".into()));
             }
             sess.wait_acked(sess.next_seq - 1)?;
-            Ok(())
+            Ok(all_sums)
         });
         pb.finish_and_clear();
-        r?;
+        let sums = r?;
+        // Sums cover the whole disk only for a sync that started at 0.
+        self.pass_sums = (from == 0).then_some(sums);
         self.st.sync_cursor = Some(size);
         self.note_ack(sess);
         Ok(())
@@ -591,12 +623,18 @@ impl Agent {
         let pb = progress_bar(self.opts.progress, size, what);
         let src = Arc::clone(&self.src);
         let mut diff_bytes = 0u64;
+        let map = self.map.take();
+        if map.is_some() {
+            log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
+        }
+        let mut all_sums = Vec::with_capacity(size.div_ceil(u64::from(COARSE_CHUNK)) as usize);
         let r = std::thread::scope(|s| -> Result<(), AgentError> {
             // Two readers (even and odd ranges) keep two reads in flight,
             // which O_DIRECT needs to stream a disk; the consumer alternates.
             type Item = Result<(u64, usize, AlignedBuf, Vec<[u8; 16]>), AgentError>;
-            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
-            for _ in 0..8 {
+            // Buffers: two readers hold at most 3 each, the consumer DEFER + 1.
+            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(10);
+            for _ in 0..10 {
                 pool_tx.send(AlignedBuf::new(span as usize)).expect("pool has room");
             }
             let mut rxs = Vec::new();
@@ -623,20 +661,31 @@ impl Agent {
             const AHEAD: usize = 8;
             let mut coarse_reqs = VecDeque::new();
             let mut requested = 0;
-            while requested < ranges.len().min(AHEAD) {
+            while map.is_none() && requested < ranges.len().min(AHEAD) {
                 coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
                 requested += 1;
             }
+            const DEFER: usize = 2;
+            let mut deferred = VecDeque::new();
             let mut processed = 0usize;
             for item in items {
                 let (off, len, buf, local) = item?;
                 processed += 1;
-                let req = coarse_reqs.pop_front().expect("one request per range");
-                let remote = sess.recv_sums_for(req, off, local.len())?;
-                if requested < ranges.len() {
-                    coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
-                    requested += 1;
-                }
+                let remote = match &map {
+                    Some(m) => {
+                        let i = (off / u64::from(COARSE_CHUNK)) as usize;
+                        m.sums[i..i + local.len()].to_vec()
+                    }
+                    None => {
+                        let req = coarse_reqs.pop_front().expect("one request per range");
+                        let remote = sess.recv_sums_for(req, off, local.len())?;
+                        if requested < ranges.len() {
+                            coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
+                            requested += 1;
+                        }
+                        remote
+                    }
+                };
                 self.bytes_read += len as u64;
                 // Refine each run of differing coarse chunks.
                 let mut fine_reqs = Vec::new();
@@ -646,24 +695,21 @@ impl Agent {
                     let n = (hi - lo).div_ceil(FINE_CHUNK as usize);
                     fine_reqs.push((sess.request_sums(off + lo as u64, FINE_CHUNK, n as u32)?, lo, hi));
                 }
-                for (req, lo, hi) in fine_reqs {
-                    let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
-                    let rsums = sess.recv_sums_for(req, off + lo as u64, lsums.len())?;
-                    for (a, b) in diff_runs(&lsums, &rsums, (1 << 20) / FINE_CHUNK as usize) {
-                        let l2 = lo + a * FINE_CHUNK as usize;
-                        let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
-                        diff_bytes += (h2 - l2) as u64;
-                        let mut units = Vec::new();
-                        prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
-                        for u in units {
-                            sess.send_unit(u)?;
-                        }
-                    }
+                all_sums.extend_from_slice(&local);
+                // Answers to fine requests are handled a few ranges later, so
+                // the master target reads while this side reads on.
+                deferred.push_back((off, buf, fine_reqs));
+                while deferred.len() > DEFER {
+                    let (doff, dbuf, reqs) = deferred.pop_front().expect("non-empty");
+                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
+                    let _ = pool_tx.try_send(dbuf);
                 }
-                let _ = pool_tx.try_send(buf);
                 pb.set_position(off + len as u64);
                 self.note_ack(sess);
                 self.save_if_due()?;
+            }
+            while let Some((doff, dbuf, reqs)) = deferred.pop_front() {
+                diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
             }
             if processed != ranges.len() {
                 return Err(AgentError::Lost("checksum pass pipeline stopped early".into()));
@@ -673,6 +719,7 @@ impl Agent {
         });
         pb.finish_and_clear();
         r?;
+        self.pass_sums = Some(all_sums);
         self.note_ack(sess);
         log::info!("{what} pass: {diff_bytes} bytes differed");
         Ok(diff_bytes)
@@ -756,6 +803,8 @@ impl Agent {
     }
 
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], buf: &mut AlignedBuf) -> Result<(), AgentError> {
+        // Shipped extents change the replica after the last pass.
+        self.pass_sums = None;
         for &(a, b) in exts {
             let mut off = a;
             while off < b {
@@ -846,6 +895,28 @@ impl Agent {
         }
         r
     }
+}
+
+/// Compare the fine checksums answering `reqs` (each a request id and the
+/// byte range `[lo, hi)` of `buf`, which holds the disk from `off`) with the
+/// local ones, and send the pieces that differ. Returns the bytes sent.
+fn ship_fine(sess: &mut Session, off: u64, buf: &[u8], reqs: Vec<(u64, usize, usize)>) -> Result<u64, AgentError> {
+    let mut diff = 0u64;
+    for (req, lo, hi) in reqs {
+        let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
+        let rsums = sess.recv_sums_for(req, off + lo as u64, lsums.len())?;
+        for (a, b) in diff_runs(&lsums, &rsums, (1 << 20) / FINE_CHUNK as usize) {
+            let l2 = lo + a * FINE_CHUNK as usize;
+            let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
+            diff += (h2 - l2) as u64;
+            let mut units = Vec::new();
+            prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
+            for u in units {
+                sess.send_unit(u)?;
+            }
+        }
+    }
+    Ok(diff)
 }
 
 /// Runs `[a, b)` of indices where `x` and `y` differ, at most `max` long.

@@ -66,6 +66,9 @@ impl StateDir {
     pub fn state_file(&self) -> PathBuf {
         self.dir.join("agent.state")
     }
+    pub fn chunk_map_file(&self) -> PathBuf {
+        self.dir.join("chunks.map")
+    }
     pub fn ring_file(&self) -> PathBuf {
         self.dir.join("ring")
     }

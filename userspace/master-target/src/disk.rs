@@ -190,8 +190,12 @@ impl Disk {
         }
         let replica = OpenOptions::new().read(true).write(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
         let mut journal = Journal::open(&paths.journal)?;
-        let durable_seq = repair(&paths, &replica, &mut journal)?;
-        let (catalog, _) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
+        let (catalog, points) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
+        // Everything before the newest point's journal position is committed
+        // (the point was recorded after its batch's COMMIT), so the repair
+        // reads only the journal after it.
+        let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
+        let durable_seq = repair(&paths, &replica, &mut journal, from)?;
         let disk =
             Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, new_meta, scratch: Vec::new(), _lock: lockf };
         Ok((disk, info))
@@ -307,7 +311,7 @@ impl Disk {
             pos += n as u64;
         }
         // A scan walks the disk in order: ask the kernel to read ahead.
-        if end < self.size {
+        if end < self.size && end - offset >= 1 << 20 {
             // SAFETY: posix_fadvise on an fd we own; advice only, no memory passed.
             unsafe { libc::posix_fadvise(self.replica.as_raw_fd(), end as libc::off_t, 16 << 20, libc::POSIX_FADV_WILLNEED) };
         }
@@ -345,9 +349,13 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// Start-up repair: undo what the last, uncommitted batch may have written,
 /// and cut the journal after the last COMMIT. Returns the durable sequence.
-fn repair(paths: &Paths, replica: &File, journal: &mut Journal) -> Result<u64, DiskError> {
+fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Result<u64, DiskError> {
     let reader = JournalReader::open(&paths.journal)?;
-    let recs = reader.scan(0)?;
+    let mut recs = reader.scan(from)?;
+    if from > crate::journal::HEADER_LEN && !recs.iter().any(|r| r.kind == KIND_COMMIT) {
+        log::warn!("{}: no commit after the newest point's journal position; reading the whole journal", paths.dir.display());
+        recs = reader.scan(0)?;
+    }
     let file_len = reader.file_len()?;
     let last_commit = recs.iter().rposition(|r| r.kind == KIND_COMMIT);
     let (durable, cut) = match last_commit {

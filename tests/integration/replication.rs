@@ -99,3 +99,43 @@ fn loop_device_source_replicates_like_a_file() {
     run_ok(&["recover", "--data", &t.s("data"), "--name", "lo1", "--point", "1", "--out", &t.s("r3.img")]);
     assert_same(&t.path("r1.img"), &t.path("r3.img"));
 }
+
+/// The agent's chunk map is trusted only while the replica is exactly as the
+/// agent left it: after another protection wrote the same disk name, the
+/// agent compares against the replica itself and the replica ends up equal
+/// to its source again.
+#[test]
+fn stale_chunk_map_is_not_trusted() {
+    let t = TempDir::new("stalemap");
+    mixed_image(&t.path("a.img"), 32 << 20, 31);
+    mixed_image(&t.path("b.img"), 32 << 20, 32);
+    let mt = MasterTarget::start(&t.path("data"));
+    let agent = |img: &str, st: &str| {
+        summary(&run_ok(&[
+            "agent",
+            "--disk",
+            &t.s(img),
+            "--name",
+            "vm",
+            "--target",
+            &mt.addr,
+            "--tracker",
+            "scan",
+            "--state",
+            &t.s(st),
+            "--once",
+            "--json",
+        ]))
+    };
+    agent("a.img", "sta");
+    assert!(t.path("sta").join("chunks.map").exists());
+    // Another protection (its own state, another source) takes the name over.
+    let s = agent("b.img", "stb");
+    assert_eq!(s["resync"], true, "an existing replica from another protection is resynced, not re-sent: {s}");
+    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rb.img")]);
+    assert_same(&t.path("b.img"), &t.path("rb.img"));
+    // The first agent comes back: its map describes a replica that is gone.
+    agent("a.img", "sta");
+    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("ra.img")]);
+    assert_same(&t.path("a.img"), &t.path("ra.img"));
+}

@@ -70,20 +70,7 @@ fn every_bad_input_is_refused_and_changes_nothing() {
     let img = t.path("good.img");
     mixed_image(&img, 8 << 20, 21);
     let mut mt = MasterTarget::start(&t.path("data"));
-    run_ok(&[
-        "agent",
-        "--disk",
-        &t.s("good.img"),
-        "--name",
-        "good",
-        "--target",
-        &mt.addr,
-        "--tracker",
-        "scan",
-        "--state",
-        &t.s("st"),
-        "--once",
-    ]);
+    scan_once(&t.s("good.img"), "good", &mt.addr, &t.s("st"));
     let dir = t.path("data").join("good");
     let before = folder_digest(&dir);
     let size = 8u64 << 20;
@@ -176,38 +163,12 @@ fn every_bad_input_is_refused_and_changes_nothing() {
 
     // And it keeps serving: the same disk and another one replicate.
     mixed_image(&t.path("other.img"), 4 << 20, 22);
-    run_ok(&[
-        "agent",
-        "--disk",
-        &t.s("other.img"),
-        "--name",
-        "other",
-        "--target",
-        &mt.addr,
-        "--tracker",
-        "scan",
-        "--state",
-        &t.s("st2"),
-        "--once",
-    ]);
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "other", "--point", "latest", "--out", &t.s("o.img")]);
+    scan_once(&t.s("other.img"), "other", &mt.addr, &t.s("st2"));
+    recover_to(&t.s("data"), "other", "latest", &t.s("o.img"));
     assert_same(&t.path("other.img"), &t.path("o.img"));
     change_blocks(&img, 0.05, 23);
-    run_ok(&[
-        "agent",
-        "--disk",
-        &t.s("good.img"),
-        "--name",
-        "good",
-        "--target",
-        &mt.addr,
-        "--tracker",
-        "scan",
-        "--state",
-        &t.s("st"),
-        "--once",
-    ]);
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "good", "--point", "latest", "--out", &t.s("g.img")]);
+    scan_once(&t.s("good.img"), "good", &mt.addr, &t.s("st"));
+    recover_to(&t.s("data"), "good", "latest", &t.s("g.img"));
     assert_same(&img, &t.path("g.img"));
 }
 

@@ -54,7 +54,7 @@ fn master_target_killed_mid_initial_sync_resumes_without_starting_over() {
     let total = first_run_bytes + s["bytes_sent"].as_u64().unwrap();
     assert!(total * 10 < size * 13, "sent {total} bytes in all for a {size}-byte disk: the sync started over");
     assert!(s["bytes_read"].as_u64().unwrap() < size - cursor + (64 << 20) + size / 100, "second run re-read too much: {s}");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rec.img")]);
+    recover_to(&t.s("data"), "vm", "latest", &t.s("rec.img"));
     assert_same(&img, &t.path("rec.img"));
 }
 
@@ -113,7 +113,7 @@ fn agent_killed_during_continuous_shipping_loses_nothing() {
     let s = summary(&run_ok(&once));
     assert_eq!(s["initial_sync"], false, "{s}");
     assert_eq!(s["resync"], false, "{s}");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rec.img")]);
+    recover_to(&t.s("data"), "vm", "latest", &t.s("rec.img"));
     assert_same(&img, &t.path("rec.img"));
     assert_eq!(versioned::check(&t.path("rec.img"), &w.log, blocks), Ok(w.log.len() as u64));
 
@@ -123,7 +123,7 @@ fn agent_killed_during_continuous_shipping_loses_nothing() {
     for p in pts {
         let id = p["id"].to_string();
         let out = t.path(&format!("p{id}.img"));
-        run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", &id, "--out", &out.display().to_string()]);
+        recover_to(&t.s("data"), "vm", &id, &out.display().to_string());
         if let Err(e) = versioned::check(&out, &w.log, blocks) {
             panic!("point {id} is not consistent: {e}");
         }

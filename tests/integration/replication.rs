@@ -12,22 +12,7 @@ fn mixed_1gib_image_replicates_and_a_1pct_delta_sends_under_3pct() {
     let size = 1u64 << 30;
     mixed_image(&img, size, 1);
     let mt = MasterTarget::start(&t.path("data"));
-    let out = run_ok(&[
-        "agent",
-        "--disk",
-        &t.s("src.img"),
-        "--name",
-        "vm1",
-        "--target",
-        &mt.addr,
-        "--tracker",
-        "scan",
-        "--state",
-        &t.s("st"),
-        "--once",
-        "--json",
-    ]);
-    let s = summary(&out);
+    let s = scan_once(&t.s("src.img"), "vm1", &mt.addr, &t.s("st"));
     assert_eq!(s["name"], "vm1");
     assert_eq!(s["tracker"], "scan");
     assert_eq!(s["initial_sync"], true);
@@ -35,32 +20,17 @@ fn mixed_1gib_image_replicates_and_a_1pct_delta_sends_under_3pct() {
         assert!(s[k].is_number(), "summary lacks {k}: {s}");
     }
     assert!(s["bytes_sent"].as_u64().unwrap() < size * 3 / 4, "zeros, dedup and zstd should cut the wire bytes: {s}");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm1", "--point", "latest", "--out", &t.s("rec1.img")]);
+    recover_to(&t.s("data"), "vm1", "latest", &t.s("rec1.img"));
     assert_same(&img, &t.path("rec1.img"));
     std::fs::remove_file(t.path("rec1.img")).unwrap();
 
     let changed = change_blocks(&img, 0.01, 2);
     assert!(changed >= 2600, "1% of 262144 blocks");
-    let out = run_ok(&[
-        "agent",
-        "--disk",
-        &t.s("src.img"),
-        "--name",
-        "vm1",
-        "--target",
-        &mt.addr,
-        "--tracker",
-        "scan",
-        "--state",
-        &t.s("st"),
-        "--once",
-        "--json",
-    ]);
-    let s = summary(&out);
+    let s = scan_once(&t.s("src.img"), "vm1", &mt.addr, &t.s("st"));
     let sent = s["bytes_sent"].as_u64().unwrap() + s["bytes_received"].as_u64().unwrap();
     assert!(sent < size * 3 / 100, "delta moved {sent} bytes, over 3% of {size}");
     assert_eq!(s["initial_sync"], false, "no full resync: {s}");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm1", "--point", "latest", "--out", &t.s("rec2.img")]);
+    recover_to(&t.s("data"), "vm1", "latest", &t.s("rec2.img"));
     assert_same(&img, &t.path("rec2.img"));
 
     // The first point still recovers to the pre-delta image: check that the
@@ -88,15 +58,15 @@ fn loop_device_source_replicates_like_a_file() {
         ["agent", "--disk", &dev, "--name", "lo1", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st"), "--once", "--json"];
     let s = summary(&run_ok(&args));
     assert!(s["bytes_read"].as_u64().unwrap() >= 64 << 20);
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "lo1", "--point", "latest", "--out", &t.s("r1.img")]);
+    recover_to(&t.s("data"), "lo1", "latest", &t.s("r1.img"));
     assert_same(&lo.dev, &t.path("r1.img"));
     // Write through the device (O_DIRECT so it reaches the disk now).
     change_blocks(&lo.dev, 0.02, 4);
     summary(&run_ok(&args));
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "lo1", "--point", "latest", "--out", &t.s("r2.img")]);
+    recover_to(&t.s("data"), "lo1", "latest", &t.s("r2.img"));
     assert_same(&lo.dev, &t.path("r2.img"));
     // And the older point is still the older content.
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "lo1", "--point", "1", "--out", &t.s("r3.img")]);
+    recover_to(&t.s("data"), "lo1", "1", &t.s("r3.img"));
     assert_same(&t.path("r1.img"), &t.path("r3.img"));
 }
 
@@ -110,32 +80,16 @@ fn stale_chunk_map_is_not_trusted() {
     mixed_image(&t.path("a.img"), 32 << 20, 31);
     mixed_image(&t.path("b.img"), 32 << 20, 32);
     let mt = MasterTarget::start(&t.path("data"));
-    let agent = |img: &str, st: &str| {
-        summary(&run_ok(&[
-            "agent",
-            "--disk",
-            &t.s(img),
-            "--name",
-            "vm",
-            "--target",
-            &mt.addr,
-            "--tracker",
-            "scan",
-            "--state",
-            &t.s(st),
-            "--once",
-            "--json",
-        ]))
-    };
+    let agent = |img: &str, st: &str| scan_once(&t.s(img), "vm", &mt.addr, &t.s(st));
     agent("a.img", "sta");
     assert!(t.path("sta").join("chunks.map").exists());
     // Another protection (its own state, another source) takes the name over.
     let s = agent("b.img", "stb");
     assert_eq!(s["resync"], true, "an existing replica from another protection is resynced, not re-sent: {s}");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("rb.img")]);
+    recover_to(&t.s("data"), "vm", "latest", &t.s("rb.img"));
     assert_same(&t.path("b.img"), &t.path("rb.img"));
     // The first agent comes back: its map describes a replica that is gone.
     agent("a.img", "sta");
-    run_ok(&["recover", "--data", &t.s("data"), "--name", "vm", "--point", "latest", "--out", &t.s("ra.img")]);
+    recover_to(&t.s("data"), "vm", "latest", &t.s("ra.img"));
     assert_same(&t.path("a.img"), &t.path("ra.img"));
 }

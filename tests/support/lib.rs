@@ -410,3 +410,28 @@ pub mod versioned {
         Ok(k)
     }
 }
+
+/// `ferry agent --tracker scan --once --json` for `disk` as `name`; returns
+/// the summary. Panics (with ferry's stderr) if the agent fails.
+pub fn scan_once(disk: &str, name: &str, target: &str, state: &str) -> serde_json::Value {
+    summary(&run_ok(&[
+        "agent",
+        "--disk",
+        disk,
+        "--name",
+        name,
+        "--target",
+        target,
+        "--tracker",
+        "scan",
+        "--state",
+        state,
+        "--once",
+        "--json",
+    ]))
+}
+
+/// `ferry recover --data DATA --name NAME --point POINT --out OUT` (raw).
+pub fn recover_to(data: &str, name: &str, point: &str, out: &str) {
+    run_ok(&["recover", "--data", data, "--name", name, "--point", point, "--out", out]);
+}

@@ -160,3 +160,96 @@ fn versioned_checker_rejects_a_state_that_is_not_a_prefix() {
     disk.write_all_at(&[0xAB; 4096], 0).unwrap();
     assert!(versioned::check(&img, &w.log, blocks).unwrap_err().contains("no logged write"));
 }
+
+/// A ring that disappears (an operator removed a damaged one, say) loses
+/// the records it held: the agent must resync by checksum, not trust the
+/// new, empty ring.
+#[test]
+fn recreated_ring_forces_a_checksum_resync() {
+    let t = TempDir::new("ringgone");
+    let img = t.path("src.img");
+    mixed_image(&img, 8 << 20, 41);
+    let mt = MasterTarget::start(&t.path("data"));
+    let args = [
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "ring",
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--json",
+    ];
+    let s = summary(&run_ok(&args));
+    assert_eq!(s["initial_sync"], true);
+    // Writes the ring records, then the ring is lost with records in it.
+    let ring = Ring::open(&t.path("st").join("ring")).unwrap();
+    let disk = OpenOptions::new().write(true).open(&img).unwrap();
+    let mut w = Workload::new(2048, 42);
+    for _ in 0..50 {
+        w.write(&disk, Some(&ring));
+    }
+    drop(ring);
+    std::fs::remove_file(t.path("st").join("ring")).unwrap();
+    let s = summary(&run_ok(&args));
+    assert_eq!(s["resync"], true, "{s}");
+    recover_to(&t.s("data"), "vm", "latest", &t.s("rec.img"));
+    assert_same(&img, &t.path("rec.img"));
+}
+
+/// With --freeze-cmd the ring tracker cuts an app-consistent point between
+/// the freeze and the thaw commands.
+#[test]
+fn freeze_and_thaw_commands_bracket_an_app_point() {
+    let t = TempDir::new("freeze");
+    mixed_image(&t.path("src.img"), 4 << 20, 43);
+    let mt = MasterTarget::start(&t.path("data"));
+    let freeze = format!("echo frozen >> {}", t.s("hooks.log"));
+    let thaw = format!("echo thawed >> {}", t.s("hooks.log"));
+    let s = summary(&run_ok(&[
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "ring",
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--json",
+        "--freeze-cmd",
+        &freeze,
+        "--thaw-cmd",
+        &thaw,
+    ]));
+    assert_eq!(s["point_kind"], "app", "{s}");
+    assert_eq!(std::fs::read_to_string(t.path("hooks.log")).unwrap(), "frozen\nthawed\n");
+    let o = run(&[
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "ring",
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--freeze-cmd",
+        "exit 3",
+        "--thaw-cmd",
+        &thaw,
+    ]);
+    assert_eq!(o.status.code(), Some(1), "a failing freeze command cuts no point");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("freeze command"));
+}

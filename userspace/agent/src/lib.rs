@@ -191,6 +191,11 @@ pub struct Agent {
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
+    /// Between freeze and thaw: no writes to the state folder.
+    frozen: bool,
+    /// `acked_seq` as last saved: ring slots up to it may be released.
+    saved_acked: u64,
+    deferred_map: Option<ChunkMap>,
 }
 
 impl Agent {
@@ -255,6 +260,7 @@ impl Agent {
                 resync_required: None,
                 acked_seq: 0,
                 ring_overflows_seen: 0,
+                ring_id: None,
                 last_point: None,
                 last_ack_ns: 0,
                 mode: "initial-sync".into(),
@@ -266,13 +272,32 @@ impl Agent {
         };
         let generation = unhex::<16>(&st.generation)
             .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+        let mut st = st;
         let ring = if tracker == Tracker::Ring {
+            use std::os::unix::fs::MetadataExt;
             let p = sd.ring_file();
-            Some(if p.exists() { Ring::open(&p)? } else { Ring::create(&p, opts.ring_capacity)? })
+            let created = !p.exists();
+            let ring = if created { Ring::create(&p, opts.ring_capacity)? } else { Ring::open(&p)? };
+            let m = std::fs::metadata(&p).map_err(AgentError::io(format!("ring {}", p.display())))?;
+            let id = (m.dev(), m.ino());
+            // A protection that did not always have this ring cannot know
+            // what changed while it was missing (or before it existed).
+            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            if protected_before && (created || st.tracker != "ring" || st.ring_id != Some(id)) {
+                st.resync_required = Some(if created {
+                    "the tracker ring was missing and was recreated".to_string()
+                } else {
+                    "the tracker ring is not the one this agent last read".to_string()
+                });
+            }
+            if st.ring_id != Some(id) {
+                st.ring_overflows_seen = ring.overflows();
+                st.ring_id = Some(id);
+            }
+            Some(ring)
         } else {
             None
         };
-        let mut st = st;
         st.tracker = tracker.as_str().into();
         st.target = opts.target.clone();
         Ok(Agent {
@@ -291,6 +316,9 @@ impl Agent {
             did_resync: false,
             map: None,
             pass_sums: None,
+            frozen: false,
+            saved_acked: 0,
+            deferred_map: None,
         })
     }
 
@@ -300,8 +328,12 @@ impl Agent {
     }
 
     fn save(&mut self) -> Result<(), AgentError> {
+        if self.frozen {
+            return Ok(()); // caught up by thaw()
+        }
         self.sd.save(&self.st)?;
         self.last_save = Instant::now();
+        self.saved_acked = self.st.acked_seq;
         Ok(())
     }
 
@@ -457,7 +489,9 @@ impl Agent {
         // and the tag is the newest durable frame: record the map.
         if let Some(sums) = self.pass_sums.take() {
             let m = ChunkMap { chunk: COARSE_CHUNK, size: self.st.size, seq, generation: self.generation, sums };
-            if let Err(e) = m.save(&self.sd.chunk_map_file()) {
+            if self.frozen {
+                self.deferred_map = Some(m);
+            } else if let Err(e) = m.save(&self.sd.chunk_map_file()) {
                 log::warn!("cannot save the chunk map ({e}); the next pass reads the replica instead");
             }
         }
@@ -483,6 +517,7 @@ impl Agent {
             let frozen = match &self.opts.freeze_cmd {
                 Some(c) => {
                     run_hook("freeze", c)?;
+                    self.frozen = true; // no state writes until thaw()
                     true
                 }
                 None => false,
@@ -506,12 +541,9 @@ impl Agent {
                 }
                 self.cut(sess, if frozen { PointKind::App } else { PointKind::Crash })
             })();
-            if frozen {
-                if let Some(c) = &self.opts.thaw_cmd {
-                    run_hook("thaw", c)?;
-                }
-            }
+            let thawed = if frozen { self.thaw() } else { Ok(()) };
             let p = r?;
+            thawed?;
             if self.opts.once {
                 return Ok(self.summary(sess, start, &p));
             }
@@ -623,7 +655,9 @@ impl Agent {
         let pb = progress_bar(self.opts.progress, size, what);
         let src = Arc::clone(&self.src);
         let mut diff_bytes = 0u64;
-        let map = self.map.take();
+        // The map describes the replica only if nothing was sent since it was
+        // checked against the master target's durable sequence.
+        let map = self.map.take().filter(|m| sess.next_seq == m.seq + 1);
         if map.is_some() {
             log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
         }
@@ -742,6 +776,10 @@ impl Agent {
         let mut buf = AlignedBuf::new(1 << 20);
         let mut quiet_tries = 0u32;
         loop {
+            if self.st.resync_required.is_some() {
+                self.save()?;
+                self.resync(sess)?;
+            }
             let overflows = ring.overflows();
             if overflows > self.st.ring_overflows_seen {
                 self.st.resync_required = Some(format!("ring overflow: {} records lost", overflows - self.st.ring_overflows_seen));
@@ -759,7 +797,7 @@ impl Agent {
                     let cut = match &self.opts.freeze_cmd {
                         Some(f) => {
                             let f = f.clone();
-                            Some(self.frozen_cut(sess, ring, &mut cursor, &mut pending, &f)?)
+                            self.frozen_cut(sess, ring, &mut cursor, &mut pending, &f)?
                         }
                         None => self.quiet_cut(sess, ring, cursor, &mut pending)?,
                     };
@@ -824,10 +862,20 @@ impl Agent {
 
     fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
         sess.flush()?;
-        let acked = sess.acked();
+        self.note_ack(sess);
+        if self.frozen {
+            return Ok(());
+        }
+        // Slots are freed only after the acknowledged sequence that covers
+        // them is saved: should the master target ever come back behind it,
+        // the agent notices and resyncs. Saves happen at most twice a second.
+        if pending.front().is_some_and(|&(seq, _)| seq > self.saved_acked && seq <= self.st.acked_seq) {
+            self.save_if_due()?;
+        }
+        let saved = self.saved_acked;
         let mut upto = None;
         while let Some(&(seq, idx)) = pending.front() {
-            if seq > acked {
+            if seq > saved {
                 break;
             }
             upto = Some(idx);
@@ -836,8 +884,7 @@ impl Agent {
         if let Some(idx) = upto {
             ring.release(idx)?;
         }
-        self.note_ack(sess);
-        self.save_if_due()
+        Ok(())
     }
 
     /// Cut a crash-consistent point if nothing was written while the last
@@ -869,8 +916,11 @@ impl Agent {
         cursor: &mut u64,
         pending: &mut VecDeque<(u64, u64)>,
         freeze: &str,
-    ) -> Result<LastPoint, AgentError> {
+    ) -> Result<Option<LastPoint>, AgentError> {
         run_hook("freeze", freeze)?;
+        // Nothing may write to the state folder (it may be on a frozen
+        // filesystem) until the thaw: saves and ring releases wait.
+        self.frozen = true;
         let r = (|| {
             let mut buf = AlignedBuf::new(1 << 20);
             loop {
@@ -878,21 +928,45 @@ impl Agent {
                 if recs.is_empty() {
                     break;
                 }
-                let exts: Vec<Record> = recs.into_iter().filter_map(Result::ok).collect();
+                let mut exts = Vec::with_capacity(recs.len());
+                for r in recs {
+                    match r {
+                        Ok(rec) => exts.push(rec),
+                        Err(e) => {
+                            // A change we cannot read: no point until a resync.
+                            self.st.resync_required = Some(format!("tracker sent an invalid record ({e})"));
+                            return Ok(None);
+                        }
+                    }
+                }
                 self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
                 pending.push_back((sess.next_seq - 1, next));
                 *cursor = next;
             }
             if ring.overflows() > self.st.ring_overflows_seen {
-                return Err(AgentError::NoConsistentPoint("ring overflowed during the freeze; resync first".into()));
+                return Ok(None); // the loop resyncs before the next try
             }
             sess.wait_acked(sess.next_seq - 1)?;
-            self.release_acked(sess, ring, pending)?;
-            self.cut(sess, PointKind::App)
+            self.cut(sess, PointKind::App).map(Some)
         })();
-        if let Some(t) = &self.opts.thaw_cmd {
-            run_hook("thaw", t)?;
+        let thawed = self.thaw();
+        r.and_then(|p| thawed.map(|_| p))
+    }
+
+    /// Run the thaw command (if any) and catch up on the state writes held
+    /// back while frozen.
+    fn thaw(&mut self) -> Result<(), AgentError> {
+        let r = match &self.opts.thaw_cmd {
+            Some(t) => run_hook("thaw", t),
+            None => Ok(()),
+        };
+        self.frozen = false;
+        if let Some(m) = self.deferred_map.take() {
+            if let Err(e) = m.save(&self.sd.chunk_map_file()) {
+                log::warn!("cannot save the chunk map ({e}); the next pass reads the replica instead");
+            }
         }
+        self.save()?;
         r
     }
 }

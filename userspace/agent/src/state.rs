@@ -38,6 +38,10 @@ pub struct AgentState {
     pub acked_seq: u64,
     /// Ring overflows already covered by a resync.
     pub ring_overflows_seen: u64,
+    /// (device, inode) of the ring this agent reads; another ring means
+    /// changes may have gone unrecorded.
+    #[serde(default)]
+    pub ring_id: Option<(u64, u64)>,
     pub last_point: Option<LastPoint>,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,

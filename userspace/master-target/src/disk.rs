@@ -52,6 +52,10 @@ pub enum DiskError {
     State(#[from] StateError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("disk {name}: {why}; the folder is damaged: restore it from a copy, or move it aside to start this disk over")]
+    Damaged { name: String, why: String },
+    #[error("disk {0}: an earlier write to the replica failed; the stream was closed and the next one repairs the folder")]
+    Failed(String),
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> DiskError {
@@ -130,6 +134,9 @@ pub struct Disk {
     new_meta: Option<Meta>,
     /// Reused read buffer for checksums.
     scratch: Vec<u8>,
+    /// An apply failed part-way: the replica and journal are in an unknown
+    /// state until the folder is reopened (and repaired).
+    failed: bool,
     _lock: File,
 }
 
@@ -189,15 +196,32 @@ impl Disk {
             }
         }
         let replica = OpenOptions::new().read(true).write(true).open(&paths.replica).map_err(ioe(paths.replica.display()))?;
-        let mut journal = Journal::open(&paths.journal)?;
         let (catalog, points) = Catalog::open(&paths.points).map_err(ioe(paths.points.display()))?;
+        if !points.is_empty() && !paths.journal.exists() {
+            return Err(DiskError::Damaged { name: name.into(), why: "the undo journal is missing but recovery points exist".into() });
+        }
+        let mut journal = Journal::open(&paths.journal)?;
         // Everything before the newest point's journal position is committed
         // (the point was recorded after its batch's COMMIT), so the repair
         // reads only the journal after it.
         let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
-        let durable_seq = repair(&paths, &replica, &mut journal, from)?;
-        let disk =
-            Disk { name: name.into(), size, paths, replica, journal, catalog, durable_seq, new_meta, scratch: Vec::new(), _lock: lockf };
+        let durable_seq = repair(&paths, &replica, &mut journal, from).map_err(|e| match e {
+            DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
+            e => e,
+        })?;
+        let disk = Disk {
+            name: name.into(),
+            size,
+            paths,
+            replica,
+            journal,
+            catalog,
+            durable_seq,
+            new_meta,
+            scratch: Vec::new(),
+            failed: false,
+            _lock: lockf,
+        };
         Ok((disk, info))
     }
 
@@ -233,9 +257,15 @@ impl Disk {
     /// Apply a batch durably, in order. Returns the points recorded for the
     /// batch's tags. Sequence numbers must be increasing (the caller checks).
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Point>, DiskError> {
+        if self.failed {
+            return Err(DiskError::Failed(self.name.clone()));
+        }
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        // Cleared only when the whole batch, its commit and its points are
+        // durable: a failure anywhere leaves the disk refusing more work.
+        self.failed = true;
         if let Some(m) = self.new_meta.take() {
             write_state(&self.paths.meta, META_KIND, META_VERSION, &m)?;
         }
@@ -280,6 +310,7 @@ impl Disk {
         if !points.is_empty() {
             self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
         }
+        self.failed = false;
         Ok(points)
     }
 
@@ -357,6 +388,25 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Re
         recs = reader.scan(0)?;
     }
     let file_len = reader.file_len()?;
+    let valid_end = recs.last().map_or(from.max(crate::journal::HEADER_LEN), |r| r.end);
+    if valid_end < file_len {
+        // Only the part written after the last fdatasync can be torn, and a
+        // batch is at most 16 MiB of pre-images: a longer invalid tail, or a
+        // valid COMMIT after the invalid record, means damage, not a crash.
+        let damaged = |why: String| DiskError::Damaged { name: String::new(), why };
+        if file_len - valid_end > 64 << 20 {
+            return Err(damaged(format!("the undo journal is unreadable at byte {valid_end} of {file_len}")));
+        }
+        if reader.commit_after(valid_end)? {
+            return Err(damaged(format!("the undo journal has a bad record at byte {valid_end} followed by committed records")));
+        }
+    }
+    if from > valid_end {
+        return Err(DiskError::Damaged {
+            name: String::new(),
+            why: format!("the newest recovery point refers to journal byte {from}, past its end"),
+        });
+    }
     let last_commit = recs.iter().rposition(|r| r.kind == KIND_COMMIT);
     let (durable, cut) = match last_commit {
         Some(i) => (recs[i].seq, recs[i].end),
@@ -370,6 +420,9 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Re
         }
     }
     if !tail.is_empty() || file_len != cut {
+        // Recoveries in progress copied the replica expecting these records:
+        // wait for them before undoing and cutting (see recover.rs).
+        let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
         log::warn!(
             "{}: rolled back {} uncommitted journal records and cut {} bytes of journal tail; durable up to seq {durable}",
             paths.dir.display(),
@@ -380,6 +433,18 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Re
         journal.truncate(cut)?;
     }
     Ok(durable)
+}
+
+/// Take the folder's recovery lock (`LOCK_SH` for a recovery, `LOCK_EX` for
+/// a repair that rewrites the replica and cuts the journal). Blocks.
+pub fn lock_recoveries(paths: &Paths, how: i32) -> Result<File, DiskError> {
+    let p = paths.dir.join("recover.lock");
+    let f = OpenOptions::new().write(true).create(true).truncate(false).open(&p).map_err(ioe(p.display()))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
+        return Err(ioe(p.display())(io::Error::last_os_error()));
+    }
+    Ok(f)
 }
 
 /// Parse a stored generation.
@@ -442,5 +507,62 @@ mod tests {
             let got = fs::read(&out).unwrap();
             assert!(got[..4096].iter().all(|&b| b == want), "point {} should hold {want}", p.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    use super::*;
+
+    fn two_batches(d: &Path) -> PathBuf {
+        let (mut disk, _) = Disk::open(d, "d", 1 << 20, [1; 16]).unwrap();
+        disk.apply(&[Op::Write { seq: 1, offset: 0, data: vec![1; 4096] }]).unwrap();
+        disk.apply(&[Op::Write { seq: 2, offset: 0, data: vec![2; 4096] }, Op::Tag { seq: 3, time_ns: 1, kind: PointKind::Crash }])
+            .unwrap();
+        disk.apply(&[Op::Write { seq: 4, offset: 0, data: vec![4; 4096] }]).unwrap();
+        disk.paths.journal.clone()
+    }
+
+    /// File position of the first record with `seq`.
+    fn pos_of(j: &Path, seq: u64) -> u64 {
+        JournalReader::open(j).unwrap().scan(0).unwrap().iter().find(|r| r.seq == seq).unwrap().pos
+    }
+
+    #[test]
+    fn damage_before_a_commit_is_refused_not_truncated() {
+        let t = tempfile::tempdir().unwrap();
+        let j = two_batches(t.path());
+        let len = fs::metadata(&j).unwrap().len();
+        // Flip a byte in the UNDO record of seq 4, after the newest point
+        // and before the COMMIT of seq 4.
+        let f = OpenOptions::new().write(true).open(&j).unwrap();
+        f.write_all_at(&[0xee], pos_of(&j, 4) + 9).unwrap();
+        let err = Disk::open(t.path(), "d", 1 << 20, [1; 16]).err().expect("must refuse");
+        assert!(matches!(err, DiskError::Damaged { .. }), "{err}");
+        assert_eq!(fs::metadata(&j).unwrap().len(), len, "nothing was cut");
+        // Recovery of the point, which needs that record, refuses too.
+        let pts = crate::catalog::read_points(&t.path().join("d").join("points.log")).unwrap().0;
+        let r = crate::recover::recover(t.path(), "d", &pts[0], &t.path().join("out"), crate::recover::Format::Raw);
+        assert!(matches!(r, Err(crate::recover::RecoverError::Disk(DiskError::Damaged { .. }))), "{r:?}");
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_the_disk_opens() {
+        let t = tempfile::tempdir().unwrap();
+        let j = two_batches(t.path());
+        let len = fs::metadata(&j).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&j).unwrap();
+        f.write_all_at(&[0x55; 40], len).unwrap(); // half a record after the last COMMIT
+        let (disk, _) = Disk::open(t.path(), "d", 1 << 20, [1; 16]).unwrap();
+        assert_eq!(disk.durable_seq, 4);
+        assert_eq!(fs::metadata(&j).unwrap().len(), len);
+    }
+
+    #[test]
+    fn a_missing_journal_with_points_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let j = two_batches(t.path());
+        fs::remove_file(j).unwrap();
+        assert!(matches!(Disk::open(t.path(), "d", 1 << 20, [1; 16]), Err(DiskError::Damaged { .. })));
     }
 }

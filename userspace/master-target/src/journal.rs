@@ -165,6 +165,25 @@ impl JournalReader {
         Ok(out)
     }
 
+    /// Whether a valid COMMIT record starts anywhere in `(from, file_len)`.
+    /// Used to tell a torn tail (nothing durable after it) from damage in
+    /// the middle of the journal (a later COMMIT was made durable after it).
+    pub fn commit_after(&self, from: u64) -> Result<bool, JournalError> {
+        let len = self.file_len()?;
+        if len <= from {
+            return Ok(false);
+        }
+        let mut tail = vec![0u8; (len - from) as usize];
+        self.file.read_exact_at(&mut tail, from).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+        let magic = REC_MAGIC.to_le_bytes();
+        for (i, w) in tail.windows(5).enumerate().skip(1) {
+            if w[..4] == magic && w[4] == KIND_COMMIT && self.record_at(from + i as u64, len).is_some_and(|r| r.kind == KIND_COMMIT) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn file_len(&self) -> Result<u64, JournalError> {
         self.file.metadata().map(|m| m.len()).map_err(|source| JournalError::Io { path: self.path.clone(), source })
     }

@@ -8,7 +8,7 @@
 //! change the copy may have seen is undone (see journal.rs).
 
 use crate::catalog::{read_points, Point};
-use crate::disk::{read_meta, DiskError, Paths};
+use crate::disk::{lock_recoveries, read_meta, DiskError, Paths};
 use crate::journal::{JournalReader, KIND_UNDO, KIND_UNDO_ZERO};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -121,6 +121,16 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
             return Err(RecoverError::OverReplica(out.display().to_string()));
         }
     }
+    // A master target starting up must not undo and cut journal records
+    // between our copy of the replica and our read of the journal. On a
+    // read-only copy of a folder there is no writer to exclude.
+    let _guard = match lock_recoveries(&p, libc::LOCK_SH) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            log::warn!("recovering without the folder's recovery lock: {e}");
+            None
+        }
+    };
     let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
     let is_dev = std::fs::metadata(out).map(|m| m.file_type().is_block_device()).unwrap_or(false);
     let outf = OpenOptions::new().write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
@@ -130,7 +140,7 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     copy_sparse(&replica, &outf, meta.size, !is_dev).map_err(ioe(out.display()))?;
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
-    let recs = j.scan(point.journal_pos).map_err(DiskError::from)?;
+    let recs = scan_checked(&j, name, point.journal_pos)?;
     for r in recs.iter().rev() {
         if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > point.seq {
             let d = j.data(r).map_err(ioe(p.journal.display()))?;
@@ -139,6 +149,26 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     }
     outf.sync_all().map_err(ioe(out.display()))?;
     Ok(())
+}
+
+/// The journal's valid records from `from`, refusing a journal whose valid
+/// part ends before a later committed record (damage, not a tail being
+/// written). A record a running master target is still writing can look
+/// torn for a moment: look twice before calling it damage.
+fn scan_checked(j: &JournalReader, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
+    let mut tries = 0;
+    loop {
+        let recs = j.scan(from).map_err(DiskError::from)?;
+        let end = recs.last().map_or(from, |r| r.end);
+        if !j.commit_after(end).map_err(DiskError::from)? {
+            return Ok(recs);
+        }
+        tries += 1;
+        if tries == 3 {
+            return Err(DiskError::Damaged { name: name.into(), why: format!("the undo journal has a bad record at byte {end}") }.into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Copy `size` bytes; with `holes`, skip the source's holes (the target is a

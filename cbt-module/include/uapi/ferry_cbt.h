@@ -54,7 +54,7 @@ struct ferry_cbt_record {
 	__u32 length;   /* bytes; 0 for FERRY_REC_TAG */
 	__u16 kind;     /* FERRY_REC_* */
 	__u16 flags;    /* FERRY_RECF_* */
-	__u64 time_ns;  /* CLOCK_REALTIME nanoseconds when the change was seen */
+	__u64 time_ns;  /* CLOCK_MONOTONIC ns when the change was seen (0: unknown) */
 };
 
 /*

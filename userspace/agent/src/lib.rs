@@ -22,6 +22,7 @@
 //! quiet, or the scan's verify pass found no difference).
 
 pub mod chunkmap;
+pub mod freeze;
 pub mod session;
 pub mod state;
 
@@ -70,6 +71,8 @@ pub enum AgentError {
     Usage(String),
     #[error("{0}")]
     NoConsistentPoint(String),
+    #[error("bpf tracker: {0}")]
+    Bpf(#[from] ferry_bpf::BpfError),
 }
 
 impl AgentError {
@@ -125,6 +128,10 @@ pub struct Options {
     pub ring_capacity: u64,
     /// Give up after this long without reaching the master target (`--once`).
     pub connect_timeout: Duration,
+    /// Longest a freeze may last; a cut that would take longer is abandoned.
+    pub freeze_cap: Duration,
+    /// Size of the BPF tracker's ring buffer in bytes.
+    pub bpf_ring_bytes: u32,
     pub progress: bool,
 }
 
@@ -188,6 +195,9 @@ pub struct Agent {
     did_resync: bool,
     /// A trusted chunk map for the next scan pass (see chunkmap.rs).
     map: Option<ChunkMap>,
+    /// The pinned BPF tracker feeding `STATE/ring` (bpf tracker only).
+    bpf: Option<ferry_bpf::Tracker>,
+    last_recursion_check: Instant,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
@@ -215,15 +225,20 @@ impl Agent {
         std::fs::create_dir_all(&opts.state).map_err(AgentError::io(format!("state folder {}", opts.state.display())))?;
         let sd = StateDir::new(&opts.state);
         let tracker = match opts.tracker {
-            Tracker::Auto => {
-                log::info!("tracker auto: picked scan (checksum comparison); the bpf and kmod trackers are not part of this build yet");
+            Tracker::Auto if !src.is_block_device() => {
+                log::info!("tracker auto: picked scan: {} is an image file, which only checksums can track", opts.disk.display());
                 Tracker::Scan
             }
-            Tracker::Kmod | Tracker::Bpf => {
-                return Err(AgentError::Usage(format!(
-                    "--tracker {}: not available in this build yet; use --tracker scan",
-                    opts.tracker.as_str()
-                )))
+            Tracker::Auto if !ferry_bpf::kernel_has_btf() => {
+                log::info!("tracker auto: picked scan: this kernel has no BTF (/sys/kernel/btf/vmlinux), which the bpf tracker needs");
+                Tracker::Scan
+            }
+            Tracker::Auto => {
+                log::info!("tracker auto: picked bpf: {} is a block device and the kernel has BTF", opts.disk.display());
+                Tracker::Bpf
+            }
+            Tracker::Kmod => {
+                return Err(AgentError::Usage("--tracker kmod: the kernel module tracker is not part of this build yet; use bpf or scan".into()))
             }
             t => t,
         };
@@ -261,6 +276,11 @@ impl Agent {
                 acked_seq: 0,
                 ring_overflows_seen: 0,
                 ring_id: None,
+                bpf_lost_seen: 0,
+                bpf_recursion_seen: 0,
+                bpf_drops: 0,
+                cut_problem: None,
+                freeze_ms_recent: Vec::new(),
                 last_point: None,
                 last_ack_ns: 0,
                 mode: "initial-sync".into(),
@@ -273,7 +293,7 @@ impl Agent {
         let generation = unhex::<16>(&st.generation)
             .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
         let mut st = st;
-        let ring = if tracker == Tracker::Ring {
+        let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
             use std::os::unix::fs::MetadataExt;
             let p = sd.ring_file();
             let created = !p.exists();
@@ -283,7 +303,7 @@ impl Agent {
             // A protection that did not always have this ring cannot know
             // what changed while it was missing (or before it existed).
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            if protected_before && (created || st.tracker != "ring" || st.ring_id != Some(id)) {
+            if protected_before && (created || st.tracker != tracker.as_str() || st.ring_id != Some(id)) {
                 st.resync_required = Some(if created {
                     "the tracker ring was missing and was recreated".to_string()
                 } else {
@@ -295,6 +315,24 @@ impl Agent {
                 st.ring_id = Some(id);
             }
             Some(ring)
+        } else {
+            None
+        };
+        let bpf = if tracker == Tracker::Bpf {
+            let (t, fresh) = ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file())?;
+            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            if fresh {
+                log::info!("bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}", opts.disk.display(), t.chunk(), ferry_bpf::pin_dir(&opts.name).display());
+                if protected_before {
+                    st.resync_required = Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
+                }
+                let s = t.stats()?;
+                st.bpf_lost_seen = s.lost;
+                st.bpf_recursion_seen = t.recursion_misses();
+            } else {
+                log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
+            }
+            Some(t)
         } else {
             None
         };
@@ -315,6 +353,8 @@ impl Agent {
             did_initial: false,
             did_resync: false,
             map: None,
+            bpf,
+            last_recursion_check: Instant::now(),
             pass_sums: None,
             frozen: false,
             saved_acked: 0,
@@ -446,7 +486,7 @@ impl Agent {
             self.resync(sess)?;
         }
         match self.tracker {
-            Tracker::Ring => self.stream_ring(sess, start),
+            Tracker::Ring | Tracker::Bpf => self.stream_ring(sess, start),
             _ => self.scan_loop(sess, start, verified_by_stamp),
         }
     }
@@ -776,6 +816,7 @@ impl Agent {
         let mut buf = AlignedBuf::new(1 << 20);
         let mut quiet_tries = 0u32;
         loop {
+            self.feed()?;
             if self.st.resync_required.is_some() {
                 self.save()?;
                 self.resync(sess)?;
@@ -794,21 +835,32 @@ impl Agent {
                 self.release_acked(sess, ring, &mut pending)?;
                 let due = self.opts.once || last_cut.elapsed() >= self.opts.point_every;
                 if due {
-                    let cut = match &self.opts.freeze_cmd {
-                        Some(f) => {
-                            let f = f.clone();
-                            self.frozen_cut(sess, ring, &mut cursor, &mut pending, &f)?
-                        }
-                        None => self.quiet_cut(sess, ring, cursor, &mut pending)?,
+                    let mounts = freeze::mounts_of(&self.opts.disk);
+                    let cut = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
+                        self.frozen_cut(sess, ring, &mut cursor, &mut pending, &mounts)?
+                    } else {
+                        self.quiet_cut(sess, ring, cursor, &mut pending)?
                     };
                     if let Some(p) = cut {
                         last_cut = Instant::now();
                         quiet_tries = 0;
+                        self.st.cut_problem = None;
                         if self.opts.once {
                             return Ok(self.summary(sess, start, &p));
                         }
                     } else {
                         quiet_tries += 1;
+                        let overdue = last_cut.elapsed();
+                        if overdue > (self.opts.point_every * 3).max(Duration::from_secs(10)) && self.st.cut_problem.is_none() {
+                            let why = format!(
+                                "no consistent point for {:.0}s: writes do not pause (add --freeze-cmd) or a freeze cannot finish within {:.1}s",
+                                overdue.as_secs_f64(),
+                                self.opts.freeze_cap.as_secs_f64()
+                            );
+                            log::warn!("{why}");
+                            self.st.cut_problem = Some(why);
+                            self.save()?;
+                        }
                         if self.opts.once && quiet_tries > 2000 {
                             return Err(AgentError::NoConsistentPoint(format!(
                                 "{}: writes never paused long enough to cut a consistent point; use --freeze-cmd",
@@ -902,7 +954,9 @@ impl Agent {
         }
         sess.wait_acked(sess.next_seq - 1)?;
         self.release_acked(sess, ring, pending)?;
-        if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen {
+        // Anything that completed meanwhile is in the tracker's buffer.
+        self.feed()?;
+        if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
             return Ok(None);
         }
         Ok(Some(self.cut(sess, PointKind::Crash)?))
@@ -915,15 +969,33 @@ impl Agent {
         ring: &Ring,
         cursor: &mut u64,
         pending: &mut VecDeque<(u64, u64)>,
-        freeze: &str,
+        mounts: &[std::path::PathBuf],
     ) -> Result<Option<LastPoint>, AgentError> {
-        run_hook("freeze", freeze)?;
+        let t0 = Instant::now();
+        if let Some(f) = &self.opts.freeze_cmd {
+            run_hook("freeze", f)?;
+        }
         // Nothing may write to the state folder (it may be on a frozen
         // filesystem) until the thaw: saves and ring releases wait.
         self.frozen = true;
+        let fs = match freeze::freeze(mounts) {
+            Ok(fs) => fs,
+            Err(e) => {
+                self.thaw()?;
+                return Err(AgentError::NoConsistentPoint(e));
+            }
+        };
+        let cap = self.opts.freeze_cap;
         let r = (|| {
             let mut buf = AlignedBuf::new(1 << 20);
+            // Writes that completed before the freeze are in the tracker.
+            self.feed()?;
             loop {
+                if t0.elapsed() > cap {
+                    self.st.cut_problem = Some(format!("a freeze reached its {:.1}s cap with changes left to ship; thawed, will retry", cap.as_secs_f64()));
+                    log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
+                    return Ok(None);
+                }
                 let (recs, next) = ring.read_from(*cursor, 4096)?;
                 if recs.is_empty() {
                     break;
@@ -943,14 +1015,62 @@ impl Agent {
                 pending.push_back((sess.next_seq - 1, next));
                 *cursor = next;
             }
-            if ring.overflows() > self.st.ring_overflows_seen {
+            if ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
                 return Ok(None); // the loop resyncs before the next try
             }
             sess.wait_acked(sess.next_seq - 1)?;
+            if t0.elapsed() > cap {
+                return Ok(None);
+            }
             self.cut(sess, PointKind::App).map(Some)
         })();
+        let fs_thawed = fs.thaw();
         let thawed = self.thaw();
-        r.and_then(|p| thawed.map(|_| p))
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
+        self.st.freeze_ms_recent.push(ms);
+        let n = self.st.freeze_ms_recent.len();
+        if n > 200 {
+            self.st.freeze_ms_recent.drain(..n - 200);
+        }
+        let p = r?;
+        fs_thawed.map_err(AgentError::NoConsistentPoint)?;
+        thawed?;
+        Ok(p)
+    }
+
+    /// Move what the BPF tracker recorded into `STATE/ring`, and turn any
+    /// loss it reports into "resync required".
+    fn feed(&mut self) -> Result<(), AgentError> {
+        let Some(t) = self.bpf.as_mut() else { return Ok(()) };
+        let c = t.collect()?;
+        if c.invalid > 0 {
+            self.st.resync_required = Some(format!("the bpf tracker produced {} unreadable records", c.invalid));
+        }
+        if c.bitmap_extents > 0 {
+            log::info!("bpf tracker ring buffer overflowed: {} extents taken from the bitmap", c.bitmap_extents);
+        }
+        let s = t.stats()?;
+        self.st.bpf_drops = s.drops;
+        if s.lost > self.st.bpf_lost_seen {
+            self.st.resync_required = Some(format!("the bpf tracker could not record {} changes", s.lost - self.st.bpf_lost_seen));
+            self.st.bpf_lost_seen = s.lost;
+        }
+        if self.last_recursion_check.elapsed() >= Duration::from_secs(1) {
+            self.last_recursion_check = Instant::now();
+            if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
+                return Err(AgentError::NoConsistentPoint(format!(
+                    "{}: the bpf tracker was detached (ferry unprotect?); stopping",
+                    self.st.name
+                )));
+            }
+            let m = t.recursion_misses();
+            if m > self.st.bpf_recursion_seen {
+                self.st.resync_required = Some(format!("the bpf tracker missed {} runs (recursion)", m - self.st.bpf_recursion_seen));
+                self.st.bpf_recursion_seen = m;
+            }
+        }
+        Ok(())
     }
 
     /// Run the thaw command (if any) and catch up on the state writes held
@@ -1041,6 +1161,20 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
     }
     pb.set_message(what.to_string());
     pb
+}
+
+/// `ferry unprotect`: detach and unpin the tracker of the disk whose state
+/// is in `state`; the replica and its points stay. Returns the disk's name.
+pub fn unprotect(state: &Path) -> Result<String, AgentError> {
+    let sd = StateDir::new(state);
+    let mut st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
+    if ferry_bpf::unpin(&st.name)? {
+        log::info!("unpinned the bpf tracker of {}", st.name);
+    }
+    st.mode = "unprotected".into();
+    st.running = false;
+    sd.save(&st)?;
+    Ok(st.name)
 }
 
 /// The ring as `ferry status` shows it.

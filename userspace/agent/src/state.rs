@@ -42,6 +42,21 @@ pub struct AgentState {
     /// changes may have gone unrecorded.
     #[serde(default)]
     pub ring_id: Option<(u64, u64)>,
+    /// BPF tracker counters already handled (they live in pinned maps and
+    /// outlast the agent).
+    #[serde(default)]
+    pub bpf_lost_seen: u64,
+    #[serde(default)]
+    pub bpf_recursion_seen: u64,
+    /// Records that fell back to the BPF bitmap, for `ferry status`.
+    #[serde(default)]
+    pub bpf_drops: u64,
+    /// Why consistent points are not being cut, while that lasts.
+    #[serde(default)]
+    pub cut_problem: Option<String>,
+    /// The latest freeze durations in ms (at most 200).
+    #[serde(default)]
+    pub freeze_ms_recent: Vec<f64>,
     pub last_point: Option<LastPoint>,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,

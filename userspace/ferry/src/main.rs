@@ -72,6 +72,17 @@ enum Cmd {
         /// With --once: give up after this many seconds without the master target.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         connect_timeout: u64,
+        /// Longest a filesystem freeze may last before it is abandoned.
+        #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+        freeze_cap: f64,
+        /// Size of the bpf tracker's ring buffer (records beyond it fall back to its bitmap).
+        #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+        bpf_ring_bytes: u32,
+    },
+    /// Stop protecting a disk: detach the tracker, keep the replica and its points.
+    Unprotect {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
     },
     /// List recovery points, oldest first.
     Points {
@@ -146,9 +157,14 @@ fn run(cli: Cli) -> Result<()> {
             thaw_cmd,
             ring_capacity,
             connect_timeout,
+            freeze_cap,
+            bpf_ring_bytes,
         } => {
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
+            }
+            if !(freeze_cap.is_finite() && freeze_cap > 0.0) {
+                anyhow::bail!("--freeze-cap must be a positive number of seconds");
             }
             let tracker = match tracker {
                 TrackerArg::Auto => Tracker::Auto,
@@ -170,6 +186,8 @@ fn run(cli: Cli) -> Result<()> {
                 thaw_cmd,
                 ring_capacity,
                 connect_timeout: Duration::from_secs(connect_timeout),
+                freeze_cap: Duration::from_secs_f64(freeze_cap),
+                bpf_ring_bytes,
                 progress: !json && std::io::stderr().is_terminal(),
             };
             let agent = ferry_agent::Agent::new(opts)?;
@@ -219,6 +237,11 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("recovered {name} point {} ({}, {}) to {}", p.id, p.kind.as_str(), recover::rfc3339(p.time_ns), out.display());
             Ok(())
         }
+        Cmd::Unprotect { state } => {
+            let name = ferry_agent::unprotect(&state)?;
+            eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
+            Ok(())
+        }
         Cmd::Status { state, json } => {
             let (st, ring) = ferry_agent::status(&state)?;
             let lag_s = if st.last_ack_ns > 0 { (now_ns().saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
@@ -234,6 +257,10 @@ fn run(cli: Cli) -> Result<()> {
                     "ring_overflows": ring.map(|r| r.overflows),
                     "last_point": st.last_point.as_ref().map(|p| serde_json::json!({"id": p.id, "seq": p.seq, "kind": p.kind, "time": recover::rfc3339(p.time_ns)})),
                     "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
+                    "bpf_drops": st.bpf_drops,
+                    "cut_problem": st.cut_problem,
+                    "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
+                    "freeze_ms_p99": pct(&st.freeze_ms_recent, 0.99),
                 });
                 println!("{v}");
             } else {
@@ -253,10 +280,30 @@ fn run(cli: Cli) -> Result<()> {
                     Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),
                     None => println!("last point none yet"),
                 }
+                if let Some(p) = &st.cut_problem {
+                    println!("POINTS     {p}");
+                }
+                if let (Some(a), Some(b)) = (pct(&st.freeze_ms_recent, 0.5), pct(&st.freeze_ms_recent, 0.99)) {
+                    println!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len());
+                }
+                if st.tracker == "bpf" {
+                    println!("bpf        {} records fell back to the bitmap", st.bpf_drops);
+                }
             }
             Ok(())
         }
     }
+}
+
+/// The `q` quantile (nearest rank) of `v`.
+fn pct(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    Some(s[i])
 }
 
 fn now_ns() -> u64 {

@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * The kernel types ferry_cbt.bpf.c reads, reduced to the fields it uses and
+ * marked preserve_access_index, so libbpf relocates every access against
+ * the running kernel's BTF (CO-RE): no vmlinux.h, no kernel headers.
+ *
+ * Kernel drift this file depends on, one line per shim:
+ * - request_queue->disk (the gendisk behind a queue): present in every
+ *   kernel ferry tests (6.1, 6.12 and the host's 6.18). A kernel without it
+ *   fails the CO-RE relocation at load time; the agent reports that and
+ *   `--tracker auto` falls back to scan.
+ * - request->cmd_flags: `unsigned int` in older kernels, `blk_opf_t` (a
+ *   32-bit __bitwise type) in 6.x: the same 32 bits, one definition serves.
+ * - The block_rq_complete tracepoint's error argument changed type over
+ *   time (int, then blk_status_t); the program does not read it.
+ * - REQ_OP_* values are those of include/linux/blk_types.h in 4.10 and
+ *   later (the low 8 bits of cmd_flags).
+ */
+#ifndef FERRY_CORE_FIXES_BPF_H
+#define FERRY_CORE_FIXES_BPF_H
+
+struct gendisk {
+	int major;
+	int first_minor;
+} __attribute__((preserve_access_index));
+
+struct request_queue {
+	struct gendisk *disk;
+} __attribute__((preserve_access_index));
+
+struct request {
+	struct request_queue *q;
+	unsigned int cmd_flags;
+	unsigned int __data_len;
+	unsigned long long __sector;
+} __attribute__((preserve_access_index));
+
+#define FERRY_REQ_OP_MASK 0xff
+#define FERRY_REQ_OP_WRITE 1
+#define FERRY_REQ_OP_DISCARD 3
+#define FERRY_REQ_OP_SECURE_ERASE 5
+#define FERRY_REQ_OP_WRITE_ZEROES 9
+
+#endif

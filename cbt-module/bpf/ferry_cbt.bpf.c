@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * ferry's CO-RE change tracker: records every completed write, discard and
+ * write-zeroes request of one protected disk.
+ *
+ * Hook: tp_btf/block_rq_complete. A record is made when the device reports
+ * the bytes done, so an agent that reads the range after seeing the record
+ * reads the new data (docs/consistency.md). Each completion of a blk-mq
+ * request is traced once; the request's sector is on the whole disk, and a
+ * protected partition is selected and rebased with part_start/part_sectors.
+ *
+ * Outputs:
+ *  - `events`, a BPF ring buffer of struct ferry_cbt_record (the uapi
+ *    header's record), drained by the agent;
+ *  - `bitmap`, an mmap-able array of u64 words, one bit per 2^chunk_shift
+ *    bytes: set only when a record cannot be reserved (the backstop), and
+ *    cleared by the agent with an atomic exchange when it takes the bits;
+ *  - `stats`: counters; `lost` counts changes neither output could hold
+ *    (a range wider than the bitmap loop covers), which makes the agent
+ *    resync by checksum.
+ *
+ * Configuration is read-only data set by the agent before load.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "core_fixes.bpf.h"
+#include "../include/uapi/ferry_cbt.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile __u32 target_major = 0;
+const volatile __u32 target_minor = 0;
+/* A partition: its first sector on the whole disk and its length in
+ * sectors. part_sectors == 0 protects the whole disk. */
+const volatile __u64 part_start = 0;
+const volatile __u64 part_sectors = 0;
+const volatile __u32 chunk_shift = 16;
+const volatile __u64 bitmap_words = 1;
+
+/* Most bitmap words one completion may touch (2^chunk_shift * 64 * 256). */
+#define MAX_WORDS 256
+
+struct ferry_cbt_bpf_stats {
+	__u64 seq;     /* next record sequence number */
+	__u64 records; /* records queued */
+	__u64 drops;   /* records that fell back to the bitmap */
+	__u64 lost;    /* changes recorded nowhere: resync required */
+	__u64 bytes;   /* bytes of changes seen */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22); /* set by the agent before load */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1); /* set by the agent before load */
+} bitmap SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ferry_cbt_bpf_stats);
+	__uint(max_entries, 1);
+} stats SEC(".maps");
+
+static __always_inline void mark_bitmap(struct ferry_cbt_bpf_stats *st, __u64 start, __u64 end)
+{
+	__u64 first = start >> chunk_shift;
+	__u64 last = (end - 1) >> chunk_shift;
+	__u64 w0 = first >> 6, w1 = last >> 6;
+
+	if (w1 >= bitmap_words || w1 - w0 >= MAX_WORDS) {
+		__sync_fetch_and_add(&st->lost, 1);
+		return;
+	}
+	for (int i = 0; i < MAX_WORDS; i++) {
+		__u32 w = w0 + i;
+		__u64 mask = ~0ULL;
+		__u64 *word;
+
+		if (w > w1)
+			break;
+		if (w == w0)
+			mask &= ~0ULL << (first & 63);
+		if (w == w1 && (last & 63) != 63)
+			mask &= (1ULL << ((last & 63) + 1)) - 1;
+		word = bpf_map_lookup_elem(&bitmap, &w);
+		if (!word) {
+			__sync_fetch_and_add(&st->lost, 1);
+			return;
+		}
+		__sync_fetch_and_or(word, mask);
+	}
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_bytes)
+{
+	struct ferry_cbt_record *rec;
+	struct ferry_cbt_bpf_stats *st;
+	struct gendisk *disk;
+	__u32 zero = 0, op;
+	__u16 kind;
+	__u64 start, end;
+
+	if (!nr_bytes)
+		return 0;
+	disk = BPF_CORE_READ(rq, q, disk);
+	if (!disk)
+		return 0;
+	if (BPF_CORE_READ(disk, major) != target_major || BPF_CORE_READ(disk, first_minor) != target_minor)
+		return 0;
+	op = BPF_CORE_READ(rq, cmd_flags) & FERRY_REQ_OP_MASK;
+	switch (op) {
+	case FERRY_REQ_OP_WRITE:
+		kind = FERRY_REC_WRITE;
+		break;
+	case FERRY_REQ_OP_DISCARD:
+	case FERRY_REQ_OP_SECURE_ERASE:
+		kind = FERRY_REC_DISCARD;
+		break;
+	case FERRY_REQ_OP_WRITE_ZEROES:
+		kind = FERRY_REC_WRITE_ZEROES;
+		break;
+	default:
+		return 0;
+	}
+	start = BPF_CORE_READ(rq, __sector) << 9;
+	end = start + nr_bytes;
+	if (part_sectors) {
+		__u64 ps = part_start << 9, pe = (part_start + part_sectors) << 9;
+
+		if (end <= ps || start >= pe)
+			return 0;
+		start = start < ps ? 0 : start - ps;
+		end = (end > pe ? pe : end) - ps;
+	}
+
+	st = bpf_map_lookup_elem(&stats, &zero);
+	if (!st)
+		return 0;
+	__sync_fetch_and_add(&st->bytes, end - start);
+	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	if (!rec) {
+		/* Bits first, then the counter: an agent that sees the counter
+		 * move and then takes the bits finds these bits among them. */
+		mark_bitmap(st, start, end);
+		__sync_fetch_and_add(&st->drops, 1);
+		return 0;
+	}
+	rec->seq = __sync_fetch_and_add(&st->seq, 1);
+	rec->offset = start;
+	rec->length = end - start;
+	rec->kind = kind;
+	rec->flags = 0;
+	rec->time_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(rec, 0);
+	__sync_fetch_and_add(&st->records, 1);
+	return 0;
+}

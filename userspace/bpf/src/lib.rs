@@ -1,0 +1,393 @@
+//! ferry's CO-RE eBPF change tracker (cbt-module/bpf/ferry_cbt.bpf.c):
+//! load it for one disk, pin it so tracking survives the agent, and move its
+//! records into the agent's durable record ring.
+//!
+//! Pins, under `/sys/fs/bpf/ferry/NAME/`:
+//!
+//! | pin      | what |
+//! |----------|------|
+//! | `link`   | the attachment to `tp_btf/block_rq_complete`: tracking runs while it exists |
+//! | `prog`   | the program (for its recursion-miss counter) |
+//! | `events` | BPF ring buffer of `struct ferry_cbt_record` |
+//! | `bitmap` | mmap-able u64 words, one bit per 2^chunk_shift bytes: the backstop |
+//! | `stats`  | counters: seq, records, drops (to the bitmap), lost, bytes |
+//!
+//! Record path and why nothing is lost: the program reserves a ring-buffer
+//! record for each completed write; [`Tracker::collect`] copies records into
+//! `STATE/ring` inside libbpf's consume callback, and libbpf advances the
+//! consumer position only after the callback returns, so an agent crash
+//! between the two repeats a record, never drops one. A reservation that
+//! fails sets bitmap bits and then bumps `drops`; `collect` takes the bits
+//! with an atomic exchange once it sees `drops` move, and queues them as
+//! chunk records. `lost` (a range too wide for the bitmap loop), a recursion
+//! miss, a record the agent cannot parse, or a full `STATE/ring` each make
+//! the agent resync by checksum.
+
+use ferry_ring::generated::ferry_cbt_record;
+use ferry_ring::{Record, RecordKind, Ring};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[allow(clippy::all, clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn, dead_code, missing_docs)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/ferry_cbt.skel.rs"));
+}
+
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Most bitmap bits: 2^25 (a 4 MiB bitmap); the chunk grows with the disk.
+const MAX_BITS_LOG2: u32 = 25;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{what}: {msg}")]
+    Libbpf { what: String, msg: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn lib(what: &str) -> impl FnOnce(libbpf_rs::Error) -> BpfError + '_ {
+    move |e| BpfError::Libbpf { what: what.to_string(), msg: e.to_string() }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BpfError {
+    let what = what.into();
+    move |source| BpfError::Io { what, source }
+}
+
+/// The device a protected path lives on, as the program filters it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Whole-disk major:minor (what requests carry).
+    pub major: u32,
+    pub minor: u32,
+    /// For a partition: its first sector and length in sectors (else 0, 0).
+    pub part_start: u64,
+    pub part_sectors: u64,
+}
+
+fn read_sys(p: &Path) -> Result<String, BpfError> {
+    std::fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(io(p.display().to_string()))
+}
+
+/// Resolve a block device path to the disk the program must watch.
+pub fn target_of(disk: &Path) -> Result<Target, BpfError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(disk).map_err(io(disk.display().to_string()))?;
+    if !m.file_type().is_block_device() {
+        return Err(BpfError::Unsupported(format!("{} is not a block device: the bpf tracker watches block devices", disk.display())));
+    }
+    let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
+    let sys = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+    if sys.join("partition").exists() {
+        let start: u64 = read_sys(&sys.join("start"))?.parse().map_err(|_| BpfError::Unsupported("bad partition start in sysfs".into()))?;
+        let size: u64 = read_sys(&sys.join("size"))?.parse().map_err(|_| BpfError::Unsupported("bad partition size in sysfs".into()))?;
+        let parent = read_sys(&sys.join("../dev"))?;
+        let (a, b) = parent.split_once(':').ok_or_else(|| BpfError::Unsupported(format!("bad parent device {parent:?}")))?;
+        let p = |s: &str| s.parse::<u32>().map_err(|_| BpfError::Unsupported(format!("bad parent device {parent:?}")));
+        Ok(Target { major: p(a)?, minor: p(b)?, part_start: start, part_sectors: size })
+    } else {
+        Ok(Target { major: maj, minor: min, part_start: 0, part_sectors: 0 })
+    }
+}
+
+/// Bitmap granularity for a disk: at least 4 KiB, at most 2^25 bits.
+pub fn chunk_shift_for(size: u64) -> u32 {
+    let bits_needed = 64 - size.saturating_sub(1).leading_zeros(); // log2 ceil
+    bits_needed.saturating_sub(MAX_BITS_LOG2).max(12)
+}
+
+/// Whether this kernel can run the tracker at all (BTF present).
+pub fn kernel_has_btf() -> bool {
+    Path::new("/sys/kernel/btf/vmlinux").exists()
+}
+
+/// Mount bpffs at /sys/fs/bpf if it is not there.
+pub fn ensure_bpffs() -> Result<(), BpfError> {
+    let mut st = MaybeUninit::<libc::statfs>::zeroed();
+    let path = std::ffi::CString::new(BPFFS).expect("no NUL");
+    // SAFETY: path is a valid C string and st points at writable memory of
+    // the right type for statfs to fill.
+    let rc = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) };
+    // SAFETY: statfs returned 0, so it initialised the struct.
+    if rc == 0 && unsafe { st.assume_init() }.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all(BPFFS).map_err(io(BPFFS))?;
+    let fs = std::ffi::CString::new("bpf").expect("no NUL");
+    // SAFETY: all pointers are valid C strings; data may be null.
+    let rc = unsafe { libc::mount(fs.as_ptr(), path.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io(format!("mounting bpffs on {BPFFS}"))(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The pin folder of a protected disk.
+pub fn pin_dir(name: &str) -> PathBuf {
+    Path::new(BPFFS).join("ferry").join(name)
+}
+
+/// Remove every pin of a disk: detaches the program once nothing else holds
+/// it. Returns whether anything was pinned.
+pub fn unpin(name: &str) -> Result<bool, BpfError> {
+    let dir = pin_dir(name);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    for p in ["link", "prog", "events", "bitmap", "stats"] {
+        match std::fs::remove_file(dir.join(p)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(dir.join(p).display().to_string())(e)),
+        }
+    }
+    std::fs::remove_dir(&dir).map_err(io(dir.display().to_string()))?;
+    Ok(true)
+}
+
+/// Counters the program keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub seq: u64,
+    pub records: u64,
+    pub drops: u64,
+    pub lost: u64,
+    pub bytes: u64,
+}
+
+/// What one [`Tracker::collect`] moved.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Collected {
+    pub records: u64,
+    pub bitmap_extents: u64,
+    /// Records the agent could not parse (each means: resync).
+    pub invalid: u64,
+}
+
+struct Pins {
+    events: MapHandle,
+    bitmap: MapHandle,
+    stats: MapHandle,
+    prog_id: u32,
+}
+
+/// An attached (pinned) tracker for one disk.
+pub struct Tracker {
+    pins: Pins,
+    rb: libbpf_rs::RingBuffer<'static>,
+    counts: Arc<std::sync::Mutex<Collected>>,
+    sink: Arc<Ring>,
+    bitmap: memmap2::MmapMut,
+    words: usize,
+    chunk_shift: u32,
+    size: u64,
+    drops_seen: u64,
+}
+
+fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
+    let m = |n: &str| MapHandle::from_pinned_path(dir.join(n)).map_err(lib(n));
+    let prog = libbpf_rs::ProgramHandle::from_pinned_path(dir.join("prog")).map_err(lib("prog"))?;
+    Ok(Pins { events: m("events")?, bitmap: m("bitmap")?, stats: m("stats")?, prog_id: prog.id() })
+}
+
+impl Tracker {
+    /// Attach the tracker for disk `name` at `disk_path` (`size` bytes),
+    /// or re-open the pinned one. Records go to `sink` (the agent's
+    /// `STATE/ring`, opened again here: this tracker is its only producer).
+    /// Returns the tracker and whether it was attached now (a fresh attach
+    /// means nothing tracked the disk before this moment).
+    pub fn attach(name: &str, disk_path: &Path, size: u64, ring_bytes: u32, sink: &Path) -> Result<(Tracker, bool), BpfError> {
+        ensure_bpffs()?;
+        let dir = pin_dir(name);
+        let target = target_of(disk_path)?;
+        let shift = chunk_shift_for(size);
+        let words = (size.div_ceil(1u64 << shift)).div_ceil(64).max(1) as usize;
+        let fresh = !dir.join("link").exists();
+        if fresh {
+            // A partial pin folder (an interrupted attach) is cleared first.
+            unpin(name)?;
+            std::fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
+            let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes);
+            if let Err(e) = r {
+                let _ = unpin(name);
+                return Err(e);
+            }
+        }
+        let pins = open_pins(&dir)?;
+        let bitmap_len = pins.bitmap.info().map_err(lib("bitmap info"))?.info.max_entries as usize;
+        if bitmap_len != words {
+            return Err(BpfError::Unsupported(format!(
+                "the pinned tracker of {name} was set up for another disk size; run `ferry unprotect` first"
+            )));
+        }
+        let map_len = (words * 8).div_ceil(4096) * 4096;
+        // SAFETY: the bitmap map was created with BPF_F_MMAPABLE and holds
+        // `words` u64 values; we map exactly its (page-rounded) size. All
+        // access goes through atomics (the program updates it concurrently).
+        let bitmap = unsafe { memmap2::MmapOptions::new().len(map_len).map_mut(pins.bitmap.as_fd().as_raw_fd()) }
+            .map_err(io("mapping the tracker bitmap"))?;
+        let sink = Arc::new(Ring::open(sink).map_err(|e| BpfError::Unsupported(e.to_string()))?);
+        let counts = Arc::new(std::sync::Mutex::new(Collected::default()));
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        let (s2, c2) = (Arc::clone(&sink), Arc::clone(&counts));
+        b.add(&pins.events, move |data: &[u8]| {
+            let mut c = c2.lock().expect("poisoned");
+            match parse(data) {
+                Some(r) => {
+                    // A full ring raises its overflow counter: the agent resyncs.
+                    s2.push(r);
+                    c.records += 1;
+                }
+                None => c.invalid += 1,
+            }
+            0
+        })
+        .map_err(lib("ring buffer"))?;
+        let rb = b.build().map_err(lib("ring buffer"))?;
+        let drops_seen = 0;
+        let t = Tracker { pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen };
+        Ok((t, fresh))
+    }
+
+    /// Bitmap granularity in bytes.
+    pub fn chunk(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    /// The program's counters.
+    pub fn stats(&self) -> Result<Stats, BpfError> {
+        let v = self.pins.stats.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).map_err(lib("stats"))?.unwrap_or_default();
+        let f = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8")));
+        Ok(Stats { seq: f(0), records: f(1), drops: f(2), lost: f(3), bytes: f(4) })
+    }
+
+    /// Times the kernel skipped the program because it was already running
+    /// on that CPU (each is a change not recorded).
+    pub fn recursion_misses(&self) -> u64 {
+        libbpf_rs::query::ProgInfoIter::default().find(|p| p.id == self.pins.prog_id).map_or(0, |p| p.recursion_misses)
+    }
+
+    /// Move queued records, and bitmap bits if any record fell back to the
+    /// bitmap, into the sink ring.
+    pub fn collect(&mut self) -> Result<Collected, BpfError> {
+        self.rb.consume().map_err(lib("draining the ring buffer"))?;
+        let mut out = std::mem::take(&mut *self.counts.lock().expect("poisoned"));
+        let drops = self.stats()?.drops;
+        if drops != self.drops_seen {
+            self.drops_seen = drops;
+            out.bitmap_extents = self.take_bitmap();
+        }
+        Ok(out)
+    }
+
+    fn take_bitmap(&mut self) -> u64 {
+        let base = self.bitmap.as_mut_ptr() as *mut u64;
+        let chunk = 1u64 << self.chunk_shift;
+        let mut run: Option<(u64, u64)> = None;
+        let mut n = 0;
+        let mut flush = |run: &mut Option<(u64, u64)>, sink: &Ring| {
+            if let Some((a, b)) = run.take() {
+                let end = b.min(self.size);
+                if end > a {
+                    sink.push(Record { seq: 0, offset: a, length: (end - a) as u32, kind: RecordKind::Write, flush: false, time_ns: 0 });
+                    n += 1;
+                }
+            }
+        };
+        for i in 0..self.words {
+            // SAFETY: i < words and the mapping holds `words` aligned u64s;
+            // the kernel updates them atomically, so we do too.
+            let w = unsafe { AtomicU64::from_ptr(base.add(i)) }.swap(0, Ordering::AcqRel);
+            for bit in 0..64 {
+                let chunk_start = ((i as u64) * 64 + bit) * chunk;
+                if w & (1 << bit) != 0 {
+                    match &mut run {
+                        Some((a, b)) if *b == chunk_start && *b - *a < (1 << 20) => *b += chunk,
+                        _ => {
+                            flush(&mut run, &self.sink);
+                            run = Some((chunk_start, chunk_start + chunk));
+                        }
+                    }
+                } else {
+                    flush(&mut run, &self.sink);
+                }
+            }
+        }
+        flush(&mut run, &self.sink);
+        n
+    }
+}
+
+fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) -> Result<(), BpfError> {
+    let mut obj = MaybeUninit::uninit();
+    let mut open = skel::FerryCbtSkelBuilder::default().open(&mut obj).map_err(lib("opening the BPF object"))?;
+    let ro = open.maps.rodata_data.as_deref_mut().ok_or_else(|| BpfError::Unsupported("BPF object has no rodata".into()))?;
+    ro.target_major = t.major;
+    ro.target_minor = t.minor;
+    ro.part_start = t.part_start;
+    ro.part_sectors = t.part_sectors;
+    ro.chunk_shift = shift;
+    ro.bitmap_words = words;
+    open.maps.events.set_max_entries(ring_bytes.next_power_of_two().max(4096)).map_err(lib("events size"))?;
+    open.maps.bitmap.set_max_entries(words as u32).map_err(lib("bitmap size"))?;
+    let mut skel = open.load().map_err(lib("loading the BPF program (a kernel with BTF and tp_btf is needed)"))?;
+    let mut link = skel.progs.ferry_rq_complete.attach().map_err(lib("attaching to block_rq_complete"))?;
+    skel.maps.events.pin(dir.join("events")).map_err(lib("pinning events"))?;
+    skel.maps.bitmap.pin(dir.join("bitmap")).map_err(lib("pinning bitmap"))?;
+    skel.maps.stats.pin(dir.join("stats")).map_err(lib("pinning stats"))?;
+    skel.progs.ferry_rq_complete.pin(dir.join("prog")).map_err(lib("pinning prog"))?;
+    // The link last: its pin is what says "tracking is on".
+    link.pin(dir.join("link")).map_err(lib("pinning link"))?;
+    Ok(())
+}
+
+/// Parse one ring-buffer sample into a validated record.
+fn parse(data: &[u8]) -> Option<Record> {
+    if data.len() < 32 {
+        return None;
+    }
+    let u64_at = |o: usize| u64::from_ne_bytes(data[o..o + 8].try_into().expect("8"));
+    let raw = ferry_cbt_record {
+        seq: u64_at(0),
+        offset: u64_at(8),
+        length: u32::from_ne_bytes(data[16..20].try_into().expect("4")),
+        kind: u16::from_ne_bytes(data[20..22].try_into().expect("2")),
+        flags: u16::from_ne_bytes(data[22..24].try_into().expect("2")),
+        time_ns: u64_at(24),
+    };
+    Record::try_from(raw).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_grows_with_the_disk() {
+        assert_eq!(chunk_shift_for(1 << 20), 12);
+        assert_eq!(chunk_shift_for(1 << 30), 12);
+        assert_eq!(chunk_shift_for(1 << 37), 12);
+        assert_eq!(chunk_shift_for(1 << 40), 15);
+        assert_eq!(chunk_shift_for((1 << 40) + 1), 16);
+    }
+
+    #[test]
+    fn parse_rejects_short_and_invalid_samples() {
+        assert!(parse(&[0u8; 16]).is_none());
+        let mut b = [0u8; 32];
+        b[16..20].copy_from_slice(&4096u32.to_ne_bytes());
+        b[20..22].copy_from_slice(&1u16.to_ne_bytes());
+        assert_eq!(parse(&b).map(|r| r.length), Some(4096));
+        b[20..22].copy_from_slice(&77u16.to_ne_bytes());
+        assert!(parse(&b).is_none());
+    }
+}

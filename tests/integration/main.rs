@@ -2,6 +2,7 @@
 //! image files and loop devices. Modules by area.
 
 mod bad_input;
+mod bpf;
 mod cli;
 mod crash;
 mod replication;

@@ -378,6 +378,32 @@ pub mod versioned {
         }
     }
 
+    /// The versioned workload as a process of its own: O_DIRECT|O_DSYNC
+    /// writes, one at a time, each logged (and the log written through)
+    /// once it completed.
+    pub fn run_workload(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let disk = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(dev)?;
+        let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut rng = Rng::new(seed);
+        let mut buf = ferry_common::buf::AlignedBuf::new(BLOCK);
+        for i in 1..=count {
+            let b = rng.below(blocks);
+            buf.copy_from_slice(&stamp(i, b));
+            disk.write_all_at(&buf, b * BLOCK as u64)?;
+            writeln!(logf, "{b}")?;
+        }
+        Ok(())
+    }
+
+    /// Read a log written by [`run_workload`] (a torn last line is dropped).
+    pub fn read_log(log: &Path) -> Vec<u64> {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        let complete = if s.ends_with('\n') { &s[..] } else { &s[..s.rfind('\n').map_or(0, |i| i + 1)] };
+        complete.lines().map(|l| l.parse().expect("log line")).collect()
+    }
+
     /// Check `image` against `log`; returns the prefix length it matches.
     pub fn check(image: &Path, log: &[u64], blocks: u64) -> Result<u64, String> {
         let f = File::open(image).map_err(|e| e.to_string())?;
@@ -434,4 +460,68 @@ pub fn scan_once(disk: &str, name: &str, target: &str, state: &str) -> serde_jso
 /// `ferry recover --data DATA --name NAME --point POINT --out OUT` (raw).
 pub fn recover_to(data: &str, name: &str, point: &str, out: &str) {
     run_ok(&["recover", "--data", data, "--name", name, "--point", point, "--out", out]);
+}
+
+/// A unique disk name for tests that pin BPF objects (pins are global).
+pub fn unique_name(tag: &str) -> String {
+    format!("t{}-{tag}-{}", std::process::id(), ferry_common::now_ns() % 1_000_000_000)
+}
+
+/// Runs `ferry unprotect --state DIR` on drop, so a test's BPF pins go away
+/// even when it fails.
+pub struct Unprotect(pub PathBuf);
+
+impl Drop for Unprotect {
+    fn drop(&mut self) {
+        let _ = ferry().arg("unprotect").arg("--state").arg(&self.0).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// A mounted filesystem, lazily unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn new(dev: &Path, at: &Path, opts: &str) -> Mount {
+        std::fs::create_dir_all(at).expect("mkdir mount point");
+        let st = Command::new("mount").args(["-o", opts]).arg(dev).arg(at).status().expect("run mount");
+        assert!(st.success(), "mount {} failed", dev.display());
+        Mount(at.to_path_buf())
+    }
+    pub fn umount(self) {
+        let st = Command::new("umount").arg(&self.0).status().expect("run umount");
+        assert!(st.success(), "umount {} failed", self.0.display());
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Run a command and require success.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("run sh");
+    assert!(o.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Bytes written and bytes discarded on a block device so far
+/// (/sys/block/NAME/stat: write sectors, discard sectors).
+pub fn dev_bytes_changed(dev: &Path) -> (u64, u64) {
+    let name = dev.file_name().expect("device name").to_string_lossy().to_string();
+    let s = std::fs::read_to_string(format!("/sys/block/{name}/stat")).expect("device stat");
+    let f: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    (f.get(6).copied().unwrap_or(0) * 512, f.get(13).copied().unwrap_or(0) * 512)
+}
+
+/// `sha256sum` of every regular file under `dir`, sorted by path.
+pub fn tree_digest(dir: &Path) -> String {
+    sh(&format!("cd '{}' && find . -type f -print0 | sort -z | xargs -0 -r sha256sum", dir.display()))
+}
+
+/// Path of the sample-image tool built next to ferry.
+pub fn mkimage_bin() -> PathBuf {
+    ferry_bin().with_file_name("ferry-mkimage")
 }

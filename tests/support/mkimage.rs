@@ -4,6 +4,10 @@
 //! ```text
 //! ferry-mkimage mixed PATH SIZE_MIB SEED    quarter zeros/text/random/repeated blocks
 //! ferry-mkimage change PATH FRACTION SEED   overwrite that fraction of 4 KiB blocks
+//! ferry-mkimage workload PATH BLOCKS SEED LOG [COUNT]
+//!     versioned-block writes (tests/support versioned), one at a time with
+//!     O_DIRECT|O_DSYNC, each logged to LOG (one block index per line) after
+//!     it completes; runs COUNT writes, or until killed
 //! ```
 
 use std::path::Path;
@@ -11,9 +15,19 @@ use std::path::Path;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let usage = || -> ! {
-        eprintln!("usage: ferry-mkimage mixed PATH SIZE_MIB SEED | change PATH FRACTION SEED");
+        eprintln!("usage: ferry-mkimage mixed PATH SIZE_MIB SEED | change PATH FRACTION SEED | workload PATH BLOCKS SEED LOG [COUNT]");
         std::process::exit(2)
     };
+    if a.len() >= 6 && a[1] == "workload" {
+        let blocks: u64 = a[3].parse().unwrap_or_else(|_| usage());
+        let seed: u64 = a[4].parse().unwrap_or_else(|_| usage());
+        let count: u64 = a.get(6).map_or(u64::MAX, |c| c.parse().unwrap_or_else(|_| usage()));
+        if let Err(e) = ferry_tests::versioned::run_workload(Path::new(&a[2]), blocks, seed, Path::new(&a[5]), count) {
+            eprintln!("ferry-mkimage workload: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if a.len() != 5 {
         usage();
     }

@@ -238,7 +238,9 @@ impl Agent {
                 Tracker::Bpf
             }
             Tracker::Kmod => {
-                return Err(AgentError::Usage("--tracker kmod: the kernel module tracker is not part of this build yet; use bpf or scan".into()))
+                return Err(AgentError::Usage(
+                    "--tracker kmod: the kernel module tracker is not part of this build yet; use bpf or scan".into(),
+                ))
             }
             t => t,
         };
@@ -322,9 +324,15 @@ impl Agent {
             let (t, fresh) = ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file())?;
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
             if fresh {
-                log::info!("bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}", opts.disk.display(), t.chunk(), ferry_bpf::pin_dir(&opts.name).display());
+                log::info!(
+                    "bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}",
+                    opts.disk.display(),
+                    t.chunk(),
+                    ferry_bpf::pin_dir(&opts.name).display()
+                );
                 if protected_before {
-                    st.resync_required = Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
+                    st.resync_required =
+                        Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
                 }
                 let s = t.stats()?;
                 st.bpf_lost_seen = s.lost;
@@ -992,7 +1000,8 @@ impl Agent {
             self.feed()?;
             loop {
                 if t0.elapsed() > cap {
-                    self.st.cut_problem = Some(format!("a freeze reached its {:.1}s cap with changes left to ship; thawed, will retry", cap.as_secs_f64()));
+                    self.st.cut_problem =
+                        Some(format!("a freeze reached its {:.1}s cap with changes left to ship; thawed, will retry", cap.as_secs_f64()));
                     log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
                     return Ok(None);
                 }

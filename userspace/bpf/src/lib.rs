@@ -118,7 +118,7 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
     // the right type for statfs to fill.
     let rc = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) };
     // SAFETY: statfs returned 0, so it initialised the struct.
-    if rc == 0 && unsafe { st.assume_init() }.f_type as i64 == BPF_FS_MAGIC {
+    if rc == 0 && i64::from(unsafe { st.assume_init() }.f_type) == BPF_FS_MAGIC {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS).map_err(io(BPFFS))?;

@@ -1,0 +1,225 @@
+//! The eBPF tracker on real loop devices, as root: ext4 with a live
+//! workload and fstrim, the versioned-block workload with freeze hooks, an
+//! agent killed mid-workload, and the bitmap backstop.
+
+use ferry_tests::versioned;
+use ferry_tests::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn once(dev: &str, name: &str, mt: &MasterTarget, st: &str, extra: &[&str]) -> serde_json::Value {
+    let mut a = vec!["agent", "--disk", dev, "--name", name, "--target", &mt.addr, "--tracker", "bpf", "--state", st, "--once", "--json"];
+    a.extend_from_slice(extra);
+    summary(&run_ok(&a))
+}
+
+/// Acceptance: ext4 on a loop device, protected while a workload creates,
+/// overwrites and deletes files and runs fstrim. The point cut under
+/// FIFREEZE mounts and passes fsck; after unmounting, the latest point is
+/// byte-identical to the device. After the initial sync the agent reads at
+/// most twice what the workload changed on the device (written plus
+/// discarded: a discarded range is read back to learn what it now holds).
+#[test]
+fn ext4_with_a_live_workload_and_fstrim() {
+    let t = TempDir::new("bpfext4");
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(128 << 20).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    sh(&format!("mkfs.ext4 -q -F -E nodiscard {dev}"));
+    let mnt = Mount::new(&lo.dev, &t.path("mnt"), "discard");
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("ext4");
+    let _guard = Unprotect(t.path("st"));
+    let s = once(&dev, &name, &mt, &t.s("st"), &[]);
+    assert_eq!(s["tracker"], "bpf");
+    assert_eq!(s["point_kind"], "app", "a mounted filesystem is frozen for the cut: {s}");
+
+    // The workload runs with no agent: the pinned tracker keeps recording.
+    let (w0, d0) = dev_bytes_changed(&lo.dev);
+    let m = t.path("mnt");
+    let mut rng = Rng::new(7);
+    for i in 0..40 {
+        let mut b = vec![0u8; (rng.below(512) as usize + 1) * 1024];
+        rng.fill(&mut b);
+        std::fs::write(m.join(format!("f{i}")), &b).unwrap();
+    }
+    sh(&format!("sync -f {}", m.display()));
+    for i in (0..40).step_by(3) {
+        let mut b = vec![0u8; 64 << 10];
+        rng.fill(&mut b);
+        std::fs::write(m.join(format!("f{i}")), &b).unwrap(); // overwrite (truncate + write)
+    }
+    for i in (1..40).step_by(4) {
+        std::fs::remove_file(m.join(format!("f{i}"))).unwrap();
+    }
+    sh(&format!("sync -f {} && fstrim {}", m.display(), m.display()));
+    let (w1, d1) = dev_bytes_changed(&lo.dev);
+    let written = (w1 - w0) + (d1 - d0);
+
+    let s = once(&dev, &name, &mt, &t.s("st"), &[]);
+    assert_eq!(s["point_kind"], "app");
+    assert_eq!(s["resync"], false, "{s}");
+    let read = s["bytes_read"].as_u64().unwrap();
+    assert!(read <= 2 * written + (1 << 20), "read {read} bytes for {written} written or discarded: a rescan?");
+    recover_to(&t.s("data"), &name, "latest", &t.s("app.img"));
+    sh(&format!("fsck.ext4 -n -f {}", t.s("app.img")));
+    let rec = LoopDev::attach(&t.path("app.img"));
+    let rm = Mount::new(&rec.dev, &t.path("rmnt"), "ro,noload");
+    assert_eq!(tree_digest(&t.path("rmnt")), tree_digest(&m), "recovered files differ from the live ones");
+    drop(rm);
+    drop(rec);
+
+    mnt.umount();
+    once(&dev, &name, &mt, &t.s("st"), &[]);
+    recover_to(&t.s("data"), &name, "latest", &t.s("last.img"));
+    assert_same(&lo.dev, &t.path("last.img"));
+    sh(&format!("fsck.ext4 -n -f {}", t.s("last.img")));
+}
+
+/// Acceptance: the versioned-block workload writes to the raw device while
+/// the agent cuts points through --freeze-cmd / --thaw-cmd (stopping and
+/// continuing the workload); the agent is killed and restarted midway. Every
+/// point is a prefix of the write log, each app point is the state at its
+/// freeze, and at the end the replica equals the device with no resync.
+#[test]
+fn versioned_workload_with_freeze_hooks_and_an_agent_restart() {
+    let t = TempDir::new("bpfver");
+    let blocks = 4096u64;
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(blocks * 4096).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("ver");
+    let _guard = Unprotect(t.path("st"));
+    once(&dev, &name, &mt, &t.s("st"), &[]);
+
+    let log = t.path("writes.log");
+    let mut wl = Proc(
+        Command::new(mkimage_bin())
+            .args(["workload", &dev, &blocks.to_string(), "3", &log.display().to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = wl.pid();
+    let freezes = t.path("freezes");
+    let freeze = format!("kill -STOP {pid}; wc -l < {} >> {}", log.display(), freezes.display());
+    let thaw = format!("kill -CONT {pid}");
+    let args = |st: &str| -> Vec<String> {
+        ["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", st, "--point-every", "0.2"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--freeze-cmd".into(), freeze.clone(), "--thaw-cmd".into(), thaw.clone()])
+            .collect()
+    };
+    let points = || -> usize {
+        let o = run(&["points", "--data", &t.s("data"), "--name", &name, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map_or(0, |a| a.len())).unwrap_or(0)
+    };
+    let mut agent = Proc(ferry().args(args(&t.s("st"))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("six points", 120, || points() >= 6);
+    agent.kill9();
+    sh(&format!("kill -CONT {pid}")); // in case the kill came mid-freeze
+    std::thread::sleep(Duration::from_millis(300)); // writes while no agent runs
+    let mut agent = Proc(ferry().args(args(&t.s("st"))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("twelve points", 120, || points() >= 12);
+    agent.kill9();
+    sh(&format!("kill -CONT {pid}"));
+    wl.kill9();
+    let log_entries = versioned::read_log(&log);
+    assert!(log_entries.len() > 100, "the workload ran: {} writes", log_entries.len());
+
+    let s = once(&dev, &name, &mt, &t.s("st"), &[]);
+    assert_eq!(s["resync"], false, "restarting the agent needs no resync: {s}");
+    assert_eq!(s["initial_sync"], false);
+    recover_to(&t.s("data"), &name, "latest", &t.s("last.img"));
+    assert_same(&lo.dev, &t.path("last.img"));
+
+    // The log may lack the write the workload was doing when it was killed.
+    let log_entries = read_log_plus_one(&log_entries, &lo.dev, blocks);
+    let disk_state = versioned::check(&lo.dev, &log_entries, blocks);
+    assert!(disk_state.is_ok(), "{disk_state:?}");
+    let freeze_marks: Vec<u64> = std::fs::read_to_string(&freezes).unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("data"), "--name", &name, "--json"])).unwrap();
+    let mut app = 0;
+    for p in pts.as_array().unwrap() {
+        let id = p["id"].to_string();
+        let out = t.path("p.img");
+        recover_to(&t.s("data"), &name, &id, &out.display().to_string());
+        let k = versioned::check(&out, &log_entries, blocks).unwrap_or_else(|e| panic!("point {id} is not a prefix of the write log: {e}"));
+        if p["kind"] == "app" {
+            app += 1;
+            assert!(
+                freeze_marks.iter().any(|&f| k == f || k == f + 1),
+                "app point {id} holds {k} writes, but no freeze saw that many (freezes at {freeze_marks:?})"
+            );
+        }
+    }
+    assert!(app >= 10, "at least ten app points were cut: {app}");
+}
+
+/// The checker's log for the device: the logged writes, plus the one write
+/// that may have completed without being logged before the kill.
+fn read_log_plus_one(log: &[u64], dev: &std::path::Path, blocks: u64) -> Vec<u64> {
+    let mut l = log.to_vec();
+    if versioned::check(dev, &l, blocks).is_err() {
+        // Find the block holding write len+1 and append it.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(dev).unwrap();
+        let mut b = vec![0u8; 4096];
+        for blk in 0..blocks {
+            f.read_exact_at(&mut b, blk * 4096).unwrap();
+            if u64::from_le_bytes(b[0..8].try_into().unwrap()) == l.len() as u64 + 1 {
+                l.push(blk);
+                break;
+            }
+        }
+    }
+    l
+}
+
+/// Acceptance: with a tiny BPF ring buffer, a burst of writes overflows it;
+/// the bitmap catches every change, no checksum resync is needed, and the
+/// replica is identical. `--tracker auto` picks bpf for a block device.
+#[test]
+fn a_tiny_bpf_ring_overflows_into_the_bitmap_and_loses_nothing() {
+    let t = TempDir::new("bpfbitmap");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 32 << 20, 51);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("bitmap");
+    let _guard = Unprotect(t.path("st"));
+    let s = summary(&run_ok(&[
+        "agent",
+        "--disk",
+        &dev,
+        "--name",
+        &name,
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "auto",
+        "--state",
+        &t.s("st"),
+        "--once",
+        "--json",
+        "--bpf-ring-bytes",
+        "4096",
+    ]));
+    assert_eq!(s["tracker"], "bpf", "auto picks bpf for a block device on a BTF kernel");
+    // 3000 scattered writes with no agent draining: far more than 4 KiB of records.
+    sh(&format!("{} workload {dev} 8192 9 {} 3000", mkimage_bin().display(), t.s("w.log")));
+    let s = once(&dev, &name, &mt, &t.s("st"), &[]);
+    assert_eq!(s["resync"], false, "the bitmap, not a checksum pass, covered the overflow: {s}");
+    let st: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &t.s("st"), "--json"])).unwrap();
+    assert!(st["bpf_drops"].as_u64().unwrap() > 0, "the ring buffer did overflow: {st}");
+    recover_to(&t.s("data"), &name, "latest", &t.s("rec.img"));
+    assert_same(&lo.dev, &t.path("rec.img"));
+    // Unprotect detaches: the pins are gone.
+    run_ok(&["unprotect", "--state", &t.s("st")]);
+    assert!(!std::path::Path::new("/sys/fs/bpf/ferry").join(&name).exists());
+}

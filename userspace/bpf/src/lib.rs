@@ -117,8 +117,12 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
     // SAFETY: path is a valid C string and st points at writable memory of
     // the right type for statfs to fill.
     let rc = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) };
-    // SAFETY: statfs returned 0, so it initialised the struct.
-    if rc == 0 && i64::from(unsafe { st.assume_init() }.f_type) == BPF_FS_MAGIC {
+    // f_type is i64 on x86_64 and narrower elsewhere.
+    #[allow(clippy::useless_conversion)]
+    // SAFETY: st was zero-initialised (all-zero is a valid statfs) and
+    // statfs only writes whole fields into it.
+    let f_type = i64::from(unsafe { st.assume_init() }.f_type);
+    if rc == 0 && f_type == BPF_FS_MAGIC {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS).map_err(io(BPFFS))?;

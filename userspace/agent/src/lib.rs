@@ -158,6 +158,14 @@ fn stamp(src: &Source) -> Option<(i64, i64, i64, i64)> {
     m.file_type().is_file().then(|| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
+/// CLOCK_MONOTONIC in ns, the clock tracker records carry.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn random_generation() -> [u8; 16] {
     let mut g = [0u8; 16];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -197,6 +205,8 @@ pub struct Agent {
     map: Option<ChunkMap>,
     /// The pinned BPF tracker feeding `STATE/ring` (bpf tracker only).
     bpf: Option<ferry_bpf::Tracker>,
+    /// (last seq of a shipped batch, completion time of its oldest write).
+    lag_pending: VecDeque<(u64, u64)>,
     last_recursion_check: Instant,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
@@ -283,6 +293,7 @@ impl Agent {
                 bpf_drops: 0,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
+                lag_ms_recent: Vec::new(),
                 last_point: None,
                 last_ack_ns: 0,
                 mode: "initial-sync".into(),
@@ -362,6 +373,7 @@ impl Agent {
             did_resync: false,
             map: None,
             bpf,
+            lag_pending: VecDeque::new(),
             last_recursion_check: Instant::now(),
             pass_sums: None,
             frozen: false,
@@ -893,8 +905,12 @@ impl Agent {
                 self.save()?;
                 self.resync(sess)?;
             }
+            let oldest = exts.iter().map(|r| r.time_ns).filter(|&t| t > 0).min();
             self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
             pending.push_back((sess.next_seq - 1, next));
+            if let Some(t) = oldest {
+                self.lag_pending.push_back((sess.next_seq - 1, t));
+            }
             cursor = next;
             self.release_acked(sess, ring, &mut pending)?;
         }
@@ -923,6 +939,20 @@ impl Agent {
     fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
         sess.flush()?;
         self.note_ack(sess);
+        // Replication lag: from a write's completion (tracker clock) to the
+        // acknowledgement that made it durable on the master target.
+        let now = monotonic_ns();
+        while let Some(&(seq, t)) = self.lag_pending.front() {
+            if seq > self.st.acked_seq {
+                break;
+            }
+            self.lag_pending.pop_front();
+            self.st.lag_ms_recent.push(now.saturating_sub(t) as f64 / 1e6);
+        }
+        let n = self.st.lag_ms_recent.len();
+        if n > 2000 {
+            self.st.lag_ms_recent.drain(..n - 1000);
+        }
         if self.frozen {
             return Ok(());
         }

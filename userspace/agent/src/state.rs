@@ -57,6 +57,10 @@ pub struct AgentState {
     /// The latest freeze durations in ms (at most 200).
     #[serde(default)]
     pub freeze_ms_recent: Vec<f64>,
+    /// The latest replication lags in ms, write completion to durable on
+    /// the master target (trackers that time their records).
+    #[serde(default)]
+    pub lag_ms_recent: Vec<f64>,
     pub last_point: Option<LastPoint>,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,

@@ -259,6 +259,8 @@ fn run(cli: Cli) -> Result<()> {
                     "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
                     "bpf_drops": st.bpf_drops,
                     "cut_problem": st.cut_problem,
+                    "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
+                    "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
                     "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
                     "freeze_ms_p99": pct(&st.freeze_ms_recent, 0.99),
                 });
@@ -282,6 +284,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(p) = &st.cut_problem {
                     println!("POINTS     {p}");
+                }
+                if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
+                    println!("lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)", st.lag_ms_recent.len());
                 }
                 if let (Some(a), Some(b)) = (pct(&st.freeze_ms_recent, 0.5), pct(&st.freeze_ms_recent, 0.99)) {
                     println!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len());

@@ -234,7 +234,7 @@ impl Agent {
         }
         std::fs::create_dir_all(&opts.state).map_err(AgentError::io(format!("state folder {}", opts.state.display())))?;
         let sd = StateDir::new(&opts.state);
-        let tracker = match opts.tracker {
+        let mut tracker = match opts.tracker {
             Tracker::Auto if !src.is_block_device() => {
                 log::info!("tracker auto: picked scan: {} is an image file, which only checksums can track", opts.disk.display());
                 Tracker::Scan
@@ -331,8 +331,20 @@ impl Agent {
         } else {
             None
         };
-        let bpf = if tracker == Tracker::Bpf {
-            let (t, fresh) = ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file())?;
+        let attached = if tracker == Tracker::Bpf {
+            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file()) {
+                Ok(t) => Some(t),
+                Err(e) if opts.tracker == Tracker::Auto => {
+                    log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
+                    tracker = Tracker::Scan;
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let bpf = if let Some((t, fresh)) = attached {
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
             if fresh {
                 log::info!(
@@ -1009,6 +1021,23 @@ impl Agent {
         pending: &mut VecDeque<(u64, u64)>,
         mounts: &[std::path::PathBuf],
     ) -> Result<Option<LastPoint>, AgentError> {
+        // Pre-copy: flush and ship what the filesystems hold now, so that the
+        // freeze has only the last moment's changes to carry.
+        if !mounts.is_empty() {
+            freeze::presync(mounts);
+            self.feed()?;
+            let mut buf = AlignedBuf::new(1 << 20);
+            loop {
+                let (recs, next) = ring.read_from(*cursor, 4096)?;
+                if recs.is_empty() || recs.iter().any(|r| r.is_err()) {
+                    break; // invalid records are handled under the freeze
+                }
+                let exts: Vec<Record> = recs.into_iter().flatten().collect();
+                self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
+                pending.push_back((sess.next_seq - 1, next));
+                *cursor = next;
+            }
+        }
         let t0 = Instant::now();
         if let Some(f) = &self.opts.freeze_cmd {
             run_hook("freeze", f)?;

@@ -40,5 +40,9 @@ struct request {
 #define FERRY_REQ_OP_DISCARD 3
 #define FERRY_REQ_OP_SECURE_ERASE 5
 #define FERRY_REQ_OP_WRITE_ZEROES 9
+/* Driver-private passthrough writes (ioctl'd commands): their effect on the
+ * disk is unknown, so they count as lost. 35 since REQ_OP_DRV_OUT was
+ * renumbered in 4.10's op table; odd ops are writes (op_is_write()). */
+#define FERRY_REQ_OP_DRV_OUT 35
 
 #endif

@@ -119,10 +119,11 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 	if (BPF_CORE_READ(disk, major) != target_major || BPF_CORE_READ(disk, first_minor) != target_minor)
 		return 0;
 	op = BPF_CORE_READ(rq, cmd_flags) & FERRY_REQ_OP_MASK;
+	/* Odd ops write (the kernel's op_is_write()); even ones (read, flush,
+	 * driver-in) do not change the disk. */
+	if (!(op & 1))
+		return 0;
 	switch (op) {
-	case FERRY_REQ_OP_WRITE:
-		kind = FERRY_REC_WRITE;
-		break;
 	case FERRY_REQ_OP_DISCARD:
 	case FERRY_REQ_OP_SECURE_ERASE:
 		kind = FERRY_REC_DISCARD;
@@ -130,8 +131,16 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 	case FERRY_REQ_OP_WRITE_ZEROES:
 		kind = FERRY_REC_WRITE_ZEROES;
 		break;
-	default:
+	case FERRY_REQ_OP_DRV_OUT:
+		st = bpf_map_lookup_elem(&stats, &zero);
+		if (st)
+			__sync_fetch_and_add(&st->lost, 1);
 		return 0;
+	default:
+		/* WRITE, and any other writing op (write-same, zone append):
+		 * its range changed. */
+		kind = FERRY_REC_WRITE;
+		break;
 	}
 	start = BPF_CORE_READ(rq, __sector) << 9;
 	end = start + nr_bytes;

@@ -223,3 +223,110 @@ fn a_tiny_bpf_ring_overflows_into_the_bitmap_and_loses_nothing() {
     run_ok(&["unprotect", "--state", &t.s("st")]);
     assert!(!std::path::Path::new("/sys/fs/bpf/ferry").join(&name).exists());
 }
+
+/// The freeze guard: a filesystem frozen for a cut is thawed (and the thaw
+/// command run) when the agent dies or overruns its deadline, and left
+/// alone when the agent reports the freeze done.
+#[test]
+fn the_freeze_guard_thaws_when_the_agent_dies_or_overruns() {
+    let t = TempDir::new("guard");
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(32 << 20).unwrap();
+    let lo = LoopDev::attach(&backing);
+    sh(&format!("mkfs.ext4 -q -F {}", lo.dev.display()));
+    let _m = Mount::new(&lo.dev, &t.path("mnt"), "rw");
+    let mnt = t.s("mnt");
+    // A write to a frozen filesystem blocks (uninterruptibly) until the
+    // thaw, so probe from a child and never wait on it for long.
+    let mut stuck = Vec::new();
+    let mut writable = || {
+        let mut c = Command::new("touch").arg(t.path("mnt").join("probe")).spawn().unwrap();
+        for _ in 0..150 {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stuck.push(c);
+        false
+    };
+    let guard = |deadline: &str| {
+        ferry()
+            .args(["freeze-guard", "--deadline-ms", deadline, "--thaw-cmd", &format!("echo thawed >> {}", t.s("hook"))])
+            .arg(&mnt)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The agent dies: its end of the pipe closes.
+    sh(&format!("fsfreeze -f {mnt}"));
+    let mut g = guard("60000");
+    drop(g.stdin.take());
+    assert!(g.wait().unwrap().success());
+    assert!(writable(), "thawed after the agent died");
+    assert_eq!(std::fs::read_to_string(t.path("hook")).unwrap(), "thawed\n");
+    // The agent overruns the deadline.
+    sh(&format!("fsfreeze -f {mnt}"));
+    let mut g = guard("300");
+    assert!(g.wait().unwrap().success());
+    assert!(writable(), "thawed at the deadline");
+    // The agent finished its freeze: the guard does nothing.
+    sh(&format!("fsfreeze -f {mnt}"));
+    let mut g = guard("60000");
+    use std::io::Write;
+    g.stdin.take().unwrap().write_all(b"done\n").unwrap();
+    assert!(g.wait().unwrap().success());
+    let frozen = !writable();
+    sh(&format!("fsfreeze -u {mnt}"));
+    drop(writable);
+    for mut c in stuck {
+        let _ = c.wait();
+    }
+    assert!(frozen, "a finished freeze is the agent's to thaw");
+    assert_eq!(std::fs::read_to_string(t.path("hook")).unwrap(), "thawed\nthawed\n");
+}
+
+/// A write the freeze cannot stop (here: a freeze command that does not
+/// stop the writer on the raw disk) means no point is labelled, and
+/// `ferry status` says why; once the writer stops, points come again.
+/// (The host's loop driver has no partitions, so "a raw partition beside a
+/// frozen filesystem" is modelled by a freeze that misses the writer.)
+#[test]
+fn writes_during_a_freeze_cut_no_point() {
+    let t = TempDir::new("leaky");
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("leaky");
+    let _guard = Unprotect(t.path("st"));
+    once(&dev, &name, &mt, &t.s("st"), &[]);
+    let mut wl =
+        Proc(Command::new(mkimage_bin()).args(["workload", &dev, "4096", "5", &t.s("w.log")]).stdout(Stdio::null()).spawn().unwrap());
+    let count = || -> usize {
+        let o = run(&["points", "--data", &t.s("data"), "--name", &name, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map_or(0, |a| a.len())).unwrap_or(0)
+    };
+    let n0 = count();
+    let mut agent = Proc(
+        ferry()
+            .args(["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", &t.s("st")])
+            .args(["--point-every", "0.1", "--freeze-cmd", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the agent to report that no point can be cut", 60, || {
+        agent_state(&t.path("st")).is_some_and(|s| s["cut_problem"].as_str().is_some_and(|p| p.contains("written during the freeze")))
+    });
+    assert_eq!(count(), n0, "no point was labelled while the writer ran through the freezes");
+    wl.kill9();
+    wait_for("points to resume", 60, || count() > n0);
+    agent.kill9();
+    let log = versioned::read_log(&t.path("w.log"));
+    let log = read_log_plus_one(&log, &lo.dev, 4096);
+    recover_to(&t.s("data"), &name, "latest", &t.s("p.img"));
+    versioned::check(&t.path("p.img"), &log, 4096).expect("the point after the writer stopped is a prefix");
+}

@@ -31,22 +31,25 @@ fn devices_of(disk: &Path) -> Vec<String> {
     out
 }
 
-/// Mount points of filesystems on the disk or its partitions.
+/// Mount points of filesystems on the disk or its partitions, one per
+/// filesystem (bind mounts of the same device are listed once).
+/// Filesystems whose mountinfo device is not the disk (btrfs reports an
+/// anonymous 0:N) are not found: the quiet check of every cut still
+/// refuses a point if they write during the freeze.
 pub fn mounts_of(disk: &Path) -> Vec<PathBuf> {
     let devs = devices_of(disk);
     if devs.is_empty() {
         return Vec::new();
     }
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let mut seen: Vec<&str> = Vec::new();
     let mut out = Vec::new();
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        if f.len() > 4 && devs.iter().any(|d| d == f[2]) {
+        if f.len() > 4 && devs.iter().any(|d| d == f[2]) && !seen.contains(&f[2]) {
+            seen.push(f[2]);
             // Mount points escape spaces and such as \040 (octal).
-            let p = unescape(f[4]);
-            if !out.contains(&p) {
-                out.push(p);
-            }
+            out.push(unescape(f[4]));
         }
     }
     out
@@ -88,22 +91,122 @@ pub fn presync(mounts: &[PathBuf]) {
 /// Filesystems frozen by [`freeze`], thawed by [`Frozen::thaw`] (or on drop).
 pub struct Frozen {
     files: Vec<(PathBuf, File)>,
+    /// A freeze that failed (not merely unsupported): no point this round.
+    pub failed: Option<String>,
 }
 
-/// Freeze each mount point; on a failure, thaw what was frozen and say which.
-pub fn freeze(mounts: &[PathBuf]) -> Result<Frozen, String> {
-    let mut fr = Frozen { files: Vec::new() };
+/// Freeze each mount point. A filesystem that cannot be frozen at all
+/// (EOPNOTSUPP, e.g. vfat) is skipped and makes the second value false (the
+/// point is then not app-consistent); any other failure is reported in
+/// `failed` with what was frozen left for the caller to thaw.
+pub fn freeze(mounts: &[PathBuf]) -> (Frozen, bool) {
+    let mut fr = Frozen { files: Vec::new(), failed: None };
+    let mut all = true;
     for m in mounts {
-        let f = File::open(m).map_err(|e| format!("cannot open {} to freeze it: {e}", m.display()))?;
+        let f = match File::open(m) {
+            Ok(f) => f,
+            Err(e) => {
+                fr.failed = Some(format!("cannot open {} to freeze it: {e}", m.display()));
+                break;
+            }
+        };
         let mut arg: libc::c_int = 0;
         // SAFETY: FIFREEZE takes an int pointer (unused); the fd is open.
         if unsafe { libc::ioctl(f.as_raw_fd(), FIFREEZE, &mut arg) } != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(format!("FIFREEZE {}: {e}", m.display()));
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                log::warn!("{} cannot be frozen (its filesystem does not support it); points are crash-consistent for it", m.display());
+                all = false;
+                continue;
+            }
+            fr.failed = Some(format!("FIFREEZE {}: {e}", m.display()));
+            break;
         }
         fr.files.push((m.clone(), f));
     }
-    Ok(fr)
+    (fr, all)
+}
+
+/// A separate process that thaws the filesystems (and runs the thaw
+/// command) if this one dies while they are frozen or overruns `deadline`.
+/// `done()` tells it all went well.
+pub struct Guard {
+    child: Option<std::process::Child>,
+}
+
+impl Guard {
+    pub fn start(mounts: &[PathBuf], deadline: std::time::Duration, thaw_cmd: Option<&str>) -> Guard {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("no freeze guard (cannot find this program: {e})");
+                return Guard { child: None };
+            }
+        };
+        let mut c = std::process::Command::new(exe);
+        c.arg("freeze-guard").arg("--deadline-ms").arg(deadline.as_millis().to_string());
+        if let Some(t) = thaw_cmd {
+            c.arg("--thaw-cmd").arg(t);
+        }
+        c.args(mounts).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        match c.spawn() {
+            Ok(child) => Guard { child: Some(child) },
+            Err(e) => {
+                log::warn!("no freeze guard ({e})");
+                Guard { child: None }
+            }
+        }
+    }
+
+    /// The freeze ended normally: the guard exits without doing anything.
+    pub fn done(mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(mut stdin) = c.stdin.take() {
+                use std::io::Write;
+                let _ = stdin.write_all(b"done\n");
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Dropped without done(): closing stdin makes the guard thaw now.
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The guard process's side (`ferry freeze-guard`): wait for "done" on
+/// stdin; on end of input without it, or at the deadline, thaw every mount
+/// point given (a filesystem that is not frozen just refuses) and run the
+/// thaw command.
+pub fn run_guard(deadline: std::time::Duration, thaw_cmd: Option<&str>, mounts: &[PathBuf]) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        let _ = tx.send(line.trim() == "done");
+    });
+    let ok = rx.recv_timeout(deadline).unwrap_or(false);
+    if ok {
+        return;
+    }
+    for m in mounts {
+        if let Ok(f) = File::open(m) {
+            let mut arg: libc::c_int = 0;
+            // SAFETY: FITHAW takes an int pointer (unused); the fd is open.
+            if unsafe { libc::ioctl(f.as_raw_fd(), FITHAW, &mut arg) } == 0 {
+                eprintln!("ferry freeze-guard: thawed {} (the agent died or overran its freeze cap)", m.display());
+            }
+        }
+    }
+    if let Some(t) = thaw_cmd {
+        let _ = std::process::Command::new("sh").arg("-c").arg(t).status();
+    }
 }
 
 impl Frozen {

@@ -336,6 +336,7 @@ impl Agent {
                 Ok(t) => Some(t),
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
+                    let _ = ferry_bpf::unpin(&opts.name);
                     tracker = Tracker::Scan;
                     None
                 }
@@ -359,7 +360,7 @@ impl Agent {
                 }
                 let s = t.stats()?;
                 st.bpf_lost_seen = s.lost;
-                st.bpf_recursion_seen = t.recursion_misses();
+                st.bpf_recursion_seen = t.recursion_misses().unwrap_or(0);
             } else {
                 log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
             }
@@ -1006,13 +1007,18 @@ impl Agent {
         self.release_acked(sess, ring, pending)?;
         // Anything that completed meanwhile is in the tracker's buffer.
         self.feed()?;
+        self.check_tracker_now()?;
         if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
             return Ok(None);
         }
         Ok(Some(self.cut(sess, PointKind::Crash)?))
     }
 
-    /// Freeze, drain the ring completely, cut an app-consistent point, thaw.
+    /// Freeze, ship everything written before the freeze, cut a point,
+    /// thaw. The point is `app` when every filesystem on the disk froze (and
+    /// the freeze command ran), else `crash`; either way only if nothing was
+    /// written while the last changes shipped. `Ok(None)`: no point this
+    /// time (the reason is in `cut_problem`).
     fn frozen_cut(
         &mut self,
         sess: &mut Session,
@@ -1021,12 +1027,12 @@ impl Agent {
         pending: &mut VecDeque<(u64, u64)>,
         mounts: &[std::path::PathBuf],
     ) -> Result<Option<LastPoint>, AgentError> {
+        let mut buf = AlignedBuf::new(1 << 20);
         // Pre-copy: flush and ship what the filesystems hold now, so that the
         // freeze has only the last moment's changes to carry.
         if !mounts.is_empty() {
             freeze::presync(mounts);
             self.feed()?;
-            let mut buf = AlignedBuf::new(1 << 20);
             loop {
                 let (recs, next) = ring.read_from(*cursor, 4096)?;
                 if recs.is_empty() || recs.iter().any(|r| r.is_err()) {
@@ -1038,24 +1044,27 @@ impl Agent {
                 *cursor = next;
             }
         }
+        let cap = self.opts.freeze_cap;
+        // A separate process thaws if this one dies or overruns the cap.
+        let guard = freeze::Guard::start(mounts, cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
         let t0 = Instant::now();
         if let Some(f) = &self.opts.freeze_cmd {
-            run_hook("freeze", f)?;
-        }
-        // Nothing may write to the state folder (it may be on a frozen
-        // filesystem) until the thaw: saves and ring releases wait.
-        self.frozen = true;
-        let fs = match freeze::freeze(mounts) {
-            Ok(fs) => fs,
-            Err(e) => {
-                self.thaw()?;
-                return Err(AgentError::NoConsistentPoint(e));
+            if let Err(e) = run_hook("freeze", f) {
+                drop(guard); // thaws and runs the thaw command
+                return Err(e);
             }
-        };
-        let cap = self.opts.freeze_cap;
-        let r = (|| {
-            let mut buf = AlignedBuf::new(1 << 20);
-            // Writes that completed before the freeze are in the tracker.
+        }
+        self.frozen = true;
+        if let Some(t) = &self.bpf {
+            t.hold();
+        }
+        let (fs, all_frozen) = freeze::freeze(mounts);
+        let mut taken: Vec<Record> = Vec::new();
+        let r = (|| -> Result<Option<LastPoint>, AgentError> {
+            if let Some(e) = &fs.failed {
+                self.st.cut_problem = Some(e.clone());
+                return Ok(None);
+            }
             self.feed()?;
             loop {
                 if t0.elapsed() > cap {
@@ -1064,11 +1073,12 @@ impl Agent {
                     log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
                     return Ok(None);
                 }
+                let held = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
                 let (recs, next) = ring.read_from(*cursor, 4096)?;
-                if recs.is_empty() {
+                if held.is_empty() && recs.is_empty() {
                     break;
                 }
-                let mut exts = Vec::with_capacity(recs.len());
+                let mut exts = Vec::with_capacity(recs.len() + held.len());
                 for r in recs {
                     match r {
                         Ok(rec) => exts.push(rec),
@@ -1079,21 +1089,46 @@ impl Agent {
                         }
                     }
                 }
+                exts.extend_from_slice(&held);
+                taken.extend(held);
                 self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
                 pending.push_back((sess.next_seq - 1, next));
                 *cursor = next;
             }
-            if ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
-                return Ok(None); // the loop resyncs before the next try
-            }
             sess.wait_acked(sess.next_seq - 1)?;
+            // Nothing may have been written meanwhile (a filesystem the freeze
+            // did not reach, a swap area, another writer on the raw disk).
+            self.feed()?;
+            self.check_tracker_now()?;
+            let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
+            let quiet = late.is_empty() && ring.producer() == *cursor;
+            taken.extend(late);
+            if !quiet || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
+                self.st.cut_problem =
+                    Some("the disk was written during the freeze (something the freeze does not reach writes to it)".into());
+                return Ok(None);
+            }
             if t0.elapsed() > cap {
                 return Ok(None);
             }
-            self.cut(sess, PointKind::App).map(Some)
+            let kind = if all_frozen { PointKind::App } else { PointKind::Crash };
+            self.cut(sess, kind).map(Some)
         })();
         let fs_thawed = fs.thaw();
-        let thawed = self.thaw();
+        let hook_thawed = self.thaw();
+        guard.done();
+        // Hand back to the durable ring what was collected while frozen and
+        // is not yet covered by a point (re-shipping is harmless). Held
+        // records were also marked in the tracker's bitmap (so an agent that
+        // died frozen loses nothing); take those marks now, too.
+        if let Some(t) = self.bpf.as_mut() {
+            let rest = t.unhold();
+            let unsure = !matches!(r, Ok(Some(_)));
+            for rec in rest.into_iter().chain(if unsure { taken } else { Vec::new() }) {
+                ring.push(rec);
+            }
+            t.take_bitmap();
+        }
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
         self.st.freeze_ms_recent.push(ms);
@@ -1101,10 +1136,34 @@ impl Agent {
         if n > 200 {
             self.st.freeze_ms_recent.drain(..n - 200);
         }
+        self.save()?;
         let p = r?;
-        fs_thawed.map_err(AgentError::NoConsistentPoint)?;
-        thawed?;
+        if let Err(e) = fs_thawed {
+            log::error!("{e}");
+        }
+        hook_thawed?;
         Ok(p)
+    }
+
+    /// Checks that must hold right before a point is cut: the tracker is
+    /// still attached and has not missed a run.
+    fn check_tracker_now(&mut self) -> Result<(), AgentError> {
+        let Some(t) = self.bpf.as_ref() else { return Ok(()) };
+        if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
+            return Err(AgentError::NoConsistentPoint(format!(
+                "{}: the bpf tracker was detached (ferry unprotect?); stopping",
+                self.st.name
+            )));
+        }
+        match t.recursion_misses() {
+            Some(m) if m > self.st.bpf_recursion_seen => {
+                self.st.resync_required = Some(format!("the bpf tracker missed {} runs (recursion)", m - self.st.bpf_recursion_seen));
+                self.st.bpf_recursion_seen = m;
+            }
+            Some(_) => {}
+            None => self.st.resync_required = Some("the bpf tracker's program is gone".into()),
+        }
+        Ok(())
     }
 
     /// Move what the BPF tracker recorded into `STATE/ring`, and turn any
@@ -1126,17 +1185,7 @@ impl Agent {
         }
         if self.last_recursion_check.elapsed() >= Duration::from_secs(1) {
             self.last_recursion_check = Instant::now();
-            if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
-                return Err(AgentError::NoConsistentPoint(format!(
-                    "{}: the bpf tracker was detached (ferry unprotect?); stopping",
-                    self.st.name
-                )));
-            }
-            let m = t.recursion_misses();
-            if m > self.st.bpf_recursion_seen {
-                self.st.resync_required = Some(format!("the bpf tracker missed {} runs (recursion)", m - self.st.bpf_recursion_seen));
-                self.st.bpf_recursion_seen = m;
-            }
+            self.check_tracker_now()?;
         }
         Ok(())
     }

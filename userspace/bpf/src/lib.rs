@@ -78,7 +78,10 @@ fn read_sys(p: &Path) -> Result<String, BpfError> {
     std::fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(io(p.display().to_string()))
 }
 
-/// Resolve a block device path to the disk the program must watch.
+/// Resolve a block device path to the disk the program must watch. Only
+/// request-based (blk-mq) disks complete requests the program sees; others
+/// (device-mapper, md, zram, an NVMe multipath head) are refused, so that
+/// `auto` picks another tracker rather than watch a disk that never reports.
 pub fn target_of(disk: &Path) -> Result<Target, BpfError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::metadata(disk).map_err(io(disk.display().to_string()))?;
@@ -93,10 +96,23 @@ pub fn target_of(disk: &Path) -> Result<Target, BpfError> {
         let parent = read_sys(&sys.join("../dev"))?;
         let (a, b) = parent.split_once(':').ok_or_else(|| BpfError::Unsupported(format!("bad parent device {parent:?}")))?;
         let p = |s: &str| s.parse::<u32>().map_err(|_| BpfError::Unsupported(format!("bad parent device {parent:?}")));
+        require_mq(&sys.join(".."), disk)?;
         Ok(Target { major: p(a)?, minor: p(b)?, part_start: start, part_sectors: size })
     } else {
+        require_mq(&sys, disk)?;
         Ok(Target { major: maj, minor: min, part_start: 0, part_sectors: 0 })
     }
+}
+
+fn require_mq(sys_disk: &Path, disk: &Path) -> Result<(), BpfError> {
+    if sys_disk.join("mq").is_dir() {
+        return Ok(());
+    }
+    Err(BpfError::Unsupported(format!(
+        "{} is not a request-based (blk-mq) disk (device-mapper, md, zram...): the bpf tracker cannot see its writes; \
+         protect the disks beneath it, or use --tracker scan",
+        disk.display()
+    )))
 }
 
 /// Bitmap granularity for a disk: at least 4 KiB, at most 2^25 bits.
@@ -147,7 +163,7 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     if !dir.exists() {
         return Ok(false);
     }
-    for p in ["link", "prog", "events", "bitmap", "stats"] {
+    for p in ["link", "prog", "events", "bitmap", "stats", "config"] {
         match std::fs::remove_file(dir.join(p)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -156,6 +172,35 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     }
     std::fs::remove_dir(&dir).map_err(io(dir.display().to_string()))?;
     Ok(true)
+}
+
+/// The bitmap as the ring-buffer callback sees it (a raw view: the mapping
+/// is owned by the [`Tracker`], which drops the callback first).
+#[derive(Clone, Copy)]
+struct BitmapRef {
+    base: usize,
+    words: usize,
+    shift: u32,
+}
+
+impl BitmapRef {
+    /// Set the bits of every chunk `[off, off+len)` touches.
+    fn mark(&self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (off >> self.shift, (off + len - 1) >> self.shift);
+        for chunk in first..=last {
+            let w = (chunk / 64) as usize;
+            if w >= self.words {
+                break;
+            }
+            // SAFETY: w < words; the mapping (owned by the Tracker, dropped
+            // after the ring buffer that calls this) holds `words` aligned
+            // u64s, updated atomically by the kernel and by us.
+            unsafe { AtomicU64::from_ptr((self.base as *mut u64).add(w)) }.fetch_or(1 << (chunk % 64), Ordering::AcqRel);
+        }
+    }
 }
 
 /// Counters the program keeps.
@@ -181,12 +226,28 @@ struct Pins {
     events: MapHandle,
     bitmap: MapHandle,
     stats: MapHandle,
+    config: MapHandle,
     prog_id: u32,
+}
+
+/// What a pinned program watches, read back from its read-only data.
+fn pinned_config(config: &MapHandle) -> Option<(Target, u32, u64)> {
+    let v = config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).ok()??;
+    let u32_at = |o: usize| v.get(o..o + 4).map(|b| u32::from_ne_bytes(b.try_into().expect("4")));
+    let u64_at = |o: usize| v.get(o..o + 8).map(|b| u64::from_ne_bytes(b.try_into().expect("8")));
+    // Layout of `types::rodata` in the skeleton (checked in a test below).
+    let t = Target { major: u32_at(0)?, minor: u32_at(4)?, part_start: u64_at(8)?, part_sectors: u64_at(16)? };
+    Some((t, u32_at(24)?, u64_at(32)?))
 }
 
 /// An attached (pinned) tracker for one disk.
 pub struct Tracker {
+    /// While Some, records are kept here instead of the sink ring (whose
+    /// file may sit on a filesystem being frozen: see [`Tracker::hold`]).
+    held: Arc<std::sync::Mutex<Option<Vec<Record>>>>,
     pins: Pins,
+    /// Declared before `bitmap`: it is dropped first (its callback marks
+    /// the bitmap).
     rb: libbpf_rs::RingBuffer<'static>,
     counts: Arc<std::sync::Mutex<Collected>>,
     sink: Arc<Ring>,
@@ -200,7 +261,7 @@ pub struct Tracker {
 fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
     let m = |n: &str| MapHandle::from_pinned_path(dir.join(n)).map_err(lib(n));
     let prog = libbpf_rs::ProgramHandle::from_pinned_path(dir.join("prog")).map_err(lib("prog"))?;
-    Ok(Pins { events: m("events")?, bitmap: m("bitmap")?, stats: m("stats")?, prog_id: prog.id() })
+    Ok(Pins { events: m("events")?, bitmap: m("bitmap")?, stats: m("stats")?, config: m("config")?, prog_id: prog.id() })
 }
 
 impl Tracker {
@@ -215,7 +276,16 @@ impl Tracker {
         let target = target_of(disk_path)?;
         let shift = chunk_shift_for(size);
         let words = (size.div_ceil(1u64 << shift)).div_ceil(64).max(1) as usize;
-        let fresh = !dir.join("link").exists();
+        let mut fresh = !dir.join("link").exists();
+        if !fresh {
+            // The pins may watch another device (a loop device set up
+            // again, a disk renumbered): then start over, as a fresh attach.
+            let same = open_pins(&dir).ok().and_then(|p| pinned_config(&p.config)) == Some((target, shift, words as u64));
+            if !same {
+                log::warn!("the pinned tracker of {name} watches another device or size; attaching afresh");
+                fresh = true;
+            }
+        }
         if fresh {
             // A partial pin folder (an interrupted attach) is cleared first.
             unpin(name)?;
@@ -242,13 +312,26 @@ impl Tracker {
         let sink = Arc::new(Ring::open(sink).map_err(|e| BpfError::Unsupported(e.to_string()))?);
         let counts = Arc::new(std::sync::Mutex::new(Collected::default()));
         let mut b = libbpf_rs::RingBufferBuilder::new();
-        let (s2, c2) = (Arc::clone(&sink), Arc::clone(&counts));
+        let held: Arc<std::sync::Mutex<Option<Vec<Record>>>> = Arc::new(std::sync::Mutex::new(None));
+        let (s2, c2, h2) = (Arc::clone(&sink), Arc::clone(&counts), Arc::clone(&held));
+        let marks = BitmapRef { base: bitmap.as_ptr() as usize, words, shift };
         b.add(&pins.events, move |data: &[u8]| {
             let mut c = c2.lock().expect("poisoned");
             match parse(data) {
                 Some(r) => {
-                    // A full ring raises its overflow counter: the agent resyncs.
-                    s2.push(r);
+                    match h2.lock().expect("poisoned").as_mut() {
+                        Some(v) => {
+                            // Held records live in this process only: mark
+                            // them in the pinned bitmap too, which outlives
+                            // it (taken at the next start, or after the cut).
+                            marks.mark(r.offset, u64::from(r.length));
+                            v.push(r);
+                        }
+                        // A full ring raises its overflow counter: the agent resyncs.
+                        None => {
+                            s2.push(r);
+                        }
+                    }
                     c.records += 1;
                 }
                 None => c.invalid += 1,
@@ -257,9 +340,30 @@ impl Tracker {
         })
         .map_err(lib("ring buffer"))?;
         let rb = b.build().map_err(lib("ring buffer"))?;
-        let drops_seen = 0;
-        let t = Tracker { pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen };
+        // Take the bitmap at the first collect whatever the counter says: a
+        // previous agent may have left marks there.
+        let drops_seen = u64::MAX;
+        let t = Tracker { held, pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen };
         Ok((t, fresh))
+    }
+
+    /// From now on keep collected records in memory instead of writing them
+    /// to the sink ring: during a filesystem freeze the ring's file may be
+    /// on the frozen filesystem, and a write to its mapping would block
+    /// until a thaw only this process can do. The caller ships what
+    /// [`Tracker::unhold`] returns, or hands it back to the ring.
+    pub fn hold(&self) {
+        *self.held.lock().expect("poisoned") = Some(Vec::new());
+    }
+
+    /// Records collected since the last call, while holding.
+    pub fn take_held(&self) -> Vec<Record> {
+        self.held.lock().expect("poisoned").as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Stop holding; returns what was held and not yet taken.
+    pub fn unhold(&self) -> Vec<Record> {
+        self.held.lock().expect("poisoned").take().unwrap_or_default()
     }
 
     /// Bitmap granularity in bytes.
@@ -276,8 +380,9 @@ impl Tracker {
 
     /// Times the kernel skipped the program because it was already running
     /// on that CPU (each is a change not recorded).
-    pub fn recursion_misses(&self) -> u64 {
-        libbpf_rs::query::ProgInfoIter::default().find(|p| p.id == self.pins.prog_id).map_or(0, |p| p.recursion_misses)
+    /// `None` if the program is gone.
+    pub fn recursion_misses(&self) -> Option<u64> {
+        libbpf_rs::query::ProgInfoIter::default().find(|p| p.id == self.pins.prog_id).map(|p| p.recursion_misses)
     }
 
     /// Move queued records, and bitmap bits if any record fell back to the
@@ -293,16 +398,25 @@ impl Tracker {
         Ok(out)
     }
 
-    fn take_bitmap(&mut self) -> u64 {
+    /// Take every bit now and queue the chunks (to the sink, or to the held
+    /// list while holding). Returns the number of extents queued.
+    pub fn take_bitmap(&mut self) -> u64 {
         let base = self.bitmap.as_mut_ptr() as *mut u64;
         let chunk = 1u64 << self.chunk_shift;
         let mut run: Option<(u64, u64)> = None;
         let mut n = 0;
+        let held = Arc::clone(&self.held);
         let mut flush = |run: &mut Option<(u64, u64)>, sink: &Ring| {
             if let Some((a, b)) = run.take() {
                 let end = b.min(self.size);
                 if end > a {
-                    sink.push(Record { seq: 0, offset: a, length: (end - a) as u32, kind: RecordKind::Write, flush: false, time_ns: 0 });
+                    let r = Record { seq: 0, offset: a, length: (end - a) as u32, kind: RecordKind::Write, flush: false, time_ns: 0 };
+                    match held.lock().expect("poisoned").as_mut() {
+                        Some(v) => v.push(r),
+                        None => {
+                            sink.push(r);
+                        }
+                    }
                     n += 1;
                 }
             }
@@ -341,7 +455,8 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) 
     ro.part_sectors = t.part_sectors;
     ro.chunk_shift = shift;
     ro.bitmap_words = words;
-    open.maps.events.set_max_entries(ring_bytes.next_power_of_two().max(4096)).map_err(lib("events size"))?;
+    let ring_bytes = ring_bytes.clamp(4096, 1 << 30).next_power_of_two();
+    open.maps.events.set_max_entries(ring_bytes).map_err(lib("events size"))?;
     open.maps.bitmap.set_max_entries(words as u32).map_err(lib("bitmap size"))?;
     let mut skel = open.load().map_err(lib("loading the BPF program (a kernel with BTF and tp_btf is needed)"))?;
     let mut link = skel.progs.ferry_rq_complete.attach().map_err(lib("attaching to block_rq_complete"))?;
@@ -349,6 +464,7 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) 
     skel.maps.bitmap.pin(dir.join("bitmap")).map_err(lib("pinning bitmap"))?;
     skel.maps.stats.pin(dir.join("stats")).map_err(lib("pinning stats"))?;
     skel.progs.ferry_rq_complete.pin(dir.join("prog")).map_err(lib("pinning prog"))?;
+    skel.maps.rodata.pin(dir.join("config")).map_err(lib("pinning config"))?;
     // The link last: its pin is what says "tracking is on".
     link.pin(dir.join("link")).map_err(lib("pinning link"))?;
     Ok(())
@@ -374,6 +490,17 @@ fn parse(data: &[u8]) -> Option<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rodata_layout_matches_pinned_config_parsing() {
+        use std::mem::offset_of;
+        assert_eq!(offset_of!(skel::types::rodata, target_major), 0);
+        assert_eq!(offset_of!(skel::types::rodata, target_minor), 4);
+        assert_eq!(offset_of!(skel::types::rodata, part_start), 8);
+        assert_eq!(offset_of!(skel::types::rodata, part_sectors), 16);
+        assert_eq!(offset_of!(skel::types::rodata, chunk_shift), 24);
+        assert_eq!(offset_of!(skel::types::rodata, bitmap_words), 32);
+    }
 
     #[test]
     fn chunk_grows_with_the_disk() {

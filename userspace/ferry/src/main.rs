@@ -79,6 +79,15 @@ enum Cmd {
         #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
         bpf_ring_bytes: u32,
     },
+    /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
+    #[command(hide = true)]
+    FreezeGuard {
+        #[arg(long)]
+        deadline_ms: u64,
+        #[arg(long)]
+        thaw_cmd: Option<String>,
+        mounts: Vec<PathBuf>,
+    },
     /// Stop protecting a disk: detach the tracker, keep the replica and its points.
     Unprotect {
         #[arg(long, value_name = "DIR")]
@@ -166,6 +175,9 @@ fn run(cli: Cli) -> Result<()> {
             if !(freeze_cap.is_finite() && freeze_cap > 0.0) {
                 anyhow::bail!("--freeze-cap must be a positive number of seconds");
             }
+            if !(4096..=1 << 30).contains(&bpf_ring_bytes) {
+                anyhow::bail!("--bpf-ring-bytes must be between 4096 and 1073741824");
+            }
             let tracker = match tracker {
                 TrackerArg::Auto => Tracker::Auto,
                 TrackerArg::Kmod => Tracker::Kmod,
@@ -235,6 +247,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             recover::recover(&data, &name, &p, &out, fmt)?;
             eprintln!("recovered {name} point {} ({}, {}) to {}", p.id, p.kind.as_str(), recover::rfc3339(p.time_ns), out.display());
+            Ok(())
+        }
+        Cmd::FreezeGuard { deadline_ms, thaw_cmd, mounts } => {
+            ferry_agent::freeze::run_guard(Duration::from_millis(deadline_ms), thaw_cmd.as_deref(), &mounts);
             Ok(())
         }
         Cmd::Unprotect { state } => {

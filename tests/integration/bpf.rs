@@ -278,7 +278,6 @@ fn the_freeze_guard_thaws_when_the_agent_dies_or_overruns() {
     assert!(g.wait().unwrap().success());
     let frozen = !writable();
     sh(&format!("fsfreeze -u {mnt}"));
-    drop(writable);
     for mut c in stuck {
         let _ = c.wait();
     }

@@ -151,9 +151,19 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
     Ok(())
 }
 
-/// The pin folder of a protected disk.
+/// The pin folder of a protected disk. bpffs refuses names with '.'
+/// (reserved by the kernel), which disk names may contain, so '_' and '.'
+/// are escaped as "_u" and "_d" (an injective mapping).
 pub fn pin_dir(name: &str) -> PathBuf {
-    Path::new(BPFFS).join("ferry").join(name)
+    let mut esc = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '_' => esc.push_str("_u"),
+            '.' => esc.push_str("_d"),
+            c => esc.push(c),
+        }
+    }
+    Path::new(BPFFS).join("ferry").join(esc)
 }
 
 /// Remove every pin of a disk: detaches the program once nothing else holds
@@ -500,6 +510,14 @@ mod tests {
         assert_eq!(offset_of!(skel::types::rodata, part_sectors), 16);
         assert_eq!(offset_of!(skel::types::rodata, chunk_shift), 24);
         assert_eq!(offset_of!(skel::types::rodata, bitmap_words), 32);
+    }
+
+    #[test]
+    fn pin_names_avoid_dots_and_stay_distinct() {
+        let a = pin_dir("db-1.disk0");
+        assert!(!a.file_name().unwrap().to_string_lossy().contains('.'));
+        assert_ne!(pin_dir("a.b"), pin_dir("a_b"));
+        assert_ne!(pin_dir("a_d"), pin_dir("a."));
     }
 
     #[test]

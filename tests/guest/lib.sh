@@ -6,7 +6,16 @@
 # (QEMU user networking). Sourced by scripts/test-kmod.
 set -euo pipefail
 
-FERRY_KERNELS=${FERRY_KERNELS:-"6.1.0-56-cloud-amd64 6.12.107+deb12-cloud-amd64"}
+# The newest Debian 6.1 and 6.12 cloud kernels the archive offers (point
+# releases replace each other), unless FERRY_KERNELS names them.
+newest_kernel() {
+  apt-cache search --names-only "^linux-image-$1[0-9.+~a-z-]*-cloud-amd64\$" 2>/dev/null |
+    awk '{print $1}' | grep -v -e '-dbg$' -e '-unsigned$' | sed 's/^linux-image-//' | sort -V | tail -1
+}
+if [ -z "${FERRY_KERNELS:-}" ]; then
+  k61=$(newest_kernel '6\.1\.0-'); k612=$(newest_kernel '6\.12\.')
+  FERRY_KERNELS="${k61:-6.1.0-56-cloud-amd64} ${k612:-6.12.107+deb12-cloud-amd64}"
+fi
 KCACHE=${FERRY_KERNEL_CACHE:-/var/cache/ferry-kernels}
 
 # Download and unpack a Debian kernel image package (cached).

@@ -61,6 +61,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // FERRY_TEST_KEEP=1 keeps a failed test's folder for inspection.
+        if std::thread::panicking() && std::env::var_os("FERRY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

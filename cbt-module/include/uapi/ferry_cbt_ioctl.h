@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: GPL-2.0-only WITH Linux-syscall-note */
+/*
+ * ferry change-tracking kernel module: the control device /dev/ferry-cbt.
+ * The records and the ring it fills are defined in ferry_cbt.h; this header
+ * adds only the ioctls of cbt-module/kmod.
+ *
+ * Rules (as in ferry_cbt.h): fixed-width __u types only, explicit padding,
+ * no pointers, no enums, no `long`, no kernel-version conditionals, a size
+ * assertion per struct. Every argument struct starts with `size`, which the
+ * caller sets to sizeof(the struct it was compiled with): the module accepts
+ * a shorter struct it knows (an older caller) and a longer one whose unknown
+ * tail is all zeroes (a newer caller), and copies back at most `size` bytes
+ * (the openat2/clone3 rule, copy_struct_from_user()). New fields are only
+ * ever appended. The ioctl number encodes the current struct size but the
+ * module matches on type and number only.
+ *
+ * Handles. ATTACH returns a handle naming one tracked whole disk. Tracking
+ * belongs to the module, not to the file descriptor: it goes on after the
+ * descriptor is closed (an agent restart loses nothing) until DETACH or
+ * module unload. A handle is not reused by the next 2^25 attachments, so
+ * a stale handle fails with ENOENT instead of naming another disk. Handles
+ * are below 2^31. At most 64 disks are attached at once (ENOSPC).
+ *
+ * The ring. mmap(NULL, mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+ * mmap_offset) on any descriptor of /dev/ferry-cbt maps the disk's ring in
+ * the ferry_cbt.h layout (header page, then the slots). The module is the
+ * producer; the mapping's user is the consumer and writes only `consumer`.
+ * MAP_SHARED is required. The mapping stays valid (frozen) after DETACH and
+ * the memory is freed when the last mapping goes. 64-bit processes only
+ * (the offset does not fit a 32-bit mmap2 page offset).
+ *
+ * Permissions: the device is root-only (0600) and ATTACH/DETACH need
+ * CAP_SYS_ADMIN.
+ *
+ * Errors: EINVAL (size too small or above 4096, unknown flag, capacity not
+ * a power of two in range, a partition instead of its whole disk, a bad
+ * mmap offset/length or a non-shared mapping), E2BIG (non-zero bytes past
+ * the struct the module knows), ENXIO (no such block device), EEXIST (the
+ * disk is already attached), ENOSPC (64 disks attached), ENOMEM, EPERM,
+ * ENOENT (unknown or detached handle), ENOTTY (unknown command).
+ */
+#ifndef _UAPI_FERRY_CBT_IOCTL_H
+#define _UAPI_FERRY_CBT_IOCTL_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+#define FERRY_CBT_DEVICE "/dev/ferry-cbt"
+
+/* Largest ring accepted, in records (the agent's limit too). */
+#define FERRY_CBT_MAX_CAPACITY (1ULL << 24)
+
+/* The mmap offset of a handle's ring (also returned by ATTACH). */
+#define FERRY_CBT_MMAP_SHIFT 32
+#define FERRY_CBT_MMAP_OFFSET(handle) ((__u64)(handle) << FERRY_CBT_MMAP_SHIFT)
+
+/* Tracking modes reported by STATUS (the issue's degradation ladder). */
+#define FERRY_CBT_MODE_DATA 1     /* records with the write payload (not yet) */
+#define FERRY_CBT_MODE_METADATA 2 /* extent records only */
+#define FERRY_CBT_MODE_BITMAP 3   /* dirty bitmap only (not yet) */
+
+/* ATTACH input flags. */
+/* If the disk is already attached, return its existing handle (and set
+ * FERRY_CBT_ATTACHED_EXISTING) instead of failing with EEXIST; the
+ * requested capacity is then ignored. */
+#define FERRY_CBT_ATTACH_F_EXISTING_OK 0x0001
+
+/* ATTACH output flags. */
+#define FERRY_CBT_ATTACHED_EXISTING 0x0001
+
+struct ferry_cbt_attach {
+	__u32 size;        /* in: sizeof(struct ferry_cbt_attach) */
+	__u32 flags;       /* in: FERRY_CBT_ATTACH_F_* */
+	__u32 major;       /* in: the whole disk's major */
+	__u32 minor;       /* in: the whole disk's minor (not a partition) */
+	__u64 capacity;    /* in: ring slots, a power of two, 1..FERRY_CBT_MAX_CAPACITY */
+	__u32 handle;      /* out: names the attachment */
+	__u32 out_flags;   /* out: FERRY_CBT_ATTACHED_* */
+	__u64 mmap_offset; /* out: mmap offset of the ring */
+	__u64 mmap_size;   /* out: bytes to map (header + slots, page-rounded) */
+};
+
+struct ferry_cbt_detach {
+	__u32 size;   /* in: sizeof(struct ferry_cbt_detach) */
+	__u32 handle; /* in */
+};
+
+struct ferry_cbt_status {
+	__u32 size;      /* in: sizeof(struct ferry_cbt_status) */
+	__u32 handle;    /* in */
+	__u32 major;     /* out: the attached whole disk */
+	__u32 minor;     /* out */
+	__u32 mode;      /* out: FERRY_CBT_MODE_* */
+	__u32 _pad0;
+	__u64 capacity;  /* out: ring slots */
+	__u64 records;   /* out: records queued into the ring since attach */
+	__u64 overflows; /* out: changes that did not fit (ring full) */
+	__u64 lost;      /* out: changes no record can describe (e.g. zone ops) */
+	__u64 bytes;     /* out: bytes of all changes seen (queued or not) */
+	__u64 seq;       /* out: next sequence number (= changes seen) */
+	__u64 producer;  /* out: the module's producer index */
+	__u64 consumer;  /* out: the consumer index in the ring header, now */
+};
+
+#ifdef __cplusplus
+#define FERRY_IOCTL_STATIC_ASSERT static_assert
+#else
+#define FERRY_IOCTL_STATIC_ASSERT _Static_assert
+#endif
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 48, "attach is 48 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 88, "status is 88 bytes");
+
+/* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */
+#define FERRY_CBT_IOC_MAGIC 0xFC
+#define FERRY_CBT_IOC_ATTACH _IOWR(FERRY_CBT_IOC_MAGIC, 0x01, struct ferry_cbt_attach)
+#define FERRY_CBT_IOC_DETACH _IOW(FERRY_CBT_IOC_MAGIC, 0x02, struct ferry_cbt_detach)
+#define FERRY_CBT_IOC_STATUS _IOWR(FERRY_CBT_IOC_MAGIC, 0x03, struct ferry_cbt_status)
+/* Reserved for the next steps of the issue: 0x04 insert a tag, 0x05 set the
+ * memory cap. */
+
+#endif /* _UAPI_FERRY_CBT_IOCTL_H */

@@ -1,0 +1,457 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * ferry_cbt: the control path. The misc device /dev/ferry-cbt, its ioctls
+ * (ATTACH, DETACH, STATUS: ../include/uapi/ferry_cbt_ioctl.h), the table of
+ * attached disks, and mmap of a disk's ring.
+ *
+ * Locking:
+ *   ferry_lock (mutex) serializes every change to the table. It is never
+ *   held across copy_{to,from}_user() (mmap runs under mmap_lock and takes
+ *   ferry_lock; a fault under ferry_lock would invert that order).
+ *   The hook reads the table under rcu_read_lock(). ATTACH publishes with
+ *   rcu_assign_pointer() and then synchronize_rcu(), so every bio submitted
+ *   after ATTACH returns is seen. DETACH unpublishes, then synchronize_rcu()
+ *   (the probe stays registered, and its lookup is an RCU reader) before it
+ *   closes the disk and drops the table's reference. Unload unregisters the
+ *   probe and uses tracepoint_synchronize_unregister() (main.c).
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/capability.h>
+#include <linux/fs.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/vmalloc.h>
+
+#include "cbt.h"
+
+static struct ferry_disk __rcu *ferry_table[FERRY_MAX_DISKS];
+static DEFINE_MUTEX(ferry_lock);
+/* One past the highest used table index (the hook scans up to it). */
+static unsigned int ferry_table_end;
+int ferry_nr_attached;
+/* Next handle generation: handles are not reused for 2^25 attachments. */
+static u32 ferry_next_gen = 1;
+/* Disks unpublished by module unload, released after the probe is gone. */
+static struct ferry_disk *ferry_dying[FERRY_MAX_DISKS];
+
+/* ---- the table ---------------------------------------------------------- */
+
+struct ferry_disk *ferry_find_disk_rcu(const struct gendisk *disk)
+{
+	unsigned int i, end = READ_ONCE(ferry_table_end);
+
+	for (i = 0; i < end && i < FERRY_MAX_DISKS; i++) {
+		struct ferry_disk *fd = rcu_dereference(ferry_table[i]);
+
+		if (fd && fd->disk == disk)
+			return fd;
+	}
+	return NULL;
+}
+
+static struct ferry_disk *ferry_slot_locked(unsigned int idx)
+{
+	return rcu_dereference_protected(ferry_table[idx], lockdep_is_held(&ferry_lock));
+}
+
+static struct ferry_disk *ferry_find_disk_locked(const struct gendisk *disk)
+{
+	unsigned int i;
+
+	for (i = 0; i < FERRY_MAX_DISKS; i++) {
+		struct ferry_disk *fd = ferry_slot_locked(i);
+
+		if (fd && fd->disk == disk)
+			return fd;
+	}
+	return NULL;
+}
+
+static struct ferry_disk *ferry_by_handle_locked(u32 handle)
+{
+	struct ferry_disk *fd = ferry_slot_locked(handle & (FERRY_MAX_DISKS - 1));
+
+	return fd && fd->handle == handle ? fd : NULL;
+}
+
+static u32 ferry_make_handle(unsigned int idx)
+{
+	u32 gen = ferry_next_gen++;
+
+	/* Handles stay below 2^31 so FERRY_CBT_MMAP_OFFSET() is a positive off_t. */
+	if (ferry_next_gen >= (1U << (31 - FERRY_HANDLE_IDX_BITS)))
+		ferry_next_gen = 1;
+	return (gen << FERRY_HANDLE_IDX_BITS) | idx;
+}
+
+static void ferry_unpublish_locked(struct ferry_disk *fd)
+{
+	unsigned int end = ferry_table_end;
+
+	RCU_INIT_POINTER(ferry_table[fd->handle & (FERRY_MAX_DISKS - 1)], NULL);
+	while (end && !rcu_access_pointer(ferry_table[end - 1]))
+		end--;
+	WRITE_ONCE(ferry_table_end, end);
+	WRITE_ONCE(ferry_nr_attached, ferry_nr_attached - 1);
+}
+
+/* ---- a tracked disk ------------------------------------------------------ */
+
+static void ferry_disk_free(struct kref *ref)
+{
+	struct ferry_disk *fd = container_of(ref, struct ferry_disk, ref);
+
+	ferry_ring_free(&fd->ring);
+	kfree(fd);
+}
+
+static void ferry_disk_put(struct ferry_disk *fd)
+{
+	kref_put(&fd->ref, ferry_disk_free);
+}
+
+/*
+ * Hold the whole disk open (read-only, shared) while attached: the gendisk
+ * the hook compares against then cannot be freed and its address reused by
+ * another disk.
+ */
+static void ferry_close_disk(struct ferry_disk *fd)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	if (fd->bdev_file)
+		fput(fd->bdev_file);
+	fd->bdev_file = NULL;
+#else
+	if (fd->bdev)
+		blkdev_put(fd->bdev, FMODE_READ);
+	fd->bdev = NULL;
+#endif
+}
+
+static int ferry_open_disk(struct ferry_disk *fd, dev_t dev)
+{
+	struct block_device *bdev;
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	struct file *f = bdev_file_open_by_dev(dev, BLK_OPEN_READ, NULL, NULL);
+
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	fd->bdev_file = f;
+	bdev = file_bdev(f);
+#else
+	bdev = blkdev_get_by_dev(dev, FMODE_READ, NULL);
+	if (IS_ERR(bdev))
+		return PTR_ERR(bdev);
+	fd->bdev = bdev;
+#endif
+	if (bdev_is_partition(bdev)) {
+		ferry_close_disk(fd);
+		return -EINVAL; /* attach the whole disk */
+	}
+	fd->disk = bdev->bd_disk;
+	return 0;
+}
+
+/* ---- ioctls ---------------------------------------------------------------- */
+
+/*
+ * Size-first argument structs (the openat2 rule): at least the size this
+ * module knows, at most a page; a longer struct's unknown tail must be zero.
+ */
+static int ferry_copy_in(void *karg, size_t ksize, void __user *uarg, u32 *usize)
+{
+	u32 size;
+	int ret;
+
+	if (get_user(size, (u32 __user *)uarg))
+		return -EFAULT;
+	if (size < ksize || size > PAGE_SIZE)
+		return -EINVAL;
+	ret = copy_struct_from_user(karg, ksize, uarg, size);
+	if (ret)
+		return ret;
+	*usize = size;
+	return 0;
+}
+
+static int ferry_copy_out(void __user *uarg, const void *karg, size_t ksize, u32 usize)
+{
+	return copy_to_user(uarg, karg, min_t(size_t, ksize, usize)) ? -EFAULT : 0;
+}
+
+static void ferry_fill_attach(struct ferry_cbt_attach *a, const struct ferry_disk *fd)
+{
+	a->handle = fd->handle;
+	a->mmap_offset = FERRY_CBT_MMAP_OFFSET(fd->handle);
+	a->mmap_size = fd->ring.map_bytes;
+	a->capacity = fd->ring.capacity;
+}
+
+static long ferry_ioc_attach(void __user *uarg)
+{
+	struct ferry_cbt_attach a;
+	struct ferry_disk *fd, *old;
+	unsigned int idx;
+	u32 usize;
+	dev_t dev;
+	int ret;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	ret = ferry_copy_in(&a, sizeof(a), uarg, &usize);
+	if (ret)
+		return ret;
+	if (a.flags & ~FERRY_CBT_ATTACH_F_EXISTING_OK)
+		return -EINVAL;
+	if (!a.capacity || a.capacity > FERRY_CBT_MAX_CAPACITY || (a.capacity & (a.capacity - 1)))
+		return -EINVAL;
+	dev = MKDEV(a.major, a.minor);
+	if (MAJOR(dev) != a.major || MINOR(dev) != a.minor)
+		return -EINVAL;
+
+	/* Open and allocate outside the lock; both may sleep for long. */
+	fd = kzalloc(sizeof(*fd), GFP_KERNEL);
+	if (!fd)
+		return -ENOMEM;
+	kref_init(&fd->ref);
+	fd->major = a.major;
+	fd->minor = a.minor;
+	ret = ferry_open_disk(fd, dev);
+	if (ret) {
+		kfree(fd);
+		return ret;
+	}
+	ret = ferry_ring_init(&fd->ring, a.capacity);
+	if (ret)
+		goto discard;
+
+	mutex_lock(&ferry_lock);
+	old = ferry_find_disk_locked(fd->disk);
+	if (old) {
+		if (a.flags & FERRY_CBT_ATTACH_F_EXISTING_OK) {
+			ferry_fill_attach(&a, old);
+			a.out_flags = FERRY_CBT_ATTACHED_EXISTING;
+		} else {
+			ret = -EEXIST;
+		}
+		mutex_unlock(&ferry_lock);
+		goto discard;
+	}
+	for (idx = 0; idx < FERRY_MAX_DISKS; idx++)
+		if (!ferry_slot_locked(idx))
+			break;
+	if (idx == FERRY_MAX_DISKS) {
+		mutex_unlock(&ferry_lock);
+		ret = -ENOSPC;
+		goto discard;
+	}
+	fd->handle = ferry_make_handle(idx);
+	rcu_assign_pointer(ferry_table[idx], fd);
+	if (idx >= ferry_table_end)
+		WRITE_ONCE(ferry_table_end, idx + 1);
+	WRITE_ONCE(ferry_nr_attached, ferry_nr_attached + 1);
+	ferry_fill_attach(&a, fd);
+	a.out_flags = 0;
+	pr_info("attached %s (%u:%u): handle %u, ring of %llu records\n",
+		fd->disk->disk_name, fd->major, fd->minor, fd->handle, fd->ring.capacity);
+	mutex_unlock(&ferry_lock);
+	/* Every probe that starts from here on finds the disk. */
+	synchronize_rcu();
+	/* On a fault the disk stays attached; EXISTING_OK recovers the handle. */
+	return ferry_copy_out(uarg, &a, sizeof(a), usize);
+
+discard:
+	ferry_close_disk(fd);
+	ferry_disk_put(fd);
+	return ret ? ret : ferry_copy_out(uarg, &a, sizeof(a), usize);
+}
+
+static long ferry_ioc_detach(void __user *uarg)
+{
+	struct ferry_cbt_detach d;
+	struct ferry_disk *fd;
+	u32 usize;
+	int ret;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	ret = ferry_copy_in(&d, sizeof(d), uarg, &usize);
+	if (ret)
+		return ret;
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(d.handle);
+	if (fd) {
+		ferry_unpublish_locked(fd);
+		pr_info("detached %u:%u (handle %u)\n", fd->major, fd->minor, fd->handle);
+	}
+	mutex_unlock(&ferry_lock);
+	if (!fd)
+		return -ENOENT;
+	/* No probe still uses fd once every RCU reader that could see it ends. */
+	synchronize_rcu();
+	ferry_close_disk(fd);
+	ferry_disk_put(fd);
+	return 0;
+}
+
+static long ferry_ioc_status(void __user *uarg)
+{
+	struct ferry_cbt_status st;
+	struct ferry_disk *fd;
+	u32 usize;
+	int ret;
+
+	ret = ferry_copy_in(&st, sizeof(st), uarg, &usize);
+	if (ret)
+		return ret;
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(st.handle);
+	if (fd) {
+		st.major = fd->major;
+		st.minor = fd->minor;
+		st.mode = FERRY_CBT_MODE_METADATA;
+		st._pad0 = 0;
+		ferry_ring_status(&fd->ring, &st);
+	}
+	mutex_unlock(&ferry_lock);
+	if (!fd)
+		return -ENOENT;
+	return ferry_copy_out(uarg, &st, sizeof(st), usize);
+}
+
+/* Commands match on type and number; the size lives in the struct. */
+static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	if (_IOC_TYPE(cmd) != FERRY_CBT_IOC_MAGIC)
+		return -ENOTTY;
+	switch (_IOC_NR(cmd)) {
+	case _IOC_NR(FERRY_CBT_IOC_ATTACH):
+		return ferry_ioc_attach(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_DETACH):
+		return ferry_ioc_detach(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_STATUS):
+		return ferry_ioc_status(uarg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+/* ---- mmap of a ring ---------------------------------------------------------- */
+
+static void ferry_vm_open(struct vm_area_struct *vma)
+{
+	struct ferry_disk *fd = vma->vm_private_data;
+
+	kref_get(&fd->ref); /* fork, split, mremap */
+}
+
+static void ferry_vm_close(struct vm_area_struct *vma)
+{
+	ferry_disk_put(vma->vm_private_data);
+}
+
+static const struct vm_operations_struct ferry_vm_ops = {
+	.open = ferry_vm_open,
+	.close = ferry_vm_close,
+};
+
+static int ferry_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	u64 off = (u64)vma->vm_pgoff << PAGE_SHIFT;
+	unsigned long len = vma->vm_end - vma->vm_start;
+	struct ferry_disk *fd;
+	int ret;
+
+	if (off & ((1ULL << FERRY_CBT_MMAP_SHIFT) - 1) || (off >> FERRY_CBT_MMAP_SHIFT) > U32_MAX)
+		return -EINVAL;
+	/* A private writable mapping would copy the header on the consumer's
+	 * first store, and the producer would never see `consumer` move. */
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(off >> FERRY_CBT_MMAP_SHIFT);
+	if (fd)
+		kref_get(&fd->ref);
+	mutex_unlock(&ferry_lock);
+	if (!fd)
+		return -ENOENT;
+	if (len > fd->ring.map_bytes) {
+		ret = -EINVAL;
+		goto put;
+	}
+	/* Sets VM_DONTEXPAND | VM_DONTDUMP; maps the pages from the start. */
+	ret = remap_vmalloc_range(vma, fd->ring.hdr, 0);
+	if (ret)
+		goto put;
+	vma->vm_private_data = fd;
+	vma->vm_ops = &ferry_vm_ops;
+	return 0;
+put:
+	ferry_disk_put(fd);
+	return ret;
+}
+
+/* ---- the device ------------------------------------------------------------- */
+
+static const struct file_operations ferry_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = ferry_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = ferry_mmap,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice ferry_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "ferry-cbt",
+	.fops = &ferry_fops,
+	.mode = 0600,
+};
+
+int ferry_ctl_init(void)
+{
+	return misc_register(&ferry_misc);
+}
+
+void ferry_ctl_unregister(void)
+{
+	misc_deregister(&ferry_misc);
+}
+
+void ferry_ctl_unpublish_all(void)
+{
+	unsigned int i;
+
+	mutex_lock(&ferry_lock);
+	for (i = 0; i < FERRY_MAX_DISKS; i++) {
+		ferry_dying[i] = ferry_slot_locked(i);
+		RCU_INIT_POINTER(ferry_table[i], NULL);
+	}
+	WRITE_ONCE(ferry_table_end, 0);
+	WRITE_ONCE(ferry_nr_attached, 0);
+	mutex_unlock(&ferry_lock);
+}
+
+/* After the probe is unregistered and synchronized (main.c). */
+void ferry_ctl_release_unpublished(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < FERRY_MAX_DISKS; i++) {
+		if (!ferry_dying[i])
+			continue;
+		pr_info("detached %u:%u (handle %u) at unload\n",
+			ferry_dying[i]->major, ferry_dying[i]->minor, ferry_dying[i]->handle);
+		ferry_close_disk(ferry_dying[i]);
+		ferry_disk_put(ferry_dying[i]);
+		ferry_dying[i] = NULL;
+	}
+}

@@ -1,0 +1,1075 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * kmod-probe: the guest-side test program for ferry_cbt.ko
+ * (cbt-module/kmod), run by tests/guest/kmod-test.sh inside a busybox
+ * guest. Statically linked:
+ *
+ *   gcc -static -O2 -Wall -Wextra -o kmod-probe tests/guest/kmod-probe.c
+ *
+ * It speaks the ioctls of cbt-module/include/uapi/ferry_cbt_ioctl.h, maps
+ * a disk's ring and plays the consumer (acquire load of `producer`, release
+ * store of `consumer`), does O_DIRECT writes, discards and zero-outs of
+ * known sizes at known offsets and checks the records that come back.
+ *
+ * Every test saves the disk ranges it changes and writes them back after
+ * detaching, so a guest disk compared against a replica afterwards (the
+ * BPF test in the same boot) is unchanged.
+ *
+ * Usage: kmod-probe TEST ARGS...; exit status 0 = pass. Tests:
+ *   abi DISK [PART]          argument checking, errors, handle rules
+ *   records DISK             writes/discard/zeroout -> exact records
+ *   partition DISK PART      I/O through PART lands at whole-disk offsets
+ *   overflow DISK            a full ring: flag, counters, seq gap
+ *   isolation DISK1 DISK2    each ring sees only its own disk
+ *   persist DISK             tracking outlives the descriptor
+ *   stress DISK CHURNDISK    concurrent writers + consumer + attach/detach churn
+ *   leave-attached DISK      attach and exit (rmmod must detach it)
+ *   mkloop FILE              MBR + one partition in FILE, attach a loop
+ *                            device with partition scan; prints /dev/loopN
+ *   rmloop /dev/loopN
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/fs.h>
+#include <linux/loop.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../cbt-module/include/uapi/ferry_cbt.h"
+#include "../../cbt-module/include/uapi/ferry_cbt_ioctl.h"
+
+#define MiB (1024ULL * 1024)
+#define KiB 1024ULL
+
+static int failures;
+
+static void fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	printf("  FAILED: ");
+	vprintf(fmt, ap);
+	printf("\n");
+	va_end(ap);
+	fflush(stdout);
+	failures++;
+}
+
+static void note(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	printf("  ");
+	vprintf(fmt, ap);
+	printf("\n");
+	va_end(ap);
+	fflush(stdout);
+}
+
+static void die(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	printf("  FATAL: ");
+	vprintf(fmt, ap);
+	printf(" (errno %d: %s)\n", errno, strerror(errno));
+	va_end(ap);
+	fflush(stdout);
+	exit(1);
+}
+
+#define CHECK(cond, ...)                                                        \
+	do {                                                                    \
+		if (!(cond))                                                    \
+			fail("line %d: %s: " __VA_ARGS__, __LINE__, #cond);     \
+	} while (0)
+
+/* ---- device facts ------------------------------------------------------- */
+
+struct disk {
+	const char *path;
+	unsigned int major, minor;
+	char sysdir[PATH_MAX]; /* /sys/dev/block/M:m (resolved) */
+	int fd;                /* O_RDWR | O_DIRECT */
+	unsigned int lbs;      /* logical block size */
+	uint64_t size;
+};
+
+static int read_sys_u64(const char *dir, const char *file, uint64_t *v)
+{
+	char p[PATH_MAX + 64], buf[64];
+	FILE *f;
+
+	snprintf(p, sizeof(p), "%s/%s", dir, file);
+	f = fopen(p, "r");
+	if (!f)
+		return -1;
+	if (!fgets(buf, sizeof(buf), f)) {
+		fclose(f);
+		return -1;
+	}
+	fclose(f);
+	*v = strtoull(buf, NULL, 10);
+	return 0;
+}
+
+static int read_sys_str(const char *dir, const char *file, char *buf, size_t n)
+{
+	char p[PATH_MAX + 64];
+	FILE *f;
+
+	snprintf(p, sizeof(p), "%s/%s", dir, file);
+	f = fopen(p, "r");
+	if (!f)
+		return -1;
+	if (!fgets(buf, n, f)) {
+		fclose(f);
+		return -1;
+	}
+	fclose(f);
+	buf[strcspn(buf, "\n")] = 0;
+	return 0;
+}
+
+static void disk_open(struct disk *d, const char *path)
+{
+	char link[64];
+	struct stat st;
+
+	memset(d, 0, sizeof(*d));
+	d->path = path;
+	if (stat(path, &st) || !S_ISBLK(st.st_mode))
+		die("%s is not a block device", path);
+	d->major = major(st.st_rdev);
+	d->minor = minor(st.st_rdev);
+	snprintf(link, sizeof(link), "/sys/dev/block/%u:%u", d->major, d->minor);
+	if (!realpath(link, d->sysdir))
+		die("realpath %s", link);
+	d->fd = open(path, O_RDWR | O_DIRECT);
+	if (d->fd < 0)
+		die("open %s", path);
+	if (ioctl(d->fd, BLKSSZGET, &d->lbs))
+		die("BLKSSZGET %s", path);
+	if (ioctl(d->fd, BLKGETSIZE64, &d->size))
+		die("BLKGETSIZE64 %s", path);
+}
+
+static void disk_close(struct disk *d)
+{
+	close(d->fd);
+}
+
+/* The whole disk's queue directory (a partition's parent holds it). */
+static void queue_dir(const struct disk *d, char *out, size_t n)
+{
+	char p[PATH_MAX + 16];
+
+	snprintf(p, sizeof(p), "%s/queue", d->sysdir);
+	if (access(p, F_OK) == 0)
+		snprintf(out, n, "%s", p);
+	else
+		snprintf(out, n, "%s/../queue", d->sysdir);
+}
+
+static uint64_t queue_u64(const struct disk *d, const char *file)
+{
+	char q[PATH_MAX + 16];
+	uint64_t v = 0;
+
+	queue_dir(d, q, sizeof(q));
+	read_sys_u64(q, file, &v);
+	return v;
+}
+
+static int write_cache_on(const struct disk *d)
+{
+	char q[PATH_MAX + 16], buf[32] = "";
+
+	queue_dir(d, q, sizeof(q));
+	read_sys_str(q, "write_cache", buf, sizeof(buf));
+	return strcmp(buf, "write back") == 0;
+}
+
+/* ---- I/O ------------------------------------------------------------------ */
+
+static void *abuf(size_t len)
+{
+	void *p;
+
+	if (posix_memalign(&p, 4096, len ? len : 4096))
+		die("posix_memalign");
+	return p;
+}
+
+static void dwrite(const struct disk *d, uint64_t off, size_t len, int pattern)
+{
+	void *b = abuf(len);
+	ssize_t n;
+
+	memset(b, pattern, len);
+	n = pwrite(d->fd, b, len, off);
+	if (n != (ssize_t)len)
+		die("pwrite %s off %llu len %zu -> %zd", d->path, (unsigned long long)off, len, n);
+	free(b);
+}
+
+static void dwrite_dsync(const struct disk *d, uint64_t off, size_t len, int pattern)
+{
+	int fd = open(d->path, O_RDWR | O_DIRECT | O_DSYNC);
+	void *b = abuf(len);
+
+	if (fd < 0)
+		die("open O_DSYNC %s", d->path);
+	memset(b, pattern, len);
+	if (pwrite(fd, b, len, off) != (ssize_t)len)
+		die("pwrite O_DSYNC %s", d->path);
+	close(fd);
+	free(b);
+}
+
+/* Saved contents of the ranges a test changes, written back at the end. */
+struct saved {
+	uint64_t off;
+	size_t len;
+	void *data;
+};
+static struct saved saves[32];
+static int nsaves;
+
+static void save_range(const struct disk *d, uint64_t off, size_t len)
+{
+	struct saved *s = &saves[nsaves++];
+
+	if (nsaves > 32)
+		die("too many saved ranges");
+	s->off = off;
+	s->len = len;
+	s->data = abuf(len);
+	if (pread(d->fd, s->data, len, off) != (ssize_t)len)
+		die("pread %s off %llu", d->path, (unsigned long long)off);
+}
+
+static void restore_ranges(const struct disk *d)
+{
+	int i;
+
+	for (i = nsaves - 1; i >= 0; i--) {
+		if (pwrite(d->fd, saves[i].data, saves[i].len, saves[i].off) != (ssize_t)saves[i].len)
+			die("restore pwrite %s", d->path);
+		free(saves[i].data);
+	}
+	nsaves = 0;
+	fsync(d->fd);
+}
+
+/* ---- the control device and the ring --------------------------------------- */
+
+static int ctl_open(void)
+{
+	int fd = open(FERRY_CBT_DEVICE, O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		die("open %s", FERRY_CBT_DEVICE);
+	return fd;
+}
+
+static int do_attach(int ctl, const struct disk *d, uint64_t cap, uint32_t flags, struct ferry_cbt_attach *a)
+{
+	memset(a, 0, sizeof(*a));
+	a->size = sizeof(*a);
+	a->flags = flags;
+	a->major = d->major;
+	a->minor = d->minor;
+	a->capacity = cap;
+	return ioctl(ctl, FERRY_CBT_IOC_ATTACH, a) ? -errno : 0;
+}
+
+static int do_detach(int ctl, uint32_t handle)
+{
+	struct ferry_cbt_detach dt = { .size = sizeof(dt), .handle = handle };
+
+	return ioctl(ctl, FERRY_CBT_IOC_DETACH, &dt) ? -errno : 0;
+}
+
+static int do_status(int ctl, uint32_t handle, struct ferry_cbt_status *st)
+{
+	memset(st, 0, sizeof(*st));
+	st->size = sizeof(*st);
+	st->handle = handle;
+	return ioctl(ctl, FERRY_CBT_IOC_STATUS, st) ? -errno : 0;
+}
+
+struct ring {
+	struct ferry_cbt_ring_header *h;
+	struct ferry_cbt_record *slots;
+	size_t size;
+	uint64_t cap;
+};
+
+static void ring_map(int ctl, const struct ferry_cbt_attach *a, struct ring *r)
+{
+	void *p = mmap(NULL, a->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, ctl, a->mmap_offset);
+
+	if (p == MAP_FAILED)
+		die("mmap ring (handle %u)", a->handle);
+	r->h = p;
+	r->slots = (struct ferry_cbt_record *)((char *)p + sizeof(*r->h));
+	r->size = a->mmap_size;
+	r->cap = a->capacity;
+}
+
+static void ring_unmap(struct ring *r)
+{
+	munmap(r->h, r->size);
+}
+
+static uint64_t ring_producer(const struct ring *r)
+{
+	return __atomic_load_n(&r->h->producer, __ATOMIC_ACQUIRE);
+}
+
+/* Read every queued record (up to max) and release them. */
+static size_t ring_drain(struct ring *r, struct ferry_cbt_record *out, size_t max)
+{
+	uint64_t cons = r->h->consumer; /* ours */
+	uint64_t prod = ring_producer(r);
+	size_t n = 0;
+
+	if (prod - cons > r->cap) {
+		fail("ring indices inconsistent: producer %llu consumer %llu", (unsigned long long)prod,
+		     (unsigned long long)cons);
+		return 0;
+	}
+	while (cons != prod && n < max) {
+		out[n++] = r->slots[cons & (r->cap - 1)];
+		cons++;
+	}
+	__atomic_store_n(&r->h->consumer, cons, __ATOMIC_RELEASE);
+	return n;
+}
+
+static void check_header(const struct ring *r, uint64_t cap)
+{
+	CHECK(r->h->magic == FERRY_CBT_RING_MAGIC, "magic %#x", r->h->magic);
+	CHECK(r->h->size == sizeof(struct ferry_cbt_ring_header), "size %u", r->h->size);
+	CHECK(r->h->abi_version == FERRY_CBT_ABI_VERSION, "abi %u", r->h->abi_version);
+	CHECK(r->h->record_size == sizeof(struct ferry_cbt_record), "record_size %u", r->h->record_size);
+	CHECK(r->h->capacity == cap, "capacity %llu", (unsigned long long)r->h->capacity);
+	CHECK(r->h->flags == 0 && r->h->overflows == 0, "flags %llu overflows %llu",
+	      (unsigned long long)r->h->flags, (unsigned long long)r->h->overflows);
+}
+
+/* An expected BLKZEROOUT: recorded as write-zeroes, as writes (zero pages),
+ * or both (write-zeroes refused by the device, then the kernel's fallback). */
+#define ZEROOUT 0x100
+
+static const char *kind_name(unsigned int k)
+{
+	switch (k) {
+	case FERRY_REC_WRITE:
+		return "write";
+	case FERRY_REC_DISCARD:
+		return "discard";
+	case FERRY_REC_WRITE_ZEROES:
+		return "write-zeroes";
+	case FERRY_REC_TAG:
+		return "tag";
+	case ZEROOUT:
+		return "zero-out";
+	default:
+		return "?";
+	}
+}
+
+static void print_rec(const char *pfx, const struct ferry_cbt_record *r)
+{
+	note("%s seq %llu %s off %llu len %u flags %#x t %llu", pfx, (unsigned long long)r->seq,
+	     kind_name(r->kind), (unsigned long long)r->offset, r->length, r->flags,
+	     (unsigned long long)r->time_ns);
+}
+
+/* What a test expects: one extent per operation. flush: 0 no, 1 yes, -1 any.
+ * kind ZEROOUT: see above. */
+struct want {
+	uint64_t off;
+	uint64_t len;
+	unsigned int kind;
+	int flush;
+};
+
+/*
+ * Compare records with expectations. Records of one kind that continue each
+ * other are merged first (the kernel may build several bios for one
+ * discard or zero-out); expectations are never adjacent to each other.
+ * Also checks seq runs +1 from the first and time_ns never goes back.
+ */
+static void check_records(const struct ferry_cbt_record *recs, size_t n, const struct want *w, size_t nw)
+{
+	struct want got[256];
+	size_t ng = 0, i, j;
+
+	for (i = 0; i < n; i++) {
+		if (i) {
+			CHECK(recs[i].seq == recs[i - 1].seq + 1, "seq %llu after %llu",
+			      (unsigned long long)recs[i].seq, (unsigned long long)recs[i - 1].seq);
+			CHECK(recs[i].time_ns >= recs[i - 1].time_ns, "time went back at seq %llu",
+			      (unsigned long long)recs[i].seq);
+		}
+		CHECK(recs[i].time_ns != 0, "time_ns 0");
+		CHECK(recs[i].length != 0, "empty record");
+		if (ng && got[ng - 1].kind == recs[i].kind && got[ng - 1].off + got[ng - 1].len == recs[i].offset &&
+		    got[ng - 1].flush == !!(recs[i].flags & FERRY_RECF_FLUSH)) {
+			got[ng - 1].len += recs[i].length;
+			continue;
+		}
+		if (ng == 256)
+			break;
+		got[ng].off = recs[i].offset;
+		got[ng].len = recs[i].length;
+		got[ng].kind = recs[i].kind;
+		got[ng].flush = !!(recs[i].flags & FERRY_RECF_FLUSH);
+		ng++;
+	}
+	for (i = 0, j = 0; i < nw && j < ng; i++, j++) {
+		int ok = got[j].off == w[i].off && got[j].len == w[i].len &&
+			 (got[j].kind == w[i].kind ||
+			  (w[i].kind == ZEROOUT && (got[j].kind == FERRY_REC_WRITE_ZEROES || got[j].kind == FERRY_REC_WRITE))) &&
+			 (w[i].flush < 0 || got[j].flush == w[i].flush);
+
+		if (!ok) {
+			fail("extent %zu: got %s off %llu len %llu flush %d; want %s off %llu len %llu flush %d", j,
+			     kind_name(got[j].kind), (unsigned long long)got[j].off, (unsigned long long)got[j].len,
+			     got[j].flush, kind_name(w[i].kind), (unsigned long long)w[i].off,
+			     (unsigned long long)w[i].len, w[i].flush);
+			continue;
+		}
+		/* A device that refuses write-zeroes: the kernel retried with
+		 * zero-filled writes, and both attempts were seen. */
+		if (w[i].kind == ZEROOUT && got[j].kind == FERRY_REC_WRITE_ZEROES && j + 1 < ng &&
+		    got[j + 1].kind == FERRY_REC_WRITE && got[j + 1].off == w[i].off && got[j + 1].len == w[i].len) {
+			note("zero-out at %llu: write-zeroes, then the kernel's zero-page fallback",
+			     (unsigned long long)w[i].off);
+			j++;
+		}
+	}
+	if (i != nw || j != ng)
+		fail("%zu extents recorded (%zu records), %zu expected", ng, n, nw);
+	if (failures)
+		for (i = 0; i < n; i++)
+			print_rec("record", &recs[i]);
+}
+
+static int blk_range_ioctl(const struct disk *d, unsigned long req, uint64_t off, uint64_t len)
+{
+	uint64_t range[2] = { off, len };
+
+	return ioctl(d->fd, req, range) ? -errno : 0;
+}
+
+/* ---- tests ------------------------------------------------------------------ */
+
+static int t_abi(const char *diskp, const char *partp)
+{
+	struct ferry_cbt_attach a, a2;
+	struct ferry_cbt_status st;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret;
+	void *p;
+
+	disk_open(&d, diskp);
+	CHECK(do_attach(ctl, &d, 3, 0, &a) == -EINVAL, "capacity 3 must be refused");
+	CHECK(do_attach(ctl, &d, 0, 0, &a) == -EINVAL, "capacity 0 must be refused");
+	CHECK(do_attach(ctl, &d, FERRY_CBT_MAX_CAPACITY * 2, 0, &a) == -EINVAL, "capacity above max");
+	CHECK(do_attach(ctl, &d, 16, 0x80, &a) == -EINVAL, "unknown flag must be refused");
+	memset(&a, 0, sizeof(a));
+	a.size = 8; /* shorter than any known version */
+	a.major = d.major;
+	a.minor = d.minor;
+	a.capacity = 16;
+	CHECK(ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) == -1 && errno == EINVAL, "short struct");
+	{
+		/* a longer struct from a "newer" caller: zero tail accepted, non-zero refused */
+		struct {
+			struct ferry_cbt_attach a;
+			uint64_t extra;
+		} big;
+
+		memset(&big, 0, sizeof(big));
+		big.a.size = sizeof(big);
+		big.a.major = d.major;
+		big.a.minor = d.minor;
+		big.a.capacity = 16;
+		big.extra = 1;
+		CHECK(ioctl(ctl, FERRY_CBT_IOC_ATTACH, &big) == -1 && errno == E2BIG, "non-zero tail must be E2BIG");
+		big.extra = 0;
+		ret = ioctl(ctl, FERRY_CBT_IOC_ATTACH, &big);
+		CHECK(ret == 0, "zero tail accepted (errno %d)", errno);
+		if (ret == 0)
+			CHECK(do_detach(ctl, big.a.handle) == 0, "detach");
+	}
+	{
+		struct disk nd = d;
+
+		nd.major = 4095;
+		nd.minor = 1048575;
+		ret = do_attach(ctl, &nd, 16, 0, &a);
+		CHECK(ret == -ENXIO || ret == -ENODEV, "nonexistent device: %d", ret);
+		note("attach of a nonexistent device: %s", strerror(-ret));
+	}
+	if (partp) {
+		struct disk pd;
+
+		disk_open(&pd, partp);
+		CHECK(do_attach(ctl, &pd, 16, 0, &a) == -EINVAL, "a partition must be refused");
+		disk_close(&pd);
+	}
+	CHECK(do_status(ctl, 12345, &st) == -ENOENT, "status of unknown handle");
+	CHECK(do_detach(ctl, 12345) == -ENOENT, "detach of unknown handle");
+	p = mmap(NULL, 8192, PROT_READ, MAP_SHARED, ctl, FERRY_CBT_MMAP_OFFSET(12345));
+	CHECK(p == MAP_FAILED, "mmap of unknown handle");
+
+	ret = do_attach(ctl, &d, 16, 0, &a);
+	CHECK(ret == 0, "attach %s: %d", diskp, ret);
+	if (ret)
+		return 1;
+	note("attach: handle %u mmap_offset %#llx mmap_size %llu", a.handle, (unsigned long long)a.mmap_offset,
+	     (unsigned long long)a.mmap_size);
+	CHECK(a.mmap_offset == FERRY_CBT_MMAP_OFFSET(a.handle), "mmap_offset");
+	CHECK(a.mmap_size == 8192, "16 slots: 4096 + 512 rounded to 8192, got %llu",
+	      (unsigned long long)a.mmap_size);
+	CHECK(do_attach(ctl, &d, 16, 0, &a2) == -EEXIST, "second attach must be EEXIST");
+	CHECK(do_attach(ctl, &d, 64, FERRY_CBT_ATTACH_F_EXISTING_OK, &a2) == 0, "EXISTING_OK");
+	CHECK(a2.handle == a.handle && (a2.out_flags & FERRY_CBT_ATTACHED_EXISTING) && a2.capacity == 16,
+	      "EXISTING_OK returns the same handle (%u vs %u), flag, capacity 16", a2.handle, a.handle);
+	p = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE, ctl, a.mmap_offset);
+	CHECK(p == MAP_FAILED && errno == EINVAL, "MAP_PRIVATE must be refused");
+	p = mmap(NULL, 3 * 4096, PROT_READ, MAP_SHARED, ctl, a.mmap_offset);
+	CHECK(p == MAP_FAILED, "mapping beyond the ring must be refused");
+	p = mmap(NULL, 4096, PROT_READ, MAP_SHARED, ctl, a.mmap_offset + 4096);
+	CHECK(p == MAP_FAILED, "an offset inside a ring must be refused");
+	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
+	CHECK(st.major == d.major && st.minor == d.minor && st.mode == FERRY_CBT_MODE_METADATA && st.capacity == 16,
+	      "status: %u:%u mode %u capacity %llu", st.major, st.minor, st.mode, (unsigned long long)st.capacity);
+	ring_map(ctl, &a, &r);
+	check_header(&r, 16);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	CHECK(do_detach(ctl, a.handle) == -ENOENT, "second detach must be ENOENT");
+	CHECK(do_status(ctl, a.handle, &st) == -ENOENT, "status after detach must be ENOENT");
+	/* The mapping outlives the attachment. */
+	CHECK(r.h->magic == FERRY_CBT_RING_MAGIC, "ring still mapped after detach");
+	ring_unmap(&r);
+	/* A new attachment never reuses the old handle. */
+	CHECK(do_attach(ctl, &d, 16, 0, &a2) == 0, "re-attach");
+	CHECK(a2.handle != a.handle, "handle reused: %u", a2.handle);
+	CHECK(do_detach(ctl, a2.handle) == 0, "detach");
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_records(const char *diskp)
+{
+	struct ferry_cbt_record recs[256];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	struct want w[16];
+	size_t nw = 0, n;
+	uint64_t bytes = 0, dmax, zmax;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret, wc;
+
+	disk_open(&d, diskp);
+	if (d.size < 8 * MiB)
+		die("%s is too small (%llu bytes)", diskp, (unsigned long long)d.size);
+	dmax = queue_u64(&d, "discard_max_bytes");
+	zmax = queue_u64(&d, "write_zeroes_max_bytes");
+	wc = write_cache_on(&d);
+	note("%s: %u:%u lbs %u size %llu discard_max %llu write_zeroes_max %llu write_cache %s", diskp, d.major,
+	     d.minor, d.lbs, (unsigned long long)d.size, (unsigned long long)dmax, (unsigned long long)zmax,
+	     wc ? "back" : "through");
+	save_range(&d, 1 * MiB, 5 * MiB);
+
+	ret = do_attach(ctl, &d, 256, 0, &a);
+	if (ret) {
+		errno = -ret;
+		die("attach %s", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	check_header(&r, 256);
+
+	dwrite(&d, 1 * MiB, 4096, 0xa1);
+	w[nw++] = (struct want){ 1 * MiB, 4096, FERRY_REC_WRITE, 0 };
+	dwrite(&d, 2 * MiB + 4096, 64 * KiB, 0xa2);
+	w[nw++] = (struct want){ 2 * MiB + 4096, 64 * KiB, FERRY_REC_WRITE, 0 };
+	if (d.lbs == 512) {
+		dwrite(&d, 3 * MiB + 512, 512, 0xa3);
+		w[nw++] = (struct want){ 3 * MiB + 512, 512, FERRY_REC_WRITE, 0 };
+	}
+	/* O_DSYNC direct writes carry REQ_FUA, kept only with a write-back cache. */
+	dwrite_dsync(&d, 3 * MiB + 64 * KiB, 8192, 0xa4);
+	w[nw++] = (struct want){ 3 * MiB + 64 * KiB, 8192, FERRY_REC_WRITE, wc ? 1 : 0 };
+	if (dmax) {
+		ret = blk_range_ioctl(&d, BLKDISCARD, 4 * MiB, 1 * MiB);
+		CHECK(ret == 0, "BLKDISCARD: %d", ret);
+		w[nw++] = (struct want){ 4 * MiB, 1 * MiB, FERRY_REC_DISCARD, 0 };
+	} else {
+		note("no discard support: discard not exercised");
+	}
+	ret = blk_range_ioctl(&d, BLKZEROOUT, 5 * MiB + 128 * KiB, 192 * KiB);
+	CHECK(ret == 0, "BLKZEROOUT: %d", ret);
+	w[nw++] = (struct want){ 5 * MiB + 128 * KiB, 192 * KiB, zmax ? ZEROOUT : FERRY_REC_WRITE, -1 };
+
+	n = ring_drain(&r, recs, 256);
+	note("%zu records", n);
+	check_records(recs, n, w, nw);
+	if (n)
+		CHECK(recs[0].seq == 0, "first seq %llu", (unsigned long long)recs[0].seq);
+	for (size_t i = 0; i < n; i++)
+		bytes += recs[i].length;
+	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
+	CHECK(st.records == n && st.seq == n && st.producer == n && st.consumer == n,
+	      "status records %llu seq %llu producer %llu consumer %llu, %zu read",
+	      (unsigned long long)st.records, (unsigned long long)st.seq, (unsigned long long)st.producer,
+	      (unsigned long long)st.consumer, n);
+	CHECK(st.bytes == bytes, "status bytes %llu, records sum %llu", (unsigned long long)st.bytes,
+	      (unsigned long long)bytes);
+	CHECK(st.overflows == 0 && st.lost == 0 && r.h->flags == 0, "no overflow");
+	/* Reads are not recorded. */
+	{
+		void *b = abuf(4096);
+
+		CHECK(pread(d.fd, b, 4096, 1 * MiB) == 4096, "pread");
+		free(b);
+		CHECK(ring_producer(&r) == n, "a read made a record");
+	}
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_partition(const char *diskp, const char *partp)
+{
+	struct ferry_cbt_record recs[64];
+	struct ferry_cbt_attach a;
+	struct want w[8];
+	size_t nw = 0, n;
+	struct disk d, p;
+	uint64_t start, base, dmax, zmax;
+	struct ring r;
+	int ctl = ctl_open(), ret;
+
+	disk_open(&d, diskp);
+	disk_open(&p, partp);
+	if (read_sys_u64(p.sysdir, "start", &start))
+		die("no partition start for %s", partp);
+	base = start * 512;
+	dmax = queue_u64(&p, "discard_max_bytes");
+	zmax = queue_u64(&p, "write_zeroes_max_bytes");
+	note("%s starts at sector %llu (byte %llu) of %s", partp, (unsigned long long)start,
+	     (unsigned long long)base, diskp);
+	if (p.size < 2 * MiB)
+		die("%s too small", partp);
+	save_range(&p, 0, 2 * MiB);
+
+	ret = do_attach(ctl, &d, 64, 0, &a);
+	if (ret) {
+		errno = -ret;
+		die("attach %s", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	dwrite(&p, 192 * KiB, 8192, 0xb1);
+	w[nw++] = (struct want){ base + 192 * KiB, 8192, FERRY_REC_WRITE, 0 };
+	dwrite(&p, 1 * MiB, 4096, 0xb2);
+	w[nw++] = (struct want){ base + 1 * MiB, 4096, FERRY_REC_WRITE, 0 };
+	if (dmax) {
+		CHECK(blk_range_ioctl(&p, BLKDISCARD, 512 * KiB, 256 * KiB) == 0, "BLKDISCARD on partition");
+		w[nw++] = (struct want){ base + 512 * KiB, 256 * KiB, FERRY_REC_DISCARD, 0 };
+	}
+	CHECK(blk_range_ioctl(&p, BLKZEROOUT, 1536 * KiB, 64 * KiB) == 0, "BLKZEROOUT on partition");
+	w[nw++] = (struct want){ base + 1536 * KiB, 64 * KiB, zmax ? ZEROOUT : FERRY_REC_WRITE, -1 };
+	/* And the whole disk directly, for contrast. */
+	save_range(&d, base + 1792 * KiB, 4096);
+	dwrite(&d, base + 1792 * KiB, 4096, 0xb3);
+	w[nw++] = (struct want){ base + 1792 * KiB, 4096, FERRY_REC_WRITE, 0 };
+
+	n = ring_drain(&r, recs, 64);
+	check_records(recs, n, w, nw);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	/* restore: whole-disk range first (saved last), then the partition's */
+	{
+		struct saved last = saves[--nsaves];
+
+		if (pwrite(d.fd, last.data, last.len, last.off) != (ssize_t)last.len)
+			die("restore");
+		free(last.data);
+	}
+	restore_ranges(&p);
+	disk_close(&p);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_overflow(const char *diskp)
+{
+	struct ferry_cbt_record recs[16];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret, i;
+	size_t n;
+
+	disk_open(&d, diskp);
+	save_range(&d, 12 * MiB, 64 * KiB);
+	ret = do_attach(ctl, &d, 4, 0, &a);
+	if (ret) {
+		errno = -ret;
+		die("attach %s", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	CHECK(a.mmap_size == 8192, "4 slots map 8192 bytes, got %llu", (unsigned long long)a.mmap_size);
+	for (i = 0; i < 6; i++)
+		dwrite(&d, 12 * MiB + i * 8192, 4096, 0xc0 + i);
+	CHECK(ring_producer(&r) == 4, "producer %llu", (unsigned long long)ring_producer(&r));
+	CHECK(__atomic_load_n(&r.h->overflows, __ATOMIC_ACQUIRE) == 2, "header overflows %llu",
+	      (unsigned long long)r.h->overflows);
+	CHECK(__atomic_load_n(&r.h->flags, __ATOMIC_ACQUIRE) & FERRY_RINGF_OVERFLOW, "overflow flag");
+	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
+	CHECK(st.overflows == 2 && st.records == 4 && st.seq == 6 && st.lost == 0 && st.bytes == 6 * 4096,
+	      "status overflows %llu records %llu seq %llu bytes %llu", (unsigned long long)st.overflows,
+	      (unsigned long long)st.records, (unsigned long long)st.seq, (unsigned long long)st.bytes);
+	n = ring_drain(&r, recs, 16);
+	CHECK(n == 4, "%zu records", n);
+	for (i = 0; i < (int)n; i++)
+		CHECK(recs[i].seq == (uint64_t)i && recs[i].offset == 12 * MiB + i * 8192, "record %d: seq %llu off %llu", i,
+		      (unsigned long long)recs[i].seq, (unsigned long long)recs[i].offset);
+	/* Room again: the next change is queued with a seq that shows the gap. */
+	dwrite(&d, 12 * MiB + 48 * KiB, 4096, 0xcf);
+	n = ring_drain(&r, recs, 16);
+	CHECK(n == 1 && recs[0].seq == 6 && recs[0].offset == 12 * MiB + 48 * KiB, "after release: %zu records, seq %llu",
+	      n, n ? (unsigned long long)recs[0].seq : 0ULL);
+	CHECK(r.h->flags & FERRY_RINGF_OVERFLOW, "flag is sticky");
+	/* A consumer index the producer never handed out is treated as full. */
+	__atomic_store_n(&r.h->consumer, r.h->consumer + 100, __ATOMIC_RELEASE);
+	dwrite(&d, 12 * MiB + 56 * KiB, 4096, 0xce);
+	CHECK(ring_producer(&r) == 5, "bogus consumer: producer %llu", (unsigned long long)ring_producer(&r));
+	CHECK(r.h->overflows == 3, "bogus consumer counted as overflow: %llu", (unsigned long long)r.h->overflows);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_isolation(const char *p1, const char *p2)
+{
+	struct ferry_cbt_record recs[16];
+	struct ferry_cbt_attach a1, a2;
+	struct disk d1, d2;
+	struct ring r1, r2;
+	struct want w1, w2;
+	int ctl = ctl_open();
+	size_t n;
+
+	disk_open(&d1, p1);
+	disk_open(&d2, p2);
+	save_range(&d1, 13 * MiB, 4096);
+	CHECK(do_attach(ctl, &d1, 16, 0, &a1) == 0, "attach %s", p1);
+	CHECK(do_attach(ctl, &d2, 16, 0, &a2) == 0, "attach %s", p2);
+	CHECK(a1.handle != a2.handle, "distinct handles");
+	ring_map(ctl, &a1, &r1);
+	ring_map(ctl, &a2, &r2);
+	dwrite(&d1, 13 * MiB, 4096, 0xd1);
+	dwrite(&d2, 256 * KiB, 8192, 0xd2);
+	w1 = (struct want){ 13 * MiB, 4096, FERRY_REC_WRITE, 0 };
+	w2 = (struct want){ 256 * KiB, 8192, FERRY_REC_WRITE, 0 };
+	n = ring_drain(&r1, recs, 16);
+	check_records(recs, n, &w1, 1);
+	n = ring_drain(&r2, recs, 16);
+	check_records(recs, n, &w2, 1);
+	/* Detaching one leaves the other tracking. */
+	CHECK(do_detach(ctl, a1.handle) == 0, "detach 1");
+	dwrite(&d1, 13 * MiB, 4096, 0xd3);
+	dwrite(&d2, 512 * KiB, 4096, 0xd4);
+	w2 = (struct want){ 512 * KiB, 4096, FERRY_REC_WRITE, 0 };
+	CHECK(ring_producer(&r1) == 1, "detached ring moved");
+	n = ring_drain(&r2, recs, 16);
+	check_records(recs, n, &w2, 1);
+	CHECK(do_detach(ctl, a2.handle) == 0, "detach 2");
+	ring_unmap(&r1);
+	ring_unmap(&r2);
+	restore_ranges(&d1);
+	disk_close(&d1);
+	disk_close(&d2);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_persist(const char *diskp)
+{
+	struct ferry_cbt_record recs[16];
+	struct ferry_cbt_attach a, a2;
+	struct disk d;
+	struct ring r;
+	struct want w = { 14 * MiB, 4096, FERRY_REC_WRITE, 0 };
+	int ctl = ctl_open();
+	size_t n;
+
+	disk_open(&d, diskp);
+	save_range(&d, 14 * MiB, 4096);
+	CHECK(do_attach(ctl, &d, 16, 0, &a) == 0, "attach");
+	close(ctl);
+	/* No descriptor open: tracking goes on. */
+	dwrite(&d, 14 * MiB, 4096, 0xe1);
+	ctl = ctl_open();
+	CHECK(do_attach(ctl, &d, 16, FERRY_CBT_ATTACH_F_EXISTING_OK, &a2) == 0, "re-find");
+	CHECK(a2.handle == a.handle && (a2.out_flags & FERRY_CBT_ATTACHED_EXISTING), "same handle");
+	ring_map(ctl, &a2, &r);
+	n = ring_drain(&r, recs, 16);
+	check_records(recs, n, &w, 1);
+	/* The mapping keeps the ring (and the module) after the fd is closed. */
+	close(ctl);
+	dwrite(&d, 14 * MiB, 4096, 0xe2);
+	CHECK(ring_producer(&r) == 2, "producer %llu", (unsigned long long)ring_producer(&r));
+	ctl = ctl_open();
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+#define STRESS_WRITERS 2
+#define STRESS_N 300
+
+static int t_stress(const char *diskp, const char *churnp)
+{
+	static struct ferry_cbt_record recs[4096];
+	static unsigned char seen[STRESS_WRITERS][STRESS_N];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	pid_t kids[STRESS_WRITERS + 2];
+	int nkids = 0, i, status, ctl = ctl_open();
+	struct disk d;
+	struct ring r;
+	size_t total = 0;
+	time_t deadline;
+	const uint64_t base = 8 * MiB, stride = 2 * MiB;
+
+	disk_open(&d, diskp);
+	save_range(&d, base, STRESS_WRITERS * stride);
+	CHECK(do_attach(ctl, &d, 1024, 0, &a) == 0, "attach");
+	ring_map(ctl, &a, &r);
+
+	for (i = 0; i < STRESS_WRITERS; i++) {
+		pid_t pid = fork();
+
+		if (pid == 0) {
+			for (int j = 0; j < STRESS_N; j++)
+				dwrite(&d, base + i * stride + (uint64_t)j * 4096, 4096, j & 0xff);
+			_exit(0);
+		}
+		kids[nkids++] = pid;
+	}
+	if (churnp) {
+		/* Attach/detach another disk over and over while a writer hits it. */
+		pid_t pid = fork();
+
+		if (pid == 0) {
+			struct disk c;
+			struct ferry_cbt_attach ca;
+			uint32_t last = 0;
+			int bad = 0, cctl = ctl_open();
+
+			disk_open(&c, churnp);
+			for (int j = 0; j < 100; j++) {
+				if (do_attach(cctl, &c, 8, 0, &ca)) {
+					bad++;
+					continue;
+				}
+				if (ca.handle == last)
+					bad++;
+				last = ca.handle;
+				if (do_detach(cctl, ca.handle))
+					bad++;
+			}
+			_exit(bad ? 1 : 0);
+		}
+		kids[nkids++] = pid;
+		pid = fork();
+		if (pid == 0) {
+			struct disk c;
+
+			disk_open(&c, churnp);
+			for (int j = 0; j < 400; j++)
+				dwrite(&c, 2 * MiB + (uint64_t)(j % 64) * 4096, 4096, j & 0xff);
+			_exit(0);
+		}
+		kids[nkids++] = pid;
+	}
+	deadline = time(NULL) + 300;
+	while (total < STRESS_WRITERS * STRESS_N && time(NULL) < deadline) {
+		size_t n = ring_drain(&r, recs + total, 4096 - total);
+
+		total += n;
+		if (!n)
+			usleep(1000);
+	}
+	for (i = 0; i < nkids; i++) {
+		if (waitpid(kids[i], &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
+			fail("child %d failed (status %#x)", i, status);
+	}
+	total += ring_drain(&r, recs + total, 4096 - total);
+	CHECK(total == STRESS_WRITERS * STRESS_N, "%zu records, want %d", total, STRESS_WRITERS * STRESS_N);
+	for (size_t k = 0; k < total; k++) {
+		uint64_t off = recs[k].offset - base;
+		unsigned int wi = off / stride, j = (off % stride) / 4096;
+
+		if (k)
+			CHECK(recs[k].seq == recs[k - 1].seq + 1, "seq gap at %zu", k);
+		if (recs[k].kind != FERRY_REC_WRITE || recs[k].length != 4096 || recs[k].offset < base ||
+		    wi >= STRESS_WRITERS || j >= STRESS_N || off % 4096) {
+			fail("unexpected record");
+			print_rec("record", &recs[k]);
+			continue;
+		}
+		if (seen[wi][j]++)
+			fail("writer %u block %u recorded twice", wi, j);
+	}
+	CHECK(do_status(ctl, a.handle, &st) == 0 && st.overflows == 0 && st.lost == 0, "no overflow");
+	note("stress: %zu records; status records %llu seq %llu", total, (unsigned long long)st.records,
+	     (unsigned long long)st.seq);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+static int t_leave_attached(const char *diskp)
+{
+	struct ferry_cbt_attach a;
+	struct disk d;
+	int ctl = ctl_open();
+
+	disk_open(&d, diskp);
+	CHECK(do_attach(ctl, &d, 16, 0, &a) == 0, "attach");
+	note("left %s attached as handle %u", diskp, a.handle);
+	return failures != 0;
+}
+
+/* A file with an MBR holding one partition (2048 sectors in, 16 MiB long),
+ * attached to a free loop device with partition scanning. */
+static int t_mkloop(const char *file)
+{
+	unsigned char mbr[512] = { 0 };
+	struct loop_info64 li;
+	char dev[32];
+	int ctlfd, ffd, lfd, n;
+	uint32_t start = 2048, count = 32768;
+
+	ffd = open(file, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	if (ffd < 0 || ftruncate(ffd, 32 * MiB))
+		die("create %s", file);
+	mbr[446 + 4] = 0x83;
+	memcpy(&mbr[446 + 8], &start, 4);
+	memcpy(&mbr[446 + 12], &count, 4);
+	mbr[510] = 0x55;
+	mbr[511] = 0xaa;
+	if (pwrite(ffd, mbr, 512, 0) != 512)
+		die("write MBR");
+	ctlfd = open("/dev/loop-control", O_RDWR);
+	if (ctlfd < 0)
+		die("open /dev/loop-control");
+	n = ioctl(ctlfd, LOOP_CTL_GET_FREE);
+	if (n < 0)
+		die("LOOP_CTL_GET_FREE");
+	snprintf(dev, sizeof(dev), "/dev/loop%d", n);
+	for (int i = 0; i < 50 && access(dev, F_OK); i++)
+		usleep(100000);
+	lfd = open(dev, O_RDWR);
+	if (lfd < 0)
+		die("open %s", dev);
+	if (ioctl(lfd, LOOP_SET_FD, ffd))
+		die("LOOP_SET_FD");
+	memset(&li, 0, sizeof(li));
+	li.lo_flags = LO_FLAGS_PARTSCAN;
+	if (ioctl(lfd, LOOP_SET_STATUS64, &li))
+		die("LOOP_SET_STATUS64");
+	{
+		char part[48];
+
+		snprintf(part, sizeof(part), "%sp1", dev);
+		for (int i = 0; i < 50 && access(part, F_OK); i++)
+			usleep(100000);
+		if (access(part, F_OK))
+			die("%s did not appear", part);
+	}
+	printf("%s\n", dev);
+	return 0;
+}
+
+static int t_rmloop(const char *dev)
+{
+	int fd = open(dev, O_RDWR);
+
+	if (fd < 0 || ioctl(fd, LOOP_CLR_FD))
+		die("LOOP_CLR_FD %s", dev);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const char *t = argc > 1 ? argv[1] : "";
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (!strcmp(t, "abi") && argc >= 3)
+		return t_abi(argv[2], argc > 3 ? argv[3] : NULL);
+	if (!strcmp(t, "records") && argc == 3)
+		return t_records(argv[2]);
+	if (!strcmp(t, "partition") && argc == 4)
+		return t_partition(argv[2], argv[3]);
+	if (!strcmp(t, "overflow") && argc == 3)
+		return t_overflow(argv[2]);
+	if (!strcmp(t, "isolation") && argc == 4)
+		return t_isolation(argv[2], argv[3]);
+	if (!strcmp(t, "persist") && argc == 3)
+		return t_persist(argv[2]);
+	if (!strcmp(t, "stress") && argc >= 3)
+		return t_stress(argv[2], argc > 3 ? argv[3] : NULL);
+	if (!strcmp(t, "leave-attached") && argc == 3)
+		return t_leave_attached(argv[2]);
+	if (!strcmp(t, "mkloop") && argc == 3)
+		return t_mkloop(argv[2]);
+	if (!strcmp(t, "rmloop") && argc == 3)
+		return t_rmloop(argv[2]);
+	fprintf(stderr, "usage: see the comment at the top of kmod-probe.c\n");
+	return 2;
+}

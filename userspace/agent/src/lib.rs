@@ -290,6 +290,7 @@ impl Agent {
                 ring_id: None,
                 bpf_lost_seen: 0,
                 bpf_recursion_seen: 0,
+                bpf_baseline: None,
                 bpf_drops: 0,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
@@ -361,6 +362,7 @@ impl Agent {
                 let s = t.stats()?;
                 st.bpf_lost_seen = s.lost;
                 st.bpf_recursion_seen = t.recursion_misses().unwrap_or(0);
+                st.bpf_baseline = ferry_bpf::device_bytes_changed(&opts.disk).map(|d| (d, s.bytes));
             } else {
                 log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
             }
@@ -1149,6 +1151,21 @@ impl Agent {
     /// still attached and has not missed a run.
     fn check_tracker_now(&mut self) -> Result<(), AgentError> {
         let Some(t) = self.bpf.as_ref() else { return Ok(()) };
+        // The device's own count of completed changes against the tracker's:
+        // if the kernel completed more than the program saw, something was
+        // missed, however that happened.
+        let dev = ferry_bpf::device_bytes_changed(&self.opts.disk);
+        let seen = t.stats()?.bytes;
+        match (dev, self.st.bpf_baseline) {
+            (Some(d), Some((d0, s0))) if d.saturating_sub(d0) > seen.saturating_sub(s0) => {
+                let missed = d.saturating_sub(d0) - seen.saturating_sub(s0);
+                log::warn!("the disk completed {missed} bytes of changes the bpf tracker did not see; resync required");
+                self.st.resync_required = Some(format!("the bpf tracker missed {missed} bytes of completed changes"));
+                self.st.bpf_baseline = Some((d, seen));
+            }
+            (Some(d), None) => self.st.bpf_baseline = Some((d, seen)),
+            _ => {}
+        }
         if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
             return Err(AgentError::NoConsistentPoint(format!(
                 "{}: the bpf tracker was detached (ferry unprotect?); stopping",

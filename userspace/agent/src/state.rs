@@ -48,6 +48,11 @@ pub struct AgentState {
     pub bpf_lost_seen: u64,
     #[serde(default)]
     pub bpf_recursion_seen: u64,
+    /// (device bytes changed, tracker bytes seen) when counting started:
+    /// at a cut, the device must not have completed more than the tracker
+    /// saw since (a cross-check against changes the tracker missed).
+    #[serde(default)]
+    pub bpf_baseline: Option<(u64, u64)>,
     /// Records that fell back to the BPF bitmap, for `ferry status`.
     #[serde(default)]
     pub bpf_drops: u64,

@@ -104,6 +104,19 @@ pub fn target_of(disk: &Path) -> Result<Target, BpfError> {
     }
 }
 
+/// Bytes the kernel has completed as writes, write-zeroes and discards on
+/// the protected device (whole disk or partition), from its block-layer
+/// statistics: the independent count the tracker's `bytes` is checked
+/// against. `None` where the statistics cannot be read.
+pub fn device_bytes_changed(disk: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(disk).ok()?;
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", libc::major(m.rdev()), libc::minor(m.rdev()))).ok()?;
+    let f: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // Fields: ... [6] write sectors ... [13] discard sectors (Documentation/block/stat.rst).
+    Some((f.get(6)? + f.get(13).copied().unwrap_or(0)) * 512)
+}
+
 fn require_mq(sys_disk: &Path, disk: &Path) -> Result<(), BpfError> {
     if sys_disk.join("mq").is_dir() {
         return Ok(());

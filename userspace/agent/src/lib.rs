@@ -82,10 +82,16 @@ impl AgentError {
     }
 
     /// Whether reconnecting may help.
+    /// `Busy` is retried too: right after an agent dies, the master target
+    /// may not yet have noticed its connection closing and still hold the
+    /// disk; a second live agent for the same disk keeps being refused (and
+    /// says so in its log) until `--connect-timeout` with `--once`.
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            AgentError::Connect(_) | AgentError::Lost(_) | AgentError::Refused { code: ErrorCode::RefMiss | ErrorCode::Internal, .. }
+            AgentError::Connect(_)
+                | AgentError::Lost(_)
+                | AgentError::Refused { code: ErrorCode::RefMiss | ErrorCode::Internal | ErrorCode::Busy, .. }
         )
     }
 }

@@ -36,12 +36,18 @@ impl Client {
         c
     }
     fn open(addr: &str, name: &str, size: u64) -> (Client, u64) {
-        let mut c = Client::hello(addr);
-        c.send(&Msg::Open { name: name.into(), size, generation: [1; 16] });
-        match c.recv() {
-            Some(Msg::OpenAck { durable_seq, .. }) => (c, durable_seq),
-            other => panic!("open failed: {other:?}"),
+        // A stream just closed by the previous case may still hold the disk
+        // for a moment: busy is retried, anything else is a failure.
+        for _ in 0..100 {
+            let mut c = Client::hello(addr);
+            c.send(&Msg::Open { name: name.into(), size, generation: [1; 16] });
+            match c.recv() {
+                Some(Msg::OpenAck { durable_seq, .. }) => return (c, durable_seq),
+                Some(Msg::Error { code: ErrorCode::Busy, .. }) => std::thread::sleep(Duration::from_millis(20)),
+                other => panic!("open failed: {other:?}"),
+            }
         }
+        panic!("disk {name} stayed busy");
     }
     /// Expect an ERROR with `code`, then the connection closed.
     fn expect_error(&mut self, code: ErrorCode, needle: &str) {

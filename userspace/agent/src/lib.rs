@@ -927,14 +927,30 @@ impl Agent {
                 self.resync(sess)?;
             }
             let oldest = exts.iter().map(|r| r.time_ns).filter(|&t| t > 0).min();
-            self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
-            pending.push_back((sess.next_seq - 1, next));
+            self.ship_records(sess, &exts, next, &mut cursor, &mut pending, &mut buf)?;
             if let Some(t) = oldest {
                 self.lag_pending.push_back((sess.next_seq - 1, t));
             }
-            cursor = next;
             self.release_acked(sess, ring, &mut pending)?;
         }
+    }
+
+    /// Ship what `recs` (read from the ring up to index `next`) changed,
+    /// advance the read cursor to `next`, and remember that the ring may be
+    /// released up to `next` once the frames just sent are acknowledged.
+    fn ship_records(
+        &mut self,
+        sess: &mut Session,
+        recs: &[Record],
+        next: u64,
+        cursor: &mut u64,
+        pending: &mut VecDeque<(u64, u64)>,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), AgentError> {
+        self.ship_extents(sess, &coalesce(recs, self.st.size), buf)?;
+        pending.push_back((sess.next_seq - 1, next));
+        *cursor = next;
+        Ok(())
     }
 
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], buf: &mut AlignedBuf) -> Result<(), AgentError> {
@@ -1047,9 +1063,7 @@ impl Agent {
                     break; // invalid records are handled under the freeze
                 }
                 let exts: Vec<Record> = recs.into_iter().flatten().collect();
-                self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
-                pending.push_back((sess.next_seq - 1, next));
-                *cursor = next;
+                self.ship_records(sess, &exts, next, cursor, pending, &mut buf)?;
             }
         }
         let cap = self.opts.freeze_cap;
@@ -1099,9 +1113,7 @@ impl Agent {
                 }
                 exts.extend_from_slice(&held);
                 taken.extend(held);
-                self.ship_extents(sess, &coalesce(&exts, self.st.size), &mut buf)?;
-                pending.push_back((sess.next_seq - 1, next));
-                *cursor = next;
+                self.ship_records(sess, &exts, next, cursor, pending, &mut buf)?;
             }
             sess.wait_acked(sess.next_seq - 1)?;
             // Nothing may have been written meanwhile (a filesystem the freeze

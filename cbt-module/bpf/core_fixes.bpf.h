@@ -13,6 +13,11 @@
  *   32-bit __bitwise type) in 6.x: the same 32 bits, one definition serves.
  * - The block_rq_complete tracepoint's error argument changed type over
  *   time (int, then blk_status_t); the program does not read it.
+ * - block_rq_issue takes only the request since 5.11 ("block: remove the
+ *   request_queue argument to request based tracepoints", a54895fa057c);
+ *   older kernels fail to load the program and `auto` falls back to scan.
+ * - request->__data_len: the bytes a request still has to transfer, read
+ *   at issue (the whole request then).
  * - REQ_OP_* values are those of include/linux/blk_types.h in 4.10 and
  *   later (the low 8 bits of cmd_flags).
  */

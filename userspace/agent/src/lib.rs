@@ -214,6 +214,7 @@ pub struct Agent {
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
     last_recursion_check: Instant,
+    last_sweep: Instant,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
@@ -298,6 +299,7 @@ impl Agent {
                 bpf_recursion_seen: 0,
                 bpf_baseline: None,
                 bpf_drops: 0,
+                bpf_recovered: 0,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
@@ -368,7 +370,7 @@ impl Agent {
                 let s = t.stats()?;
                 st.bpf_lost_seen = s.lost;
                 st.bpf_recursion_seen = t.recursion_misses().unwrap_or(0);
-                st.bpf_baseline = ferry_bpf::device_bytes_changed(&opts.disk).map(|d| (d, s.bytes));
+                st.bpf_baseline = ferry_bpf::device_bytes_changed(&opts.disk).map(|d| (d, s.bytes + s.recovered_bytes));
             } else {
                 log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
             }
@@ -396,6 +398,7 @@ impl Agent {
             bpf,
             lag_pending: VecDeque::new(),
             last_recursion_check: Instant::now(),
+            last_sweep: Instant::now(),
             pass_sums: None,
             frozen: false,
             saved_acked: 0,
@@ -1030,7 +1033,7 @@ impl Agent {
         sess.wait_acked(sess.next_seq - 1)?;
         self.release_acked(sess, ring, pending)?;
         // Anything that completed meanwhile is in the tracker's buffer.
-        self.feed()?;
+        self.feed_cut()?;
         self.check_tracker_now()?;
         if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
             return Ok(None);
@@ -1087,7 +1090,7 @@ impl Agent {
                 self.st.cut_problem = Some(e.clone());
                 return Ok(None);
             }
-            self.feed()?;
+            self.feed_cut()?;
             loop {
                 if t0.elapsed() > cap {
                     self.st.cut_problem =
@@ -1118,7 +1121,7 @@ impl Agent {
             sess.wait_acked(sess.next_seq - 1)?;
             // Nothing may have been written meanwhile (a filesystem the freeze
             // did not reach, a swap area, another writer on the raw disk).
-            self.feed()?;
+            self.feed_cut()?;
             self.check_tracker_now()?;
             let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
             let quiet = late.is_empty() && ring.producer() == *cursor;
@@ -1172,11 +1175,16 @@ impl Agent {
         // The device's own count of completed changes against the tracker's:
         // if the kernel completed more than the program saw, something was
         // missed, however that happened.
+        // Read in this order: the device counts a completion after the
+        // tracepoint fires, so what it counted is by now seen, recovered, or
+        // still in `inflight` (issued, its completion not seen).
         let dev = ferry_bpf::device_bytes_changed(&self.opts.disk);
-        let seen = t.stats()?.bytes;
+        let pending: u64 = t.inflight()?.iter().map(|e| e.len).sum();
+        let s = t.stats()?;
+        let seen = s.bytes + s.recovered_bytes;
         match (dev, self.st.bpf_baseline) {
-            (Some(d), Some((d0, s0))) if d.saturating_sub(d0) > seen.saturating_sub(s0) => {
-                let missed = d.saturating_sub(d0) - seen.saturating_sub(s0);
+            (Some(d), Some((d0, s0))) if d.saturating_sub(d0) > seen.saturating_sub(s0) + pending => {
+                let missed = d.saturating_sub(d0) - seen.saturating_sub(s0) - pending;
                 log::warn!("the disk completed {missed} bytes of changes the bpf tracker did not see; resync required");
                 self.st.resync_required = Some(format!("the bpf tracker missed {missed} bytes of completed changes"));
                 self.st.bpf_baseline = Some((d, seen));
@@ -1212,8 +1220,22 @@ impl Agent {
         if c.bitmap_extents > 0 {
             log::info!("bpf tracker ring buffer overflowed: {} extents taken from the bitmap", c.bitmap_extents);
         }
+        if self.last_sweep.elapsed() >= Duration::from_millis(250) {
+            self.last_sweep = Instant::now();
+            let (n, _) = t.sweep_inflight(false)?;
+            if n > 0 {
+                log::info!("bpf tracker: {n} writes issued over 0.5 s ago and not seen completing; shipping their ranges");
+            }
+        }
         let s = t.stats()?;
         self.st.bpf_drops = s.drops;
+        if s.recovered > self.st.bpf_recovered {
+            log::info!(
+                "bpf tracker: {} completions the kernel did not show it were caught at reissue",
+                s.recovered - self.st.bpf_recovered
+            );
+            self.st.bpf_recovered = s.recovered;
+        }
         if s.lost > self.st.bpf_lost_seen {
             self.st.resync_required = Some(format!("the bpf tracker could not record {} changes", s.lost - self.st.bpf_lost_seen));
             self.st.bpf_lost_seen = s.lost;
@@ -1221,6 +1243,21 @@ impl Agent {
         if self.last_recursion_check.elapsed() >= Duration::from_secs(1) {
             self.last_recursion_check = Instant::now();
             self.check_tracker_now()?;
+        }
+        Ok(())
+    }
+
+    /// [`Agent::feed`], plus every in-flight write not shipped yet: run
+    /// right before a point is cut, so that a write whose completion the
+    /// program missed is in the point (its ranges, read now, are complete
+    /// or, if truly still in flight, not part of the point's prefix yet).
+    fn feed_cut(&mut self) -> Result<(), AgentError> {
+        self.feed()?;
+        if let Some(t) = self.bpf.as_mut() {
+            let (n, _) = t.sweep_inflight(true)?;
+            if n > 0 {
+                log::info!("bpf tracker: {n} in-flight writes shipped before the cut");
+            }
         }
         Ok(())
     }

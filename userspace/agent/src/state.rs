@@ -56,6 +56,10 @@ pub struct AgentState {
     /// Records that fell back to the BPF bitmap, for `ferry status`.
     #[serde(default)]
     pub bpf_drops: u64,
+    /// Completions the kernel did not run the tracker for, caught when
+    /// their request was issued again (see ferry-bpf).
+    #[serde(default)]
+    pub bpf_recovered: u64,
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,

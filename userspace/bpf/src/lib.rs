@@ -7,10 +7,12 @@
 //! | pin      | what |
 //! |----------|------|
 //! | `link`   | the attachment to `tp_btf/block_rq_complete`: tracking runs while it exists |
+//! | `issue`  | the attachment to `tp_btf/block_rq_issue` (fills `inflight`) |
 //! | `prog`   | the program (for its recursion-miss counter) |
+//! | `inflight` | hash of protected writes issued and not yet seen completing |
 //! | `events` | BPF ring buffer of `struct ferry_cbt_record` |
 //! | `bitmap` | mmap-able u64 words, one bit per 2^chunk_shift bytes: the backstop |
-//! | `stats`  | counters: seq, records, drops (to the bitmap), lost, bytes |
+//! | `stats`  | counters: seq, records, drops (to the bitmap), lost, bytes, recovered... |
 //!
 //! Record path and why nothing is lost: the program reserves a ring-buffer
 //! record for each completed write; [`Tracker::collect`] copies records into
@@ -22,6 +24,13 @@
 //! chunk records. `lost` (a range too wide for the bitmap loop), a recursion
 //! miss, a record the agent cannot parse, or a full `STATE/ring` each make
 //! the agent resync by checksum.
+//!
+//! Completions the kernel does not run the program for (a rare kernel
+//! behaviour, docs/decisions.md) are caught through `inflight`: a request
+//! issued again while its entry is there had its completion missed, and the
+//! program puts that range in the bitmap (`recovered`); entries that stay
+//! are swept by [`Tracker::sweep_inflight`] and shipped. The agent's
+//! cross-check with the device's statistics covers the rest.
 
 use ferry_ring::generated::ferry_cbt_record;
 use ferry_ring::{Record, RecordKind, Ring};
@@ -186,7 +195,7 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     if !dir.exists() {
         return Ok(false);
     }
-    for p in ["link", "prog", "events", "bitmap", "stats", "config"] {
+    for p in ["link", "issue", "prog", "events", "bitmap", "stats", "inflight", "config"] {
         match std::fs::remove_file(dir.join(p)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -234,6 +243,12 @@ pub struct Stats {
     pub drops: u64,
     pub lost: u64,
     pub bytes: u64,
+    /// Completions the program did not see, caught when their request was
+    /// issued again (their ranges went to the bitmap).
+    pub recovered: u64,
+    pub recovered_bytes: u64,
+    /// Completions skipped on purpose (FERRY_BPF_TEST_SKIP_EVERY).
+    pub injected: u64,
 }
 
 /// What one [`Tracker::collect`] moved.
@@ -249,8 +264,28 @@ struct Pins {
     events: MapHandle,
     bitmap: MapHandle,
     stats: MapHandle,
+    inflight: MapHandle,
     config: MapHandle,
     prog_id: u32,
+}
+
+/// A protected write issued and not (yet) seen completing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    pub offset: u64,
+    pub len: u64,
+    pub issue_ns: u64,
+}
+
+/// Issue-time age after which an in-flight entry is shipped without waiting
+/// for a cut: its completion was almost surely missed.
+const STALE_NS: u64 = 500_000_000;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// What a pinned program watches, read back from its read-only data.
@@ -279,12 +314,24 @@ pub struct Tracker {
     chunk_shift: u32,
     size: u64,
     drops_seen: u64,
+    /// In-flight entries (request address, issue time) already shipped.
+    swept: std::collections::HashSet<(u64, u64)>,
 }
 
 fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
     let m = |n: &str| MapHandle::from_pinned_path(dir.join(n)).map_err(lib(n));
     let prog = libbpf_rs::ProgramHandle::from_pinned_path(dir.join("prog")).map_err(lib("prog"))?;
-    Ok(Pins { events: m("events")?, bitmap: m("bitmap")?, stats: m("stats")?, config: m("config")?, prog_id: prog.id() })
+    if !dir.join("issue").exists() {
+        return Err(BpfError::Unsupported("the pinned tracker has no issue hook (made by an older ferry)".into()));
+    }
+    Ok(Pins {
+        events: m("events")?,
+        bitmap: m("bitmap")?,
+        stats: m("stats")?,
+        inflight: m("inflight")?,
+        config: m("config")?,
+        prog_id: prog.id(),
+    })
 }
 
 impl Tracker {
@@ -366,7 +413,7 @@ impl Tracker {
         // Take the bitmap at the first collect whatever the counter says: a
         // previous agent may have left marks there.
         let drops_seen = u64::MAX;
-        let t = Tracker { held, pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen };
+        let t = Tracker { held, pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen, swept: Default::default() };
         Ok((t, fresh))
     }
 
@@ -398,7 +445,7 @@ impl Tracker {
     pub fn stats(&self) -> Result<Stats, BpfError> {
         let v = self.pins.stats.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).map_err(lib("stats"))?.unwrap_or_default();
         let f = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8")));
-        Ok(Stats { seq: f(0), records: f(1), drops: f(2), lost: f(3), bytes: f(4) })
+        Ok(Stats { seq: f(0), records: f(1), drops: f(2), lost: f(3), bytes: f(4), recovered: f(5), recovered_bytes: f(6), injected: f(7) })
     }
 
     /// Times the kernel skipped the program because it was already running
@@ -413,12 +460,67 @@ impl Tracker {
     pub fn collect(&mut self) -> Result<Collected, BpfError> {
         self.rb.consume().map_err(lib("draining the ring buffer"))?;
         let mut out = std::mem::take(&mut *self.counts.lock().expect("poisoned"));
-        let drops = self.stats()?.drops;
+        // Bits come from ring overflows and from recovered completions.
+        let s = self.stats()?;
+        let drops = s.drops.wrapping_add(s.recovered);
         if drops != self.drops_seen {
             self.drops_seen = drops;
             out.bitmap_extents = self.take_bitmap();
         }
         Ok(out)
+    }
+
+    /// Protected writes issued and not seen completing: in flight now, or
+    /// completed without the program running (see the module notes).
+    pub fn inflight(&self) -> Result<Vec<Inflight>, BpfError> {
+        let mut out = Vec::new();
+        for k in self.pins.inflight.keys() {
+            // An entry may go between listing and lookup: skip it then.
+            if let Some(v) = self.pins.inflight.lookup(&k, MapFlags::ANY).map_err(lib("inflight"))? {
+                let u = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8")));
+                let (a, b) = (u(0), u(1));
+                if b > a {
+                    out.push(Inflight { offset: a, len: b - a, issue_ns: u(2) });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queue (to the sink, or the held list) the ranges of in-flight
+    /// entries not queued before: all of them when `all` (before a point is
+    /// cut), else those issued more than half a second ago. Returns the
+    /// number queued and the bytes all entries cover (for the cross-check).
+    pub fn sweep_inflight(&mut self, all: bool) -> Result<(u64, u64), BpfError> {
+        let now = monotonic_ns();
+        let mut n = 0;
+        let mut bytes = 0;
+        let mut live = std::collections::HashSet::new();
+        for e in self.inflight()? {
+            bytes += e.len;
+            let id = (e.offset, e.issue_ns);
+            live.insert(id);
+            if self.swept.contains(&id) || !(all || now.saturating_sub(e.issue_ns) > STALE_NS) {
+                continue;
+            }
+            let mut off = e.offset.min(self.size);
+            let end = (e.offset + e.len).min(self.size);
+            while off < end {
+                let len = (end - off).min(1 << 20);
+                let r = Record { seq: 0, offset: off, length: len as u32, kind: RecordKind::Write, flush: false, time_ns: 0 };
+                match self.held.lock().expect("poisoned").as_mut() {
+                    Some(v) => v.push(r),
+                    None => {
+                        self.sink.push(r);
+                    }
+                }
+                off += len;
+            }
+            self.swept.insert(id);
+            n += 1;
+        }
+        self.swept.retain(|id| live.contains(id));
+        Ok((n, bytes))
     }
 
     /// Take every bit now and queue the chunks (to the sink, or to the held
@@ -478,14 +580,24 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) 
     ro.part_sectors = t.part_sectors;
     ro.chunk_shift = shift;
     ro.bitmap_words = words;
+    // Fault injection for tests (docs/testing.md): skip every Nth completion.
+    if let Some(n) = std::env::var("FERRY_BPF_TEST_SKIP_EVERY").ok().and_then(|v| v.parse::<u32>().ok()) {
+        log::warn!("FERRY_BPF_TEST_SKIP_EVERY={n}: the tracker will ignore every {n}th completion (a test setting)");
+        ro.test_skip_every = n;
+    }
     let ring_bytes = ring_bytes.clamp(4096, 1 << 30).next_power_of_two();
     open.maps.events.set_max_entries(ring_bytes).map_err(lib("events size"))?;
     open.maps.bitmap.set_max_entries(words as u32).map_err(lib("bitmap size"))?;
     let mut skel = open.load().map_err(lib("loading the BPF program (a kernel with BTF and tp_btf is needed)"))?;
+    // Issue first: a write issued before the completion hook is attached is
+    // then either seen completing or left in `inflight`.
+    let mut issue = skel.progs.ferry_rq_issue.attach().map_err(lib("attaching to block_rq_issue"))?;
+    issue.pin(dir.join("issue")).map_err(lib("pinning the issue link"))?;
     let mut link = skel.progs.ferry_rq_complete.attach().map_err(lib("attaching to block_rq_complete"))?;
     skel.maps.events.pin(dir.join("events")).map_err(lib("pinning events"))?;
     skel.maps.bitmap.pin(dir.join("bitmap")).map_err(lib("pinning bitmap"))?;
     skel.maps.stats.pin(dir.join("stats")).map_err(lib("pinning stats"))?;
+    skel.maps.inflight.pin(dir.join("inflight")).map_err(lib("pinning inflight"))?;
     skel.progs.ferry_rq_complete.pin(dir.join("prog")).map_err(lib("pinning prog"))?;
     skel.maps.rodata.pin(dir.join("config")).map_err(lib("pinning config"))?;
     // The link last: its pin is what says "tracking is on".

@@ -274,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
                     "last_point": st.last_point.as_ref().map(|p| serde_json::json!({"id": p.id, "seq": p.seq, "kind": p.kind, "time": recover::rfc3339(p.time_ns)})),
                     "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
                     "bpf_drops": st.bpf_drops,
+                    "bpf_recovered": st.bpf_recovered,
                     "cut_problem": st.cut_problem,
                     "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
                     "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
@@ -309,6 +310,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if st.tracker == "bpf" {
                     println!("bpf        {} records fell back to the bitmap", st.bpf_drops);
+                    if st.bpf_recovered > 0 {
+                        println!(
+                            "bpf        {} completions the kernel did not run the tracker for were caught at reissue",
+                            st.bpf_recovered
+                        );
+                    }
                 }
             }
             Ok(())

@@ -18,6 +18,9 @@
  *   older kernels fail to load the program and `auto` falls back to scan.
  * - request->__data_len: the bytes a request still has to transfer, read
  *   at issue (the whole request then).
+ * - request->tag (the driver tag, set before issue and kept until the
+ *   request is freed) and request->mq_hctx->queue_num: in every blk-mq
+ *   kernel (4.x on); they index the `inflight` slots.
  * - REQ_OP_* values are those of include/linux/blk_types.h in 4.10 and
  *   later (the low 8 bits of cmd_flags).
  */
@@ -33,8 +36,14 @@ struct request_queue {
 	struct gendisk *disk;
 } __attribute__((preserve_access_index));
 
+struct blk_mq_hw_ctx {
+	unsigned int queue_num;
+} __attribute__((preserve_access_index));
+
 struct request {
 	struct request_queue *q;
+	struct blk_mq_hw_ctx *mq_hctx;
+	int tag;
 	unsigned int cmd_flags;
 	unsigned int __data_len;
 	unsigned long long __sector;

@@ -9,7 +9,7 @@
 //! | `link`   | the attachment to `tp_btf/block_rq_complete`: tracking runs while it exists |
 //! | `issue`  | the attachment to `tp_btf/block_rq_issue` (fills `inflight`) |
 //! | `prog`   | the program (for its recursion-miss counter) |
-//! | `inflight` | hash of protected writes issued and not yet seen completing |
+//! | `inflight` | mmap-able slots, one per driver tag: protected writes issued and not yet seen completing |
 //! | `events` | BPF ring buffer of `struct ferry_cbt_record` |
 //! | `bitmap` | mmap-able u64 words, one bit per 2^chunk_shift bytes: the backstop |
 //! | `stats`  | counters: seq, records, drops (to the bitmap), lost, bytes, recovered... |
@@ -26,10 +26,10 @@
 //! the agent resync by checksum.
 //!
 //! Completions the kernel does not run the program for (a rare kernel
-//! behaviour, docs/decisions.md) are caught through `inflight`: a request
-//! issued again while its entry is there had its completion missed, and the
-//! program puts that range in the bitmap (`recovered`); entries that stay
-//! are swept by [`Tracker::sweep_inflight`] and shipped. The agent's
+//! behaviour, docs/decisions.md) are caught through `inflight`: a tag
+//! issued again while its slot is taken had its completion missed, and the
+//! program puts that range in the bitmap (`recovered`); slots that stay
+//! taken are swept by [`Tracker::sweep_inflight`] and shipped. The agent's
 //! cross-check with the device's statistics covers the rest.
 
 use ferry_ring::generated::ferry_cbt_record;
@@ -135,6 +135,31 @@ fn require_mq(sys_disk: &Path, disk: &Path) -> Result<(), BpfError> {
          protect the disks beneath it, or use --tracker scan",
         disk.display()
     )))
+}
+
+/// Most `inflight` slots (32 bytes each): 2^18, 8 MiB.
+const MAX_SLOTS: u32 = 1 << 18;
+
+/// The `inflight` geometry of a disk: driver tags per hardware queue and
+/// slots in all, from blk-mq's sysfs (`mq/N/nr_tags`). Tags beyond it are
+/// not remembered (counted as `unguarded`).
+pub fn slot_geometry(disk: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(disk) else { return (128, 128) };
+    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
+    if sys.join("partition").exists() {
+        sys = sys.join("..");
+    }
+    let (mut queues, mut stride) = (0u32, 0u32);
+    if let Ok(rd) = std::fs::read_dir(sys.join("mq")) {
+        for e in rd.flatten() {
+            queues += 1;
+            let n = std::fs::read_to_string(e.path().join("nr_tags")).ok().and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0);
+            stride = stride.max(n);
+        }
+    }
+    let stride = if stride == 0 { 128 } else { stride.min(MAX_SLOTS) };
+    (stride, stride.saturating_mul(queues.max(1)).min(MAX_SLOTS))
 }
 
 /// Bitmap granularity for a disk: at least 4 KiB, at most 2^25 bits.
@@ -269,6 +294,10 @@ struct Pins {
     prog_id: u32,
 }
 
+/// Bytes of one `inflight` slot (struct ferry_inflight: rq, start, end,
+/// issue_ns).
+const SLOT_BYTES: usize = 32;
+
 /// A protected write issued and not (yet) seen completing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inflight {
@@ -310,6 +339,9 @@ pub struct Tracker {
     counts: Arc<std::sync::Mutex<Collected>>,
     sink: Arc<Ring>,
     bitmap: memmap2::MmapMut,
+    /// The `inflight` slots (read only here).
+    slots: memmap2::MmapMut,
+    nslots: usize,
     words: usize,
     chunk_shift: u32,
     size: u64,
@@ -360,7 +392,7 @@ impl Tracker {
             // A partial pin folder (an interrupted attach) is cleared first.
             unpin(name)?;
             std::fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
-            let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes);
+            let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes, slot_geometry(disk_path));
             if let Err(e) = r {
                 let _ = unpin(name);
                 return Err(e);
@@ -379,6 +411,13 @@ impl Tracker {
         // access goes through atomics (the program updates it concurrently).
         let bitmap = unsafe { memmap2::MmapOptions::new().len(map_len).map_mut(pins.bitmap.as_fd().as_raw_fd()) }
             .map_err(io("mapping the tracker bitmap"))?;
+        let nslots = pins.inflight.info().map_err(lib("inflight info"))?.info.max_entries as usize;
+        let slots_len = (nslots * SLOT_BYTES).div_ceil(4096) * 4096;
+        // SAFETY: `inflight` was created with BPF_F_MMAPABLE and holds
+        // `nslots` values of SLOT_BYTES; we map exactly its page-rounded
+        // size and only read it, through atomics (the program writes it).
+        let slots = unsafe { memmap2::MmapOptions::new().len(slots_len).map_mut(pins.inflight.as_fd().as_raw_fd()) }
+            .map_err(io("mapping the tracker's in-flight slots"))?;
         let sink = Arc::new(Ring::open(sink).map_err(|e| BpfError::Unsupported(e.to_string()))?);
         let counts = Arc::new(std::sync::Mutex::new(Collected::default()));
         let mut b = libbpf_rs::RingBufferBuilder::new();
@@ -413,7 +452,21 @@ impl Tracker {
         // Take the bitmap at the first collect whatever the counter says: a
         // previous agent may have left marks there.
         let drops_seen = u64::MAX;
-        let t = Tracker { held, pins, rb, counts, sink, bitmap, words, chunk_shift: shift, size, drops_seen, swept: Default::default() };
+        let t = Tracker {
+            held,
+            pins,
+            rb,
+            counts,
+            sink,
+            bitmap,
+            slots,
+            nslots,
+            words,
+            chunk_shift: shift,
+            size,
+            drops_seen,
+            swept: Default::default(),
+        };
         Ok((t, fresh))
     }
 
@@ -473,16 +526,24 @@ impl Tracker {
     /// Protected writes issued and not seen completing: in flight now, or
     /// completed without the program running (see the module notes).
     pub fn inflight(&self) -> Result<Vec<Inflight>, BpfError> {
+        let base = self.slots.as_ptr() as *mut u64;
+        let word = |i: usize| {
+            // SAFETY: callers pass i < nslots * 4; the mapping holds nslots
+            // slots of four aligned u64s, written by the program.
+            unsafe { AtomicU64::from_ptr(base.add(i)) }.load(Ordering::Acquire)
+        };
         let mut out = Vec::new();
-        for k in self.pins.inflight.keys() {
-            // An entry may go between listing and lookup: skip it then.
-            if let Some(v) = self.pins.inflight.lookup(&k, MapFlags::ANY).map_err(lib("inflight"))? {
-                let u = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8")));
-                let (a, b) = (u(0), u(1));
-                if b > a {
-                    out.push(Inflight { offset: a, len: b - a, issue_ns: u(2) });
-                }
+        for s in 0..self.nslots {
+            let rq = word(s * 4);
+            if rq == 0 {
+                continue;
             }
+            let (a, b, t) = (word(s * 4 + 1), word(s * 4 + 2), word(s * 4 + 3));
+            // A slot being rewritten is in use, not left behind: skip it.
+            if word(s * 4) != rq || b <= a {
+                continue;
+            }
+            out.push(Inflight { offset: a, len: b - a, issue_ns: t });
         }
         Ok(out)
     }
@@ -570,7 +631,7 @@ impl Tracker {
     }
 }
 
-fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) -> Result<(), BpfError> {
+fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32, slots: (u32, u32)) -> Result<(), BpfError> {
     let mut obj = MaybeUninit::uninit();
     let mut open = skel::FerryCbtSkelBuilder::default().open(&mut obj).map_err(lib("opening the BPF object"))?;
     let ro = open.maps.rodata_data.as_deref_mut().ok_or_else(|| BpfError::Unsupported("BPF object has no rodata".into()))?;
@@ -585,9 +646,13 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32) 
         log::warn!("FERRY_BPF_TEST_SKIP_EVERY={n}: the tracker will ignore every {n}th completion (a test setting)");
         ro.test_skip_every = n;
     }
+    let (stride, nslots) = slots;
+    ro.slot_stride = stride;
+    ro.slot_count = nslots;
     let ring_bytes = ring_bytes.clamp(4096, 1 << 30).next_power_of_two();
     open.maps.events.set_max_entries(ring_bytes).map_err(lib("events size"))?;
     open.maps.bitmap.set_max_entries(words as u32).map_err(lib("bitmap size"))?;
+    open.maps.inflight.set_max_entries(nslots).map_err(lib("inflight size"))?;
     let mut skel = open.load().map_err(lib("loading the BPF program (a kernel with BTF and tp_btf is needed)"))?;
     // Issue first: a write issued before the completion hook is attached is
     // then either seen completing or left in `inflight`.

@@ -73,8 +73,10 @@ const volatile __u32 slot_count = 128;
 /* Most bitmap words one completion may touch (2^chunk_shift * 64 * 256). */
 #define MAX_WORDS 256
 
+/* Per-CPU counters (the agent sums them): no cache line shared between
+ * CPUs on the write path. */
 struct ferry_cbt_bpf_stats {
-	__u64 seq;     /* next record sequence number */
+	__u64 unused;  /* was the record sequence: see `seqs` */
 	__u64 records; /* records queued */
 	__u64 drops;   /* records that fell back to the bitmap */
 	__u64 lost;    /* changes recorded nowhere: resync required */
@@ -82,7 +84,7 @@ struct ferry_cbt_bpf_stats {
 	__u64 recovered;       /* completions not seen, caught when their request was reused */
 	__u64 recovered_bytes; /* their bytes (sent to the bitmap) */
 	__u64 injected;        /* completions skipped by test_skip_every */
-	__u64 skip_ctr;        /* protected completions counted for test_skip_every */
+	__u64 unused2;
 	__u64 unguarded;       /* issues with a tag outside `inflight` (not remembered) */
 };
 
@@ -110,11 +112,20 @@ struct {
 } bitmap SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, struct ferry_cbt_bpf_stats);
 	__uint(max_entries, 1);
 } stats SEC(".maps");
+
+/* Shared by all CPUs: [0] the next record sequence number, [1] the
+ * protected completions counted for test_skip_every. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 2);
+} seqs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -287,11 +298,11 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 		return 0;
 	}
 	if (test_skip_every) {
-		/* Not atomic: a test knob, approximate under concurrency. */
-		__u64 n = st->skip_ctr + 1;
+		__u32 one = 1;
+		__u64 *c = bpf_map_lookup_elem(&seqs, &one);
+		__u64 n = c ? __sync_fetch_and_add(c, 1) + 1 : 0;
 
-		st->skip_ctr = n;
-		if (n % test_skip_every == 0) {
+		if (n && n % test_skip_every == 0) {
 			__sync_fetch_and_add(&st->injected, 1);
 			return 0;
 		}
@@ -312,7 +323,11 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 		__sync_fetch_and_add(&st->drops, 1);
 		return 0;
 	}
-	rec->seq = __sync_fetch_and_add(&st->seq, 1);
+	{
+		__u64 *sq = bpf_map_lookup_elem(&seqs, &zero);
+
+		rec->seq = sq ? __sync_fetch_and_add(sq, 1) : 0;
+	}
 	rec->offset = start;
 	rec->length = end - start;
 	rec->kind = kind;

@@ -365,13 +365,21 @@ fn completions_the_program_does_not_see_are_recovered_without_a_resync() {
     }
 }
 
-/// The program's counters, read from its pinned stats map with bpftool.
+/// The program's counters, read from its pinned per-CPU stats map with
+/// bpftool and summed over CPUs.
 fn bpf_stats(name: &str) -> serde_json::Value {
     let pin = ferry_bpf_pin(name).join("stats");
     let out = sh(&format!("bpftool map dump pinned {} -j", pin.display()));
     let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
     let e = &v[0];
-    e.get("formatted").unwrap_or(e)["value"].clone()
+    let mut sum = serde_json::Map::new();
+    for cpu in e.get("formatted").unwrap_or(e)["values"].as_array().expect("per-CPU values") {
+        for (k, x) in cpu["value"].as_object().expect("counters") {
+            let t = sum.get(k).and_then(|y| y.as_u64()).unwrap_or(0) + x.as_u64().unwrap_or(0);
+            sum.insert(k.clone(), t.into());
+        }
+    }
+    serde_json::Value::Object(sum)
 }
 
 /// The pin folder of a disk named by `unique_name` (no '.' or '_', so no

@@ -12,7 +12,7 @@
 //! | `inflight` | mmap-able slots, one per driver tag: protected writes issued and not yet seen completing |
 //! | `events` | BPF ring buffer of `struct ferry_cbt_record` |
 //! | `bitmap` | mmap-able u64 words, one bit per 2^chunk_shift bytes: the backstop |
-//! | `stats`  | counters: seq, records, drops (to the bitmap), lost, bytes, recovered... |
+//! | `stats`  | per-CPU counters: records, drops (to the bitmap), lost, bytes, recovered... |
 //!
 //! Record path and why nothing is lost: the program reserves a ring-buffer
 //! record for each completed write; [`Tracker::collect`] copies records into
@@ -263,7 +263,6 @@ impl BitmapRef {
 /// Counters the program keeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub seq: u64,
     pub records: u64,
     pub drops: u64,
     pub lost: u64,
@@ -496,9 +495,14 @@ impl Tracker {
 
     /// The program's counters.
     pub fn stats(&self) -> Result<Stats, BpfError> {
-        let v = self.pins.stats.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).map_err(lib("stats"))?.unwrap_or_default();
-        let f = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8")));
-        Ok(Stats { seq: f(0), records: f(1), drops: f(2), lost: f(3), bytes: f(4), recovered: f(5), recovered_bytes: f(6), injected: f(7) })
+        // Per-CPU counters: each field is the sum over CPUs.
+        let cpus = self.pins.stats.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY).map_err(lib("stats"))?.unwrap_or_default();
+        let f = |i: usize| -> u64 {
+            cpus.iter()
+                .map(|v| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8"))))
+                .fold(0, u64::wrapping_add)
+        };
+        Ok(Stats { records: f(1), drops: f(2), lost: f(3), bytes: f(4), recovered: f(5), recovered_bytes: f(6), injected: f(7) })
     }
 
     /// Times the kernel skipped the program because it was already running

@@ -84,13 +84,39 @@ INIT
   rm -rf "$root"
 }
 
-# Boot kernel $1 with initramfs $2 and raw disk $3; serial output to $4.
-# Gives up after $5 seconds (default 600).
+# Boot kernel $1 with initramfs $2 and raw disk $3 (/dev/vda); serial
+# output to $4. Gives up after $5 seconds (default 600). A raw disk $6, if
+# given, is /dev/vdb.
 boot_guest() {
-  local k=$1 initrd=$2 disk=$3 log=$4 limit=${5:-600}
+  local k=$1 initrd=$2 disk=$3 log=$4 limit=${5:-600} disk2=${6:-}
   timeout "$limit" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 1 -nographic -no-reboot \
     -kernel "$KCACHE/$k/boot/vmlinuz-$k" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4" \
-    -drive "file=$disk,if=virtio,format=raw" \
+    -drive "file=$disk,if=virtio,format=raw" ${disk2:+-drive "file=$disk2,if=virtio,format=raw"} \
     -nic user,model=virtio-net-pci >"$log" 2>&1 </dev/null || true
+}
+
+# Download and unpack the headers of kernel $1 (and the kbuild tools they
+# need), cached beside the image; prints the directory to build modules
+# against. The packages are unpacked, not installed: the arch directory's
+# one-line Makefile, which names the common headers by absolute path, is
+# pointed at the unpacked copy.
+prepare_headers() {
+  local k=$1 root="$KCACHE/$k-headers" p f pkgs
+  local dir="$root/usr/src/linux-headers-$k"
+  if [ ! -e "$dir/.ferry-ready" ]; then
+    pkgs="linux-headers-$k $(apt-cache depends "linux-headers-$k" 2>/dev/null | awk '$1 ~ /Depends:/ && $2 ~ /^linux-(headers|kbuild)-/ {print $2}' | sort -u)"
+    (cd "$KCACHE" && apt-get download $pkgs >/dev/null 2>&1) || {
+      echo "cannot download the headers of $k ($pkgs)" >&2
+      return 1
+    }
+    rm -rf "$root"; mkdir -p "$root"
+    for p in $pkgs; do
+      f=$(ls -v "$KCACHE/${p}_"*.deb | tail -1)
+      dpkg-deb -x "$f" "$root"
+    done
+    sed -i "s|^include /usr/src/|include $root/usr/src/|" "$dir/Makefile"
+    touch "$dir/.ferry-ready"
+  fi
+  echo "$dir"
 }

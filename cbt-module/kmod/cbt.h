@@ -94,6 +94,7 @@ int ferry_ring_init(struct ferry_ring *r, u64 capacity);
 void ferry_ring_free(struct ferry_ring *r);
 void ferry_ring_push(struct ferry_ring *r, u64 offset, u32 length, u16 kind, u16 flags);
 void ferry_ring_lost(struct ferry_ring *r, u64 bytes);
+int ferry_ring_push_tag(struct ferry_ring *r, u64 *seq);
 void ferry_ring_status(struct ferry_ring *r, struct ferry_cbt_status *st);
 
 /* hook.c */

@@ -325,6 +325,84 @@ static long ferry_ioc_status(void __user *uarg)
 	return ferry_copy_out(uarg, &st, sizeof(st), usize);
 }
 
+/*
+ * Freeze/thaw the filesystem on a whole disk: freeze_bdev()/thaw_bdev()
+ * until 6.7, bdev_freeze()/bdev_thaw() since 6.8 (commit 982c3b3058ba,
+ * "bdev: rename freeze and thaw helpers").
+ */
+static struct block_device *ferry_bdev(struct ferry_disk *fd)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	return file_bdev(fd->bdev_file);
+#else
+	return fd->bdev;
+#endif
+}
+
+static int ferry_freeze(struct block_device *bdev)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	return bdev_freeze(bdev);
+#else
+	return freeze_bdev(bdev);
+#endif
+}
+
+static int ferry_thaw(struct block_device *bdev)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	return bdev_thaw(bdev);
+#else
+	return thaw_bdev(bdev);
+#endif
+}
+
+static long ferry_ioc_tag(void __user *uarg)
+{
+	struct ferry_cbt_tag t;
+	struct ferry_disk *fd;
+	u64 t0 = 0;
+	u32 usize;
+	int ret, tret;
+
+	ret = ferry_copy_in(&t, sizeof(t), uarg, &usize);
+	if (ret)
+		return ret;
+	if (t.flags & ~FERRY_CBT_TAG_F_FREEZE || t._pad0)
+		return -EINVAL;
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	/* Held throughout: DETACH cannot close the block device meanwhile. */
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(t.handle);
+	if (!fd) {
+		ret = -ENOENT;
+		goto out;
+	}
+	if (t.flags & FERRY_CBT_TAG_F_FREEZE) {
+		t0 = ktime_get_ns();
+		ret = ferry_freeze(ferry_bdev(fd));
+		if (ret)
+			goto out;
+	}
+	ret = ferry_ring_push_tag(&fd->ring, &t.seq);
+	if (t.flags & FERRY_CBT_TAG_F_FREEZE) {
+		tret = ferry_thaw(ferry_bdev(fd));
+		t.frozen_ns = ktime_get_ns() - t0;
+		if (tret)
+			pr_warn("ferry_cbt: thawing %u:%u after a tag: %d\n", fd->major, fd->minor, tret);
+		if (!ret)
+			ret = tret;
+	} else {
+		t.frozen_ns = 0;
+	}
+out:
+	mutex_unlock(&ferry_lock);
+	if (ret)
+		return ret;
+	return ferry_copy_out(uarg, &t, sizeof(t), usize);
+}
+
 /* Commands match on type and number; the size lives in the struct. */
 static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
@@ -339,6 +417,8 @@ static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return ferry_ioc_detach(uarg);
 	case _IOC_NR(FERRY_CBT_IOC_STATUS):
 		return ferry_ioc_status(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_TAG):
+		return ferry_ioc_tag(uarg);
 	default:
 		return -ENOTTY;
 	}

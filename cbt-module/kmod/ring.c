@@ -111,6 +111,38 @@ out:
 	spin_unlock_irqrestore(&r->lock, irqflags);
 }
 
+/*
+ * Queue a consistency marker at the current position (TAG ioctl). Returns
+ * its sequence number through *seq, or -EAGAIN if the ring is full (no
+ * sequence number is taken then: nothing was lost).
+ */
+int ferry_ring_push_tag(struct ferry_ring *r, u64 *seq)
+{
+	struct ferry_cbt_record *slot;
+	unsigned long irqflags;
+	int ret = 0;
+
+	spin_lock_irqsave(&r->lock, irqflags);
+	if (r->prod - smp_load_acquire(&r->hdr->consumer) >= r->capacity) {
+		ret = -EAGAIN;
+		goto out;
+	}
+	slot = &r->slots[r->prod & (r->capacity - 1)];
+	*seq = r->seq;
+	slot->seq = r->seq++;
+	slot->offset = 0;
+	slot->length = 0;
+	slot->kind = FERRY_REC_TAG;
+	slot->flags = 0;
+	slot->time_ns = ktime_get_ns();
+	r->prod++;
+	r->records++;
+	smp_store_release(&r->hdr->producer, r->prod);
+out:
+	spin_unlock_irqrestore(&r->lock, irqflags);
+	return ret;
+}
+
 /* A change no record can describe (see hook.c): the agent must resync. */
 void ferry_ring_lost(struct ferry_ring *r, u64 bytes)
 {

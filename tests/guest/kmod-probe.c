@@ -20,6 +20,7 @@
  *   records DISK             writes/discard/zeroout -> exact records
  *   partition DISK PART      I/O through PART lands at whole-disk offsets
  *   overflow DISK            a full ring: flag, counters, seq gap
+ *   tag DISK                 consistency markers: position, seq, freeze, full ring
  *   isolation DISK1 DISK2    each ring sees only its own disk
  *   persist DISK             tracking outlives the descriptor
  *   stress DISK CHURNDISK    concurrent writers + consumer + attach/detach churn
@@ -786,6 +787,78 @@ static int t_overflow(const char *diskp)
 	return failures != 0;
 }
 
+static int do_tag(int ctl, uint32_t handle, uint32_t flags, struct ferry_cbt_tag *t)
+{
+	memset(t, 0, sizeof(*t));
+	t->size = sizeof(*t);
+	t->handle = handle;
+	t->flags = flags;
+	return ioctl(ctl, FERRY_CBT_IOC_TAG, t) ? -errno : 0;
+}
+
+/*
+ * TAG: the marker sits exactly between the changes queued before and after
+ * it, takes a sequence number, works with FREEZE on a disk with no
+ * filesystem (nothing to freeze: a no-op freeze), is refused with EAGAIN on
+ * a full ring without flagging a loss, and refuses bad flags and handles.
+ */
+static int t_tag(const char *diskp)
+{
+	struct ferry_cbt_record recs[16];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_tag t1, t2, t;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret;
+	size_t n;
+
+	disk_open(&d, diskp);
+	save_range(&d, 20 * MiB, 64 * KiB);
+	ret = do_attach(ctl, &d, 8, 0, &a);
+	if (ret) {
+		errno = -ret;
+		die("attach %s", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	dwrite(&d, 20 * MiB, 4096, 0xa1);
+	CHECK(do_tag(ctl, a.handle, 0, &t1) == 0, "tag: %s", strerror(errno));
+	dwrite(&d, 20 * MiB + 8192, 4096, 0xa2);
+	CHECK(do_tag(ctl, a.handle, FERRY_CBT_TAG_F_FREEZE, &t2) == 0, "tag with freeze: %s", strerror(errno));
+	dwrite(&d, 20 * MiB + 16384, 4096, 0xa3);
+	n = ring_drain(&r, recs, 16);
+	CHECK(n == 5, "%zu records, want write tag write tag write", n);
+	if (n == 5) {
+		CHECK(recs[0].kind == FERRY_REC_WRITE && recs[0].offset == 20 * MiB, "record 0");
+		CHECK(recs[1].kind == FERRY_REC_TAG && recs[1].length == 0 && recs[1].seq == t1.seq, "record 1: tag seq %llu",
+		      (unsigned long long)t1.seq);
+		CHECK(recs[2].kind == FERRY_REC_WRITE && recs[2].offset == 20 * MiB + 8192, "record 2");
+		CHECK(recs[3].kind == FERRY_REC_TAG && recs[3].seq == t2.seq, "record 3: tag seq %llu", (unsigned long long)t2.seq);
+		CHECK(recs[4].kind == FERRY_REC_WRITE && recs[4].offset == 20 * MiB + 16384, "record 4");
+		for (size_t i = 1; i < n; i++)
+			CHECK(recs[i].seq == recs[i - 1].seq + 1, "seq runs on at record %zu", i);
+	}
+	CHECK(t1.frozen_ns == 0, "no freeze, no frozen time");
+	CHECK(t2.frozen_ns > 0, "frozen time reported");
+	/* A full ring: EAGAIN, no loss flagged, no sequence number taken. */
+	for (int i = 0; i < 8; i++)
+		dwrite(&d, 20 * MiB + i * 8192, 4096, 0xb0 + i);
+	ret = do_tag(ctl, a.handle, 0, &t);
+	CHECK(ret == -EAGAIN, "tag on a full ring: %d, want EAGAIN", ret);
+	CHECK(!(__atomic_load_n(&r.h->flags, __ATOMIC_ACQUIRE) & FERRY_RINGF_OVERFLOW), "a refused tag is not a loss");
+	n = ring_drain(&r, recs, 16);
+	CHECK(do_tag(ctl, a.handle, 0, &t) == 0 && t.seq == recs[n - 1].seq + 1, "after draining, the tag follows seq %llu",
+	      n ? (unsigned long long)recs[n - 1].seq : 0ULL);
+	CHECK(do_tag(ctl, a.handle, 0x8, &t) == -EINVAL, "unknown flag refused");
+	CHECK(do_tag(ctl, a.handle ^ 0x40, 0, &t) == -ENOENT, "unknown handle refused");
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	CHECK(do_tag(ctl, a.handle, 0, &t) == -ENOENT, "detached handle refused");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
 static int t_isolation(const char *p1, const char *p2)
 {
 	struct ferry_cbt_record recs[16];
@@ -1058,6 +1131,8 @@ int main(int argc, char **argv)
 		return t_partition(argv[2], argv[3]);
 	if (!strcmp(t, "overflow") && argc == 3)
 		return t_overflow(argv[2]);
+	if (!strcmp(t, "tag") && argc == 3)
+		return t_tag(argv[2]);
 	if (!strcmp(t, "isolation") && argc == 4)
 		return t_isolation(argv[2], argv[3]);
 	if (!strcmp(t, "persist") && argc == 3)

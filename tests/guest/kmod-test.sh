@@ -45,6 +45,7 @@ run records-virtio records "$DISK"
 [ -n "$LOOP" ] && run partition-loop partition "$LOOP" "${LOOP}p1"
 [ -b "${DISK}1" ] && run partition-virtio partition "$DISK" "${DISK}1"
 run overflow overflow "$DISK"
+run tag tag "$DISK"
 [ -n "$LOOP" ] && run isolation isolation "$DISK" "$LOOP"
 run persist persist "$DISK"
 run stress stress "$DISK" $LOOP

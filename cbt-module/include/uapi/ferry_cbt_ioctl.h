@@ -29,7 +29,7 @@
  * the memory is freed when the last mapping goes. 64-bit processes only
  * (the offset does not fit a 32-bit mmap2 page offset).
  *
- * Permissions: the device is root-only (0600) and ATTACH/DETACH need
+ * Permissions: the device is root-only (0600) and ATTACH/DETACH/TAG need
  * CAP_SYS_ADMIN.
  *
  * Errors: EINVAL (size too small or above 4096, unknown flag, capacity not
@@ -37,7 +37,8 @@
  * mmap offset/length or a non-shared mapping), E2BIG (non-zero bytes past
  * the struct the module knows), ENXIO (no such block device), EEXIST (the
  * disk is already attached), ENOSPC (64 disks attached), ENOMEM, EPERM,
- * ENOENT (unknown or detached handle), ENOTTY (unknown command).
+ * ENOENT (unknown or detached handle), ENOTTY (unknown command), EAGAIN
+ * (TAG: the ring is full). A freeze nests with one made by FIFREEZE.
  */
 #ifndef _UAPI_FERRY_CBT_IOCTL_H
 #define _UAPI_FERRY_CBT_IOCTL_H
@@ -102,6 +103,29 @@ struct ferry_cbt_status {
 	__u64 consumer;  /* out: the consumer index in the ring header, now */
 };
 
+/* TAG input flags. */
+/* Freeze the filesystem mounted on the attached whole disk (the kernel's
+ * FIFREEZE path) while the tag is queued, and thaw it after. Filesystems on
+ * partitions are frozen by the caller (FIFREEZE on each mount point) around
+ * a TAG without this flag. */
+#define FERRY_CBT_TAG_F_FREEZE 0x0001
+
+/*
+ * TAG queues a consistency marker (a FERRY_REC_TAG record, length 0, offset
+ * 0) at the ring's current position: every change queued before it is
+ * before it in the ring, every change queued after it is after. It takes a
+ * sequence number like a change. A full ring refuses it with EAGAIN (drain,
+ * then retry); nothing is flagged then, since no change was lost.
+ */
+struct ferry_cbt_tag {
+	__u32 size;      /* in: sizeof(struct ferry_cbt_tag) */
+	__u32 handle;    /* in */
+	__u32 flags;     /* in: FERRY_CBT_TAG_F_* */
+	__u32 _pad0;     /* in: 0 */
+	__u64 seq;       /* out: the tag record's sequence number */
+	__u64 frozen_ns; /* out: how long the filesystem was frozen (0 without FREEZE) */
+};
+
 #ifdef __cplusplus
 #define FERRY_IOCTL_STATIC_ASSERT static_assert
 #else
@@ -110,13 +134,14 @@ struct ferry_cbt_status {
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 48, "attach is 48 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 88, "status is 88 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");
 
 /* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */
 #define FERRY_CBT_IOC_MAGIC 0xFC
 #define FERRY_CBT_IOC_ATTACH _IOWR(FERRY_CBT_IOC_MAGIC, 0x01, struct ferry_cbt_attach)
 #define FERRY_CBT_IOC_DETACH _IOW(FERRY_CBT_IOC_MAGIC, 0x02, struct ferry_cbt_detach)
 #define FERRY_CBT_IOC_STATUS _IOWR(FERRY_CBT_IOC_MAGIC, 0x03, struct ferry_cbt_status)
-/* Reserved for the next steps of the issue: 0x04 insert a tag, 0x05 set the
- * memory cap. */
+#define FERRY_CBT_IOC_TAG _IOWR(FERRY_CBT_IOC_MAGIC, 0x04, struct ferry_cbt_tag)
+/* Reserved for the next step of the issue: 0x05 set the memory cap. */
 
 #endif /* _UAPI_FERRY_CBT_IOCTL_H */

@@ -253,3 +253,51 @@ fn freeze_and_thaw_commands_bracket_an_app_point() {
     assert_eq!(o.status.code(), Some(1), "a failing freeze command cuts no point");
     assert!(String::from_utf8_lossy(&o.stderr).contains("freeze command"));
 }
+
+/// The scan tracker under --freeze-cmd: the verify pass runs between the
+/// freeze and the thaw commands, each run once; a pass that outlasts
+/// --freeze-cap thaws without labelling a point, and says why.
+#[test]
+fn scan_under_a_freeze_command_thaws_once_and_respects_the_cap() {
+    let t = TempDir::new("scanfreeze");
+    mixed_image(&t.path("src.img"), 16 << 20, 44);
+    let mt = MasterTarget::start(&t.path("data"));
+    let freeze = format!("echo frozen >> {}", t.s("hooks.log"));
+    let thaw = format!("echo thawed >> {}", t.s("hooks.log"));
+    let agent = |name: &str, cap: &str| {
+        run(&[
+            "agent",
+            "--disk",
+            &t.s("src.img"),
+            "--name",
+            name,
+            "--target",
+            &mt.addr,
+            "--tracker",
+            "scan",
+            "--state",
+            &t.s(name),
+            "--once",
+            "--json",
+            "--freeze-cmd",
+            &freeze,
+            "--thaw-cmd",
+            &thaw,
+            "--freeze-cap",
+            cap,
+        ])
+    };
+    let o = agent("ok", "60");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(summary(&String::from_utf8_lossy(&o.stdout))["point_kind"], "app");
+    assert_eq!(std::fs::read_to_string(t.path("hooks.log")).unwrap(), "frozen\nthawed\n", "thawed once, by the agent");
+    std::fs::remove_file(t.path("hooks.log")).unwrap();
+    // A 16 MiB verify pass takes longer than a microsecond.
+    let o = agent("capped", "0.000001");
+    assert_eq!(o.status.code(), Some(1), "no point when the pass outlasts the cap");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("longer than --freeze-cap"), "{err}");
+    assert_eq!(std::fs::read_to_string(t.path("hooks.log")).unwrap(), "frozen\nthawed\n", "thawed once");
+    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("data"), "--name", "capped", "--json"])).unwrap();
+    assert!(pts.as_array().unwrap().iter().all(|p| p["kind"] != "app"), "no app point was labelled: {pts}");
+}

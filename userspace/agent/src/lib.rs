@@ -598,14 +598,23 @@ impl Agent {
                 verified = before.is_some() && before == stamp(&self.src);
             }
             first = false;
-            let frozen = match &self.opts.freeze_cmd {
+            // Under --freeze-cmd a separate process thaws (runs the thaw
+            // command) if this one dies or overruns the freeze cap, as for
+            // the trackers' frozen cuts; the verify pass must fit the cap.
+            let cap = self.opts.freeze_cap;
+            let (frozen, guard) = match &self.opts.freeze_cmd {
                 Some(c) => {
-                    run_hook("freeze", c)?;
+                    let g = freeze::Guard::start(&[], cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
+                    if let Err(e) = run_hook("freeze", c) {
+                        drop(g); // runs the thaw command
+                        return Err(e);
+                    }
                     self.frozen = true; // no state writes until thaw()
-                    true
+                    (true, Some(g))
                 }
-                None => false,
+                None => (false, None),
             };
+            let t0 = Instant::now();
             let r = (|| {
                 let mut passes = 0;
                 // Under a freeze nothing moves: one verify pass settles it.
@@ -623,10 +632,33 @@ impl Agent {
                     }
                     verified = false;
                 }
+                if frozen && t0.elapsed() > cap {
+                    return Err(AgentError::NoConsistentPoint(format!(
+                        "{}: the verify pass under --freeze-cmd took {:.1}s, longer than --freeze-cap {:.1}s; thawed without a point \
+                         (raise --freeze-cap, or use a tracker)",
+                        self.st.name,
+                        t0.elapsed().as_secs_f64(),
+                        cap.as_secs_f64()
+                    )));
+                }
                 self.cut(sess, if frozen { PointKind::App } else { PointKind::Crash })
             })();
             let thawed = if frozen { self.thaw() } else { Ok(()) };
-            let p = r?;
+            if let Some(g) = guard {
+                g.done();
+            }
+            let p = match r {
+                Err(AgentError::NoConsistentPoint(why)) if frozen && !self.opts.once => {
+                    log::warn!("{why}");
+                    self.st.cut_problem = Some(why);
+                    self.save()?;
+                    thawed?;
+                    verified = false;
+                    std::thread::sleep(self.opts.point_every);
+                    continue;
+                }
+                r => r?,
+            };
             thawed?;
             if self.opts.once {
                 return Ok(self.summary(sess, start, &p));

@@ -18,9 +18,9 @@
  *   older kernels fail to load the program and `auto` falls back to scan.
  * - request->__data_len: the bytes a request still has to transfer, read
  *   at issue (the whole request then).
- * - request->tag (the driver tag, set before issue and kept until the
- *   request is freed) and request->mq_hctx->queue_num: in every blk-mq
- *   kernel (4.x on); they index the `inflight` slots.
+ * - request->tag (the driver tag: assigned before issue, released after the
+ *   completion is traced, or on a requeue) and request->mq_hctx->queue_num:
+ *   in every blk-mq kernel (4.x on); they index the `inflight` slots.
  * - REQ_OP_* values are those of include/linux/blk_types.h in 4.10 and
  *   later (the low 8 bits of cmd_flags).
  */

@@ -300,6 +300,7 @@ impl Agent {
                 bpf_baseline: None,
                 bpf_drops: 0,
                 bpf_recovered: 0,
+                bpf_unguarded: 0,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
@@ -1064,8 +1065,13 @@ impl Agent {
         }
         sess.wait_acked(sess.next_seq - 1)?;
         self.release_acked(sess, ring, pending)?;
-        // Anything that completed meanwhile is in the tracker's buffer.
-        self.feed_cut()?;
+        // Anything that completed meanwhile is in the tracker's buffer. Then
+        // every write still in `inflight` is shipped as it is now, and the
+        // tracker is read again: a write moved to the bitmap meanwhile (a
+        // completion caught at reissue) moves the producer, and no point.
+        self.feed()?;
+        self.ship_inflight(sess)?;
+        self.feed()?;
         self.check_tracker_now()?;
         if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
             return Ok(None);
@@ -1122,7 +1128,7 @@ impl Agent {
                 self.st.cut_problem = Some(e.clone());
                 return Ok(None);
             }
-            self.feed_cut()?;
+            self.feed()?;
             loop {
                 if t0.elapsed() > cap {
                     self.st.cut_problem =
@@ -1150,10 +1156,13 @@ impl Agent {
                 taken.extend(held);
                 self.ship_records(sess, &exts, next, cursor, pending, &mut buf)?;
             }
+            // Every write still in `inflight` (its completion possibly not
+            // seen), as it is now.
+            self.ship_inflight(sess)?;
             sess.wait_acked(sess.next_seq - 1)?;
             // Nothing may have been written meanwhile (a filesystem the freeze
             // did not reach, a swap area, another writer on the raw disk).
-            self.feed_cut()?;
+            self.feed()?;
             self.check_tracker_now()?;
             let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
             let quiet = late.is_empty() && ring.producer() == *cursor;
@@ -1261,6 +1270,14 @@ impl Agent {
         }
         let s = t.stats()?;
         self.st.bpf_drops = s.drops;
+        if s.unguarded > self.st.bpf_unguarded {
+            log::warn!(
+                "bpf tracker: {} writes were issued on a tag outside its in-flight table (the disk's queues changed?); \
+                 a missed completion of one is caught only by the device cross-check (a resync)",
+                s.unguarded - self.st.bpf_unguarded
+            );
+            self.st.bpf_unguarded = s.unguarded;
+        }
         if s.recovered > self.st.bpf_recovered {
             log::info!(
                 "bpf tracker: {} completions the kernel did not show it were caught at reissue",
@@ -1279,19 +1296,40 @@ impl Agent {
         Ok(())
     }
 
-    /// [`Agent::feed`], plus every in-flight write not shipped yet: run
-    /// right before a point is cut, so that a write whose completion the
-    /// program missed is in the point (its ranges, read now, are complete
-    /// or, if truly still in flight, not part of the point's prefix yet).
-    fn feed_cut(&mut self) -> Result<(), AgentError> {
-        self.feed()?;
-        if let Some(t) = self.bpf.as_mut() {
-            let (n, _) = t.sweep_inflight(true)?;
-            if n > 0 {
-                log::info!("bpf tracker: {n} in-flight writes shipped before the cut");
+    /// Ship, straight to the master target, every write the bpf tracker
+    /// holds in `inflight` (issued, completion not seen), as the disk holds
+    /// it now: run right before a point is cut, every time (a slot swept
+    /// earlier may have been read while its write was still in flight), so
+    /// that a write whose completion the program missed is in the point.
+    /// A write truly still in flight is not part of the point's prefix, so
+    /// reading it early or late is harmless. Shipping directly, not through
+    /// `STATE/ring`, keeps a slot that stays behind from stopping every
+    /// quiet cut.
+    fn ship_inflight(&mut self, sess: &mut Session) -> Result<(), AgentError> {
+        let Some(t) = self.bpf.as_ref() else { return Ok(()) };
+        let mut recs = Vec::new();
+        for e in t.inflight()? {
+            let mut off = e.offset;
+            let end = e.offset.saturating_add(e.len);
+            while off < end {
+                let len = (end - off).min(1 << 20);
+                recs.push(Record {
+                    seq: 0,
+                    offset: off,
+                    length: len as u32,
+                    kind: ferry_ring::RecordKind::Write,
+                    flush: false,
+                    time_ns: 0,
+                });
+                off += len;
             }
         }
-        Ok(())
+        if recs.is_empty() {
+            return Ok(());
+        }
+        log::info!("bpf tracker: {} in-flight writes shipped before the cut", recs.len());
+        let mut buf = AlignedBuf::new(1 << 20);
+        self.ship_extents(sess, &coalesce(&recs, self.st.size), &mut buf)
     }
 
     /// Run the thaw command (if any) and catch up on the state writes held

@@ -60,6 +60,9 @@ pub struct AgentState {
     /// their request was issued again (see ferry-bpf).
     #[serde(default)]
     pub bpf_recovered: u64,
+    /// Writes the tracker could not guard (see ferry-bpf `Stats::unguarded`).
+    #[serde(default)]
+    pub bpf_unguarded: u64,
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,

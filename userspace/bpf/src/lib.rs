@@ -220,7 +220,7 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     if !dir.exists() {
         return Ok(false);
     }
-    for p in ["link", "issue", "prog", "events", "bitmap", "stats", "inflight", "config"] {
+    for p in ["link", "issue", "prog", "issue_prog", "events", "bitmap", "stats", "inflight", "config"] {
         match std::fs::remove_file(dir.join(p)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -273,6 +273,9 @@ pub struct Stats {
     pub recovered_bytes: u64,
     /// Completions skipped on purpose (FERRY_BPF_TEST_SKIP_EVERY).
     pub injected: u64,
+    /// Writes issued on a tag outside the `inflight` slots (not guarded: a
+    /// missed completion of one is caught only by the agent's cross-check).
+    pub unguarded: u64,
 }
 
 /// What one [`Tracker::collect`] moved.
@@ -291,6 +294,7 @@ struct Pins {
     inflight: MapHandle,
     config: MapHandle,
     prog_id: u32,
+    issue_prog_id: u32,
 }
 
 /// Bytes of one `inflight` slot (struct ferry_inflight: rq, start, end,
@@ -352,6 +356,7 @@ pub struct Tracker {
 fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
     let m = |n: &str| MapHandle::from_pinned_path(dir.join(n)).map_err(lib(n));
     let prog = libbpf_rs::ProgramHandle::from_pinned_path(dir.join("prog")).map_err(lib("prog"))?;
+    let issue_prog = libbpf_rs::ProgramHandle::from_pinned_path(dir.join("issue_prog")).map_err(lib("issue_prog"))?;
     if !dir.join("issue").exists() {
         return Err(BpfError::Unsupported("the pinned tracker has no issue hook (made by an older ferry)".into()));
     }
@@ -362,6 +367,7 @@ fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
         inflight: m("inflight")?,
         config: m("config")?,
         prog_id: prog.id(),
+        issue_prog_id: issue_prog.id(),
     })
 }
 
@@ -502,14 +508,31 @@ impl Tracker {
                 .map(|v| v.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8"))))
                 .fold(0, u64::wrapping_add)
         };
-        Ok(Stats { records: f(1), drops: f(2), lost: f(3), bytes: f(4), recovered: f(5), recovered_bytes: f(6), injected: f(7) })
+        Ok(Stats {
+            records: f(1),
+            drops: f(2),
+            lost: f(3),
+            bytes: f(4),
+            recovered: f(5),
+            recovered_bytes: f(6),
+            injected: f(7),
+            unguarded: f(9),
+        })
     }
 
     /// Times the kernel skipped the program because it was already running
     /// on that CPU (each is a change not recorded).
     /// `None` if the program is gone.
     pub fn recursion_misses(&self) -> Option<u64> {
-        libbpf_rs::query::ProgInfoIter::default().find(|p| p.id == self.pins.prog_id).map(|p| p.recursion_misses)
+        // Both programs: a skipped issue run is an unguarded write.
+        let (mut n, mut found) = (0, 0);
+        for p in libbpf_rs::query::ProgInfoIter::default() {
+            if p.id == self.pins.prog_id || p.id == self.pins.issue_prog_id {
+                n += p.recursion_misses;
+                found += 1;
+            }
+        }
+        (found == 2).then_some(n)
     }
 
     /// Move queued records, and bitmap bits if any record fell back to the
@@ -668,6 +691,7 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32, 
     skel.maps.stats.pin(dir.join("stats")).map_err(lib("pinning stats"))?;
     skel.maps.inflight.pin(dir.join("inflight")).map_err(lib("pinning inflight"))?;
     skel.progs.ferry_rq_complete.pin(dir.join("prog")).map_err(lib("pinning prog"))?;
+    skel.progs.ferry_rq_issue.pin(dir.join("issue_prog")).map_err(lib("pinning the issue prog"))?;
     skel.maps.rodata.pin(dir.join("config")).map_err(lib("pinning config"))?;
     // The link last: its pin is what says "tracking is on".
     link.pin(dir.join("link")).map_err(lib("pinning link"))?;

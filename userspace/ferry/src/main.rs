@@ -275,6 +275,7 @@ fn run(cli: Cli) -> Result<()> {
                     "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
                     "bpf_drops": st.bpf_drops,
                     "bpf_recovered": st.bpf_recovered,
+                    "bpf_unguarded": st.bpf_unguarded,
                     "cut_problem": st.cut_problem,
                     "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
                     "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),

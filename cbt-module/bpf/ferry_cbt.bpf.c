@@ -89,14 +89,18 @@ struct ferry_cbt_bpf_stats {
 };
 
 /* A protected write between issue and completion: one slot per driver tag.
- * `rq` (the request's address) is 0 when the slot is free; it is written
- * last at issue, and the agent reads it before and after the other fields. */
+ * `rq` (the request's address) is 0 when the slot is free. `gen` is a
+ * sequence lock: odd while the program rewrites the slot, and the agent
+ * keeps a read only if `gen` was even and unchanged around it. Only one
+ * request holds a tag at a time, so a slot has one writer at a time. */
 struct ferry_inflight {
+	__u64 gen;
 	__u64 rq;
-	__u64 start;    /* bytes, relative to the protected device */
+	__u64 start; /* bytes, relative to the protected device */
 	__u64 end;
-	__u64 issue_ns; /* bpf_ktime_get_ns() at issue */
 };
+
+#define FERRY_WRITE_ONCE(x, v) (*(volatile __u64 *)&(x) = (v))
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -134,6 +138,19 @@ struct {
 	__type(value, struct ferry_inflight);
 	__uint(max_entries, 1); /* slot_count, set by the agent before load */
 } inflight SEC(".maps");
+
+static __always_inline void mark_bitmap(struct ferry_cbt_bpf_stats *st, __u64 start, __u64 end);
+
+/* The write a slot held completed without this program seeing it: its
+ * range goes to the bitmap. Bits first, then the counters. */
+static __always_inline void recover(struct ferry_cbt_bpf_stats *st, __u64 a, __u64 b)
+{
+	if (b > a) {
+		mark_bitmap(st, a, b);
+		__sync_fetch_and_add(&st->recovered_bytes, b - a);
+	}
+	__sync_fetch_and_add(&st->recovered, 1);
+}
 
 /* The slot of a request's driver tag, or NULL. */
 static __always_inline struct ferry_inflight *slot_of(struct request *rq)
@@ -255,23 +272,25 @@ int BPF_PROG(ferry_rq_issue, struct request *rq)
 		__sync_fetch_and_add(&st->unguarded, 1);
 		return 0;
 	}
+	/* A taken slot: the previous request with this tag completed without
+	 * this program seeing it (the tag was free again) - unless it is the
+	 * same request issued again after a requeue, or the same range
+	 * rewritten on the same tag: then this request's own completion, or
+	 * this slot, covers its data. */
 	if (e->rq) {
-		/* The previous request with this tag completed without this
-		 * tracker seeing it (or was requeued: reading it again is
-		 * harmless). Bits first, then the counter. */
-		__u64 a = e->start, b = e->end;
-
-		if (b > a) {
-			mark_bitmap(st, a, b);
-			__sync_fetch_and_add(&st->recovered_bytes, b - a);
-		}
-		__sync_fetch_and_add(&st->recovered, 1);
-		e->rq = 0;
+		if (e->rq == key && e->start == v.start && e->end == v.end)
+			/* Its data is covered; its bytes still count for the
+			 * agent's cross-check (a requeue's bytes then count
+			 * twice: a little slack, never a false alarm). */
+			__sync_fetch_and_add(&st->recovered_bytes, v.end - v.start);
+		else
+			recover(st, e->start, e->end);
 	}
-	e->start = v.start;
-	e->end = v.end;
-	e->issue_ns = bpf_ktime_get_ns();
-	e->rq = key;
+	__sync_fetch_and_add(&e->gen, 1);
+	FERRY_WRITE_ONCE(e->start, v.start);
+	FERRY_WRITE_ONCE(e->end, v.end);
+	FERRY_WRITE_ONCE(e->rq, key);
+	__sync_fetch_and_add(&e->gen, 1);
 	return 0;
 }
 
@@ -309,10 +328,18 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 	}
 	e = slot_of(rq);
 	if (e && e->rq == key) {
+		/* With no I/O scheduler every request on a tag has the same
+		 * address: a slot that does not start where this completion
+		 * does holds an earlier request whose completion (and this
+		 * one's issue) was not seen. */
+		if (e->start != start)
+			recover(st, e->start, e->end);
+		__sync_fetch_and_add(&e->gen, 1);
 		if (end >= e->end)
-			e->rq = 0;
-		else if (end > e->start)
-			e->start = end; /* a partial completion: the rest is pending */
+			FERRY_WRITE_ONCE(e->rq, 0);
+		else
+			FERRY_WRITE_ONCE(e->start, end); /* a partial completion: the rest is pending */
+		__sync_fetch_and_add(&e->gen, 1);
 	}
 	__sync_fetch_and_add(&st->bytes, end - start);
 	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);

@@ -1263,7 +1263,7 @@ impl Agent {
         }
         if self.last_sweep.elapsed() >= Duration::from_millis(250) {
             self.last_sweep = Instant::now();
-            let (n, _) = t.sweep_inflight(false)?;
+            let (n, _) = t.sweep_inflight()?;
             if n > 0 {
                 log::info!("bpf tracker: {n} writes issued over 0.5 s ago and not seen completing; shipping their ranges");
             }

@@ -306,19 +306,15 @@ const SLOT_BYTES: usize = 32;
 pub struct Inflight {
     pub offset: u64,
     pub len: u64,
-    pub issue_ns: u64,
+    /// Its slot and the slot's sequence count: together they name this
+    /// entry (a slot's count moves whenever the program rewrites it).
+    pub slot: usize,
+    pub gen: u64,
 }
 
-/// Issue-time age after which an in-flight entry is shipped without waiting
-/// for a cut: its completion was almost surely missed.
-const STALE_NS: u64 = 500_000_000;
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// How long an in-flight entry may stay unchanged before it is shipped
+/// without waiting for a cut: its completion was almost surely missed.
+const STALE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What a pinned program watches, read back from its read-only data.
 fn pinned_config(config: &MapHandle) -> Option<(Target, u32, u64)> {
@@ -349,8 +345,9 @@ pub struct Tracker {
     chunk_shift: u32,
     size: u64,
     drops_seen: u64,
-    /// In-flight entries (request address, issue time) already shipped.
-    swept: std::collections::HashSet<(u64, u64)>,
+    /// In-flight entries (slot, sequence count) first seen when, and
+    /// whether already shipped.
+    seen: std::collections::HashMap<(usize, u64), (std::time::Instant, bool)>,
 }
 
 fn open_pins(dir: &Path) -> Result<Pins, BpfError> {
@@ -470,7 +467,7 @@ impl Tracker {
             chunk_shift: shift,
             size,
             drops_seen,
-            swept: Default::default(),
+            seen: Default::default(),
         };
         Ok((t, fresh))
     }
@@ -561,34 +558,37 @@ impl Tracker {
         };
         let mut out = Vec::new();
         for s in 0..self.nslots {
-            let rq = word(s * 4);
-            if rq == 0 {
+            // Slot: gen, rq, start, end. A read counts only if gen was even
+            // (no rewrite under way) and unchanged around it; a slot being
+            // rewritten is in use, not left behind.
+            let g = word(s * 4);
+            if g & 1 == 1 || word(s * 4 + 1) == 0 {
                 continue;
             }
-            let (a, b, t) = (word(s * 4 + 1), word(s * 4 + 2), word(s * 4 + 3));
-            // A slot being rewritten is in use, not left behind: skip it.
-            if word(s * 4) != rq || b <= a {
+            let (a, b) = (word(s * 4 + 2), word(s * 4 + 3));
+            if word(s * 4) != g || b <= a {
                 continue;
             }
-            out.push(Inflight { offset: a, len: b - a, issue_ns: t });
+            out.push(Inflight { offset: a, len: b - a, slot: s, gen: g });
         }
         Ok(out)
     }
 
     /// Queue (to the sink, or the held list) the ranges of in-flight
-    /// entries not queued before: all of them when `all` (before a point is
-    /// cut), else those issued more than half a second ago. Returns the
-    /// number queued and the bytes all entries cover (for the cross-check).
-    pub fn sweep_inflight(&mut self, all: bool) -> Result<(u64, u64), BpfError> {
-        let now = monotonic_ns();
+    /// entries unchanged for half a second and not queued before. Returns
+    /// the number queued and the bytes all entries cover. (Before a point
+    /// is cut the agent ships every entry again, whatever this did.)
+    pub fn sweep_inflight(&mut self) -> Result<(u64, u64), BpfError> {
+        let now = std::time::Instant::now();
         let mut n = 0;
         let mut bytes = 0;
         let mut live = std::collections::HashSet::new();
         for e in self.inflight()? {
             bytes += e.len;
-            let id = (e.offset, e.issue_ns);
+            let id = (e.slot, e.gen);
             live.insert(id);
-            if self.swept.contains(&id) || !(all || now.saturating_sub(e.issue_ns) > STALE_NS) {
+            let (first, shipped) = *self.seen.entry(id).or_insert((now, false));
+            if shipped || now.duration_since(first) < STALE {
                 continue;
             }
             let mut off = e.offset.min(self.size);
@@ -604,10 +604,10 @@ impl Tracker {
                 }
                 off += len;
             }
-            self.swept.insert(id);
+            self.seen.insert(id, (first, true));
             n += 1;
         }
-        self.swept.retain(|id| live.contains(id));
+        self.seen.retain(|id, _| live.contains(id));
         Ok((n, bytes))
     }
 

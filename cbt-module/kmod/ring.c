@@ -69,6 +69,27 @@ static void ferry_ring_mark_loss_locked(struct ferry_ring *r)
 	smp_store_release(&r->hdr->overflows, r->overflows + r->lost);
 }
 
+/* Fill the next slot and publish it; the caller holds r->lock and has
+ * checked there is room. Returns the record's sequence number. */
+static u64 ferry_ring_fill_locked(struct ferry_ring *r, u64 offset, u32 length, u16 kind, u16 flags)
+{
+	struct ferry_cbt_record *slot = &r->slots[r->prod & (r->capacity - 1)];
+	u64 seq = r->seq++;
+
+	slot->seq = seq;
+	slot->offset = offset;
+	slot->length = length;
+	slot->kind = kind;
+	slot->flags = flags;
+	/* Under the lock, so time_ns never goes backwards along seq. */
+	slot->time_ns = ktime_get_ns();
+	r->prod++;
+	r->records++;
+	/* Publishes the slot written above. */
+	smp_store_release(&r->hdr->producer, r->prod);
+	return seq;
+}
+
 /*
  * Queue one record. Atomic context: no sleeping, no allocation. Every change
  * takes a sequence number, queued or not, so a gap in `seq` also shows a
@@ -76,7 +97,6 @@ static void ferry_ring_mark_loss_locked(struct ferry_ring *r)
  */
 void ferry_ring_push(struct ferry_ring *r, u64 offset, u32 length, u16 kind, u16 flags)
 {
-	struct ferry_cbt_record *slot;
 	unsigned long irqflags;
 	u64 cons;
 
@@ -95,18 +115,7 @@ void ferry_ring_push(struct ferry_ring *r, u64 offset, u32 length, u16 kind, u16
 		ferry_ring_mark_loss_locked(r);
 		goto out;
 	}
-	slot = &r->slots[r->prod & (r->capacity - 1)];
-	slot->seq = r->seq++;
-	slot->offset = offset;
-	slot->length = length;
-	slot->kind = kind;
-	slot->flags = flags;
-	/* Under the lock, so time_ns never goes backwards along seq. */
-	slot->time_ns = ktime_get_ns();
-	r->prod++;
-	r->records++;
-	/* Publishes the slot written above. */
-	smp_store_release(&r->hdr->producer, r->prod);
+	ferry_ring_fill_locked(r, offset, length, kind, flags);
 out:
 	spin_unlock_irqrestore(&r->lock, irqflags);
 }
@@ -118,7 +127,6 @@ out:
  */
 int ferry_ring_push_tag(struct ferry_ring *r, u64 *seq)
 {
-	struct ferry_cbt_record *slot;
 	unsigned long irqflags;
 	int ret = 0;
 
@@ -127,17 +135,7 @@ int ferry_ring_push_tag(struct ferry_ring *r, u64 *seq)
 		ret = -EAGAIN;
 		goto out;
 	}
-	slot = &r->slots[r->prod & (r->capacity - 1)];
-	*seq = r->seq;
-	slot->seq = r->seq++;
-	slot->offset = 0;
-	slot->length = 0;
-	slot->kind = FERRY_REC_TAG;
-	slot->flags = 0;
-	slot->time_ns = ktime_get_ns();
-	r->prod++;
-	r->records++;
-	smp_store_release(&r->hdr->producer, r->prod);
+	*seq = ferry_ring_fill_locked(r, 0, 0, FERRY_REC_TAG, 0);
 out:
 	spin_unlock_irqrestore(&r->lock, irqflags);
 	return ret;

@@ -20,7 +20,35 @@
 
 #[allow(non_camel_case_types, dead_code, clippy::all)]
 pub mod generated;
+/// bindgen's rendering of `cbt-module/include/uapi/ferry_cbt_ioctl.h`, the
+/// kernel module's control ioctls (see [`ioctl`] for the request numbers,
+/// which bindgen cannot render from the `_IOWR` macros).
+#[allow(non_camel_case_types, dead_code, clippy::all)]
+pub mod generated_ioctl;
 mod ring;
+
+/// The request numbers of `/dev/ferry-cbt`'s ioctls, encoded as Linux's
+/// `_IOW`/`_IOWR` do (direction << 30 | size << 16 | type << 8 | number);
+/// `tests/ioctl_abi.rs` compares them with the C header's.
+pub mod ioctl {
+    use super::generated_ioctl as g;
+    use std::mem::size_of;
+
+    const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+        (dir << 30) | ((size as u64) << 16) | ((g::FERRY_CBT_IOC_MAGIC as u64) << 8) | nr
+    }
+    const WRITE: u64 = 1;
+    const READ_WRITE: u64 = 3;
+    pub const ATTACH: u64 = ioc(READ_WRITE, 0x01, size_of::<g::ferry_cbt_attach>());
+    pub const DETACH: u64 = ioc(WRITE, 0x02, size_of::<g::ferry_cbt_detach>());
+    pub const STATUS: u64 = ioc(READ_WRITE, 0x03, size_of::<g::ferry_cbt_status>());
+    pub const TAG: u64 = ioc(READ_WRITE, 0x04, size_of::<g::ferry_cbt_tag>());
+}
+
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 48);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 88);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_tag>() == 32);
 
 pub use ring::{IndexMath, Ring, RingError};
 

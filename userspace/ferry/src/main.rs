@@ -317,6 +317,12 @@ fn run(cli: Cli) -> Result<()> {
                             st.bpf_recovered
                         );
                     }
+                    if st.bpf_unguarded > 0 {
+                        println!(
+                            "bpf        {} writes issued on tags outside the in-flight table (a missed completion of one needs a resync)",
+                            st.bpf_unguarded
+                        );
+                    }
                 }
             }
             Ok(())

@@ -1070,9 +1070,16 @@ impl Agent {
         // tracker is read again: a write moved to the bitmap meanwhile (a
         // completion caught at reissue) moves the producer, and no point.
         self.feed()?;
+        // Any change the device completes from here on must stop this cut:
+        // one the tracker sees moves the producer; one it does not run for
+        // (and whose tag is not reused meanwhile) shows only here.
+        let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
         self.ship_inflight(sess)?;
         self.feed()?;
         self.check_tracker_now()?;
+        if dev0.is_some() && ferry_bpf::device_bytes_changed(&self.opts.disk) != dev0 {
+            return Ok(None);
+        }
         if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
             return Ok(None);
         }
@@ -1129,6 +1136,7 @@ impl Agent {
                 return Ok(None);
             }
             self.feed()?;
+            let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
             loop {
                 if t0.elapsed() > cap {
                     self.st.cut_problem =
@@ -1165,7 +1173,10 @@ impl Agent {
             self.feed()?;
             self.check_tracker_now()?;
             let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
-            let quiet = late.is_empty() && ring.producer() == *cursor;
+            // The device completed nothing since the freeze began (a change
+            // the tracker did not run for shows only here).
+            let still = dev0.is_none() || ferry_bpf::device_bytes_changed(&self.opts.disk) == dev0;
+            let quiet = still && late.is_empty() && ring.producer() == *cursor;
             taken.extend(late);
             if !quiet || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
                 self.st.cut_problem =

@@ -297,8 +297,8 @@ struct Pins {
     issue_prog_id: u32,
 }
 
-/// Bytes of one `inflight` slot (struct ferry_inflight: rq, start, end,
-/// issue_ns).
+/// Bytes of one `inflight` slot (struct ferry_inflight: gen, rq, start,
+/// end).
 const SLOT_BYTES: usize = 32;
 
 /// A protected write issued and not (yet) seen completing.
@@ -619,13 +619,17 @@ impl Tracker {
         let mut run: Option<(u64, u64)> = None;
         let mut n = 0;
         let held = Arc::clone(&self.held);
+        let mut kept_in_memory = Vec::new();
         let mut flush = |run: &mut Option<(u64, u64)>, sink: &Ring| {
             if let Some((a, b)) = run.take() {
                 let end = b.min(self.size);
                 if end > a {
                     let r = Record { seq: 0, offset: a, length: (end - a) as u32, kind: RecordKind::Write, flush: false, time_ns: 0 };
                     match held.lock().expect("poisoned").as_mut() {
-                        Some(v) => v.push(r),
+                        Some(v) => {
+                            v.push(r);
+                            kept_in_memory.push((a, end - a));
+                        }
                         None => {
                             sink.push(r);
                         }
@@ -654,6 +658,13 @@ impl Tracker {
             }
         }
         flush(&mut run, &self.sink);
+        // While holding, what was taken lives only in this process: set the
+        // bits again, so that an agent that dies before the thaw leaves
+        // them to the next one (as held ring records are, in the callback).
+        let marks = BitmapRef { base: self.bitmap.as_ptr() as usize, words: self.words, shift: self.chunk_shift };
+        for (off, len) in kept_in_memory {
+            marks.mark(off, len);
+        }
         n
     }
 }

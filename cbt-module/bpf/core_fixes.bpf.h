@@ -18,6 +18,8 @@
  *   older kernels fail to load the program and `auto` falls back to scan.
  * - request->__data_len: the bytes a request still has to transfer, read
  *   at issue (the whole request then).
+ * - request->bio, bio->bi_next, bio->bi_iter.{bi_sector,bi_size}: a
+ *   request's bios, walked for discards (stable since 3.14's bvec_iter).
  * - request->tag (the driver tag: assigned before issue, released after the
  *   completion is traced, or on a requeue) and request->mq_hctx->queue_num:
  *   in every blk-mq kernel (4.x on); they index the `inflight` slots.
@@ -36,12 +38,23 @@ struct request_queue {
 	struct gendisk *disk;
 } __attribute__((preserve_access_index));
 
+struct bvec_iter {
+	unsigned long long bi_sector;
+	unsigned int bi_size;
+} __attribute__((preserve_access_index));
+
+struct bio {
+	struct bio *bi_next;
+	struct bvec_iter bi_iter;
+} __attribute__((preserve_access_index));
+
 struct blk_mq_hw_ctx {
 	unsigned int queue_num;
 } __attribute__((preserve_access_index));
 
 struct request {
 	struct request_queue *q;
+	struct bio *bio;
 	struct blk_mq_hw_ctx *mq_hctx;
 	int tag;
 	unsigned int cmd_flags;

@@ -69,6 +69,9 @@ const volatile __u32 test_skip_every = 0;
 /* `inflight` geometry: driver tags per hardware queue, and slots in all. */
 const volatile __u32 slot_stride = 128;
 const volatile __u32 slot_count = 128;
+/* The disk's queue/max_discard_segments is above 1: a discard request may
+ * hold ranges that are not contiguous. */
+const volatile __u32 discard_multi = 0;
 
 /* Most bitmap words one completion may touch (2^chunk_shift * 64 * 256). */
 #define MAX_WORDS 256
@@ -197,6 +200,27 @@ static __always_inline void mark_bitmap(struct ferry_cbt_bpf_stats *st, __u64 st
 	}
 }
 
+/* Whether a discard request's bios follow each other with no gap. */
+static __always_inline int discard_contiguous(struct request *rq)
+{
+	struct bio *b = rq->bio;
+	__u64 next;
+
+	if (!discard_multi || !b)
+		return 1;
+	next = b->bi_iter.bi_sector + (b->bi_iter.bi_size >> 9);
+	b = b->bi_next;
+	for (int i = 0; i < 256; i++) {
+		if (!b)
+			return 1;
+		if (b->bi_iter.bi_sector != next)
+			return 0;
+		next += b->bi_iter.bi_size >> 9;
+		b = b->bi_next;
+	}
+	return !b;
+}
+
 /*
  * The protected byte range [*start, *end) a request of nbytes at its current
  * sector changes, and its record kind. Returns 1 for a protected change,
@@ -223,6 +247,15 @@ static __always_inline int rq_range(struct request *rq, __u64 nbytes, __u64 *sta
 	switch (op) {
 	case FERRY_REQ_OP_DISCARD:
 	case FERRY_REQ_OP_SECURE_ERASE:
+		/* Disks that take several discard ranges per command (NVMe,
+		 * virtio-blk with max_discard_segments > 1) merge discards
+		 * that are not contiguous into one request, whose sector and
+		 * length then describe no single range. On such disks the
+		 * bios are checked; a gap (or more than 257 bios) counts the
+		 * request as lost (a checksum resync) rather than recording it
+		 * wrongly. Other disks merge only contiguous discards. */
+		if (!discard_contiguous(rq))
+			return -1;
 		*kindp = FERRY_REC_DISCARD;
 		break;
 	case FERRY_REQ_OP_WRITE_ZEROES:
@@ -262,11 +295,16 @@ int BPF_PROG(ferry_rq_issue, struct request *rq)
 	int r;
 
 	r = rq_range(rq, rq->__data_len, &v.start, &v.end, &kind);
-	if (r <= 0)
-		return 0; /* a DRV_OUT is counted as lost at its completion */
+	if (!r)
+		return 0;
 	st = bpf_map_lookup_elem(&stats, &zero);
 	if (!st)
 		return 0;
+	if (r < 0) {
+		/* Counted here too, in case its completion is not seen. */
+		__sync_fetch_and_add(&st->lost, 1);
+		return 0;
+	}
 	e = slot_of(rq);
 	if (!e) {
 		__sync_fetch_and_add(&st->unguarded, 1);

@@ -162,6 +162,23 @@ pub fn slot_geometry(disk: &Path) -> (u32, u32) {
     (stride, stride.saturating_mul(queues.max(1)).min(MAX_SLOTS))
 }
 
+/// Whether a disk can merge discards that are not contiguous into one
+/// request (`queue/max_discard_segments` above 1: NVMe, some virtio-blk).
+pub fn discard_multi(disk: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(disk) else { return true };
+    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
+    if sys.join("partition").exists() {
+        sys = sys.join("..");
+    }
+    // A test setting: check every discard request (docs/testing.md).
+    if std::env::var_os("FERRY_BPF_TEST_DISCARD_MULTI").is_some() {
+        return true;
+    }
+    // Unknown: assume it can (the program then checks each request).
+    std::fs::read_to_string(sys.join("queue/max_discard_segments")).ok().and_then(|v| v.trim().parse::<u32>().ok()).is_none_or(|n| n > 1)
+}
+
 /// Bitmap granularity for a disk: at least 4 KiB, at most 2^25 bits.
 pub fn chunk_shift_for(size: u64) -> u32 {
     let bits_needed = 64 - size.saturating_sub(1).leading_zeros(); // log2 ceil
@@ -394,7 +411,7 @@ impl Tracker {
             // A partial pin folder (an interrupted attach) is cleared first.
             unpin(name)?;
             std::fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
-            let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes, slot_geometry(disk_path));
+            let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes, slot_geometry(disk_path), discard_multi(disk_path));
             if let Err(e) = r {
                 let _ = unpin(name);
                 return Err(e);
@@ -669,7 +686,15 @@ impl Tracker {
     }
 }
 
-fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32, slots: (u32, u32)) -> Result<(), BpfError> {
+fn load_and_pin(
+    dir: &Path,
+    t: Target,
+    shift: u32,
+    words: u64,
+    ring_bytes: u32,
+    slots: (u32, u32),
+    multi_discard: bool,
+) -> Result<(), BpfError> {
     let mut obj = MaybeUninit::uninit();
     let mut open = skel::FerryCbtSkelBuilder::default().open(&mut obj).map_err(lib("opening the BPF object"))?;
     let ro = open.maps.rodata_data.as_deref_mut().ok_or_else(|| BpfError::Unsupported("BPF object has no rodata".into()))?;
@@ -687,6 +712,7 @@ fn load_and_pin(dir: &Path, t: Target, shift: u32, words: u64, ring_bytes: u32, 
     let (stride, nslots) = slots;
     ro.slot_stride = stride;
     ro.slot_count = nslots;
+    ro.discard_multi = u32::from(multi_discard);
     let ring_bytes = ring_bytes.clamp(4096, 1 << 30).next_power_of_two();
     open.maps.events.set_max_entries(ring_bytes).map_err(lib("events size"))?;
     open.maps.bitmap.set_max_entries(words as u32).map_err(lib("bitmap size"))?;

@@ -375,6 +375,13 @@ impl Agent {
             } else {
                 log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
             }
+            if !ferry_bpf::device_iostats_on(&opts.disk) {
+                log::warn!(
+                    "{}: the disk's I/O statistics are off (queue/iostats = 0), so the agent cannot check the tracker against \
+                     the device's own count of completed writes; turn them on with `echo 1 > /sys/block/<disk>/queue/iostats`",
+                    opts.disk.display()
+                );
+            }
             Some(t)
         } else {
             None

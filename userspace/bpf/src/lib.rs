@@ -126,6 +126,18 @@ pub fn device_bytes_changed(disk: &Path) -> Option<u64> {
     Some((f.get(6)? + f.get(13).copied().unwrap_or(0)) * 512)
 }
 
+/// Whether the disk keeps the block-layer statistics that
+/// [`device_bytes_changed`] reads (`queue/iostats`; true if unknown).
+pub fn device_iostats_on(disk: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(disk) else { return true };
+    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
+    if sys.join("partition").exists() {
+        sys = sys.join("..");
+    }
+    std::fs::read_to_string(sys.join("queue/iostats")).map(|v| v.trim() != "0").unwrap_or(true)
+}
+
 fn require_mq(sys_disk: &Path, disk: &Path) -> Result<(), BpfError> {
     if sys_disk.join("mq").is_dir() {
         return Ok(());

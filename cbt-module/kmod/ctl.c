@@ -161,23 +161,30 @@ static int ferry_open_disk(struct ferry_disk *fd, dev_t dev)
 /* ---- ioctls ---------------------------------------------------------------- */
 
 /*
- * Size-first argument structs (the openat2 rule): at least the size this
- * module knows, at most a page; a longer struct's unknown tail must be zero.
+ * Size-first argument structs (the openat2 rule): at least the struct's
+ * first published size (an older caller: the fields it lacks read as zero),
+ * at most a page; a longer struct's unknown tail must be zero.
  */
-static int ferry_copy_in(void *karg, size_t ksize, void __user *uarg, u32 *usize)
+static int ferry_copy_in_min(void *karg, size_t ksize, size_t minsize, void __user *uarg, u32 *usize)
 {
 	u32 size;
 	int ret;
 
 	if (get_user(size, (u32 __user *)uarg))
 		return -EFAULT;
-	if (size < ksize || size > PAGE_SIZE)
+	if (size < minsize || size > PAGE_SIZE)
 		return -EINVAL;
 	ret = copy_struct_from_user(karg, ksize, uarg, size);
 	if (ret)
 		return ret;
 	*usize = size;
 	return 0;
+}
+
+/* Structs that have not grown since they were published. */
+static int ferry_copy_in(void *karg, size_t ksize, void __user *uarg, u32 *usize)
+{
+	return ferry_copy_in_min(karg, ksize, ksize, uarg, usize);
 }
 
 static int ferry_copy_out(void __user *uarg, const void *karg, size_t ksize, u32 usize)
@@ -204,7 +211,7 @@ static long ferry_ioc_attach(void __user *uarg)
 
 	if (!capable(CAP_SYS_ADMIN))
 		return -EPERM;
-	ret = ferry_copy_in(&a, sizeof(a), uarg, &usize);
+	ret = ferry_copy_in_min(&a, sizeof(a), FERRY_CBT_ATTACH_SIZE_VER0, uarg, &usize);
 	if (ret)
 		return ret;
 	if (a.flags & ~FERRY_CBT_ATTACH_F_EXISTING_OK)
@@ -230,6 +237,7 @@ static long ferry_ioc_attach(void __user *uarg)
 	ret = ferry_ring_init(&fd->ring, a.capacity);
 	if (ret)
 		goto discard;
+	fd->ring.seq = a.first_seq;
 
 	mutex_lock(&ferry_lock);
 	old = ferry_find_disk_locked(fd->disk);

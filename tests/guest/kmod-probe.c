@@ -21,6 +21,7 @@
  *   partition DISK PART      I/O through PART lands at whole-disk offsets
  *   overflow DISK            a full ring: flag, counters, seq gap
  *   tag DISK                 consistency markers: position, seq, freeze, full ring
+ *   seq DISK                 version-0 attach struct; first_seq continues numbering
  *   isolation DISK1 DISK2    each ring sees only its own disk
  *   persist DISK             tracking outlives the descriptor
  *   stress DISK CHURNDISK    concurrent writers + consumer + attach/detach churn
@@ -859,6 +860,69 @@ static int t_tag(const char *diskp)
 	return failures != 0;
 }
 
+/*
+ * Sequence numbers across attachments: a version-0 caller (the 48-byte
+ * attach struct) is still accepted and its numbering starts at 0, whatever
+ * lies past its declared size; a caller passing first_seq continues from
+ * there (how an agent keeps them monotonic across a reload); a struct
+ * shorter than version 0 is refused.
+ */
+static int t_seq(const char *diskp)
+{
+	struct ferry_cbt_record recs[8];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret;
+	size_t n;
+
+	disk_open(&d, diskp);
+	save_range(&d, 24 * MiB, 64 * KiB);
+	memset(&a, 0, sizeof(a));
+	a.size = FERRY_CBT_ATTACH_SIZE_VER0 - 1;
+	a.major = d.major;
+	a.minor = d.minor;
+	a.capacity = 16;
+	CHECK(ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) == -1 && errno == EINVAL, "a struct shorter than version 0 is refused");
+	a.size = FERRY_CBT_ATTACH_SIZE_VER0;
+	a.first_seq = 777; /* past the declared size: not read */
+	ret = ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) ? -errno : 0;
+	CHECK(ret == 0, "version-0 attach: %d", ret);
+	if (ret)
+		return 1;
+	ring_map(ctl, &a, &r);
+	dwrite(&d, 24 * MiB, 4096, 0xd1);
+	n = ring_drain(&r, recs, 8);
+	CHECK(n == 1 && recs[0].seq == 0, "version 0: %zu records, first seq %llu", n, n ? (unsigned long long)recs[0].seq : 0ULL);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+
+	memset(&a, 0, sizeof(a));
+	a.size = sizeof(a);
+	a.major = d.major;
+	a.minor = d.minor;
+	a.capacity = 16;
+	a.first_seq = 1000;
+	ret = ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) ? -errno : 0;
+	CHECK(ret == 0, "attach with first_seq: %d", ret);
+	if (ret)
+		return 1;
+	ring_map(ctl, &a, &r);
+	dwrite(&d, 24 * MiB, 4096, 0xd2);
+	dwrite(&d, 24 * MiB + 8192, 4096, 0xd3);
+	n = ring_drain(&r, recs, 8);
+	CHECK(n == 2 && recs[0].seq == 1000 && recs[1].seq == 1001, "first_seq 1000: %zu records, seq %llu", n,
+	      n ? (unsigned long long)recs[0].seq : 0ULL);
+	CHECK(do_status(ctl, a.handle, &st) == 0 && st.seq == 1002, "status seq %llu", (unsigned long long)st.seq);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
 static int t_isolation(const char *p1, const char *p2)
 {
 	struct ferry_cbt_record recs[16];
@@ -1131,6 +1195,8 @@ int main(int argc, char **argv)
 		return t_partition(argv[2], argv[3]);
 	if (!strcmp(t, "overflow") && argc == 3)
 		return t_overflow(argv[2]);
+	if (!strcmp(t, "seq") && argc == 3)
+		return t_seq(argv[2]);
 	if (!strcmp(t, "tag") && argc == 3)
 		return t_tag(argv[2]);
 	if (!strcmp(t, "isolation") && argc == 4)

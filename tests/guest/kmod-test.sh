@@ -46,6 +46,7 @@ run records-virtio records "$DISK"
 [ -b "${DISK}1" ] && run partition-virtio partition "$DISK" "${DISK}1"
 run overflow overflow "$DISK"
 run tag tag "$DISK"
+run seq seq "$DISK"
 [ -n "$LOOP" ] && run isolation isolation "$DISK" "$LOOP"
 run persist persist "$DISK"
 run stress stress "$DISK" $LOOP

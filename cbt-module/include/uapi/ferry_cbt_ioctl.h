@@ -8,7 +8,9 @@
  * no pointers, no enums, no `long`, no kernel-version conditionals, a size
  * assertion per struct. Every argument struct starts with `size`, which the
  * caller sets to sizeof(the struct it was compiled with): the module accepts
- * a shorter struct it knows (an older caller) and a longer one whose unknown
+ * a shorter struct it knows, down to the struct's first published size
+ * (FERRY_CBT_*_SIZE_VER0; an older caller, whose missing fields read as
+ * zero) and a longer one whose unknown
  * tail is all zeroes (a newer caller), and copies back at most `size` bytes
  * (the openat2/clone3 rule, copy_struct_from_user()). New fields are only
  * ever appended. The ioctl number encodes the current struct size but the
@@ -79,7 +81,17 @@ struct ferry_cbt_attach {
 	__u32 out_flags;   /* out: FERRY_CBT_ATTACHED_* */
 	__u64 mmap_offset; /* out: mmap offset of the ring */
 	__u64 mmap_size;   /* out: bytes to map (header + slots, page-rounded) */
+	/* Appended in version 1 (a 48-byte struct is version 0, still
+	 * accepted: first_seq is then 0). */
+	__u64 first_seq;   /* in: the sequence number of the first change (the
+	                    * agent passes one past the last it consumed, so
+	                    * sequence numbers stay monotonic across a module
+	                    * reload or a re-attach); ignored for an existing
+	                    * attachment */
 };
+/* The first published size of each struct: the module accepts any size from
+ * it up, zero-filling fields the caller does not know. */
+#define FERRY_CBT_ATTACH_SIZE_VER0 48
 
 struct ferry_cbt_detach {
 	__u32 size;   /* in: sizeof(struct ferry_cbt_detach) */
@@ -131,7 +143,7 @@ struct ferry_cbt_tag {
 #else
 #define FERRY_IOCTL_STATIC_ASSERT _Static_assert
 #endif
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 48, "attach is 48 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 56, "attach is 56 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 88, "status is 88 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");

@@ -9,6 +9,7 @@ pub const FERRY_CBT_MODE_METADATA: u32 = 2;
 pub const FERRY_CBT_MODE_BITMAP: u32 = 3;
 pub const FERRY_CBT_ATTACH_F_EXISTING_OK: u32 = 1;
 pub const FERRY_CBT_ATTACHED_EXISTING: u32 = 1;
+pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
 pub const FERRY_CBT_IOC_MAGIC: u32 = 252;
 pub type __u32 = ::core::ffi::c_uint;
@@ -25,6 +26,7 @@ pub struct ferry_cbt_attach {
     pub out_flags: __u32,
     pub mmap_offset: __u64,
     pub mmap_size: __u64,
+    pub first_seq: __u64,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -45,7 +45,7 @@ pub mod ioctl {
     pub const TAG: u64 = ioc(READ_WRITE, 0x04, size_of::<g::ferry_cbt_tag>());
 }
 
-const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 48);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 56);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 88);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_tag>() == 32);

@@ -1238,7 +1238,7 @@ impl Agent {
         // tracepoint fires, so what it counted is by now seen, recovered, or
         // still in `inflight` (issued, its completion not seen).
         let dev = ferry_bpf::device_bytes_changed(&self.opts.disk);
-        let pending: u64 = t.inflight()?.iter().map(|e| e.len).sum();
+        let pending: u64 = t.inflight().iter().map(|e| e.len).sum();
         let s = t.stats()?;
         let seen = s.bytes + s.recovered_bytes;
         match (dev, self.st.bpf_baseline) {
@@ -1281,7 +1281,7 @@ impl Agent {
         }
         if self.last_sweep.elapsed() >= Duration::from_millis(250) {
             self.last_sweep = Instant::now();
-            let (n, _) = t.sweep_inflight()?;
+            let n = t.sweep_inflight();
             if n > 0 {
                 log::info!("bpf tracker: {n} writes issued over 0.5 s ago and not seen completing; shipping their ranges");
             }
@@ -1325,23 +1325,7 @@ impl Agent {
     /// quiet cut.
     fn ship_inflight(&mut self, sess: &mut Session) -> Result<(), AgentError> {
         let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        let mut recs = Vec::new();
-        for e in t.inflight()? {
-            let mut off = e.offset;
-            let end = e.offset.saturating_add(e.len);
-            while off < end {
-                let len = (end - off).min(1 << 20);
-                recs.push(Record {
-                    seq: 0,
-                    offset: off,
-                    length: len as u32,
-                    kind: ferry_ring::RecordKind::Write,
-                    flush: false,
-                    time_ns: 0,
-                });
-                off += len;
-            }
-        }
+        let recs: Vec<Record> = t.inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
         if recs.is_empty() {
             return Ok(());
         }

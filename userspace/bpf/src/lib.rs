@@ -126,15 +126,19 @@ pub fn device_bytes_changed(disk: &Path) -> Option<u64> {
     Some((f.get(6)? + f.get(13).copied().unwrap_or(0)) * 512)
 }
 
+/// The sysfs folder of the whole disk a block device path is on (its
+/// parent's, for a partition): where the queue's settings live.
+fn whole_disk_sysfs(disk: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(disk).ok()?;
+    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
+    Some(if sys.join("partition").exists() { sys.join("..") } else { sys })
+}
+
 /// Whether the disk keeps the block-layer statistics that
 /// [`device_bytes_changed`] reads (`queue/iostats`; true if unknown).
 pub fn device_iostats_on(disk: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(disk) else { return true };
-    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
-    if sys.join("partition").exists() {
-        sys = sys.join("..");
-    }
+    let Some(sys) = whole_disk_sysfs(disk) else { return true };
     std::fs::read_to_string(sys.join("queue/iostats")).map(|v| v.trim() != "0").unwrap_or(true)
 }
 
@@ -156,12 +160,7 @@ const MAX_SLOTS: u32 = 1 << 18;
 /// slots in all, from blk-mq's sysfs (`mq/N/nr_tags`). Tags beyond it are
 /// not remembered (counted as `unguarded`).
 pub fn slot_geometry(disk: &Path) -> (u32, u32) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(disk) else { return (128, 128) };
-    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
-    if sys.join("partition").exists() {
-        sys = sys.join("..");
-    }
+    let Some(sys) = whole_disk_sysfs(disk) else { return (128, 128) };
     let (mut queues, mut stride) = (0u32, 0u32);
     if let Ok(rd) = std::fs::read_dir(sys.join("mq")) {
         for e in rd.flatten() {
@@ -177,12 +176,7 @@ pub fn slot_geometry(disk: &Path) -> (u32, u32) {
 /// Whether a disk can merge discards that are not contiguous into one
 /// request (`queue/max_discard_segments` above 1: NVMe, some virtio-blk).
 pub fn discard_multi(disk: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(disk) else { return true };
-    let mut sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())));
-    if sys.join("partition").exists() {
-        sys = sys.join("..");
-    }
+    let Some(sys) = whole_disk_sysfs(disk) else { return true };
     // A test setting: check every discard request (docs/testing.md).
     if std::env::var_os("FERRY_BPF_TEST_DISCARD_MULTI").is_some() {
         return true;
@@ -339,6 +333,21 @@ pub struct Inflight {
     /// entry (a slot's count moves whenever the program rewrites it).
     pub slot: usize,
     pub gen: u64,
+}
+
+impl Inflight {
+    /// Its range, up to `size`, as write records of at most 1 MiB.
+    pub fn records(&self, size: u64) -> impl Iterator<Item = Record> {
+        let end = self.offset.saturating_add(self.len).min(size);
+        (self.offset..end).step_by(1 << 20).map(move |off| Record {
+            seq: 0,
+            offset: off,
+            length: (end - off).min(1 << 20) as u32,
+            kind: RecordKind::Write,
+            flush: false,
+            time_ns: 0,
+        })
+    }
 }
 
 /// How long an in-flight entry may stay unchanged before it is shipped
@@ -578,7 +587,7 @@ impl Tracker {
 
     /// Protected writes issued and not seen completing: in flight now, or
     /// completed without the program running (see the module notes).
-    pub fn inflight(&self) -> Result<Vec<Inflight>, BpfError> {
+    pub fn inflight(&self) -> Vec<Inflight> {
         let base = self.slots.as_ptr() as *mut u64;
         let word = |i: usize| {
             // SAFETY: callers pass i < nslots * 4; the mapping holds nslots
@@ -600,44 +609,37 @@ impl Tracker {
             }
             out.push(Inflight { offset: a, len: b - a, slot: s, gen: g });
         }
-        Ok(out)
+        out
     }
 
     /// Queue (to the sink, or the held list) the ranges of in-flight
     /// entries unchanged for half a second and not queued before. Returns
-    /// the number queued and the bytes all entries cover. (Before a point
-    /// is cut the agent ships every entry again, whatever this did.)
-    pub fn sweep_inflight(&mut self) -> Result<(u64, u64), BpfError> {
+    /// the number queued. (Before a point is cut the agent ships every
+    /// entry again, whatever this did.)
+    pub fn sweep_inflight(&mut self) -> u64 {
         let now = std::time::Instant::now();
         let mut n = 0;
-        let mut bytes = 0;
         let mut live = std::collections::HashSet::new();
-        for e in self.inflight()? {
-            bytes += e.len;
+        for e in self.inflight() {
             let id = (e.slot, e.gen);
             live.insert(id);
             let (first, shipped) = *self.seen.entry(id).or_insert((now, false));
             if shipped || now.duration_since(first) < STALE {
                 continue;
             }
-            let mut off = e.offset.min(self.size);
-            let end = (e.offset + e.len).min(self.size);
-            while off < end {
-                let len = (end - off).min(1 << 20);
-                let r = Record { seq: 0, offset: off, length: len as u32, kind: RecordKind::Write, flush: false, time_ns: 0 };
+            for r in e.records(self.size) {
                 match self.held.lock().expect("poisoned").as_mut() {
                     Some(v) => v.push(r),
                     None => {
                         self.sink.push(r);
                     }
                 }
-                off += len;
             }
             self.seen.insert(id, (first, true));
             n += 1;
         }
         self.seen.retain(|id, _| live.contains(id));
-        Ok((n, bytes))
+        n
     }
 
     /// Take every bit now and queue the chunks (to the sink, or to the held
@@ -777,6 +779,16 @@ mod tests {
         assert_eq!(offset_of!(skel::types::rodata, part_sectors), 16);
         assert_eq!(offset_of!(skel::types::rodata, chunk_shift), 24);
         assert_eq!(offset_of!(skel::types::rodata, bitmap_words), 32);
+    }
+
+    #[test]
+    fn inflight_records_split_at_1_mib_and_stop_at_the_disk_end() {
+        let e = Inflight { offset: 4096, len: (5 << 19) as u64, slot: 0, gen: 2 };
+        let r: Vec<(u64, u32)> = e.records(u64::MAX).map(|r| (r.offset, r.length)).collect();
+        assert_eq!(r, vec![(4096, 1 << 20), (4096 + (1 << 20), 1 << 20), (4096 + (2 << 20), 1 << 19)]);
+        let r: Vec<(u64, u32)> = e.records(4096 + 8192).map(|r| (r.offset, r.length)).collect();
+        assert_eq!(r, vec![(4096, 8192)]);
+        assert_eq!(e.records(4096).count(), 0);
     }
 
     #[test]

@@ -4,7 +4,9 @@
  *
  *   main.c  module init/exit; finds and attaches the tracepoint
  *   hook.c  the block_bio_queue probe (atomic context: classify, map, push)
- *   ring.c  the shared SPSC ring: allocation and the producer side
+ *   ring.c  the shared SPSC ring: allocation, the producer side, the data
+ *           area (data mode), the dirty bitmap (bitmap mode) and the
+ *           table of writes in flight (the completion barrier)
  *   ctl.c   the control path: /dev/ferry-cbt, the attach table, mmap
  *
  * Lifetime of a tracked disk (struct ferry_disk):
@@ -22,9 +24,11 @@
 
 #include <linux/blkdev.h>
 #include <linux/kref.h>
+#include <linux/mutex.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
 #include <linux/version.h>
+#include <linux/wait.h>
 
 #include "ferry_cbt.h"
 #include "ferry_cbt_ioctl.h"
@@ -45,6 +49,22 @@
 /* Attach table size; the low bits of a handle are the table index. */
 #define FERRY_MAX_DISKS 64
 #define FERRY_HANDLE_IDX_BITS 6
+
+/*
+ * Writes in flight: one node per write queued and not yet completed, found
+ * by bio address (a bio is not reused before it completes). Fixed size,
+ * allocated at attach; a write that finds it full is counted as lost (the
+ * completion barrier could not cover it).
+ */
+#define FERRY_INFLIGHT_NODES 4096
+#define FERRY_INFLIGHT_BUCKETS 1024
+#define FERRY_INFLIGHT_NONE 0xffffffffU
+
+struct ferry_inflight_node {
+	const struct bio *bio;
+	u32 next;  /* next node in the bucket, or in the free list */
+	u32 epoch; /* the barrier epoch's parity when it was queued */
+};
 
 /* The ring of one disk: shared memory plus the producer's private state. */
 struct ferry_ring {
@@ -71,6 +91,38 @@ struct ferry_ring {
 	u64 lost;          /* changes no record can describe */
 	u64 records;       /* records queued */
 	u64 bytes;         /* bytes of every change seen */
+
+	/* Data mode: the data area after the slots (inside the same
+	 * allocation), its producer index, the memory cap. */
+	u8 *data;
+	u64 data_capacity;
+	u64 data_offset;
+	u64 data_prod;
+	u64 data_cap;
+	u64 data_records;
+	u32 mode;          /* FERRY_CBT_MODE_* */
+	u64 mode_changes;
+
+	/* Bitmap mode: one bit per bitmap_block bytes of the disk. `spare` is
+	 * the empty bitmap CATCHUP swaps in. */
+	unsigned long *bitmap;
+	unsigned long *spare;
+	u64 bitmap_bits;
+	u32 bitmap_shift;  /* log2(bitmap_block) */
+	u64 bitmap_changes;
+	u64 bitmap_dirty;
+	u64 catchups;
+
+	/* Writes in flight (see struct ferry_inflight_node). */
+	struct ferry_inflight_node *nodes;
+	u32 *buckets;
+	u32 free_node;
+	u32 epoch;
+	u64 inflight[2];   /* per epoch parity */
+	u64 untracked;
+	wait_queue_head_t drained;
+	/* Serializes CATCHUP calls (a barrier at a time). */
+	struct mutex catchup_lock;
 };
 
 struct ferry_disk {
@@ -90,15 +142,27 @@ struct ferry_disk {
 };
 
 /* ring.c */
-int ferry_ring_init(struct ferry_ring *r, u64 capacity);
+int ferry_ring_init(struct ferry_ring *r, u64 capacity, u64 data_bytes, u64 disk_bytes);
 void ferry_ring_free(struct ferry_ring *r);
-void ferry_ring_push(struct ferry_ring *r, u64 offset, u32 length, u16 kind, u16 flags);
+void ferry_ring_push(struct ferry_ring *r, struct bio *bio, u64 offset, u32 length, u16 kind, u16 flags);
 void ferry_ring_lost(struct ferry_ring *r, u64 bytes);
 int ferry_ring_push_tag(struct ferry_ring *r, u64 *seq);
 void ferry_ring_status(struct ferry_ring *r, struct ferry_cbt_status *st);
+void ferry_ring_completed(struct ferry_ring *r, const struct bio *bio);
+void ferry_ring_rq_completed(struct ferry_ring *r, struct bio *bio, unsigned int nr_bytes);
+void ferry_ring_split(struct ferry_ring *r, const struct bio *split, const void *parent);
+u64 ferry_ring_set_cap(struct ferry_ring *r, u64 cap);
+int ferry_ring_catchup(struct ferry_ring *r, struct ferry_cbt_catchup *c);
+size_t ferry_ring_bitmap_bytes(const struct ferry_ring *r);
+const void *ferry_ring_taken_bitmap(const struct ferry_ring *r);
+void ferry_ring_clear_taken(struct ferry_ring *r);
+void ferry_ring_untake(struct ferry_ring *r);
 
 /* hook.c */
 void ferry_hook_bio_queue(void *data, struct bio *bio);
+void ferry_hook_bio_complete(void *data, struct request_queue *q, struct bio *bio);
+void ferry_hook_rq_complete(void *data, struct request *rq, blk_status_t error, unsigned int nr_bytes);
+void ferry_hook_split(void *data, struct bio *split, unsigned int new_sector);
 
 /* ctl.c */
 extern int ferry_nr_attached; /* READ_ONCE() by the hook: a fast "no" */

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
  * ferry_cbt: the control path. The misc device /dev/ferry-cbt, its ioctls
- * (ATTACH, DETACH, STATUS: ../include/uapi/ferry_cbt_ioctl.h), the table of
+ * (ATTACH, DETACH, STATUS, TAG, SET_CAP, CATCHUP:
+ * ../include/uapi/ferry_cbt_ioctl.h), the table of
  * attached disks, and mmap of a disk's ring.
  *
  * Locking:
@@ -17,6 +18,7 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/blk-mq.h>
 #include <linux/capability.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
@@ -198,6 +200,25 @@ static void ferry_fill_attach(struct ferry_cbt_attach *a, const struct ferry_dis
 	a->mmap_offset = FERRY_CBT_MMAP_OFFSET(fd->handle);
 	a->mmap_size = fd->ring.map_bytes;
 	a->capacity = fd->ring.capacity;
+	a->bitmap_block = 1ULL << fd->ring.bitmap_shift;
+}
+
+/*
+ * Wait for the writes already in flight on the disk when it was attached:
+ * they were queued before the probe could see them, so the agent's first
+ * read of the disk must come after they complete. Freezing a blk-mq queue
+ * waits for every request in it. (A bio between block_bio_queue and the
+ * queue's entry when the freeze starts still slips by: the window is the
+ * length of a function call, and only for bios submitted before ATTACH.)
+ */
+static void ferry_drain_queue(struct gendisk *disk)
+{
+	struct request_queue *q = disk->queue;
+
+	if (!queue_is_mq(q))
+		return;
+	blk_mq_freeze_queue(q);
+	blk_mq_unfreeze_queue(q);
 }
 
 static long ferry_ioc_attach(void __user *uarg)
@@ -234,7 +255,7 @@ static long ferry_ioc_attach(void __user *uarg)
 		kfree(fd);
 		return ret;
 	}
-	ret = ferry_ring_init(&fd->ring, a.capacity);
+	ret = ferry_ring_init(&fd->ring, a.capacity, a.data_bytes, (u64)get_capacity(fd->disk) << SECTOR_SHIFT);
 	if (ret)
 		goto discard;
 	fd->ring.seq = a.first_seq;
@@ -266,11 +287,12 @@ static long ferry_ioc_attach(void __user *uarg)
 	WRITE_ONCE(ferry_nr_attached, ferry_nr_attached + 1);
 	ferry_fill_attach(&a, fd);
 	a.out_flags = 0;
-	pr_info("attached %s (%u:%u): handle %u, ring of %llu records\n",
-		fd->disk->disk_name, fd->major, fd->minor, fd->handle, fd->ring.capacity);
+	pr_info("attached %s (%u:%u): handle %u, ring of %llu records, %llu bytes of data area\n",
+		fd->disk->disk_name, fd->major, fd->minor, fd->handle, fd->ring.capacity, fd->ring.data_capacity);
 	mutex_unlock(&ferry_lock);
 	/* Every probe that starts from here on finds the disk. */
 	synchronize_rcu();
+	ferry_drain_queue(fd->disk);
 	/* On a fault the disk stays attached; EXISTING_OK recovers the handle. */
 	return ferry_copy_out(uarg, &a, sizeof(a), usize);
 
@@ -315,7 +337,7 @@ static long ferry_ioc_status(void __user *uarg)
 	u32 usize;
 	int ret;
 
-	ret = ferry_copy_in(&st, sizeof(st), uarg, &usize);
+	ret = ferry_copy_in_min(&st, sizeof(st), FERRY_CBT_STATUS_SIZE_VER0, uarg, &usize);
 	if (ret)
 		return ret;
 	mutex_lock(&ferry_lock);
@@ -323,7 +345,6 @@ static long ferry_ioc_status(void __user *uarg)
 	if (fd) {
 		st.major = fd->major;
 		st.minor = fd->minor;
-		st.mode = FERRY_CBT_MODE_METADATA;
 		st._pad0 = 0;
 		ferry_ring_status(&fd->ring, &st);
 	}
@@ -411,6 +432,74 @@ out:
 	return ferry_copy_out(uarg, &t, sizeof(t), usize);
 }
 
+static long ferry_ioc_set_cap(void __user *uarg)
+{
+	struct ferry_cbt_cap c;
+	struct ferry_disk *fd;
+	u32 usize;
+	int ret;
+
+	ret = ferry_copy_in(&c, sizeof(c), uarg, &usize);
+	if (ret)
+		return ret;
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(c.handle);
+	if (fd)
+		c.data_cap = ferry_ring_set_cap(&fd->ring, c.data_cap);
+	mutex_unlock(&ferry_lock);
+	if (!fd)
+		return -ENOENT;
+	return ferry_copy_out(uarg, &c, sizeof(c), usize);
+}
+
+static long ferry_ioc_catchup(void __user *uarg)
+{
+	struct ferry_cbt_catchup c;
+	struct ferry_disk *fd;
+	u32 usize;
+	int ret;
+
+	ret = ferry_copy_in(&c, sizeof(c), uarg, &usize);
+	if (ret)
+		return ret;
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	/* A reference, not ferry_lock, across the wait and the copy: DETACH
+	 * may go ahead meanwhile; the ring stays until the reference goes. */
+	mutex_lock(&ferry_lock);
+	fd = ferry_by_handle_locked(c.handle);
+	if (fd)
+		kref_get(&fd->ref);
+	mutex_unlock(&ferry_lock);
+	if (!fd)
+		return -ENOENT;
+	if (c.buf_bytes < ferry_ring_bitmap_bytes(&fd->ring)) {
+		ret = -EINVAL;
+		goto put;
+	}
+	mutex_lock(&fd->ring.catchup_lock);
+	ret = ferry_ring_catchup(&fd->ring, &c);
+	if (!ret || ret == -ETIMEDOUT) {
+		/* Hand the taken bits over even after a timeout (the loss is
+		 * flagged then): they are still changes to ship. */
+		if (copy_to_user(u64_to_user_ptr(c.buf), ferry_ring_taken_bitmap(&fd->ring),
+				 ferry_ring_bitmap_bytes(&fd->ring))) {
+			ferry_ring_untake(&fd->ring);
+			ret = -EFAULT;
+		} else {
+			ferry_ring_clear_taken(&fd->ring);
+		}
+	}
+	mutex_unlock(&fd->ring.catchup_lock);
+	if (!ret)
+		ret = ferry_copy_out(uarg, &c, sizeof(c), usize);
+put:
+	ferry_disk_put(fd);
+	return ret;
+}
+
 /* Commands match on type and number; the size lives in the struct. */
 static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
@@ -427,6 +516,10 @@ static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return ferry_ioc_status(uarg);
 	case _IOC_NR(FERRY_CBT_IOC_TAG):
 		return ferry_ioc_tag(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_SET_CAP):
+		return ferry_ioc_set_cap(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_CATCHUP):
+		return ferry_ioc_catchup(uarg);
 	default:
 		return -ENOTTY;
 	}

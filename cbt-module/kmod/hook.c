@@ -17,6 +17,27 @@
  * here, and the first one is logged (it would mean a kernel that traces
  * before remapping).
  *
+ * In data mode the probe copies the payload: at this point the bio holds
+ * the data the device will be given (the submitter must not change pages
+ * under a write in flight; where a filesystem does without stable pages, a
+ * page changed during the write is written again, and that later write
+ * carries the final content).
+ *
+ * Completions take each write out of the in-flight table that CATCHUP
+ * waits on. Three more probes see them:
+ *   - block_rq_complete, for blk-mq disks (virtio-blk, loop, NVMe, SCSI):
+ *     blk_update_request() and blk_complete_request() fire it with the
+ *     request's bios still linked from rq->bio, then clear each bio's
+ *     BIO_TRACE_COMPLETION ("completion has already been traced"), so
+ *     bio_endio() does not fire block_bio_complete for them. The probe
+ *     walks the bios the nr_bytes completed cover.
+ *   - block_bio_complete, for bio-based drivers: bio_endio() fires it for
+ *     bios still marked BIO_TRACE_COMPLETION.
+ *   - block_split: blk-mq splits a bio too big for one request after
+ *     block_bio_queue saw it whole; the split-off front part (a new bio,
+ *     chained to the original through bi_private) completes on its own, so
+ *     it is entered into the table beside the original.
+ *
  * Context: called with preemption disabled (tracepoint), possibly with
  * interrupts disabled. Nothing here sleeps or allocates.
  *
@@ -28,6 +49,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/bio.h>
+#include <linux/blk-mq.h>
 #include <linux/blk_types.h>
 #include <linux/rcupdate.h>
 
@@ -85,7 +107,58 @@ void ferry_hook_bio_queue(void *data, struct bio *bio)
 		sector += bdev->bd_start_sect;
 	}
 	flags = (bio->bi_opf & (REQ_PREFLUSH | REQ_FUA)) ? FERRY_RECF_FLUSH : 0;
-	ferry_ring_push(&fd->ring, (u64)sector << SECTOR_SHIFT, length, kind, flags);
+	ferry_ring_push(&fd->ring, bio, (u64)sector << SECTOR_SHIFT, length, kind, flags);
 out:
+	rcu_read_unlock();
+}
+
+void ferry_hook_bio_complete(void *data, struct request_queue *q, struct bio *bio)
+{
+	struct block_device *bdev = bio->bi_bdev;
+	struct ferry_disk *fd;
+
+	if (!op_is_write(bio_op(bio)) || !bdev)
+		return;
+	rcu_read_lock();
+	if (READ_ONCE(ferry_nr_attached)) {
+		fd = ferry_find_disk_rcu(bdev->bd_disk);
+		if (fd)
+			ferry_ring_completed(&fd->ring, bio);
+	}
+	rcu_read_unlock();
+}
+
+/* Called with the request's bios linked and not yet advanced. */
+void ferry_hook_rq_complete(void *data, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	struct bio *bio = rq->bio;
+	struct ferry_disk *fd;
+
+	if (!bio || !op_is_write(req_op(rq)) || !bio->bi_bdev)
+		return;
+	rcu_read_lock();
+	if (READ_ONCE(ferry_nr_attached)) {
+		fd = ferry_find_disk_rcu(bio->bi_bdev->bd_disk);
+		if (fd)
+			ferry_ring_rq_completed(&fd->ring, bio, nr_bytes);
+	}
+	rcu_read_unlock();
+}
+
+/* `split` was cut off the front of the bio in its bi_private (bio_chain()
+ * ran just before); that pointer is only compared, never followed. */
+void ferry_hook_split(void *data, struct bio *split, unsigned int new_sector)
+{
+	struct block_device *bdev = split->bi_bdev;
+	struct ferry_disk *fd;
+
+	if (!op_is_write(bio_op(split)) || !bdev)
+		return;
+	rcu_read_lock();
+	if (READ_ONCE(ferry_nr_attached)) {
+		fd = ferry_find_disk_rcu(bdev->bd_disk);
+		if (fd)
+			ferry_ring_split(&fd->ring, split, split->bi_private);
+	}
 	rcu_read_unlock();
 }

@@ -2,13 +2,14 @@
 /*
  * ferry_cbt: block-level change tracker for ferry's DR replication.
  *
- * Module init/exit. The hook is a probe on the block_bio_queue tracepoint.
- * That tracepoint's struct is not exported to modules, so it is found by
- * name with for_each_kernel_tracepoint() and attached with
- * tracepoint_probe_register(): both EXPORT_SYMBOL_GPL, the interface
- * out-of-tree tracers (LTTng) use. No kernel text or read-only data is
- * written. If the tracepoint is missing, or cannot be attached, the module
- * refuses to load: nothing is half-tracked.
+ * Module init/exit. The hooks are probes on the block_bio_queue,
+ * block_split, block_rq_complete and block_bio_complete tracepoints (see
+ * hook.c). Their structs are not exported to modules, so they are found by
+ * name with for_each_kernel_tracepoint() and
+ * attached with tracepoint_probe_register(): both EXPORT_SYMBOL_GPL, the
+ * interface out-of-tree tracers (LTTng) use. No kernel text or read-only
+ * data is written. If any of them is missing, or cannot be attached,
+ * the module refuses to load: nothing is half-tracked.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -18,37 +19,72 @@
 
 #include "cbt.h"
 
-static struct tracepoint *ferry_tp;
+/*
+ * The probes, attached in this order and detached in the reverse: the
+ * completion side first, so that a write the queue probe enters into the
+ * in-flight table always has its completion seen.
+ */
+static struct ferry_probe {
+	const char *name;
+	void *fn;
+	struct tracepoint *tp;
+	bool attached;
+} ferry_probes[] = {
+	{ "block_rq_complete", ferry_hook_rq_complete },
+	{ "block_bio_complete", ferry_hook_bio_complete },
+	{ "block_split", ferry_hook_split },
+	{ "block_bio_queue", ferry_hook_bio_queue },
+};
 
 static void ferry_match_tp(struct tracepoint *tp, void *priv)
 {
-	struct tracepoint **found = priv;
+	size_t i;
 
-	if (!strcmp(tp->name, "block_bio_queue"))
-		*found = tp;
+	for (i = 0; i < ARRAY_SIZE(ferry_probes); i++)
+		if (!strcmp(tp->name, ferry_probes[i].name))
+			ferry_probes[i].tp = tp;
+}
+
+static void ferry_detach_probes(void)
+{
+	int i;
+
+	for (i = ARRAY_SIZE(ferry_probes) - 1; i >= 0; i--) {
+		if (ferry_probes[i].attached)
+			tracepoint_probe_unregister(ferry_probes[i].tp, ferry_probes[i].fn, NULL);
+		ferry_probes[i].attached = false;
+	}
+	tracepoint_synchronize_unregister();
 }
 
 static int __init ferry_cbt_init(void)
 {
+	size_t i;
 	int ret;
 
-	for_each_kernel_tracepoint(ferry_match_tp, &ferry_tp);
-	if (!ferry_tp) {
-		pr_err("tracepoint block_bio_queue not found; not loading (nothing would be tracked)\n");
-		return -ENOENT;
+	for_each_kernel_tracepoint(ferry_match_tp, NULL);
+	for (i = 0; i < ARRAY_SIZE(ferry_probes); i++) {
+		if (!ferry_probes[i].tp) {
+			pr_err("tracepoint %s not found; not loading (nothing would be tracked)\n", ferry_probes[i].name);
+			return -ENOENT;
+		}
 	}
-	ret = tracepoint_probe_register(ferry_tp, (void *)ferry_hook_bio_queue, NULL);
-	if (ret) {
-		pr_err("cannot attach to tracepoint block_bio_queue (%d); not loading\n", ret);
-		return ret;
+	for (i = 0; i < ARRAY_SIZE(ferry_probes); i++) {
+		ret = tracepoint_probe_register(ferry_probes[i].tp, ferry_probes[i].fn, NULL);
+		if (ret) {
+			pr_err("cannot attach to tracepoint %s (%d); not loading\n", ferry_probes[i].name, ret);
+			ferry_detach_probes();
+			return ret;
+		}
+		ferry_probes[i].attached = true;
 	}
 	ret = ferry_ctl_init();
 	if (ret) {
-		tracepoint_probe_unregister(ferry_tp, (void *)ferry_hook_bio_queue, NULL);
-		tracepoint_synchronize_unregister();
+		ferry_detach_probes();
 		return ret;
 	}
-	pr_info("loaded: ABI %u, hook block_bio_queue, /dev/ferry-cbt\n", FERRY_CBT_ABI_VERSION);
+	pr_info("loaded: ABI %u, hooks block_bio_queue, block_split, block_rq_complete, block_bio_complete; /dev/ferry-cbt\n",
+		FERRY_CBT_ABI_VERSION);
 	return 0;
 }
 
@@ -59,8 +95,7 @@ static void __exit ferry_cbt_exit(void)
 	 * probe, wait for probes still running, then free. */
 	ferry_ctl_unregister();
 	ferry_ctl_unpublish_all();
-	tracepoint_probe_unregister(ferry_tp, (void *)ferry_hook_bio_queue, NULL);
-	tracepoint_synchronize_unregister();
+	ferry_detach_probes();
 	ferry_ctl_release_unpublished();
 	pr_info("unloaded\n");
 }

@@ -19,7 +19,8 @@
  *   abi DISK [PART]          argument checking, errors, handle rules
  *   records DISK             writes/discard/zeroout -> exact records
  *   partition DISK PART      I/O through PART lands at whole-disk offsets
- *   overflow DISK            a full ring: flag, counters, seq gap
+ *   bitmap DISK              a full ring: bitmap mode, CATCHUP hands it over
+ *   data DISK                data mode payloads, the memory cap, back to data mode
  *   tag DISK                 consistency markers: position, seq, freeze, full ring
  *   seq DISK                 version-0 attach struct; first_seq continues numbering
  *   isolation DISK1 DISK2    each ring sees only its own disk
@@ -59,7 +60,7 @@
 
 static int failures;
 
-static void fail(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -72,7 +73,7 @@ static void fail(const char *fmt, ...)
 	failures++;
 }
 
-static void note(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static void note(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -84,7 +85,7 @@ static void note(const char *fmt, ...)
 	fflush(stdout);
 }
 
-static void die(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static void die(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -97,10 +98,13 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
+/* The failed condition and its line, then the message with its arguments. */
 #define CHECK(cond, ...)                                                        \
 	do {                                                                    \
-		if (!(cond))                                                    \
-			fail("line %d: %s: " __VA_ARGS__, __LINE__, #cond);     \
+		if (!(cond)) {                                                  \
+			printf("  at line %d: %s\n", __LINE__, #cond);         \
+			fail(__VA_ARGS__);                                      \
+		}                                                               \
 	} while (0)
 
 /* ---- device facts ------------------------------------------------------- */
@@ -735,11 +739,46 @@ static int t_partition(const char *diskp, const char *partp)
 	return failures != 0;
 }
 
-static int t_overflow(const char *diskp)
+static int do_tag(int ctl, uint32_t handle, uint32_t flags, struct ferry_cbt_tag *t);
+
+static int do_catchup(int ctl, uint32_t handle, void *buf, uint64_t bytes, struct ferry_cbt_catchup *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->size = sizeof(*c);
+	c->handle = handle;
+	c->buf = (uint64_t)(uintptr_t)buf;
+	c->buf_bytes = bytes;
+	return ioctl(ctl, FERRY_CBT_IOC_CATCHUP, c) ? -errno : 0;
+}
+
+static int do_set_cap(int ctl, uint32_t handle, uint64_t cap, uint64_t *in_force)
+{
+	struct ferry_cbt_cap c = { .size = sizeof(c), .handle = handle, .data_cap = cap };
+
+	if (ioctl(ctl, FERRY_CBT_IOC_SET_CAP, &c))
+		return -errno;
+	*in_force = c.data_cap;
+	return 0;
+}
+
+static unsigned int mode_of(const struct ring *r)
+{
+	return __atomic_load_n(&r->h->mode, __ATOMIC_ACQUIRE);
+}
+
+/*
+ * A full ring: the changes that do not fit go to the dirty bitmap (BITMAP
+ * mode, sticky), nothing is flagged lost; CATCHUP hands over exactly the
+ * blocks written, queues its marker, and the disk is back to records.
+ */
+static int t_bitmap(const char *diskp)
 {
 	struct ferry_cbt_record recs[16];
 	struct ferry_cbt_attach a;
 	struct ferry_cbt_status st;
+	struct ferry_cbt_catchup c;
+	struct ferry_cbt_tag t;
+	uint64_t *bits, nbytes, blk;
 	struct disk d;
 	struct ring r;
 	int ctl = ctl_open(), ret, i;
@@ -747,6 +786,7 @@ static int t_overflow(const char *diskp)
 
 	disk_open(&d, diskp);
 	save_range(&d, 12 * MiB, 64 * KiB);
+	save_range(&d, 15 * MiB, 4096);
 	ret = do_attach(ctl, &d, 4, 0, &a);
 	if (ret) {
 		errno = -ret;
@@ -754,32 +794,181 @@ static int t_overflow(const char *diskp)
 	}
 	ring_map(ctl, &a, &r);
 	CHECK(a.mmap_size == 8192, "4 slots map 8192 bytes, got %llu", (unsigned long long)a.mmap_size);
+	CHECK(a.bitmap_block == 64 * KiB, "bitmap block %llu", (unsigned long long)a.bitmap_block);
+	CHECK(mode_of(&r) == FERRY_CBT_MODE_METADATA, "no data area: metadata mode, got %u", mode_of(&r));
 	for (i = 0; i < 6; i++)
 		dwrite(&d, 12 * MiB + i * 8192, 4096, 0xc0 + i);
 	CHECK(ring_producer(&r) == 4, "producer %llu", (unsigned long long)ring_producer(&r));
-	CHECK(__atomic_load_n(&r.h->overflows, __ATOMIC_ACQUIRE) == 2, "header overflows %llu",
-	      (unsigned long long)r.h->overflows);
-	CHECK(__atomic_load_n(&r.h->flags, __ATOMIC_ACQUIRE) & FERRY_RINGF_OVERFLOW, "overflow flag");
+	CHECK(mode_of(&r) == FERRY_CBT_MODE_BITMAP, "full ring: bitmap mode, got %u", mode_of(&r));
+	CHECK(__atomic_load_n(&r.h->overflows, __ATOMIC_ACQUIRE) == 0 &&
+	      !(__atomic_load_n(&r.h->flags, __ATOMIC_ACQUIRE) & FERRY_RINGF_OVERFLOW), "bitmap mode is not a loss");
 	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
-	CHECK(st.overflows == 2 && st.records == 4 && st.seq == 6 && st.lost == 0 && st.bytes == 6 * 4096,
-	      "status overflows %llu records %llu seq %llu bytes %llu", (unsigned long long)st.overflows,
-	      (unsigned long long)st.records, (unsigned long long)st.seq, (unsigned long long)st.bytes);
+	CHECK(st.mode == FERRY_CBT_MODE_BITMAP && st.overflows == 1 && st.records == 4 && st.seq == 6 && st.lost == 0 &&
+	      st.bytes == 6 * 4096 && st.bitmap_changes == 2 && st.bitmap_dirty == 1 && st.mode_changes == 1,
+	      "status mode %u overflows %llu records %llu seq %llu bytes %llu bitmap changes %llu dirty %llu", st.mode,
+	      (unsigned long long)st.overflows, (unsigned long long)st.records, (unsigned long long)st.seq,
+	      (unsigned long long)st.bytes, (unsigned long long)st.bitmap_changes, (unsigned long long)st.bitmap_dirty);
+	CHECK(st.inflight == 0, "every write completed: %llu in flight", (unsigned long long)st.inflight);
 	n = ring_drain(&r, recs, 16);
 	CHECK(n == 4, "%zu records", n);
-	for (i = 0; i < (int)n; i++)
-		CHECK(recs[i].seq == (uint64_t)i && recs[i].offset == 12 * MiB + i * 8192, "record %d: seq %llu off %llu", i,
-		      (unsigned long long)recs[i].seq, (unsigned long long)recs[i].offset);
-	/* Room again: the next change is queued with a seq that shows the gap. */
-	dwrite(&d, 12 * MiB + 48 * KiB, 4096, 0xcf);
+	/* Sticky: with room again, changes still go to the bitmap until
+	 * CATCHUP, and a tag cannot be placed. */
+	dwrite(&d, 15 * MiB, 4096, 0xcf);
+	CHECK(ring_producer(&r) == 4, "bitmap mode is sticky: producer %llu", (unsigned long long)ring_producer(&r));
+	CHECK(do_tag(ctl, a.handle, 0, &t) == -EAGAIN, "no tag in bitmap mode");
+	nbytes = (st.bitmap_bits + 63) / 64 * 8;
+	bits = calloc(1, nbytes);
+	CHECK(do_catchup(ctl, a.handle, bits, nbytes - 8, &c) == -EINVAL || nbytes < 8, "a short buffer is refused");
+	ret = do_catchup(ctl, a.handle, bits, nbytes, &c);
+	CHECK(ret == 0, "catchup: %d", ret);
+	CHECK(c.seq == 7 && c.bitmap_dirty == 2 && c.bitmap_bits == st.bitmap_bits && c.bitmap_block == 64 * KiB,
+	      "catchup seq %llu dirty %llu bits %llu", (unsigned long long)c.seq, (unsigned long long)c.bitmap_dirty,
+	      (unsigned long long)c.bitmap_bits);
+	for (blk = 0; blk < c.bitmap_bits; blk++) {
+		int set = (bits[blk / 64] >> (blk % 64)) & 1;
+		int want = blk == 12 * MiB / (64 * KiB) || blk == 15 * MiB / (64 * KiB);
+
+		if (set != want)
+			fail("bitmap block %llu: %d, want %d", (unsigned long long)blk, set, want);
+	}
+	CHECK(mode_of(&r) == FERRY_CBT_MODE_METADATA, "after catchup: metadata mode, got %u", mode_of(&r));
+	dwrite(&d, 12 * MiB + 48 * KiB, 4096, 0xce);
 	n = ring_drain(&r, recs, 16);
-	CHECK(n == 1 && recs[0].seq == 6 && recs[0].offset == 12 * MiB + 48 * KiB, "after release: %zu records, seq %llu",
-	      n, n ? (unsigned long long)recs[0].seq : 0ULL);
-	CHECK(r.h->flags & FERRY_RINGF_OVERFLOW, "flag is sticky");
-	/* A consumer index the producer never handed out is treated as full. */
+	CHECK(n == 2 && recs[0].kind == FERRY_REC_CATCHUP && recs[0].seq == c.seq && recs[0].length == 0 &&
+	      recs[1].kind == FERRY_REC_WRITE && recs[1].seq == c.seq + 1 && recs[1].offset == 12 * MiB + 48 * KiB,
+	      "catchup marker then the write: %zu records", n);
+	CHECK(do_status(ctl, a.handle, &st) == 0 && st.bitmap_dirty == 0 && st.catchups == 1, "bitmap empty after catchup");
+	/* A consumer index the producer never handed out is treated as a
+	 * full ring: bitmap mode, never a slot overwritten. */
 	__atomic_store_n(&r.h->consumer, r.h->consumer + 100, __ATOMIC_RELEASE);
-	dwrite(&d, 12 * MiB + 56 * KiB, 4096, 0xce);
-	CHECK(ring_producer(&r) == 5, "bogus consumer: producer %llu", (unsigned long long)ring_producer(&r));
-	CHECK(r.h->overflows == 3, "bogus consumer counted as overflow: %llu", (unsigned long long)r.h->overflows);
+	dwrite(&d, 12 * MiB + 56 * KiB, 4096, 0xcd);
+	CHECK(ring_producer(&r) == 6 && mode_of(&r) == FERRY_CBT_MODE_BITMAP, "bogus consumer: producer %llu mode %u",
+	      (unsigned long long)ring_producer(&r), mode_of(&r));
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	free(bits);
+	ring_unmap(&r);
+	restore_ranges(&d);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
+/* The consumer's side of the data area (the rule in ferry_cbt.h). */
+static const uint8_t *data_next(const struct ring *r, uint64_t *cursor, uint32_t len)
+{
+	uint64_t dc = r->h->data_capacity, p = *cursor;
+
+	if ((p & (dc - 1)) + len > dc)
+		p = (p | (dc - 1)) + 1;
+	*cursor = p + len;
+	return (const uint8_t *)r->h + r->h->data_offset + (p & (dc - 1));
+}
+
+static int all_bytes(const uint8_t *p, size_t n, int v)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i] != (uint8_t)v)
+			return 0;
+	return 1;
+}
+
+/*
+ * Data mode: each write's record carries its payload, in order, wrapping
+ * the data area by the rule; a memory cap too small for a write drops the
+ * disk to metadata mode (the record says so: no FERRY_RECF_DATA), and it
+ * returns to data mode once the consumer releases the data area.
+ */
+static int t_data(const char *diskp)
+{
+	struct ferry_cbt_record recs[64];
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	uint64_t cur, cap;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret, i, round;
+	size_t n;
+
+	disk_open(&d, diskp);
+	save_range(&d, 8 * MiB, 1 * MiB);
+	memset(&a, 0, sizeof(a));
+	a.size = sizeof(a);
+	a.major = d.major;
+	a.minor = d.minor;
+	a.capacity = 64;
+	a.data_bytes = 3 * MiB;
+	CHECK(ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) == -1 && errno == EINVAL, "a data area not a power of two is refused");
+	a.data_bytes = 1 * MiB;
+	ret = ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) ? -errno : 0;
+	if (ret) {
+		errno = -ret;
+		die("attach %s with a data area", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	CHECK(r.h->data_capacity == 1 * MiB && r.h->data_offset == 4096 + 4096 && a.mmap_size == 8192 + 1 * MiB,
+	      "data area %llu at %llu, map %llu", (unsigned long long)r.h->data_capacity,
+	      (unsigned long long)r.h->data_offset, (unsigned long long)a.mmap_size);
+	CHECK(mode_of(&r) == FERRY_CBT_MODE_DATA, "data mode, got %u", mode_of(&r));
+	/* Five rounds of 300 KiB writes: the data area (1 MiB) wraps. */
+	cur = r.h->data_consumer;
+	for (round = 0; round < 5; round++) {
+		for (i = 0; i < 3; i++)
+			dwrite(&d, 8 * MiB + i * 320 * KiB, 300 * KiB, 0x10 + round * 3 + i);
+		n = ring_drain(&r, recs, 64);
+		/* The kernel may split a write into several bios; each carries
+		 * its part. Check the bytes, in order. */
+		uint64_t want_off = 8 * MiB;
+		int w = 0;
+		size_t got = 0;
+		for (size_t k = 0; k < n; k++) {
+			CHECK(recs[k].kind == FERRY_REC_WRITE && (recs[k].flags & FERRY_RECF_DATA), "round %d record %zu: data",
+			      round, k);
+			const uint8_t *p = data_next(&r, &cur, recs[k].length);
+			CHECK(recs[k].offset == want_off + got, "round %d record %zu at %llu", round, k,
+			      (unsigned long long)recs[k].offset);
+			CHECK(all_bytes(p, recs[k].length, 0x10 + round * 3 + w), "round %d record %zu: payload", round, k);
+			got += recs[k].length;
+			if (got == 300 * KiB) {
+				w++;
+				got = 0;
+				want_off = 8 * MiB + w * 320 * KiB;
+			}
+		}
+		CHECK(w == 3 && got == 0, "round %d: %d writes' payloads", round, w);
+		__atomic_store_n(&r.h->data_consumer, cur, __ATOMIC_RELEASE);
+	}
+	CHECK(cur > 1 * MiB, "the data area wrapped (%llu bytes)", (unsigned long long)cur);
+	/* A 16 KiB cap: a 12 KiB write fits, a 16 KiB one after it does not. */
+	CHECK(do_set_cap(ctl, a.handle, 16 * KiB, &cap) == 0 && cap == 16 * KiB, "set cap");
+	dwrite(&d, 8 * MiB, 12 * KiB, 0x41);
+	dwrite(&d, 8 * MiB + 64 * KiB, 16 * KiB, 0x42);
+	CHECK(mode_of(&r) == FERRY_CBT_MODE_METADATA, "over the cap: metadata mode, got %u", mode_of(&r));
+	/* Still metadata while the data area holds more than half the cap. */
+	dwrite(&d, 8 * MiB + 128 * KiB, 4 * KiB, 0x43);
+	n = ring_drain(&r, recs, 64);
+	CHECK(n == 3, "%zu records", n);
+	if (n == 3) {
+		CHECK(recs[0].flags & FERRY_RECF_DATA, "the write under the cap has its payload");
+		CHECK(all_bytes(data_next(&r, &cur, recs[0].length), 12 * KiB, 0x41), "its payload");
+		CHECK(!(recs[1].flags & FERRY_RECF_DATA) && recs[1].length == 16 * KiB, "the write over the cap has none");
+		CHECK(!(recs[2].flags & FERRY_RECF_DATA), "nor the next, the data area being over half full");
+	}
+	__atomic_store_n(&r.h->data_consumer, cur, __ATOMIC_RELEASE);
+	dwrite(&d, 8 * MiB + 192 * KiB, 4 * KiB, 0x44);
+	n = ring_drain(&r, recs, 64);
+	CHECK(n == 1 && (recs[0].flags & FERRY_RECF_DATA) && mode_of(&r) == FERRY_CBT_MODE_DATA,
+	      "released: back to data mode (%zu records, mode %u)", n, mode_of(&r));
+	if (n == 1)
+		CHECK(all_bytes(data_next(&r, &cur, 4 * KiB), 4 * KiB, 0x44), "payload after the return");
+	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
+	CHECK(st.mode_changes == 2 && st.data_cap == 16 * KiB && st.data_capacity == 1 * MiB && st.inflight == 0 &&
+	      st.lost == 0 && st.untracked == 0, "status: mode changes %llu cap %llu in flight %llu lost %llu",
+	      (unsigned long long)st.mode_changes, (unsigned long long)st.data_cap, (unsigned long long)st.inflight,
+	      (unsigned long long)st.lost);
+	/* Cap 0: no payloads at all; above the area: clamped. */
+	CHECK(do_set_cap(ctl, a.handle, 0, &cap) == 0 && cap == 0 && mode_of(&r) == FERRY_CBT_MODE_METADATA, "cap 0");
+	CHECK(do_set_cap(ctl, a.handle, 1ULL << 40, &cap) == 0 && cap == 1 * MiB, "cap clamped to %llu",
+	      (unsigned long long)cap);
 	CHECK(do_detach(ctl, a.handle) == 0, "detach");
 	ring_unmap(&r);
 	restore_ranges(&d);
@@ -1193,8 +1382,10 @@ int main(int argc, char **argv)
 		return t_records(argv[2]);
 	if (!strcmp(t, "partition") && argc == 4)
 		return t_partition(argv[2], argv[3]);
-	if (!strcmp(t, "overflow") && argc == 3)
-		return t_overflow(argv[2]);
+	if (!strcmp(t, "bitmap") && argc == 3)
+		return t_bitmap(argv[2]);
+	if (!strcmp(t, "data") && argc == 3)
+		return t_data(argv[2]);
 	if (!strcmp(t, "seq") && argc == 3)
 		return t_seq(argv[2]);
 	if (!strcmp(t, "tag") && argc == 3)

@@ -377,6 +377,7 @@ pub mod versioned {
                     length: BLOCK as u32,
                     kind: RecordKind::Write,
                     flush: false,
+                    data: false,
                     time_ns: 0,
                 });
             }

@@ -11,8 +11,10 @@
  *
  * Ring layout in shared memory (one page of header, then the slots):
  *
- *   offset 0      struct ferry_cbt_ring_header (4096 bytes)
- *   offset 4096   struct ferry_cbt_record slots[capacity]   (capacity = 2^k)
+ *   offset 0            struct ferry_cbt_ring_header (4096 bytes)
+ *   offset 4096         struct ferry_cbt_record slots[capacity] (capacity = 2^k)
+ *   offset data_offset  the data area: data_capacity bytes (2^k, or 0), where
+ *                       the kernel module's data mode puts write payloads
  *
  * Single producer (the tracker) and single consumer (the agent). Indices are
  * free-running __u64 counters; slot = index & (capacity - 1). The producer
@@ -21,13 +23,26 @@
  * after it no longer needs the slots below it. Each side loads the other's
  * index with acquire ordering. Empty when producer == consumer; full when
  * producer - consumer == capacity.
+ *
+ * The data area (ABI 2; only the kernel module fills it) is a byte ring with
+ * free-running indices `data_producer` (producer-owned) and `data_consumer`
+ * (consumer-owned), published and loaded like the record indices. A record
+ * with FERRY_RECF_DATA carries its `length` bytes of payload in the data
+ * area, in record order, with no gaps and no headers. Where the payloads of
+ * the records are is implied by that order: the consumer keeps a data
+ * cursor D, starting at data_consumer; for each FERRY_RECF_DATA record in
+ * turn, if (D mod data_capacity) + length > data_capacity, D first moves to
+ * the next multiple of data_capacity (a payload never wraps); the payload is
+ * then the bytes at data_offset + (D mod data_capacity), and D advances by
+ * `length`. The consumer sets data_consumer to D once it no longer needs the
+ * payloads before D, and releases the records before releasing their data.
  */
 #ifndef _UAPI_FERRY_CBT_H
 #define _UAPI_FERRY_CBT_H
 
 #include <linux/types.h>
 
-#define FERRY_CBT_ABI_VERSION 1
+#define FERRY_CBT_ABI_VERSION 2
 
 /* "FCBT" little-endian: the ring header's magic. Do not modify. */
 #define FERRY_CBT_RING_MAGIC 0x54424346U
@@ -37,12 +52,17 @@
 #define FERRY_REC_DISCARD 2      /* range discarded (trim / unmap) */
 #define FERRY_REC_WRITE_ZEROES 3 /* range set to zeroes */
 #define FERRY_REC_TAG 4          /* consistency marker, length 0 */
+/* The kernel module's bitmap mode ended here: changes the bitmap held (all
+ * with lower sequence numbers) were handed to the agent at this position,
+ * and their writes had completed when it got them. length 0. */
+#define FERRY_REC_CATCHUP 5
 
 /* Record flags. */
 #define FERRY_RECF_FLUSH 0x0001 /* the bio carried a preflush or FUA */
+#define FERRY_RECF_DATA 0x0002  /* the payload is in the data area (data mode) */
 
 /* Ring header flags (set by the producer, sticky until the agent resyncs). */
-#define FERRY_RINGF_OVERFLOW 0x0001 /* a record could not be queued */
+#define FERRY_RINGF_OVERFLOW 0x0001 /* a change was lost: the consumer must resync */
 
 /*
  * One dirty-extent record: 32 bytes, naturally aligned.
@@ -68,12 +88,17 @@ struct ferry_cbt_ring_header {
 	__u32 record_size;   /* sizeof(struct ferry_cbt_record) */
 	__u64 capacity;      /* slots, a power of two */
 	__u64 flags;         /* FERRY_RINGF_*, producer-owned */
-	__u64 overflows;     /* records that did not fit, producer-owned */
-	__u8 _pad0[24];
+	__u64 overflows;     /* changes lost (FERRY_RINGF_OVERFLOW), producer-owned */
+	__u64 data_capacity; /* bytes in the data area, 2^k (0: no data area) */
+	__u64 data_offset;   /* byte offset of the data area in the mapping */
+	__u32 mode;          /* FERRY_CBT_MODE_* (ferry_cbt_ioctl.h), producer-owned */
+	__u32 _pad0;
 	__u64 producer;      /* offset 64: next slot the producer writes */
-	__u8 _pad1[56];
+	__u64 data_producer; /* offset 72: data-area bytes produced */
+	__u8 _pad1[48];
 	__u64 consumer;      /* offset 128: next slot the consumer reads */
-	__u8 _pad2[3960];
+	__u64 data_consumer; /* offset 136: data-area bytes released */
+	__u8 _pad2[3952];
 };
 
 #ifdef __cplusplus

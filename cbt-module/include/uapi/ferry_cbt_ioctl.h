@@ -31,8 +31,8 @@
  * the memory is freed when the last mapping goes. 64-bit processes only
  * (the offset does not fit a 32-bit mmap2 page offset).
  *
- * Permissions: the device is root-only (0600) and ATTACH/DETACH/TAG need
- * CAP_SYS_ADMIN.
+ * Permissions: the device is root-only (0600) and ATTACH/DETACH/TAG/SET_CAP/
+ * CATCHUP need CAP_SYS_ADMIN.
  *
  * Errors: EINVAL (size too small or above 4096, unknown flag, capacity not
  * a power of two in range, a partition instead of its whole disk, a bad
@@ -58,9 +58,27 @@
 #define FERRY_CBT_MMAP_OFFSET(handle) ((__u64)(handle) << FERRY_CBT_MMAP_SHIFT)
 
 /* Tracking modes reported by STATUS (the issue's degradation ladder). */
-#define FERRY_CBT_MODE_DATA 1     /* records with the write payload (not yet) */
+/*
+ * Tracking modes (STATUS, and the ring header's `mode`): the degradation
+ * ladder. A disk attached with a data area starts in DATA mode: each write's
+ * record carries its payload (FERRY_RECF_DATA), so every position of the
+ * record stream is a crash-consistent state of the disk. A write whose
+ * payload does not fit (the data area, or the memory cap set with SET_CAP,
+ * is used up) is queued without it and the disk drops to METADATA mode; it
+ * returns to DATA mode by itself once the agent has released the data area
+ * down to half the cap. A change that finds the record ring full sets bits
+ * in the dirty bitmap and the disk drops to BITMAP mode, where every change
+ * goes to the bitmap, until the agent takes the bitmap (CATCHUP). No mode
+ * loses a change: only FERRY_RINGF_OVERFLOW (zone ops, or more writes in
+ * flight than the module can follow) means one was lost.
+ */
+#define FERRY_CBT_MODE_DATA 1     /* records with the write payload */
 #define FERRY_CBT_MODE_METADATA 2 /* extent records only */
-#define FERRY_CBT_MODE_BITMAP 3   /* dirty bitmap only (not yet) */
+#define FERRY_CBT_MODE_BITMAP 3   /* dirty bitmap only */
+
+/* Largest data area accepted (bytes), and the smallest non-zero one. */
+#define FERRY_CBT_MAX_DATA_BYTES (1ULL << 30)
+#define FERRY_CBT_MIN_DATA_BYTES (1ULL << 20)
 
 /* ATTACH input flags. */
 /* If the disk is already attached, return its existing handle (and set
@@ -88,10 +106,18 @@ struct ferry_cbt_attach {
 	                    * sequence numbers stay monotonic across a module
 	                    * reload or a re-attach); ignored for an existing
 	                    * attachment */
+	/* Appended in version 2 (ABI 2). */
+	__u64 data_bytes;  /* in: bytes of the data area (data mode): 0 for
+	                    * none (METADATA mode from the start), else a power
+	                    * of two from FERRY_CBT_MIN_DATA_BYTES to
+	                    * FERRY_CBT_MAX_DATA_BYTES; the memory cap starts
+	                    * at this size. Ignored for an existing attachment */
+	__u64 bitmap_block; /* out: bytes of disk per bitmap bit */
 };
 /* The first published size of each struct: the module accepts any size from
  * it up, zero-filling fields the caller does not know. */
 #define FERRY_CBT_ATTACH_SIZE_VER0 48
+#define FERRY_CBT_STATUS_SIZE_VER0 88
 
 struct ferry_cbt_detach {
 	__u32 size;   /* in: sizeof(struct ferry_cbt_detach) */
@@ -107,12 +133,25 @@ struct ferry_cbt_status {
 	__u32 _pad0;
 	__u64 capacity;  /* out: ring slots */
 	__u64 records;   /* out: records queued into the ring since attach */
-	__u64 overflows; /* out: changes that did not fit (ring full) */
+	__u64 overflows; /* out: times a change found the ring full (and the disk went to BITMAP mode) */
 	__u64 lost;      /* out: changes no record can describe (e.g. zone ops) */
 	__u64 bytes;     /* out: bytes of all changes seen (queued or not) */
 	__u64 seq;       /* out: next sequence number (= changes seen) */
 	__u64 producer;  /* out: the module's producer index */
 	__u64 consumer;  /* out: the consumer index in the ring header, now */
+	/* Appended in version 1 (ABI 2); an 88-byte struct is version 0. */
+	__u64 data_capacity;  /* out: bytes in the data area */
+	__u64 data_cap;       /* out: the memory cap (bytes of it the module may fill) */
+	__u64 data_used;      /* out: data-area bytes not yet released */
+	__u64 data_records;   /* out: records queued with their payload */
+	__u64 mode_changes;   /* out: times the mode changed since attach */
+	__u64 bitmap_changes; /* out: changes recorded in the bitmap since attach */
+	__u64 bitmap_dirty;   /* out: bits set in the bitmap now */
+	__u64 bitmap_bits;    /* out: bits in the bitmap (CATCHUP needs bitmap_bits/8 bytes, rounded up to 8) */
+	__u64 bitmap_block;   /* out: bytes of disk per bit */
+	__u64 catchups;       /* out: CATCHUP calls since attach */
+	__u64 inflight;       /* out: writes queued and not yet completed */
+	__u64 untracked;      /* out: writes whose completion could not be followed (counted in lost) */
 };
 
 /* TAG input flags. */
@@ -143,9 +182,48 @@ struct ferry_cbt_tag {
 #else
 #define FERRY_IOCTL_STATIC_ASSERT _Static_assert
 #endif
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 56, "attach is 56 bytes");
+/*
+ * SET_CAP limits the bytes of the data area the module may fill (the memory
+ * cap). Above data_capacity it is clamped; 0 keeps the disk out of DATA
+ * mode. data_cap returns the cap in force.
+ */
+struct ferry_cbt_cap {
+	__u32 size;     /* in: sizeof(struct ferry_cbt_cap) */
+	__u32 handle;   /* in */
+	__u64 data_cap; /* in: bytes; out: the cap in force */
+};
+
+/*
+ * CATCHUP hands the dirty bitmap to the caller and marks where that
+ * happened. Under the ring's lock it swaps the bitmap for an empty one,
+ * queues a FERRY_REC_CATCHUP record (EAGAIN if the ring is full: drain it
+ * and retry) and leaves BITMAP mode (for DATA mode if the memory cap allows,
+ * else METADATA). Then it waits until every write queued before that record
+ * has completed, so that reading the disk afterwards finds their data, and
+ * copies the bitmap to `buf` (bit b, in little-endian 64-bit words, covers
+ * bytes [b * bitmap_block, (b+1) * bitmap_block) of the disk). The agent
+ * calls it also before reading the disk for records without payload: any
+ * CATCHUP is a completion barrier for the writes queued before it.
+ * ETIMEDOUT if writes queued before it did not complete within 30 s (the
+ * loss is flagged: the agent must resync).
+ */
+struct ferry_cbt_catchup {
+	__u32 size;         /* in: sizeof(struct ferry_cbt_catchup) */
+	__u32 handle;       /* in */
+	__u64 buf;          /* in: user address of the bitmap buffer */
+	__u64 buf_bytes;    /* in: its size: at least bitmap_bits/8 rounded up to 8 */
+	__u64 seq;          /* out: the CATCHUP record's sequence number */
+	__u64 bitmap_bits;  /* out: bits copied */
+	__u64 bitmap_dirty; /* out: of which set */
+	__u64 bitmap_block; /* out: bytes of disk per bit */
+	__u64 wait_ns;      /* out: time spent waiting for writes in flight */
+};
+
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 72, "attach is 72 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 88, "status is 88 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 184, "status is 184 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_cap) == 16, "cap is 16 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_catchup) == 64, "catchup is 64 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");
 
 /* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */
@@ -154,6 +232,7 @@ FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes")
 #define FERRY_CBT_IOC_DETACH _IOW(FERRY_CBT_IOC_MAGIC, 0x02, struct ferry_cbt_detach)
 #define FERRY_CBT_IOC_STATUS _IOWR(FERRY_CBT_IOC_MAGIC, 0x03, struct ferry_cbt_status)
 #define FERRY_CBT_IOC_TAG _IOWR(FERRY_CBT_IOC_MAGIC, 0x04, struct ferry_cbt_tag)
-/* Reserved for the next step of the issue: 0x05 set the memory cap. */
+#define FERRY_CBT_IOC_SET_CAP _IOWR(FERRY_CBT_IOC_MAGIC, 0x05, struct ferry_cbt_cap)
+#define FERRY_CBT_IOC_CATCHUP _IOWR(FERRY_CBT_IOC_MAGIC, 0x06, struct ferry_cbt_catchup)
 
 #endif /* _UAPI_FERRY_CBT_IOCTL_H */

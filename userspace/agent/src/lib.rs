@@ -1398,7 +1398,7 @@ pub fn coalesce(recs: &[Record], size: u64) -> Vec<(u64, u64)> {
     let s = ferry_proto::SECTOR;
     let mut v: Vec<(u64, u64)> = recs
         .iter()
-        .filter(|r| r.kind != ferry_ring::RecordKind::Tag && r.offset < size)
+        .filter(|r| !matches!(r.kind, ferry_ring::RecordKind::Tag | ferry_ring::RecordKind::Catchup) && r.offset < size)
         .map(|r| (r.offset / s * s, (r.offset + u64::from(r.length)).div_ceil(s).saturating_mul(s).min(size)))
         .collect();
     v.sort_unstable();
@@ -1465,7 +1465,7 @@ mod tests {
     use ferry_ring::RecordKind;
 
     fn w(offset: u64, length: u32) -> Record {
-        Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, time_ns: 0 }
+        Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, data: false, time_ns: 0 }
     }
 
     #[test]

@@ -7,9 +7,12 @@ pub const FERRY_CBT_MMAP_SHIFT: u32 = 32;
 pub const FERRY_CBT_MODE_DATA: u32 = 1;
 pub const FERRY_CBT_MODE_METADATA: u32 = 2;
 pub const FERRY_CBT_MODE_BITMAP: u32 = 3;
+pub const FERRY_CBT_MAX_DATA_BYTES: u32 = 1073741824;
+pub const FERRY_CBT_MIN_DATA_BYTES: u32 = 1048576;
 pub const FERRY_CBT_ATTACH_F_EXISTING_OK: u32 = 1;
 pub const FERRY_CBT_ATTACHED_EXISTING: u32 = 1;
 pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
+pub const FERRY_CBT_STATUS_SIZE_VER0: u32 = 88;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
 pub const FERRY_CBT_IOC_MAGIC: u32 = 252;
 pub type __u32 = ::core::ffi::c_uint;
@@ -27,6 +30,8 @@ pub struct ferry_cbt_attach {
     pub mmap_offset: __u64,
     pub mmap_size: __u64,
     pub first_seq: __u64,
+    pub data_bytes: __u64,
+    pub bitmap_block: __u64,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -51,6 +56,18 @@ pub struct ferry_cbt_status {
     pub seq: __u64,
     pub producer: __u64,
     pub consumer: __u64,
+    pub data_capacity: __u64,
+    pub data_cap: __u64,
+    pub data_used: __u64,
+    pub data_records: __u64,
+    pub mode_changes: __u64,
+    pub bitmap_changes: __u64,
+    pub bitmap_dirty: __u64,
+    pub bitmap_bits: __u64,
+    pub bitmap_block: __u64,
+    pub catchups: __u64,
+    pub inflight: __u64,
+    pub untracked: __u64,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -61,4 +78,24 @@ pub struct ferry_cbt_tag {
     pub _pad0: __u32,
     pub seq: __u64,
     pub frozen_ns: __u64,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ferry_cbt_cap {
+    pub size: __u32,
+    pub handle: __u32,
+    pub data_cap: __u64,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ferry_cbt_catchup {
+    pub size: __u32,
+    pub handle: __u32,
+    pub buf: __u64,
+    pub buf_bytes: __u64,
+    pub seq: __u64,
+    pub bitmap_bits: __u64,
+    pub bitmap_dirty: __u64,
+    pub bitmap_block: __u64,
+    pub wait_ns: __u64,
 }

@@ -43,11 +43,15 @@ pub mod ioctl {
     pub const DETACH: u64 = ioc(WRITE, 0x02, size_of::<g::ferry_cbt_detach>());
     pub const STATUS: u64 = ioc(READ_WRITE, 0x03, size_of::<g::ferry_cbt_status>());
     pub const TAG: u64 = ioc(READ_WRITE, 0x04, size_of::<g::ferry_cbt_tag>());
+    pub const SET_CAP: u64 = ioc(READ_WRITE, 0x05, size_of::<g::ferry_cbt_cap>());
+    pub const CATCHUP: u64 = ioc(READ_WRITE, 0x06, size_of::<g::ferry_cbt_catchup>());
 }
 
-const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 56);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 72);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_cap>() == 16);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_catchup>() == 64);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);
-const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 88);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 184);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_tag>() == 32);
 
 pub use ring::{IndexMath, Ring, RingError};
@@ -64,6 +68,8 @@ pub enum RecordKind {
     Discard,
     WriteZeroes,
     Tag,
+    /// The kernel module left bitmap mode here (`FERRY_REC_CATCHUP`).
+    Catchup,
 }
 
 /// One validated dirty-extent record.
@@ -75,6 +81,8 @@ pub struct Record {
     pub kind: RecordKind,
     /// The write carried a preflush or FUA.
     pub flush: bool,
+    /// The payload is in the ring's data area (`FERRY_RECF_DATA`).
+    pub data: bool,
     pub time_ns: u64,
 }
 
@@ -95,13 +103,19 @@ impl TryFrom<ferry_cbt_record> for Record {
             generated::FERRY_REC_DISCARD => RecordKind::Discard,
             generated::FERRY_REC_WRITE_ZEROES => RecordKind::WriteZeroes,
             generated::FERRY_REC_TAG => RecordKind::Tag,
+            generated::FERRY_REC_CATCHUP => RecordKind::Catchup,
             _ => return Err(bad("unknown kind")),
         };
-        if kind == RecordKind::Tag && r.length != 0 {
-            return Err(bad("tag with a length"));
+        let marker = matches!(kind, RecordKind::Tag | RecordKind::Catchup);
+        if marker && r.length != 0 {
+            return Err(bad("marker with a length"));
         }
-        if kind != RecordKind::Tag && r.length == 0 {
+        if !marker && r.length == 0 {
             return Err(bad("empty extent"));
+        }
+        let data = u32::from(r.flags) & generated::FERRY_RECF_DATA != 0;
+        if data && kind != RecordKind::Write {
+            return Err(bad("payload on a record that is not a write"));
         }
         if r.offset.checked_add(u64::from(r.length)).is_none() {
             return Err(bad("extent overflows"));
@@ -112,6 +126,7 @@ impl TryFrom<ferry_cbt_record> for Record {
             length: r.length,
             kind,
             flush: u32::from(r.flags) & generated::FERRY_RECF_FLUSH != 0,
+            data,
             time_ns: r.time_ns,
         })
     }
@@ -124,13 +139,18 @@ impl From<Record> for ferry_cbt_record {
             RecordKind::Discard => generated::FERRY_REC_DISCARD,
             RecordKind::WriteZeroes => generated::FERRY_REC_WRITE_ZEROES,
             RecordKind::Tag => generated::FERRY_REC_TAG,
+            RecordKind::Catchup => generated::FERRY_REC_CATCHUP,
         };
+        let mut flags = if r.flush { generated::FERRY_RECF_FLUSH } else { 0 };
+        if r.data {
+            flags |= generated::FERRY_RECF_DATA;
+        }
         ferry_cbt_record {
             seq: r.seq,
             offset: r.offset,
             length: r.length,
             kind: kind as u16,
-            flags: if r.flush { generated::FERRY_RECF_FLUSH as u16 } else { 0 },
+            flags: flags as u16,
             time_ns: r.time_ns,
         }
     }
@@ -142,7 +162,7 @@ mod tests {
 
     #[test]
     fn record_validation() {
-        let ok = Record { seq: 1, offset: 4096, length: 512, kind: RecordKind::Write, flush: true, time_ns: 9 };
+        let ok = Record { seq: 1, offset: 4096, length: 512, kind: RecordKind::Write, flush: true, data: false, time_ns: 9 };
         assert_eq!(Record::try_from(ferry_cbt_record::from(ok)), Ok(ok));
         let mut raw = ferry_cbt_record::from(ok);
         raw.kind = 99;

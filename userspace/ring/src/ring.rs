@@ -114,7 +114,32 @@ impl Ring {
         // SAFETY: as in `create`; the length was checked to cover the header
         // and is checked below to cover every slot before any slot access.
         let map = unsafe { MmapMut::map_mut(&f) }.map_err(io)?;
+        Ring::checked(map, p)
+    }
+
+    /// Map the ring of the kernel module's attachment: `len` bytes at
+    /// `offset` of the control device `dev` (ATTACH's mmap_offset and
+    /// mmap_size), data area included.
+    pub fn map_device(dev: &std::fs::File, offset: u64, len: usize, what: &str) -> Result<Ring, RingError> {
+        let p = what.to_string();
+        if len < HEADER {
+            return Err(RingError::BadHeader { path: p, why: format!("mapping of {len} bytes is shorter than the header") });
+        }
+        // SAFETY: MAP_SHARED of the module's vmalloc'ed ring, which stays
+        // allocated while mapped; every access goes through the atomics,
+        // volatile slot copies or the data-area copies below, so concurrent
+        // writes by the module are well-defined; the header is checked to
+        // fit the mapping before any slot or data access.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map_mut(dev) }
+            .map_err(|source| RingError::Io { path: p.clone(), source })?;
+        Ring::checked(map, p)
+    }
+
+    fn checked(map: MmapMut, p: String) -> Result<Ring, RingError> {
+        let bad = |why: String| RingError::BadHeader { path: p.clone(), why };
+        let len = map.len() as u64;
         let word = |off: usize| u32::from_le_bytes(map[off..off + 4].try_into().expect("4 bytes"));
+        let dword = |off: usize| u64::from_le_bytes(map[off..off + 8].try_into().expect("8 bytes"));
         let (size, magic, abi, rsize) = (word(0), word(4), word(8), word(12));
         if magic != FERRY_CBT_RING_MAGIC {
             return Err(bad(format!("bad magic {magic:#x}")));
@@ -122,10 +147,18 @@ impl Ring {
         if size as usize != HEADER || abi != FERRY_CBT_ABI_VERSION || rsize as usize != REC {
             return Err(bad(format!("ABI mismatch: header {size} bytes, abi v{abi}, record {rsize} bytes")));
         }
-        let cap = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes"));
+        let cap = dword(16);
         let math = IndexMath::new(cap).ok_or_else(|| bad(format!("capacity {cap} is invalid")))?;
         if len < (HEADER as u64) + cap * REC as u64 {
             return Err(bad(format!("file is {len} bytes, too short for {cap} slots")));
+        }
+        let (dcap, doff) = (dword(offset_of!(ferry_cbt_ring_header, data_capacity)), dword(offset_of!(ferry_cbt_ring_header, data_offset)));
+        if dcap != 0
+            && (!dcap.is_power_of_two()
+                || doff < (HEADER as u64) + cap * REC as u64
+                || doff.checked_add(dcap).is_none_or(|end| end > len))
+        {
+            return Err(bad(format!("data area of {dcap} bytes at {doff} does not fit a {len}-byte mapping")));
         }
         Ok(Ring { map, math, path: p })
     }
@@ -140,11 +173,16 @@ impl Ring {
             capacity: self.math.capacity(),
             flags: 0,
             overflows: 0,
-            _pad0: [0; 24],
+            data_capacity: 0,
+            data_offset: 0,
+            mode: 0,
+            _pad0: 0,
             producer: start,
-            _pad1: [0; 56],
+            data_producer: 0,
+            _pad1: [0; 48],
             consumer: start,
-            _pad2: [0; 3960],
+            data_consumer: 0,
+            _pad2: [0; 3952],
         };
         // SAFETY: the mapping is at least HEADER bytes and page-aligned, and
         // no peer has the ring yet (it is being created).
@@ -178,6 +216,65 @@ impl Ring {
 
     pub fn capacity(&self) -> u64 {
         self.math.capacity()
+    }
+
+    fn header_u64(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.map[off..off + 8].try_into().expect("8 bytes"))
+    }
+    /// Bytes in the data area (0: none). Fixed at creation.
+    pub fn data_capacity(&self) -> u64 {
+        self.header_u64(offset_of!(ferry_cbt_ring_header, data_capacity))
+    }
+    /// The tracking mode the producer is in (`FERRY_CBT_MODE_*`; 0 for a
+    /// ring without modes).
+    pub fn mode(&self) -> u32 {
+        // SAFETY: 4-aligned u32 inside the header page, written atomically
+        // by the producer.
+        let a = unsafe { &*(self.map.as_ptr().add(offset_of!(ferry_cbt_ring_header, mode)) as *const std::sync::atomic::AtomicU32) };
+        a.load(Ordering::Acquire)
+    }
+    /// Data-area bytes released by the consumer (Acquire).
+    pub fn data_consumer(&self) -> u64 {
+        self.atomic(offset_of!(ferry_cbt_ring_header, data_consumer)).load(Ordering::Acquire)
+    }
+    /// Data-area bytes produced (Acquire).
+    pub fn data_producer(&self) -> u64 {
+        self.atomic(offset_of!(ferry_cbt_ring_header, data_producer)).load(Ordering::Acquire)
+    }
+
+    /// Consumer side: copy the payload of the next FERRY_RECF_DATA record of
+    /// `len` bytes, the data cursor being `*cursor` (the placement rule in
+    /// the uapi header); advances the cursor. None if the payload is not in
+    /// the produced part of the data area (a corrupt ring).
+    pub fn take_payload(&self, cursor: &mut u64, len: u32) -> Option<Vec<u8>> {
+        let dcap = self.data_capacity();
+        if dcap == 0 || u64::from(len) > dcap {
+            return None;
+        }
+        let mut p = *cursor;
+        if (p & (dcap - 1)) + u64::from(len) > dcap {
+            p = (p | (dcap - 1)).wrapping_add(1);
+        }
+        let (prod, cons) = (self.data_producer(), self.data_consumer());
+        let end = p.wrapping_add(u64::from(len));
+        if end.wrapping_sub(cons) > prod.wrapping_sub(cons) || p.wrapping_sub(cons) > dcap {
+            return None;
+        }
+        let doff = self.header_u64(offset_of!(ferry_cbt_ring_header, data_offset)) as usize;
+        let at = doff + (p & (dcap - 1)) as usize;
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: [at, at+len) lies inside the data area (checked at map
+        // time to fit the mapping; the payload never wraps), published by
+        // the producer's Release store of data_producer that we loaded with
+        // Acquire, and not reused by the producer before we release it.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), out.as_mut_ptr(), len as usize) };
+        *cursor = end;
+        Some(out)
+    }
+
+    /// Consumer side: free the data area before byte index `upto`.
+    pub fn release_data(&self, upto: u64) {
+        self.atomic(offset_of!(ferry_cbt_ring_header, data_consumer)).store(upto, Ordering::Release);
     }
     /// Producer index (Acquire).
     pub fn producer(&self) -> u64 {
@@ -256,7 +353,7 @@ mod tests {
     use std::collections::VecDeque;
 
     fn rec(seq: u64) -> Record {
-        Record { seq, offset: seq * 512, length: 512, kind: RecordKind::Write, flush: false, time_ns: seq }
+        Record { seq, offset: seq * 512, length: 512, kind: RecordKind::Write, flush: false, data: false, time_ns: seq }
     }
 
     #[test]

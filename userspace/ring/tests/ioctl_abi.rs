@@ -15,10 +15,11 @@ fn ioctl_numbers_and_sizes_match_the_c_header() {
     std::fs::write(
         &src,
         format!(
-            "#include <stdio.h>\n#include \"{}\"\nint main(void) {{ printf(\"%lu %lu %lu %lu %zu %zu %zu %zu\\n\", \
+            "#include <stdio.h>\n#include \"{}\"\nint main(void) {{ printf(\"%lu %lu %lu %lu %lu %lu %zu %zu %zu %zu %zu %zu\\n\", \
              (unsigned long)FERRY_CBT_IOC_ATTACH, (unsigned long)FERRY_CBT_IOC_DETACH, (unsigned long)FERRY_CBT_IOC_STATUS, \
-             (unsigned long)FERRY_CBT_IOC_TAG, sizeof(struct ferry_cbt_attach), sizeof(struct ferry_cbt_detach), \
-             sizeof(struct ferry_cbt_status), sizeof(struct ferry_cbt_tag)); return 0; }}\n",
+             (unsigned long)FERRY_CBT_IOC_TAG, (unsigned long)FERRY_CBT_IOC_SET_CAP, (unsigned long)FERRY_CBT_IOC_CATCHUP, \
+             sizeof(struct ferry_cbt_attach), sizeof(struct ferry_cbt_detach), sizeof(struct ferry_cbt_status), \
+             sizeof(struct ferry_cbt_tag), sizeof(struct ferry_cbt_cap), sizeof(struct ferry_cbt_catchup)); return 0; }}\n",
             header.display()
         ),
     )
@@ -33,11 +34,15 @@ fn ioctl_numbers_and_sizes_match_the_c_header() {
         ioctl::DETACH,
         ioctl::STATUS,
         ioctl::TAG,
+        ioctl::SET_CAP,
+        ioctl::CATCHUP,
         std::mem::size_of::<g::ferry_cbt_attach>() as u64,
         std::mem::size_of::<g::ferry_cbt_detach>() as u64,
         std::mem::size_of::<g::ferry_cbt_status>() as u64,
         std::mem::size_of::<g::ferry_cbt_tag>() as u64,
+        std::mem::size_of::<g::ferry_cbt_cap>() as u64,
+        std::mem::size_of::<g::ferry_cbt_catchup>() as u64,
     ];
     std::fs::remove_dir_all(&dir).ok();
-    assert_eq!(got, want, "C header (left) and Rust (right): ATTACH DETACH STATUS TAG, then struct sizes");
+    assert_eq!(got, want, "C header (left) and Rust (right): ATTACH DETACH STATUS TAG SET_CAP CATCHUP, then struct sizes");
 }

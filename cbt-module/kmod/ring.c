@@ -453,7 +453,8 @@ void ferry_ring_clear_taken(struct ferry_ring *r)
 
 /*
  * CATCHUP (ferry_cbt_ioctl.h), with r->catchup_lock held: swap the bitmap
- * for the empty spare, queue the marker, leave BITMAP mode, then wait for
+ * for the empty spare, queue the marker and leave BITMAP mode if the ring
+ * has room, then wait for
  * the writes queued before the marker. The taken bits stay in the spare
  * (ferry_ring_taken_bitmap) for the caller to copy out and clear.
  */
@@ -465,17 +466,22 @@ int ferry_ring_catchup(struct ferry_ring *r, struct ferry_cbt_catchup *c)
 	u64 t0;
 
 	spin_lock_irqsave(&r->lock, irqflags);
-	if (ferry_ring_full_locked(r)) {
-		spin_unlock_irqrestore(&r->lock, irqflags);
-		return -EAGAIN;
-	}
 	taken = r->bitmap;
 	r->bitmap = r->spare;
 	r->spare = taken;
-	c->seq = ferry_ring_fill_locked(r, 0, 0, FERRY_REC_CATCHUP, 0);
 	r->catchups++;
-	if (r->mode == FERRY_CBT_MODE_BITMAP)
-		ferry_set_mode_locked(r, r->data_cap ? FERRY_CBT_MODE_DATA : FERRY_CBT_MODE_METADATA);
+	c->out_flags = 0;
+	c->_pad0 = 0;
+	if (ferry_ring_full_locked(r)) {
+		/* No room for the marker: everything in the ring precedes the
+		 * hand-over, and changes go on into the new bitmap. */
+		c->seq = r->seq;
+	} else {
+		c->seq = ferry_ring_fill_locked(r, 0, 0, FERRY_REC_CATCHUP, 0);
+		c->out_flags = FERRY_CBT_CATCHUP_MARKED;
+		if (r->mode == FERRY_CBT_MODE_BITMAP)
+			ferry_set_mode_locked(r, r->data_cap ? FERRY_CBT_MODE_DATA : FERRY_CBT_MODE_METADATA);
+	}
 	/* Writes queued from here on count in the other parity. The previous
 	 * CATCHUP emptied it (or flagged a loss). */
 	parity = r->epoch & 1;

@@ -27,6 +27,7 @@
  *   persist DISK             tracking outlives the descriptor
  *   stress DISK CHURNDISK    concurrent writers + consumer + attach/detach churn
  *   leave-attached DISK      attach and exit (rmmod must detach it)
+ *   setcap DISK BYTES        set the memory cap of DISK's attachment
  *   mkloop FILE              MBR + one partition in FILE, attach a loop
  *                            device with partition scan; prints /dev/loopN
  *   rmloop /dev/loopN
@@ -821,6 +822,7 @@ static int t_bitmap(const char *diskp)
 	CHECK(do_catchup(ctl, a.handle, bits, nbytes - 8, &c) == -EINVAL || nbytes < 8, "a short buffer is refused");
 	ret = do_catchup(ctl, a.handle, bits, nbytes, &c);
 	CHECK(ret == 0, "catchup: %d", ret);
+	CHECK(c.out_flags == FERRY_CBT_CATCHUP_MARKED, "marked: %u", c.out_flags);
 	CHECK(c.seq == 7 && c.bitmap_dirty == 2 && c.bitmap_bits == st.bitmap_bits && c.bitmap_block == 64 * KiB,
 	      "catchup seq %llu dirty %llu bits %llu", (unsigned long long)c.seq, (unsigned long long)c.bitmap_dirty,
 	      (unsigned long long)c.bitmap_bits);
@@ -844,6 +846,15 @@ static int t_bitmap(const char *diskp)
 	dwrite(&d, 12 * MiB + 56 * KiB, 4096, 0xcd);
 	CHECK(ring_producer(&r) == 6 && mode_of(&r) == FERRY_CBT_MODE_BITMAP, "bogus consumer: producer %llu mode %u",
 	      (unsigned long long)ring_producer(&r), mode_of(&r));
+	/* CATCHUP on a full ring: the bitmap is handed over without a marker,
+	 * and the disk stays in bitmap mode. */
+	memset(bits, 0, nbytes);
+	ret = do_catchup(ctl, a.handle, bits, nbytes, &c);
+	CHECK(ret == 0 && !(c.out_flags & FERRY_CBT_CATCHUP_MARKED) && c.seq == 10 && c.bitmap_dirty == 1 &&
+	      (bits[(12 * MiB / (64 * KiB)) / 64] >> ((12 * MiB / (64 * KiB)) % 64) & 1) &&
+	      mode_of(&r) == FERRY_CBT_MODE_BITMAP && ring_producer(&r) == 6,
+	      "catchup on a full ring: %d flags %u seq %llu dirty %llu mode %u", ret, c.out_flags,
+	      (unsigned long long)c.seq, (unsigned long long)c.bitmap_dirty, mode_of(&r));
 	CHECK(do_detach(ctl, a.handle) == 0, "detach");
 	free(bits);
 	ring_unmap(&r);
@@ -1299,6 +1310,29 @@ static int t_stress(const char *diskp, const char *churnp)
 	return failures != 0;
 }
 
+/* Set the memory cap of DISK's existing attachment (made by the agent). */
+static int t_setcap(const char *diskp, const char *bytes)
+{
+	struct ferry_cbt_attach a;
+	struct disk d;
+	uint64_t cap;
+	int ctl = ctl_open(), ret;
+
+	disk_open(&d, diskp);
+	ret = do_attach(ctl, &d, 16, FERRY_CBT_ATTACH_F_EXISTING_OK, &a);
+	if (ret || !(a.out_flags & FERRY_CBT_ATTACHED_EXISTING))
+		die("%s is not attached", diskp);
+	ret = do_set_cap(ctl, a.handle, strtoull(bytes, NULL, 0), &cap);
+	if (ret) {
+		errno = -ret;
+		die("set cap");
+	}
+	note("memory cap of %s: %llu bytes", diskp, (unsigned long long)cap);
+	disk_close(&d);
+	close(ctl);
+	return 0;
+}
+
 static int t_leave_attached(const char *diskp)
 {
 	struct ferry_cbt_attach a;
@@ -1396,6 +1430,8 @@ int main(int argc, char **argv)
 		return t_persist(argv[2]);
 	if (!strcmp(t, "stress") && argc >= 3)
 		return t_stress(argv[2], argc > 3 ? argv[3] : NULL);
+	if (!strcmp(t, "setcap") && argc == 4)
+		return t_setcap(argv[2], argv[3]);
 	if (!strcmp(t, "leave-attached") && argc == 3)
 		return t_leave_attached(argv[2]);
 	if (!strcmp(t, "mkloop") && argc == 3)

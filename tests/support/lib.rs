@@ -386,8 +386,8 @@ pub mod versioned {
 
     /// The versioned workload as a process of its own: O_DIRECT|O_DSYNC
     /// writes, one at a time, each logged (and the log written through)
-    /// once it completed.
-    pub fn run_workload(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64) -> std::io::Result<()> {
+    /// once it completed; `pause` between writes.
+    pub fn run_workload(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64, pause: std::time::Duration) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let disk = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(dev)?;
@@ -399,6 +399,9 @@ pub mod versioned {
             buf.copy_from_slice(&stamp(i, b));
             disk.write_all_at(&buf, b * BLOCK as u64)?;
             writeln!(logf, "{b}")?;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
         }
         Ok(())
     }

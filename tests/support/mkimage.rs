@@ -4,10 +4,14 @@
 //! ```text
 //! ferry-mkimage mixed PATH SIZE_MIB SEED    quarter zeros/text/random/repeated blocks
 //! ferry-mkimage change PATH FRACTION SEED   overwrite that fraction of 4 KiB blocks
-//! ferry-mkimage workload PATH BLOCKS SEED LOG [COUNT]
+//! ferry-mkimage workload PATH BLOCKS SEED LOG [COUNT [PAUSE_US]]
 //!     versioned-block writes (tests/support versioned), one at a time with
 //!     O_DIRECT|O_DSYNC, each logged to LOG (one block index per line) after
-//!     it completes; runs COUNT writes, or until killed
+//!     it completes; runs COUNT writes, or until killed, pausing PAUSE_US
+//!     microseconds after each
+//! ferry-mkimage check IMAGE LOG BLOCKS
+//!     the checker: prints the length of the log prefix IMAGE equals, or
+//!     says why it equals none (exit 1)
 //! ```
 
 use std::path::Path;
@@ -15,16 +19,30 @@ use std::path::Path;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let usage = || -> ! {
-        eprintln!("usage: ferry-mkimage mixed PATH SIZE_MIB SEED | change PATH FRACTION SEED | workload PATH BLOCKS SEED LOG [COUNT]");
+        eprintln!("usage: ferry-mkimage mixed PATH SIZE_MIB SEED | change PATH FRACTION SEED | workload PATH BLOCKS SEED LOG [COUNT [PAUSE_US]] | check IMAGE LOG BLOCKS");
         std::process::exit(2)
     };
     if a.len() >= 6 && a[1] == "workload" {
         let blocks: u64 = a[3].parse().unwrap_or_else(|_| usage());
         let seed: u64 = a[4].parse().unwrap_or_else(|_| usage());
         let count: u64 = a.get(6).map_or(u64::MAX, |c| c.parse().unwrap_or_else(|_| usage()));
-        if let Err(e) = ferry_tests::versioned::run_workload(Path::new(&a[2]), blocks, seed, Path::new(&a[5]), count) {
+        let pause_us: u64 = a.get(7).map_or(0, |c| c.parse().unwrap_or_else(|_| usage()));
+        let pause = std::time::Duration::from_micros(pause_us);
+        if let Err(e) = ferry_tests::versioned::run_workload(Path::new(&a[2]), blocks, seed, Path::new(&a[5]), count, pause) {
             eprintln!("ferry-mkimage workload: {e}");
             std::process::exit(1);
+        }
+        return;
+    }
+    if a.len() == 5 && a[1] == "check" {
+        let blocks: u64 = a[4].parse().unwrap_or_else(|_| usage());
+        let log = ferry_tests::versioned::read_log(Path::new(&a[3]));
+        match ferry_tests::versioned::check(Path::new(&a[2]), &log, blocks) {
+            Ok(k) => println!("{k}"),
+            Err(e) => {
+                eprintln!("ferry-mkimage check {}: {e}", a[2]);
+                std::process::exit(1);
+            }
         }
         return;
     }

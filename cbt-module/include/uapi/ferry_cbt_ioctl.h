@@ -36,11 +36,12 @@
  *
  * Errors: EINVAL (size too small or above 4096, unknown flag, capacity not
  * a power of two in range, a partition instead of its whole disk, a bad
- * mmap offset/length or a non-shared mapping), E2BIG (non-zero bytes past
+ * mmap offset/length or a non-shared mapping, a CATCHUP buffer too small), E2BIG (non-zero bytes past
  * the struct the module knows), ENXIO (no such block device), EEXIST (the
  * disk is already attached), ENOSPC (64 disks attached), ENOMEM, EPERM,
  * ENOENT (unknown or detached handle), ENOTTY (unknown command), EAGAIN
- * (TAG: the ring is full). A freeze nests with one made by FIFREEZE.
+ * (TAG: the ring is full, or the disk is in BITMAP mode), ETIMEDOUT
+ * (CATCHUP). A freeze nests with one made by FIFREEZE.
  */
 #ifndef _UAPI_FERRY_CBT_IOCTL_H
 #define _UAPI_FERRY_CBT_IOCTL_H
@@ -195,11 +196,14 @@ struct ferry_cbt_cap {
 
 /*
  * CATCHUP hands the dirty bitmap to the caller and marks where that
- * happened. Under the ring's lock it swaps the bitmap for an empty one,
- * queues a FERRY_REC_CATCHUP record (EAGAIN if the ring is full: drain it
- * and retry) and leaves BITMAP mode (for DATA mode if the memory cap allows,
- * else METADATA). Then it waits until every write queued before that record
- * has completed, so that reading the disk afterwards finds their data, and
+ * happened. Under the ring's lock it swaps the bitmap for an empty one and,
+ * if the ring has room, queues a FERRY_REC_CATCHUP record and leaves BITMAP
+ * mode (for DATA mode if the memory cap allows, else METADATA). With the
+ * ring full there is no marker (FERRY_CBT_CATCHUP_MARKED is clear): every
+ * record in the ring then precedes the hand-over, and new changes keep
+ * going to the (new) bitmap until the agent drains the ring and calls
+ * again. Then it waits until every write queued before the hand-over has
+ * completed, so that reading the disk afterwards finds their data, and
  * copies the bitmap to `buf` (bit b, in little-endian 64-bit words, covers
  * bytes [b * bitmap_block, (b+1) * bitmap_block) of the disk). The agent
  * calls it also before reading the disk for records without payload: any
@@ -207,23 +211,29 @@ struct ferry_cbt_cap {
  * ETIMEDOUT if writes queued before it did not complete within 30 s (the
  * loss is flagged: the agent must resync).
  */
+#define FERRY_CBT_CATCHUP_MARKED 0x0001 /* out: a FERRY_REC_CATCHUP record was queued */
+
 struct ferry_cbt_catchup {
 	__u32 size;         /* in: sizeof(struct ferry_cbt_catchup) */
 	__u32 handle;       /* in */
 	__u64 buf;          /* in: user address of the bitmap buffer */
 	__u64 buf_bytes;    /* in: its size: at least bitmap_bits/8 rounded up to 8 */
-	__u64 seq;          /* out: the CATCHUP record's sequence number */
+	__u64 seq;          /* out: the marker's sequence number, or (no marker)
+	                     * the next one: changes before it are in the
+	                     * bitmap handed over or in the ring */
 	__u64 bitmap_bits;  /* out: bits copied */
 	__u64 bitmap_dirty; /* out: of which set */
 	__u64 bitmap_block; /* out: bytes of disk per bit */
 	__u64 wait_ns;      /* out: time spent waiting for writes in flight */
+	__u32 out_flags;    /* out: FERRY_CBT_CATCHUP_* */
+	__u32 _pad0;
 };
 
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 72, "attach is 72 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 184, "status is 184 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_cap) == 16, "cap is 16 bytes");
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_catchup) == 64, "catchup is 64 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_catchup) == 72, "catchup is 72 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");
 
 /* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */

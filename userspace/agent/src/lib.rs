@@ -23,6 +23,7 @@
 
 pub mod chunkmap;
 pub mod freeze;
+pub mod kmod;
 pub mod session;
 pub mod state;
 
@@ -73,6 +74,8 @@ pub enum AgentError {
     NoConsistentPoint(String),
     #[error("bpf tracker: {0}")]
     Bpf(#[from] ferry_bpf::BpfError),
+    #[error("{0}")]
+    Tracker(String),
 }
 
 impl AgentError {
@@ -138,6 +141,9 @@ pub struct Options {
     pub freeze_cap: Duration,
     /// Size of the BPF tracker's ring buffer in bytes.
     pub bpf_ring_bytes: u32,
+    /// Bytes of the kernel module's data area (write payloads; 0: metadata
+    /// mode only).
+    pub kmod_data_bytes: u64,
     pub progress: bool,
 }
 
@@ -211,6 +217,8 @@ pub struct Agent {
     map: Option<ChunkMap>,
     /// The pinned BPF tracker feeding `STATE/ring` (bpf tracker only).
     bpf: Option<ferry_bpf::Tracker>,
+    /// The kernel module's attachment (kmod tracker only).
+    kmod: Option<kmod::Kmod>,
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
     last_recursion_check: Instant,
@@ -254,11 +262,6 @@ impl Agent {
                 log::info!("tracker auto: picked bpf: {} is a block device and the kernel has BTF", opts.disk.display());
                 Tracker::Bpf
             }
-            Tracker::Kmod => {
-                return Err(AgentError::Usage(
-                    "--tracker kmod: the kernel module tracker is not part of this build yet; use bpf or scan".into(),
-                ))
-            }
             t => t,
         };
         let st = match sd.load()? {
@@ -301,6 +304,10 @@ impl Agent {
                 bpf_drops: 0,
                 bpf_recovered: 0,
                 bpf_unguarded: 0,
+                kmod_next_seq: 0,
+                kmod_mode: None,
+                kmod_catchups: 0,
+                kmod_catchup_until: None,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
@@ -386,6 +393,35 @@ impl Agent {
         } else {
             None
         };
+        let kmod = if tracker == Tracker::Kmod {
+            let k = kmod::Kmod::attach(&opts.disk, opts.ring_capacity, opts.kmod_data_bytes, st.kmod_next_seq)?;
+            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            if k.fresh {
+                log::info!(
+                    "kernel module tracker attached to {} ({} records, {} bytes of data area)",
+                    opts.disk.display(),
+                    k.ring.capacity(),
+                    k.ring.data_capacity()
+                );
+                if protected_before {
+                    st.resync_required =
+                        Some("tracking was not active (a reboot, a module reload, or a first attach after another tracker)".into());
+                }
+                st.ring_overflows_seen = k.ring.overflows();
+            } else {
+                log::info!("kernel module tracker found {} already attached", opts.disk.display());
+                if st.kmod_catchup_until.is_some() {
+                    st.resync_required = Some("the last agent stopped while shipping a catch-up from the module's bitmap".into());
+                    st.kmod_catchup_until = None;
+                }
+                if st.tracker != tracker.as_str() && protected_before {
+                    st.resync_required = Some("the disk was protected by another tracker before".into());
+                }
+            }
+            Some(k)
+        } else {
+            None
+        };
         st.tracker = tracker.as_str().into();
         st.target = opts.target.clone();
         Ok(Agent {
@@ -404,6 +440,7 @@ impl Agent {
             did_resync: false,
             map: None,
             bpf,
+            kmod,
             lag_pending: VecDeque::new(),
             last_recursion_check: Instant::now(),
             last_sweep: Instant::now(),
@@ -539,6 +576,7 @@ impl Agent {
         }
         match self.tracker {
             Tracker::Ring | Tracker::Bpf => self.stream_ring(sess, start),
+            Tracker::Kmod => self.stream_kmod(sess, start),
             _ => self.scan_loop(sess, start, verified_by_stamp),
         }
     }
@@ -546,6 +584,9 @@ impl Agent {
     fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
         self.st.mode = "resync".into();
         self.save()?;
+        if let Some(k) = &self.kmod {
+            kmod_before_resync(k, self.st.size)?;
+        }
         let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
         self.did_resync = true;
@@ -976,6 +1017,283 @@ impl Agent {
             }
             self.release_acked(sess, ring, &mut pending)?;
         }
+    }
+
+    fn stream_kmod(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+        let k = self.kmod.take().expect("kmod tracker is attached");
+        let r = self.stream_kmod_inner(sess, &k, start);
+        self.kmod = Some(k);
+        r
+    }
+
+    /// Resync under the kernel module tracker (the stream loop holds it).
+    fn kmod_resync(&mut self, sess: &mut Session, k: &kmod::Kmod) -> Result<(), AgentError> {
+        kmod_before_resync(k, self.st.size)?;
+        self.resync(sess)?;
+        self.st.ring_overflows_seen = k.ring.overflows();
+        Ok(())
+    }
+
+    /// CATCHUP, then read and ship what the bitmap held. Returns the
+    /// sequence number from which the stream is consistent again (every
+    /// read done after the writes queued before it completed).
+    fn kmod_catch_up(&mut self, sess: &mut Session, k: &kmod::Kmod, buf: &mut AlignedBuf) -> Result<u64, AgentError> {
+        let c = k.catchup(self.st.size)?;
+        if !c.ranges.is_empty() {
+            // Written down before anything is shipped: see kmod_catchup_until.
+            self.st.kmod_catchup_until = Some(u64::MAX);
+            self.save()?;
+            let bytes: u64 = c.ranges.iter().map(|r| r.1 - r.0).sum();
+            log::info!("kmod tracker: catching up {bytes} bytes from the bitmap (waited {:.1} ms for writes in flight)", c.wait_ns as f64 / 1e6);
+            self.st.kmod_catchups += 1;
+            self.st.mode = "catch-up".into();
+        }
+        self.ship_extents(sess, &c.ranges, buf)?;
+        if self.st.kmod_catchup_until == Some(u64::MAX) {
+            self.st.kmod_catchup_until = Some(sess.next_seq - 1);
+        }
+        Ok(k.status()?.seq)
+    }
+
+    /// The kernel module tracker. Records with their payload are shipped as
+    /// they are, in order, so the replica passes through every state the
+    /// disk did: a crash-consistent point may be cut after any record. A
+    /// change without payload (metadata or bitmap mode, a resync) is read
+    /// from the disk after a CATCHUP barrier and shipped at its place in
+    /// the stream; the records after it are applied on top, so from the
+    /// kernel sequence number taken after the read on, the replica is again
+    /// the disk's state after a prefix of its changes. No point is cut
+    /// before that (`consistent_from`).
+    fn stream_kmod_inner(&mut self, sess: &mut Session, k: &kmod::Kmod, start: Instant) -> Result<Summary, AgentError> {
+        use ferry_ring::RecordKind;
+        let ring = &k.ring;
+        let size = self.st.size;
+        self.st.mode = "streaming".into();
+        self.save()?;
+        let mut cursor = ring.consumer();
+        let mut dcur = ring.data_consumer();
+        // (protocol seq of the last frame, ring index, data index) to release once durable.
+        let mut pending: VecDeque<(u64, u64, u64)> = VecDeque::new();
+        // Whatever the replica holds now came from a sync, a resync or an
+        // earlier agent: consistent only once the changes queued so far
+        // are applied.
+        let mut consistent_from = k.status()?.seq;
+        let mut pos = 0u64;
+        let mut last_cut = Instant::now();
+        let mut buf = AlignedBuf::new(1 << 20);
+        let mut units = Vec::new();
+        loop {
+            let lost = ring.overflows();
+            if lost > self.st.ring_overflows_seen || ring.overflowed() && lost == 0 && self.st.ring_overflows_seen == 0 {
+                let why = format!("the kernel module lost track of {} change(s)", lost.saturating_sub(self.st.ring_overflows_seen).max(1));
+                log::warn!("resync required: {why}");
+                self.st.resync_required = Some(why);
+                self.save()?;
+                self.kmod_resync(sess, k)?;
+                cursor = ring.consumer();
+                dcur = ring.data_consumer();
+                pending.clear();
+                consistent_from = k.status()?.seq;
+                continue;
+            }
+            // Status before the ring: a change it counts is in the ring by
+            // the time the ring is read (records are published under the
+            // same lock), or in the bitmap (then the mode says so).
+            let status = k.status()?;
+            let mode = kmod::mode_name(status.mode);
+            if self.st.kmod_mode.as_deref() != Some(mode) {
+                log::info!("kmod tracker: {mode} mode");
+                self.st.kmod_mode = Some(mode.into());
+            }
+            let (recs, next) = ring.read_from(cursor, 1024)?;
+            if recs.is_empty() {
+                if status.mode == ferry_ring::generated_ioctl::FERRY_CBT_MODE_BITMAP {
+                    // Empty the ring first (what was shipped made durable
+                    // and released), so that CATCHUP finds room for its
+                    // marker and the disk leaves bitmap mode.
+                    sess.wait_acked(sess.next_seq - 1)?;
+                    self.note_ack(sess);
+                    self.save()?;
+                    self.kmod_release(sess, ring, &mut pending)?;
+                    consistent_from = consistent_from.max(self.kmod_catch_up(sess, k, &mut buf)?);
+                    // The catch-up frames must be durable before the ring
+                    // moves on (nothing in the ring covers them).
+                    sess.wait_acked(sess.next_seq - 1)?;
+                    self.note_ack(sess);
+                    self.save()?;
+                    continue;
+                }
+                pos = pos.max(status.seq);
+                self.kmod_release(sess, ring, &mut pending)?;
+            } else {
+                let mut barrier = false;
+                let mut read_disk = false;
+                let oldest = recs.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.time_ns).filter(|&t| t > 0).min();
+                let mut bad = None;
+                for r in recs {
+                    let rec = match r {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            bad = Some(e.to_string());
+                            break;
+                        }
+                    };
+                    let end = (rec.offset + u64::from(rec.length)).min(size);
+                    match rec.kind {
+                        RecordKind::Write if rec.data => {
+                            let Some(payload) = ring.take_payload(&mut dcur, rec.length) else {
+                                bad = Some(format!("record {} names a payload outside the data area", rec.seq));
+                                break;
+                            };
+                            if rec.offset < end {
+                                self.pass_sums = None;
+                                prepare(rec.offset, &payload[..(end - rec.offset) as usize], UNIT, &mut units);
+                                for u in units.drain(..) {
+                                    sess.send_unit(u)?;
+                                }
+                            }
+                        }
+                        RecordKind::Write => {
+                            if !barrier {
+                                // Every record read so far precedes this
+                                // barrier: their writes have completed.
+                                consistent_from = consistent_from.max(self.kmod_catch_up(sess, k, &mut buf)?);
+                                barrier = true;
+                            }
+                            if rec.offset < end {
+                                self.ship_extents(sess, &[(rec.offset, end)], &mut buf)?;
+                                read_disk = true;
+                            }
+                        }
+                        RecordKind::Discard | RecordKind::WriteZeroes => {
+                            self.pass_sums = None;
+                            let mut off = rec.offset;
+                            while off < end {
+                                let n = (end - off).min(u64::from(ferry_proto::MAX_EXTENT));
+                                sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
+                                off += n;
+                            }
+                        }
+                        RecordKind::Tag => {
+                            // An app-consistent marker (see kmod_request_tag).
+                            pos = rec.seq + 1;
+                            if pos >= consistent_from {
+                                let p = self.cut(sess, PointKind::App)?;
+                                last_cut = Instant::now();
+                                if self.opts.once {
+                                    return Ok(self.summary(sess, start, &p));
+                                }
+                            }
+                        }
+                        RecordKind::Catchup => {}
+                    }
+                    pos = rec.seq + 1;
+                }
+                if let Some(why) = bad {
+                    self.st.resync_required = Some(format!("the kernel module tracker sent an invalid record ({why})"));
+                    self.save()?;
+                    self.kmod_resync(sess, k)?;
+                    cursor = ring.consumer();
+                    dcur = ring.data_consumer();
+                    pending.clear();
+                    consistent_from = k.status()?.seq;
+                    continue;
+                }
+                if read_disk {
+                    consistent_from = consistent_from.max(k.status()?.seq);
+                }
+                if let Some(t) = oldest {
+                    self.lag_pending.push_back((sess.next_seq - 1, t));
+                }
+                pending.push_back((sess.next_seq - 1, next, dcur));
+                cursor = next;
+                self.st.kmod_next_seq = pos;
+                self.kmod_release(sess, ring, &mut pending)?;
+            }
+            if self.st.mode == "catch-up" && pos >= consistent_from {
+                self.st.mode = "streaming".into();
+            }
+            // Points: at any record boundary once consistent, writes going
+            // on or not; an app-consistent one through a TAG record.
+            let idle = ring.producer() == cursor;
+            let due = last_cut.elapsed() >= self.opts.point_every || (self.opts.once && idle);
+            if due && pos >= consistent_from && ring.overflows() == self.st.ring_overflows_seen {
+                if self.opts.freeze_cmd.is_some() || !freeze::mounts_of(&self.opts.disk).is_empty() {
+                    if self.kmod_request_tag(k)? {
+                        last_cut = Instant::now();
+                    }
+                } else {
+                    let p = self.cut(sess, PointKind::Crash)?;
+                    last_cut = Instant::now();
+                    self.st.cut_problem = None;
+                    if self.opts.once {
+                        return Ok(self.summary(sess, start, &p));
+                    }
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Queue an app-consistent TAG: under --freeze-cmd around it, else with
+    /// the module freezing the filesystem on the whole disk. The point is
+    /// cut when the stream reaches the record. False if the module could
+    /// not place it now (full ring, bitmap mode).
+    fn kmod_request_tag(&mut self, k: &kmod::Kmod) -> Result<bool, AgentError> {
+        let r = match &self.opts.freeze_cmd {
+            Some(c) => {
+                let g = freeze::Guard::start(&[], self.opts.freeze_cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
+                run_hook("freeze", c)?;
+                let r = k.tag(false);
+                if let Some(t) = &self.opts.thaw_cmd {
+                    run_hook("thaw", t)?;
+                }
+                g.done();
+                r
+            }
+            None => k.tag(true),
+        }?;
+        Ok(r.is_some())
+    }
+
+    fn kmod_release(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
+        sess.flush()?;
+        self.note_ack(sess);
+        let now = monotonic_ns();
+        while let Some(&(seq, t)) = self.lag_pending.front() {
+            if seq > self.st.acked_seq {
+                break;
+            }
+            self.lag_pending.pop_front();
+            self.st.lag_ms_recent.push(now.saturating_sub(t) as f64 / 1e6);
+        }
+        let n = self.st.lag_ms_recent.len();
+        if n > 2000 {
+            self.st.lag_ms_recent.drain(..n - 1000);
+        }
+        if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
+            self.st.kmod_catchup_until = None;
+            self.save()?;
+        }
+        if pending.front().is_some_and(|&(seq, _, _)| seq > self.saved_acked && seq <= self.st.acked_seq) {
+            self.save_if_due()?;
+        }
+        let saved = self.saved_acked;
+        let mut upto = None;
+        while let Some(&(seq, idx, didx)) = pending.front() {
+            if seq > saved {
+                break;
+            }
+            upto = Some((idx, didx));
+            pending.pop_front();
+        }
+        if let Some((idx, didx)) = upto {
+            ring.release(idx)?;
+            ring.release_data(didx);
+        }
+        Ok(())
     }
 
     /// Ship what `recs` (read from the ring up to index `next`) changed,
@@ -1432,10 +1750,23 @@ pub fn unprotect(state: &Path) -> Result<String, AgentError> {
     if ferry_bpf::unpin(&st.name)? {
         log::info!("unpinned the bpf tracker of {}", st.name);
     }
+    if st.tracker == Tracker::Kmod.as_str() && kmod::detach_disk(Path::new(&st.disk))? {
+        log::info!("detached {} from the kernel module tracker", st.disk);
+    }
     st.mode = "unprotected".into();
     st.running = false;
     sd.save(&st)?;
     Ok(st.name)
+}
+
+/// Before a checksum resync under the kernel module tracker: the pass
+/// supersedes every change queued so far, so drop them from the ring, and
+/// wait for their writes to complete before the pass reads the disk.
+fn kmod_before_resync(k: &kmod::Kmod, size: u64) -> Result<(), AgentError> {
+    k.ring.release(k.ring.producer())?;
+    k.ring.release_data(k.ring.data_producer());
+    k.catchup(size)?;
+    Ok(())
 }
 
 /// The ring as `ferry status` shows it.

@@ -63,6 +63,20 @@ pub struct AgentState {
     /// Writes the tracker could not guard (see ferry-bpf `Stats::unguarded`).
     #[serde(default)]
     pub bpf_unguarded: u64,
+    /// Kernel module tracker: the sequence number after the last change
+    /// consumed (the next attach after a module reload continues from it),
+    /// its mode as last seen, and how often it caught up from bitmap mode.
+    #[serde(default)]
+    pub kmod_next_seq: u64,
+    #[serde(default)]
+    pub kmod_mode: Option<String>,
+    #[serde(default)]
+    pub kmod_catchups: u64,
+    /// A catch-up from the module's bitmap is being shipped, up to this
+    /// frame: the module no longer holds those ranges, so an agent that
+    /// stops before they are durable leaves a resync to do.
+    #[serde(default)]
+    pub kmod_catchup_until: Option<u64>,
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,

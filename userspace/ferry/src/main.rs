@@ -78,6 +78,10 @@ enum Cmd {
         /// Size of the bpf tracker's ring buffer (records beyond it fall back to its bitmap).
         #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
         bpf_ring_bytes: u32,
+        /// Memory the kernel module may hold write payloads in (data mode), in MiB:
+        /// a power of two up to 1024, or 0 for metadata mode only.
+        #[arg(long, value_name = "MIB", default_value_t = 64)]
+        kmod_data_mib: u64,
     },
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
@@ -168,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             connect_timeout,
             freeze_cap,
             bpf_ring_bytes,
+            kmod_data_mib,
         } => {
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
@@ -177,6 +182,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if !(4096..=1 << 30).contains(&bpf_ring_bytes) {
                 anyhow::bail!("--bpf-ring-bytes must be between 4096 and 1073741824");
+            }
+            if kmod_data_mib != 0 && !(kmod_data_mib.is_power_of_two() && kmod_data_mib <= 1024) {
+                anyhow::bail!("--kmod-data-mib must be 0 or a power of two up to 1024");
             }
             let tracker = match tracker {
                 TrackerArg::Auto => Tracker::Auto,
@@ -200,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
                 connect_timeout: Duration::from_secs(connect_timeout),
                 freeze_cap: Duration::from_secs_f64(freeze_cap),
                 bpf_ring_bytes,
+                kmod_data_bytes: kmod_data_mib << 20,
                 progress: !json && std::io::stderr().is_terminal(),
             };
             let agent = ferry_agent::Agent::new(opts)?;
@@ -276,6 +285,8 @@ fn run(cli: Cli) -> Result<()> {
                     "bpf_drops": st.bpf_drops,
                     "bpf_recovered": st.bpf_recovered,
                     "bpf_unguarded": st.bpf_unguarded,
+                    "kmod_mode": st.kmod_mode,
+                    "kmod_catchups": st.kmod_catchups,
                     "cut_problem": st.cut_problem,
                     "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
                     "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
@@ -295,6 +306,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("acked      seq {}{}", st.acked_seq, if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() });
                 if let Some(r) = ring {
                     println!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows);
+                }
+                if let Some(m) = &st.kmod_mode {
+                    println!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups);
                 }
                 match &st.last_point {
                     Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),

@@ -14,6 +14,7 @@ pub const FERRY_CBT_ATTACHED_EXISTING: u32 = 1;
 pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
 pub const FERRY_CBT_STATUS_SIZE_VER0: u32 = 88;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
+pub const FERRY_CBT_CATCHUP_MARKED: u32 = 1;
 pub const FERRY_CBT_IOC_MAGIC: u32 = 252;
 pub type __u32 = ::core::ffi::c_uint;
 pub type __u64 = ::core::ffi::c_ulonglong;
@@ -98,4 +99,6 @@ pub struct ferry_cbt_catchup {
     pub bitmap_dirty: __u64,
     pub bitmap_block: __u64,
     pub wait_ns: __u64,
+    pub out_flags: __u32,
+    pub _pad0: __u32,
 }

@@ -49,7 +49,7 @@ pub mod ioctl {
 
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 72);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_cap>() == 16);
-const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_catchup>() == 64);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_catchup>() == 72);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 184);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_tag>() == 32);

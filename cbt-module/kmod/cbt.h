@@ -138,6 +138,9 @@ struct ferry_disk {
 	u32 handle;
 	u32 major;
 	u32 minor;
+	u64 disk_bytes;    /* at attach */
+	u64 attach_id;     /* random, per attachment */
+	u32 out_flags;     /* FERRY_CBT_ATTACHED_RESTORED / _UNCLEAN, if restored */
 	struct ferry_ring ring;
 };
 
@@ -157,6 +160,14 @@ size_t ferry_ring_bitmap_bytes(const struct ferry_ring *r);
 const void *ferry_ring_taken_bitmap(const struct ferry_ring *r);
 void ferry_ring_clear_taken(struct ferry_ring *r);
 void ferry_ring_untake(struct ferry_ring *r);
+void ferry_ring_fold_pending(struct ferry_ring *r, unsigned long *map);
+void ferry_ring_restore(struct ferry_ring *r, const void *bitmap);
+
+/* persist.c */
+extern char *ferry_state_dir;
+int ferry_persist_active(struct ferry_disk *fd);
+int ferry_persist_clean(struct ferry_disk *fd);
+int ferry_persist_load(u32 major, u32 minor, u64 disk_bytes, struct ferry_cbt_saved *h, bool *clean, void **bitmap);
 
 /* hook.c */
 void ferry_hook_bio_queue(void *data, struct bio *bio);
@@ -171,5 +182,7 @@ int ferry_ctl_init(void);
 void ferry_ctl_unregister(void);
 void ferry_ctl_unpublish_all(void);
 void ferry_ctl_release_unpublished(void);
+void ferry_ctl_restore(const char *list);
+void ferry_ctl_save_all(void);
 
 #endif /* FERRY_CBT_INTERNAL_H */

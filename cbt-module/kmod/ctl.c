@@ -25,6 +25,7 @@
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/random.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/vmalloc.h>
@@ -201,6 +202,7 @@ static void ferry_fill_attach(struct ferry_cbt_attach *a, const struct ferry_dis
 	a->mmap_size = fd->ring.map_bytes;
 	a->capacity = fd->ring.capacity;
 	a->bitmap_block = 1ULL << fd->ring.bitmap_shift;
+	a->attach_id = fd->attach_id;
 }
 
 /*
@@ -221,26 +223,29 @@ static void ferry_drain_queue(struct gendisk *disk)
 	blk_mq_unfreeze_queue(q);
 }
 
-static long ferry_ioc_attach(void __user *uarg)
+/*
+ * Attach major:minor (or, with existing_ok, find its attachment). With
+ * `restore` (module load, from the disk's state file) the ring starts from
+ * the saved sequence number and bitmap, or with the loss flagged if the
+ * file was not clean. Fills *a (out fields). Sleeps.
+ */
+struct ferry_restore {
+	const struct ferry_cbt_saved *saved;
+	const void *bitmap; /* NULL: not clean */
+};
+
+static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 first_seq, bool existing_ok,
+			const struct ferry_restore *restore, struct ferry_cbt_attach *a)
 {
-	struct ferry_cbt_attach a;
 	struct ferry_disk *fd, *old;
 	unsigned int idx;
-	u32 usize;
 	dev_t dev;
 	int ret;
 
-	if (!capable(CAP_SYS_ADMIN))
-		return -EPERM;
-	ret = ferry_copy_in_min(&a, sizeof(a), FERRY_CBT_ATTACH_SIZE_VER0, uarg, &usize);
-	if (ret)
-		return ret;
-	if (a.flags & ~FERRY_CBT_ATTACH_F_EXISTING_OK)
+	if (!capacity || capacity > FERRY_CBT_MAX_CAPACITY || (capacity & (capacity - 1)))
 		return -EINVAL;
-	if (!a.capacity || a.capacity > FERRY_CBT_MAX_CAPACITY || (a.capacity & (a.capacity - 1)))
-		return -EINVAL;
-	dev = MKDEV(a.major, a.minor);
-	if (MAJOR(dev) != a.major || MINOR(dev) != a.minor)
+	dev = MKDEV(major, minor);
+	if (MAJOR(dev) != major || MINOR(dev) != minor)
 		return -EINVAL;
 
 	/* Open and allocate outside the lock; both may sleep for long. */
@@ -248,24 +253,37 @@ static long ferry_ioc_attach(void __user *uarg)
 	if (!fd)
 		return -ENOMEM;
 	kref_init(&fd->ref);
-	fd->major = a.major;
-	fd->minor = a.minor;
+	fd->major = major;
+	fd->minor = minor;
 	ret = ferry_open_disk(fd, dev);
 	if (ret) {
 		kfree(fd);
 		return ret;
 	}
-	ret = ferry_ring_init(&fd->ring, a.capacity, a.data_bytes, (u64)get_capacity(fd->disk) << SECTOR_SHIFT);
+	fd->disk_bytes = (u64)get_capacity(fd->disk) << SECTOR_SHIFT;
+	ret = ferry_ring_init(&fd->ring, capacity, data_bytes, fd->disk_bytes);
 	if (ret)
 		goto discard;
-	fd->ring.seq = a.first_seq;
+	fd->ring.seq = first_seq;
+	fd->attach_id = get_random_u64();
+	if (restore) {
+		fd->ring.seq = restore->saved->next_seq;
+		if (restore->bitmap && restore->saved->bitmap_shift == fd->ring.bitmap_shift &&
+		    restore->saved->bitmap_bits == fd->ring.bitmap_bits) {
+			ferry_ring_restore(&fd->ring, restore->bitmap);
+			fd->out_flags = FERRY_CBT_ATTACHED_RESTORED;
+		} else {
+			ferry_ring_lost(&fd->ring, 0);
+			fd->out_flags = FERRY_CBT_ATTACHED_UNCLEAN;
+		}
+	}
 
 	mutex_lock(&ferry_lock);
 	old = ferry_find_disk_locked(fd->disk);
 	if (old) {
-		if (a.flags & FERRY_CBT_ATTACH_F_EXISTING_OK) {
-			ferry_fill_attach(&a, old);
-			a.out_flags = FERRY_CBT_ATTACHED_EXISTING;
+		if (existing_ok) {
+			ferry_fill_attach(a, old);
+			a->out_flags = FERRY_CBT_ATTACHED_EXISTING | old->out_flags;
 		} else {
 			ret = -EEXIST;
 		}
@@ -285,21 +303,113 @@ static long ferry_ioc_attach(void __user *uarg)
 	if (idx >= ferry_table_end)
 		WRITE_ONCE(ferry_table_end, idx + 1);
 	WRITE_ONCE(ferry_nr_attached, ferry_nr_attached + 1);
-	ferry_fill_attach(&a, fd);
-	a.out_flags = 0;
-	pr_info("attached %s (%u:%u): handle %u, ring of %llu records, %llu bytes of data area\n",
-		fd->disk->disk_name, fd->major, fd->minor, fd->handle, fd->ring.capacity, fd->ring.data_capacity);
+	ferry_fill_attach(a, fd);
+	a->out_flags = fd->out_flags;
+	pr_info("attached %s (%u:%u): handle %u, ring of %llu records, %llu bytes of data area%s\n",
+		fd->disk->disk_name, fd->major, fd->minor, fd->handle, fd->ring.capacity, fd->ring.data_capacity,
+		fd->out_flags & FERRY_CBT_ATTACHED_RESTORED ? ", restored from a clean stop" :
+		fd->out_flags & FERRY_CBT_ATTACHED_UNCLEAN ? ", after an unclean stop (loss flagged)" : "");
 	mutex_unlock(&ferry_lock);
 	/* Every probe that starts from here on finds the disk. */
 	synchronize_rcu();
 	ferry_drain_queue(fd->disk);
-	/* On a fault the disk stays attached; EXISTING_OK recovers the handle. */
-	return ferry_copy_out(uarg, &a, sizeof(a), usize);
+	/* Tracking is active: until a clean stop rewrites it, the state file
+	 * says so (a crash leaves it unclean). */
+	ferry_persist_active(fd);
+	return 0;
 
 discard:
 	ferry_close_disk(fd);
 	ferry_disk_put(fd);
-	return ret ? ret : ferry_copy_out(uarg, &a, sizeof(a), usize);
+	return ret;
+}
+
+static long ferry_ioc_attach(void __user *uarg)
+{
+	struct ferry_cbt_attach a;
+	u32 usize;
+	int ret;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	ret = ferry_copy_in_min(&a, sizeof(a), FERRY_CBT_ATTACH_SIZE_VER0, uarg, &usize);
+	if (ret)
+		return ret;
+	if (a.flags & ~FERRY_CBT_ATTACH_F_EXISTING_OK)
+		return -EINVAL;
+	ret = ferry_attach(a.major, a.minor, a.capacity, a.data_bytes, a.first_seq,
+			   a.flags & FERRY_CBT_ATTACH_F_EXISTING_OK, NULL, &a);
+	if (ret)
+		return ret;
+	/* On a fault the disk stays attached; EXISTING_OK recovers the handle. */
+	return ferry_copy_out(uarg, &a, sizeof(a), usize);
+}
+
+/*
+ * Module load: attach again each disk listed in the `disks` parameter
+ * ("MAJOR:MINOR,..."), from its state file. A disk without a state file is
+ * left alone (the agent attaches it); one whose file is not from a clean
+ * stop is attached with the loss flagged.
+ */
+void ferry_ctl_restore(const char *list)
+{
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_saved h;
+	struct ferry_restore r;
+	const char *p = list;
+	unsigned int major, minor;
+	bool clean;
+	void *map;
+	int n, ret;
+
+	while (p && *p) {
+		if (sscanf(p, "%u:%u%n", &major, &minor, &n) != 2) {
+			pr_warn("disks=%s: expected MAJOR:MINOR[,MAJOR:MINOR...]\n", list);
+			return;
+		}
+		p += n;
+		if (*p == ',')
+			p++;
+		{
+			struct block_device *bdev;
+			u64 bytes;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+			struct file *f = bdev_file_open_by_dev(MKDEV(major, minor), BLK_OPEN_READ, NULL, NULL);
+
+			if (IS_ERR(f)) {
+				pr_warn("disks: %u:%u cannot be opened (%ld): not restored\n", major, minor, PTR_ERR(f));
+				continue;
+			}
+			bdev = file_bdev(f);
+			bytes = bdev_nr_bytes(bdev);
+			fput(f);
+#else
+			bdev = blkdev_get_by_dev(MKDEV(major, minor), FMODE_READ, NULL);
+			if (IS_ERR(bdev)) {
+				pr_warn("disks: %u:%u cannot be opened (%ld): not restored\n", major, minor, PTR_ERR(bdev));
+				continue;
+			}
+			bytes = bdev_nr_bytes(bdev);
+			blkdev_put(bdev, FMODE_READ);
+#endif
+			ret = ferry_persist_load(major, minor, bytes, &h, &clean, &map);
+		}
+		if (ret == -ENOENT) {
+			pr_info("disks: %u:%u has no state file: not restored\n", major, minor);
+			continue;
+		}
+		if (ret) {
+			pr_warn("disks: %u:%u: reading its state file failed (%d): not restored\n", major, minor, ret);
+			continue;
+		}
+		r.saved = &h;
+		r.bitmap = clean ? map : NULL;
+		memset(&a, 0, sizeof(a));
+		ret = ferry_attach(major, minor, h.capacity ? h.capacity : 65536, h.data_bytes, 0, false, &r, &a);
+		kvfree(map);
+		if (ret)
+			pr_warn("disks: %u:%u: attach failed (%d)\n", major, minor, ret);
+	}
 }
 
 static long ferry_ioc_detach(void __user *uarg)
@@ -621,6 +731,24 @@ void ferry_ctl_unpublish_all(void)
 	mutex_unlock(&ferry_lock);
 }
 
+/* Reboot notifier (main.c): a clean stop of every attached disk, if the
+ * state directory can still be written (often it is read-only by then, and
+ * the files stay unclean: a resync after boot, never a silent loss... as
+ * long as nothing writes to the disks after this). */
+void ferry_ctl_save_all(void)
+{
+	unsigned int i;
+
+	mutex_lock(&ferry_lock);
+	for (i = 0; i < FERRY_MAX_DISKS; i++) {
+		struct ferry_disk *fd = ferry_slot_locked(i);
+
+		if (fd)
+			ferry_persist_clean(fd);
+	}
+	mutex_unlock(&ferry_lock);
+}
+
 /* After the probe is unregistered and synchronized (main.c). */
 void ferry_ctl_release_unpublished(void)
 {
@@ -631,6 +759,8 @@ void ferry_ctl_release_unpublished(void)
 			continue;
 		pr_info("detached %u:%u (handle %u) at unload\n",
 			ferry_dying[i]->major, ferry_dying[i]->minor, ferry_dying[i]->handle);
+		/* No probe runs any more: the state is final. */
+		ferry_persist_clean(ferry_dying[i]);
 		ferry_close_disk(ferry_dying[i]);
 		ferry_disk_put(ferry_dying[i]);
 		ferry_dying[i] = NULL;

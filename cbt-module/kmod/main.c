@@ -14,6 +14,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/module.h>
+#include <linux/reboot.h>
 #include <linux/string.h>
 #include <linux/tracepoint.h>
 
@@ -34,6 +35,22 @@ static struct ferry_probe {
 	{ "block_bio_complete", ferry_hook_bio_complete },
 	{ "block_split", ferry_hook_split },
 	{ "block_bio_queue", ferry_hook_bio_queue },
+};
+
+module_param_named(state_dir, ferry_state_dir, charp, 0444);
+MODULE_PARM_DESC(state_dir, "folder of the disks' state files (empty: none)");
+static char *ferry_disks;
+module_param_named(disks, ferry_disks, charp, 0444);
+MODULE_PARM_DESC(disks, "MAJOR:MINOR,... to attach again at load from their state files");
+
+static int ferry_reboot(struct notifier_block *nb, unsigned long action, void *data)
+{
+	ferry_ctl_save_all();
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block ferry_reboot_nb = {
+	.notifier_call = ferry_reboot,
 };
 
 static void ferry_match_tp(struct tracepoint *tp, void *priv)
@@ -83,6 +100,8 @@ static int __init ferry_cbt_init(void)
 		ferry_detach_probes();
 		return ret;
 	}
+	ferry_ctl_restore(ferry_disks);
+	register_reboot_notifier(&ferry_reboot_nb);
 	pr_info("loaded: ABI %u, hooks block_bio_queue, block_split, block_rq_complete, block_bio_complete; /dev/ferry-cbt\n",
 		FERRY_CBT_ABI_VERSION);
 	return 0;
@@ -93,6 +112,7 @@ static void __exit ferry_cbt_exit(void)
 	/* No descriptor or mapping is left (each pins the module); disks may
 	 * still be attached. Stop new opens, unpublish every disk, detach the
 	 * probe, wait for probes still running, then free. */
+	unregister_reboot_notifier(&ferry_reboot_nb);
 	ferry_ctl_unregister();
 	ferry_ctl_unpublish_all();
 	ferry_detach_probes();

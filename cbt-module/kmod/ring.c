@@ -517,6 +517,43 @@ void ferry_ring_untake(struct ferry_ring *r)
 	bitmap_zero(r->spare, r->bitmap_bits);
 }
 
+/*
+ * A clean stop: `map` (zeroed, bitmap-sized) gets the bitmap and the range
+ * of every record the consumer has not released, so that nothing the agent
+ * has not made durable is forgotten.
+ */
+void ferry_ring_fold_pending(struct ferry_ring *r, unsigned long *map)
+{
+	unsigned long irqflags, *live;
+	u64 cons, i;
+
+	spin_lock_irqsave(&r->lock, irqflags);
+	live = r->bitmap;
+	bitmap_copy(map, live, r->bitmap_bits);
+	cons = smp_load_acquire(&r->hdr->consumer);
+	if (r->prod - cons > r->capacity)
+		cons = r->prod - r->capacity; /* a bogus consumer index: all of them */
+	r->bitmap = map;
+	for (i = cons; i != r->prod; i++) {
+		const struct ferry_cbt_record *rec = &r->slots[i & (r->capacity - 1)];
+
+		if (rec->kind == FERRY_REC_WRITE || rec->kind == FERRY_REC_DISCARD || rec->kind == FERRY_REC_WRITE_ZEROES)
+			ferry_bitmap_mark_locked(r, rec->offset, rec->length);
+	}
+	r->bitmap = live;
+	spin_unlock_irqrestore(&r->lock, irqflags);
+}
+
+/* Module load, before the disk is published: the bitmap of a clean stop. */
+void ferry_ring_restore(struct ferry_ring *r, const void *bitmap)
+{
+	bitmap_copy(r->bitmap, bitmap, r->bitmap_bits);
+	if (!bitmap_empty(r->bitmap, r->bitmap_bits)) {
+		r->mode = FERRY_CBT_MODE_BITMAP;
+		r->hdr->mode = r->mode;
+	}
+}
+
 void ferry_ring_status(struct ferry_ring *r, struct ferry_cbt_status *st)
 {
 	unsigned long irqflags;

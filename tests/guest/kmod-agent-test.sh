@@ -20,7 +20,8 @@ wait_lines() { # wait_lines FILE N SECONDS
   i=0; while [ "$(lines "$1")" -lt "$2" ] && [ $i -lt $(( $3 * 10 )) ]; do sleep 0.1; i=$((i + 1)); done
 }
 
-insmod "$(pick ferry_cbt.ko)" || { res insmod FAIL; exit 0; }
+mkdir -p /tmp/kstate
+insmod "$(pick ferry_cbt.ko)" state_dir=/tmp/kstate || { res insmod FAIL; exit 0; }
 AGENT="ferry agent --disk $DISK --name $NAME-kmod --target 10.0.2.2:$PORT --tracker kmod --state /tmp/kst --connect-timeout 60"
 # A ring of 1024 records and a 4 MiB data area: small enough to overflow on
 # purpose while the agent is stopped.
@@ -53,6 +54,21 @@ if $AGENT --once --json > /tmp/once.json 2>>/tmp/agent.log && grep -q '"resync":
   res restart-no-resync PASS
 else
   res restart-no-resync FAIL; cat /tmp/once.json; tail -5 /tmp/agent.log
+fi
+# Unload and load again with tracking active (clean): changes made while no
+# agent runs are in the ring at unload; the module saves them in its bitmap
+# and the load restores it. No resync.
+dd if=/dev/urandom of="$DISK" bs=4096 seek=8192 count=256 conv=fsync 2>/dev/null
+dev=$(cat /sys/block/${DISK#/dev/}/dev)
+from=$(( $(dmesg | wc -l) + 1 ))
+if rmmod ferry_cbt && dmesg | tail -n +$from | grep -q "saved the state of $dev" &&
+   insmod "$(pick ferry_cbt.ko)" state_dir=/tmp/kstate disks=$dev &&
+   dmesg | tail -n +$from | grep -q "restored from a clean stop" &&
+   $AGENT --once --json > /tmp/once2.json 2>>/tmp/agent.log && grep -q '"resync":false' /tmp/once2.json &&
+   grep -q "again from a clean stop" /tmp/agent.log; then
+  res clean-reload-no-resync PASS
+else
+  res clean-reload-no-resync FAIL; cat /tmp/once2.json; tail -5 /tmp/agent.log; dmesg | tail -n +$from | tail -5
 fi
 grep -q "kmod tracker: bitmap mode" /tmp/agent.log && res fell-to-bitmap PASS || res fell-to-bitmap FAIL
 grep -q "kmod tracker: catching up" /tmp/agent.log && res caught-up PASS || res caught-up FAIL

@@ -85,14 +85,17 @@ INIT
 }
 
 # Boot kernel $1 with initramfs $2 and raw disk $3 (/dev/vda); serial
-# output to $4. Gives up after $5 seconds (default 600). A raw disk $6, if
-# given, is /dev/vdb.
+# output to $4. Gives up after $5 seconds (default 600). Raw disks $6... if
+# given, are /dev/vdb, /dev/vdc, ...
 boot_guest() {
-  local k=$1 initrd=$2 disk=$3 log=$4 limit=${5:-600} disk2=${6:-}
+  local k=$1 initrd=$2 disk=$3 log=$4 limit=${5:-600}
+  shift 5 2>/dev/null || shift $#
+  local extra=() d
+  for d in "$@"; do extra+=(-drive "file=$d,if=virtio,format=raw"); done
   timeout "$limit" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 1 -nographic -no-reboot \
     -kernel "$KCACHE/$k/boot/vmlinuz-$k" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4" \
-    -drive "file=$disk,if=virtio,format=raw" ${disk2:+-drive "file=$disk2,if=virtio,format=raw"} \
+    -drive "file=$disk,if=virtio,format=raw" "${extra[@]}" \
     -nic user,model=virtio-net-pci >"$log" 2>&1 </dev/null || true
 }
 

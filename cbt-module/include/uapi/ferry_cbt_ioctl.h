@@ -89,6 +89,15 @@
 
 /* ATTACH output flags. */
 #define FERRY_CBT_ATTACHED_EXISTING 0x0001
+/* The attachment was made when the module loaded, from the disk's state
+ * file (module parameter `disks`), which a clean stop had written: its
+ * bitmap holds every change not yet consumed before the stop, and sequence
+ * numbers go on from there. */
+#define FERRY_CBT_ATTACHED_RESTORED 0x0002
+/* The same, but the state file was not from a clean stop (a crash, a reset,
+ * a failed write at shutdown): changes may be missing, so the loss flag is
+ * set (the agent resyncs). */
+#define FERRY_CBT_ATTACHED_UNCLEAN 0x0004
 
 struct ferry_cbt_attach {
 	__u32 size;        /* in: sizeof(struct ferry_cbt_attach) */
@@ -114,6 +123,10 @@ struct ferry_cbt_attach {
 	                    * FERRY_CBT_MAX_DATA_BYTES; the memory cap starts
 	                    * at this size. Ignored for an existing attachment */
 	__u64 bitmap_block; /* out: bytes of disk per bitmap bit */
+	/* Appended in version 3. */
+	__u64 attach_id;    /* out: random, new for every attachment (also across
+	                     * module reloads): a consumer that sees another id
+	                     * knows the ring and its counters started over */
 };
 /* The first published size of each struct: the module accepts any size from
  * it up, zero-filling fields the caller does not know. */
@@ -229,7 +242,7 @@ struct ferry_cbt_catchup {
 	__u32 _pad0;
 };
 
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 72, "attach is 72 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 80, "attach is 80 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 184, "status is 184 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_cap) == 16, "cap is 16 bytes");
@@ -237,6 +250,42 @@ FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_catchup) == 72, "catchup is 72
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");
 
 /* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */
+/*
+ * The state file of an attached disk: STATE_DIR/MAJOR-MINOR.state (module
+ * parameter state_dir, default /var/lib/ferry/kmod; empty disables it).
+ * Little-endian: this header, then bitmap_bytes of bitmap (as CATCHUP
+ * hands it over). The module writes it when it attaches a disk (flags 0:
+ * tracking active, so a crash leaves it unclean), and again with
+ * FERRY_CBT_SAVED_CLEAN and the bitmap at a clean stop (module unload, or a
+ * reboot notifier, which may find the filesystem read-only: then the file
+ * stays unclean). The bitmap then holds every change not consumed (records
+ * still in the ring are folded into it). checksum is xxh64 (seed 0) of the
+ * header with checksum zero, then of the bitmap. A file that is short,
+ * fails the checksum, or names another disk size counts as unclean.
+ */
+#define FERRY_CBT_SAVED_MAGIC "FCBTSAVE"
+#define FERRY_CBT_SAVED_VERSION 1
+#define FERRY_CBT_SAVED_CLEAN 0x0001
+
+struct ferry_cbt_saved {
+	__u8 magic[8];       /* FERRY_CBT_SAVED_MAGIC, no terminator */
+	__u32 version;       /* FERRY_CBT_SAVED_VERSION */
+	__u32 header_bytes;  /* sizeof(struct ferry_cbt_saved) */
+	__u32 flags;         /* FERRY_CBT_SAVED_* */
+	__u32 major;
+	__u32 minor;
+	__u32 bitmap_shift;  /* log2(bytes per bit) */
+	__u64 disk_bytes;
+	__u64 next_seq;      /* the next change's sequence number */
+	__u64 capacity;      /* ring records of the attachment */
+	__u64 data_bytes;    /* its data area */
+	__u64 bitmap_bits;
+	__u64 bitmap_bytes;  /* bytes following the header (0 unless clean) */
+	__u64 saved_ns;      /* CLOCK_REALTIME when written */
+	__u64 checksum;
+};
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_saved) == 96, "saved state header is 96 bytes");
+
 #define FERRY_CBT_IOC_MAGIC 0xFC
 #define FERRY_CBT_IOC_ATTACH _IOWR(FERRY_CBT_IOC_MAGIC, 0x01, struct ferry_cbt_attach)
 #define FERRY_CBT_IOC_DETACH _IOW(FERRY_CBT_IOC_MAGIC, 0x02, struct ferry_cbt_detach)

@@ -27,6 +27,13 @@ pub struct Kmod {
     /// changes before it were not tracked.
     pub fresh: bool,
     pub bitmap_block: u64,
+    /// New for every attachment, also across module reloads.
+    pub attach_id: u64,
+    /// Attached again at module load from a clean stop's state file.
+    pub restored: bool,
+    /// Attached again at module load from a state file that was not
+    /// from a clean stop: changes may be missing.
+    pub unclean: bool,
 }
 
 /// What CATCHUP handed over.
@@ -118,8 +125,17 @@ impl Kmod {
         a.data_bytes = data_bytes;
         ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("attach {}", disk.display()), e))?;
         let fresh = a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING == 0;
-        let ring = Ring::map_device(&ctl, a.mmap_offset, a.mmap_size as usize, &format!("{dev} (handle {})", a.handle))?;
-        Ok(Kmod { ctl, handle: a.handle, ring, fresh, bitmap_block: a.bitmap_block })
+        let ring = Ring::map_device(&ctl, a.mmap_offset, a.mmap_size as usize, &format!("{DEVICE} (handle {})", a.handle))?;
+        Ok(Kmod {
+            ctl,
+            handle: a.handle,
+            ring,
+            fresh,
+            bitmap_block: a.bitmap_block,
+            attach_id: a.attach_id,
+            restored: a.out_flags & g::FERRY_CBT_ATTACHED_RESTORED != 0,
+            unclean: a.out_flags & g::FERRY_CBT_ATTACHED_UNCLEAN != 0,
+        })
     }
 
     pub fn status(&self) -> Result<Status, AgentError> {

@@ -308,6 +308,7 @@ impl Agent {
                 kmod_mode: None,
                 kmod_catchups: 0,
                 kmod_catchup_until: None,
+                kmod_attach_id: None,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
@@ -396,6 +397,15 @@ impl Agent {
         let kmod = if tracker == Tracker::Kmod {
             let k = kmod::Kmod::attach(&opts.disk, opts.ring_capacity, opts.kmod_data_bytes, st.kmod_next_seq)?;
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            let same = st.kmod_attach_id == Some(k.attach_id);
+            if st.kmod_catchup_until.is_some() {
+                st.resync_required = Some("the last agent stopped while shipping a catch-up from the module's bitmap".into());
+                st.kmod_catchup_until = None;
+            }
+            if !same {
+                // Another attachment: its ring and counters start over.
+                st.ring_overflows_seen = k.ring.overflows();
+            }
             if k.fresh {
                 log::info!(
                     "kernel module tracker attached to {} ({} records, {} bytes of data area)",
@@ -407,17 +417,19 @@ impl Agent {
                     st.resync_required =
                         Some("tracking was not active (a reboot, a module reload, or a first attach after another tracker)".into());
                 }
-                st.ring_overflows_seen = k.ring.overflows();
-            } else {
+            } else if same {
                 log::info!("kernel module tracker found {} already attached", opts.disk.display());
-                if st.kmod_catchup_until.is_some() {
-                    st.resync_required = Some("the last agent stopped while shipping a catch-up from the module's bitmap".into());
-                    st.kmod_catchup_until = None;
+            } else if k.unclean {
+                log::warn!("the kernel module attached {} again after an unclean stop: changes may be missing", opts.disk.display());
+                if protected_before {
+                    st.resync_required = Some("the kernel module was stopped uncleanly (a crash or a reset)".into());
                 }
-                if st.tracker != tracker.as_str() && protected_before {
-                    st.resync_required = Some("the disk was protected by another tracker before".into());
-                }
+            } else if k.restored && protected_before && st.tracker == tracker.as_str() {
+                log::info!("the kernel module attached {} again from a clean stop: catching up from its bitmap", opts.disk.display());
+            } else if protected_before {
+                st.resync_required = Some("the disk is attached, but not by the attachment this agent followed".into());
             }
+            st.kmod_attach_id = Some(k.attach_id);
             Some(k)
         } else {
             None

@@ -77,6 +77,9 @@ pub struct AgentState {
     /// stops before they are durable leaves a resync to do.
     #[serde(default)]
     pub kmod_catchup_until: Option<u64>,
+    /// The module attachment this agent last read (its attach_id).
+    #[serde(default)]
+    pub kmod_attach_id: Option<u64>,
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,

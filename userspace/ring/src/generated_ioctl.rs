@@ -11,10 +11,15 @@ pub const FERRY_CBT_MAX_DATA_BYTES: u32 = 1073741824;
 pub const FERRY_CBT_MIN_DATA_BYTES: u32 = 1048576;
 pub const FERRY_CBT_ATTACH_F_EXISTING_OK: u32 = 1;
 pub const FERRY_CBT_ATTACHED_EXISTING: u32 = 1;
+pub const FERRY_CBT_ATTACHED_RESTORED: u32 = 2;
+pub const FERRY_CBT_ATTACHED_UNCLEAN: u32 = 4;
 pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
 pub const FERRY_CBT_STATUS_SIZE_VER0: u32 = 88;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
 pub const FERRY_CBT_CATCHUP_MARKED: u32 = 1;
+pub const FERRY_CBT_SAVED_MAGIC: &[u8; 9] = b"FCBTSAVE\0";
+pub const FERRY_CBT_SAVED_VERSION: u32 = 1;
+pub const FERRY_CBT_SAVED_CLEAN: u32 = 1;
 pub const FERRY_CBT_IOC_MAGIC: u32 = 252;
 pub type __u32 = ::core::ffi::c_uint;
 pub type __u64 = ::core::ffi::c_ulonglong;
@@ -33,6 +38,7 @@ pub struct ferry_cbt_attach {
     pub first_seq: __u64,
     pub data_bytes: __u64,
     pub bitmap_block: __u64,
+    pub attach_id: __u64,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -1056,7 +1056,10 @@ impl Agent {
             self.st.kmod_catchup_until = Some(u64::MAX);
             self.save()?;
             let bytes: u64 = c.ranges.iter().map(|r| r.1 - r.0).sum();
-            log::info!("kmod tracker: catching up {bytes} bytes from the bitmap (waited {:.1} ms for writes in flight)", c.wait_ns as f64 / 1e6);
+            log::info!(
+                "kmod tracker: catching up {bytes} bytes from the bitmap (waited {:.1} ms for writes in flight)",
+                c.wait_ns as f64 / 1e6
+            );
             self.st.kmod_catchups += 1;
             self.st.mode = "catch-up".into();
         }

@@ -656,7 +656,15 @@ impl Tracker {
             if let Some((a, b)) = run.take() {
                 let end = b.min(self.size);
                 if end > a {
-                    let r = Record { seq: 0, offset: a, length: (end - a) as u32, kind: RecordKind::Write, flush: false, data: false, time_ns: 0 };
+                    let r = Record {
+                        seq: 0,
+                        offset: a,
+                        length: (end - a) as u32,
+                        kind: RecordKind::Write,
+                        flush: false,
+                        data: false,
+                        time_ns: 0,
+                    };
                     match held.lock().expect("poisoned").as_mut() {
                         Some(v) => {
                             v.push(r);

@@ -145,14 +145,7 @@ impl From<Record> for ferry_cbt_record {
         if r.data {
             flags |= generated::FERRY_RECF_DATA;
         }
-        ferry_cbt_record {
-            seq: r.seq,
-            offset: r.offset,
-            length: r.length,
-            kind: kind as u16,
-            flags: flags as u16,
-            time_ns: r.time_ns,
-        }
+        ferry_cbt_record { seq: r.seq, offset: r.offset, length: r.length, kind: kind as u16, flags: flags as u16, time_ns: r.time_ns }
     }
 }
 

@@ -154,9 +154,7 @@ impl Ring {
         }
         let (dcap, doff) = (dword(offset_of!(ferry_cbt_ring_header, data_capacity)), dword(offset_of!(ferry_cbt_ring_header, data_offset)));
         if dcap != 0
-            && (!dcap.is_power_of_two()
-                || doff < (HEADER as u64) + cap * REC as u64
-                || doff.checked_add(dcap).is_none_or(|end| end > len))
+            && (!dcap.is_power_of_two() || doff < (HEADER as u64) + cap * REC as u64 || doff.checked_add(dcap).is_none_or(|end| end > len))
         {
             return Err(bad(format!("data area of {dcap} bytes at {doff} does not fit a {len}-byte mapping")));
         }

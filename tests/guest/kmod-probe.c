@@ -28,6 +28,7 @@
  *   stress DISK CHURNDISK    concurrent writers + consumer + attach/detach churn
  *   leave-attached DISK      attach and exit (rmmod must detach it)
  *   setcap DISK BYTES        set the memory cap of DISK's attachment
+ *   hold DISK CAP DATA SECS DRAIN   attach for SECS seconds (benchmark)
  *   mkloop FILE              MBR + one partition in FILE, attach a loop
  *                            device with partition scan; prints /dev/loopN
  *   rmloop /dev/loopN
@@ -1310,6 +1311,53 @@ static int t_stress(const char *diskp, const char *churnp)
 	return failures != 0;
 }
 
+/*
+ * Benchmark helper: attach DISK with a ring of CAP records and DATA bytes of
+ * data area for SECONDS; with DRAIN, release everything every 100 us (an
+ * agent that keeps up, costing no I/O); without, nothing (the disk ends in
+ * bitmap mode). Prints the mode and counters at the end.
+ */
+static int t_hold(const char *diskp, const char *capp, const char *datap, const char *secp, const char *drainp)
+{
+	struct ferry_cbt_attach a;
+	struct ferry_cbt_status st;
+	struct disk d;
+	struct ring r;
+	int ctl = ctl_open(), ret, drain = atoi(drainp);
+	time_t end = time(NULL) + atoi(secp);
+
+	disk_open(&d, diskp);
+	memset(&a, 0, sizeof(a));
+	a.size = sizeof(a);
+	a.major = d.major;
+	a.minor = d.minor;
+	a.capacity = strtoull(capp, NULL, 0);
+	a.data_bytes = strtoull(datap, NULL, 0);
+	ret = ioctl(ctl, FERRY_CBT_IOC_ATTACH, &a) ? -errno : 0;
+	if (ret) {
+		errno = -ret;
+		die("attach %s", diskp);
+	}
+	ring_map(ctl, &a, &r);
+	while (time(NULL) < end) {
+		if (drain) {
+			__atomic_store_n(&r.h->consumer, __atomic_load_n(&r.h->producer, __ATOMIC_ACQUIRE), __ATOMIC_RELEASE);
+			__atomic_store_n(&r.h->data_consumer, __atomic_load_n(&r.h->data_producer, __ATOMIC_ACQUIRE),
+					 __ATOMIC_RELEASE);
+		}
+		usleep(drain ? 100 : 100000);
+	}
+	CHECK(do_status(ctl, a.handle, &st) == 0, "status");
+	note("hold: mode %u records %llu data records %llu bitmap changes %llu lost %llu", st.mode,
+	     (unsigned long long)st.records, (unsigned long long)st.data_records, (unsigned long long)st.bitmap_changes,
+	     (unsigned long long)st.lost);
+	CHECK(do_detach(ctl, a.handle) == 0, "detach");
+	ring_unmap(&r);
+	disk_close(&d);
+	close(ctl);
+	return failures != 0;
+}
+
 /* Set the memory cap of DISK's existing attachment (made by the agent). */
 static int t_setcap(const char *diskp, const char *bytes)
 {
@@ -1430,6 +1478,8 @@ int main(int argc, char **argv)
 		return t_persist(argv[2]);
 	if (!strcmp(t, "stress") && argc >= 3)
 		return t_stress(argv[2], argc > 3 ? argv[3] : NULL);
+	if (!strcmp(t, "hold") && argc == 7)
+		return t_hold(argv[2], argv[3], argv[4], argv[5], argv[6]);
 	if (!strcmp(t, "setcap") && argc == 4)
 		return t_setcap(argv[2], argv[3]);
 	if (!strcmp(t, "leave-attached") && argc == 3)

@@ -92,7 +92,7 @@ boot_guest() {
   shift 5 2>/dev/null || shift $#
   local extra=() d
   for d in "$@"; do extra+=(-drive "file=$d,if=virtio,format=raw"); done
-  timeout "$limit" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 1 -nographic -no-reboot \
+  timeout "$limit" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp "${FERRY_GUEST_SMP:-1}" -nographic -no-reboot \
     -kernel "$KCACHE/$k/boot/vmlinuz-$k" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4" \
     -drive "file=$disk,if=virtio,format=raw" "${extra[@]}" \

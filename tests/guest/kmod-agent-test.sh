@@ -49,8 +49,10 @@ echo "# workload: $(lines /tmp/kw.log) writes"
 sleep 3
 kill $apid; wait $apid
 # And once more from its saved state: finds the attachment, ships what is
-# left and cuts a final point.
-if $AGENT --once --json > /tmp/once.json 2>>/tmp/agent.log && grep -q '"resync":false' /tmp/once.json; then
+# left and cuts a final point, app-consistent this time (--freeze-cmd: the
+# point is a TAG record placed in the stream by the module).
+if $AGENT --once --json --freeze-cmd sync > /tmp/once.json 2>>/tmp/agent.log && grep -q '"resync":false' /tmp/once.json &&
+   grep -q '"point_kind":"app"' /tmp/once.json; then
   res restart-no-resync PASS
 else
   res restart-no-resync FAIL; cat /tmp/once.json; tail -5 /tmp/agent.log

@@ -184,5 +184,6 @@ void ferry_ctl_unpublish_all(void);
 void ferry_ctl_release_unpublished(void);
 void ferry_ctl_restore(const char *list);
 void ferry_ctl_save_all(void);
+bool ferry_disk_tracked(const struct gendisk *disk);
 
 #endif /* FERRY_CBT_INTERNAL_H */

@@ -314,8 +314,17 @@ static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 
 	synchronize_rcu();
 	ferry_drain_queue(fd->disk);
 	/* Tracking is active: until a clean stop rewrites it, the state file
-	 * says so (a crash leaves it unclean). */
-	ferry_persist_active(fd);
+	 * says so (a crash leaves it unclean). If that cannot be written, the
+	 * clean file a restore came from would be restored again after the
+	 * next crash: then this attachment is not trusted either. */
+	ret = ferry_persist_active(fd);
+	if (restore && ret && (fd->out_flags & FERRY_CBT_ATTACHED_RESTORED)) {
+		pr_warn("%u:%u: cannot mark its state file active (%d): treating the restore as unclean\n",
+			fd->major, fd->minor, ret);
+		ferry_ring_lost(&fd->ring, 0);
+		fd->out_flags = FERRY_CBT_ATTACHED_UNCLEAN;
+		a->out_flags = fd->out_flags;
+	}
 	return 0;
 
 discard:
@@ -585,9 +594,16 @@ static long ferry_ioc_catchup(void __user *uarg)
 	mutex_unlock(&ferry_lock);
 	if (!fd)
 		return -ENOENT;
-	if (c.buf_bytes < ferry_ring_bitmap_bytes(&fd->ring)) {
+	if (c.buf_bytes < ferry_ring_bitmap_bytes(&fd->ring) || (c.flags & ~FERRY_CBT_CATCHUP_F_DRAIN)) {
 		ret = -EINVAL;
 		goto put;
+	}
+	/* Under ferry_lock, so that DETACH cannot close the disk meanwhile. */
+	if (c.flags & FERRY_CBT_CATCHUP_F_DRAIN) {
+		mutex_lock(&ferry_lock);
+		if (ferry_by_handle_locked(c.handle) == fd)
+			ferry_drain_queue(fd->disk);
+		mutex_unlock(&ferry_lock);
 	}
 	mutex_lock(&fd->ring.catchup_lock);
 	ret = ferry_ring_catchup(&fd->ring, &c);
@@ -729,6 +745,22 @@ void ferry_ctl_unpublish_all(void)
 	WRITE_ONCE(ferry_table_end, 0);
 	WRITE_ONCE(ferry_nr_attached, 0);
 	mutex_unlock(&ferry_lock);
+}
+
+/* Whether `disk` is attached (or being detached at unload): a state file
+ * on it would be written without being tracked. Lockless: the table under
+ * RCU, and the unload list (only filled while nothing else runs). */
+bool ferry_disk_tracked(const struct gendisk *disk)
+{
+	unsigned int i;
+	bool found;
+
+	rcu_read_lock();
+	found = ferry_find_disk_rcu(disk) != NULL;
+	rcu_read_unlock();
+	for (i = 0; !found && i < FERRY_MAX_DISKS; i++)
+		found = ferry_dying[i] && ferry_dying[i]->disk == disk;
+	return found;
 }
 
 /* Reboot notifier (main.c): a clean stop of every attached disk, if the

@@ -152,7 +152,10 @@ void ferry_hook_split(void *data, struct bio *split, unsigned int new_sector)
 	struct block_device *bdev = split->bi_bdev;
 	struct ferry_disk *fd;
 
-	if (!op_is_write(bio_op(split)) || !bdev)
+	/* Only blk-mq splits complete on their own (block_rq_complete); a
+	 * bio-based driver's split is chained to its original, whose own
+	 * completion comes after it. */
+	if (!op_is_write(bio_op(split)) || !bdev || !queue_is_mq(bdev_get_queue(bdev)))
 		return;
 	rcu_read_lock();
 	if (READ_ONCE(ferry_nr_attached)) {

@@ -87,12 +87,24 @@ static int ferry_write_state(struct ferry_disk *fd, bool clean, const void *bitm
 		ret = PTR_ERR(f);
 		goto out;
 	}
+	if (clean && file_inode(f)->i_sb->s_bdev && ferry_disk_tracked(file_inode(f)->i_sb->s_bdev->bd_disk)) {
+		/* Writing the file changes a tracked disk after its last
+		 * record: a clean state would hide that. Leave it unclean. */
+		pr_warn("%s is on a tracked disk: its state stays unclean (put state_dir on another disk)\n", path);
+		h.flags = 0;
+		h.bitmap_bytes = 0;
+		h.checksum = ferry_saved_sum(&h, NULL, 0);
+		ret = -EXDEV;
+	}
 	n = kernel_write(f, &h, sizeof(h), &pos);
 	if (n == sizeof(h) && h.bitmap_bytes)
 		n = kernel_write(f, bitmap, h.bitmap_bytes, &pos);
-	ret = n < 0 ? n : (pos != sizeof(h) + h.bitmap_bytes ? -EIO : 0);
+	if (!ret)
+		ret = n < 0 ? n : (pos != sizeof(h) + h.bitmap_bytes ? -EIO : 0);
 	if (!ret)
 		ret = vfs_fsync(f, 0);
+	else
+		vfs_fsync(f, 0);
 	filp_close(f, NULL);
 out:
 	if (ret && ret != -ENOENT)

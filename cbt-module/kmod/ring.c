@@ -33,6 +33,9 @@
  * would pass 2^27 bits (16 MiB). */
 #define FERRY_BITMAP_MIN_SHIFT 16
 #define FERRY_BITMAP_MAX_BITS (1ULL << 27)
+/* Largest payload copied (with interrupts off); a larger bio is queued as
+ * metadata and read back behind the barrier. */
+#define FERRY_MAX_PAYLOAD (4U << 20)
 
 int ferry_ring_init(struct ferry_ring *r, u64 capacity, u64 data_bytes, u64 disk_bytes)
 {
@@ -190,7 +193,7 @@ static bool ferry_data_place_locked(struct ferry_ring *r, u32 len, u64 *pos)
 	u64 cons = smp_load_acquire(&r->hdr->data_consumer);
 	u64 p = r->data_prod;
 
-	if (!len || r->data_prod - cons > r->data_capacity)
+	if (!len || len > FERRY_MAX_PAYLOAD || r->data_prod - cons > r->data_capacity)
 		return false;
 	if ((p & (r->data_capacity - 1)) + len > r->data_capacity)
 		p = (p | (r->data_capacity - 1)) + 1;
@@ -465,13 +468,30 @@ int ferry_ring_catchup(struct ferry_ring *r, struct ferry_cbt_catchup *c)
 	long left;
 	u64 t0;
 
+
+	/* Writes of the older epoch first: normally none are left, but after
+	 * a timeout the stuck ones are waited for again before the epoch can
+	 * be reused. */
+	t0 = ktime_get_ns();
+	spin_lock_irqsave(&r->lock, irqflags);
+	parity = (r->epoch & 1) ^ 1;
+	spin_unlock_irqrestore(&r->lock, irqflags);
+	left = wait_event_timeout(r->drained, READ_ONCE(r->inflight[parity]) == 0, 30 * HZ);
+	if (!left) {
+		c->wait_ns = ktime_get_ns() - t0;
+		spin_lock_irqsave(&r->lock, irqflags);
+		r->lost++;
+		ferry_ring_mark_loss_locked(r);
+		spin_unlock_irqrestore(&r->lock, irqflags);
+		return -ETIMEDOUT;
+	}
+
 	spin_lock_irqsave(&r->lock, irqflags);
 	taken = r->bitmap;
 	r->bitmap = r->spare;
 	r->spare = taken;
 	r->catchups++;
 	c->out_flags = 0;
-	c->_pad0 = 0;
 	if (ferry_ring_full_locked(r)) {
 		/* No room for the marker: everything in the ring precedes the
 		 * hand-over, and changes go on into the new bitmap. */
@@ -482,13 +502,12 @@ int ferry_ring_catchup(struct ferry_ring *r, struct ferry_cbt_catchup *c)
 		if (r->mode == FERRY_CBT_MODE_BITMAP)
 			ferry_set_mode_locked(r, r->data_cap ? FERRY_CBT_MODE_DATA : FERRY_CBT_MODE_METADATA);
 	}
-	/* Writes queued from here on count in the other parity. The previous
-	 * CATCHUP emptied it (or flagged a loss). */
+	/* Writes queued from here on count in the other parity (emptied
+	 * above). */
 	parity = r->epoch & 1;
 	r->epoch++;
 	spin_unlock_irqrestore(&r->lock, irqflags);
 
-	t0 = ktime_get_ns();
 	left = wait_event_timeout(r->drained, READ_ONCE(r->inflight[parity]) == 0, 30 * HZ);
 	c->wait_ns = ktime_get_ns() - t0;
 	c->bitmap_bits = r->bitmap_bits;

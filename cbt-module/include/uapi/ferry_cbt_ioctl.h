@@ -222,9 +222,16 @@ struct ferry_cbt_cap {
  * calls it also before reading the disk for records without payload: any
  * CATCHUP is a completion barrier for the writes queued before it.
  * ETIMEDOUT if writes queued before it did not complete within 30 s (the
- * loss is flagged: the agent must resync).
+ * loss is flagged: the agent must resync; a later CATCHUP first waits for
+ * those writes again). Writes are followed from block_rq_complete (blk-mq)
+ * and block_bio_complete (bio-based drivers); a disk whose bios are
+ * re-targeted underneath (NVMe multipath) is not supported.
  */
 #define FERRY_CBT_CATCHUP_MARKED 0x0001 /* out: a FERRY_REC_CATCHUP record was queued */
+/* in: also wait for every request in the disk's queue (blk-mq: freeze and
+ * unfreeze it), covering writes the in-flight table could not follow (the
+ * agent sets it before a resync that a loss made necessary) */
+#define FERRY_CBT_CATCHUP_F_DRAIN 0x0001
 
 struct ferry_cbt_catchup {
 	__u32 size;         /* in: sizeof(struct ferry_cbt_catchup) */
@@ -238,8 +245,8 @@ struct ferry_cbt_catchup {
 	__u64 bitmap_dirty; /* out: of which set */
 	__u64 bitmap_block; /* out: bytes of disk per bit */
 	__u64 wait_ns;      /* out: time spent waiting for writes in flight */
-	__u32 out_flags;    /* out: FERRY_CBT_CATCHUP_* */
-	__u32 _pad0;
+	__u32 out_flags;    /* out: FERRY_CBT_CATCHUP_MARKED */
+	__u32 flags;        /* in: FERRY_CBT_CATCHUP_F_* */
 };
 
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 80, "attach is 80 bytes");

@@ -58,6 +58,7 @@ pub struct Status {
     pub catchups: u64,
     pub data_capacity: u64,
     pub data_cap: u64,
+    pub bitmap_bits: u64,
 }
 
 pub fn mode_name(mode: u32) -> &'static str {
@@ -155,13 +156,14 @@ impl Kmod {
             catchups: s.catchups,
             data_capacity: s.data_capacity,
             data_cap: s.data_cap,
+            bitmap_bits: s.bitmap_bits,
         })
     }
 
     /// CATCHUP: take the bitmap and wait for every write queued so far to
-    /// complete.
-    pub fn catchup(&self, size: u64) -> Result<Catchup, AgentError> {
-        let bits = size.div_ceil(self.bitmap_block.max(1));
+    /// complete; with `drain`, also for every request in the disk's queue.
+    pub fn catchup(&self, size: u64, drain: bool) -> Result<Catchup, AgentError> {
+        let bits = self.status()?.bitmap_bits.max(size.div_ceil(self.bitmap_block.max(1)));
         let mut buf = vec![0u64; bits.div_ceil(64) as usize + 1];
         // SAFETY: as in attach.
         let mut c: g::ferry_cbt_catchup = unsafe { std::mem::zeroed() };
@@ -169,6 +171,7 @@ impl Kmod {
         c.handle = self.handle;
         c.buf = buf.as_mut_ptr() as u64;
         c.buf_bytes = (buf.len() * 8) as u64;
+        c.flags = if drain { g::FERRY_CBT_CATCHUP_F_DRAIN } else { 0 };
         ioc(&self.ctl, ioctl::CATCHUP, &mut c).map_err(|e| errno_msg("catch-up", e))?;
         let block = c.bitmap_block.max(1);
         let mut ranges: Vec<(u64, u64)> = Vec::new();

@@ -309,6 +309,7 @@ impl Agent {
                 kmod_catchups: 0,
                 kmod_catchup_until: None,
                 kmod_attach_id: None,
+                kmod_released: None,
                 cut_problem: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
@@ -405,6 +406,7 @@ impl Agent {
             if !same {
                 // Another attachment: its ring and counters start over.
                 st.ring_overflows_seen = k.ring.overflows();
+                st.kmod_released = None;
             }
             if k.fresh {
                 log::info!(
@@ -424,6 +426,9 @@ impl Agent {
                 if protected_before {
                     st.resync_required = Some("the kernel module was stopped uncleanly (a crash or a reset)".into());
                 }
+            } else if k.restored && protected_before && st.tracker == tracker.as_str() && k.status()?.seq < st.kmod_next_seq {
+                log::warn!("the kernel module restored {} from an older state file than this agent followed", opts.disk.display());
+                st.resync_required = Some("the kernel module's state file is older than the changes already shipped".into());
             } else if k.restored && protected_before && st.tracker == tracker.as_str() {
                 log::info!("the kernel module attached {} again from a clean stop: catching up from its bitmap", opts.disk.display());
             } else if protected_before {
@@ -596,8 +601,10 @@ impl Agent {
     fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
         self.st.mode = "resync".into();
         self.save()?;
-        if let Some(k) = &self.kmod {
-            kmod_before_resync(k, self.st.size)?;
+        if let Some(k) = self.kmod.take() {
+            let r = self.kmod_drop_all(&k);
+            self.kmod = Some(k);
+            r?;
         }
         let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
@@ -1040,34 +1047,65 @@ impl Agent {
 
     /// Resync under the kernel module tracker (the stream loop holds it).
     fn kmod_resync(&mut self, sess: &mut Session, k: &kmod::Kmod) -> Result<(), AgentError> {
-        kmod_before_resync(k, self.st.size)?;
+        self.kmod_drop_all(k)?;
         self.resync(sess)?;
         self.st.ring_overflows_seen = k.ring.overflows();
         Ok(())
     }
 
-    /// CATCHUP, then read and ship what the bitmap held. Returns the
-    /// sequence number from which the stream is consistent again (every
-    /// read done after the writes queued before it completed).
-    fn kmod_catch_up(&mut self, sess: &mut Session, k: &kmod::Kmod, buf: &mut AlignedBuf) -> Result<u64, AgentError> {
-        let c = k.catchup(self.st.size)?;
-        if !c.ranges.is_empty() {
-            // Written down before anything is shipped: see kmod_catchup_until.
-            self.st.kmod_catchup_until = Some(u64::MAX);
-            self.save()?;
-            let bytes: u64 = c.ranges.iter().map(|r| r.1 - r.0).sum();
-            log::info!(
-                "kmod tracker: catching up {bytes} bytes from the bitmap (waited {:.1} ms for writes in flight)",
-                c.wait_ns as f64 / 1e6
-            );
-            self.st.kmod_catchups += 1;
-            self.st.mode = "catch-up".into();
+    /// Before a checksum resync: the pass supersedes every change queued so
+    /// far, so drop them from the ring (the data index found by walking the
+    /// records, as the two indices cannot be read together), and wait for
+    /// their writes, and every request in the queue, to complete before the
+    /// pass reads the disk. Any bitmap handed over is covered by the pass.
+    fn kmod_drop_all(&mut self, k: &kmod::Kmod) -> Result<(), AgentError> {
+        let ring = &k.ring;
+        let (c, p) = (ring.consumer(), ring.producer());
+        let mut d = ring.data_consumer();
+        let (recs, next) = ring.read_from(c, p.wrapping_sub(c) as usize)?;
+        for r in recs.iter().flatten() {
+            if r.data {
+                d = ring.skip_payload(d, r.length);
+            }
         }
-        self.ship_extents(sess, &c.ranges, buf)?;
-        if self.st.kmod_catchup_until == Some(u64::MAX) {
-            self.st.kmod_catchup_until = Some(sess.next_seq - 1);
-        }
+        self.st.kmod_released = Some((next, d));
+        self.save()?;
+        ring.release(next)?;
+        ring.release_data(d);
+        k.catchup(self.st.size, true)?;
+        Ok(())
+    }
+
+    /// Ship bitmap ranges handed over by CATCHUP (the stream has reached
+    /// the hand-over); returns the sequence number from which the stream is
+    /// consistent again.
+    fn kmod_ship_deferred(&mut self, sess: &mut Session, k: &kmod::Kmod, d: KmodDeferred, buf: &mut AlignedBuf) -> Result<u64, AgentError> {
+        let bytes: u64 = d.ranges.iter().map(|r| r.1 - r.0).sum();
+        log::info!("kmod tracker: catching up {bytes} bytes from the bitmap");
+        self.st.kmod_catchups += 1;
+        self.st.mode = "catch-up".into();
+        self.ship_extents(sess, &d.ranges, buf)?;
         Ok(k.status()?.seq)
+    }
+
+    /// CATCHUP: a completion barrier for every write queued so far, and the
+    /// module's bitmap handed over. Its ranges are shipped when the stream
+    /// reaches the hand-over (`seq`): records before it are older than
+    /// the changes the bitmap holds.
+    fn kmod_barrier(&mut self, k: &kmod::Kmod, deferred: &mut VecDeque<KmodDeferred>) -> Result<(), AgentError> {
+        // Written down before the module lets go of its bitmap: an agent
+        // that stops before those ranges are durable leaves a resync.
+        let before = self.st.kmod_catchup_until;
+        self.st.kmod_catchup_until = Some(u64::MAX);
+        self.save()?;
+        let c = k.catchup(self.st.size, false)?;
+        log::debug!("kmod tracker: barrier at seq {} (waited {:.1} ms)", c.seq, c.wait_ns as f64 / 1e6);
+        if !c.ranges.is_empty() {
+            deferred.push_back(KmodDeferred { seq: c.seq, ranges: c.ranges });
+        } else if deferred.is_empty() {
+            self.st.kmod_catchup_until = before;
+        }
+        Ok(())
     }
 
     /// The kernel module tracker. Records with their payload are shipped as
@@ -1084,11 +1122,22 @@ impl Agent {
         let ring = &k.ring;
         let size = self.st.size;
         self.st.mode = "streaming".into();
+        // A release interrupted between its two index stores is finished
+        // from the pair saved before it.
+        if let Some((i, d)) = self.st.kmod_released {
+            if ring.consumer() != i && ring.in_window(i) {
+                ring.release(i)?;
+            }
+            if ring.consumer() == i {
+                ring.release_data(d);
+            }
+        }
         self.save()?;
         let mut cursor = ring.consumer();
         let mut dcur = ring.data_consumer();
         // (protocol seq of the last frame, ring index, data index) to release once durable.
         let mut pending: VecDeque<(u64, u64, u64)> = VecDeque::new();
+        let mut deferred: VecDeque<KmodDeferred> = VecDeque::new();
         // Whatever the replica holds now came from a sync, a resync or an
         // earlier agent: consistent only once the changes queued so far
         // are applied.
@@ -1108,6 +1157,8 @@ impl Agent {
                 cursor = ring.consumer();
                 dcur = ring.data_consumer();
                 pending.clear();
+                deferred.clear();
+                self.st.kmod_catchup_until = None;
                 consistent_from = k.status()?.seq;
                 continue;
             }
@@ -1122,27 +1173,28 @@ impl Agent {
             }
             let (recs, next) = ring.read_from(cursor, 1024)?;
             if recs.is_empty() {
+                // Every record before a hand-over is applied: its bitmap
+                // ranges go now.
+                while let Some(d) = deferred.pop_front() {
+                    consistent_from = consistent_from.max(self.kmod_ship_deferred(sess, k, d, &mut buf)?);
+                    if deferred.is_empty() {
+                        self.st.kmod_catchup_until = Some(sess.next_seq - 1);
+                    }
+                }
                 if status.mode == ferry_ring::generated_ioctl::FERRY_CBT_MODE_BITMAP {
                     // Empty the ring first (what was shipped made durable
                     // and released), so that CATCHUP finds room for its
                     // marker and the disk leaves bitmap mode.
                     sess.wait_acked(sess.next_seq - 1)?;
                     self.note_ack(sess);
-                    self.save()?;
-                    self.kmod_release(sess, ring, &mut pending)?;
-                    consistent_from = consistent_from.max(self.kmod_catch_up(sess, k, &mut buf)?);
-                    // The catch-up frames must be durable before the ring
-                    // moves on (nothing in the ring covers them).
-                    sess.wait_acked(sess.next_seq - 1)?;
-                    self.note_ack(sess);
-                    self.save()?;
+                    self.kmod_release_now(ring, &mut pending)?;
+                    self.kmod_barrier(k, &mut deferred)?;
                     continue;
                 }
                 pos = pos.max(status.seq);
                 self.kmod_release(sess, ring, &mut pending)?;
             } else {
                 let mut barrier = false;
-                let mut read_disk = false;
                 let oldest = recs.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.time_ns).filter(|&t| t > 0).min();
                 let mut bad = None;
                 for r in recs {
@@ -1153,6 +1205,15 @@ impl Agent {
                             break;
                         }
                     };
+                    // Bitmap ranges handed over at or before this record's
+                    // place: every older record is applied by now.
+                    while deferred.front().is_some_and(|d| d.seq <= rec.seq) {
+                        let d = deferred.pop_front().expect("front exists");
+                        consistent_from = consistent_from.max(self.kmod_ship_deferred(sess, k, d, &mut buf)?);
+                        if deferred.is_empty() {
+                            self.st.kmod_catchup_until = Some(sess.next_seq - 1);
+                        }
+                    }
                     let end = (rec.offset + u64::from(rec.length)).min(size);
                     match rec.kind {
                         RecordKind::Write if rec.data => {
@@ -1172,12 +1233,13 @@ impl Agent {
                             if !barrier {
                                 // Every record read so far precedes this
                                 // barrier: their writes have completed.
-                                consistent_from = consistent_from.max(self.kmod_catch_up(sess, k, &mut buf)?);
+                                self.kmod_barrier(k, &mut deferred)?;
                                 barrier = true;
                             }
                             if rec.offset < end {
                                 self.ship_extents(sess, &[(rec.offset, end)], &mut buf)?;
-                                read_disk = true;
+                                // The read may hold any change up to now.
+                                consistent_from = consistent_from.max(k.status()?.seq);
                             }
                         }
                         RecordKind::Discard | RecordKind::WriteZeroes => {
@@ -1192,7 +1254,7 @@ impl Agent {
                         RecordKind::Tag => {
                             // An app-consistent marker (see kmod_request_tag).
                             pos = rec.seq + 1;
-                            if pos >= consistent_from {
+                            if pos >= consistent_from && deferred.is_empty() {
                                 let p = self.cut(sess, PointKind::App)?;
                                 last_cut = Instant::now();
                                 if self.opts.once {
@@ -1211,11 +1273,10 @@ impl Agent {
                     cursor = ring.consumer();
                     dcur = ring.data_consumer();
                     pending.clear();
+                    deferred.clear();
+                    self.st.kmod_catchup_until = None;
                     consistent_from = k.status()?.seq;
                     continue;
-                }
-                if read_disk {
-                    consistent_from = consistent_from.max(k.status()?.seq);
                 }
                 if let Some(t) = oldest {
                     self.lag_pending.push_back((sess.next_seq - 1, t));
@@ -1225,24 +1286,26 @@ impl Agent {
                 self.st.kmod_next_seq = pos;
                 self.kmod_release(sess, ring, &mut pending)?;
             }
-            if self.st.mode == "catch-up" && pos >= consistent_from {
+            if self.st.mode == "catch-up" && pos >= consistent_from && deferred.is_empty() {
                 self.st.mode = "streaming".into();
             }
             // Points: at any record boundary once consistent, writes going
             // on or not; an app-consistent one through a TAG record.
             let idle = ring.producer() == cursor;
             let due = last_cut.elapsed() >= self.opts.point_every || (self.opts.once && idle);
-            if due && pos >= consistent_from && ring.overflows() == self.st.ring_overflows_seen {
-                if self.opts.freeze_cmd.is_some() || !freeze::mounts_of(&self.opts.disk).is_empty() {
-                    if self.kmod_request_tag(k)? {
+            if due && pos >= consistent_from && deferred.is_empty() && ring.overflows() == self.st.ring_overflows_seen {
+                let mounts = freeze::mounts_of(&self.opts.disk);
+                let tagged = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() { self.kmod_request_tag(k, &mounts)? } else { None };
+                match tagged {
+                    Some(true) => last_cut = Instant::now(),
+                    Some(false) => {}
+                    None => {
+                        let p = self.cut(sess, PointKind::Crash)?;
                         last_cut = Instant::now();
-                    }
-                } else {
-                    let p = self.cut(sess, PointKind::Crash)?;
-                    last_cut = Instant::now();
-                    self.st.cut_problem = None;
-                    if self.opts.once {
-                        return Ok(self.summary(sess, start, &p));
+                        self.st.cut_problem = None;
+                        if self.opts.once {
+                            return Ok(self.summary(sess, start, &p));
+                        }
                     }
                 }
             }
@@ -1252,25 +1315,40 @@ impl Agent {
         }
     }
 
-    /// Queue an app-consistent TAG: under --freeze-cmd around it, else with
-    /// the module freezing the filesystem on the whole disk. The point is
-    /// cut when the stream reaches the record. False if the module could
-    /// not place it now (full ring, bitmap mode).
-    fn kmod_request_tag(&mut self, k: &kmod::Kmod) -> Result<bool, AgentError> {
-        let r = match &self.opts.freeze_cmd {
-            Some(c) => {
-                let g = freeze::Guard::start(&[], self.opts.freeze_cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
-                run_hook("freeze", c)?;
-                let r = k.tag(false);
-                if let Some(t) = &self.opts.thaw_cmd {
-                    run_hook("thaw", t)?;
-                }
-                g.done();
-                r
+    /// Queue an app-consistent TAG with the application (--freeze-cmd) or
+    /// the filesystems on the disk (FIFREEZE, whole disk or partitions)
+    /// frozen around it; the point is cut when the stream reaches the
+    /// record. Some(false): not placed now (full ring, bitmap mode, a
+    /// freeze that failed); None: a filesystem here cannot be frozen, so
+    /// the caller cuts a crash-consistent point instead.
+    fn kmod_request_tag(&mut self, k: &kmod::Kmod, mounts: &[PathBuf]) -> Result<Option<bool>, AgentError> {
+        let cap = self.opts.freeze_cap + Duration::from_secs(2);
+        let g = freeze::Guard::start(mounts, cap, self.opts.thaw_cmd.as_deref());
+        if let Some(c) = &self.opts.freeze_cmd {
+            if let Err(e) = run_hook("freeze", c) {
+                drop(g); // runs the thaw command
+                return Err(e);
             }
-            None => k.tag(true),
-        }?;
-        Ok(r.is_some())
+        }
+        freeze::presync(mounts);
+        let (fr, all) = freeze::freeze(mounts);
+        let failed = fr.failed.clone();
+        let placed = if failed.is_none() && all { k.tag(false) } else { Ok(None) };
+        let thawed = fr.thaw();
+        let hook = match &self.opts.thaw_cmd {
+            Some(t) if self.opts.freeze_cmd.is_some() => run_hook("thaw", t),
+            _ => Ok(()),
+        };
+        g.done();
+        for why in failed.iter().chain(thawed.as_ref().err()) {
+            log::warn!("{why}");
+            self.st.cut_problem = Some(why.clone());
+        }
+        hook?;
+        if !all && self.opts.freeze_cmd.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(placed?.is_some()))
     }
 
     fn kmod_release(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
@@ -1292,21 +1370,33 @@ impl Agent {
             self.st.kmod_catchup_until = None;
             self.save()?;
         }
-        if pending.front().is_some_and(|&(seq, _, _)| seq > self.saved_acked && seq <= self.st.acked_seq) {
-            self.save_if_due()?;
+        // Release what the master target has made durable, at most twice
+        // a second: the pair is saved first (kmod_released), since the two
+        // index stores below are not one atomic step.
+        if pending.front().is_some_and(|&(seq, _, _)| seq <= self.st.acked_seq) && self.last_save.elapsed() >= Duration::from_millis(500) {
+            self.kmod_release_now(ring, pending)?;
         }
-        let saved = self.saved_acked;
+        Ok(())
+    }
+
+    /// Release every pending entry the master target acknowledged, now.
+    fn kmod_release_now(&mut self, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
+        let acked = self.st.acked_seq;
         let mut upto = None;
         while let Some(&(seq, idx, didx)) = pending.front() {
-            if seq > saved {
+            if seq > acked {
                 break;
             }
             upto = Some((idx, didx));
             pending.pop_front();
         }
         if let Some((idx, didx)) = upto {
+            self.st.kmod_released = Some((idx, didx));
+            self.save()?;
             ring.release(idx)?;
             ring.release_data(didx);
+        } else {
+            self.save()?;
         }
         Ok(())
     }
@@ -1774,14 +1864,11 @@ pub fn unprotect(state: &Path) -> Result<String, AgentError> {
     Ok(st.name)
 }
 
-/// Before a checksum resync under the kernel module tracker: the pass
-/// supersedes every change queued so far, so drop them from the ring, and
-/// wait for their writes to complete before the pass reads the disk.
-fn kmod_before_resync(k: &kmod::Kmod, size: u64) -> Result<(), AgentError> {
-    k.ring.release(k.ring.producer())?;
-    k.ring.release_data(k.ring.data_producer());
-    k.catchup(size)?;
-    Ok(())
+/// Bitmap ranges handed over by CATCHUP, shipped once the stream reaches
+/// `seq` (the marker, or the first change after a hand-over without one).
+struct KmodDeferred {
+    seq: u64,
+    ranges: Vec<(u64, u64)>,
 }
 
 /// The ring as `ferry status` shows it.

@@ -80,6 +80,11 @@ pub struct AgentState {
     /// The module attachment this agent last read (its attach_id).
     #[serde(default)]
     pub kmod_attach_id: Option<u64>,
+    /// The (record, data) indices of the kmod ring this agent released last,
+    /// saved before they are stored in the ring: the two stores are not
+    /// atomic, so a restart completes an interrupted release from here.
+    #[serde(default)]
+    pub kmod_released: Option<(u64, u64)>,
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,

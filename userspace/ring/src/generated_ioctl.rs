@@ -17,6 +17,7 @@ pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
 pub const FERRY_CBT_STATUS_SIZE_VER0: u32 = 88;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
 pub const FERRY_CBT_CATCHUP_MARKED: u32 = 1;
+pub const FERRY_CBT_CATCHUP_F_DRAIN: u32 = 1;
 pub const FERRY_CBT_SAVED_MAGIC: &[u8; 9] = b"FCBTSAVE\0";
 pub const FERRY_CBT_SAVED_VERSION: u32 = 1;
 pub const FERRY_CBT_SAVED_CLEAN: u32 = 1;
@@ -106,5 +107,5 @@ pub struct ferry_cbt_catchup {
     pub bitmap_block: __u64,
     pub wait_ns: __u64,
     pub out_flags: __u32,
-    pub _pad0: __u32,
+    pub flags: __u32,
 }

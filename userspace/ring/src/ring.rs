@@ -240,6 +240,20 @@ impl Ring {
         self.atomic(offset_of!(ferry_cbt_ring_header, data_producer)).load(Ordering::Acquire)
     }
 
+    /// The data cursor after a payload of `len` bytes placed from `cursor`
+    /// by the rule in the uapi header (without reading it).
+    pub fn skip_payload(&self, cursor: u64, len: u32) -> u64 {
+        let dcap = self.data_capacity();
+        if dcap == 0 {
+            return cursor;
+        }
+        let mut p = cursor;
+        if (p & (dcap - 1)) + u64::from(len) > dcap {
+            p = (p | (dcap - 1)).wrapping_add(1);
+        }
+        p.wrapping_add(u64::from(len))
+    }
+
     /// Consumer side: copy the payload of the next FERRY_RECF_DATA record of
     /// `len` bytes, the data cursor being `*cursor` (the placement rule in
     /// the uapi header); advances the cursor. None if the payload is not in
@@ -329,6 +343,11 @@ impl Ring {
             out.push(Record::try_from(raw));
         }
         Ok((out, from.wrapping_add(n)))
+    }
+
+    /// Whether `idx` lies in `[consumer, producer]` now.
+    pub fn in_window(&self, idx: u64) -> bool {
+        self.math.in_window(idx, self.producer(), self.consumer())
     }
 
     /// Consumer side: free every slot before index `upto`.

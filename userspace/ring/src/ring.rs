@@ -373,6 +373,95 @@ mod tests {
         Record { seq, offset: seq * 512, length: 512, kind: RecordKind::Write, flush: false, data: false, time_ns: seq }
     }
 
+    /// A producer of the kernel module's data area, written from the uapi
+    /// rule (not from `take_payload`): payloads in order, never wrapping.
+    struct DataProducer {
+        ring: Ring,
+        dprod: u64,
+        seq: u64,
+    }
+
+    impl DataProducer {
+        fn new(capacity: u64, data: u64) -> DataProducer {
+            let slots = HEADER + capacity as usize * REC;
+            let mut map = MmapMut::map_anon(slots + data as usize).expect("anonymous mapping");
+            map[0..4].copy_from_slice(&(HEADER as u32).to_le_bytes());
+            map[4..8].copy_from_slice(&FERRY_CBT_RING_MAGIC.to_le_bytes());
+            map[8..12].copy_from_slice(&FERRY_CBT_ABI_VERSION.to_le_bytes());
+            map[12..16].copy_from_slice(&(REC as u32).to_le_bytes());
+            map[16..24].copy_from_slice(&capacity.to_le_bytes());
+            map[40..48].copy_from_slice(&data.to_le_bytes());
+            map[48..56].copy_from_slice(&(slots as u64).to_le_bytes());
+            DataProducer { ring: Ring::checked(map, "test".into()).expect("valid header"), dprod: 0, seq: 0 }
+        }
+
+        /// Queue a write of `len` bytes of `byte`; false if it does not fit.
+        fn write(&mut self, len: u32, byte: u8) -> bool {
+            let dcap = self.ring.data_capacity();
+            let cons = self.ring.data_consumer();
+            let mut p = self.dprod;
+            if p % dcap + u64::from(len) > dcap {
+                p = (p / dcap + 1) * dcap;
+            }
+            if p + u64::from(len) - cons > dcap || !self.ring.math.has_room(self.ring.producer(), self.ring.consumer()) {
+                return false;
+            }
+            let at = self.ring.header_u64(48) as usize + (p % dcap) as usize;
+            // SAFETY: inside the data area (checked above), not yet published.
+            unsafe { std::ptr::write_bytes(self.ring.map.as_ptr().add(at) as *mut u8, byte, len as usize) };
+            self.dprod = p + u64::from(len);
+            self.ring.atomic(offset_of!(ferry_cbt_ring_header, data_producer)).store(self.dprod, Ordering::Release);
+            self.seq += 1;
+            let r = Record { seq: self.seq, offset: 0, length: len, kind: RecordKind::Write, flush: false, data: true, time_ns: 1 };
+            assert!(self.ring.push(r));
+            true
+        }
+    }
+
+    #[test]
+    fn payloads_follow_the_placement_rule_across_wraps() {
+        let mut p = DataProducer::new(64, 1 << 16);
+        let ring = &p.ring as *const Ring;
+        let (mut cursor, mut dcur, mut n) = (0u64, 0u64, 0u32);
+        let mut want_bytes: VecDeque<(u32, u8)> = VecDeque::new();
+        // Lengths that do not divide the area: payloads must jump to the
+        // next lap instead of wrapping.
+        for round in 0..200u32 {
+            let len = 512 * (1 + (round * 7) % 40);
+            let byte = (round % 251) as u8;
+            if p.write(len, byte) {
+                want_bytes.push_back((len, byte));
+            } else {
+                // Consume everything, checking each payload, then retry.
+                // SAFETY: the same ring, read through a second reference as
+                // the consumer process would.
+                let ring = unsafe { &*ring };
+                let (recs, next) = ring.read_from(cursor, 64).unwrap();
+                let mut skip = dcur;
+                for r in recs.into_iter().map(Result::unwrap) {
+                    let want = ring.skip_payload(skip, r.length);
+                    let data = ring.take_payload(&mut dcur, r.length).expect("payload in the produced area");
+                    assert_eq!(dcur, want, "skip_payload and take_payload agree");
+                    skip = want;
+                    let (wl, wb) = want_bytes.pop_front().expect("a write for each record");
+                    assert_eq!(data.len(), wl as usize);
+                    assert!(data.iter().all(|&b| b == wb), "the payload of write {n}");
+                    n += 1;
+                }
+                ring.release(next).unwrap();
+                ring.release_data(dcur);
+                cursor = next;
+                assert!(p.write(len, byte), "room after release");
+                want_bytes.push_back((len, byte));
+            }
+        }
+        assert!(n > 100, "{n} payloads checked");
+        assert!(dcur > 4 << 16, "the data area wrapped several times");
+        // A payload beyond what was produced is refused.
+        let mut c = p.ring.data_producer();
+        assert!(p.ring.take_payload(&mut c, 512).is_none());
+    }
+
     #[test]
     fn file_ring_shared_between_two_mappings() {
         let d = tempfile::tempdir().unwrap();

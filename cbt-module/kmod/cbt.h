@@ -141,6 +141,7 @@ struct ferry_disk {
 	u64 disk_bytes;    /* at attach */
 	u64 attach_id;     /* random, per attachment */
 	u32 out_flags;     /* FERRY_CBT_ATTACHED_RESTORED / _UNCLEAN, if restored */
+	u64 restored_seq;  /* the state file's next_seq, if restored */
 	struct ferry_ring ring;
 };
 
@@ -160,6 +161,7 @@ size_t ferry_ring_bitmap_bytes(const struct ferry_ring *r);
 const void *ferry_ring_taken_bitmap(const struct ferry_ring *r);
 void ferry_ring_clear_taken(struct ferry_ring *r);
 void ferry_ring_untake(struct ferry_ring *r);
+void ferry_ring_forget_inflight(struct ferry_ring *r);
 void ferry_ring_fold_pending(struct ferry_ring *r, unsigned long *map);
 void ferry_ring_restore(struct ferry_ring *r, const void *bitmap);
 

@@ -203,6 +203,7 @@ static void ferry_fill_attach(struct ferry_cbt_attach *a, const struct ferry_dis
 	a->capacity = fd->ring.capacity;
 	a->bitmap_block = 1ULL << fd->ring.bitmap_shift;
 	a->attach_id = fd->attach_id;
+	a->restored_seq = fd->restored_seq;
 }
 
 /*
@@ -213,14 +214,16 @@ static void ferry_fill_attach(struct ferry_cbt_attach *a, const struct ferry_dis
  * queue's entry when the freeze starts still slips by: the window is the
  * length of a function call, and only for bios submitted before ATTACH.)
  */
-static void ferry_drain_queue(struct gendisk *disk)
+static int ferry_drain_queue(struct gendisk *disk)
 {
 	struct request_queue *q = disk->queue;
+	int ret = 0;
 
-	if (!queue_is_mq(q))
-		return;
-	blk_mq_freeze_queue(q);
+	blk_freeze_queue_start(q);
+	if (!blk_mq_freeze_queue_wait_timeout(q, 30 * HZ))
+		ret = -ETIMEDOUT;
 	blk_mq_unfreeze_queue(q);
+	return ret;
 }
 
 /*
@@ -260,6 +263,12 @@ static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 
 		kfree(fd);
 		return ret;
 	}
+	if (!queue_is_mq(fd->disk->queue)) {
+		/* Completions of bio-based drivers cannot all be followed
+		 * (see hook.c), and their queues cannot be drained. */
+		ret = -EOPNOTSUPP;
+		goto discard;
+	}
 	fd->disk_bytes = (u64)get_capacity(fd->disk) << SECTOR_SHIFT;
 	ret = ferry_ring_init(&fd->ring, capacity, data_bytes, fd->disk_bytes);
 	if (ret)
@@ -268,6 +277,7 @@ static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 
 	fd->attach_id = get_random_u64();
 	if (restore) {
 		fd->ring.seq = restore->saved->next_seq;
+		fd->restored_seq = restore->saved->next_seq;
 		if (restore->bitmap && restore->saved->bitmap_shift == fd->ring.bitmap_shift &&
 		    restore->saved->bitmap_bits == fd->ring.bitmap_bits) {
 			ferry_ring_restore(&fd->ring, restore->bitmap);
@@ -312,7 +322,8 @@ static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 
 	mutex_unlock(&ferry_lock);
 	/* Every probe that starts from here on finds the disk. */
 	synchronize_rcu();
-	ferry_drain_queue(fd->disk);
+	if (ferry_drain_queue(fd->disk))
+		pr_warn("%u:%u: writes in flight at attach did not complete within 30 s\n", fd->major, fd->minor);
 	/* Tracking is active: until a clean stop rewrites it, the state file
 	 * says so (a crash leaves it unclean). If that cannot be written, the
 	 * clean file a restore came from would be restored again after the
@@ -321,8 +332,12 @@ static int ferry_attach(u32 major, u32 minor, u64 capacity, u64 data_bytes, u64 
 	if (restore && ret && (fd->out_flags & FERRY_CBT_ATTACHED_RESTORED)) {
 		pr_warn("%u:%u: cannot mark its state file active (%d): treating the restore as unclean\n",
 			fd->major, fd->minor, ret);
-		ferry_ring_lost(&fd->ring, 0);
+		/* The flag first (read under ferry_lock by EXISTING_OK), then
+		 * the loss: an agent never sees the loss as RESTORED. */
+		mutex_lock(&ferry_lock);
 		fd->out_flags = FERRY_CBT_ATTACHED_UNCLEAN;
+		mutex_unlock(&ferry_lock);
+		ferry_ring_lost(&fd->ring, 0);
 		a->out_flags = fd->out_flags;
 	}
 	return 0;
@@ -573,6 +588,47 @@ static long ferry_ioc_set_cap(void __user *uarg)
 	return ferry_copy_out(uarg, &c, sizeof(c), usize);
 }
 
+/*
+ * DRAIN: a second open of the disk (not ferry_lock, which every ioctl
+ * needs) keeps its gendisk alive while the queue is frozen; a queue that
+ * does not drain in 30 s flags a loss. Once drained, every write entered
+ * before has completed: the in-flight table starts over.
+ */
+static int ferry_catchup_drain(struct ferry_disk *fd)
+{
+	struct gendisk *disk;
+	int ret;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	struct file *f = bdev_file_open_by_dev(MKDEV(fd->major, fd->minor), BLK_OPEN_READ, NULL, NULL);
+
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	disk = file_bdev(f)->bd_disk;
+#else
+	struct block_device *bdev = blkdev_get_by_dev(MKDEV(fd->major, fd->minor), FMODE_READ, NULL);
+
+	if (IS_ERR(bdev))
+		return PTR_ERR(bdev);
+	disk = bdev->bd_disk;
+#endif
+	if (disk != fd->disk) {
+		ret = -ENOENT; /* the device number names another disk now */
+		goto out;
+	}
+	ret = ferry_drain_queue(disk);
+	if (ret)
+		ferry_ring_lost(&fd->ring, 0);
+	else
+		ferry_ring_forget_inflight(&fd->ring);
+out:
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	fput(f);
+#else
+	blkdev_put(bdev, FMODE_READ);
+#endif
+	return ret;
+}
+
 static long ferry_ioc_catchup(void __user *uarg)
 {
 	struct ferry_cbt_catchup c;
@@ -598,14 +654,14 @@ static long ferry_ioc_catchup(void __user *uarg)
 		ret = -EINVAL;
 		goto put;
 	}
-	/* Under ferry_lock, so that DETACH cannot close the disk meanwhile. */
-	if (c.flags & FERRY_CBT_CATCHUP_F_DRAIN) {
-		mutex_lock(&ferry_lock);
-		if (ferry_by_handle_locked(c.handle) == fd)
-			ferry_drain_queue(fd->disk);
-		mutex_unlock(&ferry_lock);
-	}
 	mutex_lock(&fd->ring.catchup_lock);
+	if (c.flags & FERRY_CBT_CATCHUP_F_DRAIN) {
+		ret = ferry_catchup_drain(fd);
+		if (ret) {
+			mutex_unlock(&fd->ring.catchup_lock);
+			goto put;
+		}
+	}
 	ret = ferry_ring_catchup(&fd->ring, &c);
 	if (!ret || ret == -ETIMEDOUT) {
 		/* Hand the taken bits over even after a timeout (the loss is

@@ -16,7 +16,10 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/bitmap.h>
+#include <linux/blk-mq.h>
+#include <linux/blkdev.h>
 #include <linux/fs.h>
+#include <linux/major.h>
 #include <linux/slab.h>
 #include <linux/timekeeping.h>
 #include <linux/xxhash.h>
@@ -30,6 +33,23 @@ static int ferry_state_path(char *buf, size_t n, u32 major, u32 minor)
 	if (!ferry_state_dir || !ferry_state_dir[0])
 		return -ENOENT;
 	return snprintf(buf, n, "%s/%u-%u.state", ferry_state_dir, major, minor) >= n ? -ENAMETOOLONG : 0;
+}
+
+/*
+ * Whether a clean state file may be written to this filesystem: one with
+ * no block device (tmpfs, NFS), or on a blk-mq disk that is not tracked and
+ * not a loop device. A filesystem on a stacked device (dm, md: bio-based)
+ * or a loop device might land on a tracked disk underneath, which this
+ * cannot see: no clean state there.
+ */
+static bool ferry_state_fs_ok(struct super_block *sb)
+{
+	struct gendisk *disk;
+
+	if (!sb->s_bdev)
+		return true;
+	disk = sb->s_bdev->bd_disk;
+	return queue_is_mq(disk->queue) && disk->major != LOOP_MAJOR && !ferry_disk_tracked(disk);
 }
 
 static u64 ferry_saved_sum(const struct ferry_cbt_saved *h, const void *bitmap, size_t bytes)
@@ -87,10 +107,11 @@ static int ferry_write_state(struct ferry_disk *fd, bool clean, const void *bitm
 		ret = PTR_ERR(f);
 		goto out;
 	}
-	if (clean && file_inode(f)->i_sb->s_bdev && ferry_disk_tracked(file_inode(f)->i_sb->s_bdev->bd_disk)) {
-		/* Writing the file changes a tracked disk after its last
+	if (clean && !ferry_state_fs_ok(file_inode(f)->i_sb)) {
+		/* Writing the file may change a tracked disk after its last
 		 * record: a clean state would hide that. Leave it unclean. */
-		pr_warn("%s is on a tracked disk: its state stays unclean (put state_dir on another disk)\n", path);
+		pr_warn("%s is on a tracked, stacked or loop disk: its state stays unclean (put state_dir on a plain untracked disk)\n",
+			path);
 		h.flags = 0;
 		h.bitmap_bytes = 0;
 		h.checksum = ferry_saved_sum(&h, NULL, 0);

@@ -523,6 +523,27 @@ int ferry_ring_catchup(struct ferry_ring *r, struct ferry_cbt_catchup *c)
 	return 0;
 }
 
+/* After a drained queue: every write entered into the table has completed
+ * (or its completion was missed): start the table over. */
+void ferry_ring_forget_inflight(struct ferry_ring *r)
+{
+	unsigned long irqflags;
+	u32 i;
+
+	spin_lock_irqsave(&r->lock, irqflags);
+	for (i = 0; i < FERRY_INFLIGHT_BUCKETS; i++)
+		r->buckets[i] = FERRY_INFLIGHT_NONE;
+	for (i = 0; i < FERRY_INFLIGHT_NODES; i++) {
+		r->nodes[i].bio = NULL;
+		r->nodes[i].next = i + 1 < FERRY_INFLIGHT_NODES ? i + 1 : FERRY_INFLIGHT_NONE;
+	}
+	r->free_node = 0;
+	r->inflight[0] = 0;
+	r->inflight[1] = 0;
+	spin_unlock_irqrestore(&r->lock, irqflags);
+	wake_up_all(&r->drained);
+}
+
 /* Give back bits CATCHUP took but could not hand over (the copy to the
  * caller failed): they go back into the bitmap, and BITMAP mode with them. */
 void ferry_ring_untake(struct ferry_ring *r)

@@ -36,7 +36,8 @@
  *
  * Errors: EINVAL (size too small or above 4096, unknown flag, capacity not
  * a power of two in range, a partition instead of its whole disk, a bad
- * mmap offset/length or a non-shared mapping, a CATCHUP buffer too small), E2BIG (non-zero bytes past
+ * mmap offset/length or a non-shared mapping, a CATCHUP buffer too small),
+ * EOPNOTSUPP (ATTACH: a bio-based disk; only blk-mq disks are tracked), E2BIG (non-zero bytes past
  * the struct the module knows), ENXIO (no such block device), EEXIST (the
  * disk is already attached), ENOSPC (64 disks attached), ENOMEM, EPERM,
  * ENOENT (unknown or detached handle), ENOTTY (unknown command), EAGAIN
@@ -127,6 +128,9 @@ struct ferry_cbt_attach {
 	__u64 attach_id;    /* out: random, new for every attachment (also across
 	                     * module reloads): a consumer that sees another id
 	                     * knows the ring and its counters started over */
+	/* Appended in version 4. */
+	__u64 restored_seq; /* out: with ATTACHED_RESTORED or _UNCLEAN, the
+	                     * next_seq of the state file it came from */
 };
 /* The first published size of each struct: the module accepts any size from
  * it up, zero-filling fields the caller does not know. */
@@ -228,9 +232,10 @@ struct ferry_cbt_cap {
  * re-targeted underneath (NVMe multipath) is not supported.
  */
 #define FERRY_CBT_CATCHUP_MARKED 0x0001 /* out: a FERRY_REC_CATCHUP record was queued */
-/* in: also wait for every request in the disk's queue (blk-mq: freeze and
- * unfreeze it), covering writes the in-flight table could not follow (the
- * agent sets it before a resync that a loss made necessary) */
+/* in: also wait (30 s at most: ETIMEDOUT) for every request in the disk's
+ * queue (freeze and unfreeze it), covering writes the in-flight table could
+ * not follow, then forget the table's entries (all completed); the agent
+ * sets it before a resync that a loss made necessary */
 #define FERRY_CBT_CATCHUP_F_DRAIN 0x0001
 
 struct ferry_cbt_catchup {
@@ -249,7 +254,7 @@ struct ferry_cbt_catchup {
 	__u32 flags;        /* in: FERRY_CBT_CATCHUP_F_* */
 };
 
-FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 80, "attach is 80 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_attach) == 88, "attach is 88 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_detach) == 8, "detach is 8 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 184, "status is 184 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_cap) == 16, "cap is 16 bytes");

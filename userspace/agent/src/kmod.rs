@@ -34,6 +34,8 @@ pub struct Kmod {
     /// Attached again at module load from a state file that was not
     /// from a clean stop: changes may be missing.
     pub unclean: bool,
+    /// With `restored`/`unclean`: the state file's next sequence number.
+    pub restored_seq: u64,
 }
 
 /// What CATCHUP handed over.
@@ -136,6 +138,7 @@ impl Kmod {
             attach_id: a.attach_id,
             restored: a.out_flags & g::FERRY_CBT_ATTACHED_RESTORED != 0,
             unclean: a.out_flags & g::FERRY_CBT_ATTACHED_UNCLEAN != 0,
+            restored_seq: a.restored_seq,
         })
     }
 

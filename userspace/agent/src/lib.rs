@@ -219,6 +219,7 @@ pub struct Agent {
     bpf: Option<ferry_bpf::Tracker>,
     /// The kernel module's attachment (kmod tracker only).
     kmod: Option<kmod::Kmod>,
+    kmod_last_release: Instant,
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
     last_recursion_check: Instant,
@@ -426,7 +427,7 @@ impl Agent {
                 if protected_before {
                     st.resync_required = Some("the kernel module was stopped uncleanly (a crash or a reset)".into());
                 }
-            } else if k.restored && protected_before && st.tracker == tracker.as_str() && k.status()?.seq < st.kmod_next_seq {
+            } else if k.restored && protected_before && st.tracker == tracker.as_str() && k.restored_seq < st.kmod_next_seq {
                 log::warn!("the kernel module restored {} from an older state file than this agent followed", opts.disk.display());
                 st.resync_required = Some("the kernel module's state file is older than the changes already shipped".into());
             } else if k.restored && protected_before && st.tracker == tracker.as_str() {
@@ -458,6 +459,7 @@ impl Agent {
             map: None,
             bpf,
             kmod,
+            kmod_last_release: Instant::now(),
             lag_pending: VecDeque::new(),
             last_recursion_check: Instant::now(),
             last_sweep: Instant::now(),
@@ -560,6 +562,12 @@ impl Agent {
         }
         // From here on the master target's durable sequence is the truth.
         self.st.acked_seq = sess.durable_at_open;
+        // Ranges the kernel module handed over and the master target has
+        // not made durable are nowhere else any more.
+        if self.st.kmod_catchup_until.is_some_and(|u| u > self.st.acked_seq) {
+            self.st.resync_required = Some("a catch-up from the kernel module's bitmap was not made durable".into());
+            self.st.kmod_catchup_until = None;
+        }
         self.pass_sums = None;
         self.map = ChunkMap::load(&self.sd.chunk_map_file()).filter(|m| {
             same_gen
@@ -1060,12 +1068,20 @@ impl Agent {
     /// pass reads the disk. Any bitmap handed over is covered by the pass.
     fn kmod_drop_all(&mut self, k: &kmod::Kmod) -> Result<(), AgentError> {
         let ring = &k.ring;
+        kmod_complete_release(k, self.st.kmod_released)?;
         let (c, p) = (ring.consumer(), ring.producer());
         let mut d = ring.data_consumer();
         let (recs, next) = ring.read_from(c, p.wrapping_sub(c) as usize)?;
-        for r in recs.iter().flatten() {
-            if r.data {
-                d = ring.skip_payload(d, r.length);
+        for r in &recs {
+            match r {
+                Ok(r) if r.data => d = ring.skip_payload(d, r.length),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(AgentError::Tracker(format!(
+                        "kmod tracker: the ring holds an invalid record ({e}), so where its payloads end is unknown; \
+                         detach and attach the disk again (`ferry unprotect`, then protect it anew)"
+                    )))
+                }
             }
         }
         self.st.kmod_released = Some((next, d));
@@ -1122,16 +1138,7 @@ impl Agent {
         let ring = &k.ring;
         let size = self.st.size;
         self.st.mode = "streaming".into();
-        // A release interrupted between its two index stores is finished
-        // from the pair saved before it.
-        if let Some((i, d)) = self.st.kmod_released {
-            if ring.consumer() != i && ring.in_window(i) {
-                ring.release(i)?;
-            }
-            if ring.consumer() == i {
-                ring.release_data(d);
-            }
-        }
+        kmod_complete_release(k, self.st.kmod_released)?;
         self.save()?;
         let mut cursor = ring.consumer();
         let mut dcur = ring.data_consumer();
@@ -1345,7 +1352,9 @@ impl Agent {
             self.st.cut_problem = Some(why.clone());
         }
         hook?;
-        if !all && self.opts.freeze_cmd.is_none() {
+        if failed.is_some() || thawed.is_err() || !all {
+            // Not app-consistent this time: a crash-consistent point instead
+            // (the reason stays in `ferry status`).
             return Ok(None);
         }
         Ok(Some(placed?.is_some()))
@@ -1373,7 +1382,9 @@ impl Agent {
         // Release what the master target has made durable, at most twice
         // a second: the pair is saved first (kmod_released), since the two
         // index stores below are not one atomic step.
-        if pending.front().is_some_and(|&(seq, _, _)| seq <= self.st.acked_seq) && self.last_save.elapsed() >= Duration::from_millis(500) {
+        if pending.front().is_some_and(|&(seq, _, _)| seq <= self.st.acked_seq)
+            && self.kmod_last_release.elapsed() >= Duration::from_millis(500)
+        {
             self.kmod_release_now(ring, pending)?;
         }
         Ok(())
@@ -1398,6 +1409,7 @@ impl Agent {
         } else {
             self.save()?;
         }
+        self.kmod_last_release = Instant::now();
         Ok(())
     }
 
@@ -1862,6 +1874,20 @@ pub fn unprotect(state: &Path) -> Result<String, AgentError> {
     st.running = false;
     sd.save(&st)?;
     Ok(st.name)
+}
+
+/// Finish a release of the kmod ring interrupted between its two index
+/// stores, from the pair saved before it (`kmod_released`).
+fn kmod_complete_release(k: &kmod::Kmod, saved: Option<(u64, u64)>) -> Result<(), AgentError> {
+    if let Some((i, d)) = saved {
+        if k.ring.consumer() != i && k.ring.in_window(i) {
+            k.ring.release(i)?;
+        }
+        if k.ring.consumer() == i {
+            k.ring.release_data(d);
+        }
+    }
+    Ok(())
 }
 
 /// Bitmap ranges handed over by CATCHUP, shipped once the stream reaches

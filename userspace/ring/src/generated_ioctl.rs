@@ -40,6 +40,7 @@ pub struct ferry_cbt_attach {
     pub data_bytes: __u64,
     pub bitmap_block: __u64,
     pub attach_id: __u64,
+    pub restored_seq: __u64,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -47,7 +47,7 @@ pub mod ioctl {
     pub const CATCHUP: u64 = ioc(READ_WRITE, 0x06, size_of::<g::ferry_cbt_catchup>());
 }
 
-const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 80);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 88);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_cap>() == 16);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_catchup>() == 72);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);

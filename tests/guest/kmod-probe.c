@@ -841,19 +841,34 @@ static int t_bitmap(const char *diskp)
 	      recs[1].kind == FERRY_REC_WRITE && recs[1].seq == c.seq + 1 && recs[1].offset == 12 * MiB + 48 * KiB,
 	      "catchup marker then the write: %zu records", n);
 	CHECK(do_status(ctl, a.handle, &st) == 0 && st.bitmap_dirty == 0 && st.catchups == 1, "bitmap empty after catchup");
+	/* DRAIN: the queue is frozen and unfrozen, the in-flight table starts
+	 * over; an unknown flag is refused. */
+	memset(&c, 0, sizeof(c));
+	c.size = sizeof(c);
+	c.handle = a.handle;
+	c.buf = (uint64_t)(uintptr_t)bits;
+	c.buf_bytes = nbytes;
+	c.flags = 0x80;
+	CHECK(ioctl(ctl, FERRY_CBT_IOC_CATCHUP, &c) == -1 && errno == EINVAL, "unknown catchup flag refused");
+	c.flags = FERRY_CBT_CATCHUP_F_DRAIN;
+	CHECK(ioctl(ctl, FERRY_CBT_IOC_CATCHUP, &c) == 0, "catchup with drain: %s", strerror(errno));
+	CHECK(do_status(ctl, a.handle, &st) == 0 && st.inflight == 0 && st.lost == 0 && st.catchups == 2,
+	      "after drain: in flight %llu lost %llu", (unsigned long long)st.inflight, (unsigned long long)st.lost);
+	n = ring_drain(&r, recs, 16);
+	CHECK(n == 1 && recs[0].kind == FERRY_REC_CATCHUP, "the drain's marker");
 	/* A consumer index the producer never handed out is treated as a
 	 * full ring: bitmap mode, never a slot overwritten. */
 	__atomic_store_n(&r.h->consumer, r.h->consumer + 100, __ATOMIC_RELEASE);
 	dwrite(&d, 12 * MiB + 56 * KiB, 4096, 0xcd);
-	CHECK(ring_producer(&r) == 6 && mode_of(&r) == FERRY_CBT_MODE_BITMAP, "bogus consumer: producer %llu mode %u",
+	CHECK(ring_producer(&r) == 7 && mode_of(&r) == FERRY_CBT_MODE_BITMAP, "bogus consumer: producer %llu mode %u",
 	      (unsigned long long)ring_producer(&r), mode_of(&r));
 	/* CATCHUP on a full ring: the bitmap is handed over without a marker,
 	 * and the disk stays in bitmap mode. */
 	memset(bits, 0, nbytes);
 	ret = do_catchup(ctl, a.handle, bits, nbytes, &c);
-	CHECK(ret == 0 && !(c.out_flags & FERRY_CBT_CATCHUP_MARKED) && c.seq == 10 && c.bitmap_dirty == 1 &&
+	CHECK(ret == 0 && !(c.out_flags & FERRY_CBT_CATCHUP_MARKED) && c.seq == 11 && c.bitmap_dirty == 1 &&
 	      (bits[(12 * MiB / (64 * KiB)) / 64] >> ((12 * MiB / (64 * KiB)) % 64) & 1) &&
-	      mode_of(&r) == FERRY_CBT_MODE_BITMAP && ring_producer(&r) == 6,
+	      mode_of(&r) == FERRY_CBT_MODE_BITMAP && ring_producer(&r) == 7,
 	      "catchup on a full ring: %d flags %u seq %llu dirty %llu mode %u", ret, c.out_flags,
 	      (unsigned long long)c.seq, (unsigned long long)c.bitmap_dirty, mode_of(&r));
 	CHECK(do_detach(ctl, a.handle) == 0, "detach");

@@ -5,4 +5,5 @@ mod bad_input;
 mod bpf;
 mod cli;
 mod crash;
+mod export;
 mod replication;

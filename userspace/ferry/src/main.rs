@@ -120,6 +120,25 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "raw")]
         format: FormatArg,
     },
+    /// Serve a recovery point over NBD (export name NAME) while replication continues.
+    Export {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
+        #[arg(long, value_name = "ID|latest|TIME")]
+        point: String,
+        /// Address to listen on, e.g. 127.0.0.1:10809.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Accept writes, into a scratch overlay that is discarded at exit.
+        #[arg(long)]
+        writable: bool,
+        /// Folder of the scratch files (pre-images and overlay; unlinked).
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+    },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -256,6 +275,26 @@ fn run(cli: Cli) -> Result<()> {
             };
             recover::recover(&data, &name, &p, &out, fmt)?;
             eprintln!("recovered {name} point {} ({}, {}) to {}", p.id, p.kind.as_str(), recover::rfc3339(p.time_ns), out.display());
+            Ok(())
+        }
+        Cmd::Export { data, name, point, listen, writable, scratch } => {
+            let sel: Selector = point.parse()?;
+            let pts = recover::points(&data, &name)?;
+            let p = recover::select(&name, &pts, &sel, &point)?;
+            let addr: std::net::SocketAddr =
+                listen.parse().map_err(|_| anyhow::anyhow!("--listen {listen:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:10809"))?;
+            let scratch = scratch.unwrap_or_else(std::env::temp_dir);
+            let view = ferry_target::view::PointView::open(&data, &name, p, writable, &scratch)?;
+            let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            eprintln!(
+                "serving {name} point {} ({}, {}) as NBD export {name:?} on nbd://{}/{name}{}",
+                p.id,
+                p.kind.as_str(),
+                recover::rfc3339(p.time_ns),
+                listener.local_addr()?,
+                if writable { " (writable: writes go to a scratch overlay, discarded at exit)" } else { " (read-only)" }
+            );
+            ferry_target::nbd::serve(listener, name, view)?;
             Ok(())
         }
         Cmd::FreezeGuard { deadline_ms, thaw_cmd, mounts } => {

@@ -6,6 +6,8 @@
 //! - [`journal`]: the undo journal format and its crash repair.
 //! - [`catalog`]: the recovery point catalog.
 //! - [`recover`]: listing and materializing points with no server running.
+//! - [`view`]: a point read in place while replication goes on.
+//! - [`nbd`]: `ferry export`, a point served over NBD.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
 //!
@@ -26,5 +28,7 @@
 pub mod catalog;
 pub mod disk;
 pub mod journal;
+pub mod nbd;
 pub mod recover;
 pub mod server;
+pub mod view;

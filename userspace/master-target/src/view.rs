@@ -1,0 +1,286 @@
+//! A recovery point read in place, without materializing it: what `ferry
+//! export` serves.
+//!
+//! A byte's value at point S is its value in the live replica, unless a
+//! frame after S overwrote it; then it is the pre-image kept by the first
+//! UNDO record after S that covers it (journal order). The view copies
+//! those pre-images, as it finds them, into a private scratch file (sparse,
+//! unlinked, the size of the disk), so that what it serves never depends on
+//! journal bytes that a later repair may cut. Replication goes on meanwhile:
+//! each read first reads the replica, then looks at the journal again. A
+//! write to a range since S is journaled (its pre-image made durable)
+//! before the replica is touched, so a replica byte read before that look
+//! is either still the value at S or covered by a record the look finds.
+//!
+//! A master target starting up may roll back an uncommitted batch and cut
+//! the journal's tail (under the folder's recovery lock, which each read
+//! here takes shared). The pre-images already copied stay right: an UNDO
+//! record holds the bytes from before its write, and for the first write
+//! after S those are the bytes at S, rolled back or not. When the journal
+//! no longer holds the record the view had read last, the view scans it
+//! again from the point (copying only ranges it does not have yet).
+//!
+//! With `--writable`, writes go to a second scratch file (the overlay),
+//! read before anything else, and discarded with the view: nothing of them
+//! reaches the replica or the journal.
+
+use crate::catalog::Point;
+use crate::disk::{lock_recoveries, read_meta, DiskError, Paths};
+use crate::journal::{JournalReader, RecordInfo, KIND_UNDO, KIND_UNDO_ZERO};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Non-overlapping byte ranges `[start, end)`, keyed by start.
+#[derive(Default, Debug, Clone)]
+pub struct RangeSet {
+    map: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// The parts of `[a, b)` the set holds, in order.
+    pub fn covered(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        // A range starting before `a` may reach into it.
+        if let Some((_, &e)) = self.map.range(..a).next_back() {
+            if e > a {
+                out.push((a, e.min(b)));
+            }
+        }
+        for (&s, &e) in self.map.range(a..b) {
+            out.push((s, e.min(b)));
+        }
+        out
+    }
+
+    /// The parts of `[a, b)` the set does not hold, in order.
+    pub fn uncovered(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = a;
+        for (s, e) in self.covered(a, b) {
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < b {
+            out.push((at, b));
+        }
+        out
+    }
+
+    /// Add `[a, b)`, merging with neighbours.
+    pub fn insert(&mut self, a: u64, b: u64) {
+        if a >= b {
+            return;
+        }
+        let (mut a, mut b) = (a, b);
+        if let Some((&s, &e)) = self.map.range(..=a).next_back() {
+            if e >= a {
+                a = s;
+                b = b.max(e);
+            }
+        }
+        let inside: Vec<u64> = self.map.range(a..=b).map(|(&s, _)| s).collect();
+        for s in inside {
+            let e = self.map.remove(&s).expect("key just listed");
+            b = b.max(e);
+        }
+        self.map.insert(a, b);
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.map.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("{0}")]
+    Disk(#[from] DiskError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("read of {len} bytes at {offset} is outside the disk ({size} bytes)")]
+    Range { offset: u64, len: u64, size: u64 },
+}
+
+fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ViewError {
+    let what = what.to_string();
+    move |source| ViewError::Io { what, source }
+}
+
+/// One recovery point of one disk, readable (and with an overlay writable)
+/// while the master target keeps applying frames to the disk.
+pub struct PointView {
+    paths: Paths,
+    pub size: u64,
+    pub point: Point,
+    replica: File,
+    /// Pre-images at the point, copied from the journal.
+    scratch: File,
+    have: RangeSet,
+    /// Where the next journal scan starts, and the record read last.
+    pos: u64,
+    last: Option<RecordInfo>,
+    /// Writes through the export (`--writable`).
+    overlay: Option<(File, RangeSet)>,
+}
+
+impl PointView {
+    /// Open `point` of disk `name` in the data folder `data`; scratch files
+    /// go to `scratch_dir` (unlinked at once).
+    pub fn open(data: &Path, name: &str, point: Point, writable: bool, scratch_dir: &Path) -> Result<PointView, ViewError> {
+        let meta = read_meta(data, name)?;
+        let paths = Paths::new(data, name);
+        let replica = File::open(&paths.replica).map_err(ioe(paths.replica.display()))?;
+        let scratch_file = || -> Result<File, ViewError> {
+            let f = tempfile::tempfile_in(scratch_dir).map_err(ioe(format!("scratch file in {}", scratch_dir.display())))?;
+            f.set_len(meta.size).map_err(ioe("scratch file"))?;
+            Ok(f)
+        };
+        let scratch = scratch_file()?;
+        let overlay = if writable { Some((scratch_file()?, RangeSet::default())) } else { None };
+        let pos = point.journal_pos;
+        let mut v = PointView { paths, size: meta.size, point, replica, scratch, have: RangeSet::default(), pos, last: None, overlay };
+        v.refresh()?;
+        Ok(v)
+    }
+
+    /// Adopt the journal's new records (under the folder's recovery lock,
+    /// held by the caller).
+    fn refresh(&mut self) -> Result<(), ViewError> {
+        let j = JournalReader::open(&self.paths.journal).map_err(DiskError::from)?;
+        let len = j.file_len().map_err(DiskError::from)?;
+        let cut = match self.last {
+            Some(r) => len < r.end || j.record_at(r.pos, len) != Some(r),
+            None => len < self.pos,
+        };
+        if cut {
+            log::info!("{}: the journal was repaired; scanning it again from the point", self.paths.dir.display());
+            self.pos = self.point.journal_pos;
+            self.last = None;
+        }
+        let recs = j.scan(self.pos).map_err(DiskError::from)?;
+        for r in &recs {
+            if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > self.point.seq {
+                let end = (r.offset + u64::from(r.len)).min(self.size);
+                let gaps = self.have.uncovered(r.offset.min(end), end);
+                if gaps.is_empty() {
+                    continue;
+                }
+                let data = if r.kind == KIND_UNDO { Some(j.data(r).map_err(ioe(self.paths.journal.display()))?) } else { None };
+                for (a, b) in gaps {
+                    if let Some(d) = &data {
+                        let from = (a - r.offset) as usize;
+                        self.scratch.write_all_at(&d[from..from + (b - a) as usize], a).map_err(ioe("scratch file"))?;
+                    } else {
+                        crate::disk::zero_range(&self.scratch, a, b - a).map_err(ioe("scratch file"))?;
+                    }
+                    self.have.insert(a, b);
+                }
+            }
+        }
+        if let Some(r) = recs.last() {
+            self.pos = r.end;
+            self.last = Some(*r);
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the point (overlay first).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size);
+        let Some(end) = end else {
+            return Err(ViewError::Range { offset, len: buf.len() as u64, size: self.size });
+        };
+        {
+            // No repair may cut the journal between the replica read and
+            // the journal look that covers it. A read-only copy of a folder
+            // has no writer to exclude.
+            let _guard = lock_recoveries(&self.paths, libc::LOCK_SH).ok();
+            self.replica.read_exact_at(buf, offset).map_err(ioe(self.paths.replica.display()))?;
+            self.refresh()?;
+        }
+        for (a, b) in self.have.covered(offset, end) {
+            let at = (a - offset) as usize;
+            self.scratch.read_exact_at(&mut buf[at..at + (b - a) as usize], a).map_err(ioe("scratch file"))?;
+        }
+        if let Some((f, set)) = &self.overlay {
+            for (a, b) in set.covered(offset, end) {
+                let at = (a - offset) as usize;
+                f.read_exact_at(&mut buf[at..at + (b - a) as usize], a).map_err(ioe("overlay"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether writes are accepted (into the overlay).
+    pub fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// Write into the overlay (`None` data: zeroes).
+    pub fn write(&mut self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), ViewError> {
+        let size = self.size;
+        let Some((f, set)) = &mut self.overlay else {
+            return Err(ViewError::Io { what: "write".into(), source: io::Error::from_raw_os_error(libc::EPERM) });
+        };
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(ViewError::Range { offset, len, size });
+        }
+        match data {
+            Some(d) => f.write_all_at(d, offset).map_err(ioe("overlay"))?,
+            None => crate::disk::zero_range(f, offset, len).map_err(ioe("overlay"))?,
+        }
+        set.insert(offset, offset + len);
+        Ok(())
+    }
+
+    /// Bytes of pre-images copied, and of overlay written.
+    pub fn scratch_bytes(&self) -> (u64, u64) {
+        (self.have.bytes(), self.overlay.as_ref().map_or(0, |(_, s)| s.bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// RangeSet against a byte map: covered and uncovered partition any
+        /// query, and inserts merge.
+        #[test]
+        fn range_set_matches_a_byte_map(ops in proptest::collection::vec((0u64..200, 0u64..40), 1..40), q in (0u64..200, 0u64..60)) {
+            let mut set = RangeSet::default();
+            let mut bytes = vec![false; 260];
+            for (a, l) in ops {
+                set.insert(a, a + l);
+                for b in &mut bytes[a as usize..(a + l) as usize] {
+                    *b = true;
+                }
+            }
+            let (a, b) = (q.0, q.0 + q.1);
+            let mut got = vec![None; 260];
+            for (s, e) in set.covered(a, b) {
+                for x in s..e { prop_assert!(got[x as usize].is_none()); got[x as usize] = Some(true); }
+            }
+            for (s, e) in set.uncovered(a, b) {
+                for x in s..e { prop_assert!(got[x as usize].is_none()); got[x as usize] = Some(false); }
+            }
+            for x in a..b {
+                prop_assert_eq!(got[x as usize], Some(bytes[x as usize]), "byte {}", x);
+            }
+            prop_assert_eq!(set.bytes(), bytes.iter().filter(|&&b| b).count() as u64);
+            let mut prev = None;
+            for (&s, &e) in &set.map {
+                prop_assert!(s < e);
+                if let Some(p) = prev { prop_assert!(s > p, "ranges touch or overlap: not merged"); }
+                prev = Some(e);
+            }
+        }
+    }
+}

@@ -6,4 +6,5 @@ mod bpf;
 mod cli;
 mod crash;
 mod export;
+mod failover;
 mod replication;

@@ -139,6 +139,30 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
     },
+    /// Fail a disk over: refuse its stream, write a point as a bootable image, print how to start it.
+    /// Run again with another point until --commit; --cancel resumes replication.
+    Failover {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
+        #[arg(long, value_name = "ID|latest|TIME", required_unless_present_any = ["commit", "cancel"])]
+        point: Option<String>,
+        #[arg(long, value_name = "PATH", required_unless_present_any = ["commit", "cancel"])]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: FormatArg,
+        /// Start the image with QEMU (the printed command line) once written.
+        #[arg(long)]
+        start: bool,
+        /// Make the failover final.
+        #[arg(long, conflicts_with_all = ["point", "out", "cancel", "start"])]
+        commit: bool,
+        /// Undo the failover: the disk's stream is accepted again.
+        #[arg(long, conflicts_with_all = ["point", "out", "start"])]
+        cancel: bool,
+    },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -295,6 +319,46 @@ fn run(cli: Cli) -> Result<()> {
                 if writable { " (writable: writes go to a scratch overlay, discarded at exit)" } else { " (read-only)" }
             );
             ferry_target::nbd::serve(listener, name, view)?;
+            Ok(())
+        }
+        Cmd::Failover { data, name, point, out, format, start, commit, cancel } => {
+            if commit || cancel {
+                ferry_target::failover::finish(&data, &name, commit)?;
+                eprintln!(
+                    "{name}: {}",
+                    if commit {
+                        "failover committed; its stream stays refused"
+                    } else {
+                        "failover cancelled; its stream is accepted again"
+                    }
+                );
+                return Ok(());
+            }
+            let (point, out) = (point.expect("clap requires --point"), out.expect("clap requires --out"));
+            let sel: Selector = point.parse()?;
+            let pts = recover::points(&data, &name)?;
+            let p = recover::select(&name, &pts, &sel, &point)?;
+            let fmt = match format {
+                FormatArg::Raw => Format::Raw,
+                FormatArg::Qcow2 => Format::Qcow2,
+            };
+            ferry_target::failover::failover(&data, &name, &p, &out, fmt)?;
+            let cmd = ferry_target::failover::qemu_command(&out, fmt);
+            eprintln!(
+                "{name}: failed over to point {} ({}, {}), written to {}; its stream is refused until \
+                 `ferry failover --commit` (final) or `--cancel` (resume); another --point may still be chosen",
+                p.id,
+                p.kind.as_str(),
+                recover::rfc3339(p.time_ns),
+                out.display()
+            );
+            println!("{cmd}");
+            if start {
+                let st = std::process::Command::new("sh").arg("-c").arg(&cmd).status().context("starting qemu-system-x86_64")?;
+                if !st.success() {
+                    anyhow::bail!("qemu-system-x86_64 exited with {st}");
+                }
+            }
             Ok(())
         }
         Cmd::FreezeGuard { deadline_ms, thaw_cmd, mounts } => {

@@ -56,6 +56,8 @@ pub enum DiskError {
     Damaged { name: String, why: String },
     #[error("disk {0}: an earlier write to the replica failed; the stream was closed and the next one repairs the folder")]
     Failed(String),
+    #[error("disk {name} is failed over ({why}): its stream is refused; `ferry failover --cancel` resumes replication")]
+    FailedOver { name: String, why: String },
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> DiskError {
@@ -141,7 +143,7 @@ pub struct Disk {
 }
 
 /// Take the folder's writer lock without blocking.
-fn lock(paths: &Paths, name: &str) -> Result<File, DiskError> {
+pub(crate) fn lock(paths: &Paths, name: &str) -> Result<File, DiskError> {
     let f = OpenOptions::new().write(true).create(true).truncate(false).open(&paths.lock).map_err(ioe(paths.lock.display()))?;
     // SAFETY: flock on an fd we own; no memory is passed.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -162,6 +164,7 @@ impl Disk {
     pub fn open(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
         let paths = Paths::new(data, name);
         fs::create_dir_all(&paths.dir).map_err(ioe(paths.dir.display()))?;
+        crate::failover::refuse_if_failed_over(&paths, name)?;
         let lockf = lock(&paths, name)?;
         let meta: Option<Meta> = read_state(&paths.meta, META_KIND, META_VERSION)?;
         let gen_hex = hex(&generation);
@@ -260,6 +263,8 @@ impl Disk {
         if self.failed {
             return Err(DiskError::Failed(self.name.clone()));
         }
+        // A failover ends the stream at the next batch.
+        crate::failover::refuse_if_failed_over(&self.paths, &self.name)?;
         if ops.is_empty() {
             return Ok(Vec::new());
         }

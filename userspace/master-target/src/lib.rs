@@ -8,6 +8,7 @@
 //! - [`recover`]: listing and materializing points with no server running.
 //! - [`view`]: a point read in place while replication goes on.
 //! - [`nbd`]: `ferry export`, a point served over NBD.
+//! - [`failover`]: `ferry failover`: stop the stream, hand over a point.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
 //!
@@ -27,6 +28,7 @@
 
 pub mod catalog;
 pub mod disk;
+pub mod failover;
 pub mod journal;
 pub mod nbd;
 pub mod recover;

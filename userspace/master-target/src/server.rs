@@ -48,6 +48,7 @@ impl From<DiskError> for Fail {
         let code = match e {
             DiskError::Busy(_) => ErrorCode::Busy,
             DiskError::SizeChanged { .. } => ErrorCode::SizeChanged,
+            DiskError::FailedOver { .. } => ErrorCode::Refused,
             _ => ErrorCode::Internal,
         };
         Fail::new(code, e.to_string())

@@ -1,0 +1,128 @@
+//! Failover of one disk: stop its stream, hand over a chosen point as a
+//! bootable image (and the QEMU command line that starts it), keep the
+//! replica and the journal so that another point can still be chosen, until
+//! the operator commits.
+//!
+//! State: `DIR/NAME/failover.state` (a durable state file, docs/formats.md):
+//! `{"state": "active"|"committed", "point": ID, "out": PATH, "since_ns"}`.
+//! While it exists the master target refuses the disk's stream (at OPEN,
+//! and at the next batch of a stream already open). `--cancel` removes it
+//! (replication resumes where it stopped: the replica was never changed);
+//! `--commit` makes it final: the stream stays refused and no other point
+//! can be chosen (the folder is kept for the record; remove it to reclaim
+//! its space).
+
+use crate::catalog::Point;
+use crate::disk::{DiskError, Paths};
+use crate::recover::{self, Format, RecoverError};
+use ferry_common::durable::{read_state, write_state};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const KIND: &str = "ferry-failover";
+const VERSION: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FailoverState {
+    /// "active" (a point handed over; another may still be chosen) or
+    /// "committed" (final).
+    pub state: String,
+    pub point: u64,
+    pub out: String,
+    pub since_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error("{0}")]
+    Disk(#[from] DiskError),
+    #[error("{0}")]
+    Recover(#[from] RecoverError),
+    #[error("{0}")]
+    State(#[from] ferry_common::durable::StateError),
+    #[error("disk {0}: the failover is committed; no other point can be chosen and replication cannot resume")]
+    Committed(String),
+    #[error("disk {0} is not failed over")]
+    NotFailedOver(String),
+    #[error("disk {0}: its stream did not stop within 30 s (a master target still writing it?)")]
+    StreamGoesOn(String),
+}
+
+fn state_path(paths: &Paths) -> PathBuf {
+    paths.dir.join("failover.state")
+}
+
+/// The disk's failover state, if any.
+pub fn state(data: &Path, name: &str) -> Result<Option<FailoverState>, FailoverError> {
+    Ok(read_state(&state_path(&Paths::new(data, name)), KIND, VERSION)?)
+}
+
+/// Refuse the stream of a disk that is failed over (master target).
+pub fn refuse_if_failed_over(paths: &Paths, name: &str) -> Result<(), DiskError> {
+    let p = state_path(paths);
+    if !p.exists() {
+        return Ok(());
+    }
+    let why = match read_state::<FailoverState>(&p, KIND, VERSION) {
+        Ok(Some(s)) => format!("{} to point {} at {}", s.state, s.point, recover::rfc3339(s.since_ns)),
+        _ => "its failover state cannot be read".into(),
+    };
+    Err(DiskError::FailedOver { name: name.into(), why })
+}
+
+/// Fail `name` over to `point`, written to `out`. The stream is refused
+/// from now on; this waits (30 s at most) for a stream already open to end
+/// before the image is written, so that nothing is applied meanwhile.
+pub fn failover(data: &Path, name: &str, point: &Point, out: &Path, format: Format) -> Result<FailoverState, FailoverError> {
+    crate::disk::read_meta(data, name)?;
+    let paths = Paths::new(data, name);
+    if let Some(s) = state(data, name)? {
+        if s.state == "committed" {
+            return Err(FailoverError::Committed(name.into()));
+        }
+    }
+    let st = FailoverState { state: "active".into(), point: point.id, out: out.display().to_string(), since_ns: ferry_common::now_ns() };
+    write_state(&state_path(&paths), KIND, VERSION, &st)?;
+    // The disk lock is held by an open stream: it ends at its next batch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _lock = loop {
+        match crate::disk::lock(&paths, name) {
+            Ok(l) => break l,
+            Err(DiskError::Busy(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(DiskError::Busy(_)) => return Err(FailoverError::StreamGoesOn(name.into())),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    recover::recover(data, name, point, out, format)?;
+    Ok(st)
+}
+
+/// End the failover: `commit` makes it final, otherwise (cancel) the
+/// stream is accepted again.
+pub fn finish(data: &Path, name: &str, commit: bool) -> Result<Option<FailoverState>, FailoverError> {
+    let paths = Paths::new(data, name);
+    let Some(mut s) = state(data, name)? else {
+        return Err(FailoverError::NotFailedOver(name.into()));
+    };
+    if s.state == "committed" {
+        return Err(FailoverError::Committed(name.into()));
+    }
+    if commit {
+        s.state = "committed".into();
+        write_state(&state_path(&paths), KIND, VERSION, &s)?;
+        Ok(Some(s))
+    } else {
+        std::fs::remove_file(state_path(&paths))
+            .map_err(|e| FailoverError::Disk(DiskError::Io(format!("{}: {e}", state_path(&paths).display()))))?;
+        Ok(None)
+    }
+}
+
+/// The QEMU command line that boots an image handed over by a failover.
+pub fn qemu_command(image: &Path, format: Format) -> String {
+    let fmt = if format == Format::Qcow2 { "qcow2" } else { "raw" };
+    format!(
+        "qemu-system-x86_64 -machine accel=kvm:tcg -m 2048 -smp 2 -drive file={},format={fmt},if=virtio -nic user,model=virtio-net-pci -nographic",
+        image.display()
+    )
+}

@@ -70,6 +70,9 @@ pub struct Paths {
     pub meta: PathBuf,
     pub replica: PathBuf,
     pub journal: PathBuf,
+    /// Pre-images needed only to roll back the batch in progress (see
+    /// `Disk::apply`).
+    pub batch: PathBuf,
     pub points: PathBuf,
     pub lock: PathBuf,
 }
@@ -81,6 +84,7 @@ impl Paths {
             meta: dir.join("disk.meta"),
             replica: dir.join("replica.img"),
             journal: dir.join("journal.fj"),
+            batch: dir.join("batch.fj"),
             points: dir.join("points.log"),
             lock: dir.join("lock"),
             dir,
@@ -130,6 +134,12 @@ pub struct Disk {
     paths: Paths,
     replica: File,
     journal: Journal,
+    /// The batch journal: pre-images of ranges already journaled since the
+    /// last point (copy on first write per interval), kept only until the
+    /// batch commits, for its rollback.
+    batch: Journal,
+    /// Ranges whose pre-image since the last point is in the journal.
+    cofw: crate::view::RangeSet,
     catalog: Catalog,
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
@@ -208,7 +218,8 @@ impl Disk {
         // (the point was recorded after its batch's COMMIT), so the repair
         // reads only the journal after it.
         let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
-        let durable_seq = repair(&paths, &replica, &mut journal, from).map_err(|e| match e {
+        let mut batch = Journal::open(&paths.batch)?;
+        let durable_seq = repair(&paths, &replica, &mut journal, &mut batch, from).map_err(|e| match e {
             DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
             e => e,
         })?;
@@ -218,6 +229,8 @@ impl Disk {
             paths,
             replica,
             journal,
+            batch,
+            cofw: Default::default(),
             catalog,
             durable_seq,
             new_meta,
@@ -244,6 +257,9 @@ impl Disk {
             return Ok(());
         }
         self.journal.sync()?; // undo before overwrite
+        if self.batch.dirty() {
+            self.batch.sync()?;
+        }
         for &i in pending.iter() {
             match &ops[i] {
                 Op::Write { offset, data, .. } => self.replica.write_all_at(data, *offset).map_err(ioe(self.paths.replica.display()))?,
@@ -274,6 +290,9 @@ impl Disk {
         if let Some(m) = self.new_meta.take() {
             write_state(&self.paths.meta, META_KIND, META_VERSION, &m)?;
         }
+        // What the batch journal held is committed (every record in it is
+        // at or below durable_seq): start it over.
+        self.batch.reset()?;
         let mut pending = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut tags = Vec::new();
@@ -286,18 +305,43 @@ impl Disk {
                         self.write_pending(ops, &mut pending)?;
                         ranges.clear();
                     }
-                    if is_hole(&self.replica, a, b) {
-                        self.journal.undo_zero(op.seq(), a, (b - a) as u32);
-                    } else {
-                        let pre = self.read_replica(a, (b - a) as usize)?;
-                        self.journal.undo(op.seq(), a, &pre);
+                    // Copy on first write per interval: a range overwritten
+                    // before since the last point already has, in the
+                    // journal, the pre-image every point needs; this one
+                    // goes to the batch journal, for a rollback only.
+                    let first = self.cofw.uncovered(a, b);
+                    let mut at = a;
+                    let mut parts: Vec<(u64, u64, bool)> = Vec::new();
+                    for (x, y) in first {
+                        if x > at {
+                            parts.push((at, x, false));
+                        }
+                        parts.push((x, y, true));
+                        at = y;
                     }
+                    if at < b {
+                        parts.push((at, b, false));
+                    }
+                    for (x, y, keep) in parts {
+                        let j = if keep { &mut self.journal } else { &mut self.batch };
+                        if is_hole(&self.replica, x, y) {
+                            j.undo_zero(op.seq(), x, (y - x) as u32);
+                        } else {
+                            let mut pre = vec![0u8; (y - x) as usize];
+                            self.replica.read_exact_at(&mut pre, x).map_err(ioe(self.paths.replica.display()))?;
+                            j.undo(op.seq(), x, &pre);
+                        }
+                    }
+                    self.cofw.insert(a, b);
                     pending.push(i);
                     ranges.push((a, b));
                 }
                 None => {
                     if let Op::Tag { seq, time_ns, kind } = op {
                         tags.push((*seq, *time_ns, *kind, self.journal.end()));
+                        // A new interval: the first write of each range
+                        // after this point needs its pre-image kept.
+                        self.cofw = Default::default();
                     }
                 }
             }
@@ -385,7 +429,7 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// Start-up repair: undo what the last, uncommitted batch may have written,
 /// and cut the journal after the last COMMIT. Returns the durable sequence.
-fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Result<u64, DiskError> {
+fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Journal, from: u64) -> Result<u64, DiskError> {
     let reader = JournalReader::open(&paths.journal)?;
     let mut recs = reader.scan(from)?;
     if from > crate::journal::HEADER_LEN && !recs.iter().any(|r| r.kind == KIND_COMMIT) {
@@ -418,24 +462,36 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, from: u64) -> Re
         None => (0, crate::journal::HEADER_LEN),
     };
     let tail = &recs[last_commit.map_or(0, |i| i + 1)..];
-    for r in tail.iter().rev() {
-        if r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO {
-            let data = reader.data(r).map_err(ioe(paths.journal.display()))?;
+    // The uncommitted batch's pre-images are in both journals: undo them
+    // together, newest frame first (each frame's parts are disjoint).
+    let breader = JournalReader::open(&paths.batch)?;
+    let brecs: Vec<_> = breader.scan(0)?.into_iter().filter(|r| r.seq > durable).collect();
+    let mut undo: Vec<(u64, bool, crate::journal::RecordInfo)> = tail
+        .iter()
+        .filter(|r| r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO)
+        .map(|r| (r.seq, false, *r))
+        .chain(brecs.iter().filter(|r| r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO).map(|r| (r.seq, true, *r)))
+        .collect();
+    undo.sort_by_key(|u| std::cmp::Reverse(u.0));
+    if !undo.is_empty() || !tail.is_empty() || file_len != cut {
+        // Recoveries in progress copy the replica expecting the journal as
+        // it is: wait for them before undoing and cutting (see recover.rs).
+        let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
+        for (_, in_batch, r) in &undo {
+            let data = if *in_batch { breader.data(r) } else { reader.data(r) }.map_err(ioe(paths.journal.display()))?;
             replica.write_all_at(&data, r.offset).map_err(ioe(paths.replica.display()))?;
         }
-    }
-    if !tail.is_empty() || file_len != cut {
-        // Recoveries in progress copied the replica expecting these records:
-        // wait for them before undoing and cutting (see recover.rs).
-        let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
         log::warn!(
-            "{}: rolled back {} uncommitted journal records and cut {} bytes of journal tail; durable up to seq {durable}",
+            "{}: rolled back {} uncommitted journal records ({} of them in the batch journal) and cut {} bytes of journal tail; \
+             durable up to seq {durable}",
             paths.dir.display(),
-            tail.len(),
+            undo.len(),
+            brecs.len(),
             file_len - cut
         );
         replica.sync_data().map_err(ioe(paths.replica.display()))?;
         journal.truncate(cut)?;
+        batch.truncate(crate::journal::HEADER_LEN)?;
     }
     Ok(durable)
 }
@@ -490,6 +546,76 @@ mod tests {
         // The journal now ends at the last COMMIT: no seq-3 record is left.
         let recs = JournalReader::open(&disk.paths.journal).unwrap().scan(0).unwrap();
         assert!(recs.iter().all(|r| r.seq <= 2), "{recs:?}");
+    }
+
+    /// Copy on first write per interval: a block overwritten many times
+    /// between two points costs one pre-image in the journal, and every
+    /// point still recovers exactly.
+    #[test]
+    fn hot_blocks_keep_one_pre_image_per_interval() {
+        let t = tempfile::tempdir().unwrap();
+        let mut disk = open(t.path());
+        let mut seq = 0;
+        let mut want = Vec::new();
+        for round in 0..4u8 {
+            // 200 rewrites of the same two blocks, in batches of 10.
+            for b in 0..20u8 {
+                let ops: Vec<Op> = (0..10u8)
+                    .map(|i| {
+                        seq += 1;
+                        Op::Write { seq, offset: u64::from(i % 2) * 4096, data: vec![round * 50 + b + i; 4096] }
+                    })
+                    .collect();
+                disk.apply(&ops).unwrap();
+            }
+            want.push(replica(t.path()));
+            seq += 1;
+            disk.apply(&[Op::Tag { seq, time_ns: u64::from(round), kind: PointKind::Crash }]).unwrap();
+        }
+        let undo: Vec<_> = JournalReader::open(&disk.paths.journal)
+            .unwrap()
+            .scan(0)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO)
+            .collect();
+        // Two blocks, one pre-image each per interval (4 intervals), not 800.
+        assert_eq!(undo.len(), 8, "{} pre-images journaled", undo.len());
+        let pts = crate::catalog::read_points(&disk.paths.points).unwrap().0;
+        let out = t.path().join("out.img");
+        for (p, w) in pts.iter().zip(&want) {
+            crate::recover::recover(t.path(), "d", p, &out, crate::recover::Format::Raw).unwrap();
+            assert!(fs::read(&out).unwrap() == *w, "point {} differs", p.id);
+        }
+    }
+
+    /// A batch cut short whose pre-images went partly to the batch journal
+    /// (ranges already written since the last point) is rolled back from
+    /// both journals.
+    #[test]
+    fn a_torn_batch_rolls_back_from_both_journals() {
+        let t = tempfile::tempdir().unwrap();
+        let mut disk = open(t.path());
+        disk.apply(&[Op::Write { seq: 1, offset: 0, data: vec![1; 8192] }, Op::Tag { seq: 2, time_ns: 5, kind: PointKind::Crash }])
+            .unwrap();
+        disk.apply(&[Op::Write { seq: 3, offset: 0, data: vec![2; 8192] }]).unwrap();
+        let committed = replica(t.path());
+        // Crash mid-batch: seq 4 rewrites [0, 8192) (in the interval's set:
+        // its pre-image goes to the batch journal) and [8192, 12288) (a
+        // first write: the journal); both durable, the replica written, no
+        // COMMIT.
+        disk.batch.reset().unwrap();
+        disk.batch.undo(4, 0, &committed[0..8192]);
+        disk.batch.sync().unwrap();
+        disk.journal.undo(4, 8192, &committed[8192..12288]);
+        disk.journal.sync().unwrap();
+        disk.replica.write_all_at(&[9; 12288], 0).unwrap();
+        drop(disk);
+        let disk = open(t.path());
+        assert_eq!(disk.durable_seq, 3);
+        assert_eq!(replica(t.path()), committed);
+        let b = JournalReader::open(&disk.paths.batch).unwrap().scan(0).unwrap();
+        assert!(b.is_empty(), "the batch journal is emptied by the repair: {b:?}");
     }
 
     #[test]

@@ -272,6 +272,23 @@ impl Journal {
         self.file.sync_data().map_err(io)
     }
 
+    /// Empty the journal down to its header without waiting for the disk
+    /// (the batch journal, between batches: what it held is committed).
+    pub fn reset(&mut self) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io { path: self.path.clone(), source };
+        self.buf.clear();
+        if self.end != HEADER_LEN {
+            self.file.set_len(HEADER_LEN).map_err(io)?;
+            self.end = HEADER_LEN;
+        }
+        Ok(())
+    }
+
+    /// Whether records are buffered (not yet written and synced).
+    pub fn dirty(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Cut the file at `pos` (discarding a torn or rolled-back tail).
     pub fn truncate(&mut self, pos: u64) -> Result<(), JournalError> {
         let io = |source| JournalError::Io { path: self.path.clone(), source };

@@ -555,22 +555,18 @@ mod tests {
     fn hot_blocks_keep_one_pre_image_per_interval() {
         let t = tempfile::tempdir().unwrap();
         let mut disk = open(t.path());
-        let mut seq = 0;
+        let mut seqs = 1u64..;
         let mut want = Vec::new();
         for round in 0..4u8 {
             // 200 rewrites of the same two blocks, in batches of 10.
             for b in 0..20u8 {
                 let ops: Vec<Op> = (0..10u8)
-                    .map(|i| {
-                        seq += 1;
-                        Op::Write { seq, offset: u64::from(i % 2) * 4096, data: vec![round * 50 + b + i; 4096] }
-                    })
+                    .map(|i| Op::Write { seq: seqs.next().unwrap(), offset: u64::from(i % 2) * 4096, data: vec![round * 50 + b + i; 4096] })
                     .collect();
                 disk.apply(&ops).unwrap();
             }
             want.push(replica(t.path()));
-            seq += 1;
-            disk.apply(&[Op::Tag { seq, time_ns: u64::from(round), kind: PointKind::Crash }]).unwrap();
+            disk.apply(&[Op::Tag { seq: seqs.next().unwrap(), time_ns: u64::from(round), kind: PointKind::Crash }]).unwrap();
         }
         let undo: Vec<_> = JournalReader::open(&disk.paths.journal)
             .unwrap()

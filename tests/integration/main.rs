@@ -8,3 +8,4 @@ mod crash;
 mod export;
 mod failover;
 mod replication;
+mod retention;

@@ -163,6 +163,25 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["point", "out", "start"])]
         cancel: bool,
     },
+    /// Set (or show) a disk's retention: how long points are kept, how they thin out, how much journal.
+    Retention {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Drop points older than this (e.g. 7d, 12h); `none` keeps them all.
+        #[arg(long, value_name = "DURATION")]
+        keep: Option<String>,
+        /// Keep every point younger than this (default 2h).
+        #[arg(long, value_name = "DURATION")]
+        keep_all: Option<String>,
+        /// Keep one point an hour up to this age, one a day beyond (default 24h).
+        #[arg(long, value_name = "DURATION")]
+        keep_hourly: Option<String>,
+        /// Largest journal after the oldest kept point (e.g. 50G); `none` for no limit.
+        #[arg(long, value_name = "SIZE")]
+        journal_cap: Option<String>,
+    },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -308,6 +327,12 @@ fn run(cli: Cli) -> Result<()> {
             let addr: std::net::SocketAddr =
                 listen.parse().map_err(|_| anyhow::anyhow!("--listen {listen:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:10809"))?;
             let scratch = scratch.unwrap_or_else(std::env::temp_dir);
+            // Pinned before it is opened: retention keeps a pinned point; it
+            // must still be listed once the pin is there.
+            let _pin = ferry_target::retention::Pin::new(&ferry_target::disk::Paths::new(&data, &name), p.id)?;
+            if !recover::points(&data, &name)?.iter().any(|q| q.id == p.id) {
+                anyhow::bail!("point {} of {name} was dropped by retention just now; choose another", p.id);
+            }
             let view = ferry_target::view::PointView::open(&data, &name, p, writable, &scratch)?;
             let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
             eprintln!(
@@ -319,6 +344,62 @@ fn run(cli: Cli) -> Result<()> {
                 if writable { " (writable: writes go to a scratch overlay, discarded at exit)" } else { " (read-only)" }
             );
             ferry_target::nbd::serve(listener, name, view)?;
+            Ok(())
+        }
+        Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {
+            ferry_target::disk::read_meta(&data, &name)?;
+            let paths = ferry_target::disk::Paths::new(&data, &name);
+            let mut pol = ferry_target::retention::load(&paths)?.unwrap_or(ferry_target::retention::Policy {
+                keep_ns: 0,
+                all_ns: 2 * 3_600_000_000_000,
+                hourly_ns: 24 * 3_600_000_000_000,
+                journal_cap: 0,
+            });
+            let dur = |what: &str, v: &str| -> Result<u64> {
+                if v == "none" {
+                    return Ok(0);
+                }
+                let d = humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{what} {v:?}: {e} (e.g. 90s, 2h, 7days)"))?;
+                Ok(d.as_nanos() as u64)
+            };
+            let changed = keep.is_some() || keep_all.is_some() || keep_hourly.is_some() || journal_cap.is_some();
+            if let Some(v) = &keep {
+                pol.keep_ns = dur("keep", v)?;
+            }
+            if let Some(v) = &keep_all {
+                pol.all_ns = dur("keep-all", v)?;
+            }
+            if let Some(v) = &keep_hourly {
+                pol.hourly_ns = dur("keep-hourly", v)?;
+            }
+            if let Some(v) = &journal_cap {
+                pol.journal_cap =
+                    parse_size(v).ok_or_else(|| anyhow::anyhow!("--journal-cap {v:?}: expected a size like 512M, 50G, or none"))?;
+            }
+            if changed {
+                ferry_target::retention::store(&paths, &pol)?;
+            }
+            let secs = |ns: u64| {
+                if ns == 0 || ns == u64::MAX {
+                    "-".to_string()
+                } else {
+                    humantime::format_duration(Duration::from_secs(ns / 1_000_000_000)).to_string()
+                }
+            };
+            println!(
+                "{name}: keep {}, every point for {}, hourly for {}, journal cap {}",
+                if pol.keep_ns == 0 { "all".into() } else { secs(pol.keep_ns) },
+                secs(pol.all_ns),
+                secs(pol.hourly_ns),
+                if pol.journal_cap == 0 { "none".into() } else { format!("{} bytes", pol.journal_cap) }
+            );
+            // Apply now if no master target is writing the disk (else it does
+            // at its next point).
+            match ferry_target::retention::apply_offline(&data, &name) {
+                Ok(Some(p)) => eprintln!("{name}: {} points dropped, {} kept", p.dropped, p.kept),
+                Ok(None) => eprintln!("{name}: a master target is serving this disk; it applies the policy at the next point"),
+                Err(e) => return Err(e.into()),
+            }
             Ok(())
         }
         Cmd::Failover { data, name, point, out, format, start, commit, cancel } => {
@@ -475,4 +556,19 @@ fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
+}
+
+/// A byte size: a number with an optional K, M, G or T (powers of 1024), or `none` (0).
+fn parse_size(s: &str) -> Option<u64> {
+    if s == "none" {
+        return Some(0);
+    }
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        (i, 'T' | 't') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }

@@ -118,6 +118,29 @@ impl Catalog {
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    /// Replace the catalog with `keep` (retention), atomically: a new file
+    /// is written and made durable, then renamed over the old one. Ids are
+    /// kept (the newest point is always among them, so the next id is too).
+    pub fn rewrite(&mut self, path: &Path, keep: &[Point]) -> io::Result<()> {
+        let tmp = path.with_extension("log.tmp");
+        let mut data = Vec::with_capacity(keep.len() * RECORD);
+        for p in keep {
+            data.extend_from_slice(&p.pack());
+        }
+        {
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all_at(&data, 0)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().read(true).write(true).open(path)?;
+        self.len = data.len() as u64;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

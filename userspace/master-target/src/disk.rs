@@ -140,6 +140,7 @@ pub struct Disk {
     batch: Journal,
     /// Ranges whose pre-image since the last point is in the journal.
     cofw: crate::view::RangeSet,
+    last_retention: Option<std::time::Instant>,
     catalog: Catalog,
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
@@ -231,6 +232,7 @@ impl Disk {
             journal,
             batch,
             cofw: Default::default(),
+            last_retention: None,
             catalog,
             durable_seq,
             new_meta,
@@ -360,7 +362,27 @@ impl Disk {
             self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
         }
         self.failed = false;
+        if !points.is_empty() {
+            self.retain()?;
+        }
         Ok(points)
+    }
+
+    /// Apply the disk's retention policy (crate::retention), at most once a
+    /// second.
+    pub fn retain(&mut self) -> Result<crate::retention::Pass, DiskError> {
+        if self.last_retention.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return Ok(Default::default());
+        }
+        self.last_retention = Some(std::time::Instant::now());
+        let (points, _) = crate::catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
+        let end = self.journal.end();
+        let (catalog, path) = (&mut self.catalog, self.paths.points.clone());
+        let pass = crate::retention::apply(&self.paths, &points, end, |keep| catalog.rewrite(&path, keep))?;
+        if pass.dropped > 0 {
+            log::info!("disk {}: retention dropped {} points, {} kept", self.name, pass.dropped, pass.kept);
+        }
+        Ok(pass)
     }
 
     /// Content for a REF frame: the `len` bytes at `src` in the replica, if

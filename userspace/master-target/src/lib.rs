@@ -9,6 +9,7 @@
 //! - [`view`]: a point read in place while replication goes on.
 //! - [`nbd`]: `ferry export`, a point served over NBD.
 //! - [`failover`]: `ferry failover`: stop the stream, hand over a point.
+//! - [`retention`]: which points a disk keeps; journal space reclaimed.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
 //!
@@ -32,5 +33,6 @@ pub mod failover;
 pub mod journal;
 pub mod nbd;
 pub mod recover;
+pub mod retention;
 pub mod server;
 pub mod view;

@@ -1,0 +1,272 @@
+//! Retention: which recovery points a disk keeps, and reclaiming the
+//! journal space the others held.
+//!
+//! Policy (`DIR/NAME/retention.state`, set with `ferry retention`; without
+//! one, every point is kept):
+//!
+//! - `keep_ns`: points older than this are dropped (the newest point is
+//!   always kept, however old);
+//! - thinning inside the window: every point younger than `all_ns`; one per
+//!   hour (the first of each clock hour) up to `hourly_ns`; one per day (the
+//!   first of each UTC day) beyond. The point kept for an hour is the one
+//!   kept for its day when it ages, so kept points stay kept until they
+//!   leave the window;
+//! - `journal_cap`: if the journal after the oldest kept point is still
+//!   larger than this, the oldest points go too (never the newest);
+//! - points pinned by a running `ferry export` (`DIR/NAME/pins/PID.pin`)
+//!   are kept whatever their age.
+//!
+//! Reclaim: recovering point S reads the journal only from S's position on,
+//! so everything before the oldest kept point's position is dead. The
+//! journal file keeps its length (positions are absolute) and the dead
+//! part is punched out (`fallocate(PUNCH_HOLE)`), under the folder's
+//! recovery lock, so no recovery is reading it meanwhile. Thinning alone
+//! frees nothing: with copy on first write per interval, the pre-images
+//! between two kept points are all first writes of some interval, and
+//! merging intervals would need a compaction (not done).
+
+use crate::catalog::Point;
+use crate::disk::{lock_recoveries, Paths};
+use ferry_common::durable::{read_state, write_state};
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const KIND: &str = "ferry-retention";
+const VERSION: u32 = 1;
+const HOUR: u64 = 3_600_000_000_000;
+const DAY: u64 = 24 * HOUR;
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Drop points older than this (ns); 0: no age limit.
+    pub keep_ns: u64,
+    /// Keep every point younger than this (ns).
+    pub all_ns: u64,
+    /// Keep one point per hour up to this age (ns); beyond, one per day.
+    pub hourly_ns: u64,
+    /// Journal bytes after the oldest kept point; 0: no limit.
+    pub journal_cap: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy { keep_ns: 0, all_ns: u64::MAX, hourly_ns: u64::MAX, journal_cap: 0 }
+    }
+}
+
+fn policy_path(paths: &Paths) -> PathBuf {
+    paths.dir.join("retention.state")
+}
+
+pub fn load(paths: &Paths) -> Result<Option<Policy>, ferry_common::durable::StateError> {
+    read_state(&policy_path(paths), KIND, VERSION)
+}
+
+pub fn store(paths: &Paths, p: &Policy) -> Result<(), ferry_common::durable::StateError> {
+    write_state(&policy_path(paths), KIND, VERSION, p)
+}
+
+/// Point ids pinned by running exports (stale pins, of dead processes,
+/// are removed).
+pub fn pinned(paths: &Paths) -> BTreeSet<u64> {
+    let dir = paths.dir.join("pins");
+    let mut out = BTreeSet::new();
+    let Ok(rd) = std::fs::read_dir(&dir) else { return out };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid: Option<i32> = name.strip_suffix(".pin").and_then(|p| p.parse().ok());
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if let Some(id) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+            out.insert(id);
+        }
+    }
+    out
+}
+
+/// A pin for the life of an export; removed on drop.
+pub struct Pin(PathBuf);
+
+impl Pin {
+    pub fn new(paths: &Paths, point: u64) -> io::Result<Pin> {
+        let dir = paths.dir.join("pins");
+        std::fs::create_dir_all(&dir)?;
+        let p = dir.join(format!("{}.pin", std::process::id()));
+        std::fs::write(&p, point.to_string())?;
+        Ok(Pin(p))
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The points to keep (oldest first), by `policy` at time `now`; `journal_end`
+/// is the journal's length (for the cap).
+pub fn select(points: &[Point], policy: &Policy, now: u64, journal_end: u64, pins: &BTreeSet<u64>) -> Vec<Point> {
+    let Some(newest) = points.last() else { return Vec::new() };
+    let mut hours = BTreeSet::new();
+    let mut days = BTreeSet::new();
+    let mut keep: Vec<Point> = Vec::new();
+    for p in points {
+        let age = now.saturating_sub(p.time_ns);
+        let pinned = pins.contains(&p.id);
+        let kept = p.id == newest.id
+            || pinned
+            || ((policy.keep_ns == 0 || age <= policy.keep_ns)
+                && (age <= policy.all_ns
+                    || if age <= policy.hourly_ns { hours.insert(p.time_ns / HOUR) } else { days.insert(p.time_ns / DAY) }));
+        // A point in an hour (or day) already represented by an older kept
+        // one is dropped; the first of each bucket is marked as it passes.
+        if kept {
+            hours.insert(p.time_ns / HOUR);
+            days.insert(p.time_ns / DAY);
+            keep.push(*p);
+        }
+    }
+    if policy.journal_cap > 0 {
+        while keep.len() > 1 && journal_end.saturating_sub(keep[0].journal_pos) > policy.journal_cap && !pins.contains(&keep[0].id) {
+            keep.remove(0);
+        }
+    }
+    keep
+}
+
+/// Punch out the journal before `pos` (page-aligned, after the header's
+/// page). Returns the bytes punched.
+pub fn punch_before(journal: &Path, pos: u64) -> io::Result<u64> {
+    let start = 4096u64;
+    let end = pos / 4096 * 4096;
+    if end <= start {
+        return Ok(0);
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(journal)?;
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            start as libc::off_t,
+            (end - start) as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(end - start)
+}
+
+/// What a retention pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub dropped: usize,
+    pub kept: usize,
+}
+
+/// Apply the disk's policy now. The caller holds the disk's writer lock (the
+/// master target's session, or `ferry retention`); the catalog is rewritten
+/// through `rewrite`, which returns once the new catalog is durable.
+pub fn apply(
+    paths: &Paths,
+    points: &[Point],
+    journal_end: u64,
+    rewrite: impl FnOnce(&[Point]) -> io::Result<()>,
+) -> Result<Pass, crate::disk::DiskError> {
+    let Some(policy) = load(paths)? else { return Ok(Pass { dropped: 0, kept: points.len() }) };
+    let keep = select(points, &policy, ferry_common::now_ns(), journal_end, &pinned(paths));
+    if keep.len() == points.len() {
+        return Ok(Pass { dropped: 0, kept: keep.len() });
+    }
+    let ioe = |e: io::Error| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display()));
+    // No recovery may be reading the part of the journal about to go.
+    let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
+    rewrite(&keep).map_err(ioe)?;
+    if let Some(oldest) = keep.first() {
+        punch_before(&paths.journal, oldest.journal_pos)
+            .map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.journal.display())))?;
+    }
+    Ok(Pass { dropped: points.len() - keep.len(), kept: keep.len() })
+}
+
+/// `ferry retention` with no master target: take the disk's writer lock
+/// (None if a master target holds it) and apply the policy.
+pub fn apply_offline(data: &Path, name: &str) -> Result<Option<Pass>, crate::disk::DiskError> {
+    let paths = Paths::new(data, name);
+    let _lock = match crate::disk::lock(&paths, name) {
+        Ok(l) => l,
+        Err(crate::disk::DiskError::Busy(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let (points, _) =
+        crate::catalog::read_points(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
+    let end = std::fs::metadata(&paths.journal).map(|m| m.len()).unwrap_or(0);
+    let (mut catalog, _) =
+        crate::catalog::Catalog::open(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
+    let points_path = paths.points.clone();
+    apply(&paths, &points, end, |keep| catalog.rewrite(&points_path, keep)).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::PointKind;
+
+    fn pts(times: &[u64]) -> Vec<Point> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| Point {
+                id: i as u64 + 1,
+                seq: i as u64 * 10,
+                time_ns: t,
+                kind: PointKind::Crash,
+                journal_pos: 64 + i as u64 * 1000,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thinning_keeps_all_then_hourly_then_daily_and_drops_the_old() {
+        let now = 100 * DAY;
+        let min = HOUR / 60;
+        // Every 10 minutes for the last 4 days.
+        let times: Vec<u64> = (0..(4 * 24 * 6)).map(|i| now - 4 * DAY + i * 10 * min).collect();
+        let p = pts(&times);
+        let pol = Policy { keep_ns: 3 * DAY, all_ns: 2 * HOUR, hourly_ns: DAY, journal_cap: 0 };
+        let keep = select(&p, &pol, now, 1 << 40, &BTreeSet::new());
+        let age = |k: &Point| now - k.time_ns;
+        // Nothing older than the window.
+        assert!(keep.iter().all(|k| age(k) <= 3 * DAY));
+        // Everything in the last two hours.
+        assert_eq!(keep.iter().filter(|k| age(k) <= 2 * HOUR).count(), p.iter().filter(|k| age(k) <= 2 * HOUR).count());
+        // One per hour between 2 h and 1 day, one per day beyond.
+        let hourly = keep.iter().filter(|k| age(k) > 2 * HOUR && age(k) <= DAY).count();
+        assert!((21..=23).contains(&hourly), "{hourly} hourly points");
+        let daily = keep.iter().filter(|k| age(k) > DAY).count();
+        assert!((2..=3).contains(&daily), "{daily} daily points");
+        // Stable: applying the policy again (later) keeps a subset.
+        let later = select(&keep, &pol, now + HOUR, 1 << 40, &BTreeSet::new());
+        assert!(later.iter().all(|k| keep.contains(k)));
+    }
+
+    #[test]
+    fn the_newest_and_pinned_points_stay_and_the_cap_drops_the_oldest() {
+        let p = pts(&[1, 2, 3, 4, 5]);
+        let pol = Policy { keep_ns: 1, all_ns: 0, hourly_ns: 0, journal_cap: 0 };
+        let pins: BTreeSet<u64> = [2].into();
+        let keep = select(&p, &pol, 1000 * DAY, 1 << 40, &pins);
+        assert_eq!(keep.iter().map(|k| k.id).collect::<Vec<_>>(), [2, 5]);
+        let cap = Policy { keep_ns: 0, all_ns: u64::MAX, hourly_ns: u64::MAX, journal_cap: 2500 };
+        let keep = select(&p, &cap, 10, 64 + 5000, &BTreeSet::new());
+        // Journal ends at 5064: only points whose position is within 2500 of it.
+        assert_eq!(keep.iter().map(|k| k.id).collect::<Vec<_>>(), [4, 5]);
+    }
+}

@@ -93,3 +93,37 @@ fn stale_chunk_map_is_not_trusted() {
     recover_to(&t.s("data"), "vm", "latest", &t.s("ra.img"));
     assert_same(&t.path("a.img"), &t.path("ra.img"));
 }
+
+/// A point as qcow2 passes `qemu-img check` and equals the raw recovery;
+/// a copy of the master target's folder recovers on its own (no server,
+/// no database).
+#[test]
+fn qcow2_recovery_checks_clean_and_a_copied_folder_recovers() {
+    let t = TempDir::new("qcow2");
+    let img = t.path("disk.img");
+    mixed_image(&img, 16 << 20, 31);
+    let mt = MasterTarget::start(&t.path("data"));
+    scan_once(img.to_str().unwrap(), "q", &mt.addr, &t.s("st"));
+    change_blocks(&img, 0.05, 32);
+    scan_once(img.to_str().unwrap(), "q", &mt.addr, &t.s("st"));
+    drop(mt);
+    run_ok(&["recover", "--data", &t.s("data"), "--name", "q", "--point", "1", "--out", &t.s("p1.qcow2"), "--format", "qcow2"]);
+    recover_to(&t.s("data"), "q", "1", &t.s("p1.img"));
+    let check = std::process::Command::new("qemu-img").args(["check", "-f", "qcow2", &t.s("p1.qcow2")]).output().unwrap();
+    assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
+    let cmp = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", &t.s("p1.img"), &t.s("p1.qcow2")])
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
+    // The folder, copied elsewhere, is all it takes.
+    let st = std::process::Command::new("cp").args(["-a", &t.s("data"), &t.s("copy")]).status().unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(t.path("data")).unwrap();
+    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("copy"), "--name", "q", "--json"])).unwrap();
+    assert_eq!(pts.as_array().unwrap().len(), 2, "{pts}");
+    recover_to(&t.s("copy"), "q", "latest", &t.s("latest.img"));
+    assert_same(&img, &t.path("latest.img"));
+    recover_to(&t.s("copy"), "q", "1", &t.s("p1-copy.img"));
+    assert_same(&t.path("p1.img"), &t.path("p1-copy.img"));
+}

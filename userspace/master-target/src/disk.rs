@@ -141,6 +141,9 @@ pub struct Disk {
     /// Ranges whose pre-image since the last point is in the journal.
     cofw: crate::view::RangeSet,
     last_retention: Option<std::time::Instant>,
+    /// FERRY_NO_COFW=1 (benchmark only): journal every overwrite, as before
+    /// copy on first write per interval, to measure what it saves.
+    no_cofw: bool,
     catalog: Catalog,
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
@@ -233,6 +236,7 @@ impl Disk {
             batch,
             cofw: Default::default(),
             last_retention: None,
+            no_cofw: std::env::var_os("FERRY_NO_COFW").is_some_and(|v| v == "1"),
             catalog,
             durable_seq,
             new_meta,
@@ -311,7 +315,7 @@ impl Disk {
                     // before since the last point already has, in the
                     // journal, the pre-image every point needs; this one
                     // goes to the batch journal, for a rollback only.
-                    let first = self.cofw.uncovered(a, b);
+                    let first = if self.no_cofw { vec![(a, b)] } else { self.cofw.uncovered(a, b) };
                     let mut at = a;
                     let mut parts: Vec<(u64, u64, bool)> = Vec::new();
                     for (x, y) in first {

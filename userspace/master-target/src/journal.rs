@@ -23,6 +23,10 @@
 //! file is truncated after the COMMIT; a record that fails its checksum ends
 //! the valid journal (a torn tail) and is discarded with everything after it.
 //!
+//! The same format serves the batch journal `batch.fj` (see
+//! `Disk::apply`: pre-images of ranges already journaled since the last
+//! point, kept only to roll back the batch in progress).
+//!
 //! Recovery to a point at SEQ S: take the replica as it is now, then apply,
 //! newest first, every UNDO record with seq > S found after the point's
 //! journal position. Each byte then holds its value from before the first

@@ -15,7 +15,7 @@
 //!
 //! | step | what                                    | durable by         |
 //! |------|-----------------------------------------|--------------------|
-//! | 1    | pre-images appended to the journal      | journal fdatasync  |
+//! | 1    | pre-images appended to the journal (first overwrite since the last point) or the batch journal (later ones) | journal (+ batch) fdatasync |
 //! | 2    | replica ranges overwritten              | replica fdatasync  |
 //! | 3    | COMMIT(seq) appended                    | journal fdatasync  |
 //! | 4    | points for the batch's TAGs appended    | catalog fdatasync  |

@@ -172,10 +172,10 @@ enum Cmd {
         /// Drop points older than this (e.g. 7d, 12h); `none` keeps them all.
         #[arg(long, value_name = "DURATION")]
         keep: Option<String>,
-        /// Keep every point younger than this (default 2h).
+        /// Keep every point younger than this (default: every point in the window).
         #[arg(long, value_name = "DURATION")]
         keep_all: Option<String>,
-        /// Keep one point an hour up to this age, one a day beyond (default 24h).
+        /// Keep one point an hour up to this age, one a day beyond (default: no thinning).
         #[arg(long, value_name = "DURATION")]
         keep_hourly: Option<String>,
         /// Largest journal after the oldest kept point (e.g. 50G); `none` for no limit.
@@ -329,9 +329,15 @@ fn run(cli: Cli) -> Result<()> {
             let scratch = scratch.unwrap_or_else(std::env::temp_dir);
             // Pinned before it is opened: retention keeps a pinned point; it
             // must still be listed once the pin is there.
-            let _pin = ferry_target::retention::Pin::new(&ferry_target::disk::Paths::new(&data, &name), p.id)?;
-            if !recover::points(&data, &name)?.iter().any(|q| q.id == p.id) {
-                anyhow::bail!("point {} of {name} was dropped by retention just now; choose another", p.id);
+            let paths = ferry_target::disk::Paths::new(&data, &name);
+            let _pin = ferry_target::retention::Pin::new(&paths, p.id)?;
+            {
+                // Under the shared recovery lock: a retention pass either
+                // saw the pin or finished before this look.
+                let _g = ferry_target::disk::lock_recoveries(&paths, libc::LOCK_SH).ok();
+                if !recover::points(&data, &name)?.iter().any(|q| q.id == p.id) {
+                    anyhow::bail!("point {} of {name} was dropped by retention just now; choose another", p.id);
+                }
             }
             let view = ferry_target::view::PointView::open(&data, &name, p, writable, &scratch)?;
             let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -349,18 +355,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {
             ferry_target::disk::read_meta(&data, &name)?;
             let paths = ferry_target::disk::Paths::new(&data, &name);
-            let mut pol = ferry_target::retention::load(&paths)?.unwrap_or(ferry_target::retention::Policy {
-                keep_ns: 0,
-                all_ns: 2 * 3_600_000_000_000,
-                hourly_ns: 24 * 3_600_000_000_000,
-                journal_cap: 0,
-            });
+            let mut pol = ferry_target::retention::load(&paths)?.unwrap_or_default();
             let dur = |what: &str, v: &str| -> Result<u64> {
                 if v == "none" {
                     return Ok(0);
                 }
                 let d = humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{what} {v:?}: {e} (e.g. 90s, 2h, 7days)"))?;
-                Ok(d.as_nanos() as u64)
+                Ok(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             };
             let changed = keep.is_some() || keep_all.is_some() || keep_hourly.is_some() || journal_cap.is_some();
             if let Some(v) = &keep {

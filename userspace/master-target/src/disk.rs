@@ -193,6 +193,7 @@ impl Disk {
             r.set_len(size).map_err(ioe(paths.replica.display()))?;
             r.sync_all().map_err(ioe(paths.replica.display()))?;
             let _ = fs::remove_file(&paths.journal);
+            let _ = fs::remove_file(&paths.batch);
             let _ = fs::remove_file(&paths.points);
         }
         // A new disk's meta is written now (it marks the folder complete); a
@@ -367,7 +368,11 @@ impl Disk {
         }
         self.failed = false;
         if !points.is_empty() {
-            self.retain()?;
+            // The batch is durable and acknowledged from here on: retention
+            // failing must not fail it (it would be applied again).
+            if let Err(e) = self.retain() {
+                log::warn!("disk {}: retention: {e}", self.name);
+            }
         }
         Ok(points)
     }

@@ -44,7 +44,7 @@ pub enum FailoverError {
     Committed(String),
     #[error("disk {0} is not failed over")]
     NotFailedOver(String),
-    #[error("disk {0}: its stream did not stop within 30 s (a master target still writing it?)")]
+    #[error("disk {0}: its stream did not stop within 120 s (an agent that sends nothing keeps it open: stop the agent, or let it send); nothing was failed over")]
     StreamGoesOn(String),
 }
 
@@ -81,16 +81,27 @@ pub fn failover(data: &Path, name: &str, point: &Point, out: &Path, format: Form
             return Err(FailoverError::Committed(name.into()));
         }
     }
+    let was_active = state(data, name)?.is_some();
     let st = FailoverState { state: "active".into(), point: point.id, out: out.display().to_string(), since_ns: ferry_common::now_ns() };
     write_state(&state_path(&paths), KIND, VERSION, &st)?;
+    // Retention keeps the point while it is written out.
+    let _pin = crate::retention::Pin::new(&paths, point.id).map_err(|e| DiskError::Io(format!("{}: {e}", paths.dir.display())))?;
     // The disk lock is held by an open stream: it ends at its next batch.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let _lock = loop {
         match crate::disk::lock(&paths, name) {
             Ok(l) => break l,
             Err(DiskError::Busy(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Err(DiskError::Busy(_)) => return Err(FailoverError::StreamGoesOn(name.into())),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Nothing was handed over: a first failover leaves no state.
+                if !was_active {
+                    let _ = std::fs::remove_file(state_path(&paths));
+                }
+                return Err(match e {
+                    DiskError::Busy(_) => FailoverError::StreamGoesOn(name.into()),
+                    e => e.into(),
+                });
+            }
         }
     };
     recover::recover(data, name, point, out, format)?;

@@ -76,7 +76,8 @@ pub fn pinned(paths: &Paths) -> BTreeSet<u64> {
     let Ok(rd) = std::fs::read_dir(&dir) else { return out };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let pid: Option<i32> = name.strip_suffix(".pin").and_then(|p| p.parse().ok());
+        let pid: Option<i32> =
+            name.strip_suffix(".pin").and_then(|p| p.parse::<u32>().ok()).filter(|&p| p > 0 && p <= i32::MAX as u32).map(|p| p as i32);
         // SAFETY: kill with signal 0 only checks that the process exists.
         let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
         if !alive {
@@ -98,7 +99,10 @@ impl Pin {
         let dir = paths.dir.join("pins");
         std::fs::create_dir_all(&dir)?;
         let p = dir.join(format!("{}.pin", std::process::id()));
-        std::fs::write(&p, point.to_string())?;
+        // Whole or absent: a reader never sees an empty pin.
+        let tmp = dir.join(format!(".{}.pin.tmp", std::process::id()));
+        std::fs::write(&tmp, point.to_string())?;
+        std::fs::rename(&tmp, &p)?;
         Ok(Pin(p))
     }
 }
@@ -181,13 +185,24 @@ pub fn apply(
     rewrite: impl FnOnce(&[Point]) -> io::Result<()>,
 ) -> Result<Pass, crate::disk::DiskError> {
     let Some(policy) = load(paths)? else { return Ok(Pass { dropped: 0, kept: points.len() }) };
-    let keep = select(points, &policy, ferry_common::now_ns(), journal_end, &pinned(paths));
+    let now = ferry_common::now_ns();
+    if select(points, &policy, now, journal_end, &pinned(paths)).len() == points.len() {
+        return Ok(Pass { dropped: 0, kept: points.len() });
+    }
+    let ioe = |e: io::Error| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display()));
+    // No recovery may be reading the part of the journal about to go. A
+    // recovery or export holding the lock shared makes this pass wait for
+    // the next point rather than stall the stream.
+    let _guard = match lock_recoveries(paths, libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(g) => g,
+        Err(_) => return Ok(Pass { dropped: 0, kept: points.len() }),
+    };
+    // Pins read again under the lock: an export pins its point, then checks
+    // the catalog under the shared lock, so one of the two sees the other.
+    let keep = select(points, &policy, now, journal_end, &pinned(paths));
     if keep.len() == points.len() {
         return Ok(Pass { dropped: 0, kept: keep.len() });
     }
-    let ioe = |e: io::Error| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display()));
-    // No recovery may be reading the part of the journal about to go.
-    let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
     rewrite(&keep).map_err(ioe)?;
     if let Some(oldest) = keep.first() {
         punch_before(&paths.journal, oldest.journal_pos)

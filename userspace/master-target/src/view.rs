@@ -159,6 +159,15 @@ impl PointView {
             None => len < self.pos,
         };
         if cut {
+            // A repair cut the tail, or retention punched the journal: only
+            // the former leaves the point listed.
+            let (pts, _) = crate::catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
+            if !pts.iter().any(|p| p.id == self.point.id) {
+                return Err(ViewError::Io {
+                    what: format!("point {}", self.point.id),
+                    source: io::Error::other("no longer in the catalog (dropped by retention)"),
+                });
+            }
             log::info!("{}: the journal was repaired; scanning it again from the point", self.paths.dir.display());
             self.pos = self.point.journal_pos;
             self.last = None;

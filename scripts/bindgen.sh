@@ -19,4 +19,4 @@ gen() {
   echo "wrote $out"
 }
 gen ferry_cbt.h generated.rs 'ferry_.*' 'FERRY_.*'
-gen ferry_cbt_ioctl.h generated_ioctl.rs 'ferry_cbt_(attach|detach|status|tag|cap|catchup)' 'FERRY_CBT_.*'
+gen ferry_cbt_ioctl.h generated_ioctl.rs 'ferry_cbt_(attach|detach|status|tag|cap|catchup|group_tag)' 'FERRY_CBT_.*'

@@ -162,6 +162,7 @@ const void *ferry_ring_taken_bitmap(const struct ferry_ring *r);
 void ferry_ring_clear_taken(struct ferry_ring *r);
 void ferry_ring_untake(struct ferry_ring *r);
 void ferry_ring_forget_inflight(struct ferry_ring *r);
+int ferry_ring_group_tag(struct ferry_ring **rings, unsigned int n, u64 id, u64 *seqs);
 void ferry_ring_fold_pending(struct ferry_ring *r, unsigned long *map);
 void ferry_ring_restore(struct ferry_ring *r, const void *bitmap);
 

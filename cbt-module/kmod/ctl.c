@@ -682,6 +682,64 @@ put:
 	return ret;
 }
 
+static long ferry_ioc_group_tag(void __user *uarg)
+{
+	struct ferry_cbt_group_tag g;
+	struct ferry_disk *fds[FERRY_CBT_GROUP_MAX], *t;
+	struct ferry_ring *rings[FERRY_CBT_GROUP_MAX];
+	u64 seqs[FERRY_CBT_GROUP_MAX];
+	unsigned int i, j;
+	u32 usize;
+	int ret;
+
+	ret = ferry_copy_in(&g, sizeof(g), uarg, &usize);
+	if (ret)
+		return ret;
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	if (g.count < 2 || g.count > FERRY_CBT_GROUP_MAX)
+		return -EINVAL;
+	/* Held throughout: no disk of the group is detached meanwhile. */
+	mutex_lock(&ferry_lock);
+	for (i = 0; i < g.count; i++) {
+		fds[i] = ferry_by_handle_locked(g.handles[i]);
+		if (!fds[i]) {
+			ret = -ENOENT;
+			goto out;
+		}
+		for (j = 0; j < i; j++)
+			if (fds[j] == fds[i]) {
+				ret = -EINVAL;
+				goto out;
+			}
+	}
+	/* Lock order: table index. Sort a copy, keep the caller's order for
+	 * the output. */
+	for (i = 0; i < g.count; i++)
+		rings[i] = &fds[i]->ring;
+	for (i = 1; i < g.count; i++)
+		for (j = i; j > 0 && (fds[j - 1]->handle & (FERRY_MAX_DISKS - 1)) > (fds[j]->handle & (FERRY_MAX_DISKS - 1)); j--) {
+			struct ferry_ring *r = rings[j];
+
+			t = fds[j];
+			fds[j] = fds[j - 1];
+			fds[j - 1] = t;
+			rings[j] = rings[j - 1];
+			rings[j - 1] = r;
+		}
+	ret = ferry_ring_group_tag(rings, g.count, g.id, seqs);
+	if (!ret)
+		for (i = 0; i < g.count; i++)
+			for (j = 0; j < g.count; j++)
+				if (fds[j]->handle == g.handles[i])
+					g.seqs[i] = seqs[j];
+out:
+	mutex_unlock(&ferry_lock);
+	if (ret)
+		return ret;
+	return ferry_copy_out(uarg, &g, sizeof(g), usize);
+}
+
 /* Commands match on type and number; the size lives in the struct. */
 static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
@@ -702,6 +760,8 @@ static long ferry_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return ferry_ioc_set_cap(uarg);
 	case _IOC_NR(FERRY_CBT_IOC_CATCHUP):
 		return ferry_ioc_catchup(uarg);
+	case _IOC_NR(FERRY_CBT_IOC_GROUP_TAG):
+		return ferry_ioc_group_tag(uarg);
 	default:
 		return -ENOTTY;
 	}

@@ -409,6 +409,36 @@ out:
 	return ret;
 }
 
+/*
+ * GROUP_TAG: rings[] sorted by the caller (a fixed lock order), n <= 8
+ * (lockdep subclasses). All locks are taken, each ring checked, then every
+ * tag placed, then all released: no change to any of the disks falls
+ * between two of the tags.
+ */
+int ferry_ring_group_tag(struct ferry_ring **rings, unsigned int n, u64 id, u64 *seqs)
+{
+	unsigned long irqflags;
+	unsigned int i;
+	int ret = 0;
+
+	local_irq_save(irqflags);
+	for (i = 0; i < n; i++)
+		spin_lock_nested(&rings[i]->lock, i);
+	for (i = 0; i < n; i++) {
+		if (ferry_ring_full_locked(rings[i]) || rings[i]->mode == FERRY_CBT_MODE_BITMAP) {
+			ret = -EAGAIN;
+			goto out;
+		}
+	}
+	for (i = 0; i < n; i++)
+		seqs[i] = ferry_ring_fill_locked(rings[i], id, 0, FERRY_REC_TAG, FERRY_RECF_GROUP);
+out:
+	for (i = n; i-- > 0;)
+		spin_unlock(&rings[i]->lock);
+	local_irq_restore(irqflags);
+	return ret;
+}
+
 /* A change no record can describe (see hook.c): the agent must resync. */
 void ferry_ring_lost(struct ferry_ring *r, u64 bytes)
 {

@@ -377,3 +377,44 @@ fn master_target_killed_at_random_moments_keeps_every_point_recoverable() {
     eprintln!("{kills} kills, {} repairs that rolled back or cut a journal tail", log.matches("rolled back").count());
     assert!(!log.contains("damaged"), "{log}");
 }
+
+/// The two-disk checker (consistency groups): it accepts both disks after
+/// one prefix of the log, and rejects a pair cut at two different moments.
+#[test]
+fn two_disk_checker_rejects_disks_from_different_moments() {
+    let t = TempDir::new("checker2");
+    let blocks = 32u64;
+    let (a, b, log) = (t.path("a.img"), t.path("b.img"), t.path("w.log"));
+    for p in [&a, &b] {
+        std::fs::File::create(p).unwrap().set_len(blocks * 4096).unwrap();
+    }
+    // Half the writes, copies of both disks (one instant), the rest.
+    versioned::run_workload2([&a, &b], blocks, 3, &log, 150, Duration::ZERO).unwrap_or_else(|e| panic!("{e}"));
+    let (a1, b1) = (t.path("a1.img"), t.path("b1.img"));
+    std::fs::copy(&a, &a1).unwrap();
+    std::fs::copy(&b, &b1).unwrap();
+    let log_at_150 = std::fs::read_to_string(&log).unwrap();
+    // (The workload restarts its numbering: continue it by hand instead.)
+    let mut full = log_at_150.clone();
+    let lines: Vec<(usize, u64)> = log_at_150
+        .lines()
+        .map(|l| {
+            let mut it = l.split(' ');
+            (it.next().unwrap().parse().unwrap(), it.next().unwrap().parse().unwrap())
+        })
+        .collect();
+    let mut rng = Rng::new(4);
+    let files = [OpenOptions::new().write(true).open(&a).unwrap(), OpenOptions::new().write(true).open(&b).unwrap()];
+    use std::os::unix::fs::FileExt;
+    for i in lines.len() as u64 + 1..=300 {
+        let (d, blk) = (rng.below(2) as usize, rng.below(blocks));
+        files[d].write_all_at(&versioned::stamp(i, blk), blk * 4096).unwrap();
+        full.push_str(&format!("{d} {blk}\n"));
+    }
+    std::fs::write(&log, full).unwrap();
+    assert_eq!(versioned::check2([&a, &b], &log, blocks), Ok(300));
+    assert_eq!(versioned::check2([&a1, &b1], &log, blocks), Ok(150));
+    // Disk A from the end, disk B from the middle: not one instant (as long
+    // as B was written after write 150, which 150 random writes make sure).
+    assert!(versioned::check2([&a, &b1], &log, blocks).is_err(), "a pair from two moments must be rejected");
+}

@@ -378,6 +378,7 @@ pub mod versioned {
                     kind: RecordKind::Write,
                     flush: false,
                     data: false,
+                    group: false,
                     time_ns: 0,
                 });
             }
@@ -404,6 +405,83 @@ pub mod versioned {
             }
         }
         Ok(())
+    }
+
+    /// The versioned workload over two disks (a consistency group): each
+    /// write goes to one of them, one at a time, logged as `DISK BLOCK`
+    /// (DISK 0 or 1) once it completed.
+    pub fn run_workload2(
+        devs: [&Path; 2],
+        blocks: u64,
+        seed: u64,
+        log: &Path,
+        count: u64,
+        pause: std::time::Duration,
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |p: &Path| std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(p);
+        let disks = [open(devs[0])?, open(devs[1])?];
+        let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut rng = Rng::new(seed);
+        let mut buf = ferry_common::buf::AlignedBuf::new(BLOCK);
+        for i in 1..=count {
+            let d = rng.below(2) as usize;
+            let b = rng.below(blocks);
+            buf.copy_from_slice(&stamp(i, b));
+            disks[d].write_all_at(&buf, b * BLOCK as u64)?;
+            writeln!(logf, "{d} {b}")?;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+        Ok(())
+    }
+
+    /// Check two images against a [`run_workload2`] log: together they must
+    /// be the two disks after one prefix of it. Returns the prefix length.
+    pub fn check2(images: [&Path; 2], log: &Path, blocks: u64) -> Result<u64, String> {
+        let s = std::fs::read_to_string(log).map_err(|e| e.to_string())?;
+        let complete = if s.ends_with('\n') { &s[..] } else { &s[..s.rfind('\n').map_or(0, |i| i + 1)] };
+        let log: Vec<(usize, u64)> = complete
+            .lines()
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next().and_then(|d| d.parse().ok()).unwrap_or(9), it.next().and_then(|b| b.parse().ok()).unwrap_or(u64::MAX))
+            })
+            .collect();
+        let mut seen = vec![vec![0u64; blocks as usize]; 2];
+        let mut buf = vec![0u8; BLOCK];
+        for (d, img) in images.iter().enumerate() {
+            let f = File::open(img).map_err(|e| e.to_string())?;
+            for b in 0..blocks {
+                f.read_exact_at(&mut buf, b * BLOCK as u64).map_err(|e| e.to_string())?;
+                if buf.iter().all(|&x| x == 0) {
+                    continue;
+                }
+                let i = u64::from_le_bytes(buf[0..8].try_into().unwrap());
+                if i == 0 || i > log.len() as u64 || buf != stamp(i, b) || log[i as usize - 1] != (d, b) {
+                    return Err(format!("disk {d} block {b} holds content no logged write put there"));
+                }
+                seen[d][b as usize] = i;
+            }
+        }
+        let k = seen.iter().flatten().copied().max().unwrap_or(0);
+        let mut want = vec![vec![0u64; blocks as usize]; 2];
+        for (n, &(d, b)) in log.iter().take(k as usize).enumerate() {
+            want[d][b as usize] = n as u64 + 1;
+        }
+        for d in 0..2 {
+            for b in 0..blocks as usize {
+                if seen[d][b] != want[d][b] {
+                    return Err(format!(
+                        "not a prefix of the log: disk {d} block {b} holds write {} but after write {k} it held write {}",
+                        seen[d][b], want[d][b]
+                    ));
+                }
+            }
+        }
+        Ok(k)
     }
 
     /// Read a log written by [`run_workload`] (a torn last line is dropped).

@@ -9,6 +9,10 @@
 //!     O_DIRECT|O_DSYNC, each logged to LOG (one block index per line) after
 //!     it completes; runs COUNT writes, or until killed, pausing PAUSE_US
 //!     microseconds after each
+//! ferry-mkimage workload2 PATH_A PATH_B BLOCKS SEED LOG [COUNT [PAUSE_US]]
+//!     the same over two disks (a consistency group), logged as `DISK BLOCK`
+//! ferry-mkimage check2 IMAGE_A IMAGE_B LOG BLOCKS
+//!     the checker for workload2: both images after one prefix of the log
 //! ferry-mkimage check IMAGE LOG BLOCKS
 //!     the checker: prints the length of the log prefix IMAGE equals, or
 //!     says why it equals none (exit 1)
@@ -31,6 +35,30 @@ fn main() {
         if let Err(e) = ferry_tests::versioned::run_workload(Path::new(&a[2]), blocks, seed, Path::new(&a[5]), count, pause) {
             eprintln!("ferry-mkimage workload: {e}");
             std::process::exit(1);
+        }
+        return;
+    }
+    if a.len() >= 7 && a[1] == "workload2" {
+        let blocks: u64 = a[4].parse().unwrap_or_else(|_| usage());
+        let seed: u64 = a[5].parse().unwrap_or_else(|_| usage());
+        let count: u64 = a.get(7).map_or(u64::MAX, |c| c.parse().unwrap_or_else(|_| usage()));
+        let pause = std::time::Duration::from_micros(a.get(8).map_or(0, |c| c.parse().unwrap_or_else(|_| usage())));
+        if let Err(e) =
+            ferry_tests::versioned::run_workload2([Path::new(&a[2]), Path::new(&a[3])], blocks, seed, Path::new(&a[6]), count, pause)
+        {
+            eprintln!("ferry-mkimage workload2: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if a.len() == 6 && a[1] == "check2" {
+        let blocks: u64 = a[5].parse().unwrap_or_else(|_| usage());
+        match ferry_tests::versioned::check2([Path::new(&a[2]), Path::new(&a[3])], Path::new(&a[4]), blocks) {
+            Ok(k) => println!("{k}"),
+            Err(e) => {
+                eprintln!("ferry-mkimage check2: {e}");
+                std::process::exit(1);
+            }
         }
         return;
     }

@@ -60,6 +60,8 @@
 /* Record flags. */
 #define FERRY_RECF_FLUSH 0x0001 /* the bio carried a preflush or FUA */
 #define FERRY_RECF_DATA 0x0002  /* the payload is in the data area (data mode) */
+#define FERRY_RECF_GROUP 0x0004 /* a TAG placed by GROUP_TAG in several disks at
+                                 * once; `offset` holds the caller's cut id */
 
 /* Ring header flags (set by the producer, sticky until the agent resyncs). */
 #define FERRY_RINGF_OVERFLOW 0x0001 /* a change was lost: the consumer must resync */

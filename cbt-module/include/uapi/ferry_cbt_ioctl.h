@@ -132,6 +132,24 @@ struct ferry_cbt_attach {
 	__u64 restored_seq; /* out: with ATTACHED_RESTORED or _UNCLEAN, the
 	                     * next_seq of the state file it came from */
 };
+/*
+ * GROUP_TAG places a TAG record (FERRY_RECF_GROUP, offset = `id`) in the
+ * rings of `count` attached disks (2..FERRY_CBT_GROUP_MAX) at one instant:
+ * with every ring's lock held at once, so that each change to any of the
+ * disks is before the tags in all of them, or after in all. A consistency
+ * group's shared recovery point. EAGAIN (nothing placed) if a ring is full
+ * or a disk is in BITMAP mode; ENOENT for an unknown handle; EINVAL for a
+ * repeated one.
+ */
+#define FERRY_CBT_GROUP_MAX 8
+struct ferry_cbt_group_tag {
+	__u32 size;       /* in: sizeof(struct ferry_cbt_group_tag) */
+	__u32 count;      /* in: handles in `handles` */
+	__u64 id;         /* in: the cut's id, stored in each TAG record's offset */
+	__u32 handles[FERRY_CBT_GROUP_MAX]; /* in */
+	__u64 seqs[FERRY_CBT_GROUP_MAX];    /* out: each TAG record's sequence number */
+};
+
 /* The first published size of each struct: the module accepts any size from
  * it up, zero-filling fields the caller does not know. */
 #define FERRY_CBT_ATTACH_SIZE_VER0 48
@@ -260,6 +278,7 @@ FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_status) == 184, "status is 184
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_cap) == 16, "cap is 16 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_catchup) == 72, "catchup is 72 bytes");
 FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_tag) == 32, "tag is 32 bytes");
+FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_group_tag) == 112, "group tag is 112 bytes");
 
 /* 0xFC: not taken in Documentation/userspace-api/ioctl/ioctl-number.rst. */
 /*
@@ -305,5 +324,6 @@ FERRY_IOCTL_STATIC_ASSERT(sizeof(struct ferry_cbt_saved) == 96, "saved state hea
 #define FERRY_CBT_IOC_TAG _IOWR(FERRY_CBT_IOC_MAGIC, 0x04, struct ferry_cbt_tag)
 #define FERRY_CBT_IOC_SET_CAP _IOWR(FERRY_CBT_IOC_MAGIC, 0x05, struct ferry_cbt_cap)
 #define FERRY_CBT_IOC_CATCHUP _IOWR(FERRY_CBT_IOC_MAGIC, 0x06, struct ferry_cbt_catchup)
+#define FERRY_CBT_IOC_GROUP_TAG _IOWR(FERRY_CBT_IOC_MAGIC, 0x07, struct ferry_cbt_group_tag)
 
 #endif /* _UAPI_FERRY_CBT_IOCTL_H */

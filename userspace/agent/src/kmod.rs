@@ -246,3 +246,49 @@ pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
     ioc(&ctl, ioctl::DETACH, &mut d).map_err(|e| errno_msg("detach", e))?;
     Ok(was)
 }
+
+/// GROUP_TAG: a consistency group's shared point, placed at one instant in
+/// the rings of every disk in `disks` (each attached already, by its agent),
+/// with `id` (a wall-clock time in ns) as the cut's id. Retries a busy
+/// moment (a full ring, bitmap mode) for up to 5 s.
+pub fn group_tag(disks: &[std::path::PathBuf], id: u64) -> Result<Vec<u64>, AgentError> {
+    if disks.len() < 2 || disks.len() > g::FERRY_CBT_GROUP_MAX as usize {
+        return Err(AgentError::Usage(format!("a consistency group has 2 to {} disks", g::FERRY_CBT_GROUP_MAX)));
+    }
+    let ctl = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map_err(|e| errno_msg(&format!("open {DEVICE}"), e))?;
+    // SAFETY: as in Kmod::attach.
+    let mut gt: g::ferry_cbt_group_tag = unsafe { std::mem::zeroed() };
+    gt.size = std::mem::size_of::<g::ferry_cbt_group_tag>() as u32;
+    gt.count = disks.len() as u32;
+    gt.id = id;
+    for (i, d) in disks.iter().enumerate() {
+        let (major, minor) = dev_numbers(d)?;
+        // SAFETY: as above.
+        let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
+        a.size = std::mem::size_of::<g::ferry_cbt_attach>() as u32;
+        a.flags = g::FERRY_CBT_ATTACH_F_EXISTING_OK;
+        a.major = major;
+        a.minor = minor;
+        a.capacity = 1;
+        ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", d.display()), e))?;
+        if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING == 0 {
+            // SAFETY: as above.
+            let mut dt: g::ferry_cbt_detach = unsafe { std::mem::zeroed() };
+            dt.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
+            dt.handle = a.handle;
+            let _ = ioc(&ctl, ioctl::DETACH, &mut dt);
+            return Err(AgentError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())));
+        }
+        gt.handles[i] = a.handle;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match ioc(&ctl, ioctl::GROUP_TAG, &mut gt) {
+            Ok(()) => return Ok(gt.seqs[..disks.len()].to_vec()),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => return Err(errno_msg("group tag", e)),
+        }
+    }
+}

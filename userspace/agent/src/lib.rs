@@ -640,7 +640,11 @@ impl Agent {
 
     /// Send a tag, wait for its point, and remember it.
     fn cut(&mut self, sess: &mut Session, kind: PointKind) -> Result<LastPoint, AgentError> {
-        let t = ferry_common::now_ns();
+        self.cut_at(sess, kind, ferry_common::now_ns())
+    }
+
+    /// [`Agent::cut`] with the point's time given (a group's cut id).
+    fn cut_at(&mut self, sess: &mut Session, kind: PointKind, t: u64) -> Result<LastPoint, AgentError> {
         let seq = sess.send_tag(kind, t)?;
         let id = sess.wait_point(seq)?;
         let p = LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() };
@@ -1256,6 +1260,19 @@ impl Agent {
                                 let n = (end - off).min(u64::from(ferry_proto::MAX_EXTENT));
                                 sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
                                 off += n;
+                            }
+                        }
+                        RecordKind::Tag if rec.group => {
+                            // A consistency group's shared point (GROUP_TAG):
+                            // cut here, named by the group's cut id as its
+                            // time, so that every disk of the group has a
+                            // point with that time.
+                            pos = rec.seq + 1;
+                            if pos >= consistent_from && deferred.is_empty() {
+                                let p = self.cut_at(sess, PointKind::Crash, rec.offset)?;
+                                log::info!("group point {} for cut {}", p.id, rec.offset);
+                            } else {
+                                log::warn!("group cut {} not recorded: the disk is catching up", rec.offset);
                             }
                         }
                         RecordKind::Tag => {
@@ -1924,7 +1941,7 @@ mod tests {
     use ferry_ring::RecordKind;
 
     fn w(offset: u64, length: u32) -> Record {
-        Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, data: false, time_ns: 0 }
+        Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, data: false, group: false, time_ns: 0 }
     }
 
     #[test]

@@ -346,6 +346,7 @@ impl Inflight {
             kind: RecordKind::Write,
             flush: false,
             data: false,
+            group: false,
             time_ns: 0,
         })
     }
@@ -663,6 +664,7 @@ impl Tracker {
                         kind: RecordKind::Write,
                         flush: false,
                         data: false,
+                        group: false,
                         time_ns: 0,
                     };
                     match held.lock().expect("poisoned").as_mut() {

@@ -182,6 +182,23 @@ enum Cmd {
         #[arg(long, value_name = "SIZE")]
         journal_cap: Option<String>,
     },
+    /// Cut a consistency group's shared point: one TAG at the same instant in every disk's stream
+    /// (kernel module tracker; each disk's agent running). Prints the cut's id (its time, ns).
+    GroupTag {
+        /// A disk of the group (2 to 8; repeat the option).
+        #[arg(long = "disk", value_name = "PATH", required = true)]
+        disks: Vec<PathBuf>,
+    },
+    /// A consistency group's points: the cuts every named disk has a point for.
+    GroupPoints {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// A disk of the group (repeat the option).
+        #[arg(long = "name", value_name = "NAME", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -400,6 +417,42 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(Some(p)) => eprintln!("{name}: {} points dropped, {} kept", p.dropped, p.kept),
                 Ok(None) => eprintln!("{name}: a master target is serving this disk; it applies the policy at the next point"),
                 Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+        Cmd::GroupTag { disks } => {
+            let id = now_ns();
+            ferry_agent::kmod::group_tag(&disks, id)?;
+            println!("{id}");
+            Ok(())
+        }
+        Cmd::GroupPoints { data, names, json } => {
+            let mut per: Vec<Vec<ferry_target::catalog::Point>> = Vec::new();
+            for n in &names {
+                per.push(recover::points(&data, n)?);
+            }
+            let mut rows = Vec::new();
+            for p in &per[0] {
+                let ids: Option<Vec<u64>> = per.iter().map(|v| v.iter().find(|q| q.time_ns == p.time_ns).map(|q| q.id)).collect();
+                if let Some(ids) = ids {
+                    rows.push((p.time_ns, ids));
+                }
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(t, ids)| {
+                        let m: serde_json::Map<String, serde_json::Value> =
+                            names.iter().zip(ids).map(|(n, id)| (n.clone(), serde_json::json!(id))).collect();
+                        serde_json::json!({"time": recover::rfc3339(*t), "time_ns": t, "points": m})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                for (t, ids) in &rows {
+                    let parts: Vec<String> = names.iter().zip(ids).map(|(n, id)| format!("{n}={id}")).collect();
+                    println!("{}  {}", recover::rfc3339(*t), parts.join(" "));
+                }
             }
             Ok(())
         }

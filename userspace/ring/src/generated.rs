@@ -10,6 +10,7 @@ pub const FERRY_REC_TAG: u32 = 4;
 pub const FERRY_REC_CATCHUP: u32 = 5;
 pub const FERRY_RECF_FLUSH: u32 = 1;
 pub const FERRY_RECF_DATA: u32 = 2;
+pub const FERRY_RECF_GROUP: u32 = 4;
 pub const FERRY_RINGF_OVERFLOW: u32 = 1;
 pub type __u8 = ::core::ffi::c_uchar;
 pub type __u16 = ::core::ffi::c_ushort;

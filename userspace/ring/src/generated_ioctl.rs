@@ -13,6 +13,7 @@ pub const FERRY_CBT_ATTACH_F_EXISTING_OK: u32 = 1;
 pub const FERRY_CBT_ATTACHED_EXISTING: u32 = 1;
 pub const FERRY_CBT_ATTACHED_RESTORED: u32 = 2;
 pub const FERRY_CBT_ATTACHED_UNCLEAN: u32 = 4;
+pub const FERRY_CBT_GROUP_MAX: u32 = 8;
 pub const FERRY_CBT_ATTACH_SIZE_VER0: u32 = 48;
 pub const FERRY_CBT_STATUS_SIZE_VER0: u32 = 88;
 pub const FERRY_CBT_TAG_F_FREEZE: u32 = 1;
@@ -41,6 +42,15 @@ pub struct ferry_cbt_attach {
     pub bitmap_block: __u64,
     pub attach_id: __u64,
     pub restored_seq: __u64,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ferry_cbt_group_tag {
+    pub size: __u32,
+    pub count: __u32,
+    pub id: __u64,
+    pub handles: [__u32; 8usize],
+    pub seqs: [__u64; 8usize],
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -45,10 +45,12 @@ pub mod ioctl {
     pub const TAG: u64 = ioc(READ_WRITE, 0x04, size_of::<g::ferry_cbt_tag>());
     pub const SET_CAP: u64 = ioc(READ_WRITE, 0x05, size_of::<g::ferry_cbt_cap>());
     pub const CATCHUP: u64 = ioc(READ_WRITE, 0x06, size_of::<g::ferry_cbt_catchup>());
+    pub const GROUP_TAG: u64 = ioc(READ_WRITE, 0x07, size_of::<g::ferry_cbt_group_tag>());
 }
 
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_attach>() == 88);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_cap>() == 16);
+const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_group_tag>() == 112);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_catchup>() == 72);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_detach>() == 8);
 const _: () = assert!(std::mem::size_of::<generated_ioctl::ferry_cbt_status>() == 184);
@@ -83,6 +85,8 @@ pub struct Record {
     pub flush: bool,
     /// The payload is in the ring's data area (`FERRY_RECF_DATA`).
     pub data: bool,
+    /// A consistency group's tag (`FERRY_RECF_GROUP`); `offset` is the cut id.
+    pub group: bool,
     pub time_ns: u64,
 }
 
@@ -117,6 +121,10 @@ impl TryFrom<ferry_cbt_record> for Record {
         if data && kind != RecordKind::Write {
             return Err(bad("payload on a record that is not a write"));
         }
+        let group = u32::from(r.flags) & generated::FERRY_RECF_GROUP != 0;
+        if group && kind != RecordKind::Tag {
+            return Err(bad("group flag on a record that is not a tag"));
+        }
         if r.offset.checked_add(u64::from(r.length)).is_none() {
             return Err(bad("extent overflows"));
         }
@@ -127,6 +135,7 @@ impl TryFrom<ferry_cbt_record> for Record {
             kind,
             flush: u32::from(r.flags) & generated::FERRY_RECF_FLUSH != 0,
             data,
+            group,
             time_ns: r.time_ns,
         })
     }
@@ -145,6 +154,9 @@ impl From<Record> for ferry_cbt_record {
         if r.data {
             flags |= generated::FERRY_RECF_DATA;
         }
+        if r.group {
+            flags |= generated::FERRY_RECF_GROUP;
+        }
         ferry_cbt_record { seq: r.seq, offset: r.offset, length: r.length, kind: kind as u16, flags: flags as u16, time_ns: r.time_ns }
     }
 }
@@ -155,7 +167,7 @@ mod tests {
 
     #[test]
     fn record_validation() {
-        let ok = Record { seq: 1, offset: 4096, length: 512, kind: RecordKind::Write, flush: true, data: false, time_ns: 9 };
+        let ok = Record { seq: 1, offset: 4096, length: 512, kind: RecordKind::Write, flush: true, data: false, group: false, time_ns: 9 };
         assert_eq!(Record::try_from(ferry_cbt_record::from(ok)), Ok(ok));
         let mut raw = ferry_cbt_record::from(ok);
         raw.kind = 99;

@@ -370,7 +370,7 @@ mod tests {
     use std::collections::VecDeque;
 
     fn rec(seq: u64) -> Record {
-        Record { seq, offset: seq * 512, length: 512, kind: RecordKind::Write, flush: false, data: false, time_ns: seq }
+        Record { seq, offset: seq * 512, length: 512, kind: RecordKind::Write, flush: false, data: false, group: false, time_ns: seq }
     }
 
     /// A producer of the kernel module's data area, written from the uapi
@@ -412,7 +412,16 @@ mod tests {
             self.dprod = p + u64::from(len);
             self.ring.atomic(offset_of!(ferry_cbt_ring_header, data_producer)).store(self.dprod, Ordering::Release);
             self.seq += 1;
-            let r = Record { seq: self.seq, offset: 0, length: len, kind: RecordKind::Write, flush: false, data: true, time_ns: 1 };
+            let r = Record {
+                seq: self.seq,
+                offset: 0,
+                length: len,
+                kind: RecordKind::Write,
+                flush: false,
+                data: true,
+                group: false,
+                time_ns: 1,
+            };
             assert!(self.ring.push(r));
             true
         }

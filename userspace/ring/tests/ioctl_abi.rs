@@ -15,11 +15,13 @@ fn ioctl_numbers_and_sizes_match_the_c_header() {
     std::fs::write(
         &src,
         format!(
-            "#include <stdio.h>\n#include \"{}\"\nint main(void) {{ printf(\"%lu %lu %lu %lu %lu %lu %zu %zu %zu %zu %zu %zu\\n\", \
+            "#include <stdio.h>\n#include \"{}\"\nint main(void) {{ printf(\"%lu %lu %lu %lu %lu %lu %lu %zu %zu %zu %zu %zu %zu %zu\\n\", \
              (unsigned long)FERRY_CBT_IOC_ATTACH, (unsigned long)FERRY_CBT_IOC_DETACH, (unsigned long)FERRY_CBT_IOC_STATUS, \
              (unsigned long)FERRY_CBT_IOC_TAG, (unsigned long)FERRY_CBT_IOC_SET_CAP, (unsigned long)FERRY_CBT_IOC_CATCHUP, \
+             (unsigned long)FERRY_CBT_IOC_GROUP_TAG, \
              sizeof(struct ferry_cbt_attach), sizeof(struct ferry_cbt_detach), sizeof(struct ferry_cbt_status), \
-             sizeof(struct ferry_cbt_tag), sizeof(struct ferry_cbt_cap), sizeof(struct ferry_cbt_catchup)); return 0; }}\n",
+             sizeof(struct ferry_cbt_tag), sizeof(struct ferry_cbt_cap), sizeof(struct ferry_cbt_catchup), \
+             sizeof(struct ferry_cbt_group_tag)); return 0; }}\n",
             header.display()
         ),
     )
@@ -36,13 +38,15 @@ fn ioctl_numbers_and_sizes_match_the_c_header() {
         ioctl::TAG,
         ioctl::SET_CAP,
         ioctl::CATCHUP,
+        ioctl::GROUP_TAG,
         std::mem::size_of::<g::ferry_cbt_attach>() as u64,
         std::mem::size_of::<g::ferry_cbt_detach>() as u64,
         std::mem::size_of::<g::ferry_cbt_status>() as u64,
         std::mem::size_of::<g::ferry_cbt_tag>() as u64,
         std::mem::size_of::<g::ferry_cbt_cap>() as u64,
         std::mem::size_of::<g::ferry_cbt_catchup>() as u64,
+        std::mem::size_of::<g::ferry_cbt_group_tag>() as u64,
     ];
     std::fs::remove_dir_all(&dir).ok();
-    assert_eq!(got, want, "C header (left) and Rust (right): ATTACH DETACH STATUS TAG SET_CAP CATCHUP, then struct sizes");
+    assert_eq!(got, want, "C header (left) and Rust (right): ATTACH DETACH STATUS TAG SET_CAP CATCHUP GROUP_TAG, then struct sizes");
 }

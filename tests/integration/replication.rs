@@ -141,8 +141,9 @@ impl Drop for Mount {
 fn used_bytes(p: &std::path::Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    // SAFETY: statvfs fills a zeroed struct from a valid NUL-terminated path.
+    // SAFETY: a plain C struct of integers; all-zero is a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `s` from a valid NUL-terminated path.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     (s.f_blocks - s.f_bfree) * s.f_frsize
 }

@@ -223,12 +223,10 @@ impl Kmod {
     }
 }
 
-/// Detach `disk` if the module tracks it (`ferry unprotect`).
-pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
-    let dev = DEVICE;
-    let Ok(ctl) = std::fs::OpenOptions::new().read(true).write(true).open(dev) else {
-        return Ok(false);
-    };
+/// The handle of `disk`'s attachment, if the module tracks it. (ATTACH with
+/// EXISTING_OK would attach a disk it does not track: that attachment is
+/// undone at once.)
+fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
     let (major, minor) = dev_numbers(disk)?;
     // SAFETY: as in Kmod::attach.
     let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
@@ -237,14 +235,34 @@ pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
     a.major = major;
     a.minor = minor;
     a.capacity = 1;
-    ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", disk.display()), e))?;
-    let was = a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING != 0;
-    // SAFETY: as above.
+    ioc(ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", disk.display()), e))?;
+    if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING != 0 {
+        return Ok(Some(a.handle));
+    }
+    detach(ctl, a.handle)?;
+    Ok(None)
+}
+
+fn detach(ctl: &File, handle: u32) -> Result<(), AgentError> {
+    // SAFETY: as in Kmod::attach.
     let mut d: g::ferry_cbt_detach = unsafe { std::mem::zeroed() };
     d.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
-    d.handle = a.handle;
-    ioc(&ctl, ioctl::DETACH, &mut d).map_err(|e| errno_msg("detach", e))?;
-    Ok(was)
+    d.handle = handle;
+    ioc(ctl, ioctl::DETACH, &mut d).map_err(|e| errno_msg("detach", e))
+}
+
+/// Detach `disk` if the module tracks it (`ferry unprotect`).
+pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
+    let Ok(ctl) = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE) else {
+        return Ok(false);
+    };
+    match find_handle(&ctl, disk)? {
+        Some(h) => {
+            detach(&ctl, h)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// GROUP_TAG: a consistency group's shared point, placed at one instant in
@@ -262,24 +280,8 @@ pub fn group_tag(disks: &[std::path::PathBuf], id: u64) -> Result<Vec<u64>, Agen
     gt.count = disks.len() as u32;
     gt.id = id;
     for (i, d) in disks.iter().enumerate() {
-        let (major, minor) = dev_numbers(d)?;
-        // SAFETY: as above.
-        let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
-        a.size = std::mem::size_of::<g::ferry_cbt_attach>() as u32;
-        a.flags = g::FERRY_CBT_ATTACH_F_EXISTING_OK;
-        a.major = major;
-        a.minor = minor;
-        a.capacity = 1;
-        ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", d.display()), e))?;
-        if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING == 0 {
-            // SAFETY: as above.
-            let mut dt: g::ferry_cbt_detach = unsafe { std::mem::zeroed() };
-            dt.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
-            dt.handle = a.handle;
-            let _ = ioc(&ctl, ioctl::DETACH, &mut dt);
-            return Err(AgentError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())));
-        }
-        gt.handles[i] = a.handle;
+        gt.handles[i] = find_handle(&ctl, d)?
+            .ok_or_else(|| AgentError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())))?;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {

@@ -1380,18 +1380,7 @@ impl Agent {
     fn kmod_release(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
         sess.flush()?;
         self.note_ack(sess);
-        let now = monotonic_ns();
-        while let Some(&(seq, t)) = self.lag_pending.front() {
-            if seq > self.st.acked_seq {
-                break;
-            }
-            self.lag_pending.pop_front();
-            self.st.lag_ms_recent.push(now.saturating_sub(t) as f64 / 1e6);
-        }
-        let n = self.st.lag_ms_recent.len();
-        if n > 2000 {
-            self.st.lag_ms_recent.drain(..n - 1000);
-        }
+        self.note_lag();
         if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
             self.st.kmod_catchup_until = None;
             self.save()?;
@@ -1468,11 +1457,9 @@ impl Agent {
         Ok(())
     }
 
-    fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
-        sess.flush()?;
-        self.note_ack(sess);
-        // Replication lag: from a write's completion (tracker clock) to the
-        // acknowledgement that made it durable on the master target.
+    /// Replication lag: from a write's completion (tracker clock) to the
+    /// acknowledgement that made it durable on the master target.
+    fn note_lag(&mut self) {
         let now = monotonic_ns();
         while let Some(&(seq, t)) = self.lag_pending.front() {
             if seq > self.st.acked_seq {
@@ -1485,6 +1472,12 @@ impl Agent {
         if n > 2000 {
             self.st.lag_ms_recent.drain(..n - 1000);
         }
+    }
+
+    fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
+        sess.flush()?;
+        self.note_ack(sess);
+        self.note_lag();
         if self.frozen {
             return Ok(());
         }

@@ -267,9 +267,10 @@ pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
 
 /// GROUP_TAG: a consistency group's shared point, placed at one instant in
 /// the rings of every disk in `disks` (each attached already, by its agent),
-/// with `id` (a wall-clock time in ns) as the cut's id. Retries a busy
-/// moment (a full ring, bitmap mode) for up to 5 s.
-pub fn group_tag(disks: &[std::path::PathBuf], id: u64) -> Result<Vec<u64>, AgentError> {
+/// with the wall-clock time of the attempt that succeeds (ns) as the cut's
+/// id, which it returns. Retries a busy moment (a full ring, bitmap mode)
+/// for up to 5 s.
+pub fn group_tag(disks: &[std::path::PathBuf]) -> Result<u64, AgentError> {
     if disks.len() < 2 || disks.len() > g::FERRY_CBT_GROUP_MAX as usize {
         return Err(AgentError::Usage(format!("a consistency group has 2 to {} disks", g::FERRY_CBT_GROUP_MAX)));
     }
@@ -278,15 +279,15 @@ pub fn group_tag(disks: &[std::path::PathBuf], id: u64) -> Result<Vec<u64>, Agen
     let mut gt: g::ferry_cbt_group_tag = unsafe { std::mem::zeroed() };
     gt.size = std::mem::size_of::<g::ferry_cbt_group_tag>() as u32;
     gt.count = disks.len() as u32;
-    gt.id = id;
     for (i, d) in disks.iter().enumerate() {
         gt.handles[i] = find_handle(&ctl, d)?
             .ok_or_else(|| AgentError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())))?;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
+        gt.id = ferry_common::now_ns();
         match ioc(&ctl, ioctl::GROUP_TAG, &mut gt) {
-            Ok(()) => return Ok(gt.seqs[..disks.len()].to_vec()),
+            Ok(()) => return Ok(gt.id),
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }

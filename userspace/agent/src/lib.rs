@@ -1269,7 +1269,7 @@ impl Agent {
                             // point with that time.
                             pos = rec.seq + 1;
                             if pos >= consistent_from && deferred.is_empty() {
-                                let p = self.cut_at(sess, PointKind::Crash, rec.offset)?;
+                                let p = self.cut_at(sess, PointKind::Group, rec.offset)?;
                                 log::info!("group point {} for cut {}", p.id, rec.offset);
                             } else {
                                 log::warn!("group cut {} not recorded: the disk is catching up", rec.offset);

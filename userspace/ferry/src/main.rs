@@ -421,8 +421,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::GroupTag { disks } => {
-            let id = now_ns();
-            ferry_agent::kmod::group_tag(&disks, id)?;
+            let id = ferry_agent::kmod::group_tag(&disks)?;
             println!("{id}");
             Ok(())
         }
@@ -433,7 +432,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut rows = Vec::new();
             for p in &per[0] {
-                let ids: Option<Vec<u64>> = per.iter().map(|v| v.iter().find(|q| q.time_ns == p.time_ns).map(|q| q.id)).collect();
+                if p.kind != ferry_proto::PointKind::Group {
+                    continue;
+                }
+                let ids: Option<Vec<u64>> = per
+                    .iter()
+                    .map(|v| v.iter().find(|q| q.kind == ferry_proto::PointKind::Group && q.time_ns == p.time_ns).map(|q| q.id))
+                    .collect();
                 if let Some(ids) = ids {
                     rows.push((p.time_ns, ids));
                 }

@@ -3,7 +3,7 @@
 //! An append-only file of fixed 64-byte records, oldest first:
 //!
 //! ```text
-//! record = MAGIC:u32 || VERSION:u16 (1) || KIND:u8 (1 crash, 2 app)
+//! record = MAGIC:u32 || VERSION:u16 (1) || KIND:u8 (1 crash, 2 app, 3 group)
 //!          || PAD:u8 (0) || ID:u64 || SEQ:u64 || TIME_NS:u64
 //!          || JOURNAL_POS:u64 || RESERVED:u64 (0)
 //!          || XXH3_128(previous 48 bytes):16

@@ -117,17 +117,30 @@ impl Drop for Pin {
 /// is the journal's length (for the cap).
 pub fn select(points: &[Point], policy: &Policy, now: u64, journal_end: u64, pins: &BTreeSet<u64>) -> Vec<Point> {
     let Some(newest) = points.last() else { return Vec::new() };
+    // An hour or a day with a consistency group's point keeps that point
+    // (the first such), so that every disk of the group keeps the same cut.
+    let mut group_hours = BTreeSet::new();
+    let mut group_days = BTreeSet::new();
+    for p in points.iter().filter(|p| p.kind == ferry_proto::PointKind::Group) {
+        group_hours.insert(p.time_ns / HOUR);
+        group_days.insert(p.time_ns / DAY);
+    }
     let mut hours = BTreeSet::new();
     let mut days = BTreeSet::new();
     let mut keep: Vec<Point> = Vec::new();
     for p in points {
         let age = now.saturating_sub(p.time_ns);
         let pinned = pins.contains(&p.id);
+        let eligible = |groups: &BTreeSet<u64>, bucket: u64| p.kind == ferry_proto::PointKind::Group || !groups.contains(&bucket);
         let kept = p.id == newest.id
             || pinned
             || ((policy.keep_ns == 0 || age <= policy.keep_ns)
                 && (age <= policy.all_ns
-                    || if age <= policy.hourly_ns { hours.insert(p.time_ns / HOUR) } else { days.insert(p.time_ns / DAY) }));
+                    || if age <= policy.hourly_ns {
+                        eligible(&group_hours, p.time_ns / HOUR) && hours.insert(p.time_ns / HOUR)
+                    } else {
+                        eligible(&group_days, p.time_ns / DAY) && days.insert(p.time_ns / DAY)
+                    }));
         // A point in an hour (or day) already represented by an older kept
         // one is dropped; the first of each bucket is marked as it passes.
         if kept {
@@ -270,6 +283,33 @@ mod tests {
         // Stable: applying the policy again (later) keeps a subset.
         let later = select(&keep, &pol, now + HOUR, 1 << 40, &BTreeSet::new());
         assert!(later.iter().all(|k| keep.contains(k)));
+    }
+
+    /// Thinning keeps the group's cut in each bucket, on every disk of the
+    /// group, whatever the disks' own points around it.
+    #[test]
+    fn thinning_keeps_the_same_group_cut_on_every_disk() {
+        let now = 100 * DAY;
+        let base = now - 10 * HOUR;
+        let group_cut = base + HOUR / 2;
+        let disk = |own: &[u64]| {
+            let mut times: Vec<(u64, PointKind)> = own.iter().map(|&t| (t, PointKind::Crash)).collect();
+            times.push((group_cut, PointKind::Group));
+            times.sort_by_key(|&(t, _)| t);
+            times
+                .iter()
+                .enumerate()
+                .map(|(i, &(t, k))| Point { id: i as u64 + 1, seq: i as u64, time_ns: t, kind: k, journal_pos: 64 + i as u64 })
+                .collect::<Vec<_>>()
+        };
+        let pol = Policy { keep_ns: 0, all_ns: HOUR, hourly_ns: DAY, journal_cap: 0 };
+        // The disks' own points differ; each has a newer one later on (the
+        // newest is always kept).
+        for own in [vec![base + 60, base + 120, base + 5 * HOUR], vec![base + 30_000_000_000, base + HOUR - 1, base + 6 * HOUR]] {
+            let keep = select(&disk(&own), &pol, now, 1 << 40, &BTreeSet::new());
+            assert!(keep.iter().any(|p| p.time_ns == group_cut && p.kind == PointKind::Group), "{keep:?}");
+            assert!(!keep.iter().any(|p| p.time_ns / HOUR == group_cut / HOUR && p.kind == PointKind::Crash), "{keep:?}");
+        }
     }
 
     #[test]

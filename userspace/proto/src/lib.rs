@@ -69,6 +69,9 @@ pub enum PointKind {
     Crash = 1,
     /// Equals the source at a freeze of its filesystems or applications.
     App = 2,
+    /// A consistency group's shared point: crash-consistent, at the same
+    /// instant as the points of the same time on the group's other disks.
+    Group = 3,
 }
 
 impl PointKind {
@@ -76,6 +79,7 @@ impl PointKind {
         match v {
             1 => Some(PointKind::Crash),
             2 => Some(PointKind::App),
+            3 => Some(PointKind::Group),
             _ => None,
         }
     }
@@ -83,6 +87,7 @@ impl PointKind {
         match self {
             PointKind::Crash => "crash",
             PointKind::App => "app",
+            PointKind::Group => "group",
         }
     }
 }

@@ -116,14 +116,7 @@ impl Kmod {
                 "kmod tracker: cannot open {dev}: {e} (load the module: modprobe ferry_cbt, or insmod ferry_cbt.ko)"
             ))
         })?;
-        let (major, minor) = dev_numbers(disk)?;
-        // SAFETY: a plain C struct of integers; all-zero is a valid value.
-        let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
-        a.size = std::mem::size_of::<g::ferry_cbt_attach>() as u32;
-        a.flags = g::FERRY_CBT_ATTACH_F_EXISTING_OK;
-        a.major = major;
-        a.minor = minor;
-        a.capacity = capacity;
+        let mut a = attach_request(disk, capacity)?;
         a.first_seq = first_seq;
         a.data_bytes = data_bytes;
         ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("attach {}", disk.display()), e))?;
@@ -143,7 +136,7 @@ impl Kmod {
     }
 
     pub fn status(&self) -> Result<Status, AgentError> {
-        // SAFETY: as in attach.
+        // SAFETY: as in attach_request.
         let mut s: g::ferry_cbt_status = unsafe { std::mem::zeroed() };
         s.size = std::mem::size_of::<g::ferry_cbt_status>() as u32;
         s.handle = self.handle;
@@ -168,7 +161,7 @@ impl Kmod {
     pub fn catchup(&self, size: u64, drain: bool) -> Result<Catchup, AgentError> {
         let bits = self.status()?.bitmap_bits.max(size.div_ceil(self.bitmap_block.max(1)));
         let mut buf = vec![0u64; bits.div_ceil(64) as usize + 1];
-        // SAFETY: as in attach.
+        // SAFETY: as in attach_request.
         let mut c: g::ferry_cbt_catchup = unsafe { std::mem::zeroed() };
         c.size = std::mem::size_of::<g::ferry_cbt_catchup>() as u32;
         c.handle = self.handle;
@@ -198,7 +191,7 @@ impl Kmod {
     /// filesystem on the whole disk. `Ok(None)` if the ring is full or the
     /// disk is in bitmap mode.
     pub fn tag(&self, freeze: bool) -> Result<Option<u64>, AgentError> {
-        // SAFETY: as in attach.
+        // SAFETY: as in attach_request.
         let mut t: g::ferry_cbt_tag = unsafe { std::mem::zeroed() };
         t.size = std::mem::size_of::<g::ferry_cbt_tag>() as u32;
         t.handle = self.handle;
@@ -213,7 +206,7 @@ impl Kmod {
     /// Set the memory cap (bytes of data area the module may fill); returns
     /// the cap in force.
     pub fn set_cap(&self, bytes: u64) -> Result<u64, AgentError> {
-        // SAFETY: as in attach.
+        // SAFETY: as in attach_request.
         let mut c: g::ferry_cbt_cap = unsafe { std::mem::zeroed() };
         c.size = std::mem::size_of::<g::ferry_cbt_cap>() as u32;
         c.handle = self.handle;
@@ -223,18 +216,25 @@ impl Kmod {
     }
 }
 
-/// The handle of `disk`'s attachment, if the module tracks it. (ATTACH with
-/// EXISTING_OK would attach a disk it does not track: that attachment is
-/// undone at once.)
-fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
+/// An ATTACH argument for `disk` (whole disk by device number) with
+/// `capacity` records, finding an existing attachment rather than failing.
+fn attach_request(disk: &Path, capacity: u64) -> Result<g::ferry_cbt_attach, AgentError> {
     let (major, minor) = dev_numbers(disk)?;
-    // SAFETY: as in Kmod::attach.
+    // SAFETY: a plain C struct of integers; all-zero is a valid value.
     let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
     a.size = std::mem::size_of::<g::ferry_cbt_attach>() as u32;
     a.flags = g::FERRY_CBT_ATTACH_F_EXISTING_OK;
     a.major = major;
     a.minor = minor;
-    a.capacity = 1;
+    a.capacity = capacity;
+    Ok(a)
+}
+
+/// The handle of `disk`'s attachment, if the module tracks it. (ATTACH with
+/// EXISTING_OK would attach a disk it does not track: that attachment is
+/// undone at once.)
+fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
+    let mut a = attach_request(disk, 1)?;
     ioc(ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", disk.display()), e))?;
     if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING != 0 {
         return Ok(Some(a.handle));
@@ -244,7 +244,7 @@ fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
 }
 
 fn detach(ctl: &File, handle: u32) -> Result<(), AgentError> {
-    // SAFETY: as in Kmod::attach.
+    // SAFETY: as in attach_request.
     let mut d: g::ferry_cbt_detach = unsafe { std::mem::zeroed() };
     d.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
     d.handle = handle;
@@ -275,7 +275,7 @@ pub fn group_tag(disks: &[std::path::PathBuf]) -> Result<u64, AgentError> {
         return Err(AgentError::Usage(format!("a consistency group has 2 to {} disks", g::FERRY_CBT_GROUP_MAX)));
     }
     let ctl = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map_err(|e| errno_msg(&format!("open {DEVICE}"), e))?;
-    // SAFETY: as in Kmod::attach.
+    // SAFETY: as in attach_request.
     let mut gt: g::ferry_cbt_group_tag = unsafe { std::mem::zeroed() };
     gt.size = std::mem::size_of::<g::ferry_cbt_group_tag>() as u32;
     gt.count = disks.len() as u32;

@@ -1157,10 +1157,18 @@ impl Agent {
         let mut last_cut = Instant::now();
         let mut buf = AlignedBuf::new(1 << 20);
         let mut units = Vec::new();
+        // Why a resync is needed now (a loss the module flagged, or an
+        // invalid record in the batch just read).
+        let mut resync: Option<String> = None;
         loop {
             let lost = ring.overflows();
-            if lost > self.st.ring_overflows_seen || ring.overflowed() && lost == 0 && self.st.ring_overflows_seen == 0 {
-                let why = format!("the kernel module lost track of {} change(s)", lost.saturating_sub(self.st.ring_overflows_seen).max(1));
+            if resync.is_none()
+                && (lost > self.st.ring_overflows_seen || ring.overflowed() && lost == 0 && self.st.ring_overflows_seen == 0)
+            {
+                resync =
+                    Some(format!("the kernel module lost track of {} change(s)", lost.saturating_sub(self.st.ring_overflows_seen).max(1)));
+            }
+            if let Some(why) = resync.take() {
                 log::warn!("resync required: {why}");
                 self.st.resync_required = Some(why);
                 self.save()?;
@@ -1291,15 +1299,7 @@ impl Agent {
                     pos = rec.seq + 1;
                 }
                 if let Some(why) = bad {
-                    self.st.resync_required = Some(format!("the kernel module tracker sent an invalid record ({why})"));
-                    self.save()?;
-                    self.kmod_resync(sess, k)?;
-                    cursor = ring.consumer();
-                    dcur = ring.data_consumer();
-                    pending.clear();
-                    deferred.clear();
-                    self.st.kmod_catchup_until = None;
-                    consistent_from = k.status()?.seq;
+                    resync = Some(format!("the kernel module tracker sent an invalid record ({why})"));
                     continue;
                 }
                 if let Some(t) = oldest {

@@ -9,3 +9,4 @@ mod export;
 mod failover;
 mod replication;
 mod retention;
+mod safety;

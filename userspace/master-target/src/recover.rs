@@ -204,7 +204,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
         }
         let f = OpenOptions::new().write(true).custom_flags(libc::O_EXCL).open(out).map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => RecoverError::DeviceBusy(shown.clone()),
-            _ => RecoverError::Io(format!("{shown}: {}", ferry_common::root_hint(e))),
+            _ => RecoverError::Io(format!("cannot open {shown} for writing: {}", ferry_common::root_hint(e))),
         })?;
         let have = ferry_common::source::size_of(&f).map_err(ioe(&shown))?;
         if have < meta.size {

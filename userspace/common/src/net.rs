@@ -32,10 +32,11 @@ pub enum AddrError {
 }
 
 /// Split `HOST:PORT` (IPv6 hosts in brackets) and resolve it: every address
-/// the host has, in the resolver's order.
-pub fn resolve(opt: &'static str, addr: &str) -> Result<Vec<SocketAddr>, AddrError> {
+/// the host has, in the resolver's order. Port 0 is refused unless
+/// `any_port` (a listener: the system picks one, which ferry prints).
+pub fn resolve(opt: &'static str, addr: &str, any_port: bool) -> Result<Vec<SocketAddr>, AddrError> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
-        if a.port() == 0 {
+        if a.port() == 0 && !any_port {
             return Err(AddrError::BadPort { opt, addr: addr.into(), port: "0".into() });
         }
         return Ok(vec![a]);
@@ -50,7 +51,7 @@ pub fn resolve(opt: &'static str, addr: &str) -> Result<Vec<SocketAddr>, AddrErr
         return Err(AddrError::Unresolved { opt, addr: addr.into(), host: host.into(), why: "no host".into() });
     }
     let port: u16 = match port.parse() {
-        Ok(p) if p > 0 => p,
+        Ok(p) if p > 0 || any_port => p,
         _ => return Err(AddrError::BadPort { opt, addr: addr.into(), port: port.into() }),
     };
     let unresolved = |why: String| AddrError::Unresolved { opt, addr: addr.into(), host: host.into(), why };
@@ -64,7 +65,7 @@ pub fn resolve(opt: &'static str, addr: &str) -> Result<Vec<SocketAddr>, AddrErr
 /// Check an address a client connects to (`--target`): syntax, port, and
 /// that the host resolves.
 pub fn check_target(addr: &str) -> Result<(), AddrError> {
-    resolve("target", addr).map(|_| ())
+    resolve("target", addr, false).map(|_| ())
 }
 
 /// The listening policy: an address a listener may bind.
@@ -79,7 +80,7 @@ pub fn check_listen(opt: &'static str, a: SocketAddr) -> Result<SocketAddr, Addr
 /// The address to listen on for `--{opt} ADDR` (a name resolves to its
 /// first address): refused unless every address the host has is loopback.
 pub fn listen_addr(opt: &'static str, addr: &str) -> Result<SocketAddr, AddrError> {
-    let v = resolve(opt, addr)?;
+    let v = resolve(opt, addr, true)?;
     for a in &v {
         check_listen(opt, *a).map_err(|_| AddrError::NotLoopback { opt, addr: addr.into(), ip: a.ip() })?;
     }
@@ -96,7 +97,8 @@ mod tests {
         assert_eq!(listen_addr("listen", "127.3.2.1:9").unwrap().port(), 9);
         assert!(listen_addr("listen", "[::1]:7700").is_ok());
         assert!(listen_addr("listen", "localhost:7700").unwrap().ip().is_loopback());
-        for bad in ["0.0.0.0:7700", "[::]:7700", "10.1.2.3:7700", "8.8.8.8:53"] {
+        assert_eq!(listen_addr("listen", "127.0.0.1:0").unwrap().port(), 0);
+        for bad in ["0.0.0.0:7700", "0.0.0.0:0", "[::]:7700", "10.1.2.3:7700", "8.8.8.8:53"] {
             assert!(matches!(listen_addr("listen", bad), Err(AddrError::NotLoopback { .. })), "{bad}");
         }
     }

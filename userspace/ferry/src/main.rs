@@ -238,10 +238,10 @@ enum Cmd {
         /// Drop points older than this (e.g. 7d, 12h); `none` keeps them all.
         #[arg(long, value_name = "DURATION")]
         keep: Option<String>,
-        /// Keep every point younger than this.
+        /// Keep every point younger than this (`none`: every point in the window).
         #[arg(long, value_name = "DURATION")]
         keep_all: Option<String>,
-        /// Keep one point an hour up to this age, one a day beyond.
+        /// Keep one point an hour up to this age, one a day beyond (`none`: hourly in the whole window).
         #[arg(long, value_name = "DURATION")]
         keep_hourly: Option<String>,
         /// Largest journal after the oldest kept point (e.g. 50G); `none` for no limit.
@@ -521,9 +521,11 @@ fn run(cli: Cli) -> Result<()> {
             let paths = ferry_target::disk::Paths::new(&data, &name);
             let meta = ferry_target::disk::read_meta(&data, &name)?;
             let (mut pol, set) = ferry_target::retention::effective(&paths, meta.size)?;
+            // `none` lifts the limit: no age limit for --keep (0), every
+            // point or one an hour forever for the others (u64::MAX).
             let dur = |what: &str, v: &str| -> Result<u64> {
                 if v == "none" {
-                    return Ok(0);
+                    return Ok(if what == "keep" { 0 } else { u64::MAX });
                 }
                 let d = humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{what} {v:?}: {e} (e.g. 90s, 2h, 7days)"))?;
                 Ok(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))

@@ -227,7 +227,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
         }
     }
     let tmp = sibling(out, "tmp")?;
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(ioe(tmp.display()))?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(ioe(&shown))?;
     Ok(Output { path: out.to_path_buf(), format, kind: OutKind::File { tmp: Some(tmp), file, replace: existing.is_some() }, raw_tmp: None })
 }
 

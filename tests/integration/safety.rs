@@ -219,6 +219,10 @@ fn a_target_without_a_port_exits_2_with_nothing_attached() {
             "bpf",
             "--state",
             &t.s("st"),
+            // Without the check, a bounded failure rather than a minute of retries.
+            "--once",
+            "--connect-timeout",
+            "2",
         ]);
         one_line(&o, 2, "--target");
         assert!(!Path::new("/sys/fs/bpf/ferry").join(&name).exists(), "--target {target}: the tracker was pinned");

@@ -7,5 +7,6 @@ mod cli;
 mod crash;
 mod export;
 mod failover;
+mod operate;
 mod replication;
 mod retention;

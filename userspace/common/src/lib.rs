@@ -12,6 +12,7 @@
 
 pub mod buf;
 pub mod durable;
+pub mod net;
 pub mod source;
 
 /// xxh3-128 of `data`, as the 16 little-endian bytes used on disk and on the wire.

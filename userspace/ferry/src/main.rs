@@ -291,7 +291,13 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stderr().is_terminal(),
             };
             let agent = ferry_agent::Agent::new(opts)?;
-            let s = agent.run()?;
+            let s = match agent.run() {
+                Err(ferry_agent::AgentError::Stopped(sig)) => {
+                    eprintln!("ferry: agent stopped by {sig}");
+                    return Ok(());
+                }
+                r => r?,
+            };
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -512,12 +518,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status { state, json } => {
             let (st, ring) = ferry_agent::status(&state)?;
-            let lag_s = if st.last_ack_ns > 0 { (now_ns().saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
+            let now = now_ns();
+            let live = ferry_agent::liveness(&state, &st, now);
+            let lag_s = if st.last_ack_ns > 0 { (now.saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
             let pending = ring.map(|r| r.pending).unwrap_or(0);
             if json {
                 let v = serde_json::json!({
-                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": st.mode,
-                    "running": st.running, "target": st.target,
+                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": live.mode,
+                    "running": live.running, "pid": live.pid, "connected": live.connected,
+                    "disconnected_seconds": live.disconnected_seconds, "last_error": st.last_error,
+                    "stopped_reason": live.stopped_reason,
+                    "health": live.health, "health_reason": live.health_reason,
+                    "rpo_seconds": live.rpo_seconds, "point_every_seconds": st.point_every_s,
+                    "target": st.target,
                     "initial_sync_cursor": st.sync_cursor, "resync_required": st.resync_required,
                     "acked_seq": st.acked_seq,
                     "seconds_since_last_ack": if lag_s.is_finite() { serde_json::json!(lag_s) } else { serde_json::Value::Null },
@@ -536,54 +549,94 @@ fn run(cli: Cli) -> Result<()> {
                     "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
                     "freeze_ms_p99": pct(&st.freeze_ms_recent, 0.99),
                 });
-                println!("{v}");
+                outln(format_args!("{v}"));
             } else {
-                println!("disk       {} ({}, {})", st.name, st.disk, human(st.size));
-                println!("tracker    {}   mode {}{}", st.tracker, st.mode, if st.running { "   (agent running)" } else { "" });
+                outln(format_args!("health     {}: {}", live.health.as_str(), live.health_reason));
+                outln(format_args!("disk       {} ({}, {})", st.name, st.disk, human(st.size)));
+                let agent = match (live.running, live.pid) {
+                    (true, Some(p)) if p > 0 => format!("agent running (pid {p})"),
+                    (true, _) => "agent running".to_string(),
+                    (false, _) => format!("agent not running: {}", live.stopped_reason.as_deref().unwrap_or("-")),
+                };
+                outln(format_args!("tracker    {}   mode {}   {agent}", st.tracker, live.mode));
+                match (live.connected, live.disconnected_seconds) {
+                    (true, _) => outln(format_args!("target     {} (connected)", st.target)),
+                    (false, Some(d)) => outln(format_args!(
+                        "target     {} (disconnected for {d:.0}s: {})",
+                        st.target,
+                        st.last_error.as_deref().unwrap_or("connecting")
+                    )),
+                    (false, None) => outln(format_args!("target     {}", st.target)),
+                }
                 if let Some(c) = st.sync_cursor {
-                    println!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64);
+                    outln(format_args!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64));
                 }
                 if let Some(r) = &st.resync_required {
-                    println!("RESYNC     required: {r}");
+                    outln(format_args!("RESYNC     required: {r}"));
                 }
-                println!("acked      seq {}{}", st.acked_seq, if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() });
+                match (&st.last_point, live.rpo_seconds) {
+                    (Some(p), Some(r)) => {
+                        outln(format_args!("last point {} ({}) at {}, {r:.1}s ago (RPO)", p.id, p.kind, recover::rfc3339(p.time_ns)))
+                    }
+                    _ => outln(format_args!("last point none yet")),
+                }
+                outln(format_args!(
+                    "acked      seq {}{}; sent {}, read {}",
+                    st.acked_seq,
+                    if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() },
+                    human(st.bytes_sent_total),
+                    human(st.bytes_read_total)
+                ));
                 if let Some(r) = ring {
-                    println!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows);
+                    outln(format_args!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows));
                 }
                 if let Some(m) = &st.kmod_mode {
-                    println!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups);
-                }
-                match &st.last_point {
-                    Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),
-                    None => println!("last point none yet"),
+                    outln(format_args!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups));
                 }
                 if let Some(p) = &st.cut_problem {
-                    println!("POINTS     {p}");
+                    outln(format_args!("POINTS     {p}"));
                 }
                 if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
-                    println!("lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)", st.lag_ms_recent.len());
+                    outln(format_args!(
+                        "lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)",
+                        st.lag_ms_recent.len()
+                    ));
                 }
                 if let (Some(a), Some(b)) = (pct(&st.freeze_ms_recent, 0.5), pct(&st.freeze_ms_recent, 0.99)) {
-                    println!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len());
+                    outln(format_args!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len()));
                 }
                 if st.tracker == "bpf" {
-                    println!("bpf        {} records fell back to the bitmap", st.bpf_drops);
+                    outln(format_args!("bpf        {} records fell back to the bitmap", st.bpf_drops));
                     if st.bpf_recovered > 0 {
-                        println!(
+                        outln(format_args!(
                             "bpf        {} completions the kernel did not run the tracker for were caught at reissue",
                             st.bpf_recovered
-                        );
+                        ));
                     }
                     if st.bpf_unguarded > 0 {
-                        println!(
+                        outln(format_args!(
                             "bpf        {} writes issued on tags outside the in-flight table (a missed completion of one needs a resync)",
                             st.bpf_unguarded
-                        );
+                        ));
                     }
                 }
             }
             Ok(())
         }
+    }
+}
+
+/// Print a line on stdout; a reader that went away (`ferry status | head`)
+/// ends the command quietly with exit 0 instead of a panic.
+fn outln(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ferry: writing to standard output: {e}");
+        std::process::exit(1);
     }
 }
 

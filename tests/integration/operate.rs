@@ -396,3 +396,52 @@ fn a_source_that_grows_while_protected_stops_the_agent_with_the_reason() {
     recover_to(&t.s("data"), "grow", "latest", &t.s("r.img"));
     assert_eq!(std::fs::metadata(t.path("r.img")).unwrap().len(), 16 << 20);
 }
+
+/// Acceptance: a resync that starts while data frames are still
+/// unacknowledged finishes. The bpf tracker feeds a tiny agent ring, so a
+/// burst of random writes overflows it mid-stream: the agent resyncs by
+/// checksum behind the data it had just sent, and once the writes stop it
+/// reaches a point where the replica equals the device.
+#[test]
+fn a_resync_under_load_finishes_once_the_writes_stop() {
+    let t = TempDir::new("resyncload");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 128 << 20, 12);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("rsload");
+    let st = t.path("st");
+    let _guard = Unprotect(st.clone());
+    let mut agent = spawn_agent(&dev, &name, &mt.addr, &t.s("st"), "bpf", &["--ring-capacity", "64"]);
+    wait_for("a first recovery point", 120, || status_json(&st)["last_point"].is_object());
+    let f = std::fs::OpenOptions::new().write(true).open(&lo.dev).unwrap();
+    let mut rng = Rng::new(21);
+    let mut blk = vec![0u8; 4096];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < Duration::from_secs(4) {
+        for _ in 0..256 {
+            rng.fill(&mut blk);
+            f.write_all_at(&blk, rng.below((128 << 20) / 4096) * 4096).unwrap();
+            n += 1;
+        }
+        f.sync_data().unwrap();
+    }
+    let stopped_at = ferry_common::now_ns();
+    wait_for("a resync to have happened", 60, || {
+        let s = status_json(&st);
+        s["ring_overflows"].as_u64().unwrap_or(0) > 0
+    });
+    // A point cut after the writes stopped, with the replica equal to the device.
+    let replica = t.path("data").join(&name).join("replica.img");
+    wait_for("a point after the writes, with the replica identical", 60, || {
+        let s = status_json(&st);
+        let newer = s["last_point"]["time"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok()).is_some_and(|t| {
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 > stopped_at
+        });
+        newer && s["resync_required"].is_null() && file_digest(&replica) == file_digest(&lo.dev)
+    });
+    assert!(agent.alive(), "the agent ended");
+    eprintln!("{n} writes; caught up in {:?} after they stopped", Duration::from_nanos(ferry_common::now_ns() - stopped_at));
+}

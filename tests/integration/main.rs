@@ -5,6 +5,7 @@ mod bad_input;
 mod bpf;
 mod cli;
 mod crash;
+mod damage;
 mod export;
 mod failover;
 mod operate;

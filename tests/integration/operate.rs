@@ -437,9 +437,10 @@ fn a_resync_under_load_finishes_once_the_writes_stop() {
     let replica = t.path("data").join(&name).join("replica.img");
     wait_for("a point after the writes, with the replica identical", 60, || {
         let s = status_json(&st);
-        let newer = s["last_point"]["time"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok()).is_some_and(|t| {
-            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 > stopped_at
-        });
+        let newer = s["last_point"]["time"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .is_some_and(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 > stopped_at);
         newer && s["resync_required"].is_null() && file_digest(&replica) == file_digest(&lo.dev)
     });
     assert!(agent.alive(), "the agent ended");

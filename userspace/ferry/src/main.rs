@@ -199,6 +199,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild a damaged disk folder, keeping what it can: files given up are moved into
+    /// DIR/NAME/damaged-TIME/, and what each step cost is printed.
+    Repair {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name (its folder under DIR).
+        #[arg(long)]
+        name: String,
+    },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -509,6 +519,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::FreezeGuard { deadline_ms, thaw_cmd, mounts } => {
             ferry_agent::freeze::run_guard(Duration::from_millis(deadline_ms), thaw_cmd.as_deref(), &mounts);
+            Ok(())
+        }
+        Cmd::Repair { data, name } => {
+            let rep = ferry_target::repair::repair(&data, &name)?;
+            for s in &rep.steps {
+                println!("{name}: {s}");
+            }
+            if let Some(a) = &rep.aside {
+                println!("{name}: files given up are in {}", a.display());
+            }
             Ok(())
         }
         Cmd::Unprotect { state } => {

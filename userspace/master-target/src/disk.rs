@@ -92,10 +92,62 @@ impl Paths {
     }
 }
 
-/// Read a disk's metadata, for readers.
+/// Read a disk's metadata, for readers. A folder that holds a replica, a
+/// journal or a catalog but no `disk.meta` is damaged, not absent.
 pub fn read_meta(data: &Path, name: &str) -> Result<Meta, DiskError> {
     let p = Paths::new(data, name);
-    read_state(&p.meta, META_KIND, META_VERSION)?.ok_or_else(|| DiskError::NotFound { name: name.into(), data: data.display().to_string() })
+    match read_state(&p.meta, META_KIND, META_VERSION)? {
+        Some(m) => {
+            check_complete(&p, name, true)?;
+            Ok(m)
+        }
+        None => {
+            check_complete(&p, name, false)?;
+            Err(DiskError::NotFound { name: name.into(), data: data.display().to_string() })
+        }
+    }
+}
+
+/// The largest disk a master target takes (2^56 bytes, 64 PiB): beyond any
+/// real disk, and well inside what a sparse file and the journal's offsets hold.
+pub const MAX_DISK: u64 = 1 << 56;
+
+/// A folder missing one of its files is damaged, never new: refuse it with
+/// what is missing and how to repair it. `has_meta`: `disk.meta` is there.
+pub fn check_complete(p: &Paths, name: &str, has_meta: bool) -> Result<(), DiskError> {
+    let journal_used = fs::metadata(&p.journal).is_ok_and(|m| m.len() > crate::journal::HEADER_LEN);
+    let present: Vec<&str> = [
+        ("replica.img", p.replica.exists()),
+        ("journal.fj", p.journal.exists()),
+        ("points.log", fs::metadata(&p.points).is_ok_and(|m| m.len() > 0)),
+    ]
+    .iter()
+    .filter(|(_, e)| *e)
+    .map(|(n, _)| *n)
+    .collect();
+    let damaged = |why: String| {
+        Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!(
+                "{why} (in {}); `ferry repair --data {} --name {name}` rebuilds what it can",
+                p.dir.display(),
+                p.dir.parent().map_or(String::from("."), |d| d.display().to_string())
+            ),
+        })
+    };
+    if !has_meta {
+        if !present.is_empty() {
+            return damaged(format!("disk.meta is missing but the folder holds {}", present.join(", ")));
+        }
+        return Ok(());
+    }
+    if !p.replica.exists() {
+        return damaged("replica.img is missing".into());
+    }
+    if journal_used && !p.points.exists() {
+        return damaged("points.log is missing but the undo journal holds records".into());
+    }
+    Ok(())
 }
 
 /// One change to apply, already validated against the disk's size.
@@ -177,10 +229,26 @@ impl Disk {
     /// journal tail. `size` and `generation` are what the agent offers.
     pub fn open(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
         let paths = Paths::new(data, name);
+        let created = !paths.dir.exists();
+        let r = Self::open_in(data, name, size, generation);
+        if created && matches!(&r, Err(e) if !matches!(e, DiskError::Busy(_))) {
+            // A stream refused at its first OPEN (an impossible size, a full
+            // disk) leaves nothing behind.
+            let _ = fs::remove_dir_all(&paths.dir);
+        }
+        r
+    }
+
+    fn open_in(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
+        let paths = Paths::new(data, name);
+        if size > MAX_DISK {
+            return Err(DiskError::Io(format!("disk {name}: {size} bytes is more than this master target supports ({MAX_DISK})")));
+        }
         fs::create_dir_all(&paths.dir).map_err(ioe(paths.dir.display()))?;
         crate::failover::refuse_if_failed_over(&paths, name)?;
         let lockf = lock(&paths, name)?;
         let meta: Option<Meta> = read_state(&paths.meta, META_KIND, META_VERSION)?;
+        check_complete(&paths, name, meta.is_some())?;
         let gen_hex = hex(&generation);
         let info = match &meta {
             Some(m) if m.size != size => return Err(DiskError::SizeChanged { name: name.into(), was: m.size, now: size }),

@@ -10,6 +10,7 @@
 //! - [`nbd`]: `ferry export`, a point served over NBD.
 //! - [`failover`]: `ferry failover`: stop the stream, hand over a point.
 //! - [`retention`]: which points a disk keeps; journal space reclaimed.
+//! - [`repair`]: `ferry repair`, a damaged folder rebuilt keeping what it can.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
 //!
@@ -33,6 +34,7 @@ pub mod failover;
 pub mod journal;
 pub mod nbd;
 pub mod recover;
+pub mod repair;
 pub mod retention;
 pub mod server;
 pub mod view;

@@ -131,6 +131,7 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
             None
         }
     };
+    prove_inputs(data, name, point, false)?;
     let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
     let is_dev = std::fs::metadata(out).map(|m| m.file_type().is_block_device()).unwrap_or(false);
     let outf = OpenOptions::new().write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
@@ -145,7 +146,7 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     }
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
-    let recs = scan_checked(&j, name, point.journal_pos)?;
+    let recs = scan_checked(&j, &p, name, point.journal_pos)?;
     for r in recs.iter().rev() {
         if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > point.seq {
             let d = j.data(r).map_err(ioe(p.journal.display()))?;
@@ -160,7 +161,7 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
 /// part ends before a later committed record (damage, not a tail being
 /// written). A record a running master target is still writing can look
 /// torn for a moment: look twice before calling it damage.
-fn scan_checked(j: &JournalReader, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
+fn scan_checked(j: &JournalReader, p: &Paths, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
     let mut tries = 0;
     loop {
         let recs = j.scan(from).map_err(DiskError::from)?;
@@ -170,10 +171,58 @@ fn scan_checked(j: &JournalReader, name: &str, from: u64) -> Result<Vec<crate::j
         }
         tries += 1;
         if tries == 3 {
-            return Err(DiskError::Damaged { name: name.into(), why: format!("the undo journal has a bad record at byte {end}") }.into());
+            return Err(journal_damage(p, name, end).into());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The refusal for a journal damaged at byte `at`: the file, the offset, and
+/// which points it takes (those at or before it) and leaves (those after).
+pub fn journal_damage(p: &Paths, name: &str, at: u64) -> DiskError {
+    let pts = read_points(&p.points).map(|x| x.0).unwrap_or_default();
+    let lost: Vec<u64> = pts.iter().filter(|q| q.journal_pos <= at).map(|q| q.id).collect();
+    let kept: Vec<u64> = pts.iter().filter(|q| q.journal_pos > at).map(|q| q.id).collect();
+    DiskError::Damaged {
+        name: name.into(),
+        why: format!(
+            "{} has a bad record at byte {at} with committed records after it: points {} cannot be recovered{}",
+            p.journal.display(),
+            id_list(&lost),
+            if kept.is_empty() { String::new() } else { format!(" (points {} still can)", id_list(&kept)) }
+        ),
+    }
+}
+
+fn id_list(ids: &[u64]) -> String {
+    match ids {
+        [] => "none".into(),
+        [a] => a.to_string(),
+        [a, .., b] if (b - a) as usize + 1 == ids.len() => format!("{a}-{b}"),
+        _ => ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    }
+}
+
+/// What every recovery, export and failover checks before it hands out a
+/// point: the replica is there and has the disk's size, and the journal from
+/// the point on is readable up to its last commit (`journal`: a recovery
+/// checks that as it reads the journal anyway).
+pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Result<(), RecoverError> {
+    let meta = read_meta(data, name)?;
+    let p = Paths::new(data, name);
+    let len = std::fs::metadata(&p.replica).map_err(ioe(p.replica.display()))?.len();
+    if len != meta.size {
+        return Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!("{} is {len} bytes but the disk is {}: no point can be recovered from it", p.replica.display(), meta.size),
+        }
+        .into());
+    }
+    if journal {
+        let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
+        scan_checked(&j, &p, name, point.journal_pos)?;
+    }
+    Ok(())
 }
 
 /// Make `dst` a clone of `src` (FICLONE: shared extents, copy on write).

@@ -180,6 +180,42 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
 
+    // The journal cut short, by half or by 1,000 bytes: every point refused,
+    // naming the file; the stream refused and the folder untouched (the
+    // master target must not roll back committed data); repair starts the
+    // points over and keeps the replica.
+    for (tag, cut) in [("jhalf", 0.5f64), ("j1000", -1000.0)] {
+        let d = six.copy(tag, |f| {
+            let p = f.join("journal.fj");
+            let len = std::fs::metadata(&p).unwrap().len();
+            let to = if cut > 0.0 { (len as f64 * cut) as u64 } else { len - 1000 };
+            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(to).unwrap();
+        });
+        for id in 1..=6 {
+            let e = six.recover(&d, id).expect_err("a journal cut short must be refused");
+            assert!(e.contains("journal.fj") && e.contains("missing at the end"), "{e}");
+        }
+        stream_is_refused(&six, &d, "missing at the end");
+        let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
+        assert!(out.contains("missing records at its end"), "{out}");
+        assert!(six.listed(&d).0.is_empty());
+        let replica = std::fs::read(d.join("vm/replica.img")).unwrap();
+        assert_eq!(replica, std::fs::read(six.t.path("a.img")).unwrap(), "repair kept the replica");
+    }
+
+    // A byte flipped in the replica: every recovery refused, naming the
+    // replica and the chunk.
+    let d = six.copy("rflip", |f| {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(f.join("replica.img")).unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 1_000_000).unwrap();
+        file.write_all_at(&[b[0] ^ 1], 1_000_000).unwrap();
+    });
+    for id in 1..=6 {
+        let e = six.recover(&d, id).expect_err("a flipped replica byte must be refused");
+        assert!(e.contains("replica.img") && e.contains("chunk at byte 983040"), "{e}");
+    }
+
     // A byte flipped in the journal in the middle: the points before it are
     // refused, naming the file, the offset and the points; later ones recover.
     let d = six.copy("jflip", |f| {

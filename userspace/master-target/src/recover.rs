@@ -134,7 +134,7 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     prove_inputs(data, name, point, false)?;
     let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
     let is_dev = std::fs::metadata(out).map(|m| m.file_type().is_block_device()).unwrap_or(false);
-    let outf = OpenOptions::new().write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
+    let outf = OpenOptions::new().read(true).write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
     if !is_dev {
         outf.set_len(meta.size).map_err(ioe(out.display()))?;
     }
@@ -143,6 +143,10 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     // journal after the point. Elsewhere, a sparse copy.
     if is_dev || !clone_file(&replica, &outf) {
         copy_sparse(&replica, &outf, meta.size, !is_dev).map_err(ioe(out.display()))?;
+    }
+    // Every chunk the copy took from the replica must match its sum.
+    if let Some(sums) = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))? {
+        verify_copy(&outf, &replica, &sums, &p, name)?;
     }
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
@@ -218,9 +222,60 @@ pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Re
         }
         .into());
     }
+    crate::disk::check_mark(&p, name, meta.size)?;
     if journal {
         let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
         scan_checked(&j, &p, name, point.journal_pos)?;
+    }
+    Ok(())
+}
+
+/// Check the copy of the replica in `out` chunk by chunk against the sums.
+/// A chunk that differs is read again from the replica itself (a running
+/// master target may have rewritten it since the copy: then its journal
+/// records, read next, undo that) and must match its sum there, with the
+/// mark unchanged around the read; otherwise the replica is damaged.
+pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
+    use crate::sums::{check_chunk, chunk_sum, CHUNK};
+    let size = sums.size;
+    let per = 64usize; // chunks per read (4 MiB)
+    let mut buf = vec![0u8; per * CHUNK as usize];
+    let mut one = vec![0u8; CHUNK as usize];
+    let se = |e: crate::sums::SumsError| RecoverError::Io(e.to_string());
+    let mut c0 = 0u64;
+    while c0 * CHUNK < size {
+        let n = ((size - c0 * CHUNK).min(per as u64 * CHUNK)) as usize;
+        out.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(ioe("reading the recovered copy"))?;
+        let stored = sums.get(c0, n.div_ceil(CHUNK as usize)).map_err(se)?;
+        for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
+            if chunk_sum(part) == stored[i] {
+                continue;
+            }
+            let c = c0 + i as u64;
+            let mut ok = false;
+            for _ in 0..5 {
+                let m1 = sums.mark().map_err(se)?;
+                let good = check_chunk(sums, replica, c, &mut one).map_err(se)?;
+                if good && sums.mark().map_err(se)? == m1 {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if !ok {
+                return Err(DiskError::Damaged {
+                    name: name.into(),
+                    why: format!(
+                        "{} does not match its checksum in the 64 KiB chunk at byte {}: every point reads it; `ferry verify` lists all \
+                         damaged ranges, and `ferry agent --verify --repair` re-sends them from the source",
+                        p.replica.display(),
+                        c * CHUNK
+                    ),
+                }
+                .into());
+            }
+        }
+        c0 += per as u64;
     }
     Ok(())
 }

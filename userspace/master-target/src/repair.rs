@@ -21,6 +21,10 @@
 //!   it); the catalog is moved aside.
 //! - catalog records damaged: the catalog is rewritten with the valid ones
 //!   (the original moved aside).
+//! - records missing at the end of the journal (cut short: the replica's
+//!   durable mark names a COMMIT it does not hold): no point can be vouched
+//!   for; journal, catalog and sums are moved aside, the replica kept, and
+//!   the agent resyncs by checksum.
 //! - the journal damaged at byte X (a bad record with committed records
 //!   after it): the points at or before X need the records past it and are
 //!   dropped; points after X stay recoverable; the journal is left as it is
@@ -123,7 +127,7 @@ pub fn repair(data: &Path, name: &str) -> Result<Report, DiskError> {
         (None, Some(l)) if l > 0 && l % ferry_proto::SECTOR == 0 => l,
         (None, _) => {
             // Nothing says what the disk was: start over.
-            for f in [&p.replica, &p.journal, &p.batch, &p.points] {
+            for f in [&p.replica, &p.journal, &p.batch, &p.points, &p.sums] {
                 if f.exists() {
                     aside.put(f)?;
                 }
@@ -137,13 +141,26 @@ pub fn repair(data: &Path, name: &str) -> Result<Report, DiskError> {
     if meta.is_none() {
         rep.steps.push(format!("disk.meta was missing: rebuilt from replica.img ({size} bytes) with a new generation"));
     }
+    let journal_cut = replica_len == Some(size) && crate::disk::check_mark(&p, name, size).is_err();
     // The replica: missing or of the wrong size, no point is recoverable.
-    if replica_len != Some(size) {
+    if journal_cut {
+        for f in [&p.journal, &p.batch, &p.points, &p.sums] {
+            if f.exists() {
+                aside.put(f)?;
+            }
+        }
+        new_generation_needed = true;
+        rep.steps.push(
+            "journal.fj is missing records at its end (the replica is durable past it): no recovery point can be vouched for; \
+             the journal, catalog and sums were moved aside and the replica kept: the agent's next stream resyncs by checksum"
+                .into(),
+        );
+    } else if replica_len != Some(size) {
         let what = match replica_len {
             None => "replica.img is missing".to_string(),
             Some(l) => format!("replica.img is {l} bytes, the disk {size}"),
         };
-        for f in [&p.journal, &p.batch, &p.points] {
+        for f in [&p.journal, &p.batch, &p.points, &p.sums] {
             if f.exists() {
                 aside.put(f)?;
             }

@@ -90,6 +90,15 @@ impl Six {
     }
 }
 
+/// `ferry verify` on `data` must exit 1 and name `needle` on stdout/stderr.
+fn verify_finds(data: &Path, needle: &str) {
+    let o = run(&["verify", "--data", &data.display().to_string(), "--name", "vm"]);
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "verify missed the damage: {all}");
+    assert!(all.contains(needle), "{needle:?} not in: {all}");
+    assert!(!all.contains("panicked"), "{all}");
+}
+
 /// Run a master target on `data` and an agent `--once` against it: the
 /// agent must be refused with `needle`, and the folder's files unchanged.
 fn stream_is_refused(six: &Six, data: &Path, needle: &str) {
@@ -128,6 +137,8 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
     for id in 1..=6 {
         six.recover(&data, id).unwrap_or_else(|e| panic!("undamaged point {id}: {e}"));
     }
+    let v = run(&["verify", "--data", &data.display().to_string(), "--name", "vm"]);
+    assert!(v.status.success(), "verify of an undamaged folder: {}", String::from_utf8_lossy(&v.stdout));
 
     // One byte flipped in catalog record 2: the other five are listed and
     // recover; the damage is named; nothing is trimmed.
@@ -143,6 +154,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
         six.recover(&d, id).unwrap_or_else(|e| panic!("point {id}: {e}"));
     }
     assert!(six.recover(&d, 2).is_err());
+    verify_finds(&d, "catalog record 2");
     {
         // A master target and an agent's stream: the records are not trimmed.
         let mt = MasterTarget::start(&d);
@@ -158,6 +170,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
     let (_, err) = six.listed(&d);
     assert!(err.contains("disk.meta is missing") && err.contains("ferry repair"), "{err}");
     stream_is_refused(&six, &d, "disk.meta is missing");
+    verify_finds(&d, "disk.meta is missing");
     let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
     assert!(out.contains("rebuilt"), "{out}");
     for id in 1..=6 {
@@ -169,6 +182,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
     let (_, err) = six.listed(&d);
     assert!(err.contains("points.log is missing"), "{err}");
     stream_is_refused(&six, &d, "points.log is missing");
+    verify_finds(&d, "points.log is missing");
 
     // The replica truncated to half: every recovery refused, naming the file.
     let d = six.copy("half", |f| {
@@ -179,6 +193,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
         assert!(e.contains("replica.img") && e.contains("bytes but the disk is"), "{e}");
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
+    verify_finds(&d, "the replica is 2097152 bytes, the disk 4194304");
 
     // The journal cut short, by half or by 1,000 bytes: every point refused,
     // naming the file; the stream refused and the folder untouched (the
@@ -196,6 +211,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
             assert!(e.contains("journal.fj") && e.contains("missing at the end"), "{e}");
         }
         stream_is_refused(&six, &d, "missing at the end");
+        verify_finds(&d, "missing at the end");
         let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
         assert!(out.contains("missing records at its end"), "{out}");
         assert!(six.listed(&d).0.is_empty());
@@ -215,6 +231,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
         let e = six.recover(&d, id).expect_err("a flipped replica byte must be refused");
         assert!(e.contains("replica.img") && e.contains("chunk at byte 983040"), "{e}");
     }
+    verify_finds(&d, "DAMAGE replica.img at byte 983040 (+65536 bytes)");
 
     // A byte flipped in the journal in the middle: the points before it are
     // refused, naming the file, the offset and the points; later ones recover.
@@ -238,6 +255,7 @@ fn a_damaged_folder_never_yields_a_wrong_image() {
     }
     assert!(refused >= 1, "a flipped journal byte went unnoticed");
     assert!(six.recover(&d, 6).is_ok(), "the newest point does not need the damaged middle");
+    verify_finds(&d, "a bad journal record with committed records after it");
     // `ferry repair` drops exactly the points the damage takes.
     let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
     assert!(out.contains("damaged at byte"), "{out}");

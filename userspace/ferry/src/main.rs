@@ -40,6 +40,12 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// Verify every disk (ferry verify) this often, e.g. 24h; results in `ferry status --data`.
+        #[arg(long, value_name = "DURATION")]
+        scrub_every: Option<String>,
+        /// Read at most this much a second while scrubbing (e.g. 100M; 0 for no limit).
+        #[arg(long, value_name = "SIZE", default_value = "100M")]
+        scrub_rate: String,
     },
     /// Protect one block device or image file.
     Agent {
@@ -210,9 +216,36 @@ enum Cmd {
         name: String,
     },
     /// The agent's view: tracker, mode, lag, bytes pending, last point.
+    /// With --data and --name: the master target's view of a disk instead (points, journal,
+    /// free space, the last verify).
     Status {
+        /// The agent's state folder.
+        #[arg(long, value_name = "DIR", required_unless_present = "data", conflicts_with = "data")]
+        state: Option<PathBuf>,
+        /// The master target's data folder (with --name).
+        #[arg(long, value_name = "DIR", requires = "name")]
+        data: Option<PathBuf>,
+        /// The disk's name, with --data.
+        #[arg(long, requires = "data")]
+        name: Option<String>,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a disk folder end to end (a scrub): the replica against its chunk sums, the
+    /// journal's records and chain, the catalog and the metadata. Runs while a master target
+    /// serves the disk. Exit 1 when it finds damage.
+    Verify {
+        /// The master target's data folder.
         #[arg(long, value_name = "DIR")]
-        state: PathBuf,
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+        /// Read at most this much a second (e.g. 200M; 0 for no limit).
+        #[arg(long, value_name = "SIZE", default_value = "0")]
+        rate: String,
+        /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -240,8 +273,18 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::MasterTarget { listen, data } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate } => {
+            let rate =
+                parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
+            let scrub = match &scrub_every {
+                Some(v) => Some(humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--scrub-every {v:?}: {e} (e.g. 24h, 30min)"))?),
+                None => None,
+            };
             let l = ferry_target::server::bind(listen, &data)?;
+            if let Some(every) = scrub {
+                let d = data.clone();
+                std::thread::spawn(move || ferry_target::verify::scrub_loop(&d, every, rate));
+            }
             log::info!("master target listening on {listen}, data in {}", data.display());
             ferry_target::server::serve(l, &data).context("serving")?;
             Ok(())
@@ -536,7 +579,75 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
-        Cmd::Status { state, json } => {
+        Cmd::Status { state: None, data: Some(data), name: Some(name), json } => {
+            let s = ferry_target::verify::disk_status(&data, &name)?;
+            if json {
+                outln(format_args!("{}", serde_json::to_string(&s)?));
+                return Ok(());
+            }
+            outln(format_args!("health     {}: {}", s.health, s.health_reason));
+            outln(format_args!("disk       {} ({}){}", s.name, human(s.size), if s.streaming { ", a stream is open" } else { "" }));
+            match (s.newest_point, s.newest_point_age_seconds) {
+                (Some(id), Some(age)) => outln(format_args!("points     {} kept, newest {id} ({age:.0}s old)", s.points)),
+                _ => outln(format_args!("points     none")),
+            }
+            outln(format_args!(
+                "journal    {} on disk{}",
+                human(s.journal_bytes),
+                s.durable_seq.map(|d| format!(", replica durable to seq {d}")).unwrap_or_default()
+            ));
+            if let (Some(f), Some(t)) = (s.free_bytes, s.fs_bytes) {
+                outln(format_args!("space      {} free of {}", human(f), human(t)));
+            }
+            match &s.last_verify {
+                Some(v) => outln(format_args!(
+                    "verify     {} at {}: {} chunks in {:.1}s",
+                    if v.ok() { "clean".to_string() } else { format!("{} damaged range(s)", v.damage.len()) },
+                    recover::rfc3339(v.time_ns),
+                    v.chunks_checked,
+                    v.seconds
+                )),
+                None => outln(format_args!("verify     never run (ferry verify, or master-target --scrub-every)")),
+            }
+            if let Some(v) = &s.last_verify {
+                for d in &v.damage {
+                    outln(format_args!("DAMAGE     {} at byte {} (+{}): {}", d.file, d.offset, d.len, d.what));
+                }
+            }
+            if let Some(d) = &s.damage {
+                outln(format_args!("DAMAGED    {d}"));
+            }
+            if let Some(f) = &s.failover {
+                outln(format_args!("failover   {f}"));
+            }
+            Ok(())
+        }
+        Cmd::Status { state: None, .. } => unreachable!("clap requires --state or --data with --name"),
+        Cmd::Verify { data, name, rate, json } => {
+            let rate = parse_size(rate.trim_end_matches("/s"))
+                .ok_or_else(|| anyhow::anyhow!("--rate {rate:?}: expected a size a second like 200M, or 0"))?;
+            let o = ferry_target::verify::verify(&data, &name, rate)?;
+            if json {
+                outln(format_args!("{}", serde_json::to_string(&o)?));
+            } else {
+                for d in &o.damage {
+                    let pts = if d.points.is_empty() { String::new() } else { format!("; points affected: {:?}", d.points) };
+                    outln(format_args!("{name}: DAMAGE {} at byte {} (+{} bytes): {}{pts}", d.file, d.offset, d.len, d.what));
+                }
+                outln(format_args!(
+                    "{name}: {} chunks of the replica and the journal checked in {:.1}s ({} read): {}",
+                    o.chunks_checked,
+                    o.seconds,
+                    human(o.bytes_read),
+                    if o.ok() { "no damage".to_string() } else { format!("{} damaged range(s)", o.damage.len()) }
+                ));
+            }
+            if !o.ok() {
+                anyhow::bail!("verify found {} damaged range(s) in disk {name} (listed above)", o.damage.len());
+            }
+            Ok(())
+        }
+        Cmd::Status { state: Some(state), json, .. } => {
             let (st, ring) = ferry_agent::status(&state)?;
             let now = now_ns();
             let live = ferry_agent::liveness(&state, &st, now);

@@ -11,6 +11,7 @@
 //! - [`failover`]: `ferry failover`: stop the stream, hand over a point.
 //! - [`retention`]: which points a disk keeps; journal space reclaimed.
 //! - [`sums`]: chunk checksums of the replica and its durable mark.
+//! - [`verify`]: `ferry verify` (scrub) and the master target's view of a disk.
 //! - [`repair`]: `ferry repair`, a damaged folder rebuilt keeping what it can.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
@@ -42,4 +43,5 @@ pub mod repair;
 pub mod retention;
 pub mod server;
 pub mod sums;
+pub mod verify;
 pub mod view;

@@ -32,7 +32,7 @@ impl Client {
     fn hello(addr: &str) -> Client {
         let mut c = Client::connect(addr);
         c.send(&Msg::Hello { min: 1, max: VERSION_MAX, peer: "test".into() });
-        assert!(matches!(c.recv(), Some(Msg::HelloAck { version: 1, .. })));
+        assert!(matches!(c.recv(), Some(Msg::HelloAck { version: VERSION_MAX, .. })));
         c
     }
     fn open(addr: &str, name: &str, size: u64) -> (Client, u64) {

@@ -97,6 +97,8 @@ fn every_option_has_help_and_usage_says_what_is_required() {
         "group-tag",
         "group-points",
         "status",
+        "repair",
+        "verify",
     ];
     for c in cmds {
         let help = run_ok(&[c, "--help"]);

@@ -24,6 +24,7 @@
 pub mod chunkmap;
 pub mod freeze;
 pub mod kmod;
+pub mod live;
 pub mod session;
 pub mod state;
 
@@ -76,6 +77,10 @@ pub enum AgentError {
     Bpf(#[from] ferry_bpf::BpfError),
     #[error("{0}")]
     Tracker(String),
+    #[error("stopped by {0}")]
+    Stopped(String),
+    #[error("{0}")]
+    SourceChanged(String),
 }
 
 impl AgentError {
@@ -232,6 +237,18 @@ pub struct Agent {
     /// `acked_seq` as last saved: ring slots up to it may be released.
     saved_acked: u64,
     deferred_map: Option<ChunkMap>,
+    /// The state folder's lock, held for the agent's life (live.rs).
+    _lock: live::Lock,
+    /// Initial sync: (last seq of a 4 MiB chunk, end offset of the chunk),
+    /// for chunks sent and not yet known durable. Kept across reconnects: the
+    /// master target's durable sequence at the next OPEN says which of them
+    /// arrived, so a connection cut before its acknowledgement came still
+    /// moves the cursor.
+    sync_progress: VecDeque<(u64, u64)>,
+    /// Byte counters of earlier sessions (the current one adds its own).
+    sent_base: u64,
+    read_base: u64,
+    last_size_check: Instant,
 }
 
 impl Agent {
@@ -250,6 +267,8 @@ impl Agent {
             )));
         }
         std::fs::create_dir_all(&opts.state).map_err(AgentError::io(format!("state folder {}", opts.state.display())))?;
+        // Before anything is attached: a second agent on this folder stops here.
+        let lock = live::lock(&opts.state)?;
         let sd = StateDir::new(&opts.state);
         let mut tracker = match opts.tracker {
             Tracker::Auto if !src.is_block_device() => {
@@ -316,6 +335,10 @@ impl Agent {
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
                 last_point: None,
+                connected: false,
+                disconnected_since_ns: None,
+                last_error: None,
+                point_every_s: 0.0,
                 last_ack_ns: 0,
                 mode: "initial-sync".into(),
                 running: false,
@@ -443,7 +466,15 @@ impl Agent {
         };
         st.tracker = tracker.as_str().into();
         st.target = opts.target.clone();
+        st.point_every_s = opts.point_every.as_secs_f64();
+        st.connected = false;
+        let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
         Ok(Agent {
+            _lock: lock,
+            sync_progress: VecDeque::new(),
+            sent_base,
+            read_base,
+            last_size_check: Instant::now(),
             opts,
             sd,
             st,
@@ -492,6 +523,45 @@ impl Agent {
         if t > 0 {
             self.st.last_ack_ns = t;
         }
+        // Counters move while streaming, not only when a session ends.
+        self.st.bytes_sent_total = self.sent_base + sess.bytes_sent;
+        self.st.bytes_read_total = self.read_base + self.bytes_read;
+    }
+
+    /// Between steps of every loop: a stop asked for by a signal, a source
+    /// that changed size, a connection that died while idle.
+    fn checkpoint(&mut self, sess: &Session) -> Result<(), AgentError> {
+        live::check_stop()?;
+        sess.check_alive()?;
+        if self.last_size_check.elapsed() >= Duration::from_secs(1) {
+            self.last_size_check = Instant::now();
+            if let Ok(now) = self.src.current_size() {
+                if now != self.st.size {
+                    return Err(AgentError::SourceChanged(format!(
+                        "disk {} changed size from {} to {now} bytes while protected; the replica keeps the old size and its \
+                         points stay recoverable: protect the disk again under a new --name and --state",
+                        self.opts.disk.display(),
+                        self.st.size
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleep `d` in short steps, stopping early for [`Agent::checkpoint`].
+    fn pause(&mut self, sess: &Session, d: Duration) -> Result<(), AgentError> {
+        let until = Instant::now() + d;
+        loop {
+            self.checkpoint(sess)?;
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(100)));
+            self.note_ack(sess);
+            self.save_if_due()?;
+        }
     }
 
     fn save_if_due(&mut self) -> Result<(), AgentError> {
@@ -501,23 +571,34 @@ impl Agent {
         Ok(())
     }
 
-    /// Run until `--once` is satisfied (or forever without it).
+    /// Run until `--once` is satisfied (or forever without it), or until a
+    /// signal asks it to stop. Why it ended is recorded for `ferry status`.
     pub fn run(mut self) -> Result<Summary, AgentError> {
         let start = Instant::now();
+        live::install_stop_handler(&self.opts.state);
         self.st.running = true;
         self.save()?;
         let mut unreachable_since: Option<Instant> = None;
         let mut backoff = Duration::from_millis(200);
         let result = loop {
+            if let Err(e) = live::check_stop() {
+                break Err(e);
+            }
             let sess = Session::connect(&self.opts.target, &self.opts.name, self.st.size, self.generation, self.st.acked_seq + 1);
             let r = sess.and_then(|mut s| {
                 unreachable_since = None;
                 backoff = Duration::from_millis(200);
+                if !self.st.connected {
+                    log::info!("connected to the master target at {} (protocol v{})", self.opts.target, s.version);
+                }
+                self.st.connected = true;
+                self.st.disconnected_since_ns = None;
+                self.st.last_error = None;
                 let r = self.work(&mut s, start);
+                self.note_ack(&s);
                 self.bytes_sent_prev += s.bytes_sent;
                 self.bytes_received_prev += s.bytes_received();
-                self.st.bytes_sent_total += s.bytes_sent;
-                self.note_ack(&s);
+                self.sent_base += s.bytes_sent;
                 s.close();
                 r
             });
@@ -525,21 +606,41 @@ impl Agent {
                 Ok(summary) => break Ok(summary),
                 Err(e) if e.retryable() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if self.st.connected || self.st.disconnected_since_ns.is_none() {
+                        self.st.disconnected_since_ns = Some(ferry_common::now_ns());
+                    }
+                    self.st.connected = false;
+                    self.st.last_error = Some(e.to_string());
                     if self.opts.once && since.elapsed() > self.opts.connect_timeout {
                         break Err(e);
                     }
                     log::warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
                     let _ = self.save();
-                    std::thread::sleep(backoff);
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && live::stop_requested().is_none() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => break Err(e),
             }
         };
         self.st.running = false;
-        self.st.mode = if result.is_ok() { "stopped".into() } else { self.st.mode.clone() };
-        self.st.bytes_read_total += self.bytes_read;
+        self.st.connected = false;
+        self.st.mode = match &result {
+            Ok(_) | Err(AgentError::Stopped(_)) => "stopped".into(),
+            Err(_) => "failed".into(),
+        };
+        self.st.bytes_read_total = self.read_base + self.bytes_read;
         let _ = self.save();
+        match &result {
+            Ok(s) => live::record_stop(&self.opts.state, &format!("--once finished: recovery point {}", s.point_id), false),
+            Err(AgentError::Stopped(sig)) => {
+                log::info!("{sig} received: stopped (tracking goes on where the tracker outlives the agent)");
+                live::record_stop(&self.opts.state, &format!("stopped by {sig}"), false)
+            }
+            Err(e) => live::record_stop(&self.opts.state, &e.to_string(), true),
+        }
         result
     }
 
@@ -561,7 +662,18 @@ impl Agent {
                 sess.durable_at_open, self.st.acked_seq
             ));
         }
-        // From here on the master target's durable sequence is the truth.
+        // From here on the master target's durable sequence is the truth:
+        // chunks of an initial sync that reached it before the last
+        // connection broke count, acknowledged or not; frames above it were
+        // lost and their sequence numbers are used again.
+        if exists && same_gen && self.st.sync_cursor.is_some() {
+            let before = self.st.sync_cursor;
+            self.advance_sync_cursor(sess.durable_at_open);
+            if self.st.sync_cursor != before {
+                log::info!("initial sync: the master target holds more than it acknowledged; resuming at {:?}", self.st.sync_cursor);
+            }
+        }
+        self.sync_progress.clear();
         self.st.acked_seq = sess.durable_at_open;
         // Ranges the kernel module handed over and the master target has
         // not made durable are nowhere else any more.
@@ -735,7 +847,7 @@ impl Agent {
                     self.save()?;
                     thawed?;
                     verified = false;
-                    std::thread::sleep(self.opts.point_every);
+                    self.pause(sess, self.opts.point_every)?;
                     continue;
                 }
                 r => r?,
@@ -745,7 +857,18 @@ impl Agent {
                 return Ok(self.summary(sess, start, &p));
             }
             verified = false;
-            std::thread::sleep(self.opts.point_every);
+            self.pause(sess, self.opts.point_every)?;
+        }
+    }
+
+    /// Move the initial sync's cursor over every chunk durable up to `durable`.
+    fn advance_sync_cursor(&mut self, durable: u64) {
+        while let Some(&(seq, end)) = self.sync_progress.front() {
+            if seq > durable {
+                break;
+            }
+            self.st.sync_cursor = Some(end);
+            self.sync_progress.pop_front();
         }
     }
 
@@ -799,30 +922,30 @@ impl Agent {
             let mut reorder = BTreeMap::new();
             let mut next = 0usize;
             let mut all_sums = Vec::new();
-            let mut progress: VecDeque<(u64, u64)> = VecDeque::new();
+            self.sync_progress.clear();
             for item in done_rx.iter() {
                 let (i, off, len, units, sums, buf) = item?;
                 reorder.insert(i, (off, len, units, sums, buf));
                 while let Some((off, len, units, sums, buf)) = reorder.remove(&next) {
                     all_sums.extend(sums);
                     for u in units {
-                        sess.send_unit(u)?;
+                        let end = match &u {
+                            Unit::Zero { offset, len } | Unit::Data { offset, len, .. } => offset + u64::from(*len),
+                        };
+                        let seq = sess.send_unit(u)?;
+                        // Per unit, so that a connection cut mid-chunk
+                        // resumes where the master target stopped.
+                        self.sync_progress.push_back((seq, end));
                     }
                     self.bytes_read += len as u64;
                     let _ = pool_tx.try_send(buf);
-                    progress.push_back((sess.next_seq - 1, off + len as u64));
                     next += 1;
                     pb.set_position(off + len as u64);
                     let acked = sess.acked();
-                    while let Some(&(seq, end)) = progress.front() {
-                        if seq > acked {
-                            break;
-                        }
-                        self.st.sync_cursor = Some(end);
-                        progress.pop_front();
-                    }
+                    self.advance_sync_cursor(acked);
                     self.note_ack(sess);
                     self.save_if_due()?;
+                    self.checkpoint(sess)?;
                 }
             }
             if next != chunks.len() {
@@ -938,6 +1061,7 @@ impl Agent {
                 pb.set_position(off + len as u64);
                 self.note_ack(sess);
                 self.save_if_due()?;
+                self.checkpoint(sess)?;
             }
             while let Some((doff, dbuf, reqs)) = deferred.pop_front() {
                 diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
@@ -974,6 +1098,7 @@ impl Agent {
         let mut quiet_tries = 0u32;
         loop {
             self.feed()?;
+            self.checkpoint(sess)?;
             if self.st.resync_required.is_some() {
                 self.save()?;
                 self.resync(sess)?;
@@ -1162,6 +1287,7 @@ impl Agent {
         // invalid record in the batch just read).
         let mut resync: Option<String> = None;
         loop {
+            self.checkpoint(sess)?;
             let lost = ring.overflows();
             if resync.is_none()
                 && (lost > self.st.ring_overflows_seen || ring.overflowed() && lost == 0 && self.st.ring_overflows_seen == 0)
@@ -1927,6 +2053,121 @@ pub fn status(state: &Path) -> Result<(AgentState, Option<RingStatus>), AgentErr
         None
     };
     Ok((st, ring))
+}
+
+/// How an operator should feel about a disk, worst first.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "WARN")]
+    Warn,
+    #[serde(rename = "CRIT")]
+    Crit,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "OK",
+            Health::Warn => "WARN",
+            Health::Crit => "CRIT",
+        }
+    }
+}
+
+/// What is true of a protected disk now, as `ferry status` shows it: the
+/// state file read against the agent's lock and the clock.
+#[derive(serde::Serialize, Clone, Debug)]
+pub struct Liveness {
+    /// What the agent is doing: its own mode while it runs and is connected,
+    /// `disconnected` while it runs without a connection, and `stopped`
+    /// (or `failed`, `unprotected`) when it does not run.
+    pub mode: String,
+    /// The agent holds the state folder's lock (it is alive).
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Connected to the master target (only while running).
+    pub connected: bool,
+    /// Seconds since the agent lost (or could not make) its connection.
+    pub disconnected_seconds: Option<f64>,
+    /// Why the agent is not running, when it is not.
+    pub stopped_reason: Option<String>,
+    /// Seconds since the last recovery point was cut: the recovery point
+    /// objective actually met right now.
+    pub rpo_seconds: Option<f64>,
+    pub health: Health,
+    /// Why the health is not OK (or what is OK), in a line.
+    pub health_reason: String,
+}
+
+/// The live view of `state` (see [`Liveness`]) at wall-clock `now_ns`.
+pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
+    let pid = live::running(state);
+    let running = pid.is_some();
+    let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+    let rpo = st.last_point.as_ref().map(|p| secs(p.time_ns));
+    let connected = running && st.connected;
+    let disconnected = if running && !st.connected { st.disconnected_since_ns.map(secs) } else { None };
+    let stopped_reason = (!running).then(|| match live::last_stop(state) {
+        Some(s) => s.reason,
+        None if st.running => "the agent ended without stopping cleanly (killed, crashed, or the machine restarted)".to_string(),
+        None if st.mode == "unprotected" => "unprotected".to_string(),
+        None => "not started".to_string(),
+    });
+    let mut worst = Health::Ok;
+    let mut why: Vec<String> = Vec::new();
+    let mut note = |h: Health, w: String| {
+        worst = worst.max(h);
+        why.push(w);
+    };
+    let every = if st.point_every_s > 0.0 { st.point_every_s } else { 60.0 };
+    if let Some(r) = &stopped_reason {
+        note(Health::Crit, format!("agent not running: {r}"));
+    }
+    if let Some(d) = disconnected {
+        let e = st.last_error.as_deref().unwrap_or("connecting");
+        note(if d > 300.0 { Health::Crit } else { Health::Warn }, format!("disconnected from the master target for {d:.0}s ({e})"));
+    }
+    if let Some(r) = &st.resync_required {
+        note(Health::Warn, format!("resync required: {r}"));
+    }
+    match (rpo, st.sync_cursor) {
+        (None, Some(c)) => {
+            note(Health::Warn, format!("no recovery point yet (initial sync {:.0}% durable)", c as f64 * 100.0 / st.size.max(1) as f64))
+        }
+        (None, None) => note(Health::Warn, "no recovery point yet".into()),
+        (Some(r), _) if r > 10.0 * every + 300.0 => {
+            note(Health::Crit, format!("last recovery point {r:.0}s ago (point every {every:.0}s)"))
+        }
+        (Some(r), _) if r > 2.0 * every + 30.0 => note(Health::Warn, format!("last recovery point {r:.0}s ago (point every {every:.0}s)")),
+        _ => {}
+    }
+    if let Some(p) = &st.cut_problem {
+        note(Health::Warn, p.clone());
+    }
+    if st.kmod_mode.as_deref() == Some("bitmap") {
+        note(Health::Warn, "the kernel module tracker fell to bitmap mode (catching up)".into());
+    }
+    let health_reason =
+        if why.is_empty() { format!("{}, last recovery point {:.0}s ago", st.mode, rpo.unwrap_or(0.0)) } else { why.join("; ") };
+    let mode = match (running, connected) {
+        (true, true) => st.mode.clone(),
+        (true, false) => "disconnected".into(),
+        (false, _) if matches!(st.mode.as_str(), "failed" | "unprotected") => st.mode.clone(),
+        (false, _) => "stopped".into(),
+    };
+    Liveness {
+        mode,
+        running,
+        pid,
+        connected,
+        disconnected_seconds: disconnected,
+        stopped_reason,
+        rpo_seconds: rpo,
+        health: worst,
+        health_reason,
+    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,28 @@ use ferry_proto::{read_frame, Codec, ErrorCode, Msg, PointKind, VERSION_MAX, VER
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-/// Most unacknowledged frame bytes in flight.
+/// Most unacknowledged frame bytes in flight...
 pub const WINDOW: u64 = 64 << 20;
+/// ...and least: the window follows the link, half of what was acknowledged
+/// in the last second (enough to keep the link busy while the master target
+/// acknowledges every 250 ms), so a slow link does not hold tens of MiB in
+/// socket buffers that a broken connection throws away.
+pub const MIN_WINDOW: u64 = 4 << 20;
 /// Dedup cache entries (48 bytes each) before the cache is reset.
 const DEDUP_MAX: usize = 1 << 20;
+/// With protocol v2, a PING goes out when nothing was sent for this long,
+/// so the master target can tell an idle agent from a dead one.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+/// Every wait on the master target ends after this long without a frame
+/// from it (an ACK, a SUMS, a PONG...): the connection is then treated as
+/// lost and the agent reconnects. A live master target answers a PING
+/// within PING_EVERY plus one batch.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connecting, HELLO and OPEN must be done within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct SharedState {
@@ -29,11 +44,21 @@ struct SharedState {
     /// and a message.
     closed: Option<(Option<ErrorCode>, String)>,
     bytes_received: u64,
+    /// When the last frame from the master target arrived.
+    last_rx: Option<Instant>,
+    /// The oldest PING not yet followed by any frame from the master target.
+    ping_unanswered: Option<Instant>,
 }
 
 struct Shared {
     st: Mutex<SharedState>,
     cv: Condvar,
+}
+
+/// The sending side, shared by the caller and the pinger thread.
+struct Writer {
+    w: BufWriter<TcpStream>,
+    last_tx: Instant,
 }
 
 /// A prepared piece of disk content, ready to send.
@@ -65,12 +90,15 @@ pub fn prepare(offset: u64, raw: &[u8], unit: usize, out: &mut Vec<Unit>) {
 }
 
 pub struct Session {
-    w: BufWriter<TcpStream>,
+    w: Arc<Mutex<Writer>>,
     sock: TcpStream,
     shared: Arc<Shared>,
     sums_rx: Receiver<Msg>,
     inflight: VecDeque<(u64, u64)>,
     inflight_bytes: u64,
+    /// (when, bytes) of frames found acknowledged in the last second.
+    acked_log: VecDeque<(Instant, u64)>,
+    acked_last_s: u64,
     pub next_seq: u64,
     /// Durable sequence the master target reported at OPEN.
     pub durable_at_open: u64,
@@ -85,6 +113,8 @@ pub struct Session {
     /// SUMS answers received ahead of the one being waited for.
     stash: HashMap<u64, (u64, Vec<[u8; 16]>)>,
     buf: Vec<u8>,
+    /// The protocol version the master target chose.
+    pub version: u16,
 }
 
 impl Session {
@@ -104,17 +134,21 @@ impl Session {
         }
         let sock = sock.ok_or_else(|| AgentError::Connect(format!("{target}: {}", last.map_or("no address".into(), |e| e.to_string()))))?;
         sock.set_nodelay(true).ok();
+        ferry_common::net::keepalive(&sock);
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+        // A master target that stops reading makes a write fail, not hang.
+        sock.set_write_timeout(Some(PEER_TIMEOUT)).ok();
         let mut r = BufReader::with_capacity(1 << 20, sock.try_clone().map_err(AgentError::io("socket"))?);
         let mut w = BufWriter::with_capacity(1 << 20, sock.try_clone().map_err(AgentError::io("socket"))?);
         let lost = |e: String| AgentError::Connect(format!("{target}: {e}"));
         let peer = format!("ferry-agent {}", env!("CARGO_PKG_VERSION"));
         ferry_proto::write_msg(&mut w, &Msg::Hello { min: VERSION_MIN, max: VERSION_MAX, peer }).map_err(|e| lost(e.to_string()))?;
         w.flush().map_err(|e| lost(e.to_string()))?;
-        match read_frame(&mut r).map_err(|e| lost(e.to_string()))? {
-            Some(Msg::HelloAck { .. }) => {}
+        let version = match read_frame(&mut r).map_err(|e| lost(e.to_string()))? {
+            Some(Msg::HelloAck { version, .. }) => version,
             Some(Msg::Error { code, msg }) => return Err(AgentError::Refused { code, msg }),
             other => return Err(lost(format!("unexpected answer to HELLO: {other:?}"))),
-        }
+        };
         ferry_proto::write_msg(&mut w, &Msg::Open { name: name.into(), size, generation }).map_err(|e| lost(e.to_string()))?;
         w.flush().map_err(|e| lost(e.to_string()))?;
         let (durable, flags) = match read_frame(&mut r).map_err(|e| lost(e.to_string()))? {
@@ -122,12 +156,25 @@ impl Session {
             Some(Msg::Error { code, msg }) => return Err(AgentError::Refused { code, msg }),
             other => return Err(lost(format!("unexpected answer to OPEN: {other:?}"))),
         };
-        let shared = Arc::new(Shared { st: Mutex::new(SharedState { acked: durable, ..Default::default() }), cv: Condvar::new() });
+        // From here the waits below have their own deadlines (PEER_TIMEOUT);
+        // the receiver thread blocks until a frame or the end.
+        sock.set_read_timeout(None).ok();
+        let shared = Arc::new(Shared {
+            st: Mutex::new(SharedState { acked: durable, last_rx: Some(Instant::now()), ..Default::default() }),
+            cv: Condvar::new(),
+        });
         let (tx, sums_rx) = unbounded();
         let sh = Arc::clone(&shared);
         std::thread::spawn(move || {
             let end = loop {
-                match read_frame(&mut r) {
+                let f = read_frame(&mut r);
+                if let Ok(Some(_)) = &f {
+                    let mut st = sh.st.lock().expect("poisoned");
+                    st.last_rx = Some(Instant::now());
+                    st.ping_unanswered = None;
+                }
+                match f {
+                    Ok(Some(Msg::Pong { .. })) => sh.cv.notify_all(),
                     Ok(Some(Msg::Ack { durable_seq })) => {
                         let mut st = sh.st.lock().expect("poisoned");
                         st.acked = st.acked.max(durable_seq);
@@ -157,13 +204,21 @@ impl Session {
             sh.cv.notify_all();
             // Dropping tx wakes a caller blocked on SUMS.
         });
+        let w = Arc::new(Mutex::new(Writer { w, last_tx: Instant::now() }));
+        if version >= 2 {
+            let (ww, sh) = (Arc::downgrade(&w), Arc::clone(&shared));
+            std::thread::spawn(move || pinger(ww, sh));
+        }
         Ok(Session {
             w,
+            version,
             sock,
             shared,
             sums_rx,
             inflight: VecDeque::new(),
             inflight_bytes: 0,
+            acked_log: VecDeque::new(),
+            acked_last_s: 0,
             next_seq: next_seq.max(durable + 1),
             durable_at_open: durable,
             open_flags: flags,
@@ -182,6 +237,46 @@ impl Session {
             Some((Some(code), msg)) => Err(AgentError::Refused { code: *code, msg: msg.clone() }),
             Some((None, msg)) => Err(AgentError::Lost(msg.clone())),
         }
+    }
+
+    /// Fails when the connection ended, or when the master target has said
+    /// nothing for [`PEER_TIMEOUT`] since `since` (the start of a wait) and
+    /// since its last frame.
+    fn check_deadline(st: &SharedState, since: Instant) -> Result<(), AgentError> {
+        Self::check_closed(st)?;
+        crate::live::check_stop()?;
+        let quiet = st.last_rx.map_or(since.elapsed(), |t| t.elapsed()).min(since.elapsed());
+        if quiet > PEER_TIMEOUT {
+            return Err(AgentError::Lost(format!("no answer from the master target for {}s", quiet.as_secs())));
+        }
+        Ok(())
+    }
+
+    /// Wait on the shared state until `done` holds, with the deadline above.
+    fn wait_for<T>(&self, mut done: impl FnMut(&SharedState) -> Option<T>) -> Result<T, AgentError> {
+        let since = Instant::now();
+        let mut st = self.shared.st.lock().expect("poisoned");
+        loop {
+            if let Some(v) = done(&st) {
+                return Ok(v);
+            }
+            Self::check_deadline(&st, since)?;
+            st = self.shared.cv.wait_timeout(st, Duration::from_millis(500)).expect("poisoned").0;
+        }
+    }
+
+    /// Whether the connection still works: fails if it ended, or if a PING
+    /// went unanswered for [`PEER_TIMEOUT`]. Idle loops call this, so a
+    /// lost master target is noticed (and reported) without data to send.
+    pub fn check_alive(&self) -> Result<(), AgentError> {
+        let st = self.shared.st.lock().expect("poisoned");
+        Self::check_closed(&st)?;
+        if let Some(t) = st.ping_unanswered {
+            if t.elapsed() > PEER_TIMEOUT {
+                return Err(AgentError::Lost(format!("the master target has not answered a PING for {}s", t.elapsed().as_secs())));
+            }
+        }
+        Ok(())
     }
 
     /// Highest durable sequence acknowledged so far.
@@ -203,22 +298,24 @@ impl Session {
         let n = self.buf.len() as u64;
         if let Some(seq) = m.seq() {
             // Respect the window: wait for acknowledgements first.
-            if self.inflight_bytes + n > WINDOW {
-                self.w.flush().map_err(|e| AgentError::Lost(e.to_string()))?;
-                let mut st = self.shared.st.lock().expect("poisoned");
+            let acked = self.shared.st.lock().expect("poisoned").acked;
+            self.pop_acked(acked);
+            if self.inflight_bytes + n > self.window() {
+                self.flush()?;
+                let since = Instant::now();
                 loop {
-                    while let Some(&(s, b)) = self.inflight.front() {
-                        if s > st.acked {
-                            break;
-                        }
-                        self.inflight.pop_front();
-                        self.inflight_bytes -= b;
+                    let st = self.shared.st.lock().expect("poisoned");
+                    let acked = st.acked;
+                    if self.inflight.front().is_some_and(|&(s, _)| s <= acked) {
+                        drop(st);
+                        self.pop_acked(acked);
+                        continue;
                     }
-                    if self.inflight_bytes + n <= WINDOW || self.inflight.is_empty() {
+                    if self.inflight_bytes + n <= self.window() || self.inflight.is_empty() {
                         break;
                     }
-                    Self::check_closed(&st)?;
-                    st = self.shared.cv.wait(st).expect("poisoned");
+                    Self::check_deadline(&st, since)?;
+                    drop(self.shared.cv.wait_timeout(st, Duration::from_millis(500)).expect("poisoned"));
                 }
             }
             self.inflight.push_back((seq, n));
@@ -226,9 +323,38 @@ impl Session {
         } else {
             Self::check_closed(&self.shared.st.lock().expect("poisoned"))?;
         }
-        self.w.write_all(&self.buf).map_err(|e| AgentError::Lost(e.to_string()))?;
+        let mut w = self.w.lock().expect("poisoned");
+        w.w.write_all(&self.buf).map_err(|e| AgentError::Lost(e.to_string()))?;
+        w.last_tx = Instant::now();
         self.bytes_sent += n;
         Ok(())
+    }
+
+    /// Drop frames up to `acked` from the in-flight list, noting how many
+    /// bytes the link carried.
+    fn pop_acked(&mut self, acked: u64) {
+        let now = Instant::now();
+        while let Some(&(s, b)) = self.inflight.front() {
+            if s > acked {
+                break;
+            }
+            self.inflight.pop_front();
+            self.inflight_bytes -= b;
+            self.acked_log.push_back((now, b));
+            self.acked_last_s += b;
+        }
+        while let Some(&(t, b)) = self.acked_log.front() {
+            if now.duration_since(t) <= Duration::from_secs(1) {
+                break;
+            }
+            self.acked_log.pop_front();
+            self.acked_last_s -= b;
+        }
+    }
+
+    /// The send window now (see [`MIN_WINDOW`]).
+    fn window(&self) -> u64 {
+        (self.acked_last_s / 2).clamp(MIN_WINDOW, WINDOW)
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -289,31 +415,19 @@ impl Session {
     }
 
     pub fn flush(&mut self) -> Result<(), AgentError> {
-        self.w.flush().map_err(|e| AgentError::Lost(e.to_string()))
+        self.w.lock().expect("poisoned").w.flush().map_err(|e| AgentError::Lost(e.to_string()))
     }
 
-    /// Block until everything up to `seq` is durable.
+    /// Block until everything up to `seq` is durable (or the deadline).
     pub fn wait_acked(&mut self, seq: u64) -> Result<(), AgentError> {
         self.flush()?;
-        let mut st = self.shared.st.lock().expect("poisoned");
-        while st.acked < seq {
-            Self::check_closed(&st)?;
-            st = self.shared.cv.wait(st).expect("poisoned");
-        }
-        Ok(())
+        self.wait_for(|st| (st.acked >= seq).then_some(()))
     }
 
     /// Block until the master target reports the point for tag `seq`.
     pub fn wait_point(&mut self, seq: u64) -> Result<u64, AgentError> {
         self.flush()?;
-        let mut st = self.shared.st.lock().expect("poisoned");
-        loop {
-            if let Some(&(_, id)) = st.points.iter().find(|(s, _)| *s == seq) {
-                return Ok(id);
-            }
-            Self::check_closed(&st)?;
-            st = self.shared.cv.wait(st).expect("poisoned");
-        }
+        self.wait_for(|st| st.points.iter().find(|(s, _)| *s == seq).map(|&(_, id)| id))
     }
 
     /// Ask for the replica's checksums of `count` chunks from `offset`.
@@ -329,6 +443,7 @@ impl Session {
     /// for other requests are kept for their own call.
     pub fn recv_sums_for(&mut self, req: u64, offset: u64, count: usize) -> Result<Vec<[u8; 16]>, AgentError> {
         self.flush()?;
+        let since = Instant::now();
         loop {
             if let Some((roff, sums)) = self.stash.remove(&req) {
                 if roff != offset || sums.len() != count {
@@ -339,9 +454,12 @@ impl Session {
                 }
                 return Ok(sums);
             }
-            match self.sums_rx.recv() {
+            match self.sums_rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(Msg::Sums { req: r, offset: o, sums, .. }) => {
                     self.stash.insert(r, (o, sums));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    Self::check_deadline(&self.shared.st.lock().expect("poisoned"), since)?;
                 }
                 _ => {
                     let st = self.shared.st.lock().expect("poisoned");
@@ -354,7 +472,34 @@ impl Session {
 
     /// Close the connection.
     pub fn close(mut self) {
-        let _ = self.w.flush();
+        let _ = self.flush();
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Sends a PING whenever the caller has sent nothing for [`PING_EVERY`]; ends
+/// with the session (the writer is gone) or the connection.
+fn pinger(w: Weak<Mutex<Writer>>, sh: Arc<Shared>) {
+    let mut token = 0u64;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let Some(w) = w.upgrade() else { return };
+        if sh.st.lock().expect("poisoned").closed.is_some() {
+            return;
+        }
+        let mut g = w.lock().expect("poisoned");
+        if g.last_tx.elapsed() < PING_EVERY {
+            continue;
+        }
+        token += 1;
+        let mut b = Vec::with_capacity(64);
+        Msg::Ping { token }.encode(&mut b);
+        if g.w.write_all(&b).and_then(|_| g.w.flush()).is_err() {
+            return; // the receiver thread reports the end
+        }
+        g.last_tx = Instant::now();
+        drop(g);
+        let mut st = sh.st.lock().expect("poisoned");
+        st.ping_unanswered.get_or_insert_with(Instant::now);
     }
 }

@@ -96,9 +96,23 @@ pub struct AgentState {
     #[serde(default)]
     pub lag_ms_recent: Vec<f64>,
     pub last_point: Option<LastPoint>,
+    /// Connected to the master target (as of the last save).
+    #[serde(default)]
+    pub connected: bool,
+    /// Wall-clock ns since when the agent has not been connected.
+    #[serde(default)]
+    pub disconnected_since_ns: Option<u64>,
+    /// The last error that broke or refused the connection.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// `--point-every` of the running agent, in seconds (what the RPO is
+    /// judged against).
+    #[serde(default)]
+    pub point_every_s: f64,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,
-    /// "streaming", "initial-sync", "resync", "stopped".
+    /// "initial-sync", "resync", "streaming", "stopped", "failed",
+    /// "unprotected".
     pub mode: String,
     /// Set while an agent runs; a start that finds it set knows the last
     /// agent did not stop cleanly.

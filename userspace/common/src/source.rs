@@ -65,6 +65,11 @@ impl Source {
         self.size
     }
 
+    /// The size as it is now (an image file may grow, a device be resized).
+    pub fn current_size(&self) -> io::Result<u64> {
+        size_of(&self.file)
+    }
+
     /// Whether reads bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct

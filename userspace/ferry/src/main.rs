@@ -64,6 +64,12 @@ enum Cmd {
         /// Folder of the protected disks' replicas, journals and points (created if missing).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// Verify every disk (ferry verify) this often, e.g. 24h; results in `ferry status --data`.
+        #[arg(long, value_name = "DURATION")]
+        scrub_every: Option<String>,
+        /// Read at most this much a second while scrubbing (e.g. 100M; 0 for no limit).
+        #[arg(long, value_name = "SIZE", default_value = "100M")]
+        scrub_rate: String,
     },
     /// Protect one block device or image file.
     Agent {
@@ -267,12 +273,47 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The agent's view: tracker, mode, lag, bytes pending, last point.
-    Status {
-        /// The agent's state folder (its --state).
+    /// Rebuild a damaged disk folder, keeping what it can: files given up are moved into
+    /// DIR/NAME/damaged-TIME/, and what each step cost is printed.
+    Repair {
+        /// The master target's data folder.
         #[arg(long, value_name = "DIR")]
-        state: PathBuf,
-        /// Print one JSON object.
+        data: PathBuf,
+        /// The disk's name (its folder under DIR).
+        #[arg(long)]
+        name: String,
+    },
+    /// The agent's view: tracker, mode, lag, bytes pending, last point.
+    /// With --data and --name: the master target's view of a disk instead (points, journal,
+    /// free space, the last verify).
+    Status {
+        /// The agent's state folder.
+        #[arg(long, value_name = "DIR", required_unless_present = "data", conflicts_with = "data")]
+        state: Option<PathBuf>,
+        /// The master target's data folder (with --name).
+        #[arg(long, value_name = "DIR", requires = "name")]
+        data: Option<PathBuf>,
+        /// The disk's name, with --data.
+        #[arg(long, requires = "data")]
+        name: Option<String>,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a disk folder end to end (a scrub): the replica against its chunk sums, the
+    /// journal's records and chain, the catalog and the metadata. Runs while a master target
+    /// serves the disk. Exit 1 when it finds damage.
+    Verify {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+        /// Read at most this much a second (e.g. 200M; 0 for no limit).
+        #[arg(long, value_name = "SIZE", default_value = "0")]
+        rate: String,
+        /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -365,9 +406,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::MasterTarget { listen, data } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate } => {
             let listen = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
+            let rate =
+                parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
+            let scrub = match &scrub_every {
+                Some(v) => Some(humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--scrub-every {v:?}: {e} (e.g. 24h, 30min)"))?),
+                None => None,
+            };
             let l = ferry_target::server::bind(listen, &data)?;
+            if let Some(every) = scrub {
+                let d = data.clone();
+                std::thread::spawn(move || ferry_target::verify::scrub_loop(&d, every, rate));
+            }
             log::info!("master target listening on {listen}, data in {}", data.display());
             ferry_target::server::serve(l, &data).context("serving")?;
             Ok(())
@@ -429,7 +480,13 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stderr().is_terminal(),
             };
             let agent = ferry_agent::Agent::new(opts)?;
-            let s = agent.run()?;
+            let s = match agent.run() {
+                Err(ferry_agent::AgentError::Stopped(sig)) => {
+                    eprintln!("ferry: agent stopped by {sig}");
+                    return Ok(());
+                }
+                r => r?,
+            };
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -638,19 +695,104 @@ fn run(cli: Cli) -> Result<()> {
             ferry_agent::freeze::run_guard(Duration::from_millis(deadline_ms), thaw_cmd.as_deref(), &mounts);
             Ok(())
         }
+        Cmd::Repair { data, name } => {
+            let rep = ferry_target::repair::repair(&data, &name)?;
+            for s in &rep.steps {
+                println!("{name}: {s}");
+            }
+            if let Some(a) = &rep.aside {
+                println!("{name}: files given up are in {}", a.display());
+            }
+            Ok(())
+        }
         Cmd::Unprotect { state } => {
             let name = ferry_agent::unprotect(&state)?;
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
-        Cmd::Status { state, json } => {
+        Cmd::Status { state: None, data: Some(data), name: Some(name), json } => {
+            let s = ferry_target::verify::disk_status(&data, &name)?;
+            if json {
+                outln(format_args!("{}", serde_json::to_string(&s)?));
+                return Ok(());
+            }
+            outln(format_args!("health     {}: {}", s.health, s.health_reason));
+            outln(format_args!("disk       {} ({}){}", s.name, human(s.size), if s.streaming { ", a stream is open" } else { "" }));
+            match (s.newest_point, s.newest_point_age_seconds) {
+                (Some(id), Some(age)) => outln(format_args!("points     {} kept, newest {id} ({age:.0}s old)", s.points)),
+                _ => outln(format_args!("points     none")),
+            }
+            outln(format_args!(
+                "journal    {} on disk{}",
+                human(s.journal_bytes),
+                s.durable_seq.map(|d| format!(", replica durable to seq {d}")).unwrap_or_default()
+            ));
+            if let (Some(f), Some(t)) = (s.free_bytes, s.fs_bytes) {
+                outln(format_args!("space      {} free of {}", human(f), human(t)));
+            }
+            match &s.last_verify {
+                Some(v) => outln(format_args!(
+                    "verify     {} at {}: {} chunks in {:.1}s",
+                    if v.ok() { "clean".to_string() } else { format!("{} damaged range(s)", v.damage.len()) },
+                    recover::rfc3339(v.time_ns),
+                    v.chunks_checked,
+                    v.seconds
+                )),
+                None => outln(format_args!("verify     never run (ferry verify, or master-target --scrub-every)")),
+            }
+            if let Some(v) = &s.last_verify {
+                for d in &v.damage {
+                    outln(format_args!("DAMAGE     {} at byte {} (+{}): {}", d.file, d.offset, d.len, d.what));
+                }
+            }
+            if let Some(d) = &s.damage {
+                outln(format_args!("DAMAGED    {d}"));
+            }
+            if let Some(f) = &s.failover {
+                outln(format_args!("failover   {f}"));
+            }
+            Ok(())
+        }
+        Cmd::Status { state: None, .. } => unreachable!("clap requires --state or --data with --name"),
+        Cmd::Verify { data, name, rate, json } => {
+            let rate = parse_size(rate.trim_end_matches("/s"))
+                .ok_or_else(|| anyhow::anyhow!("--rate {rate:?}: expected a size a second like 200M, or 0"))?;
+            let o = ferry_target::verify::verify(&data, &name, rate)?;
+            if json {
+                outln(format_args!("{}", serde_json::to_string(&o)?));
+            } else {
+                for d in &o.damage {
+                    let pts = if d.points.is_empty() { String::new() } else { format!("; points affected: {:?}", d.points) };
+                    outln(format_args!("{name}: DAMAGE {} at byte {} (+{} bytes): {}{pts}", d.file, d.offset, d.len, d.what));
+                }
+                outln(format_args!(
+                    "{name}: {} chunks of the replica and the journal checked in {:.1}s ({} read): {}",
+                    o.chunks_checked,
+                    o.seconds,
+                    human(o.bytes_read),
+                    if o.ok() { "no damage".to_string() } else { format!("{} damaged range(s)", o.damage.len()) }
+                ));
+            }
+            if !o.ok() {
+                anyhow::bail!("verify found {} damaged range(s) in disk {name} (listed above)", o.damage.len());
+            }
+            Ok(())
+        }
+        Cmd::Status { state: Some(state), json, .. } => {
             let (st, ring) = ferry_agent::status(&state)?;
-            let lag_s = if st.last_ack_ns > 0 { (now_ns().saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
+            let now = now_ns();
+            let live = ferry_agent::liveness(&state, &st, now);
+            let lag_s = if st.last_ack_ns > 0 { (now.saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
             let pending = ring.map(|r| r.pending).unwrap_or(0);
             if json {
                 let v = serde_json::json!({
-                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": st.mode,
-                    "running": st.running, "target": st.target,
+                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": live.mode,
+                    "running": live.running, "pid": live.pid, "connected": live.connected,
+                    "disconnected_seconds": live.disconnected_seconds, "last_error": st.last_error,
+                    "stopped_reason": live.stopped_reason,
+                    "health": live.health, "health_reason": live.health_reason,
+                    "rpo_seconds": live.rpo_seconds, "point_every_seconds": st.point_every_s,
+                    "target": st.target,
                     "initial_sync_cursor": st.sync_cursor, "resync_required": st.resync_required,
                     "acked_seq": st.acked_seq,
                     "seconds_since_last_ack": if lag_s.is_finite() { serde_json::json!(lag_s) } else { serde_json::Value::Null },
@@ -669,54 +811,94 @@ fn run(cli: Cli) -> Result<()> {
                     "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
                     "freeze_ms_p99": pct(&st.freeze_ms_recent, 0.99),
                 });
-                println!("{v}");
+                outln(format_args!("{v}"));
             } else {
-                println!("disk       {} ({}, {})", st.name, st.disk, human(st.size));
-                println!("tracker    {}   mode {}{}", st.tracker, st.mode, if st.running { "   (agent running)" } else { "" });
+                outln(format_args!("health     {}: {}", live.health.as_str(), live.health_reason));
+                outln(format_args!("disk       {} ({}, {})", st.name, st.disk, human(st.size)));
+                let agent = match (live.running, live.pid) {
+                    (true, Some(p)) if p > 0 => format!("agent running (pid {p})"),
+                    (true, _) => "agent running".to_string(),
+                    (false, _) => format!("agent not running: {}", live.stopped_reason.as_deref().unwrap_or("-")),
+                };
+                outln(format_args!("tracker    {}   mode {}   {agent}", st.tracker, live.mode));
+                match (live.connected, live.disconnected_seconds) {
+                    (true, _) => outln(format_args!("target     {} (connected)", st.target)),
+                    (false, Some(d)) => outln(format_args!(
+                        "target     {} (disconnected for {d:.0}s: {})",
+                        st.target,
+                        st.last_error.as_deref().unwrap_or("connecting")
+                    )),
+                    (false, None) => outln(format_args!("target     {}", st.target)),
+                }
                 if let Some(c) = st.sync_cursor {
-                    println!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64);
+                    outln(format_args!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64));
                 }
                 if let Some(r) = &st.resync_required {
-                    println!("RESYNC     required: {r}");
+                    outln(format_args!("RESYNC     required: {r}"));
                 }
-                println!("acked      seq {}{}", st.acked_seq, if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() });
+                match (&st.last_point, live.rpo_seconds) {
+                    (Some(p), Some(r)) => {
+                        outln(format_args!("last point {} ({}) at {}, {r:.1}s ago (RPO)", p.id, p.kind, recover::rfc3339(p.time_ns)))
+                    }
+                    _ => outln(format_args!("last point none yet")),
+                }
+                outln(format_args!(
+                    "acked      seq {}{}; sent {}, read {}",
+                    st.acked_seq,
+                    if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() },
+                    human(st.bytes_sent_total),
+                    human(st.bytes_read_total)
+                ));
                 if let Some(r) = ring {
-                    println!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows);
+                    outln(format_args!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows));
                 }
                 if let Some(m) = &st.kmod_mode {
-                    println!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups);
-                }
-                match &st.last_point {
-                    Some(p) => println!("last point {} ({}) at {}", p.id, p.kind, recover::rfc3339(p.time_ns)),
-                    None => println!("last point none yet"),
+                    outln(format_args!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups));
                 }
                 if let Some(p) = &st.cut_problem {
-                    println!("POINTS     {p}");
+                    outln(format_args!("POINTS     {p}"));
                 }
                 if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
-                    println!("lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)", st.lag_ms_recent.len());
+                    outln(format_args!(
+                        "lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)",
+                        st.lag_ms_recent.len()
+                    ));
                 }
                 if let (Some(a), Some(b)) = (pct(&st.freeze_ms_recent, 0.5), pct(&st.freeze_ms_recent, 0.99)) {
-                    println!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len());
+                    outln(format_args!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len()));
                 }
                 if st.tracker == "bpf" {
-                    println!("bpf        {} records fell back to the bitmap", st.bpf_drops);
+                    outln(format_args!("bpf        {} records fell back to the bitmap", st.bpf_drops));
                     if st.bpf_recovered > 0 {
-                        println!(
+                        outln(format_args!(
                             "bpf        {} completions the kernel did not run the tracker for were caught at reissue",
                             st.bpf_recovered
-                        );
+                        ));
                     }
                     if st.bpf_unguarded > 0 {
-                        println!(
+                        outln(format_args!(
                             "bpf        {} writes issued on tags outside the in-flight table (a missed completion of one needs a resync)",
                             st.bpf_unguarded
-                        );
+                        ));
                     }
                 }
             }
             Ok(())
         }
+    }
+}
+
+/// Print a line on stdout; a reader that went away (`ferry status | head`)
+/// ends the command quietly with exit 0 instead of a panic.
+fn outln(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ferry: writing to standard output: {e}");
+        std::process::exit(1);
     }
 }
 

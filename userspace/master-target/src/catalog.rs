@@ -13,8 +13,10 @@
 //! durable, so every listed point is recoverable. JOURNAL_POS is where the
 //! journal stood when the point's TAG was applied: every record with a larger
 //! seq lies at or after it, so recovery reads only the journal after the
-//! point. A record that fails its checksum ends the catalog (torn tail), and
-//! the master target cuts it off at start.
+//! point. Each record is checked on its own: a record cut short at the very
+//! end (or an all-zero last record) is a torn tail, which the master target
+//! cuts off at start; any other invalid record is damage, reported, never
+//! cut, and the valid records after it are still listed.
 
 use ferry_proto::PointKind;
 use std::fs::{File, OpenOptions};
@@ -67,22 +69,69 @@ impl Point {
     }
 }
 
-/// Read every valid point; also returns the byte length of the valid prefix.
-pub fn read_points(path: &Path) -> io::Result<(Vec<Point>, u64)> {
+/// What a read of the catalog found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every valid record, in file order.
+    pub points: Vec<Point>,
+    /// Complete records that fail their checks: (byte offset, index). Such
+    /// a record is damage, not a tail being written: the records after it
+    /// are still read and listed, and nothing is cut.
+    pub damaged: Vec<(u64, usize)>,
+    /// Where a torn tail starts: a record cut short at the very end, or a
+    /// last record that is all zeros (the file grew but the record never
+    /// reached the disk). Only this is ever cut off.
+    pub torn_from: Option<u64>,
+    pub len: u64,
+}
+
+impl Scan {
+    /// One line naming each damaged record, for logs and errors.
+    pub fn damage_report(&self, path: &Path) -> Option<String> {
+        if self.damaged.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = self.damaged.iter().map(|(off, i)| format!("record {} at byte {off}", i + 1)).collect();
+        Some(format!(
+            "{}: {} damaged ({} valid points still listed; the points those records held cannot be recovered)",
+            path.display(),
+            list.join(", "),
+            self.points.len()
+        ))
+    }
+}
+
+/// Read the catalog, checking each record on its own.
+pub fn scan(path: &Path) -> io::Result<Scan> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Scan::default()),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
-    for c in data.chunks_exact(RECORD) {
+    let mut out = Scan { len: data.len() as u64, ..Default::default() };
+    let full = data.len() / RECORD;
+    for (i, c) in data.chunks_exact(RECORD).enumerate() {
         match Point::unpack(c.try_into().expect("64")) {
-            Some(p) => out.push(p),
-            None => break,
+            Some(p) => out.points.push(p),
+            None if i + 1 == full && data.len() % RECORD == 0 && c.iter().all(|&b| b == 0) => out.torn_from = Some((i * RECORD) as u64),
+            None => out.damaged.push(((i * RECORD) as u64, i)),
         }
     }
-    let valid = (out.len() * RECORD) as u64;
-    Ok((out, valid))
+    if data.len() % RECORD != 0 && out.torn_from.is_none() {
+        out.torn_from = Some((full * RECORD) as u64);
+    }
+    Ok(out)
+}
+
+/// Read every valid point; also returns the length the catalog keeps (all
+/// of it but a torn tail). Damaged records are logged, once per call.
+pub fn read_points(path: &Path) -> io::Result<(Vec<Point>, u64)> {
+    let s = scan(path)?;
+    if let Some(r) = s.damage_report(path) {
+        log::warn!("{r}");
+    }
+    let keep = s.torn_from.unwrap_or(s.len);
+    Ok((s.points, keep))
 }
 
 /// The appending side.
@@ -98,11 +147,11 @@ impl Catalog {
         let (points, valid) = read_points(path)?;
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         if file.metadata()?.len() != valid {
-            log::warn!("{}: discarding a torn tail after {} points", path.display(), points.len());
+            log::warn!("{}: discarding a torn tail (a record cut short at the end) after {} points", path.display(), points.len());
             file.set_len(valid)?;
             file.sync_all()?;
         }
-        let next_id = points.last().map_or(1, |p| p.id + 1);
+        let next_id = points.iter().map(|p| p.id + 1).max().unwrap_or(1);
         Ok((Catalog { file, len: valid, next_id }, points))
     }
 
@@ -164,5 +213,34 @@ mod tests {
         assert_eq!(pts[1], Point { id: 2, seq: 9, time_ns: 200, kind: PointKind::App, journal_pos: 128 });
         assert_eq!(c.next_id, 3);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn a_damaged_record_in_the_middle_is_reported_never_cut() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("points.log");
+        let (mut c, _) = Catalog::open(&p).unwrap();
+        for i in 0..6 {
+            c.append(10 * (i + 1), 100 + i, PointKind::Crash, 64 * (i + 1)).unwrap();
+        }
+        c.sync().unwrap();
+        drop(c);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x5a], 64 + 20).unwrap(); // one byte of record 2
+        let s = scan(&p).unwrap();
+        assert_eq!(s.points.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3, 4, 5, 6]);
+        assert_eq!(s.damaged, vec![(64, 1)]);
+        assert_eq!(s.torn_from, None);
+        assert!(s.damage_report(&p).unwrap().contains("record 2 at byte 64"));
+        // Opening for append keeps every byte, and numbering goes on.
+        let (mut c, pts) = Catalog::open(&p).unwrap();
+        assert_eq!(pts.len(), 5);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 6 * 64);
+        assert_eq!(c.append(70, 107, PointKind::Crash, 512).unwrap().id, 7);
+        // A zeroed last record is a torn tail, not damage.
+        f.set_len(8 * 64).unwrap();
+        let s = scan(&p).unwrap();
+        assert_eq!(s.torn_from, Some(7 * 64));
+        assert_eq!(s.damaged.len(), 1);
     }
 }

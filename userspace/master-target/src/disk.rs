@@ -75,6 +75,8 @@ pub struct Paths {
     pub batch: PathBuf,
     pub points: PathBuf,
     pub lock: PathBuf,
+    /// Checksums of the replica's chunks and its durable mark (sums.rs).
+    pub sums: PathBuf,
 }
 
 impl Paths {
@@ -87,15 +89,68 @@ impl Paths {
             batch: dir.join("batch.fj"),
             points: dir.join("points.log"),
             lock: dir.join("lock"),
+            sums: dir.join("replica.sums"),
             dir,
         }
     }
 }
 
-/// Read a disk's metadata, for readers.
+/// Read a disk's metadata, for readers. A folder that holds a replica, a
+/// journal or a catalog but no `disk.meta` is damaged, not absent.
 pub fn read_meta(data: &Path, name: &str) -> Result<Meta, DiskError> {
     let p = Paths::new(data, name);
-    read_state(&p.meta, META_KIND, META_VERSION)?.ok_or_else(|| DiskError::NotFound { name: name.into(), data: data.display().to_string() })
+    match read_state(&p.meta, META_KIND, META_VERSION)? {
+        Some(m) => {
+            check_complete(&p, name, true)?;
+            Ok(m)
+        }
+        None => {
+            check_complete(&p, name, false)?;
+            Err(DiskError::NotFound { name: name.into(), data: data.display().to_string() })
+        }
+    }
+}
+
+/// The largest disk a master target takes (2^56 bytes, 64 PiB): beyond any
+/// real disk, and well inside what a sparse file and the journal's offsets hold.
+pub const MAX_DISK: u64 = 1 << 56;
+
+/// A folder missing one of its files is damaged, never new: refuse it with
+/// what is missing and how to repair it. `has_meta`: `disk.meta` is there.
+pub fn check_complete(p: &Paths, name: &str, has_meta: bool) -> Result<(), DiskError> {
+    let journal_used = fs::metadata(&p.journal).is_ok_and(|m| m.len() > crate::journal::HEADER_LEN);
+    let present: Vec<&str> = [
+        ("replica.img", p.replica.exists()),
+        ("journal.fj", p.journal.exists()),
+        ("points.log", fs::metadata(&p.points).is_ok_and(|m| m.len() > 0)),
+    ]
+    .iter()
+    .filter(|(_, e)| *e)
+    .map(|(n, _)| *n)
+    .collect();
+    let damaged = |why: String| {
+        Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!(
+                "{why} (in {}); `ferry repair --data {} --name {name}` rebuilds what it can",
+                p.dir.display(),
+                p.dir.parent().map_or(String::from("."), |d| d.display().to_string())
+            ),
+        })
+    };
+    if !has_meta {
+        if !present.is_empty() {
+            return damaged(format!("disk.meta is missing but the folder holds {}", present.join(", ")));
+        }
+        return Ok(());
+    }
+    if !p.replica.exists() {
+        return damaged("replica.img is missing".into());
+    }
+    if journal_used && !p.points.exists() {
+        return damaged("points.log is missing but the undo journal holds records".into());
+    }
+    Ok(())
 }
 
 /// One change to apply, already validated against the disk's size.
@@ -145,6 +200,8 @@ pub struct Disk {
     /// copy on first write per interval, to measure what it saves.
     no_cofw: bool,
     catalog: Catalog,
+    /// Chunk sums of the replica, updated after every COMMIT.
+    sums: Option<crate::sums::Sums>,
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
     new_meta: Option<Meta>,
@@ -177,10 +234,26 @@ impl Disk {
     /// journal tail. `size` and `generation` are what the agent offers.
     pub fn open(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
         let paths = Paths::new(data, name);
+        let created = !paths.dir.exists();
+        let r = Self::open_in(data, name, size, generation);
+        if created && matches!(&r, Err(e) if !matches!(e, DiskError::Busy(_))) {
+            // A stream refused at its first OPEN (an impossible size, a full
+            // disk) leaves nothing behind.
+            let _ = fs::remove_dir_all(&paths.dir);
+        }
+        r
+    }
+
+    fn open_in(data: &Path, name: &str, size: u64, generation: [u8; 16]) -> Result<(Disk, OpenInfo), DiskError> {
+        let paths = Paths::new(data, name);
+        if size > MAX_DISK {
+            return Err(DiskError::Io(format!("disk {name}: {size} bytes is more than this master target supports ({MAX_DISK})")));
+        }
         fs::create_dir_all(&paths.dir).map_err(ioe(paths.dir.display()))?;
         crate::failover::refuse_if_failed_over(&paths, name)?;
         let lockf = lock(&paths, name)?;
         let meta: Option<Meta> = read_state(&paths.meta, META_KIND, META_VERSION)?;
+        check_complete(&paths, name, meta.is_some())?;
         let gen_hex = hex(&generation);
         let info = match &meta {
             Some(m) if m.size != size => return Err(DiskError::SizeChanged { name: name.into(), was: m.size, now: size }),
@@ -224,11 +297,16 @@ impl Disk {
         // reads only the journal after it.
         let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
         let mut batch = Journal::open(&paths.batch)?;
+        // Before the repair touches anything: records missing at the end of
+        // the journal would make it roll back committed data.
+        check_mark(&paths, name, size)?;
         let durable_seq = repair(&paths, &replica, &mut journal, &mut batch, from).map_err(|e| match e {
             DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
             e => e,
         })?;
+        let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end())?;
         let disk = Disk {
+            sums: (std::env::var_os("FERRY_NO_SUMS").is_none_or(|v| v != "1")).then_some(sums),
             name: name.into(),
             size,
             paths,
@@ -359,6 +437,13 @@ impl Disk {
         self.journal.commit(last);
         self.journal.sync()?;
         self.durable_seq = last;
+        // The sums of the chunks the batch touched, then the mark (sums.rs).
+        if let Some(sums) = &self.sums {
+            let ranges: Vec<(u64, u64)> = ops.iter().filter_map(Op::range).collect();
+            sums.update(&self.replica, &ranges).map_err(sums_err)?;
+            sums.set_mark(crate::sums::Mark { durable_seq: last, journal_end: self.journal.end() }).map_err(sums_err)?;
+            sums.sync().map_err(sums_err)?;
+        }
         let mut points = Vec::new();
         for (seq, t, k, pos) in tags {
             points.push(self.catalog.append(seq, t, k, pos).map_err(ioe(self.paths.points.display()))?);
@@ -525,6 +610,99 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Jour
         batch.truncate(crate::journal::HEADER_LEN)?;
     }
     Ok(durable)
+}
+
+/// The journal must still hold the COMMIT the replica's durable mark names
+/// (sums.rs): a journal cut short or replaced has lost the pre-images of
+/// committed batches, and no point can be vouched for. O(1): one record.
+pub fn check_mark(p: &Paths, name: &str, size: u64) -> Result<(), DiskError> {
+    let Ok(Some(s)) = crate::sums::Sums::open(&p.sums, size, false) else { return Ok(()) };
+    let Ok(Some(m)) = s.mark() else { return Ok(()) };
+    if m.journal_end <= crate::journal::HEADER_LEN {
+        return Ok(());
+    }
+    let j = JournalReader::open(&p.journal)?;
+    let len = j.file_len()?;
+    let at = m.journal_end.saturating_sub(48);
+    match j.record_at(at, len) {
+        Some(r) if r.kind == KIND_COMMIT && r.seq == m.durable_seq && r.end == m.journal_end => Ok(()),
+        _ => Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!(
+                "{} has {len} bytes and no commit of seq {} at byte {at}, where the replica's durable mark puts it: records \
+                 are missing at the end of the journal, so no recovery point can be vouched for",
+                p.journal.display(),
+                m.durable_seq
+            ),
+        }),
+    }
+}
+
+fn sums_err(e: crate::sums::SumsError) -> DiskError {
+    DiskError::Io(e.to_string())
+}
+
+/// Open the replica's sums at start and bring them to the durable state:
+/// built from the replica when missing or unreadable; the one batch that
+/// committed without its sums hashed again; a mark past the journal's end
+/// is damage (records missing at the end of the journal).
+fn open_sums(p: &Paths, name: &str, replica: &File, size: u64, durable: u64, journal_end: u64) -> Result<crate::sums::Sums, DiskError> {
+    use crate::sums::{Mark, Sums};
+    let now = Mark { durable_seq: durable, journal_end };
+    let s = match Sums::open(&p.sums, size, true) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            log::info!("disk {name}: building replica.sums from the replica (a folder from an older ferry, or a new one)");
+            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+        }
+        Err(e) => {
+            log::warn!("disk {name}: {e}; building replica.sums again from the replica");
+            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+        }
+    };
+    let m = match s.mark().map_err(sums_err)? {
+        Some(m) => m,
+        None => {
+            log::warn!("disk {name}: replica.sums has no valid mark; building it again from the replica");
+            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+        }
+    };
+    if m.durable_seq > durable || m.journal_end > journal_end {
+        return Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!(
+                "{} ends at byte {journal_end} (durable to seq {durable}) but the replica is durable to seq {} at journal byte {}: \
+                 records are missing at the end of the journal, so no recovery point can be vouched for",
+                p.journal.display(),
+                m.durable_seq,
+                m.journal_end
+            ),
+        });
+    }
+    if m.durable_seq < durable {
+        // The last batch committed but its sums did not reach the disk.
+        let mut ranges = Vec::new();
+        let j = JournalReader::open(&p.journal)?;
+        for r in j.scan(m.journal_end)? {
+            if r.seq > m.durable_seq && (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) {
+                ranges.push((r.offset, r.offset + u64::from(r.len)));
+            }
+        }
+        if p.batch.exists() {
+            for r in JournalReader::open(&p.batch)?.scan(0)? {
+                if r.seq > m.durable_seq && (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) {
+                    ranges.push((r.offset, r.offset + u64::from(r.len)));
+                }
+            }
+        }
+        log::info!("disk {name}: hashing {} ranges of the last batch again (its sums were not durable)", ranges.len());
+        s.update(replica, &ranges).map_err(sums_err)?;
+    }
+    if m != now {
+        s.set_mark(now).map_err(sums_err)?;
+        s.sync().map_err(sums_err)?;
+    }
+    Ok(s)
 }
 
 /// Take the folder's recovery lock (`LOCK_SH` for a recovery, `LOCK_EX` for

@@ -133,6 +133,12 @@ fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
 
 fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<()> {
     s.set_nodelay(true)?;
+    // Deadlines: the handshake within 30 s, every reply written within 60 s;
+    // keepalive finds a client whose machine is gone. Once transmission
+    // starts a client may be idle for as long as it likes (a booted VM).
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
+    ferry_common::net::keepalive(&s);
     let (size, writable) = {
         let v = view.lock().map_err(|_| bad("view lock poisoned"))?;
         (v.size, v.writable())
@@ -214,6 +220,7 @@ fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<
             _ => opt_reply(&mut s, opt, REP_ERR_UNSUP, &[])?,
         }
     }
+    s.set_read_timeout(None)?;
     transmission(s, view)
 }
 

@@ -202,7 +202,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
         if explicit == Some(Format::Qcow2) {
             return Err(RecoverError::DeviceQcow2(shown));
         }
-        let f = OpenOptions::new().write(true).custom_flags(libc::O_EXCL).open(out).map_err(|e| match e.raw_os_error() {
+        let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(out).map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => RecoverError::DeviceBusy(shown.clone()),
             _ => RecoverError::Io(format!("cannot open {shown} for writing: {}", ferry_common::root_hint(e))),
         })?;
@@ -327,6 +327,7 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
             None
         }
     };
+    prove_inputs(data, name, point, false)?;
     let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
     if !is_dev {
         outf.set_len(meta.size).map_err(ioe(shown))?;
@@ -337,9 +338,13 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
     if is_dev || !clone_file(&replica, outf) {
         copy_sparse(&replica, outf, meta.size, !is_dev).map_err(ioe(shown))?;
     }
+    // Every chunk the copy took from the replica must match its sum.
+    if let Some(sums) = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))? {
+        verify_copy(outf, &replica, &sums, &p, name)?;
+    }
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
-    let recs = scan_checked(&j, name, point.journal_pos)?;
+    let recs = scan_checked(&j, &p, name, point.journal_pos)?;
     for r in recs.iter().rev() {
         if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > point.seq {
             let d = j.data(r).map_err(ioe(p.journal.display()))?;
@@ -354,7 +359,7 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
 /// part ends before a later committed record (damage, not a tail being
 /// written). A record a running master target is still writing can look
 /// torn for a moment: look twice before calling it damage.
-fn scan_checked(j: &JournalReader, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
+fn scan_checked(j: &JournalReader, p: &Paths, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
     let mut tries = 0;
     loop {
         let recs = j.scan(from).map_err(DiskError::from)?;
@@ -364,10 +369,109 @@ fn scan_checked(j: &JournalReader, name: &str, from: u64) -> Result<Vec<crate::j
         }
         tries += 1;
         if tries == 3 {
-            return Err(DiskError::Damaged { name: name.into(), why: format!("the undo journal has a bad record at byte {end}") }.into());
+            return Err(journal_damage(p, name, end).into());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The refusal for a journal damaged at byte `at`: the file, the offset, and
+/// which points it takes (those at or before it) and leaves (those after).
+pub fn journal_damage(p: &Paths, name: &str, at: u64) -> DiskError {
+    let pts = read_points(&p.points).map(|x| x.0).unwrap_or_default();
+    let lost: Vec<u64> = pts.iter().filter(|q| q.journal_pos <= at).map(|q| q.id).collect();
+    let kept: Vec<u64> = pts.iter().filter(|q| q.journal_pos > at).map(|q| q.id).collect();
+    DiskError::Damaged {
+        name: name.into(),
+        why: format!(
+            "{} has a bad record at byte {at} with committed records after it: points {} cannot be recovered{}",
+            p.journal.display(),
+            id_list(&lost),
+            if kept.is_empty() { String::new() } else { format!(" (points {} still can)", id_list(&kept)) }
+        ),
+    }
+}
+
+fn id_list(ids: &[u64]) -> String {
+    match ids {
+        [] => "none".into(),
+        [a] => a.to_string(),
+        [a, .., b] if (b - a) as usize + 1 == ids.len() => format!("{a}-{b}"),
+        _ => ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    }
+}
+
+/// What every recovery, export and failover checks before it hands out a
+/// point: the replica is there and has the disk's size, and the journal from
+/// the point on is readable up to its last commit (`journal`: a recovery
+/// checks that as it reads the journal anyway).
+pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Result<(), RecoverError> {
+    let meta = read_meta(data, name)?;
+    let p = Paths::new(data, name);
+    let len = std::fs::metadata(&p.replica).map_err(ioe(p.replica.display()))?.len();
+    if len != meta.size {
+        return Err(DiskError::Damaged {
+            name: name.into(),
+            why: format!("{} is {len} bytes but the disk is {}: no point can be recovered from it", p.replica.display(), meta.size),
+        }
+        .into());
+    }
+    crate::disk::check_mark(&p, name, meta.size)?;
+    if journal {
+        let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
+        scan_checked(&j, &p, name, point.journal_pos)?;
+    }
+    Ok(())
+}
+
+/// Check the copy of the replica in `out` chunk by chunk against the sums.
+/// A chunk that differs is read again from the replica itself (a running
+/// master target may have rewritten it since the copy: then its journal
+/// records, read next, undo that) and must match its sum there, with the
+/// mark unchanged around the read; otherwise the replica is damaged.
+pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
+    use crate::sums::{check_chunk, chunk_sum, CHUNK};
+    let size = sums.size;
+    let per = 64usize; // chunks per read (4 MiB)
+    let mut buf = vec![0u8; per * CHUNK as usize];
+    let mut one = vec![0u8; CHUNK as usize];
+    let se = |e: crate::sums::SumsError| RecoverError::Io(e.to_string());
+    let mut c0 = 0u64;
+    while c0 * CHUNK < size {
+        let n = ((size - c0 * CHUNK).min(per as u64 * CHUNK)) as usize;
+        out.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(ioe("reading the recovered copy"))?;
+        let stored = sums.get(c0, n.div_ceil(CHUNK as usize)).map_err(se)?;
+        for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
+            if chunk_sum(part) == stored[i] {
+                continue;
+            }
+            let c = c0 + i as u64;
+            let mut ok = false;
+            for _ in 0..5 {
+                let m1 = sums.mark().map_err(se)?;
+                let good = check_chunk(sums, replica, c, &mut one).map_err(se)?;
+                if good && sums.mark().map_err(se)? == m1 {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if !ok {
+                return Err(DiskError::Damaged {
+                    name: name.into(),
+                    why: format!(
+                        "{} does not match its checksum in the 64 KiB chunk at byte {}: every point reads it; `ferry verify` lists all \
+                         damaged ranges, and `ferry agent --verify --repair` re-sends them from the source",
+                        p.replica.display(),
+                        c * CHUNK
+                    ),
+                }
+                .into());
+            }
+        }
+        c0 += per as u64;
+    }
+    Ok(())
 }
 
 /// Make `dst` a clone of `src` (FICLONE: shared extents, copy on write).

@@ -9,11 +9,21 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Apply a batch once it holds this many payload bytes...
 const BATCH_BYTES: usize = 16 << 20;
-/// ...or this many frames, or when no more input is waiting.
+/// ...or this many frames, or once its first frame is this old (so a slow
+/// link still sees acknowledgements, and a connection cut every second or
+/// two still moves the agent's cursor), or when no more input is waiting.
 const BATCH_OPS: usize = 4096;
+const BATCH_AGE: Duration = Duration::from_millis(250);
+/// HELLO and OPEN must arrive within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A v2 stream silent this long (no frame, not even a PING) is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A reply that cannot be written for this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -90,6 +100,12 @@ pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
 fn handle(conn: TcpStream, data: &Path) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
+    // Every wait on the peer has a deadline: the handshake must come within
+    // HANDSHAKE_TIMEOUT, a write that cannot go out for WRITE_TIMEOUT ends
+    // the connection, and TCP keepalive finds a peer whose machine is gone.
+    let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+    ferry_common::net::keepalive(&conn);
     let mut c = match Conn::new(conn) {
         Ok(c) => c,
         Err(e) => {
@@ -122,12 +138,22 @@ impl Conn {
     }
 
     fn recv(&mut self) -> Result<Option<Msg>, Fail> {
-        Ok(read_frame(&mut self.r)?)
+        match read_frame(&mut self.r) {
+            Err(ProtoError::Io(e)) if ferry_common::net::is_timeout(&e) => {
+                let t = self.r.get_ref().read_timeout().ok().flatten().unwrap_or_default();
+                Err(Fail::new(ErrorCode::Internal, format!("no frame from the peer for {}s: a dead or stuck peer; closing", t.as_secs())))
+            }
+            r => Ok(r?),
+        }
     }
 
     fn send(&mut self, m: &Msg) -> Result<(), Fail> {
         write_msg(&mut self.w, m)?;
         Ok(())
+    }
+
+    fn set_timeout(&self, t: Option<Duration>) {
+        let _ = self.r.get_ref().set_read_timeout(t);
     }
 
     /// Whether more input is already waiting (buffered, or in the socket).
@@ -156,11 +182,21 @@ fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail
         ));
     }
     let version = max.min(VERSION_MAX);
+    if version >= 2 {
+        // A v2 client pings every PING_EVERY when it has nothing else to
+        // say: a connection silent for longer is a dead or stuck peer, and
+        // must not hold the disk.
+        c.set_timeout(Some(IDLE_TIMEOUT));
+    }
     c.send(&Msg::HelloAck { version, peer: format!("ferry-master-target {}", env!("CARGO_PKG_VERSION")) })?;
     c.w.flush()?;
     let Some(Msg::Open { name, size, generation }) = c.recv()? else {
         return Err(Fail::new(ErrorCode::NotOpen, "expected OPEN after HELLO"));
     };
+    if version < 2 {
+        // v1 clients never ping: an idle v1 stream is legitimate.
+        c.set_timeout(None);
+    }
     *disk_name = name.clone();
     let (mut disk, info) = Disk::open(data, &name, size, generation)?;
     log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
@@ -173,13 +209,14 @@ fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail
     }
     c.send(&Msg::OpenAck { durable_seq: disk.durable_seq, flags, generation })?;
     c.w.flush()?;
-    stream(c, &mut disk)
+    stream(c, &mut disk, version)
 }
 
-fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
+fn stream(c: &mut Conn, disk: &mut Disk, version: u16) -> Result<(), Fail> {
     let mut batch: Vec<Op> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut last_seq = disk.durable_seq;
+    let mut batch_started = Instant::now();
     let result = loop {
         let msg = match c.recv() {
             Ok(Some(m)) => m,
@@ -207,14 +244,14 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                     Ok(r) => r,
                     Err(e) => break Err(e.into()),
                 };
-                Op::Write { seq, offset, data: raw }
+                Some(Op::Write { seq, offset, data: raw })
             }
             Msg::Ref { seq, offset, len, src, digest } => {
                 if let Err(f) = in_disk(offset, len) {
                     break Err(f);
                 }
                 match disk.resolve_ref(src, len, &digest) {
-                    Ok(Some(d)) => Op::Write { seq, offset, data: d },
+                    Ok(Some(d)) => Some(Op::Write { seq, offset, data: d }),
                     Ok(None) => break Err(Fail::new(ErrorCode::RefMiss, format!("REF seq {seq}: content not held; resend it as DATA"))),
                     Err(e) => break Err(e.into()),
                 }
@@ -223,9 +260,9 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                 if let Err(f) = in_disk(offset, len) {
                     break Err(f);
                 }
-                Op::Zero { seq, offset, len }
+                Some(Op::Zero { seq, offset, len })
             }
-            Msg::Tag { seq, time_ns, kind } => Op::Tag { seq, time_ns, kind },
+            Msg::Tag { seq, time_ns, kind } => Some(Op::Tag { seq, time_ns, kind }),
             Msg::SumsReq { req, offset, chunk, count } => {
                 if offset >= disk.size {
                     break Err(Fail::new(ErrorCode::OutOfRange, format!("checksum range at {offset} is past the end of the disk")));
@@ -244,15 +281,20 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                         if let Err(f) = c.send(&Msg::Sums { req, offset, chunk, sums }) {
                             break Err(f);
                         }
-                        if !c.more_waiting() {
-                            if let Err(e) = c.w.flush() {
-                                break Err(e.into());
-                            }
-                        }
                     }
                     Err(e) => break Err(e.into()),
                 }
-                continue;
+                None
+            }
+            Msg::Ping { token } if version >= 2 => {
+                // Answered once everything before it is durable.
+                if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
+                    break Err(f);
+                }
+                if let Err(f) = c.send(&Msg::Pong { token }) {
+                    break Err(f);
+                }
+                None
             }
             other => {
                 break Err(Fail::new(
@@ -261,14 +303,29 @@ fn stream(c: &mut Conn, disk: &mut Disk) -> Result<(), Fail> {
                 ))
             }
         };
-        batch_bytes += match &op {
-            Op::Write { data, .. } => data.len(),
-            _ => 64,
-        };
-        batch.push(op);
-        if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_OPS || !c.more_waiting() {
+        if let Some(op) = op {
+            if batch.is_empty() {
+                batch_started = Instant::now();
+            }
+            batch_bytes += match &op {
+                Op::Write { data, .. } => data.len(),
+                _ => 64,
+            };
+            batch.push(op);
+        }
+        // One rule after every frame, whatever its type: a batch is applied
+        // and acknowledged when it is large, old, or when nothing more is
+        // waiting; answers (SUMS) go out when nothing more is waiting. A
+        // frame the peer waits on is never left sitting here (a pending
+        // batch behind a SUMS_REQ once was: both sides waited forever).
+        let idle = !c.more_waiting();
+        if !batch.is_empty() && (idle || batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_OPS || batch_started.elapsed() >= BATCH_AGE) {
             if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
                 break Err(f);
+            }
+        } else if idle {
+            if let Err(e) = c.w.flush() {
+                break Err(e.into());
             }
         }
     };

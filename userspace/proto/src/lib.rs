@@ -36,7 +36,7 @@ use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;
 
 /// Protocol versions this build speaks.
 pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 
 /// Frame magic: low 32 bits of xxh3-64("ferry wire frame v1"). Do not modify.
 pub const MAGIC: u32 = const_xxh3_64(b"ferry wire frame v1") as u32;
@@ -215,6 +215,14 @@ pub enum Msg {
         code: ErrorCode,
         msg: String,
     },
+    /// v2: the client is alive and idle; the server answers PONG with the
+    /// same token once every earlier frame is applied and acknowledged.
+    Ping {
+        token: u64,
+    },
+    Pong {
+        token: u64,
+    },
 }
 
 /// Why a frame was rejected.
@@ -260,6 +268,8 @@ mod ty {
     pub const SUMS: u8 = 0x22;
     pub const POINT: u8 = 0x23;
     pub const ERROR: u8 = 0x30;
+    pub const PING: u8 = 0x24;
+    pub const PONG: u8 = 0x25;
 }
 
 /// Little-endian body cursor that turns every short read into an error.
@@ -358,6 +368,8 @@ impl Msg {
             Msg::Sums { .. } => ty::SUMS,
             Msg::Point { .. } => ty::POINT,
             Msg::Error { .. } => ty::ERROR,
+            Msg::Ping { .. } => ty::PING,
+            Msg::Pong { .. } => ty::PONG,
         }
     }
 
@@ -444,6 +456,7 @@ impl Msg {
                 o.extend_from_slice(&(*code as u16).to_le_bytes());
                 put_str(o, msg);
             }
+            Msg::Ping { token } | Msg::Pong { token } => o.extend_from_slice(&token.to_le_bytes()),
         }
     }
 
@@ -478,6 +491,8 @@ impl Msg {
             ty::SUMS => "SUMS",
             ty::POINT => "POINT",
             ty::ERROR => "ERROR",
+            ty::PING => "PING",
+            ty::PONG => "PONG",
             other => return Err(ProtoError::UnknownType(other)),
         };
         let mut r = Rd { b: body, what };
@@ -567,6 +582,8 @@ impl Msg {
                 Msg::Sums { req, offset, chunk, sums }
             }
             ty::POINT => Msg::Point { seq: r.u64()?, id: r.u64()? },
+            ty::PING => Msg::Ping { token: r.u64()? },
+            ty::PONG => Msg::Pong { token: r.u64()? },
             ty::ERROR => {
                 let c = r.u16()?;
                 let code = ErrorCode::from_u16(c).ok_or_else(|| r.bad(format!("unknown error code {c}")))?;
@@ -710,6 +727,8 @@ mod tests {
             Msg::Sums { req: 1, offset: 0, chunk: 4096, sums: vec![[1; 16], [2; 16]] },
             Msg::Point { seq: 5, id: 2 },
             Msg::Error { code: ErrorCode::OutOfRange, msg: "past the end".into() },
+            Msg::Ping { token: 77 },
+            Msg::Pong { token: 77 },
         ]
     }
 

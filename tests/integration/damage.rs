@@ -1,0 +1,284 @@
+//! Integrity (issue 11, first part): a damaged master target folder never
+//! yields a wrong image. Six points from the versioned workload; each
+//! damage is made on a copy of the folder, and every recovery that succeeds
+//! is checked by the workload's checker.
+
+use ferry_proto::{read_frame, write_msg, Msg, VERSION_MAX};
+use ferry_tests::versioned::{self, Workload};
+use ferry_tests::*;
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const BLOCKS: u64 = 1024; // 4 MiB disk
+
+/// A folder with six points, and the write log each point is a prefix of.
+struct Six {
+    t: TempDir,
+    log: Vec<u64>,
+    /// log length at each point (id 1..=6).
+    at: Vec<usize>,
+}
+
+fn six_points() -> Six {
+    let t = TempDir::new("damage");
+    let img = t.path("a.img");
+    std::fs::File::create(&img).unwrap().set_len(BLOCKS * 4096).unwrap();
+    let disk = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mt = MasterTarget::start(&t.path("data"));
+    let mut w = Workload::new(BLOCKS, 77);
+    let mut at = Vec::new();
+    for _ in 0..6 {
+        for _ in 0..400 {
+            w.write(&disk, None);
+        }
+        disk.sync_all().unwrap();
+        scan_once(&t.s("a.img"), "vm", &mt.addr, &t.s("st"));
+        at.push(w.log.len());
+    }
+    drop(mt);
+    Six { t, log: w.log, at }
+}
+
+impl Six {
+    /// A copy of the folder, damaged by `f`.
+    fn copy(&self, tag: &str, f: impl FnOnce(&Path)) -> PathBuf {
+        let d = self.t.path(&format!("copy-{tag}"));
+        sh(&format!("cp -a {} {}", self.t.path("data").display(), d.display()));
+        f(&d.join("vm"));
+        d
+    }
+    /// Recover point `id` from `data`: Ok(()) when it passes the checker
+    /// at exactly its prefix; Err(stderr) when refused. A wrong image that
+    /// came out with exit 0 panics.
+    fn recover(&self, data: &Path, id: u64) -> Result<(), String> {
+        let out = data.with_extension(format!("p{id}.img"));
+        let o = run(&[
+            "recover",
+            "--data",
+            &data.display().to_string(),
+            "--name",
+            "vm",
+            "--point",
+            &id.to_string(),
+            "--out",
+            &out.display().to_string(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if !o.status.success() {
+            assert!(!err.contains("panicked"), "{err}");
+            let _ = std::fs::remove_file(&out);
+            return Err(err);
+        }
+        let want = self.at[id as usize - 1];
+        match versioned::check(&out, &self.log[..want], BLOCKS) {
+            Ok(n) if n as usize == want => {}
+            other => panic!("point {id} recovered with exit 0 but is wrong: {other:?} (want a prefix of {want} writes)"),
+        }
+        let _ = std::fs::remove_file(&out);
+        Ok(())
+    }
+    fn listed(&self, data: &Path) -> (Vec<u64>, String) {
+        let o = run(&["points", "--data", &data.display().to_string(), "--name", "vm", "--json"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if !o.status.success() {
+            return (Vec::new(), err);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (v.as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect(), err)
+    }
+}
+
+/// `ferry verify` on `data` must exit 1 and name `needle` on stdout/stderr.
+fn verify_finds(data: &Path, needle: &str) {
+    let o = run(&["verify", "--data", &data.display().to_string(), "--name", "vm"]);
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "verify missed the damage: {all}");
+    assert!(all.contains(needle), "{needle:?} not in: {all}");
+    assert!(!all.contains("panicked"), "{all}");
+}
+
+/// Run a master target on `data` and an agent `--once` against it: the
+/// agent must be refused with `needle`, and the folder's files unchanged.
+fn stream_is_refused(six: &Six, data: &Path, needle: &str) {
+    let before = tree_digest(&data.join("vm"));
+    let mt = MasterTarget::start(data);
+    let o = run(&[
+        "agent",
+        "--disk",
+        &six.t.s("a.img"),
+        "--name",
+        "vm",
+        "--target",
+        &mt.addr,
+        "--tracker",
+        "scan",
+        "--state",
+        &six.t.s("st"),
+        "--once",
+        "--connect-timeout",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the agent's stream was accepted into a damaged folder");
+    assert!(err.contains(needle), "{needle:?} not in: {err}");
+    drop(mt);
+    let _ = std::fs::remove_file(data.with_extension("mt.log"));
+    assert_eq!(tree_digest(&data.join("vm")), before, "the master target changed a damaged folder");
+}
+
+#[test]
+fn a_damaged_folder_never_yields_a_wrong_image() {
+    let six = six_points();
+    let data = six.t.path("data");
+    let (ids, _) = six.listed(&data);
+    assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+    for id in 1..=6 {
+        six.recover(&data, id).unwrap_or_else(|e| panic!("undamaged point {id}: {e}"));
+    }
+    let v = run(&["verify", "--data", &data.display().to_string(), "--name", "vm"]);
+    assert!(v.status.success(), "verify of an undamaged folder: {}", String::from_utf8_lossy(&v.stdout));
+
+    // One byte flipped in catalog record 2: the other five are listed and
+    // recover; the damage is named; nothing is trimmed.
+    let d = six.copy("cat", |f| {
+        let p = f.join("points.log");
+        let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        file.write_all_at(&[0xa5], 64 + 17).unwrap();
+    });
+    let (ids, err) = six.listed(&d);
+    assert_eq!(ids, vec![1, 3, 4, 5, 6], "{err}");
+    assert!(err.contains("points.log") && err.contains("record 2 at byte 64"), "{err}");
+    for id in [1, 3, 4, 5, 6] {
+        six.recover(&d, id).unwrap_or_else(|e| panic!("point {id}: {e}"));
+    }
+    assert!(six.recover(&d, 2).is_err());
+    verify_finds(&d, "catalog record 2");
+    {
+        // A master target and an agent's stream: the records are not trimmed.
+        let mt = MasterTarget::start(&d);
+        scan_once(&six.t.s("a.img"), "vm", &mt.addr, &six.t.s("st-cat"));
+    }
+    let (ids, _) = six.listed(&d);
+    assert_eq!(&ids[..5], &[1, 3, 4, 5, 6], "valid records after the damaged one were trimmed");
+    assert_eq!(std::fs::metadata(d.join("vm/points.log")).unwrap().len() % 64, 0);
+
+    // disk.meta deleted: damaged, not absent; the stream is refused and the
+    // folder untouched; `ferry repair` rebuilds it and every point recovers.
+    let d = six.copy("meta", |f| std::fs::remove_file(f.join("disk.meta")).unwrap());
+    let (_, err) = six.listed(&d);
+    assert!(err.contains("disk.meta is missing") && err.contains("ferry repair"), "{err}");
+    stream_is_refused(&six, &d, "disk.meta is missing");
+    verify_finds(&d, "disk.meta is missing");
+    let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
+    assert!(out.contains("rebuilt"), "{out}");
+    for id in 1..=6 {
+        six.recover(&d, id).unwrap_or_else(|e| panic!("point {id} after repair: {e}"));
+    }
+
+    // The catalog deleted: damaged, refused.
+    let d = six.copy("nocat", |f| std::fs::remove_file(f.join("points.log")).unwrap());
+    let (_, err) = six.listed(&d);
+    assert!(err.contains("points.log is missing"), "{err}");
+    stream_is_refused(&six, &d, "points.log is missing");
+    verify_finds(&d, "points.log is missing");
+
+    // The replica truncated to half: every recovery refused, naming the file.
+    let d = six.copy("half", |f| {
+        std::fs::OpenOptions::new().write(true).open(f.join("replica.img")).unwrap().set_len(BLOCKS * 4096 / 2).unwrap();
+    });
+    for id in 1..=6 {
+        let e = six.recover(&d, id).expect_err("a half replica must be refused");
+        assert!(e.contains("replica.img") && e.contains("bytes but the disk is"), "{e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+    }
+    verify_finds(&d, "the replica is 2097152 bytes, the disk 4194304");
+
+    // The journal cut short, by half or by 1,000 bytes: every point refused,
+    // naming the file; the stream refused and the folder untouched (the
+    // master target must not roll back committed data); repair starts the
+    // points over and keeps the replica.
+    for (tag, cut) in [("jhalf", 0.5f64), ("j1000", -1000.0)] {
+        let d = six.copy(tag, |f| {
+            let p = f.join("journal.fj");
+            let len = std::fs::metadata(&p).unwrap().len();
+            let to = if cut > 0.0 { (len as f64 * cut) as u64 } else { len - 1000 };
+            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(to).unwrap();
+        });
+        for id in 1..=6 {
+            let e = six.recover(&d, id).expect_err("a journal cut short must be refused");
+            assert!(e.contains("journal.fj") && e.contains("missing at the end"), "{e}");
+        }
+        stream_is_refused(&six, &d, "missing at the end");
+        verify_finds(&d, "missing at the end");
+        let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
+        assert!(out.contains("missing records at its end"), "{out}");
+        assert!(six.listed(&d).0.is_empty());
+        let replica = std::fs::read(d.join("vm/replica.img")).unwrap();
+        assert_eq!(replica, std::fs::read(six.t.path("a.img")).unwrap(), "repair kept the replica");
+    }
+
+    // A byte flipped in the replica: every recovery refused, naming the
+    // replica and the chunk.
+    let d = six.copy("rflip", |f| {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(f.join("replica.img")).unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 1_000_000).unwrap();
+        file.write_all_at(&[b[0] ^ 1], 1_000_000).unwrap();
+    });
+    for id in 1..=6 {
+        let e = six.recover(&d, id).expect_err("a flipped replica byte must be refused");
+        assert!(e.contains("replica.img") && e.contains("chunk at byte 983040"), "{e}");
+    }
+    verify_finds(&d, "DAMAGE replica.img at byte 983040 (+65536 bytes)");
+
+    // A byte flipped in the journal in the middle: the points before it are
+    // refused, naming the file, the offset and the points; later ones recover.
+    let d = six.copy("jflip", |f| {
+        let p = f.join("journal.fj");
+        let len = std::fs::metadata(&p).unwrap().len();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, len / 2).unwrap();
+        file.write_all_at(&[b[0] ^ 0x40], len / 2).unwrap();
+    });
+    let mut refused = 0;
+    for id in 1..=6 {
+        match six.recover(&d, id) {
+            Ok(()) => {}
+            Err(e) => {
+                refused += 1;
+                assert!(e.contains("journal.fj") && e.contains("bad record at byte") && e.contains("cannot be recovered"), "{e}");
+            }
+        }
+    }
+    assert!(refused >= 1, "a flipped journal byte went unnoticed");
+    assert!(six.recover(&d, 6).is_ok(), "the newest point does not need the damaged middle");
+    verify_finds(&d, "a bad journal record with committed records after it");
+    // `ferry repair` drops exactly the points the damage takes.
+    let out = run_ok(&["repair", "--data", &d.display().to_string(), "--name", "vm"]);
+    assert!(out.contains("damaged at byte"), "{out}");
+    let (ids, _) = six.listed(&d);
+    assert_eq!(ids.len(), 6 - refused, "{out}");
+    for id in ids {
+        six.recover(&d, id).unwrap();
+    }
+}
+
+/// An OPEN with an impossible size is refused and leaves no folder behind.
+#[test]
+fn an_impossible_disk_size_leaves_no_folder() {
+    let t = TempDir::new("hugeopen");
+    let mt = MasterTarget::start(&t.path("data"));
+    let mut s = TcpStream::connect(&mt.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write_msg(&mut s, &Msg::Hello { min: 1, max: VERSION_MAX, peer: "test".into() }).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), Some(Msg::HelloAck { .. })));
+    write_msg(&mut s, &Msg::Open { name: "huge".into(), size: 1 << 62, generation: [1; 16] }).unwrap();
+    match read_frame(&mut s) {
+        Ok(Some(Msg::Error { msg, .. })) => assert!(msg.contains("more than this master target supports"), "{msg}"),
+        other => panic!("expected an ERROR, got {other:?}"),
+    }
+    assert!(!t.path("data").join("huge").exists(), "a refused OPEN left a folder behind");
+}

@@ -1,0 +1,278 @@
+//! Replica sums: `DIR/NAME/replica.sums`, an xxh3-128 of every 64 KiB chunk
+//! of the replica, and the replica's durable mark.
+//!
+//! ```text
+//! file   = HEADER (64) || MARK (64) || zero padding to 4096 || SUM:[u8;16] * chunks
+//! HEADER = MAGIC:u64 = xxh3-64("ferry replica sums v1") || VERSION:u32 = 1
+//!          || CHUNK:u32 = 65536 || SIZE:u64 (the disk's) || RESERVED:[u8;24] = 0
+//!          || XXH3_128(first 48 bytes):16
+//! MARK   = MARK_MAGIC:u32 = low 32 bits of xxh3-64("ferry replica mark v1")
+//!          || PAD:u32 = 0 || DURABLE_SEQ:u64 || JOURNAL_END:u64
+//!          || RESERVED:[u8;24] = 0 || XXH3_128(first 48 bytes):16
+//! SUM    = xxh3-128 of the chunk (the last one: of its part inside the
+//!          disk), or 16 zero bytes for a chunk that is all zeros (so a new
+//!          replica's sums file is one hole)
+//! ```
+//!
+//! Crash ordering, after a batch's COMMIT is durable in the journal: the
+//! sums of every chunk the batch touched are written, then the MARK (the
+//! batch's last seq and the journal's end after its COMMIT), then one
+//! fdatasync; only then the catalog and the ACK. So:
+//! - MARK older than the journal's last COMMIT: a crash came between the
+//!   COMMIT and the sums; the chunks of that one batch (its records in
+//!   `journal.fj` after JOURNAL_END and in `batch.fj`) are hashed again at
+//!   open.
+//! - MARK newer than the journal's last COMMIT, or JOURNAL_END past the
+//!   journal's end: records are missing at the end of the journal (it was
+//!   cut short or replaced): damage; no point can be vouched for.
+//! - A batch rolled back at open never reached the sums.
+//!
+//! The mark is 64 bytes inside one sector: it is written whole or not.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;
+
+pub const MAGIC: u64 = const_xxh3_64(b"ferry replica sums v1");
+pub const MARK_MAGIC: u32 = const_xxh3_64(b"ferry replica mark v1") as u32;
+pub const VERSION: u32 = 1;
+pub const CHUNK: u64 = 64 << 10;
+const BODY: u64 = 4096;
+
+/// The replica's durable mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Mark {
+    pub durable_seq: u64,
+    pub journal_end: u64,
+}
+
+/// The sum stored for a chunk.
+pub fn chunk_sum(data: &[u8]) -> [u8; 16] {
+    if ferry_common::is_zero(data) {
+        [0; 16]
+    } else {
+        ferry_common::xxh128(data)
+    }
+}
+
+fn header(size: u64) -> [u8; 64] {
+    let mut h = [0u8; 64];
+    h[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(CHUNK as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&size.to_le_bytes());
+    let s = ferry_common::xxh128(&h[..48]);
+    h[48..64].copy_from_slice(&s);
+    h
+}
+
+fn mark_bytes(m: Mark) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    b[0..4].copy_from_slice(&MARK_MAGIC.to_le_bytes());
+    b[8..16].copy_from_slice(&m.durable_seq.to_le_bytes());
+    b[16..24].copy_from_slice(&m.journal_end.to_le_bytes());
+    let s = ferry_common::xxh128(&b[..48]);
+    b[48..64].copy_from_slice(&s);
+    b
+}
+
+/// Why a sums file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SumsError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{path}: {why}")]
+    Bad { path: String, why: String },
+}
+
+/// An open sums file.
+pub struct Sums {
+    file: File,
+    path: String,
+    pub size: u64,
+}
+
+impl Sums {
+    fn io(&self) -> impl FnOnce(io::Error) -> SumsError + '_ {
+        move |source| SumsError::Io { path: self.path.clone(), source }
+    }
+
+    /// Open an existing sums file for a disk of `size` bytes (`None`: no file).
+    pub fn open(path: &Path, size: u64, write: bool) -> Result<Option<Sums>, SumsError> {
+        let p = path.display().to_string();
+        let file = match OpenOptions::new().read(true).write(write).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SumsError::Io { path: p, source }),
+        };
+        let s = Sums { file, path: p, size };
+        let mut h = [0u8; 64];
+        s.file.read_exact_at(&mut h, 0).map_err(|e| SumsError::Bad { path: s.path.clone(), why: format!("unreadable header: {e}") })?;
+        if h != header(size) {
+            return Err(SumsError::Bad { path: s.path.clone(), why: format!("not the sums of a {size}-byte disk (bad header)") });
+        }
+        Ok(Some(s))
+    }
+
+    /// Create a sums file for the replica as it is (every chunk read and
+    /// hashed), with mark `m`. Written to a temporary name and renamed.
+    pub fn build(path: &Path, replica: &File, size: u64, m: Mark) -> Result<Sums, SumsError> {
+        let tmp = path.with_extension("sums.tmp");
+        let p = tmp.display().to_string();
+        let io = |source| SumsError::Io { path: p.clone(), source };
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+        f.write_all_at(&header(size), 0).map_err(io)?;
+        f.write_all_at(&mark_bytes(m), 64).map_err(io)?;
+        f.set_len(BODY + size.div_ceil(CHUNK) * 16).map_err(io)?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut out = Vec::with_capacity(1 << 16);
+        // Only the replica's data extents are read: a hole's chunks are zero,
+        // which the sparse sums file already says.
+        let mut pos = 0u64;
+        while pos < size {
+            let (a, b) = data_extent(replica, pos, size);
+            if a >= size {
+                break;
+            }
+            let (a, b) = (a / CHUNK * CHUNK, b.div_ceil(CHUNK).saturating_mul(CHUNK).min(size));
+            let mut at = a.max(pos);
+            while at < b {
+                let n = ((b - at) as usize).min(buf.len());
+                replica.read_exact_at(&mut buf[..n], at).map_err(|source| SumsError::Io { path: "replica".into(), source })?;
+                out.clear();
+                for c in buf[..n].chunks(CHUNK as usize) {
+                    out.extend_from_slice(&chunk_sum(c));
+                }
+                if out.iter().any(|&x| x != 0) {
+                    f.write_all_at(&out, BODY + at / CHUNK * 16).map_err(io)?;
+                }
+                at += n as u64;
+            }
+            pos = b.max(pos + 1);
+        }
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(d) = path.parent() {
+            let _ = ferry_common::durable::fsync_dir(d);
+        }
+        Ok(Sums { file: f, path: path.display().to_string(), size })
+    }
+
+    /// The mark, if it reads.
+    pub fn mark(&self) -> Result<Option<Mark>, SumsError> {
+        let mut b = [0u8; 64];
+        self.file.read_exact_at(&mut b, 64).map_err(self.io())?;
+        if u32::from_le_bytes(b[0..4].try_into().expect("4")) != MARK_MAGIC || ferry_common::xxh128(&b[..48]) != b[48..64] {
+            return Ok(None);
+        }
+        let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        Ok(Some(Mark { durable_seq: u(8), journal_end: u(16) }))
+    }
+
+    /// Stored sums of chunks `[first, first + n)`.
+    pub fn get(&self, first: u64, n: usize) -> Result<Vec<[u8; 16]>, SumsError> {
+        let mut b = vec![0u8; n * 16];
+        self.file.read_exact_at(&mut b, BODY + first * 16).map_err(self.io())?;
+        Ok(b.chunks_exact(16).map(|c| c.try_into().expect("16")).collect())
+    }
+
+    /// Hash again, from `replica`, every chunk that `ranges` touch.
+    pub fn update(&self, replica: &File, ranges: &[(u64, u64)]) -> Result<(), SumsError> {
+        let mut chunks: Vec<u64> = Vec::new();
+        for &(a, b) in ranges {
+            if b > a {
+                chunks.extend(a / CHUNK..b.div_ceil(CHUNK).min(self.size.div_ceil(CHUNK)));
+            }
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut i = 0;
+        while i < chunks.len() {
+            // Runs of neighbouring chunks go in one write.
+            let mut j = i + 1;
+            while j < chunks.len() && chunks[j] == chunks[j - 1] + 1 && j - i < 64 {
+                j += 1;
+            }
+            let mut out = Vec::with_capacity((j - i) * 16);
+            for &c in &chunks[i..j] {
+                let off = c * CHUNK;
+                let n = (self.size - off).min(CHUNK) as usize;
+                replica.read_exact_at(&mut buf[..n], off).map_err(|source| SumsError::Io { path: "replica".into(), source })?;
+                out.extend_from_slice(&chunk_sum(&buf[..n]));
+            }
+            self.file.write_all_at(&out, BODY + chunks[i] * 16).map_err(self.io())?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Write the mark (durable with [`Sums::sync`]).
+    pub fn set_mark(&self, m: Mark) -> Result<(), SumsError> {
+        self.file.write_all_at(&mark_bytes(m), 64).map_err(self.io())
+    }
+
+    pub fn sync(&self) -> Result<(), SumsError> {
+        self.file.sync_data().map_err(self.io())
+    }
+}
+
+/// The next data extent `[start, end)` at or after `pos` (SEEK_DATA and
+/// SEEK_HOLE; the whole rest where the filesystem cannot tell).
+fn data_extent(f: &File, pos: u64, size: u64) -> (u64, u64) {
+    use std::os::unix::io::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on an fd owned by `f`; no memory is passed.
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => (size, size),
+            _ => (pos, size),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    (start as u64, if end < 0 { size } else { (end as u64).min(size) })
+}
+
+/// Check one chunk of `replica` against `sums`: `Ok(true)` when it matches.
+pub fn check_chunk(sums: &Sums, replica: &File, c: u64, buf: &mut [u8]) -> Result<bool, SumsError> {
+    let off = c * CHUNK;
+    let n = (sums.size - off).min(CHUNK) as usize;
+    replica.read_exact_at(&mut buf[..n], off).map_err(|source| SumsError::Io { path: "replica".into(), source })?;
+    Ok(sums.get(c, 1)?[0] == chunk_sum(&buf[..n]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_update_mark_and_check() {
+        let d = tempfile::tempdir().unwrap();
+        let rp = d.path().join("replica.img");
+        let size = 5 * CHUNK + 4096;
+        let r = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&rp).unwrap();
+        r.set_len(size).unwrap();
+        r.write_all_at(&[7u8; 100], CHUNK + 10).unwrap();
+        let sp = d.path().join("replica.sums");
+        let s = Sums::build(&sp, &r, size, Mark { durable_seq: 3, journal_end: 64 }).unwrap();
+        assert_eq!(s.mark().unwrap(), Some(Mark { durable_seq: 3, journal_end: 64 }));
+        let mut buf = vec![0u8; CHUNK as usize];
+        for c in 0..6 {
+            assert!(check_chunk(&s, &r, c, &mut buf).unwrap(), "chunk {c}");
+        }
+        assert_eq!(s.get(0, 1).unwrap()[0], [0; 16], "a zero chunk is stored as zeros");
+        r.write_all_at(&[9u8; 10], 5 * CHUNK + 100).unwrap();
+        assert!(!check_chunk(&s, &r, 5, &mut buf).unwrap());
+        s.update(&r, &[(5 * CHUNK + 100, 5 * CHUNK + 110)]).unwrap();
+        assert!(check_chunk(&s, &r, 5, &mut buf).unwrap());
+        s.set_mark(Mark { durable_seq: 9, journal_end: 999 }).unwrap();
+        drop(s);
+        let s = Sums::open(&sp, size, false).unwrap().unwrap();
+        assert_eq!(s.mark().unwrap(), Some(Mark { durable_seq: 9, journal_end: 999 }));
+        assert!(Sums::open(&sp, size + 512, false).is_err(), "sums of another size are refused");
+    }
+}

@@ -282,3 +282,51 @@ fn an_impossible_disk_size_leaves_no_folder() {
     }
     assert!(!t.path("data").join("huge").exists(), "a refused OPEN left a folder behind");
 }
+
+/// Acceptance: a byte flipped in the replica is found by `ferry verify` and
+/// by `ferry agent --verify`; `--repair` re-sends only the damaged piece,
+/// and the recovery is right again.
+#[test]
+fn a_flipped_replica_byte_is_found_online_and_repaired_alone() {
+    let t = TempDir::new("onlineverify");
+    mixed_image(&t.path("a.img"), 8 << 20, 31);
+    let mt = MasterTarget::start(&t.path("data"));
+    scan_once(&t.s("a.img"), "ov", &mt.addr, &t.s("st"));
+    let replica = t.path("data").join("ov").join("replica.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&replica).unwrap();
+    let at = 3 * (1 << 20) + 12345;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    f.sync_all().unwrap();
+
+    let v = run(&["verify", "--data", &t.s("data"), "--name", "ov"]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(1), "{out}");
+    assert!(out.contains(&format!("DAMAGE replica.img at byte {} (+65536 bytes)", at / 65536 * 65536)), "{out}");
+
+    let (img, st) = (t.s("a.img"), t.s("st"));
+    let agent = |extra: &[&str]| {
+        let mut a =
+            vec!["agent", "--disk", &img, "--name", "ov", "--target", &mt.addr, "--tracker", "scan", "--state", &st, "--json", "--verify"];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let o = agent(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("differs from the source in 1 range(s) (4096 bytes)"), "{err}");
+    let s = summary(&String::from_utf8_lossy(&o.stdout));
+    let piece = at / 4096 * 4096;
+    assert_eq!(s["verify_differing"], serde_json::json!([[piece, piece + 4096]]), "{s}");
+
+    let o = agent(&["--repair"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = summary(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(s["repaired_bytes"], 4096, "{s}");
+    assert!(s["bytes_sent"].as_u64().unwrap() < 64 << 10, "the repair sent more than the damaged piece: {s}");
+    let v = run(&["verify", "--data", &t.s("data"), "--name", "ov"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    recover_to(&t.s("data"), "ov", "latest", &t.s("r.img"));
+    assert_same(&t.path("a.img"), &t.path("r.img"));
+}

@@ -150,6 +150,10 @@ pub struct Options {
     /// mode only).
     pub kmod_data_bytes: u64,
     pub progress: bool,
+    /// `--verify`: once a point is cut (as with `--once`), compare the whole
+    /// source with the replica by checksum, shipping nothing; `--repair`
+    /// (the bool) then sends exactly the ranges that differ.
+    pub verify: Option<bool>,
 }
 
 /// What `--once` prints.
@@ -166,6 +170,13 @@ pub struct Summary {
     pub seconds: f64,
     pub initial_sync: bool,
     pub resync: bool,
+    /// `--verify`: the ranges `[start, end)` where the replica differed from
+    /// the source at the point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_differing: Option<Vec<(u64, u64)>>,
+    /// `--verify --repair`: bytes re-sent, and the point cut after them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired_bytes: Option<u64>,
 }
 
 /// Modification stamp of a regular-file source (None for devices).
@@ -249,6 +260,9 @@ pub struct Agent {
     sent_base: u64,
     read_base: u64,
     last_size_check: Instant,
+    /// During a `--verify` pass: the differing fine ranges, instead of
+    /// shipping them.
+    verify_found: Option<Vec<(u64, u64)>>,
 }
 
 impl Agent {
@@ -474,6 +488,7 @@ impl Agent {
             sent_base,
             read_base,
             last_size_check: Instant::now(),
+            verify_found: None,
             opts,
             sd,
             st,
@@ -594,6 +609,10 @@ impl Agent {
                 self.st.disconnected_since_ns = None;
                 self.st.last_error = None;
                 let r = self.work(&mut s, start);
+                let r = match (r, self.opts.verify) {
+                    (Ok(sum), Some(repair)) => self.verify_against_replica(&mut s, start, sum, repair),
+                    (r, _) => r,
+                };
                 self.note_ack(&s);
                 self.bytes_sent_prev += s.bytes_sent;
                 self.bytes_received_prev += s.bytes_received();
@@ -747,7 +766,47 @@ impl Agent {
             seconds: start.elapsed().as_secs_f64(),
             initial_sync: self.did_initial,
             resync: self.did_resync,
+            verify_differing: None,
+            repaired_bytes: None,
         }
+    }
+
+    /// `--verify`: with the point of `sum` just cut, compare every chunk of
+    /// the source with the replica's (the master target hashes its replica
+    /// as it is, not its stored sums, so damage there shows), shipping
+    /// nothing; with `repair`, send exactly the ranges that differ and cut
+    /// a point after them.
+    fn verify_against_replica(&mut self, sess: &mut Session, start: Instant, sum: Summary, repair: bool) -> Result<Summary, AgentError> {
+        self.map = None; // the agent's own map of the replica proves nothing here
+        self.verify_found = Some(Vec::new());
+        let r = self.scan_pass(sess, "verify against the replica");
+        let mut found = self.verify_found.take().unwrap_or_default();
+        r?;
+        found.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in found {
+            match merged.last_mut() {
+                Some((_, e)) if *e >= a => *e = (*e).max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let differing: u64 = merged.iter().map(|(a, b)| b - a).sum();
+        if merged.is_empty() {
+            log::info!("verify: the replica equals the source at point {}", sum.point_id);
+        }
+        for (a, b) in &merged {
+            log::warn!("verify: the replica differs from the source in [{a}, {b}) ({} bytes)", b - a);
+        }
+        let mut out = Summary { verify_differing: Some(merged.clone()), ..sum };
+        if repair && !merged.is_empty() {
+            let mut buf = AlignedBuf::new(1 << 20);
+            self.ship_extents(sess, &merged, &mut buf)?;
+            let p = self.cut(sess, PointKind::Crash)?;
+            log::info!("verify: {differing} bytes re-sent; recovery point {} after them", p.id);
+            let s = self.summary(sess, start, &p);
+            out = Summary { verify_differing: Some(merged), repaired_bytes: Some(differing), ..s };
+        }
+        Ok(out)
     }
 
     /// Send a tag, wait for its point, and remember it.
@@ -981,6 +1040,7 @@ impl Agent {
             log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
         }
         let mut all_sums = Vec::with_capacity(size.div_ceil(u64::from(COARSE_CHUNK)) as usize);
+        let mut found = self.verify_found.take();
         let r = std::thread::scope(|s| -> Result<(), AgentError> {
             // Two readers (even and odd ranges) keep two reads in flight,
             // which O_DIRECT needs to stream a disk; the consumer alternates.
@@ -1054,7 +1114,7 @@ impl Agent {
                 deferred.push_back((off, buf, fine_reqs));
                 while deferred.len() > DEFER {
                     let (doff, dbuf, reqs) = deferred.pop_front().expect("non-empty");
-                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
+                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
                     let _ = pool_tx.try_send(dbuf);
                 }
                 pb.set_position(off + len as u64);
@@ -1063,7 +1123,7 @@ impl Agent {
                 self.checkpoint(sess)?;
             }
             while let Some((doff, dbuf, reqs)) = deferred.pop_front() {
-                diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
+                diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
             }
             if processed != ranges.len() {
                 return Err(AgentError::Lost("checksum pass pipeline stopped early".into()));
@@ -1072,7 +1132,12 @@ impl Agent {
             Ok(())
         });
         pb.finish_and_clear();
+        let dry = found.is_some();
+        self.verify_found = found;
         r?;
+        if dry {
+            return Ok(diff_bytes);
+        }
         self.pass_sums = Some(all_sums);
         self.note_ack(sess);
         log::info!("{what} pass: {diff_bytes} bytes differed");
@@ -1926,7 +1991,14 @@ impl Agent {
 /// Compare the fine checksums answering `reqs` (each a request id and the
 /// byte range `[lo, hi)` of `buf`, which holds the disk from `off`) with the
 /// local ones, and send the pieces that differ. Returns the bytes sent.
-fn ship_fine(sess: &mut Session, off: u64, buf: &[u8], reqs: Vec<(u64, usize, usize)>) -> Result<u64, AgentError> {
+/// With `found`, nothing is sent: the differing ranges are collected there.
+fn ship_fine(
+    sess: &mut Session,
+    off: u64,
+    buf: &[u8],
+    reqs: Vec<(u64, usize, usize)>,
+    mut found: Option<&mut Vec<(u64, u64)>>,
+) -> Result<u64, AgentError> {
     let mut diff = 0u64;
     for (req, lo, hi) in reqs {
         let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
@@ -1935,6 +2007,10 @@ fn ship_fine(sess: &mut Session, off: u64, buf: &[u8], reqs: Vec<(u64, usize, us
             let l2 = lo + a * FINE_CHUNK as usize;
             let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
             diff += (h2 - l2) as u64;
+            if let Some(f) = found.as_mut() {
+                f.push((off + l2 as u64, off + h2 as u64));
+                continue;
+            }
             let mut units = Vec::new();
             prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
             for u in units {

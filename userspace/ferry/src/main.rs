@@ -88,6 +88,13 @@ enum Cmd {
         /// a power of two up to 1024, or 0 for metadata mode only.
         #[arg(long, value_name = "MIB", default_value_t = 64)]
         kmod_data_mib: u64,
+        /// Ship until a point (as --once), then compare the whole source with the replica by
+        /// checksum (online verify), sending nothing; exit 1 when they differ.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: send exactly the ranges that differ, then cut a point.
+        #[arg(long, requires = "verify")]
+        repair: bool,
     },
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
@@ -305,6 +312,8 @@ fn run(cli: Cli) -> Result<()> {
             freeze_cap,
             bpf_ring_bytes,
             kmod_data_mib,
+            verify,
+            repair,
         } => {
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
@@ -332,7 +341,7 @@ fn run(cli: Cli) -> Result<()> {
                 target,
                 tracker,
                 state,
-                once,
+                once: once || verify,
                 point_every: Duration::from_secs_f64(point_every),
                 freeze_cmd,
                 thaw_cmd,
@@ -342,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
                 bpf_ring_bytes,
                 kmod_data_bytes: kmod_data_mib << 20,
                 progress: !json && std::io::stderr().is_terminal(),
+                verify: verify.then_some(repair),
             };
             let agent = ferry_agent::Agent::new(opts)?;
             let s = match agent.run() {
@@ -365,6 +375,26 @@ fn run(cli: Cli) -> Result<()> {
                     s.seconds,
                     s.tracker
                 );
+                if let Some(d) = &s.verify_differing {
+                    for (a, b) in d {
+                        println!("{}: the replica differed from the source in [{a}, {b}) ({} bytes)", s.name, b - a);
+                    }
+                    match s.repaired_bytes {
+                        Some(n) => println!("{}: {n} bytes re-sent; the replica equals the source at point {}", s.name, s.point_id),
+                        None if d.is_empty() => println!("{}: verify: the replica equals the source", s.name),
+                        None => {}
+                    }
+                }
+            }
+            if let (Some(d), None) = (&s.verify_differing, s.repaired_bytes) {
+                if !d.is_empty() {
+                    anyhow::bail!(
+                        "verify: the replica of {} differs from the source in {} range(s) ({} bytes); --repair re-sends them",
+                        s.name,
+                        d.len(),
+                        d.iter().map(|(a, b)| b - a).sum::<u64>()
+                    );
+                }
             }
             Ok(())
         }

@@ -330,3 +330,106 @@ fn a_flipped_replica_byte_is_found_online_and_repaired_alone() {
     recover_to(&t.s("data"), "ov", "latest", &t.s("r.img"));
     assert_same(&t.path("a.img"), &t.path("r.img"));
 }
+
+/// Acceptance: a master target folder on a small filesystem filled to
+/// ENOSPC: `ferry retention` still tightens the policy, space comes back,
+/// and replication resumes without a resync.
+#[test]
+fn a_full_filesystem_frees_space_by_retention_and_replication_resumes() {
+    let t = TempDir::new("enospc");
+    let back = t.path("fs.img");
+    std::fs::File::create(&back).unwrap().set_len(48 << 20).unwrap();
+    sh(&format!("mkfs.ext4 -q -F -m 0 {}", back.display()));
+    let lo = LoopDev::attach(&back);
+    let mnt = Mount::new(&lo.dev, &t.path("mnt"), "rw");
+    let data = t.path("mnt").join("data");
+    let size: u64 = 8 << 20;
+    let img = t.path("a.img");
+    let mut rng = Rng::new(5);
+    let mut buf = vec![0u8; size as usize];
+    rng.fill(&mut buf);
+    std::fs::write(&img, &buf).unwrap();
+    let mt = MasterTarget::start(&data);
+    scan_once(&t.s("a.img"), "full", &mt.addr, &t.s("st"));
+    // No limits at all: the journal grows until the filesystem is full.
+    run_ok(&["retention", "--data", &data.display().to_string(), "--name", "full", "--keep", "none", "--journal-cap", "none"]);
+    let mut agent = Proc(
+        ferry()
+            .args(["agent", "--disk", &t.s("a.img"), "--name", "full", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st")])
+            .args(["--point-every", "0.2"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(t.path("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Rewrite the whole image again and again: every round costs its size
+    // in pre-images.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut rounds = 0;
+    while !mt.log().contains("No space left on device") {
+        assert!(rounds < 40, "the filesystem never filled: {}", mt.log());
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, 0).unwrap();
+        f.sync_all().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        rounds += 1;
+    }
+    // The final content, written while the folder is full.
+    rng.fill(&mut buf);
+    f.write_all_at(&buf, 0).unwrap();
+    f.sync_all().unwrap();
+    let points_before = six_ids(&data, "full").len();
+    let o = run(&["retention", "--data", &data.display().to_string(), "--name", "full", "--journal-cap", "1M"]);
+    assert!(o.status.success(), "retention on a full filesystem: {}", String::from_utf8_lossy(&o.stderr));
+    // Space comes back and replication resumes: a point with the final content.
+    wait_for("the final content to be replicated", 90, || {
+        let st = agent_state(&t.path("st")).unwrap_or_default();
+        if st["last_point"].is_null() {
+            return false;
+        }
+        let r = t.path("r.img");
+        let ok = run(&[
+            "recover",
+            "--data",
+            &data.display().to_string(),
+            "--name",
+            "full",
+            "--point",
+            "latest",
+            "--out",
+            &r.display().to_string(),
+        ])
+        .status
+        .success()
+            && std::fs::read(&r).unwrap() == buf;
+        let _ = std::fs::remove_file(&r);
+        ok
+    });
+    assert!(agent.alive(), "the agent gave up");
+    let st = agent_state(&t.path("st")).unwrap();
+    assert!(st["resync_required"].is_null(), "{st}");
+    let alog = std::fs::read_to_string(t.path("agent.log")).unwrap();
+    assert!(!alog.contains("resync required"), "{alog}");
+    assert!(alog.contains("No space left on device"), "the agent never saw the full filesystem: {alog}");
+    assert!(six_ids(&data, "full").len() < points_before + 20, "retention did not drop points");
+    let (free, _) = fs_free(&t.path("mnt"));
+    assert!(free > 4 << 20, "no space came back: {free} bytes free");
+    agent.kill9();
+    drop(mt);
+    mnt.umount();
+}
+
+fn six_ids(data: &Path, name: &str) -> Vec<u64> {
+    let o = run(&["points", "--data", &data.display().to_string(), "--name", name, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .map(|v| v.as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+fn fs_free(p: &Path) -> (u64, u64) {
+    let o = sh(&format!("df -B1 --output=avail,size {} | tail -1", p.display()));
+    let v: Vec<u64> = o.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1])
+}

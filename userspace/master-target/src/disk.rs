@@ -196,6 +196,7 @@ pub struct Disk {
     /// Ranges whose pre-image since the last point is in the journal.
     cofw: crate::view::RangeSet,
     last_retention: Option<std::time::Instant>,
+    last_space_check: Option<std::time::Instant>,
     /// FERRY_NO_COFW=1 (benchmark only): journal every overwrite, as before
     /// copy on first write per interval, to measure what it saves.
     no_cofw: bool,
@@ -305,7 +306,8 @@ impl Disk {
             e => e,
         })?;
         let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end())?;
-        let disk = Disk {
+        crate::reserve::ensure(&paths.dir);
+        let mut disk = Disk {
             sums: (std::env::var_os("FERRY_NO_SUMS").is_none_or(|v| v != "1")).then_some(sums),
             name: name.into(),
             size,
@@ -315,6 +317,7 @@ impl Disk {
             batch,
             cofw: Default::default(),
             last_retention: None,
+            last_space_check: None,
             no_cofw: std::env::var_os("FERRY_NO_COFW").is_some_and(|v| v == "1"),
             catalog,
             durable_seq,
@@ -323,6 +326,11 @@ impl Disk {
             failed: false,
             _lock: lockf,
         };
+        // A policy tightened while the filesystem was full (or while no
+        // stream ran) frees its space before the first batch needs it.
+        if let Err(e) = disk.retain() {
+            log::warn!("disk {name}: retention: {e}");
+        }
         Ok((disk, info))
     }
 
@@ -446,11 +454,14 @@ impl Disk {
         }
         let mut points = Vec::new();
         for (seq, t, k, pos) in tags {
-            points.push(self.catalog.append(seq, t, k, pos).map_err(ioe(self.paths.points.display()))?);
+            let (catalog, dir) = (&mut self.catalog, &self.paths.dir);
+            let p = crate::reserve::retry(dir, || catalog.append(seq, t, k, pos), crate::reserve::is_enospc);
+            points.push(p.map_err(ioe(self.paths.points.display()))?);
         }
         if !points.is_empty() {
             self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
         }
+        self.warn_if_space_low();
         self.failed = false;
         if !points.is_empty() {
             // The batch is durable and acknowledged from here on: retention
@@ -460,6 +471,25 @@ impl Disk {
             }
         }
         Ok(points)
+    }
+
+    /// Warn (at most once a minute) when the data folder's filesystem has
+    /// less than a tenth, or less than 1 GiB, free: the journal stops
+    /// growing when it is full, and replication with it.
+    fn warn_if_space_low(&mut self) {
+        if self.last_space_check.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        self.last_space_check = Some(std::time::Instant::now());
+        if let Some((free, total)) = crate::verify::fs_space(&self.paths.dir) {
+            if free < total / 10 || free < 1 << 30 {
+                log::warn!(
+                    "disk {}: the data folder's filesystem has {free} bytes free of {total}: when it is full this disk's replication \
+                     stops (nothing is lost; the agent keeps its changes); tighten retention (ferry retention --journal-cap) or add space",
+                    self.name
+                );
+            }
+        }
     }
 
     /// Apply the disk's retention policy (crate::retention), at most once a
@@ -475,6 +505,7 @@ impl Disk {
         let pass = crate::retention::apply(&self.paths, &points, end, |keep| catalog.rewrite(&path, keep))?;
         if pass.dropped > 0 {
             log::info!("disk {}: retention dropped {} points, {} kept", self.name, pass.dropped, pass.kept);
+            crate::reserve::ensure(&self.paths.dir);
         }
         Ok(pass)
     }

@@ -53,6 +53,8 @@ pub const COARSE_CHUNK: u32 = 64 << 10;
 pub const FINE_CHUNK: u32 = 4096;
 /// Default ring size (records) when the agent creates `STATE/ring`.
 pub const DEFAULT_RING: u64 = 1 << 16;
+/// How often an agent whose disk is failed over asks the master target again.
+const FAILOVER_RETRY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -312,6 +314,7 @@ impl Agent {
                 kmod_attach_id: None,
                 kmod_released: None,
                 cut_problem: None,
+                failover: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
                 last_point: None,
@@ -512,6 +515,7 @@ impl Agent {
             let r = sess.and_then(|mut s| {
                 unreachable_since = None;
                 backoff = Duration::from_millis(200);
+                self.failover_over();
                 let r = self.work(&mut s, start);
                 self.bytes_sent_prev += s.bytes_sent;
                 self.bytes_received_prev += s.bytes_received();
@@ -522,6 +526,11 @@ impl Agent {
             });
             match r {
                 Ok(summary) => break Ok(summary),
+                Err(AgentError::Refused { code: ErrorCode::FailedOver, msg }) if !self.opts.once => self.failover_wait(msg),
+                Err(e @ AgentError::Refused { code: ErrorCode::Refused, .. }) => {
+                    self.failover_final(&e);
+                    break Err(e);
+                }
                 Err(e) if e.retryable() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if self.opts.once && since.elapsed() > self.opts.connect_timeout {
@@ -540,6 +549,38 @@ impl Agent {
         self.st.bytes_read_total += self.bytes_read;
         let _ = self.save();
         result
+    }
+
+    /// The master target refuses the stream because the disk is failed over
+    /// (not committed): keep the tracker (it goes on tracking), say so once
+    /// per refusal reason, record it, and try again in a few seconds, so
+    /// that a `ferry failover --cancel` resumes shipping with no restart.
+    fn failover_wait(&mut self, msg: String) {
+        if self.st.failover.as_deref() != Some(msg.as_str()) {
+            log::warn!(
+                "disk failed over on the master target: waiting for `ferry failover --cancel` (retrying every {}s; \
+                 tracking goes on): {msg}",
+                FAILOVER_RETRY.as_secs()
+            );
+        }
+        self.st.failover = Some(msg);
+        self.st.mode = "failed-over".into();
+        let _ = self.save();
+        std::thread::sleep(FAILOVER_RETRY);
+    }
+
+    /// The failover is committed (ERROR 11, final): recorded for `ferry
+    /// status`; the agent stops with the master target's message.
+    fn failover_final(&mut self, e: &AgentError) {
+        self.st.failover = Some(e.to_string());
+        self.st.mode = "failed-over".into();
+    }
+
+    /// Connected again after a failover refused the stream: it was cancelled.
+    fn failover_over(&mut self) {
+        if self.st.failover.take().is_some() {
+            log::info!("the master target accepts the stream again (the failover was cancelled): resuming");
+        }
     }
 
     fn work(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {

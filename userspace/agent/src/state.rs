@@ -88,6 +88,10 @@ pub struct AgentState {
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,
+    /// Why the master target refuses the stream because the disk is failed
+    /// over (mode "failed-over"), while that lasts.
+    #[serde(default)]
+    pub failover: Option<String>,
     /// The latest freeze durations in ms (at most 200).
     #[serde(default)]
     pub freeze_ms_recent: Vec<f64>,
@@ -98,7 +102,7 @@ pub struct AgentState {
     pub last_point: Option<LastPoint>,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,
-    /// "streaming", "initial-sync", "resync", "stopped".
+    /// "streaming", "initial-sync", "resync", "failed-over", "stopped".
     pub mode: String,
     /// Set while an agent runs; a start that finds it set knows the last
     /// agent did not stop cleanly.

@@ -391,3 +391,81 @@ fn ferry_bpf_pin(name: &str) -> std::path::PathBuf {
     assert!(!name.contains(['.', '_']));
     std::path::Path::new("/sys/fs/bpf/ferry").join(name)
 }
+
+/// Thaws a filesystem frozen by the test, on drop: a frozen filesystem left
+/// behind hangs whatever touches it next.
+struct Thaw(String);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
+    }
+}
+
+/// Acceptance (issue 10, item 6): a filesystem frozen by hand (`fsfreeze
+/// -f`) for 10 s while the bpf agent runs: the agent tries at most twice a
+/// second (backing off), logs the real error once, never logs a freeze that
+/// did not happen, and cuts an app-consistent point once it is thawed.
+#[test]
+fn a_filesystem_frozen_by_someone_else_is_retried_slowly_and_reported_once() {
+    let t = TempDir::new("frozen");
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    sh(&format!("mkfs.ext4 -q -F {dev}"));
+    let _m = Mount::new(&lo.dev, &t.path("mnt"), "rw");
+    let mnt = t.s("mnt");
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("frozen");
+    let _guard = Unprotect(t.path("st"));
+    let log = t.path("agent.log");
+    let mut agent = Proc(
+        ferry()
+            .env("RUST_LOG", "info,ferry_agent=debug")
+            .args(["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", &t.s("st")])
+            .args(["--point-every", "0.2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let last_app = || {
+        agent_state(&t.path("st"))
+            .and_then(|s| if s["last_point"]["kind"] == "app" { s["last_point"]["id"].as_u64() } else { None })
+            .unwrap_or(0)
+    };
+    wait_for("a first app point", 60, || last_app() > 0);
+    std::fs::write(t.path("mnt").join("before"), b"written before the freeze").unwrap();
+    let log_len = || std::fs::metadata(&log).unwrap().len() as usize;
+
+    // Frozen by hand. The agent's own freezes are short; retry until ours
+    // is the one that holds.
+    let from = log_len();
+    let thaw = Thaw(mnt.clone());
+    wait_for("fsfreeze -f to succeed", 30, || {
+        Command::new("fsfreeze").args(["-f", &mnt]).stderr(Stdio::null()).status().unwrap().success()
+    });
+    // A freeze of the agent's that ended just before ours may still log.
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen_from = log_len();
+    std::thread::sleep(Duration::from_secs(10));
+    let frozen_to = log_len();
+    let problem = agent_state(&t.path("st")).map(|s| s["cut_problem"].to_string()).unwrap_or_default();
+    let before = last_app();
+    drop(thaw);
+    wait_for("an app point after the thaw", 30, || last_app() > before);
+    assert!(agent.alive());
+    agent.kill9();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let during = &text[from..frozen_to];
+    let attempts = text[frozen_from..frozen_to].matches("freeze attempt").count();
+    assert!((1..=20).contains(&attempts), "{attempts} freeze attempts in 10 s frozen (at most 2 a second):\n{during}");
+    let errors: Vec<&str> = during.lines().filter(|l| l.contains("Device or resource busy")).collect();
+    assert_eq!(errors.len(), 1, "the real error, logged once:\n{during}");
+    assert!(errors[0].contains("FIFREEZE"), "{}", errors[0]);
+    assert!(!text[frozen_from..frozen_to].contains("freeze held"), "no freeze was held while frozen by hand:\n{during}");
+    assert!(problem.contains("Device or resource busy"), "status names the error: {problem}");
+}

@@ -53,6 +53,8 @@ pub const COARSE_CHUNK: u32 = 64 << 10;
 pub const FINE_CHUNK: u32 = 4096;
 /// Default ring size (records) when the agent creates `STATE/ring`.
 pub const DEFAULT_RING: u64 = 1 << 16;
+/// `--once` gives up when freezing has failed for this long.
+const FREEZE_GIVE_UP: Duration = Duration::from_secs(60);
 /// How often an agent whose disk is failed over asks the master target again.
 const FAILOVER_RETRY: Duration = Duration::from_secs(3);
 
@@ -234,6 +236,8 @@ pub struct Agent {
     /// `acked_seq` as last saved: ring slots up to it may be released.
     saved_acked: u64,
     deferred_map: Option<ChunkMap>,
+    /// Back-off and log-once for freezes that fail.
+    freeze_retry: freeze::Retry,
 }
 
 impl Agent {
@@ -470,6 +474,7 @@ impl Agent {
             frozen: false,
             saved_acked: 0,
             deferred_map: None,
+            freeze_retry: freeze::Retry::default(),
         })
     }
 
@@ -1030,7 +1035,8 @@ impl Agent {
             let (recs, next) = ring.read_from(cursor, 4096)?;
             if recs.is_empty() {
                 self.release_acked(sess, ring, &mut pending)?;
-                let due = self.opts.once || last_cut.elapsed() >= self.opts.point_every;
+                // A freeze that failed is tried again only after a back-off.
+                let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
                 if due {
                     let mounts = freeze::mounts_of(&self.opts.disk);
                     let cut = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
@@ -1057,6 +1063,14 @@ impl Agent {
                             log::warn!("{why}");
                             self.st.cut_problem = Some(why);
                             self.save()?;
+                        }
+                        if self.opts.once && self.freeze_retry.failing_for().is_some_and(|d| d > FREEZE_GIVE_UP) {
+                            return Err(AgentError::NoConsistentPoint(format!(
+                                "{}: no consistent point: freezing has failed for {}s ({})",
+                                self.st.name,
+                                FREEZE_GIVE_UP.as_secs(),
+                                self.st.cut_problem.as_deref().unwrap_or("no reason recorded")
+                            )));
                         }
                         if self.opts.once && quiet_tries > 2000 {
                             return Err(AgentError::NoConsistentPoint(format!(
@@ -1406,8 +1420,13 @@ impl Agent {
         };
         g.done();
         for why in failed.iter().chain(thawed.as_ref().err()) {
-            log::warn!("{why}");
+            self.freeze_failed(why);
             self.st.cut_problem = Some(why.clone());
+        }
+        if failed.is_none() {
+            if let Some(old) = self.freeze_retry.succeeded() {
+                log::info!("filesystems freeze again (the last attempts failed: {old})");
+            }
         }
         hook?;
         if failed.is_some() || thawed.is_err() || !all {
@@ -1621,7 +1640,9 @@ impl Agent {
         if let Some(t) = &self.bpf {
             t.hold();
         }
+        log::debug!("freeze attempt: {} filesystem(s)", mounts.len());
         let (fs, all_frozen) = freeze::freeze(mounts);
+        let failed = fs.failed.clone();
         let mut taken: Vec<Record> = Vec::new();
         let r = (|| -> Result<Option<LastPoint>, AgentError> {
             if let Some(e) = &fs.failed {
@@ -1697,12 +1718,22 @@ impl Agent {
             }
             t.take_bitmap();
         }
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
-        self.st.freeze_ms_recent.push(ms);
-        let n = self.st.freeze_ms_recent.len();
-        if n > 200 {
-            self.st.freeze_ms_recent.drain(..n - 200);
+        match &failed {
+            // No freeze happened: the error is logged once per change, and
+            // the next attempt waits (Retry).
+            Some(e) => self.freeze_failed(e),
+            None => {
+                if let Some(old) = self.freeze_retry.succeeded() {
+                    log::info!("filesystems freeze again (the last attempts failed: {old})");
+                }
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
+                self.st.freeze_ms_recent.push(ms);
+                let n = self.st.freeze_ms_recent.len();
+                if n > 200 {
+                    self.st.freeze_ms_recent.drain(..n - 200);
+                }
+            }
         }
         self.save()?;
         let p = r?;
@@ -1711,6 +1742,19 @@ impl Agent {
         }
         hook_thawed?;
         Ok(p)
+    }
+
+    /// A freeze failed with `e` (nothing is frozen now): back off, and say
+    /// so when the error is new.
+    fn freeze_failed(&mut self, e: &str) {
+        if self.freeze_retry.failed(e) {
+            let hint =
+                if e.contains("Device or resource busy") { " (frozen by someone else? `fsfreeze -u MOUNTPOINT` thaws it)" } else { "" };
+            log::warn!(
+                "cannot freeze for a consistent point: {e}{hint}; trying again in {:.1}s, then less often while it fails",
+                self.freeze_retry.delay().as_secs_f64()
+            );
+        }
     }
 
     /// Checks that must hold right before a point is cut: the tracker is

@@ -469,3 +469,123 @@ fn a_filesystem_frozen_by_someone_else_is_retried_slowly_and_reported_once() {
     assert!(!text[frozen_from..frozen_to].contains("freeze held"), "no freeze was held while frozen by hand:\n{during}");
     assert!(problem.contains("Device or resource busy"), "status names the error: {problem}");
 }
+
+/// Acceptance (issue 10, item 4): the bpf tracker belongs to one state
+/// folder. A failed `--once` says what it left attached; an agent on
+/// another folder of the same name does not take it over; while agent A
+/// streams with folder SA, `ferry unprotect --state SB` (a folder left by
+/// an earlier `--once` of the same name) and an agent on SB are refused,
+/// naming SA, and A goes on shipping untouched: no resync, and the replica
+/// equals the device after a point. Unprotect also refuses while an agent
+/// runs on the folder it names.
+#[test]
+fn unprotect_of_another_state_folder_is_refused_and_the_running_agent_is_untouched() {
+    use std::os::fd::AsRawFd;
+    let t = TempDir::new("owner");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 32 << 20, 61);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("owner");
+    let (sa, sb) = (t.s("sa"), t.s("sb"));
+    let _ga = Unprotect(t.path("sa"));
+    let _gb = Unprotect(t.path("sb"));
+    let pins = ferry_bpf_pin(&name);
+    let agent = |st: &str, target: &str| -> Vec<String> {
+        ["agent", "--disk", &dev, "--name", &name, "--target", target, "--tracker", "bpf", "--state", st]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let last_error = |o: &std::process::Output| -> String {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "expected a failure: {err}");
+        err.lines().rfind(|l| l.starts_with("ferry: ")).unwrap_or_default().to_string()
+    };
+
+    // A failed --once (nothing listens there) says what it left attached.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut args = agent(&sb, &dead);
+    args.extend(["--once", "--connect-timeout", "1"].map(String::from));
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(
+        err.contains(&format!("the bpf tracker stays attached to {dev} (pinned in {})", pins.display()))
+            && err.contains(&format!("`ferry unprotect --state {sb}` detaches it")),
+        "{err}"
+    );
+    assert!(pins.join("link").exists());
+
+    // An earlier --once with SB: the tracker stays pinned, owned by SB, and
+    // an agent on SA does not adopt it silently.
+    once(&dev, &name, &mt, &sb, &[]);
+    let sb_canon = std::fs::canonicalize(&sb).unwrap().display().to_string();
+    let mut args = agent(&sa, &mt.addr);
+    args.push("--once".into());
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(err.contains(&format!("belongs to state folder {sb_canon}")) && err.contains("ferry unprotect --state"), "{err}");
+    run_ok(&["unprotect", "--state", &sb]);
+    assert!(!pins.exists(), "SB's unprotect detached its own tracker");
+
+    // Agent A streams with SA.
+    let log = t.path("a.log");
+    let mut args = agent(&sa, &mt.addr);
+    args.extend(["--point-every", "0.3"].map(String::from));
+    let mut a = Proc(
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let point = || agent_state(&t.path("sa")).and_then(|s| s["last_point"]["id"].as_u64()).unwrap_or(0);
+    wait_for("agent A's first point", 60, || point() > 0);
+    // (A's start resynced: the replica was SB's protection.)
+    let from = std::fs::metadata(&log).unwrap().len() as usize;
+    let sa_canon = std::fs::canonicalize(&sa).unwrap().display().to_string();
+
+    // SB, the old folder of the same name, can neither unprotect A's
+    // tracker nor start an agent on it.
+    let o = run(&["unprotect", "--state", &sb]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("belongs to state folder {sa_canon}, not {sb_canon}")) && err.contains("--force"), "{err}");
+    assert!(pins.join("link").exists(), "A's tracker stays attached");
+    let mut args = agent(&sb, &mt.addr);
+    args.push("--once".into());
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(err.contains(&format!("belongs to state folder {sa_canon}")), "{err}");
+
+    // Unprotect of SA is refused while an agent runs on it (the agent holds
+    // SA/agent.lock; it is taken here as well, for an agent that does not).
+    let lockf =
+        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(t.path("sa").join("agent.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns; failing (the agent
+    // holds the lock already) is fine.
+    unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let err = last_error(&run(&["unprotect", "--state", &sa]));
+    assert!(err.contains(&format!("an agent is running on {sa}: stop it first")), "{err}");
+    drop(lockf);
+    assert!(pins.join("link").exists());
+
+    // A is untouched: it ships new writes without a resync.
+    sh(&format!("{} workload {dev} 8192 9 {} 500", mkimage_bin().display(), t.s("w.log")));
+    let p = point();
+    // p + 1 may have been under way during the writes; p + 2 was cut after.
+    wait_for("two points after the writes", 60, || point() >= p + 2);
+    assert!(a.alive(), "agent A still runs");
+    let st: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &sa, "--json"])).unwrap();
+    assert!(st["resync_required"].is_null() && st["mode"] == "streaming", "{st}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text[from..].contains("resync") && !text.contains("detached"), "agent A was disturbed:\n{text}");
+    recover_to(&t.s("data"), &name, "latest", &t.s("rec.img"));
+    assert_same(&lo.dev, &t.path("rec.img"));
+
+    a.kill9();
+    run_ok(&["unprotect", "--state", &sa]);
+    assert!(!pins.exists(), "SA's unprotect detached its own tracker");
+}

@@ -24,6 +24,7 @@
 pub mod chunkmap;
 pub mod freeze;
 pub mod kmod;
+pub mod owner;
 pub mod session;
 pub mod state;
 
@@ -34,6 +35,7 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
+use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
 use std::collections::{BTreeMap, VecDeque};
@@ -332,6 +334,10 @@ impl Agent {
         };
         let generation = unhex::<16>(&st.generation)
             .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+        let me = Owner::new(&opts.state, generation)?;
+        if tracker == Tracker::Bpf {
+            claim_bpf(&opts.name, &opts.state, &me)?;
+        }
         let mut st = st;
         let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
             use std::os::unix::fs::MetadataExt;
@@ -359,7 +365,7 @@ impl Agent {
             None
         };
         let attached = if tracker == Tracker::Bpf {
-            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file()) {
+            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &me.pack()?) {
                 Ok(t) => Some(t),
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
@@ -405,6 +411,7 @@ impl Agent {
         };
         let kmod = if tracker == Tracker::Kmod {
             let k = kmod::Kmod::attach(&opts.disk, opts.ring_capacity, opts.kmod_data_bytes, st.kmod_next_seq)?;
+            claim_kmod(&opts, &me, k.attach_id)?;
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
             let same = st.kmod_attach_id == Some(k.attach_id);
             if st.kmod_catchup_until.is_some() {
@@ -476,6 +483,27 @@ impl Agent {
             deferred_map: None,
             freeze_retry: freeze::Retry::default(),
         })
+    }
+
+    /// What stays attached when this agent stops (on purpose: the tracker
+    /// goes on tracking, so the next run reads only what changed), and how
+    /// to detach it; None for trackers that keep nothing attached.
+    pub fn left_attached(&self) -> Option<String> {
+        let st = self.opts.state.display();
+        if self.bpf.is_some() {
+            Some(format!(
+                "the bpf tracker stays attached to {} (pinned in {}): `ferry unprotect --state {st}` detaches it",
+                self.opts.disk.display(),
+                ferry_bpf::pin_dir(&self.opts.name).display()
+            ))
+        } else if self.kmod.is_some() {
+            Some(format!(
+                "the kernel module tracker stays attached to {}: `ferry unprotect --state {st}` detaches it",
+                self.opts.disk.display()
+            ))
+        } else {
+            None
+        }
     }
 
     /// The tracker in use (after `auto` was resolved).
@@ -1954,21 +1982,164 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// Before attaching the bpf tracker of `name` for state folder `state`
+/// (owner `me`): refuse one another folder owns, take over a stale one
+/// (afresh: its history is another protection's), keep our own.
+fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<(), AgentError> {
+    let pins = ferry_bpf::pin_dir(name);
+    match owner::bpf_claim(name, me)? {
+        Claim::Mine | Claim::Free => Ok(()),
+        Claim::Stale(o) if o.generation == me.generation => {
+            log::warn!(
+                "the bpf tracker of {name} was recorded for state folder {}, which is gone; {} holds the same protection \
+                 (a moved folder): adopting it",
+                o.state.display(),
+                me.state.display()
+            );
+            Ok(())
+        }
+        Claim::Stale(o) => {
+            log::warn!(
+                "the bpf tracker of {name} belonged to state folder {}, which no longer holds that protection: attaching afresh",
+                o.state.display()
+            );
+            ferry_bpf::unpin(name)?;
+            Ok(())
+        }
+        Claim::Foreign(o) => Err(AgentError::Usage(format!(
+            "the bpf tracker of {name} (pinned in {}) belongs to state folder {}: stop protecting it there first \
+             (`ferry unprotect --state {}`), or run this agent with --state {}",
+            pins.display(),
+            o.state.display(),
+            o.state.display(),
+            o.state.display()
+        ))),
+        Claim::Unreadable(e) => Err(AgentError::Usage(format!(
+            "the bpf tracker of {name} (pinned in {}) has an unreadable owner record ({e}): \
+             `ferry unprotect --state {} --force` detaches it",
+            pins.display(),
+            state.display()
+        ))),
+    }
+}
+
+/// After attaching (or finding) the kernel module's attachment `attach_id`:
+/// refuse one another folder owns; record ours.
+fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), AgentError> {
+    let dev = kmod::dev_numbers(&opts.disk)?;
+    let dir = Path::new(owner::KMOD_OWNER_DIR);
+    match owner::kmod_claim(dir, dev, attach_id, me) {
+        Claim::Mine => return Ok(()),
+        Claim::Free => {}
+        Claim::Foreign(o) => {
+            return Err(AgentError::Usage(format!(
+                "the kernel module's attachment of {} belongs to state folder {}: stop protecting it there first \
+                 (`ferry unprotect --state {}`), or run this agent with --state {}",
+                opts.disk.display(),
+                o.state.display(),
+                o.state.display(),
+                o.state.display()
+            )))
+        }
+        Claim::Stale(o) => log::warn!(
+            "the kernel module's attachment of {} belonged to state folder {}, which no longer holds that protection: taking it over",
+            opts.disk.display(),
+            o.state.display()
+        ),
+        Claim::Unreadable(e) => {
+            log::warn!("the owner record of {}'s kmod attachment is unreadable ({e}): replacing it", opts.disk.display())
+        }
+    }
+    if let Err(e) = owner::kmod_record(dir, dev, attach_id, me, &opts.name, &opts.disk) {
+        log::warn!("cannot record which state folder owns the kmod attachment of {} ({e})", opts.disk.display());
+    }
+    Ok(())
+}
+
 /// `ferry unprotect`: detach and unpin the tracker of the disk whose state
 /// is in `state`; the replica and its points stay. Returns the disk's name.
-pub fn unprotect(state: &Path) -> Result<String, AgentError> {
+/// Refused while an agent runs on `state` (it holds `STATE/agent.lock`),
+/// and, unless `force`, when the tracker belongs to another state folder
+/// (owner.rs): everything is checked before anything is detached.
+pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     let sd = StateDir::new(state);
     let mut st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
-    if ferry_bpf::unpin(&st.name)? {
-        log::info!("unpinned the bpf tracker of {}", st.name);
+    let _lock = owner::lock_state(state)?;
+    let generation = unhex::<16>(&st.generation)
+        .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+    let me = Owner::new(state, generation)?;
+    let name = st.name.clone();
+    let foreign = |what: String, o: &Owner| {
+        AgentError::Usage(format!(
+            "{what} belongs to state folder {}, not {}: unprotect it there (`ferry unprotect --state {}`), \
+             or add --force to detach it anyway (an agent following it stops and needs a resync)",
+            o.state.display(),
+            me.state.display(),
+            o.state.display()
+        ))
+    };
+    let pins = format!("the bpf tracker of {name} (pinned in {})", ferry_bpf::pin_dir(&name).display());
+    let bpf_owner = match owner::bpf_claim(&name, &me)? {
+        Claim::Mine | Claim::Free => None,
+        Claim::Stale(o) if o.generation == me.generation => None,
+        Claim::Foreign(o) | Claim::Stale(o) if force => Some(o.state.display().to_string()),
+        Claim::Foreign(o) => return Err(foreign(pins, &o)),
+        Claim::Stale(o) => {
+            return Err(AgentError::Usage(format!(
+                "{pins} was attached for state folder {}, not {} (that folder no longer holds that protection): \
+                 add --force to detach it",
+                o.state.display(),
+                me.state.display()
+            )))
+        }
+        Claim::Unreadable(_) if force => Some("an unknown state folder".into()),
+        Claim::Unreadable(e) => {
+            return Err(AgentError::Usage(format!("{pins} has an unreadable owner record ({e}): add --force to detach it")))
+        }
+    };
+    let disk = Path::new(&st.disk);
+    let kmod_dev = if st.tracker == Tracker::Kmod.as_str() {
+        match kmod::attachment_id(disk)? {
+            Some(id) => {
+                let dev = kmod::dev_numbers(disk)?;
+                let claim = owner::kmod_claim(Path::new(owner::KMOD_OWNER_DIR), dev, id, &me);
+                let followed = st.kmod_attach_id == Some(id);
+                match claim {
+                    Claim::Foreign(o) if !force => {
+                        return Err(foreign(format!("the kernel module's attachment of {}", st.disk), &o));
+                    }
+                    Claim::Stale(_) | Claim::Unreadable(_) if !force && !followed => {
+                        return Err(AgentError::Usage(format!(
+                            "the kernel module's attachment of {} is recorded for another state folder and is not the one \
+                             {} followed: add --force to detach it",
+                            st.disk,
+                            me.state.display()
+                        )));
+                    }
+                    _ => Some(dev),
+                }
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    if ferry_bpf::unpin(&name)? {
+        match bpf_owner {
+            Some(o) => log::warn!("unpinned the bpf tracker of {name}, which belonged to {o} (--force)"),
+            None => log::info!("unpinned the bpf tracker of {name}"),
+        }
     }
-    if st.tracker == Tracker::Kmod.as_str() && kmod::detach_disk(Path::new(&st.disk))? {
+    if kmod_dev.is_some() && kmod::detach_disk(disk)? {
         log::info!("detached {} from the kernel module tracker", st.disk);
+    }
+    if let Some(dev) = kmod_dev {
+        owner::kmod_forget(Path::new(owner::KMOD_OWNER_DIR), dev);
     }
     st.mode = "unprotected".into();
     st.running = false;
     sd.save(&st)?;
-    Ok(st.name)
+    Ok(name)
 }
 
 /// Finish a release of the kmod ring interrupted between its two index

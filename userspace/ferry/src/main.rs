@@ -96,6 +96,9 @@ enum Cmd {
     Unprotect {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// Detach the tracker even if it belongs to another state folder.
+        #[arg(long)]
+        force: bool,
     },
     /// List recovery points, oldest first.
     Points {
@@ -291,7 +294,12 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stderr().is_terminal(),
             };
             let agent = ferry_agent::Agent::new(opts)?;
-            let s = agent.run()?;
+            // A failed run says what it leaves attached.
+            let attached = agent.left_attached();
+            let s = agent.run().map_err(|e| match &attached {
+                Some(a) => anyhow::anyhow!("{e}; {a}"),
+                None => e.into(),
+            })?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -519,8 +527,8 @@ fn run(cli: Cli) -> Result<()> {
             ferry_agent::freeze::run_guard(Duration::from_millis(deadline_ms), thaw_cmd.as_deref(), &mounts);
             Ok(())
         }
-        Cmd::Unprotect { state } => {
-            let name = ferry_agent::unprotect(&state)?;
+        Cmd::Unprotect { state, force } => {
+            let name = ferry_agent::unprotect(&state, force)?;
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }

@@ -300,6 +300,9 @@ fn run(cli: Cli) -> Result<()> {
                 Some(a) => anyhow::anyhow!("{e}; {a}"),
                 None => e.into(),
             })?;
+            if let Some(a) = attached.filter(|_| once) {
+                log::info!("{a} (kept on purpose: the next run reads only what changed)");
+            }
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {

@@ -515,10 +515,18 @@ fn unprotect_of_another_state_folder_is_refused_and_the_running_agent_is_untouch
         "{err}"
     );
     assert!(pins.join("link").exists());
+    let owner_map = || -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&sh(&format!("bpftool map show pinned {} -j", pins.join("owner").display())))
+            .expect("bpftool JSON")["id"]
+            .clone()
+    };
+    let owner_id = owner_map();
 
-    // An earlier --once with SB: the tracker stays pinned, owned by SB, and
-    // an agent on SA does not adopt it silently.
+    // An earlier --once with SB: the tracker stays pinned, owned by SB (the
+    // record is kept as it is), and an agent on SA does not adopt it
+    // silently.
     once(&dev, &name, &mt, &sb, &[]);
+    assert_eq!(owner_map(), owner_id, "the owner record is not rewritten by its own folder");
     let sb_canon = std::fs::canonicalize(&sb).unwrap().display().to_string();
     let mut args = agent(&sa, &mt.addr);
     args.push("--once".into());

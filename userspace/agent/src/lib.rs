@@ -335,9 +335,8 @@ impl Agent {
         let generation = unhex::<16>(&st.generation)
             .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
         let me = Owner::new(&opts.state, generation)?;
-        if tracker == Tracker::Bpf {
-            claim_bpf(&opts.name, &opts.state, &me)?;
-        }
+        // The owner record to keep beside the bpf pins (ours as recorded).
+        let bpf_owner = if tracker == Tracker::Bpf { claim_bpf(&opts.name, &opts.state, &me)?.pack()? } else { Vec::new() };
         let mut st = st;
         let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
             use std::os::unix::fs::MetadataExt;
@@ -365,7 +364,7 @@ impl Agent {
             None
         };
         let attached = if tracker == Tracker::Bpf {
-            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &me.pack()?) {
+            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &bpf_owner) {
                 Ok(t) => Some(t),
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
@@ -1984,19 +1983,21 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
 
 /// Before attaching the bpf tracker of `name` for state folder `state`
 /// (owner `me`): refuse one another folder owns, take over a stale one
-/// (afresh: its history is another protection's), keep our own.
-fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<(), AgentError> {
+/// (afresh: its history is another protection's), keep our own. Returns
+/// the owner to record (our record as pinned, if there is one).
+fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<Owner, AgentError> {
     let pins = ferry_bpf::pin_dir(name);
     match owner::bpf_claim(name, me)? {
-        Claim::Mine | Claim::Free => Ok(()),
+        Claim::Mine(o) => Ok(o),
+        Claim::Free => Ok(me.clone()),
         Claim::Stale(o) if o.generation == me.generation => {
             log::warn!(
-                "the bpf tracker of {name} was recorded for state folder {}, which is gone; {} holds the same protection \
+                "the bpf tracker of {name} was recorded for state folder {}, which no longer holds it; {} holds the same protection \
                  (a moved folder): adopting it",
                 o.state.display(),
                 me.state.display()
             );
-            Ok(())
+            Ok(me.clone())
         }
         Claim::Stale(o) => {
             log::warn!(
@@ -2004,7 +2005,7 @@ fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<(), AgentError> {
                 o.state.display()
             );
             ferry_bpf::unpin(name)?;
-            Ok(())
+            Ok(me.clone())
         }
         Claim::Foreign(o) => Err(AgentError::Usage(format!(
             "the bpf tracker of {name} (pinned in {}) belongs to state folder {}: stop protecting it there first \
@@ -2029,7 +2030,7 @@ fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), AgentErr
     let dev = kmod::dev_numbers(&opts.disk)?;
     let dir = Path::new(owner::KMOD_OWNER_DIR);
     match owner::kmod_claim(dir, dev, attach_id, me) {
-        Claim::Mine => return Ok(()),
+        Claim::Mine(_) => return Ok(()),
         Claim::Free => {}
         Claim::Foreign(o) => {
             return Err(AgentError::Usage(format!(
@@ -2080,7 +2081,7 @@ pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     };
     let pins = format!("the bpf tracker of {name} (pinned in {})", ferry_bpf::pin_dir(&name).display());
     let bpf_owner = match owner::bpf_claim(&name, &me)? {
-        Claim::Mine | Claim::Free => None,
+        Claim::Mine(_) | Claim::Free => None,
         Claim::Stale(o) if o.generation == me.generation => None,
         Claim::Foreign(o) | Claim::Stale(o) if force => Some(o.state.display().to_string()),
         Claim::Foreign(o) => return Err(foreign(pins, &o)),

@@ -145,8 +145,8 @@ impl Owner {
 /// Whose a tracker is, from the point of view of one state folder.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// Recorded for this folder and protection.
-    Mine,
+    /// Recorded for this folder and protection (the record, as it is).
+    Mine(Owner),
     /// No tracker, or no owner record.
     Free,
     /// Recorded for a folder that no longer holds that protection.
@@ -163,7 +163,7 @@ pub fn judge(record: Option<Result<Owner, String>>, me: &Owner, live: impl Fn(&O
     match record {
         None => Claim::Free,
         Some(Err(e)) => Claim::Unreadable(e),
-        Some(Ok(o)) if o.same(me) => Claim::Mine,
+        Some(Ok(o)) if o.same(me) => Claim::Mine(o),
         Some(Ok(o)) if live(&o) => Claim::Foreign(o),
         Some(Ok(o)) => Claim::Stale(o),
     }
@@ -283,7 +283,7 @@ mod tests {
         let mut b = me(Path::new("/st/b"));
         assert_eq!(judge(None, &a, |_| true), Claim::Free);
         let later = Owner { since_ns: 99, ..a.clone() };
-        assert_eq!(judge(Some(Ok(later)), &a, |_| true), Claim::Mine);
+        assert_eq!(judge(Some(Ok(later.clone())), &a, |_| true), Claim::Mine(later));
         assert_eq!(judge(Some(Ok(b.clone())), &a, |_| true), Claim::Foreign(b.clone()));
         assert_eq!(judge(Some(Ok(b.clone())), &a, |_| false), Claim::Stale(b.clone()));
         b.state = a.state.clone();
@@ -310,7 +310,7 @@ mod tests {
         let dev = (7, 3);
         assert_eq!(kmod_claim(d.path(), dev, 10, &a), Claim::Free);
         kmod_record(d.path(), dev, 10, &a, "vm", Path::new("/dev/loop3")).unwrap();
-        assert_eq!(kmod_claim(d.path(), dev, 10, &a), Claim::Mine);
+        assert_eq!(kmod_claim(d.path(), dev, 10, &a), Claim::Mine(a.clone()));
         assert_eq!(kmod_claim(d.path(), dev, 11, &b), Claim::Free, "a record of another attachment is ignored");
         // b's view: a's folder has no agent.state, so a's record is stale.
         assert_eq!(kmod_claim(d.path(), dev, 10, &b), Claim::Stale(a.clone()));

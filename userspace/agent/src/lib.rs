@@ -559,9 +559,9 @@ impl Agent {
             match r {
                 Ok(summary) => break Ok(summary),
                 Err(AgentError::Refused { code: ErrorCode::FailedOver, msg }) if !self.opts.once => self.failover_wait(msg),
-                Err(e @ AgentError::Refused { code: ErrorCode::Refused, .. }) => {
-                    self.failover_final(&e);
-                    break Err(e);
+                Err(AgentError::Refused { code: code @ (ErrorCode::FailedOver | ErrorCode::Refused), msg }) => {
+                    self.failover_stopped(&msg);
+                    break Err(AgentError::Refused { code, msg });
                 }
                 Err(e) if e.retryable() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
@@ -601,10 +601,11 @@ impl Agent {
         std::thread::sleep(FAILOVER_RETRY);
     }
 
-    /// The failover is committed (ERROR 11, final): recorded for `ferry
-    /// status`; the agent stops with the master target's message.
-    fn failover_final(&mut self, e: &AgentError) {
-        self.st.failover = Some(e.to_string());
+    /// A failover refusal the agent does not wait for (committed, ERROR 11,
+    /// final; or any with `--once`): recorded for `ferry status`; the agent
+    /// stops with the master target's message.
+    fn failover_stopped(&mut self, msg: &str) {
+        self.st.failover = Some(msg.into());
         self.st.mode = "failed-over".into();
     }
 

@@ -27,8 +27,8 @@
 //! Judging a record ([`judge`]): the same folder and generation is *mine*;
 //! no record (no tracker, or one pinned by a ferry before owner records) is
 //! *free*; a record whose folder no longer holds that protection (its
-//! `agent.state` is gone, holds another generation, or was unprotected) is
-//! *stale*; any other is *foreign*. An agent refuses a foreign tracker and
+//! `agent.state` is gone, or holds another generation) is *stale*; any
+//! other is *foreign*. An agent refuses a foreign tracker and
 //! takes over a stale one (afresh, which costs a resync, unless it is the
 //! same protection in a moved folder); `ferry unprotect` detaches only a
 //! tracker that is mine or free, unless `--force`.
@@ -135,7 +135,10 @@ impl Owner {
     /// from it by mistake).
     pub fn live(&self) -> bool {
         match StateDir::new(&self.state).load() {
-            Ok(Some(st)) => st.generation == hex(&self.generation) && st.mode != "unprotected",
+            // (Not the mode: an unprotect removes the record with the pins,
+            // and an agent starting again on an unprotected folder still
+            // says "unprotected" until it connects.)
+            Ok(Some(st)) => st.generation == hex(&self.generation),
             Ok(None) => false,
             Err(_) => true,
         }

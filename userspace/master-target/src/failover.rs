@@ -149,3 +149,29 @@ pub fn qemu_command(image: &Path, format: Format) -> String {
         image.display()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_failover_asks_to_wait_and_a_committed_one_is_final() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path(), "vm");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        assert!(refuse_if_failed_over(&paths, "vm").is_ok());
+        let st = FailoverState { state: "active".into(), point: 7, out: "/x.img".into(), since_ns: 0 };
+        write_state(&state_path(&paths), KIND, VERSION, &st).unwrap();
+        let e = refuse_if_failed_over(&paths, "vm").unwrap_err();
+        assert!(matches!(e, DiskError::FailedOver { .. }), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("point 7") && m.contains("ferry failover --cancel"), "{m}");
+        finish(d.path(), "vm", true).unwrap();
+        let e = refuse_if_failed_over(&paths, "vm").unwrap_err();
+        assert!(matches!(e, DiskError::FailedOverCommitted { .. }), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("committed") && m.contains("new name") && !m.contains("--cancel"), "{m}");
+        let e = finish(d.path(), "vm", false).unwrap_err().to_string();
+        assert!(e.contains("committed") && e.contains("new name"), "{e}");
+    }
+}

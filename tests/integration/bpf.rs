@@ -597,3 +597,68 @@ fn unprotect_of_another_state_folder_is_refused_and_the_running_agent_is_untouch
     run_ok(&["unprotect", "--state", &sa]);
     assert!(!pins.exists(), "SA's unprotect detached its own tracker");
 }
+
+/// Ownership edge cases on real pins: a tracker whose owner folder is gone
+/// is taken over (attached afresh); a foreign one is detached only with
+/// `unprotect --force`, after which its own folder's next run resyncs; an
+/// owner record that cannot be read stops the agent until `--force`.
+#[test]
+fn a_stale_owner_is_taken_over_and_force_detaches_a_foreign_tracker() {
+    let t = TempDir::new("owner2");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 16 << 20, 62);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("owner2");
+    let (sa, sb, sc) = (t.s("sa"), t.s("sb"), t.s("sc"));
+    let _ga = Unprotect(t.path("sa"));
+    let _gc = Unprotect(t.path("sc"));
+    let pins = ferry_bpf_pin(&name);
+    let once_out = |st: &str| {
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", st, "--once", "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // SB's folder is removed: its tracker is nobody's; SA takes it over.
+    once(&dev, &name, &mt, &sb, &[]);
+    std::fs::remove_dir_all(&sb).unwrap();
+    let o = once_out(&sa);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("attaching afresh"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // SC cannot; unprotect --force from SC detaches SA's tracker, and SA's
+    // next run attaches again and resyncs.
+    let o = once_out(&sc);
+    assert!(!o.status.success());
+    let err = run(&["unprotect", "--state", &sc]);
+    assert!(!err.status.success(), "SC never ran: no agent state to unprotect from");
+    std::fs::create_dir_all(&sc).unwrap();
+    std::fs::copy(t.path("sa").join("agent.state"), t.path("sc").join("agent.state")).unwrap();
+    let err = String::from_utf8_lossy(&run(&["unprotect", "--state", &sc]).stderr).to_string();
+    assert!(err.contains("belongs to state folder") && err.contains("--force"), "{err}");
+    assert!(pins.join("link").exists());
+    let o = run(&["unprotect", "--state", &sc, "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!pins.exists(), "--force detached it");
+    let s = once(&dev, &name, &mt, &sa, &[]);
+    assert_eq!(s["resync"], true, "tracking stopped in between: {s}");
+    recover_to(&t.s("data"), &name, "latest", &t.s("rec.img"));
+    assert_same(&lo.dev, &t.path("rec.img"));
+
+    // An owner record that cannot be read: refused until --force.
+    run_ok(&["unprotect", "--state", &sa]);
+    std::fs::create_dir_all(&pins).unwrap();
+    sh(&format!("bpftool map create {} type array key 4 value 4096 entries 1 name ferry_owner", pins.join("owner").display()));
+    let o = once_out(&sa);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unreadable owner record") && err.contains("--force"), "{err}");
+    let err = String::from_utf8_lossy(&run(&["unprotect", "--state", &sa]).stderr).to_string();
+    assert!(err.contains("unreadable owner record"), "{err}");
+    run_ok(&["unprotect", "--state", &sa, "--force"]);
+    assert!(!pins.exists());
+}

@@ -109,6 +109,9 @@ enum Cmd {
     Unprotect {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// Detach the tracker even if it belongs to another state folder.
+        #[arg(long)]
+        force: bool,
     },
     /// List recovery points, oldest first.
     Points {
@@ -172,7 +175,7 @@ enum Cmd {
         /// Make the failover final.
         #[arg(long, conflicts_with_all = ["point", "out", "cancel", "start"])]
         commit: bool,
-        /// Undo the failover: the disk's stream is accepted again.
+        /// Undo the failover: the disk's stream is accepted again (a running agent resumes by itself).
         #[arg(long, conflicts_with_all = ["point", "out", "start"])]
         cancel: bool,
     },
@@ -354,13 +357,21 @@ fn run(cli: Cli) -> Result<()> {
                 verify: verify.then_some(repair),
             };
             let agent = ferry_agent::Agent::new(opts)?;
+            // A failed run says what it leaves attached.
+            let attached = agent.left_attached();
             let s = match agent.run() {
                 Err(ferry_agent::AgentError::Stopped(sig)) => {
                     eprintln!("ferry: agent stopped by {sig}");
                     return Ok(());
                 }
-                r => r?,
+                r => r.map_err(|e| match &attached {
+                    Some(a) => anyhow::anyhow!("{e}; {a}"),
+                    None => e.into(),
+                })?,
             };
+            if let Some(a) = attached.filter(|_| once) {
+                log::info!("{a} (kept on purpose: the next run reads only what changed)");
+            }
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -400,6 +411,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Points { data, name, json } => {
             let pts = recover::points(&data, &name)?;
+            // The failover state: a line above the table, or on stderr
+            // with --json (the array stays as it is).
+            if let Some(f) = ferry_target::failover::state(&data, &name)? {
+                let state = if f.state == "committed" { "committed" } else { "pending" };
+                let line = format!("failed over to point {} ({state}) since {}", f.point, recover::rfc3339(f.since_ns));
+                if json {
+                    eprintln!("{name}: {line}");
+                } else {
+                    println!("{line}");
+                }
+            }
             if json {
                 let v: Vec<_> = pts
                     .iter()
@@ -556,9 +578,11 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!(
                     "{name}: {}",
                     if commit {
-                        "failover committed; its stream stays refused"
+                        "failover committed: its stream is refused for good (a waiting agent stops); \
+                         to replicate this disk again, protect it under a new name"
                     } else {
-                        "failover cancelled; its stream is accepted again"
+                        "failover cancelled: its stream is accepted again; a running agent resumes by itself \
+                         within a few seconds (one that exited must be started again)"
                     }
                 );
                 return Ok(());
@@ -575,7 +599,8 @@ fn run(cli: Cli) -> Result<()> {
             let cmd = ferry_target::failover::qemu_command(&out, fmt);
             eprintln!(
                 "{name}: failed over to point {} ({}, {}), written to {}; its stream is refused until \
-                 `ferry failover --commit` (final) or `--cancel` (resume); another --point may still be chosen",
+                 `ferry failover --commit` (final) or `--cancel` (a running agent waits, then resumes); \
+                 another --point may still be chosen",
                 p.id,
                 p.kind.as_str(),
                 recover::rfc3339(p.time_ns),
@@ -604,8 +629,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Unprotect { state } => {
-            let name = ferry_agent::unprotect(&state)?;
+        Cmd::Unprotect { state, force } => {
+            let name = ferry_agent::unprotect(&state, force)?;
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
@@ -705,6 +730,7 @@ fn run(cli: Cli) -> Result<()> {
                     "kmod_mode": st.kmod_mode,
                     "kmod_catchups": st.kmod_catchups,
                     "cut_problem": st.cut_problem,
+                    "failover": st.failover,
                     "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
                     "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
                     "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
@@ -756,6 +782,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(p) = &st.cut_problem {
                     outln(format_args!("POINTS     {p}"));
+                }
+                if let Some(f) = &st.failover {
+                    println!("FAILOVER   {f}");
                 }
                 if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
                     outln(format_args!(

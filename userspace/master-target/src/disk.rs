@@ -56,8 +56,18 @@ pub enum DiskError {
     Damaged { name: String, why: String },
     #[error("disk {0}: an earlier write to the replica failed; the stream was closed and the next one repairs the folder")]
     Failed(String),
-    #[error("disk {name} is failed over ({why}): its stream is refused; `ferry failover --cancel` resumes replication")]
+    /// Failed over, not yet committed: the agent waits (ERROR 12).
+    #[error(
+        "disk {name} is failed over ({why}): its stream is refused until `ferry failover --cancel` \
+         (replication resumes; a running agent waits for it) or `ferry failover --commit` (final)"
+    )]
     FailedOver { name: String, why: String },
+    /// The failover is committed: refused for good (ERROR 11).
+    #[error(
+        "disk {name} was failed over ({why}) and the failover is committed: its stream is refused for good; \
+         to replicate this disk again, protect it under a new name (a new --name and --state)"
+    )]
+    FailedOverCommitted { name: String, why: String },
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> DiskError {

@@ -58,7 +58,8 @@ impl From<DiskError> for Fail {
         let code = match e {
             DiskError::Busy(_) => ErrorCode::Busy,
             DiskError::SizeChanged { .. } => ErrorCode::SizeChanged,
-            DiskError::FailedOver { .. } => ErrorCode::Refused,
+            DiskError::FailedOver { .. } => ErrorCode::FailedOver,
+            DiskError::FailedOverCommitted { .. } => ErrorCode::Refused,
             _ => ErrorCode::Internal,
         };
         Fail::new(code, e.to_string())

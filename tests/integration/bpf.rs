@@ -391,3 +391,274 @@ fn ferry_bpf_pin(name: &str) -> std::path::PathBuf {
     assert!(!name.contains(['.', '_']));
     std::path::Path::new("/sys/fs/bpf/ferry").join(name)
 }
+
+/// Thaws a filesystem frozen by the test, on drop: a frozen filesystem left
+/// behind hangs whatever touches it next.
+struct Thaw(String);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
+    }
+}
+
+/// Acceptance (issue 10, item 6): a filesystem frozen by hand (`fsfreeze
+/// -f`) for 10 s while the bpf agent runs: the agent tries at most twice a
+/// second (backing off), logs the real error once, never logs a freeze that
+/// did not happen, and cuts an app-consistent point once it is thawed.
+#[test]
+fn a_filesystem_frozen_by_someone_else_is_retried_slowly_and_reported_once() {
+    let t = TempDir::new("frozen");
+    let backing = t.path("back.img");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    sh(&format!("mkfs.ext4 -q -F {dev}"));
+    let _m = Mount::new(&lo.dev, &t.path("mnt"), "rw");
+    let mnt = t.s("mnt");
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("frozen");
+    let _guard = Unprotect(t.path("st"));
+    let log = t.path("agent.log");
+    let mut agent = Proc(
+        ferry()
+            .env("RUST_LOG", "info,ferry_agent=debug")
+            .args(["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", &t.s("st")])
+            .args(["--point-every", "0.2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let last_app = || {
+        agent_state(&t.path("st"))
+            .and_then(|s| if s["last_point"]["kind"] == "app" { s["last_point"]["id"].as_u64() } else { None })
+            .unwrap_or(0)
+    };
+    wait_for("a first app point", 60, || last_app() > 0);
+    std::fs::write(t.path("mnt").join("before"), b"written before the freeze").unwrap();
+    let log_len = || std::fs::metadata(&log).unwrap().len() as usize;
+
+    // Frozen by hand. The agent's own freezes are short; retry until ours
+    // is the one that holds.
+    let from = log_len();
+    let thaw = Thaw(mnt.clone());
+    wait_for("fsfreeze -f to succeed", 30, || {
+        Command::new("fsfreeze").args(["-f", &mnt]).stderr(Stdio::null()).status().unwrap().success()
+    });
+    // A freeze of the agent's that ended just before ours may still log.
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen_from = log_len();
+    std::thread::sleep(Duration::from_secs(10));
+    let frozen_to = log_len();
+    let problem = agent_state(&t.path("st")).map(|s| s["cut_problem"].to_string()).unwrap_or_default();
+    let before = last_app();
+    drop(thaw);
+    wait_for("an app point after the thaw", 30, || last_app() > before);
+    assert!(agent.alive());
+    agent.kill9();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let during = &text[from..frozen_to];
+    let attempts = text[frozen_from..frozen_to].matches("freeze attempt").count();
+    assert!((1..=20).contains(&attempts), "{attempts} freeze attempts in 10 s frozen (at most 2 a second):\n{during}");
+    let errors: Vec<&str> = during.lines().filter(|l| l.contains("Device or resource busy")).collect();
+    assert_eq!(errors.len(), 1, "the real error, logged once:\n{during}");
+    assert!(errors[0].contains("FIFREEZE"), "{}", errors[0]);
+    assert!(!text[frozen_from..frozen_to].contains("freeze held"), "no freeze was held while frozen by hand:\n{during}");
+    assert!(problem.contains("Device or resource busy"), "status names the error: {problem}");
+}
+
+/// Acceptance (issue 10, item 4): the bpf tracker belongs to one state
+/// folder. A failed `--once` says what it left attached; an agent on
+/// another folder of the same name does not take it over; while agent A
+/// streams with folder SA, `ferry unprotect --state SB` (a folder left by
+/// an earlier `--once` of the same name) and an agent on SB are refused,
+/// naming SA, and A goes on shipping untouched: no resync, and the replica
+/// equals the device after a point. Unprotect also refuses while an agent
+/// runs on the folder it names.
+#[test]
+fn unprotect_of_another_state_folder_is_refused_and_the_running_agent_is_untouched() {
+    use std::os::fd::AsRawFd;
+    let t = TempDir::new("owner");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 32 << 20, 61);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("owner");
+    let (sa, sb) = (t.s("sa"), t.s("sb"));
+    let _ga = Unprotect(t.path("sa"));
+    let _gb = Unprotect(t.path("sb"));
+    let pins = ferry_bpf_pin(&name);
+    let agent = |st: &str, target: &str| -> Vec<String> {
+        ["agent", "--disk", &dev, "--name", &name, "--target", target, "--tracker", "bpf", "--state", st]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let last_error = |o: &std::process::Output| -> String {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "expected a failure: {err}");
+        err.lines().rfind(|l| l.starts_with("ferry: ")).unwrap_or_default().to_string()
+    };
+
+    // A failed --once (nothing listens there) says what it left attached.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut args = agent(&sb, &dead);
+    args.extend(["--once", "--connect-timeout", "1"].map(String::from));
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(
+        err.contains(&format!("the bpf tracker stays attached to {dev} (pinned in {})", pins.display()))
+            && err.contains(&format!("`ferry unprotect --state {sb}` detaches it")),
+        "{err}"
+    );
+    assert!(pins.join("link").exists());
+    let owner_map = || -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&sh(&format!("bpftool map show pinned {} -j", pins.join("owner").display())))
+            .expect("bpftool JSON")["id"]
+            .clone()
+    };
+    let owner_id = owner_map();
+
+    // An earlier --once with SB: the tracker stays pinned, owned by SB (the
+    // record is kept as it is), and an agent on SA does not adopt it
+    // silently.
+    once(&dev, &name, &mt, &sb, &[]);
+    assert_eq!(owner_map(), owner_id, "the owner record is not rewritten by its own folder");
+    let sb_canon = std::fs::canonicalize(&sb).unwrap().display().to_string();
+    let mut args = agent(&sa, &mt.addr);
+    args.push("--once".into());
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(err.contains(&format!("belongs to state folder {sb_canon}")) && err.contains("ferry unprotect --state"), "{err}");
+    run_ok(&["unprotect", "--state", &sb]);
+    assert!(!pins.exists(), "SB's unprotect detached its own tracker");
+
+    // Agent A streams with SA.
+    let log = t.path("a.log");
+    let mut args = agent(&sa, &mt.addr);
+    args.extend(["--point-every", "0.3"].map(String::from));
+    let mut a = Proc(
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let point = || agent_state(&t.path("sa")).and_then(|s| s["last_point"]["id"].as_u64()).unwrap_or(0);
+    wait_for("agent A's first point", 60, || point() > 0);
+    // (A's start resynced: the replica was SB's protection.)
+    let from = std::fs::metadata(&log).unwrap().len() as usize;
+    let sa_canon = std::fs::canonicalize(&sa).unwrap().display().to_string();
+
+    // SB, the old folder of the same name, can neither unprotect A's
+    // tracker nor start an agent on it.
+    let o = run(&["unprotect", "--state", &sb]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("belongs to state folder {sa_canon}, not {sb_canon}")) && err.contains("--force"), "{err}");
+    assert!(pins.join("link").exists(), "A's tracker stays attached");
+    let mut args = agent(&sb, &mt.addr);
+    args.push("--once".into());
+    let err = last_error(&ferry().args(&args).stdin(Stdio::null()).output().unwrap());
+    assert!(err.contains(&format!("belongs to state folder {sa_canon}")), "{err}");
+
+    // Unprotect of SA is refused while an agent runs on it (the agent holds
+    // SA/agent.lock; it is taken here as well, for an agent that does not).
+    let lockf =
+        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(t.path("sa").join("agent.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns; failing (the agent
+    // holds the lock already) is fine.
+    unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let err = last_error(&run(&["unprotect", "--state", &sa]));
+    assert!(err.contains(&format!("an agent is running on {sa}: stop it first")), "{err}");
+    drop(lockf);
+    assert!(pins.join("link").exists());
+
+    // A is untouched: it ships new writes without a resync.
+    sh(&format!("{} workload {dev} 8192 9 {} 500", mkimage_bin().display(), t.s("w.log")));
+    let p = point();
+    // p + 1 may have been under way during the writes; p + 2 was cut after.
+    wait_for("two points after the writes", 60, || point() >= p + 2);
+    assert!(a.alive(), "agent A still runs");
+    let st: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &sa, "--json"])).unwrap();
+    assert!(st["resync_required"].is_null() && st["mode"] == "streaming", "{st}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text[from..].contains("resync") && !text.contains("detached"), "agent A was disturbed:\n{text}");
+    recover_to(&t.s("data"), &name, "latest", &t.s("rec.img"));
+    assert_same(&lo.dev, &t.path("rec.img"));
+
+    a.kill9();
+    run_ok(&["unprotect", "--state", &sa]);
+    assert!(!pins.exists(), "SA's unprotect detached its own tracker");
+}
+
+/// Ownership edge cases on real pins: a tracker whose owner folder is gone
+/// is taken over (attached afresh); a foreign one is detached only with
+/// `unprotect --force`, after which its own folder's next run resyncs; an
+/// owner record that cannot be read stops the agent until `--force`.
+#[test]
+fn a_stale_owner_is_taken_over_and_force_detaches_a_foreign_tracker() {
+    let t = TempDir::new("owner2");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 16 << 20, 62);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("owner2");
+    let (sa, sb, sc) = (t.s("sa"), t.s("sb"), t.s("sc"));
+    let _ga = Unprotect(t.path("sa"));
+    let _gc = Unprotect(t.path("sc"));
+    let pins = ferry_bpf_pin(&name);
+    let once_out = |st: &str| {
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", st, "--once", "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // SB's folder is removed: its tracker is nobody's; SA takes it over.
+    once(&dev, &name, &mt, &sb, &[]);
+    std::fs::remove_dir_all(&sb).unwrap();
+    let o = once_out(&sa);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("attaching afresh"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // SC cannot; unprotect --force from SC detaches SA's tracker, and SA's
+    // next run attaches again and resyncs.
+    let o = once_out(&sc);
+    assert!(!o.status.success());
+    let err = run(&["unprotect", "--state", &sc]);
+    assert!(!err.status.success(), "SC never ran: no agent state to unprotect from");
+    std::fs::create_dir_all(&sc).unwrap();
+    std::fs::copy(t.path("sa").join("agent.state"), t.path("sc").join("agent.state")).unwrap();
+    let err = String::from_utf8_lossy(&run(&["unprotect", "--state", &sc]).stderr).to_string();
+    assert!(err.contains("belongs to state folder") && err.contains("--force"), "{err}");
+    assert!(pins.join("link").exists());
+    let o = run(&["unprotect", "--state", &sc, "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!pins.exists(), "--force detached it");
+    let s = once(&dev, &name, &mt, &sa, &[]);
+    assert_eq!(s["resync"], true, "tracking stopped in between: {s}");
+    recover_to(&t.s("data"), &name, "latest", &t.s("rec.img"));
+    assert_same(&lo.dev, &t.path("rec.img"));
+
+    // An owner record that cannot be read: refused until --force.
+    run_ok(&["unprotect", "--state", &sa]);
+    std::fs::create_dir_all(&pins).unwrap();
+    sh(&format!("bpftool map create {} type array key 4 value 4096 entries 1 name ferry_owner", pins.join("owner").display()));
+    let o = once_out(&sa);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unreadable owner record") && err.contains("--force"), "{err}");
+    let err = String::from_utf8_lossy(&run(&["unprotect", "--state", &sa]).stderr).to_string();
+    assert!(err.contains("unreadable owner record"), "{err}");
+    run_ok(&["unprotect", "--state", &sa, "--force"]);
+    assert!(!pins.exists());
+}

@@ -288,3 +288,154 @@ fn an_impossible_disk_size_leaves_no_folder() {
     }
     assert!(!t.path("data").join("huge").exists(), "a refused OPEN left a folder behind");
 }
+
+/// Acceptance: a byte flipped in the replica is found by `ferry verify` and
+/// by `ferry agent --verify`; `--repair` re-sends only the damaged piece,
+/// and the recovery is right again.
+#[test]
+fn a_flipped_replica_byte_is_found_online_and_repaired_alone() {
+    let t = TempDir::new("onlineverify");
+    mixed_image(&t.path("a.img"), 8 << 20, 31);
+    let mt = MasterTarget::start(&t.path("data"));
+    scan_once(&t.s("a.img"), "ov", &mt.addr, &t.s("st"));
+    let replica = t.path("data").join("ov").join("replica.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&replica).unwrap();
+    let at = 3 * (1 << 20) + 12345;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    f.sync_all().unwrap();
+
+    let v = run(&["verify", "--data", &t.s("data"), "--name", "ov"]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(1), "{out}");
+    assert!(out.contains(&format!("DAMAGE replica.img at byte {} (+65536 bytes)", at / 65536 * 65536)), "{out}");
+
+    let (img, st) = (t.s("a.img"), t.s("st"));
+    let agent = |extra: &[&str]| {
+        let mut a =
+            vec!["agent", "--disk", &img, "--name", "ov", "--target", &mt.addr, "--tracker", "scan", "--state", &st, "--json", "--verify"];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let o = agent(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("differs from the source in 1 range(s) (4096 bytes)"), "{err}");
+    let s = summary(&String::from_utf8_lossy(&o.stdout));
+    let piece = at / 4096 * 4096;
+    assert_eq!(s["verify_differing"], serde_json::json!([[piece, piece + 4096]]), "{s}");
+
+    let o = agent(&["--repair"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = summary(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(s["repaired_bytes"], 4096, "{s}");
+    assert!(s["bytes_sent"].as_u64().unwrap() < 64 << 10, "the repair sent more than the damaged piece: {s}");
+    let v = run(&["verify", "--data", &t.s("data"), "--name", "ov"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    recover_to(&t.s("data"), "ov", "latest", &t.s("r.img"));
+    assert_same(&t.path("a.img"), &t.path("r.img"));
+}
+
+/// Acceptance: a master target folder on a small filesystem filled to
+/// ENOSPC: `ferry retention` still tightens the policy, space comes back,
+/// and replication resumes without a resync.
+#[test]
+fn a_full_filesystem_frees_space_by_retention_and_replication_resumes() {
+    let t = TempDir::new("enospc");
+    let back = t.path("fs.img");
+    std::fs::File::create(&back).unwrap().set_len(48 << 20).unwrap();
+    sh(&format!("mkfs.ext4 -q -F -m 0 {}", back.display()));
+    let lo = LoopDev::attach(&back);
+    let mnt = Mount::new(&lo.dev, &t.path("mnt"), "rw");
+    let data = t.path("mnt").join("data");
+    let size: u64 = 8 << 20;
+    let img = t.path("a.img");
+    let mut rng = Rng::new(5);
+    let mut buf = vec![0u8; size as usize];
+    rng.fill(&mut buf);
+    std::fs::write(&img, &buf).unwrap();
+    let mt = MasterTarget::start(&data);
+    scan_once(&t.s("a.img"), "full", &mt.addr, &t.s("st"));
+    // No limits at all: the journal grows until the filesystem is full.
+    run_ok(&["retention", "--data", &data.display().to_string(), "--name", "full", "--keep", "none", "--journal-cap", "none"]);
+    let mut agent = Proc(
+        ferry()
+            .args(["agent", "--disk", &t.s("a.img"), "--name", "full", "--target", &mt.addr, "--tracker", "scan", "--state", &t.s("st")])
+            .args(["--point-every", "0.2"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(t.path("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Rewrite the whole image again and again: every round costs its size
+    // in pre-images.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut rounds = 0;
+    while !mt.log().contains("No space left on device") {
+        assert!(rounds < 40, "the filesystem never filled: {}", mt.log());
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, 0).unwrap();
+        f.sync_all().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        rounds += 1;
+    }
+    // The final content, written while the folder is full.
+    rng.fill(&mut buf);
+    f.write_all_at(&buf, 0).unwrap();
+    f.sync_all().unwrap();
+    let points_before = six_ids(&data, "full").len();
+    let o = run(&["retention", "--data", &data.display().to_string(), "--name", "full", "--journal-cap", "1M"]);
+    assert!(o.status.success(), "retention on a full filesystem: {}", String::from_utf8_lossy(&o.stderr));
+    // Space comes back and replication resumes: a point with the final content.
+    wait_for("the final content to be replicated", 90, || {
+        let st = agent_state(&t.path("st")).unwrap_or_default();
+        if st["last_point"].is_null() {
+            return false;
+        }
+        let r = t.path("r.img");
+        let ok = run(&[
+            "recover",
+            "--data",
+            &data.display().to_string(),
+            "--name",
+            "full",
+            "--point",
+            "latest",
+            "--out",
+            &r.display().to_string(),
+        ])
+        .status
+        .success()
+            && std::fs::read(&r).unwrap() == buf;
+        let _ = std::fs::remove_file(&r);
+        ok
+    });
+    assert!(agent.alive(), "the agent gave up");
+    let st = agent_state(&t.path("st")).unwrap();
+    assert!(st["resync_required"].is_null(), "{st}");
+    let alog = std::fs::read_to_string(t.path("agent.log")).unwrap();
+    assert!(!alog.contains("resync required"), "{alog}");
+    assert!(alog.contains("No space left on device"), "the agent never saw the full filesystem: {alog}");
+    assert!(six_ids(&data, "full").len() < points_before + 20, "retention did not drop points");
+    let (free, _) = fs_free(&t.path("mnt"));
+    assert!(free > 4 << 20, "no space came back: {free} bytes free");
+    agent.kill9();
+    drop(mt);
+    mnt.umount();
+}
+
+fn six_ids(data: &Path, name: &str) -> Vec<u64> {
+    let o = run(&["points", "--data", &data.display().to_string(), "--name", name, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .map(|v| v.as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+fn fs_free(p: &Path) -> (u64, u64) {
+    let o = sh(&format!("df -B1 --output=avail,size {} | tail -1", p.display()));
+    let v: Vec<u64> = o.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1])
+}

@@ -110,25 +110,94 @@ fn test_failover_and_failover_boot_the_chosen_point() {
     drop(mt);
 }
 
+/// Acceptance (issue 10, item 7): a running agent whose disk is failed over
+/// waits and keeps tracking, says so once, shows it in `ferry status` and
+/// `ferry points`, and after `ferry failover --cancel` resumes shipping by
+/// itself: the same process cuts new points, with no resync, and the
+/// replica holds what was written meanwhile. After `--commit` it stops
+/// with exit 1 and the master target's final word (no `--cancel` advice).
 #[test]
 fn a_cancelled_failover_resumes_replication() {
+    use ferry_ring::Ring;
+    use ferry_tests::versioned::{self, Workload};
     let t = TempDir::new("failover-cancel");
+    let blocks = 2048u64; // 8 MiB
     let img = t.path("disk.img");
-    mixed_image(&img, 8 << 20, 3);
-    let data = t.path("mt");
-    let mt = MasterTarget::start(&data);
-    let (name, st, imgs) = ("cancel", t.s("st"), img.to_str().unwrap().to_string());
-    scan_once(&imgs, name, &mt.addr, &st);
+    std::fs::File::create(&img).unwrap().set_len(blocks * 4096).unwrap();
+    let st = t.path("st");
+    std::fs::create_dir_all(&st).unwrap();
+    let ring = Ring::create(&st.join("ring"), 1 << 16).unwrap();
+    let mt = MasterTarget::start(&t.path("mt"));
+    let name = "cancel";
+    let disk = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut w = Workload::new(blocks, 11);
+    let log = t.path("agent.log");
+    let mut agent = Proc(
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(["agent", "--disk", &t.s("disk.img"), "--name", name, "--target", &mt.addr, "--tracker", "ring"])
+            .args(["--state", &t.s("st"), "--point-every", "0.3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("ferry agent"),
+    );
+    let last_point = || agent_state(&st).and_then(|s| s["last_point"]["id"].as_u64()).unwrap_or(0);
+    let mode = || agent_state(&st).map(|s| s["mode"].as_str().unwrap_or("").to_string()).unwrap_or_default();
+    for _ in 0..200 {
+        w.write(&disk, Some(&ring));
+    }
+    wait_for("a first point", 60, || last_point() > 0);
+
     let fo = t.path("fo.img");
     run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--point", "latest", "--out", fo.to_str().unwrap()]);
-    assert_same(&img, &fo);
-    change_blocks(&img, 0.1, 4);
-    let refused = run(&["agent", "--disk", &imgs, "--name", name, "--target", &mt.addr, "--tracker", "scan", "--state", &st, "--once"]);
-    assert!(!refused.status.success());
+    wait_for("the agent to wait for the failover to end", 30, || mode() == "failed-over");
+    let at = last_point();
+    // Written while failed over: tracked, and shipped after the cancel.
+    for _ in 0..300 {
+        w.write(&disk, Some(&ring));
+    }
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &t.s("st"), "--json"])).unwrap();
+    assert_eq!(v["mode"], "failed-over", "{v}");
+    assert!(v["failover"].as_str().is_some_and(|f| f.contains("ferry failover --cancel")), "{v}");
+    let human = run_ok(&["points", "--data", &t.s("mt"), "--name", name]);
+    assert!(human.lines().next().is_some_and(|l| l.starts_with("failed over to point ") && l.contains("(pending)")), "{human}");
+    let json = run(&["points", "--data", &t.s("mt"), "--name", name, "--json"]);
+    assert!(serde_json::from_slice::<serde_json::Value>(&json.stdout).unwrap().is_array(), "points --json stays an array");
+    assert!(String::from_utf8_lossy(&json.stderr).contains("(pending)"));
+    // A few retries go by (every 3 s) before the cancel.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert!(agent.alive(), "the agent waits instead of exiting");
+    assert_eq!(last_point(), at, "no point while failed over");
+
     run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--cancel"]);
-    let s = scan_once(&imgs, name, &mt.addr, &st);
-    assert_eq!(s["resync"].as_bool(), Some(false), "{s}");
-    let rec = t.path("rec.img");
-    recover_to(&t.s("mt"), name, "latest", rec.to_str().unwrap());
-    assert_same(&img, &rec);
+    wait_for("a new point by the same agent after the cancel", 60, || last_point() > at);
+    assert!(agent.alive(), "the same agent process resumed");
+    wait_for("the ring to drain", 60, || ring.consumer() == ring.producer());
+    let p = last_point();
+    wait_for("a point after the ring drained", 60, || last_point() > p);
+    let s = agent_state(&st).unwrap();
+    assert!(s["resync_required"].is_null() && s["failover"].is_null(), "{s}");
+    recover_to(&t.s("mt"), name, "latest", &t.s("rec.img"));
+    assert_same(&img, &t.path("rec.img"));
+    assert_eq!(versioned::check(&t.path("rec.img"), &w.log, blocks), Ok(w.log.len() as u64));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("waiting for `ferry failover --cancel`").count(), 1, "said once:\n{text}");
+    assert!(!text.contains("resync required"), "no resync after the cancel:\n{text}");
+
+    // Committed: final. The waiting agent stops and says what to do.
+    run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--point", "latest", "--out", fo.to_str().unwrap()]);
+    wait_for("the agent to wait again", 30, || mode() == "failed-over");
+    run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--commit"]);
+    wait_for("the agent to stop after the commit", 30, || !agent.alive());
+    let code = agent.0.try_wait().unwrap().and_then(|s| s.code());
+    assert_eq!(code, Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let last = text.lines().rfind(|l| l.starts_with("ferry: ")).unwrap_or_default().to_string();
+    assert!(last.contains("committed") && last.contains("new name") && !last.contains("--cancel"), "{last}");
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["status", "--state", &t.s("st"), "--json"])).unwrap();
+    assert!(v["failover"].as_str().is_some_and(|f| f.contains("committed")), "{v}");
+    let human = run_ok(&["points", "--data", &t.s("mt"), "--name", name]);
+    assert!(human.starts_with("failed over to point ") && human.lines().next().unwrap().contains("(committed)"), "{human}");
 }

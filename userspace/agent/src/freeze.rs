@@ -127,6 +127,64 @@ pub fn freeze(mounts: &[PathBuf]) -> (Frozen, bool) {
     (fr, all)
 }
 
+/// First wait after a freeze that failed (at most 2 attempts a second).
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest wait between attempts while freezes keep failing.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Freezes that fail (a filesystem someone else froze answers EBUSY): when
+/// to try again, growing from [`RETRY_FIRST`] to [`RETRY_MAX`], and the
+/// error last reported, so that it is logged once per change, not per
+/// attempt.
+#[derive(Debug, Default)]
+pub struct Retry {
+    next: Option<std::time::Instant>,
+    delay: std::time::Duration,
+    error: Option<String>,
+    since: Option<std::time::Instant>,
+}
+
+impl Retry {
+    /// Whether a freeze may be attempted now.
+    pub fn ready(&self) -> bool {
+        self.next.is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
+    /// A freeze failed with `error`: wait longer before the next attempt.
+    /// Returns true when the error differs from the last one reported (the
+    /// caller logs it then).
+    pub fn failed(&mut self, error: &str) -> bool {
+        self.delay = if self.delay.is_zero() { RETRY_FIRST } else { (self.delay * 2).min(RETRY_MAX) };
+        let now = std::time::Instant::now();
+        self.next = Some(now + self.delay);
+        self.since.get_or_insert(now);
+        let new = self.error.as_deref() != Some(error);
+        if new {
+            self.error = Some(error.to_string());
+        }
+        new
+    }
+
+    /// A freeze worked: attempts go back to their normal pace. Returns the
+    /// error that had been reported, if any (the caller logs the recovery).
+    pub fn succeeded(&mut self) -> Option<String> {
+        self.next = None;
+        self.delay = std::time::Duration::ZERO;
+        self.since = None;
+        self.error.take()
+    }
+
+    /// The wait before the next attempt.
+    pub fn delay(&self) -> std::time::Duration {
+        self.delay
+    }
+
+    /// How long freezes have been failing.
+    pub fn failing_for(&self) -> Option<std::time::Duration> {
+        self.since.map(|t| t.elapsed())
+    }
+}
+
 /// A separate process that thaws the filesystems (and runs the thaw
 /// command) if this one dies while they are frozen or overruns `deadline`.
 /// `done()` tells it all went well.
@@ -244,6 +302,27 @@ mod tests {
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape("/mnt/a\\040b"), PathBuf::from("/mnt/a b"));
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn failed_freezes_back_off_and_report_each_error_once() {
+        let mut r = Retry::default();
+        assert!(r.ready());
+        assert!(r.failed("FIFREEZE /m: Device or resource busy"));
+        assert!(!r.ready(), "no second attempt at once");
+        assert_eq!(r.delay(), RETRY_FIRST);
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            assert!(!r.failed("FIFREEZE /m: Device or resource busy"), "the same error is reported once");
+            delays.push(r.delay());
+        }
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]) && *delays.last().unwrap() == RETRY_MAX, "{delays:?}");
+        assert!(r.failed("cannot open /m to freeze it: gone"), "a new error is reported");
+        assert!(r.failing_for().is_some());
+        assert_eq!(r.succeeded().as_deref(), Some("cannot open /m to freeze it: gone"));
+        assert!(r.ready() && r.failing_for().is_none() && r.succeeded().is_none());
+        assert!(r.failed("FIFREEZE /m: Device or resource busy"), "reported again after a success");
+        assert_eq!(r.delay(), RETRY_FIRST);
     }
 
     #[test]

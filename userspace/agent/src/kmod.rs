@@ -96,7 +96,7 @@ fn ioc<T>(ctl: &File, req: u64, arg: &mut T) -> std::io::Result<()> {
 }
 
 /// The whole disk's (major, minor) of a block device path.
-fn dev_numbers(disk: &Path) -> Result<(u32, u32), AgentError> {
+pub fn dev_numbers(disk: &Path) -> Result<(u32, u32), AgentError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::metadata(disk).map_err(AgentError::io(format!("disk {}", disk.display())))?;
     if !m.file_type().is_block_device() {
@@ -249,6 +249,21 @@ fn detach(ctl: &File, handle: u32) -> Result<(), AgentError> {
     d.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
     d.handle = handle;
     ioc(ctl, ioctl::DETACH, &mut d).map_err(|e| errno_msg("detach", e))
+}
+
+/// The attach_id of `disk`'s attachment, if the module is loaded and
+/// tracks it (to judge an owner record, see owner.rs).
+pub fn attachment_id(disk: &Path) -> Result<Option<u64>, AgentError> {
+    let Ok(ctl) = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE) else {
+        return Ok(None);
+    };
+    let mut a = attach_request(disk, 1)?;
+    ioc(&ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", disk.display()), e))?;
+    if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING != 0 {
+        return Ok(Some(a.attach_id));
+    }
+    detach(&ctl, a.handle)?;
+    Ok(None)
 }
 
 /// Detach `disk` if the module tracks it (`ferry unprotect`).

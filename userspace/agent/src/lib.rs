@@ -25,6 +25,7 @@ pub mod chunkmap;
 pub mod freeze;
 pub mod kmod;
 pub mod live;
+pub mod owner;
 pub mod session;
 pub mod state;
 
@@ -35,6 +36,7 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
+use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
 use std::collections::{BTreeMap, VecDeque};
@@ -54,6 +56,10 @@ pub const COARSE_CHUNK: u32 = 64 << 10;
 pub const FINE_CHUNK: u32 = 4096;
 /// Default ring size (records) when the agent creates `STATE/ring`.
 pub const DEFAULT_RING: u64 = 1 << 16;
+/// `--once` gives up when freezing has failed for this long.
+const FREEZE_GIVE_UP: Duration = Duration::from_secs(60);
+/// How often an agent whose disk is failed over asks the master target again.
+const FAILOVER_RETRY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -150,6 +156,10 @@ pub struct Options {
     /// mode only).
     pub kmod_data_bytes: u64,
     pub progress: bool,
+    /// `--verify`: once a point is cut (as with `--once`), compare the whole
+    /// source with the replica by checksum, shipping nothing; `--repair`
+    /// (the bool) then sends exactly the ranges that differ.
+    pub verify: Option<bool>,
 }
 
 /// What `--once` prints.
@@ -166,6 +176,13 @@ pub struct Summary {
     pub seconds: f64,
     pub initial_sync: bool,
     pub resync: bool,
+    /// `--verify`: the ranges `[start, end)` where the replica differed from
+    /// the source at the point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_differing: Option<Vec<(u64, u64)>>,
+    /// `--verify --repair`: bytes re-sent, and the point cut after them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired_bytes: Option<u64>,
 }
 
 /// Modification stamp of a regular-file source (None for devices).
@@ -249,6 +266,11 @@ pub struct Agent {
     sent_base: u64,
     read_base: u64,
     last_size_check: Instant,
+    /// During a `--verify` pass: the differing fine ranges, instead of
+    /// shipping them.
+    verify_found: Option<Vec<(u64, u64)>>,
+    /// Back-off and log-once for freezes that fail.
+    freeze_retry: freeze::Retry,
 }
 
 impl Agent {
@@ -332,6 +354,7 @@ impl Agent {
                 kmod_attach_id: None,
                 kmod_released: None,
                 cut_problem: None,
+                failover: None,
                 freeze_ms_recent: Vec::new(),
                 lag_ms_recent: Vec::new(),
                 last_point: None,
@@ -349,6 +372,9 @@ impl Agent {
         };
         let generation = unhex::<16>(&st.generation)
             .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+        let me = Owner::new(&opts.state, generation)?;
+        // The owner record to keep beside the bpf pins (ours as recorded).
+        let bpf_owner = if tracker == Tracker::Bpf { claim_bpf(&opts.name, &opts.state, &me)?.pack()? } else { Vec::new() };
         let mut st = st;
         let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
             use std::os::unix::fs::MetadataExt;
@@ -376,7 +402,7 @@ impl Agent {
             None
         };
         let attached = if tracker == Tracker::Bpf {
-            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file()) {
+            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &bpf_owner) {
                 Ok(t) => Some(t),
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
@@ -422,6 +448,7 @@ impl Agent {
         };
         let kmod = if tracker == Tracker::Kmod {
             let k = kmod::Kmod::attach(&opts.disk, opts.ring_capacity, opts.kmod_data_bytes, st.kmod_next_seq)?;
+            claim_kmod(&opts, &me, k.attach_id)?;
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
             let same = st.kmod_attach_id == Some(k.attach_id);
             if st.kmod_catchup_until.is_some() {
@@ -475,6 +502,7 @@ impl Agent {
             sent_base,
             read_base,
             last_size_check: Instant::now(),
+            verify_found: None,
             opts,
             sd,
             st,
@@ -499,7 +527,29 @@ impl Agent {
             frozen: false,
             saved_acked: 0,
             deferred_map: None,
+            freeze_retry: freeze::Retry::default(),
         })
+    }
+
+    /// What stays attached when this agent stops (on purpose: the tracker
+    /// goes on tracking, so the next run reads only what changed), and how
+    /// to detach it; None for trackers that keep nothing attached.
+    pub fn left_attached(&self) -> Option<String> {
+        let st = self.opts.state.display();
+        if self.bpf.is_some() {
+            Some(format!(
+                "the bpf tracker stays attached to {} (pinned in {}): `ferry unprotect --state {st}` detaches it",
+                self.opts.disk.display(),
+                ferry_bpf::pin_dir(&self.opts.name).display()
+            ))
+        } else if self.kmod.is_some() {
+            Some(format!(
+                "the kernel module tracker stays attached to {}: `ferry unprotect --state {st}` detaches it",
+                self.opts.disk.display()
+            ))
+        } else {
+            None
+        }
     }
 
     /// The tracker in use (after `auto` was resolved).
@@ -588,6 +638,7 @@ impl Agent {
             let r = sess.and_then(|mut s| {
                 unreachable_since = None;
                 backoff = Duration::from_millis(200);
+                self.failover_over();
                 if !self.st.connected {
                     log::info!("connected to the master target at {} (protocol v{})", self.opts.target, s.version);
                 }
@@ -595,6 +646,10 @@ impl Agent {
                 self.st.disconnected_since_ns = None;
                 self.st.last_error = None;
                 let r = self.work(&mut s, start);
+                let r = match (r, self.opts.verify) {
+                    (Ok(sum), Some(repair)) => self.verify_against_replica(&mut s, start, sum, repair),
+                    (r, _) => r,
+                };
                 self.note_ack(&s);
                 self.bytes_sent_prev += s.bytes_sent;
                 self.bytes_received_prev += s.bytes_received();
@@ -604,6 +659,11 @@ impl Agent {
             });
             match r {
                 Ok(summary) => break Ok(summary),
+                Err(AgentError::Refused { code: ErrorCode::FailedOver, msg }) if !self.opts.once => self.failover_wait(msg),
+                Err(AgentError::Refused { code: code @ (ErrorCode::FailedOver | ErrorCode::Refused), msg }) => {
+                    self.failover_stopped(&msg);
+                    break Err(AgentError::Refused { code, msg });
+                }
                 Err(e) if e.retryable() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if self.st.connected || self.st.disconnected_since_ns.is_none() {
@@ -629,6 +689,7 @@ impl Agent {
         self.st.connected = false;
         self.st.mode = match &result {
             Ok(_) | Err(AgentError::Stopped(_)) => "stopped".into(),
+            Err(_) if self.st.failover.is_some() => "failed-over".into(),
             Err(_) => "failed".into(),
         };
         self.st.bytes_read_total = self.read_base + self.bytes_read;
@@ -642,6 +703,43 @@ impl Agent {
             Err(e) => live::record_stop(&self.opts.state, &e.to_string(), true),
         }
         result
+    }
+
+    /// The master target refuses the stream because the disk is failed over
+    /// (not committed): keep the tracker (it goes on tracking), say so once
+    /// per refusal reason, record it, and try again in a few seconds, so
+    /// that a `ferry failover --cancel` resumes shipping with no restart.
+    fn failover_wait(&mut self, msg: String) {
+        if self.st.failover.as_deref() != Some(msg.as_str()) {
+            log::warn!(
+                "disk failed over on the master target: waiting for `ferry failover --cancel` (retrying every {}s; \
+                 tracking goes on): {msg}",
+                FAILOVER_RETRY.as_secs()
+            );
+        }
+        self.st.failover = Some(msg);
+        self.st.mode = "failed-over".into();
+        self.st.connected = false;
+        let _ = self.save();
+        let until = Instant::now() + FAILOVER_RETRY;
+        while Instant::now() < until && live::stop_requested().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A failover refusal the agent does not wait for (committed, ERROR 11,
+    /// final; or any with `--once`): recorded for `ferry status`; the agent
+    /// stops with the master target's message.
+    fn failover_stopped(&mut self, msg: &str) {
+        self.st.failover = Some(msg.into());
+        self.st.mode = "failed-over".into();
+    }
+
+    /// Connected again after a failover refused the stream: it was cancelled.
+    fn failover_over(&mut self) {
+        if self.st.failover.take().is_some() {
+            log::info!("the master target accepts the stream again (the failover was cancelled): resuming");
+        }
     }
 
     fn work(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
@@ -748,7 +846,47 @@ impl Agent {
             seconds: start.elapsed().as_secs_f64(),
             initial_sync: self.did_initial,
             resync: self.did_resync,
+            verify_differing: None,
+            repaired_bytes: None,
         }
+    }
+
+    /// `--verify`: with the point of `sum` just cut, compare every chunk of
+    /// the source with the replica's (the master target hashes its replica
+    /// as it is, not its stored sums, so damage there shows), shipping
+    /// nothing; with `repair`, send exactly the ranges that differ and cut
+    /// a point after them.
+    fn verify_against_replica(&mut self, sess: &mut Session, start: Instant, sum: Summary, repair: bool) -> Result<Summary, AgentError> {
+        self.map = None; // the agent's own map of the replica proves nothing here
+        self.verify_found = Some(Vec::new());
+        let r = self.scan_pass(sess, "verify against the replica");
+        let mut found = self.verify_found.take().unwrap_or_default();
+        r?;
+        found.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in found {
+            match merged.last_mut() {
+                Some((_, e)) if *e >= a => *e = (*e).max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let differing: u64 = merged.iter().map(|(a, b)| b - a).sum();
+        if merged.is_empty() {
+            log::info!("verify: the replica equals the source at point {}", sum.point_id);
+        }
+        for (a, b) in &merged {
+            log::warn!("verify: the replica differs from the source in [{a}, {b}) ({} bytes)", b - a);
+        }
+        let mut out = Summary { verify_differing: Some(merged.clone()), ..sum };
+        if repair && !merged.is_empty() {
+            let mut buf = AlignedBuf::new(1 << 20);
+            self.ship_extents(sess, &merged, &mut buf)?;
+            let p = self.cut(sess, PointKind::Crash)?;
+            log::info!("verify: {differing} bytes re-sent; recovery point {} after them", p.id);
+            let s = self.summary(sess, start, &p);
+            out = Summary { verify_differing: Some(merged), repaired_bytes: Some(differing), ..s };
+        }
+        Ok(out)
     }
 
     /// Send a tag, wait for its point, and remember it.
@@ -982,6 +1120,7 @@ impl Agent {
             log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
         }
         let mut all_sums = Vec::with_capacity(size.div_ceil(u64::from(COARSE_CHUNK)) as usize);
+        let mut found = self.verify_found.take();
         let r = std::thread::scope(|s| -> Result<(), AgentError> {
             // Two readers (even and odd ranges) keep two reads in flight,
             // which O_DIRECT needs to stream a disk; the consumer alternates.
@@ -1055,7 +1194,7 @@ impl Agent {
                 deferred.push_back((off, buf, fine_reqs));
                 while deferred.len() > DEFER {
                     let (doff, dbuf, reqs) = deferred.pop_front().expect("non-empty");
-                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
+                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
                     let _ = pool_tx.try_send(dbuf);
                 }
                 pb.set_position(off + len as u64);
@@ -1064,7 +1203,7 @@ impl Agent {
                 self.checkpoint(sess)?;
             }
             while let Some((doff, dbuf, reqs)) = deferred.pop_front() {
-                diff_bytes += ship_fine(sess, doff, &dbuf, reqs)?;
+                diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
             }
             if processed != ranges.len() {
                 return Err(AgentError::Lost("checksum pass pipeline stopped early".into()));
@@ -1073,7 +1212,12 @@ impl Agent {
             Ok(())
         });
         pb.finish_and_clear();
+        let dry = found.is_some();
+        self.verify_found = found;
         r?;
+        if dry {
+            return Ok(diff_bytes);
+        }
         self.pass_sums = Some(all_sums);
         self.note_ack(sess);
         log::info!("{what} pass: {diff_bytes} bytes differed");
@@ -1115,7 +1259,8 @@ impl Agent {
             let (recs, next) = ring.read_from(cursor, 4096)?;
             if recs.is_empty() {
                 self.release_acked(sess, ring, &mut pending)?;
-                let due = self.opts.once || last_cut.elapsed() >= self.opts.point_every;
+                // A freeze that failed is tried again only after a back-off.
+                let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
                 if due {
                     let mounts = freeze::mounts_of(&self.opts.disk);
                     let cut = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
@@ -1142,6 +1287,14 @@ impl Agent {
                             log::warn!("{why}");
                             self.st.cut_problem = Some(why);
                             self.save()?;
+                        }
+                        if self.opts.once && self.freeze_retry.failing_for().is_some_and(|d| d > FREEZE_GIVE_UP) {
+                            return Err(AgentError::NoConsistentPoint(format!(
+                                "{}: no consistent point: freezing has failed for {}s ({})",
+                                self.st.name,
+                                FREEZE_GIVE_UP.as_secs(),
+                                self.st.cut_problem.as_deref().unwrap_or("no reason recorded")
+                            )));
                         }
                         if self.opts.once && quiet_tries > 2000 {
                             return Err(AgentError::NoConsistentPoint(format!(
@@ -1492,8 +1645,13 @@ impl Agent {
         };
         g.done();
         for why in failed.iter().chain(thawed.as_ref().err()) {
-            log::warn!("{why}");
+            self.freeze_failed(why);
             self.st.cut_problem = Some(why.clone());
+        }
+        if failed.is_none() {
+            if let Some(old) = self.freeze_retry.succeeded() {
+                log::info!("filesystems freeze again (the last attempts failed: {old})");
+            }
         }
         hook?;
         if failed.is_some() || thawed.is_err() || !all {
@@ -1707,7 +1865,9 @@ impl Agent {
         if let Some(t) = &self.bpf {
             t.hold();
         }
+        log::debug!("freeze attempt: {} filesystem(s)", mounts.len());
         let (fs, all_frozen) = freeze::freeze(mounts);
+        let failed = fs.failed.clone();
         let mut taken: Vec<Record> = Vec::new();
         let r = (|| -> Result<Option<LastPoint>, AgentError> {
             if let Some(e) = &fs.failed {
@@ -1783,12 +1943,22 @@ impl Agent {
             }
             t.take_bitmap();
         }
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
-        self.st.freeze_ms_recent.push(ms);
-        let n = self.st.freeze_ms_recent.len();
-        if n > 200 {
-            self.st.freeze_ms_recent.drain(..n - 200);
+        match &failed {
+            // No freeze happened: the error is logged once per change, and
+            // the next attempt waits (Retry).
+            Some(e) => self.freeze_failed(e),
+            None => {
+                if let Some(old) = self.freeze_retry.succeeded() {
+                    log::info!("filesystems freeze again (the last attempts failed: {old})");
+                }
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
+                self.st.freeze_ms_recent.push(ms);
+                let n = self.st.freeze_ms_recent.len();
+                if n > 200 {
+                    self.st.freeze_ms_recent.drain(..n - 200);
+                }
+            }
         }
         self.save()?;
         let p = r?;
@@ -1797,6 +1967,19 @@ impl Agent {
         }
         hook_thawed?;
         Ok(p)
+    }
+
+    /// A freeze failed with `e` (nothing is frozen now): back off, and say
+    /// so when the error is new.
+    fn freeze_failed(&mut self, e: &str) {
+        if self.freeze_retry.failed(e) {
+            let hint =
+                if e.contains("Device or resource busy") { " (frozen by someone else? `fsfreeze -u MOUNTPOINT` thaws it)" } else { "" };
+            log::warn!(
+                "cannot freeze for a consistent point: {e}{hint}; trying again in {:.1}s, then less often while it fails",
+                self.freeze_retry.delay().as_secs_f64()
+            );
+        }
     }
 
     /// Checks that must hold right before a point is cut: the tracker is
@@ -1927,7 +2110,14 @@ impl Agent {
 /// Compare the fine checksums answering `reqs` (each a request id and the
 /// byte range `[lo, hi)` of `buf`, which holds the disk from `off`) with the
 /// local ones, and send the pieces that differ. Returns the bytes sent.
-fn ship_fine(sess: &mut Session, off: u64, buf: &[u8], reqs: Vec<(u64, usize, usize)>) -> Result<u64, AgentError> {
+/// With `found`, nothing is sent: the differing ranges are collected there.
+fn ship_fine(
+    sess: &mut Session,
+    off: u64,
+    buf: &[u8],
+    reqs: Vec<(u64, usize, usize)>,
+    mut found: Option<&mut Vec<(u64, u64)>>,
+) -> Result<u64, AgentError> {
     let mut diff = 0u64;
     for (req, lo, hi) in reqs {
         let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
@@ -1936,6 +2126,10 @@ fn ship_fine(sess: &mut Session, off: u64, buf: &[u8], reqs: Vec<(u64, usize, us
             let l2 = lo + a * FINE_CHUNK as usize;
             let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
             diff += (h2 - l2) as u64;
+            if let Some(f) = found.as_mut() {
+                f.push((off + l2 as u64, off + h2 as u64));
+                continue;
+            }
             let mut units = Vec::new();
             prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
             for u in units {
@@ -1996,21 +2190,166 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// Before attaching the bpf tracker of `name` for state folder `state`
+/// (owner `me`): refuse one another folder owns, take over a stale one
+/// (afresh: its history is another protection's), keep our own. Returns
+/// the owner to record (our record as pinned, if there is one).
+fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<Owner, AgentError> {
+    let pins = ferry_bpf::pin_dir(name);
+    match owner::bpf_claim(name, me)? {
+        Claim::Mine(o) => Ok(o),
+        Claim::Free => Ok(me.clone()),
+        Claim::Stale(o) if o.generation == me.generation => {
+            log::warn!(
+                "the bpf tracker of {name} was recorded for state folder {}, which no longer holds it; {} holds the same protection \
+                 (a moved folder): adopting it",
+                o.state.display(),
+                me.state.display()
+            );
+            Ok(me.clone())
+        }
+        Claim::Stale(o) => {
+            log::warn!(
+                "the bpf tracker of {name} belonged to state folder {}, which no longer holds that protection: attaching afresh",
+                o.state.display()
+            );
+            ferry_bpf::unpin(name)?;
+            Ok(me.clone())
+        }
+        Claim::Foreign(o) => Err(AgentError::Usage(format!(
+            "the bpf tracker of {name} (pinned in {}) belongs to state folder {}: stop protecting it there first \
+             (`ferry unprotect --state {}`), or run this agent with --state {}",
+            pins.display(),
+            o.state.display(),
+            o.state.display(),
+            o.state.display()
+        ))),
+        Claim::Unreadable(e) => Err(AgentError::Usage(format!(
+            "the bpf tracker of {name} (pinned in {}) has an unreadable owner record ({e}): \
+             `ferry unprotect --state {} --force` detaches it",
+            pins.display(),
+            state.display()
+        ))),
+    }
+}
+
+/// After attaching (or finding) the kernel module's attachment `attach_id`:
+/// refuse one another folder owns; record ours.
+fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), AgentError> {
+    let dev = kmod::dev_numbers(&opts.disk)?;
+    let dir = Path::new(owner::KMOD_OWNER_DIR);
+    match owner::kmod_claim(dir, dev, attach_id, me) {
+        Claim::Mine(_) => return Ok(()),
+        Claim::Free => {}
+        Claim::Foreign(o) => {
+            return Err(AgentError::Usage(format!(
+                "the kernel module's attachment of {} belongs to state folder {}: stop protecting it there first \
+                 (`ferry unprotect --state {}`), or run this agent with --state {}",
+                opts.disk.display(),
+                o.state.display(),
+                o.state.display(),
+                o.state.display()
+            )))
+        }
+        Claim::Stale(o) => log::warn!(
+            "the kernel module's attachment of {} belonged to state folder {}, which no longer holds that protection: taking it over",
+            opts.disk.display(),
+            o.state.display()
+        ),
+        Claim::Unreadable(e) => {
+            log::warn!("the owner record of {}'s kmod attachment is unreadable ({e}): replacing it", opts.disk.display())
+        }
+    }
+    if let Err(e) = owner::kmod_record(dir, dev, attach_id, me, &opts.name, &opts.disk) {
+        log::warn!("cannot record which state folder owns the kmod attachment of {} ({e})", opts.disk.display());
+    }
+    Ok(())
+}
+
 /// `ferry unprotect`: detach and unpin the tracker of the disk whose state
 /// is in `state`; the replica and its points stay. Returns the disk's name.
-pub fn unprotect(state: &Path) -> Result<String, AgentError> {
+/// Refused while an agent runs on `state` (it holds `STATE/agent.lock`),
+/// and, unless `force`, when the tracker belongs to another state folder
+/// (owner.rs): everything is checked before anything is detached.
+pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     let sd = StateDir::new(state);
     let mut st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
-    if ferry_bpf::unpin(&st.name)? {
-        log::info!("unpinned the bpf tracker of {}", st.name);
+    let _lock = owner::lock_state(state)?;
+    let generation = unhex::<16>(&st.generation)
+        .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
+    let me = Owner::new(state, generation)?;
+    let name = st.name.clone();
+    let foreign = |what: String, o: &Owner| {
+        AgentError::Usage(format!(
+            "{what} belongs to state folder {}, not {}: unprotect it there (`ferry unprotect --state {}`), \
+             or add --force to detach it anyway (an agent following it stops and needs a resync)",
+            o.state.display(),
+            me.state.display(),
+            o.state.display()
+        ))
+    };
+    let pins = format!("the bpf tracker of {name} (pinned in {})", ferry_bpf::pin_dir(&name).display());
+    let bpf_owner = match owner::bpf_claim(&name, &me)? {
+        Claim::Mine(_) | Claim::Free => None,
+        Claim::Stale(o) if o.generation == me.generation => None,
+        Claim::Foreign(o) | Claim::Stale(o) if force => Some(o.state.display().to_string()),
+        Claim::Foreign(o) => return Err(foreign(pins, &o)),
+        Claim::Stale(o) => {
+            return Err(AgentError::Usage(format!(
+                "{pins} was attached for state folder {}, not {} (that folder no longer holds that protection): \
+                 add --force to detach it",
+                o.state.display(),
+                me.state.display()
+            )))
+        }
+        Claim::Unreadable(_) if force => Some("an unknown state folder".into()),
+        Claim::Unreadable(e) => {
+            return Err(AgentError::Usage(format!("{pins} has an unreadable owner record ({e}): add --force to detach it")))
+        }
+    };
+    let disk = Path::new(&st.disk);
+    let kmod_dev = if st.tracker == Tracker::Kmod.as_str() {
+        match kmod::attachment_id(disk)? {
+            Some(id) => {
+                let dev = kmod::dev_numbers(disk)?;
+                let claim = owner::kmod_claim(Path::new(owner::KMOD_OWNER_DIR), dev, id, &me);
+                let followed = st.kmod_attach_id == Some(id);
+                match claim {
+                    Claim::Foreign(o) if !force => {
+                        return Err(foreign(format!("the kernel module's attachment of {}", st.disk), &o));
+                    }
+                    Claim::Stale(_) | Claim::Unreadable(_) if !force && !followed => {
+                        return Err(AgentError::Usage(format!(
+                            "the kernel module's attachment of {} is recorded for another state folder and is not the one \
+                             {} followed: add --force to detach it",
+                            st.disk,
+                            me.state.display()
+                        )));
+                    }
+                    _ => Some(dev),
+                }
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    if ferry_bpf::unpin(&name)? {
+        match bpf_owner {
+            Some(o) => log::warn!("unpinned the bpf tracker of {name}, which belonged to {o} (--force)"),
+            None => log::info!("unpinned the bpf tracker of {name}"),
+        }
     }
-    if st.tracker == Tracker::Kmod.as_str() && kmod::detach_disk(Path::new(&st.disk))? {
+    if kmod_dev.is_some() && kmod::detach_disk(disk)? {
         log::info!("detached {} from the kernel module tracker", st.disk);
+    }
+    if let Some(dev) = kmod_dev {
+        owner::kmod_forget(Path::new(owner::KMOD_OWNER_DIR), dev);
     }
     st.mode = "unprotected".into();
     st.running = false;
     sd.save(&st)?;
-    Ok(st.name)
+    Ok(name)
 }
 
 /// Finish a release of the kmod ring interrupted between its two index
@@ -2109,10 +2448,14 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
     let rpo = st.last_point.as_ref().map(|p| secs(p.time_ns));
     let connected = running && st.connected;
     let disconnected = if running && !st.connected { st.disconnected_since_ns.map(secs) } else { None };
+    // An agent that took the lock but left no stop record was killed or
+    // crashed (even before it first saved its state).
     let stopped_reason = (!running).then(|| match live::last_stop(state) {
         Some(s) => s.reason,
-        None if st.running => "the agent ended without stopping cleanly (killed, crashed, or the machine restarted)".to_string(),
         None if st.mode == "unprotected" => "unprotected".to_string(),
+        None if st.running || live::ever_started(state) => {
+            "the agent ended without stopping cleanly (killed, crashed, or the machine restarted)".to_string()
+        }
         None => "not started".to_string(),
     });
     let mut worst = Health::Ok;
@@ -2125,7 +2468,10 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
     if let Some(r) = &stopped_reason {
         note(Health::Crit, format!("agent not running: {r}"));
     }
-    if let Some(d) = disconnected {
+    if let Some(f) = &st.failover {
+        note(Health::Warn, format!("failed over on the master target: {f}"));
+    }
+    if let (Some(d), None) = (disconnected, &st.failover) {
         let e = st.last_error.as_deref().unwrap_or("connecting");
         note(if d > 300.0 { Health::Crit } else { Health::Warn }, format!("disconnected from the master target for {d:.0}s ({e})"));
     }
@@ -2152,6 +2498,7 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
     let health_reason =
         if why.is_empty() { format!("{}, last recovery point {:.0}s ago", st.mode, rpo.unwrap_or(0.0)) } else { why.join("; ") };
     let mode = match (running, connected) {
+        (_, _) if st.mode == "failed-over" => st.mode.clone(),
         (true, true) => st.mode.clone(),
         (true, false) => "disconnected".into(),
         (false, _) if matches!(st.mode.as_str(), "failed" | "unprotected") => st.mode.clone(),

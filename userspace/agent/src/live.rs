@@ -86,6 +86,11 @@ fn read_pid(f: &mut File) -> Option<u32> {
     s.trim().parse().ok()
 }
 
+/// Whether an agent ever took the lock of `state` (it writes its pid there).
+pub fn ever_started(state: &Path) -> bool {
+    File::open(lock_path(state)).ok().and_then(|mut f| read_pid(&mut f)).is_some()
+}
+
 /// The pid of the agent running on `state`, if one is.
 pub fn running(state: &Path) -> Option<u32> {
     let mut f = File::open(lock_path(state)).ok()?;

@@ -88,6 +88,10 @@ pub struct AgentState {
     /// Why consistent points are not being cut, while that lasts.
     #[serde(default)]
     pub cut_problem: Option<String>,
+    /// Why the master target refuses the stream because the disk is failed
+    /// over (mode "failed-over"), while that lasts.
+    #[serde(default)]
+    pub failover: Option<String>,
     /// The latest freeze durations in ms (at most 200).
     #[serde(default)]
     pub freeze_ms_recent: Vec<f64>,
@@ -111,8 +115,8 @@ pub struct AgentState {
     pub point_every_s: f64,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,
-    /// "initial-sync", "resync", "streaming", "stopped", "failed",
-    /// "unprotected".
+    /// "initial-sync", "resync", "streaming", "failed-over", "stopped",
+    /// "failed", "unprotected".
     pub mode: String,
     /// Set while an agent runs; a start that finds it set knows the last
     /// agent did not stop cleanly.

@@ -13,6 +13,7 @@
 //! | `events` | BPF ring buffer of `struct ferry_cbt_record` |
 //! | `bitmap` | mmap-able u64 words, one bit per 2^chunk_shift bytes: the backstop |
 //! | `stats`  | per-CPU counters: records, drops (to the bitmap), lost, bytes, recovered... |
+//! | `owner`  | which state folder owns these pins: a frozen one-entry array holding the agent's owner record (ferry-agent `owner.rs`) |
 //!
 //! Record path and why nothing is lost: the program reserves a ring-buffer
 //! record for each completed write; [`Tracker::collect`] copies records into
@@ -243,7 +244,9 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     if !dir.exists() {
         return Ok(false);
     }
-    for p in ["link", "issue", "prog", "issue_prog", "events", "bitmap", "stats", "inflight", "config"] {
+    // The link first (tracking stops), the owner record last (a partial
+    // unpin still says whose the rest is).
+    for p in ["link", "issue", "prog", "issue_prog", "events", "bitmap", "stats", "inflight", "config", "owner"] {
         match std::fs::remove_file(dir.join(p)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -252,6 +255,37 @@ pub fn unpin(name: &str) -> Result<bool, BpfError> {
     }
     std::fs::remove_dir(&dir).map_err(io(dir.display().to_string()))?;
     Ok(true)
+}
+
+/// The owner record pinned beside a disk's tracker (`owner`), if any
+/// (none: no tracker, or one pinned by a ferry without owner records).
+pub fn read_owner(name: &str) -> Result<Option<Vec<u8>>, BpfError> {
+    let p = pin_dir(name).join("owner");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let m = MapHandle::from_pinned_path(&p).map_err(lib("owner record"))?;
+    m.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).map_err(lib("owner record"))
+}
+
+/// Pin `record` as the owner record of disk `name` (replacing any): a
+/// one-entry array map, frozen (read-only from user space) once written.
+pub fn pin_owner(name: &str, record: &[u8]) -> Result<(), BpfError> {
+    let dir = pin_dir(name);
+    std::fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
+    let p = dir.join("owner");
+    match std::fs::remove_file(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(p.display().to_string())(e)),
+    }
+    use libbpf_rs::libbpf_sys::bpf_map_create_opts;
+    let opts = bpf_map_create_opts { sz: std::mem::size_of::<bpf_map_create_opts>() as _, ..Default::default() };
+    let mut m = MapHandle::create(libbpf_rs::MapType::Array, Some("ferry_owner"), 4, record.len() as u32, 1, &opts)
+        .map_err(lib("creating the owner record"))?;
+    m.update(&0u32.to_ne_bytes(), record, MapFlags::ANY).map_err(lib("writing the owner record"))?;
+    m.freeze().map_err(lib("freezing the owner record"))?;
+    m.pin(&p).map_err(lib("pinning the owner record"))
 }
 
 /// The bitmap as the ring-buffer callback sees it (a raw view: the mapping
@@ -412,9 +446,19 @@ impl Tracker {
     /// Attach the tracker for disk `name` at `disk_path` (`size` bytes),
     /// or re-open the pinned one. Records go to `sink` (the agent's
     /// `STATE/ring`, opened again here: this tracker is its only producer).
+    /// `owner` is the owner record to pin beside the others (before them, on
+    /// a fresh attach); the caller has checked that these pins are its own
+    /// to take.
     /// Returns the tracker and whether it was attached now (a fresh attach
     /// means nothing tracked the disk before this moment).
-    pub fn attach(name: &str, disk_path: &Path, size: u64, ring_bytes: u32, sink: &Path) -> Result<(Tracker, bool), BpfError> {
+    pub fn attach(
+        name: &str,
+        disk_path: &Path,
+        size: u64,
+        ring_bytes: u32,
+        sink: &Path,
+        owner: &[u8],
+    ) -> Result<(Tracker, bool), BpfError> {
         ensure_bpffs()?;
         let dir = pin_dir(name);
         let target = target_of(disk_path)?;
@@ -434,11 +478,18 @@ impl Tracker {
             // A partial pin folder (an interrupted attach) is cleared first.
             unpin(name)?;
             std::fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
+            if let Err(e) = pin_owner(name, owner) {
+                let _ = unpin(name);
+                return Err(e);
+            }
             let r = load_and_pin(&dir, target, shift, words as u64, ring_bytes, slot_geometry(disk_path), discard_multi(disk_path));
             if let Err(e) = r {
                 let _ = unpin(name);
                 return Err(e);
             }
+        }
+        if read_owner(name)?.as_deref() != Some(owner) {
+            pin_owner(name, owner)?;
         }
         let pins = open_pins(&dir)?;
         let bitmap_len = pins.bitmap.info().map_err(lib("bitmap info"))?.info.max_entries as usize;

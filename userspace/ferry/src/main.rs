@@ -119,6 +119,13 @@ enum Cmd {
         /// a power of two up to 1024, or 0 for metadata mode only.
         #[arg(long, value_name = "MIB", default_value_t = 64)]
         kmod_data_mib: u64,
+        /// Ship until a point (as --once), then compare the whole source with the replica by
+        /// checksum (online verify), sending nothing; exit 1 when they differ.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: send exactly the ranges that differ, then cut a point.
+        #[arg(long, requires = "verify")]
+        repair: bool,
     },
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
@@ -137,6 +144,9 @@ enum Cmd {
         /// The agent's state folder (its --state).
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// Detach the tracker even if it belongs to another state folder.
+        #[arg(long)]
+        force: bool,
     },
     /// List recovery points, oldest first, with why retention keeps each.
     Points {
@@ -227,7 +237,7 @@ enum Cmd {
         /// Make the failover final.
         #[arg(long, conflicts_with_all = ["point", "out", "cancel", "start", "force", "format"])]
         commit: bool,
-        /// Undo the failover: the disk's stream is accepted again.
+        /// Undo the failover: the disk's stream is accepted again (a running agent resumes by itself).
         #[arg(long, conflicts_with_all = ["point", "out", "start", "force", "format"])]
         cancel: bool,
     },
@@ -439,6 +449,8 @@ fn run(cli: Cli) -> Result<()> {
             freeze_cap,
             bpf_ring_bytes,
             kmod_data_mib,
+            verify,
+            repair,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
             ferry_common::net::check_target(&target).map_err(Usage::from)?;
@@ -468,7 +480,7 @@ fn run(cli: Cli) -> Result<()> {
                 target,
                 tracker,
                 state,
-                once,
+                once: once || verify,
                 point_every: Duration::from_secs_f64(point_every),
                 freeze_cmd,
                 thaw_cmd,
@@ -478,15 +490,24 @@ fn run(cli: Cli) -> Result<()> {
                 bpf_ring_bytes,
                 kmod_data_bytes: kmod_data_mib << 20,
                 progress: !json && std::io::stderr().is_terminal(),
+                verify: verify.then_some(repair),
             };
             let agent = ferry_agent::Agent::new(opts)?;
+            // A failed run says what it leaves attached.
+            let attached = agent.left_attached();
             let s = match agent.run() {
                 Err(ferry_agent::AgentError::Stopped(sig)) => {
                     eprintln!("ferry: agent stopped by {sig}");
                     return Ok(());
                 }
-                r => r?,
+                r => r.map_err(|e| match &attached {
+                    Some(a) => anyhow::anyhow!("{e}; {a}"),
+                    None => e.into(),
+                })?,
             };
+            if let Some(a) = attached.filter(|_| once) {
+                log::info!("{a} (kept on purpose: the next run reads only what changed)");
+            }
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -501,11 +522,42 @@ fn run(cli: Cli) -> Result<()> {
                     s.seconds,
                     s.tracker
                 );
+                if let Some(d) = &s.verify_differing {
+                    for (a, b) in d {
+                        println!("{}: the replica differed from the source in [{a}, {b}) ({} bytes)", s.name, b - a);
+                    }
+                    match s.repaired_bytes {
+                        Some(n) => println!("{}: {n} bytes re-sent; the replica equals the source at point {}", s.name, s.point_id),
+                        None if d.is_empty() => println!("{}: verify: the replica equals the source", s.name),
+                        None => {}
+                    }
+                }
+            }
+            if let (Some(d), None) = (&s.verify_differing, s.repaired_bytes) {
+                if !d.is_empty() {
+                    anyhow::bail!(
+                        "verify: the replica of {} differs from the source in {} range(s) ({} bytes); --repair re-sends them",
+                        s.name,
+                        d.len(),
+                        d.iter().map(|(a, b)| b - a).sum::<u64>()
+                    );
+                }
             }
             Ok(())
         }
         Cmd::Points { data, name, json } => {
             let pts = recover::points(&data, &name)?;
+            // The failover state: a line above the table, or on stderr
+            // with --json (the array stays as it is).
+            if let Some(f) = ferry_target::failover::state(&data, &name)? {
+                let state = if f.state == "committed" { "committed" } else { "pending" };
+                let line = format!("failed over to point {} ({state}) since {}", f.point, recover::rfc3339(f.since_ns));
+                if json {
+                    eprintln!("{name}: {line}");
+                } else {
+                    println!("{line}");
+                }
+            }
             let meta = ferry_target::disk::read_meta(&data, &name)?;
             // Why each point is kept: the decision a retention pass makes now
             // (None: the next pass drops it).
@@ -661,9 +713,11 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!(
                     "{name}: {}",
                     if commit {
-                        "failover committed; its stream stays refused"
+                        "failover committed: its stream is refused for good (a waiting agent stops); \
+                         to replicate this disk again, protect it under a new name"
                     } else {
-                        "failover cancelled; its stream is accepted again"
+                        "failover cancelled: its stream is accepted again; a running agent resumes by itself \
+                         within a few seconds (one that exited must be started again)"
                     }
                 );
                 return Ok(());
@@ -676,7 +730,8 @@ fn run(cli: Cli) -> Result<()> {
             let cmd = ferry_target::failover::qemu_command(&out, fmt);
             eprintln!(
                 "{name}: failed over to point {} ({}, {}), written to {}; its stream is refused until \
-                 `ferry failover --commit` (final) or `--cancel` (resume); another --point may still be chosen",
+                 `ferry failover --commit` (final) or `--cancel` (a running agent waits, then resumes); \
+                 another --point may still be chosen",
                 p.id,
                 p.kind.as_str(),
                 recover::rfc3339(p.time_ns),
@@ -705,8 +760,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Unprotect { state } => {
-            let name = ferry_agent::unprotect(&state)?;
+        Cmd::Unprotect { state, force } => {
+            let name = ferry_agent::unprotect(&state, force)?;
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
@@ -806,6 +861,7 @@ fn run(cli: Cli) -> Result<()> {
                     "kmod_mode": st.kmod_mode,
                     "kmod_catchups": st.kmod_catchups,
                     "cut_problem": st.cut_problem,
+                    "failover": st.failover,
                     "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
                     "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
                     "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
@@ -857,6 +913,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(p) = &st.cut_problem {
                     outln(format_args!("POINTS     {p}"));
+                }
+                if let Some(f) = &st.failover {
+                    println!("FAILOVER   {f}");
                 }
                 if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
                     outln(format_args!(

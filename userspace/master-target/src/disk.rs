@@ -56,8 +56,18 @@ pub enum DiskError {
     Damaged { name: String, why: String },
     #[error("disk {0}: an earlier write to the replica failed; the stream was closed and the next one repairs the folder")]
     Failed(String),
-    #[error("disk {name} is failed over ({why}): its stream is refused; `ferry failover --cancel` resumes replication")]
+    /// Failed over, not yet committed: the agent waits (ERROR 12).
+    #[error(
+        "disk {name} is failed over ({why}): its stream is refused until `ferry failover --cancel` \
+         (replication resumes; a running agent waits for it) or `ferry failover --commit` (final)"
+    )]
     FailedOver { name: String, why: String },
+    /// The failover is committed: refused for good (ERROR 11).
+    #[error(
+        "disk {name} was failed over ({why}) and the failover is committed: its stream is refused for good; \
+         to replicate this disk again, protect it under a new name (a new --name and --state)"
+    )]
+    FailedOverCommitted { name: String, why: String },
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> DiskError {
@@ -196,6 +206,10 @@ pub struct Disk {
     /// Ranges whose pre-image since the last point is in the journal.
     cofw: crate::view::RangeSet,
     last_retention: Option<std::time::Instant>,
+    last_space_check: Option<std::time::Instant>,
+    /// Sums written since their mark was last made durable.
+    sums_dirty: bool,
+    sums_synced: std::time::Instant,
     /// FERRY_NO_COFW=1 (benchmark only): journal every overwrite, as before
     /// copy on first write per interval, to measure what it saves.
     no_cofw: bool,
@@ -211,6 +225,16 @@ pub struct Disk {
     /// state until the folder is reopened (and repaired).
     failed: bool,
     _lock: File,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if !self.failed {
+            if let Err(e) = self.sync_sums() {
+                log::warn!("disk {}: {e}", self.name);
+            }
+        }
+    }
 }
 
 /// Take the folder's writer lock without blocking.
@@ -304,8 +328,9 @@ impl Disk {
             DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
             e => e,
         })?;
-        let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end())?;
-        let disk = Disk {
+        let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end(), &points)?;
+        crate::reserve::ensure(&paths.dir);
+        let mut disk = Disk {
             sums: (std::env::var_os("FERRY_NO_SUMS").is_none_or(|v| v != "1")).then_some(sums),
             name: name.into(),
             size,
@@ -315,6 +340,9 @@ impl Disk {
             batch,
             cofw: Default::default(),
             last_retention: None,
+            last_space_check: None,
+            sums_dirty: false,
+            sums_synced: std::time::Instant::now(),
             no_cofw: std::env::var_os("FERRY_NO_COFW").is_some_and(|v| v == "1"),
             catalog,
             durable_seq,
@@ -323,6 +351,11 @@ impl Disk {
             failed: false,
             _lock: lockf,
         };
+        // A policy tightened while the filesystem was full (or while no
+        // stream ran) frees its space before the first batch needs it.
+        if let Err(e) = disk.retain() {
+            log::warn!("disk {name}: retention: {e}");
+        }
         Ok((disk, info))
     }
 
@@ -378,6 +411,9 @@ impl Disk {
         // What the batch journal held is committed (every record in it is
         // at or below durable_seq): start it over.
         self.batch.reset()?;
+        // Checks of the replica against its sums wait for this batch's sums.
+        let apply_lock = crate::sums::ApplyLock::open(&self.paths.dir).map_err(ioe(self.paths.dir.join("apply.lock").display()))?;
+        let _applying = apply_lock.exclusive().map_err(ioe("apply.lock"))?;
         let mut pending = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut tags = Vec::new();
@@ -437,20 +473,26 @@ impl Disk {
         self.journal.commit(last);
         self.journal.sync()?;
         self.durable_seq = last;
-        // The sums of the chunks the batch touched, then the mark (sums.rs).
+        // The sums of the chunks the batch touched; the mark follows at most
+        // once a second (sums.rs).
         if let Some(sums) = &self.sums {
             let ranges: Vec<(u64, u64)> = ops.iter().filter_map(Op::range).collect();
             sums.update(&self.replica, &ranges).map_err(sums_err)?;
-            sums.set_mark(crate::sums::Mark { durable_seq: last, journal_end: self.journal.end() }).map_err(sums_err)?;
-            sums.sync().map_err(sums_err)?;
+            self.sums_dirty = true;
+            if self.sums_synced.elapsed() >= std::time::Duration::from_secs(1) {
+                self.sync_sums()?;
+            }
         }
         let mut points = Vec::new();
         for (seq, t, k, pos) in tags {
-            points.push(self.catalog.append(seq, t, k, pos).map_err(ioe(self.paths.points.display()))?);
+            let (catalog, dir) = (&mut self.catalog, &self.paths.dir);
+            let p = crate::reserve::retry(dir, || catalog.append(seq, t, k, pos), crate::reserve::is_enospc);
+            points.push(p.map_err(ioe(self.paths.points.display()))?);
         }
         if !points.is_empty() {
             self.catalog.sync().map_err(ioe(self.paths.points.display()))?;
         }
+        self.warn_if_space_low();
         self.failed = false;
         if !points.is_empty() {
             // The batch is durable and acknowledged from here on: retention
@@ -462,6 +504,43 @@ impl Disk {
         Ok(points)
     }
 
+    /// Make the replica's sums durable and move their mark to the durable
+    /// state (sums.rs). At most once a second while batches come, on the
+    /// agent's idle PING, before retention punches the journal, and when the
+    /// stream ends.
+    pub fn sync_sums(&mut self) -> Result<(), DiskError> {
+        if !self.sums_dirty {
+            return Ok(());
+        }
+        if let Some(sums) = &self.sums {
+            sums.sync().map_err(sums_err)?;
+            sums.set_mark(crate::sums::Mark { durable_seq: self.durable_seq, journal_end: self.journal.end() }).map_err(sums_err)?;
+            sums.sync().map_err(sums_err)?;
+        }
+        self.sums_dirty = false;
+        self.sums_synced = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Warn (at most once a minute) when the data folder's filesystem has
+    /// less than a tenth, or less than 1 GiB, free: the journal stops
+    /// growing when it is full, and replication with it.
+    fn warn_if_space_low(&mut self) {
+        if self.last_space_check.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        self.last_space_check = Some(std::time::Instant::now());
+        if let Some((free, total)) = crate::verify::fs_space(&self.paths.dir) {
+            if free < total / 10 || free < 1 << 30 {
+                log::warn!(
+                    "disk {}: the data folder's filesystem has {free} bytes free of {total}: when it is full this disk's replication \
+                     stops (nothing is lost; the agent keeps its changes); tighten retention (ferry retention --journal-cap) or add space",
+                    self.name
+                );
+            }
+        }
+    }
+
     /// Apply the disk's retention policy (crate::retention), at most once a
     /// second.
     pub fn retain(&mut self) -> Result<crate::retention::Pass, DiskError> {
@@ -469,12 +548,16 @@ impl Disk {
             return Ok(Default::default());
         }
         self.last_retention = Some(std::time::Instant::now());
+        // Punching the journal must not leave the sums' mark before the
+        // punched part (open_sums reads the journal from the mark's interval).
+        self.sync_sums()?;
         let (points, _) = crate::catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
         let end = self.journal.end();
         let (catalog, path) = (&mut self.catalog, self.paths.points.clone());
         let pass = crate::retention::apply(&self.paths, self.size, &points, end, |keep| catalog.rewrite(&path, keep))?;
         if pass.dropped > 0 {
             log::info!("disk {}: retention dropped {} points, {} kept", self.name, pass.dropped, pass.kept);
+            crate::reserve::ensure(&self.paths.dir);
         }
         Ok(pass)
     }
@@ -646,7 +729,15 @@ fn sums_err(e: crate::sums::SumsError) -> DiskError {
 /// built from the replica when missing or unreadable; the one batch that
 /// committed without its sums hashed again; a mark past the journal's end
 /// is damage (records missing at the end of the journal).
-fn open_sums(p: &Paths, name: &str, replica: &File, size: u64, durable: u64, journal_end: u64) -> Result<crate::sums::Sums, DiskError> {
+fn open_sums(
+    p: &Paths,
+    name: &str,
+    replica: &File,
+    size: u64,
+    durable: u64,
+    journal_end: u64,
+    points: &[Point],
+) -> Result<crate::sums::Sums, DiskError> {
     use crate::sums::{Mark, Sums};
     let now = Mark { durable_seq: durable, journal_end };
     let s = match Sums::open(&p.sums, size, true) {
@@ -680,22 +771,31 @@ fn open_sums(p: &Paths, name: &str, replica: &File, size: u64, durable: u64, jou
         });
     }
     if m.durable_seq < durable {
-        // The last batch committed but its sums did not reach the disk.
+        // Batches committed after the mark may have sums that never reached
+        // the disk. Every range written since the interval (between two
+        // points) that holds the mark has a record in journal.fj from that
+        // interval's start on (copy on first write keeps the first overwrite
+        // of each range there), and the batch in progress has the rest in
+        // batch.fj: hash all of those again.
+        let from = points.iter().map(|q| q.journal_pos).filter(|&pos| pos <= m.journal_end).max().unwrap_or(crate::journal::HEADER_LEN);
         let mut ranges = Vec::new();
-        let j = JournalReader::open(&p.journal)?;
-        for r in j.scan(m.journal_end)? {
-            if r.seq > m.durable_seq && (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) {
+        for r in JournalReader::open(&p.journal)?.scan(from)? {
+            if r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO {
                 ranges.push((r.offset, r.offset + u64::from(r.len)));
             }
         }
         if p.batch.exists() {
             for r in JournalReader::open(&p.batch)?.scan(0)? {
-                if r.seq > m.durable_seq && (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) {
+                if r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO {
                     ranges.push((r.offset, r.offset + u64::from(r.len)));
                 }
             }
         }
-        log::info!("disk {name}: hashing {} ranges of the last batch again (its sums were not durable)", ranges.len());
+        log::info!(
+            "disk {name}: hashing again {} ranges written after the replica sums' last mark (seq {} to {durable})",
+            ranges.len(),
+            m.durable_seq
+        );
         s.update(replica, &ranges).map_err(sums_err)?;
     }
     if m != now {

@@ -6,11 +6,13 @@
 //! State: `DIR/NAME/failover.state` (a durable state file, docs/formats.md):
 //! `{"state": "active"|"committed", "point": ID, "out": PATH, "since_ns"}`.
 //! While it exists the master target refuses the disk's stream (at OPEN,
-//! and at the next batch of a stream already open). `--cancel` removes it
-//! (replication resumes where it stopped: the replica was never changed);
-//! `--commit` makes it final: the stream stays refused and no other point
-//! can be chosen (the folder is kept for the record; remove it to reclaim
-//! its space).
+//! and at the next batch of a stream already open): with ERROR 12 while it
+//! is `active` (a running agent waits and retries), with ERROR 11 once
+//! `committed` (the agent stops). `--cancel` removes it (replication
+//! resumes where it stopped: the replica was never changed, and a waiting
+//! agent reconnects by itself); `--commit` makes it final: the stream stays
+//! refused and no other point can be chosen (the folder is kept for the
+//! record; remove it to reclaim its space).
 
 use crate::catalog::Point;
 use crate::disk::{DiskError, Paths};
@@ -40,7 +42,10 @@ pub enum FailoverError {
     Recover(#[from] RecoverError),
     #[error("{0}")]
     State(#[from] ferry_common::durable::StateError),
-    #[error("disk {0}: the failover is committed; no other point can be chosen and replication cannot resume")]
+    #[error(
+        "disk {0}: the failover is committed; no other point can be chosen and replication cannot resume \
+         (protect the disk under a new name to replicate it again)"
+    )]
     Committed(String),
     #[error("disk {0} is not failed over")]
     NotFailedOver(String),
@@ -63,11 +68,18 @@ pub fn refuse_if_failed_over(paths: &Paths, name: &str) -> Result<(), DiskError>
     if !p.exists() {
         return Ok(());
     }
-    let why = match read_state::<FailoverState>(&p, KIND, VERSION) {
-        Ok(Some(s)) => format!("{} to point {} at {}", s.state, s.point, recover::rfc3339(s.since_ns)),
-        _ => "its failover state cannot be read".into(),
-    };
-    Err(DiskError::FailedOver { name: name.into(), why })
+    match read_state::<FailoverState>(&p, KIND, VERSION) {
+        Ok(Some(s)) if s.state == "committed" => Err(DiskError::FailedOverCommitted {
+            name: name.into(),
+            why: format!("to point {} at {}", s.point, recover::rfc3339(s.since_ns)),
+        }),
+        Ok(Some(s)) => {
+            Err(DiskError::FailedOver { name: name.into(), why: format!("to point {} since {}", s.point, recover::rfc3339(s.since_ns)) })
+        }
+        // Unreadable: refused as a failover still pending (the operator can
+        // still cancel or commit it).
+        Ok(None) | Err(_) => Err(DiskError::FailedOver { name: name.into(), why: format!("{} cannot be read", p.display()) }),
+    }
 }
 
 /// Fail `name` over to `point`, written to `out` (checked first, with the
@@ -163,4 +175,30 @@ pub fn qemu_command(image: &Path, format: Format) -> String {
         "qemu-system-x86_64 -machine accel=kvm:tcg -m 2048 -smp 2 -drive file={},format={fmt},if=virtio -nic user,model=virtio-net-pci -nographic",
         image.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_failover_asks_to_wait_and_a_committed_one_is_final() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path(), "vm");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        assert!(refuse_if_failed_over(&paths, "vm").is_ok());
+        let st = FailoverState { state: "active".into(), point: 7, out: "/x.img".into(), since_ns: 0 };
+        write_state(&state_path(&paths), KIND, VERSION, &st).unwrap();
+        let e = refuse_if_failed_over(&paths, "vm").unwrap_err();
+        assert!(matches!(e, DiskError::FailedOver { .. }), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("point 7") && m.contains("ferry failover --cancel"), "{m}");
+        finish(d.path(), "vm", true).unwrap();
+        let e = refuse_if_failed_over(&paths, "vm").unwrap_err();
+        assert!(matches!(e, DiskError::FailedOverCommitted { .. }), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("committed") && m.contains("new name") && !m.contains("--cancel"), "{m}");
+        let e = finish(d.path(), "vm", false).unwrap_err().to_string();
+        assert!(e.contains("committed") && e.contains("new name"), "{e}");
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`retention`]: which points a disk keeps; journal space reclaimed.
 //! - [`sums`]: chunk checksums of the replica and its durable mark.
 //! - [`verify`]: `ferry verify` (scrub) and the master target's view of a disk.
+//! - [`reserve`]: space kept back so metadata writes work on a full filesystem.
 //! - [`repair`]: `ferry repair`, a damaged folder rebuilt keeping what it can.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
@@ -40,6 +41,7 @@ pub mod journal;
 pub mod nbd;
 pub mod recover;
 pub mod repair;
+pub mod reserve;
 pub mod retention;
 pub mod server;
 pub mod sums;

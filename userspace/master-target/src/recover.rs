@@ -425,12 +425,12 @@ pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Re
 }
 
 /// Check the copy of the replica in `out` chunk by chunk against the sums.
-/// A chunk that differs is read again from the replica itself (a running
-/// master target may have rewritten it since the copy: then its journal
-/// records, read next, undo that) and must match its sum there, with the
-/// mark unchanged around the read; otherwise the replica is damaged.
+/// A chunk that differs is read again from the replica itself under the
+/// folder's apply lock (a running master target may have rewritten it since
+/// the copy: then its journal records, read next, undo that) and must match
+/// its sum there; otherwise the replica is damaged.
 pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
-    use crate::sums::{check_chunk, chunk_sum, CHUNK};
+    use crate::sums::{check_chunk_settled, chunk_sum, CHUNK};
     let size = sums.size;
     let per = 64usize; // chunks per read (4 MiB)
     let mut buf = vec![0u8; per * CHUNK as usize];
@@ -446,16 +446,7 @@ pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Pat
                 continue;
             }
             let c = c0 + i as u64;
-            let mut ok = false;
-            for _ in 0..5 {
-                let m1 = sums.mark().map_err(se)?;
-                let good = check_chunk(sums, replica, c, &mut one).map_err(se)?;
-                if good && sums.mark().map_err(se)? == m1 {
-                    ok = true;
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            let ok = check_chunk_settled(&p.dir, sums, replica, c, &mut one).map_err(se)?;
             if !ok {
                 return Err(DiskError::Damaged {
                     name: name.into(),

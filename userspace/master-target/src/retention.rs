@@ -120,8 +120,9 @@ pub fn reasons(paths: &Paths, disk_size: u64, points: &[Point]) -> Result<Vec<Op
     Ok(classify(points, &policy, ferry_common::now_ns(), end, &pinned(paths)))
 }
 
+/// Write the policy; on a full filesystem the folder's reserve makes room.
 pub fn store(paths: &Paths, p: &Policy) -> Result<(), ferry_common::durable::StateError> {
-    write_state(&policy_path(paths), KIND, VERSION, p)
+    crate::reserve::retry(&paths.dir, || write_state(&policy_path(paths), KIND, VERSION, p), crate::reserve::state_enospc)
 }
 
 /// Point ids pinned by running exports (stale pins, of dead processes,
@@ -157,7 +158,7 @@ impl Pin {
         let p = dir.join(format!("{}.pin", std::process::id()));
         // Whole or absent: a reader never sees an empty pin.
         let tmp = dir.join(format!(".{}.pin.tmp", std::process::id()));
-        std::fs::write(&tmp, point.to_string())?;
+        crate::reserve::retry(&paths.dir, || std::fs::write(&tmp, point.to_string()), crate::reserve::is_enospc)?;
         std::fs::rename(&tmp, &p)?;
         Ok(Pin(p))
     }
@@ -270,7 +271,7 @@ pub fn apply(
     disk_size: u64,
     points: &[Point],
     journal_end: u64,
-    rewrite: impl FnOnce(&[Point]) -> io::Result<()>,
+    mut rewrite: impl FnMut(&[Point]) -> io::Result<()>,
 ) -> Result<Pass, crate::disk::DiskError> {
     let (policy, _) = effective(paths, disk_size)?;
     let now = ferry_common::now_ns();
@@ -291,7 +292,7 @@ pub fn apply(
     if keep.len() == points.len() {
         return Ok(Pass { dropped: 0, kept: keep.len() });
     }
-    rewrite(&keep).map_err(ioe)?;
+    crate::reserve::retry(&paths.dir, || rewrite(&keep), crate::reserve::is_enospc).map_err(ioe)?;
     if let Some(oldest) = keep.first() {
         punch_before(&paths.journal, oldest.journal_pos)
             .map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.journal.display())))?;

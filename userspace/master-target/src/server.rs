@@ -58,7 +58,8 @@ impl From<DiskError> for Fail {
         let code = match e {
             DiskError::Busy(_) => ErrorCode::Busy,
             DiskError::SizeChanged { .. } => ErrorCode::SizeChanged,
-            DiskError::FailedOver { .. } => ErrorCode::Refused,
+            DiskError::FailedOver { .. } => ErrorCode::FailedOver,
+            DiskError::FailedOverCommitted { .. } => ErrorCode::Refused,
             _ => ErrorCode::Internal,
         };
         Fail::new(code, e.to_string())
@@ -287,9 +288,13 @@ fn stream(c: &mut Conn, disk: &mut Disk, version: u16) -> Result<(), Fail> {
                 None
             }
             Msg::Ping { token } if version >= 2 => {
-                // Answered once everything before it is durable.
+                // Answered once everything before it is durable; an idle
+                // stream is the moment to make the replica's sums durable.
                 if let Err(f) = flush(c, disk, &mut batch, &mut batch_bytes) {
                     break Err(f);
+                }
+                if let Err(e) = disk.sync_sums() {
+                    break Err(e.into());
                 }
                 if let Err(f) = c.send(&Msg::Pong { token }) {
                     break Err(f);

@@ -14,17 +14,23 @@
 //!          replica's sums file is one hole)
 //! ```
 //!
-//! Crash ordering, after a batch's COMMIT is durable in the journal: the
-//! sums of every chunk the batch touched are written, then the MARK (the
-//! batch's last seq and the journal's end after its COMMIT), then one
-//! fdatasync; only then the catalog and the ACK. So:
-//! - MARK older than the journal's last COMMIT: a crash came between the
-//!   COMMIT and the sums; the chunks of that one batch (its records in
-//!   `journal.fj` after JOURNAL_END and in `batch.fj`) are hashed again at
-//!   open.
-//! - MARK newer than the journal's last COMMIT, or JOURNAL_END past the
-//!   journal's end: records are missing at the end of the journal (it was
-//!   cut short or replaced): damage; no point can be vouched for.
+//! Crash ordering: after a batch's COMMIT is durable in the journal, the
+//! sums of every chunk it touched are written (not yet made durable). At
+//! most once a second, on the agent's idle PING, before retention punches
+//! the journal, and when the stream ends, the sums are made durable and then
+//! the MARK is written and made durable: the durable sequence and the
+//! journal's end at that moment. So, at open:
+//! - MARK older than the journal's last COMMIT: batches after it may have
+//!   sums that never reached the disk. Every range written since the start
+//!   of the interval (between two points) that holds the mark has a record
+//!   in `journal.fj` from that interval's start on (copy on first write keeps
+//!   the first overwrite of each range there), and the batch in progress the
+//!   rest in `batch.fj`: those ranges are hashed again.
+//! - MARK naming a COMMIT the journal does not hold (it was cut short or
+//!   replaced): records are missing at the end of the journal: damage; no
+//!   point can be vouched for. A cut within the last second of a running
+//!   master target's writes can go unseen; a folder at rest is checked to
+//!   its end.
 //! - A batch rolled back at open never reached the sums.
 //!
 //! The mark is 64 bytes inside one sector: it is written whole or not.
@@ -235,6 +241,62 @@ fn data_extent(f: &File, pos: u64, size: u64) -> (u64, u64) {
     // SAFETY: as above.
     let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
     (start as u64, if end < 0 { size } else { (end as u64).min(size) })
+}
+
+/// The lock a master target holds (exclusive) from a batch's first replica
+/// write until its sums are written: a check under it (shared) never sees a
+/// chunk between its new content and its new sum.
+pub struct ApplyLock(File);
+
+impl ApplyLock {
+    /// Open (creating) `DIR/NAME/apply.lock`.
+    pub fn open(dir: &Path) -> io::Result<ApplyLock> {
+        Ok(ApplyLock(OpenOptions::new().write(true).create(true).truncate(false).open(dir.join("apply.lock"))?))
+    }
+
+    fn flock(&self, op: libc::c_int) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        loop {
+            // SAFETY: flock on an fd owned by self; no memory is passed.
+            if unsafe { libc::flock(self.0.as_raw_fd(), op) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Hold it exclusively until the guard drops (the master target's apply).
+    pub fn exclusive(&self) -> io::Result<ApplyGuard<'_>> {
+        self.flock(libc::LOCK_EX)?;
+        Ok(ApplyGuard(self))
+    }
+}
+
+pub struct ApplyGuard<'a>(&'a ApplyLock);
+
+impl Drop for ApplyGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.flock(libc::LOCK_UN);
+    }
+}
+
+/// [`check_chunk`] under the folder's apply lock (shared), so a master
+/// target applying a batch cannot be caught between a chunk's content and
+/// its sum: a mismatch is damage. A folder whose lock file cannot be made
+/// (a read-only copy) has no writer: the check runs without it.
+pub fn check_chunk_settled(dir: &Path, sums: &Sums, replica: &File, c: u64, buf: &mut [u8]) -> Result<bool, SumsError> {
+    let lock = ApplyLock::open(dir).ok();
+    if let Some(l) = &lock {
+        l.flock(libc::LOCK_SH).map_err(|source| SumsError::Io { path: dir.join("apply.lock").display().to_string(), source })?;
+    }
+    let r = check_chunk(sums, replica, c, buf);
+    if let Some(l) = &lock {
+        let _ = l.flock(libc::LOCK_UN);
+    }
+    r
 }
 
 /// Check one chunk of `replica` against `sums`: `Ok(true)` when it matches.

@@ -7,13 +7,13 @@
 //! the oldest point on (record checksums, commits in increasing order, no
 //! bad record followed by a commit) and its end against the replica's
 //! durable mark; then every 64 KiB chunk of the replica against its sum. A
-//! chunk that differs is read again with the mark unchanged around the read
-//! (a running master target may be rewriting it) before it is called damage.
+//! chunk that differs is read again under the folder's apply lock (a running
+//! master target may be rewriting it) before it is called damage.
 
 use crate::catalog;
 use crate::disk::{check_complete, check_mark, read_meta, DiskError, Paths};
 use crate::journal::{JournalReader, HEADER_LEN, KIND_COMMIT};
-use crate::sums::{check_chunk, chunk_sum, Sums, CHUNK};
+use crate::sums::{check_chunk_settled, chunk_sum, Sums, CHUNK};
 use ferry_common::durable::{read_state, write_state};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -134,15 +134,7 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
                     continue;
                 }
                 let c = c0 + i as u64;
-                let mut ok = false;
-                for _ in 0..5 {
-                    let m1 = sums.mark().map_err(se)?;
-                    if check_chunk(&sums, &replica, c, &mut one).map_err(se)? && sums.mark().map_err(se)? == m1 {
-                        ok = true;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                let ok = check_chunk_settled(&p.dir, &sums, &replica, c, &mut one).map_err(se)?;
                 if !ok {
                     match bad.last_mut() {
                         Some((_, e)) if *e == c * CHUNK => *e += CHUNK,

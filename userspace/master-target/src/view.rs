@@ -127,6 +127,9 @@ pub struct PointView {
     last: Option<RecordInfo>,
     /// Writes through the export (`--writable`).
     overlay: Option<(File, RangeSet)>,
+    /// The replica's chunk sums, and the chunks already checked against them.
+    sums: Option<crate::sums::Sums>,
+    verified: RangeSet,
 }
 
 impl PointView {
@@ -148,7 +151,20 @@ impl PointView {
         let scratch = scratch_file()?;
         let overlay = if writable { Some((scratch_file()?, RangeSet::default())) } else { None };
         let pos = point.journal_pos;
-        let mut v = PointView { paths, size: meta.size, point, replica, scratch, have: RangeSet::default(), pos, last: None, overlay };
+        let sums = crate::sums::Sums::open(&paths.sums, meta.size, false).ok().flatten();
+        let mut v = PointView {
+            paths,
+            size: meta.size,
+            point,
+            replica,
+            scratch,
+            have: RangeSet::default(),
+            pos,
+            last: None,
+            overlay,
+            sums,
+            verified: RangeSet::default(),
+        };
         v.refresh()?;
         Ok(v)
     }
@@ -214,6 +230,7 @@ impl PointView {
             // the journal look that covers it. A read-only copy of a folder
             // has no writer to exclude.
             let _guard = lock_recoveries(&self.paths, libc::LOCK_SH).ok();
+            self.verify_chunks(offset, end)?;
             self.replica.read_exact_at(buf, offset).map_err(ioe(self.paths.replica.display()))?;
             self.refresh()?;
         }
@@ -226,6 +243,38 @@ impl PointView {
                 let at = (a - offset) as usize;
                 f.read_exact_at(&mut buf[at..at + (b - a) as usize], a).map_err(ioe("overlay"))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Check each replica chunk a read touches against its sum, once (see
+    /// recover::verify_copy: the check runs under the folder's apply lock).
+    /// A damaged chunk fails the read.
+    fn verify_chunks(&mut self, a: u64, b: u64) -> Result<(), ViewError> {
+        use crate::sums::CHUNK;
+        if self.sums.is_none() {
+            return Ok(());
+        }
+        let (c0, c1) = (a / CHUNK, b.div_ceil(CHUNK));
+        for (x, y) in self.verified.uncovered(c0 * CHUNK, c1 * CHUNK) {
+            let sums = self.sums.as_ref().expect("checked above");
+            let mut one = vec![0u8; CHUNK as usize];
+            for c in x / CHUNK..y.div_ceil(CHUNK) {
+                let ok = crate::sums::check_chunk_settled(&self.paths.dir, sums, &self.replica, c, &mut one)
+                    .map_err(|e| ViewError::Io { what: "replica sums".into(), source: io::Error::other(e.to_string()) })?;
+                if !ok {
+                    log::error!(
+                        "{}: the 64 KiB chunk at byte {} does not match its checksum: reads of it fail",
+                        self.paths.replica.display(),
+                        c * CHUNK
+                    );
+                    return Err(ViewError::Io {
+                        what: format!("{} chunk at byte {}", self.paths.replica.display(), c * CHUNK),
+                        source: io::Error::from_raw_os_error(libc::EIO),
+                    });
+                }
+            }
+            self.verified.insert(x, y.min(c1 * CHUNK));
         }
         Ok(())
     }

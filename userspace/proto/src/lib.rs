@@ -111,7 +111,11 @@ pub enum ErrorCode {
     Internal = 8,
     BadSequence = 9,
     NotOpen = 10,
+    /// Refused for good (today: the disk's failover is committed).
     Refused = 11,
+    /// The disk is failed over on the server, not yet committed: refused
+    /// until the failover is cancelled (retry later) or committed (then 11).
+    FailedOver = 12,
 }
 
 impl ErrorCode {
@@ -129,6 +133,7 @@ impl ErrorCode {
             9 => BadSequence,
             10 => NotOpen,
             11 => Refused,
+            12 => FailedOver,
             _ => return None,
         })
     }

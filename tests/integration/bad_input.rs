@@ -182,7 +182,7 @@ fn every_bad_input_is_refused_and_changes_nothing() {
 fn listening_outside_loopback_is_refused() {
     let t = TempDir::new("listen");
     let o = run(&["master-target", "--listen", "0.0.0.0:0", "--data", &t.s("d")]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "a listening address is checked as usage");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("needs authentication"), "{err}");
 }

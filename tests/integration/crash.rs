@@ -338,6 +338,10 @@ fn master_target_killed_at_random_moments_keeps_every_point_recoverable() {
     let disk = OpenOptions::new().write(true).open(&img).unwrap();
     let mut w = Workload::new(blocks, 17);
     let mut agent = Proc(ferry().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    // Every point kept: the default journal cap (the disk's 256 KiB) would
+    // keep only the last few of these hot-block intervals.
+    wait_for("the disk's folder", 30, || data.join("hot").join("disk.meta").exists());
+    run_ok(&["retention", "--data", &t.s("data"), "--name", "hot", "--keep", "none", "--keep-all", "none", "--journal-cap", "none"]);
     let mut rng = Rng::new(99);
     let mut kills = 0;
     let points_now = || {

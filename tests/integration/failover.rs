@@ -186,8 +186,10 @@ fn a_cancelled_failover_resumes_replication() {
     assert_eq!(text.matches("waiting for `ferry failover --cancel`").count(), 1, "said once:\n{text}");
     assert!(!text.contains("resync required"), "no resync after the cancel:\n{text}");
 
-    // Committed: final. The waiting agent stops and says what to do.
-    run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--point", "latest", "--out", fo.to_str().unwrap()]);
+    // Committed: final. The waiting agent stops and says what to do. (The
+    // cancelled failover's image is no longer the active one's: replacing
+    // it takes --force.)
+    run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--point", "latest", "--out", fo.to_str().unwrap(), "--force"]);
     wait_for("the agent to wait again", 30, || mode() == "failed-over");
     run_ok(&["failover", "--data", &t.s("mt"), "--name", name, "--commit"]);
     wait_for("the agent to stop after the commit", 30, || !agent.alive());

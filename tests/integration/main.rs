@@ -11,3 +11,4 @@ mod failover;
 mod operate;
 mod replication;
 mod retention;
+mod safety;

@@ -544,9 +544,10 @@ pub fn scan_once(disk: &str, name: &str, target: &str, state: &str) -> serde_jso
     ]))
 }
 
-/// `ferry recover --data DATA --name NAME --point POINT --out OUT` (raw).
+/// `ferry recover --data DATA --name NAME --point POINT --out OUT --force`
+/// (raw; tests recover into the same file again).
 pub fn recover_to(data: &str, name: &str, point: &str, out: &str) {
-    run_ok(&["recover", "--data", data, "--name", name, "--point", point, "--out", out]);
+    run_ok(&["recover", "--data", data, "--name", name, "--point", point, "--out", out, "--force"]);
 }
 
 /// A unique disk name for tests that pin BPF objects (pins are global).

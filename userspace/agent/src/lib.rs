@@ -279,7 +279,8 @@ impl Agent {
         if !ferry_proto::valid_name(&opts.name) {
             return Err(AgentError::Usage(format!("--name {:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'", opts.name)));
         }
-        let src = Source::open(&opts.disk).map_err(AgentError::io(format!("cannot open disk {}", opts.disk.display())))?;
+        let src = Source::open(&opts.disk)
+            .map_err(|e| AgentError::io(format!("cannot open disk {}", opts.disk.display()))(ferry_common::root_hint(e)))?;
         let size = src.size();
         if size == 0 || size % ferry_proto::SECTOR != 0 {
             return Err(AgentError::Usage(format!(

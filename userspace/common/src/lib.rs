@@ -6,6 +6,7 @@
 //! - [`source`]: opening a protected disk (block device or image file), its
 //!   size, and positioned reads with `O_DIRECT` where the source allows it.
 //! - [`buf`]: page-aligned buffers for direct I/O.
+//! - [`net`]: command-line addresses and the listening policy.
 //!
 //! All `unsafe` in this crate lives in `buf` and `source`, each block with a
 //! `SAFETY:` note.
@@ -14,6 +15,17 @@ pub mod buf;
 pub mod durable;
 pub mod net;
 pub mod source;
+
+/// `e` with "(run as root)" after its text when it is a permission error
+/// (EACCES, EPERM): opening a block device or a tracker needs root. Other
+/// errors are returned as they are.
+pub fn root_hint(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        std::io::Error::new(e.kind(), format!("{e} (run as root)"))
+    } else {
+        e
+    }
+}
 
 /// xxh3-128 of `data`, as the 16 little-endian bytes used on disk and on the wire.
 pub fn xxh128(data: &[u8]) -> [u8; 16] {

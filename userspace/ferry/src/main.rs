@@ -6,12 +6,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ferry_agent::{Options, Tracker};
 use ferry_target::recover::{self, Format, Selector};
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Continuous block-level disaster-recovery replication")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Continuous block-level disaster-recovery replication",
+    after_help = "Logging: RUST_LOG sets what is logged on stderr: error, warn, info (the default), debug or trace, \
+                  for all of ferry or per module (e.g. RUST_LOG=info,ferry_agent=debug). \
+                  Exit status: 0 success, 1 failure (one line on stderr says why), 2 bad usage."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -19,25 +25,43 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TrackerArg {
+    /// kmod if its module is loaded, else bpf for a block device (with BTF), else scan.
     Auto,
+    /// The kernel module (cbt-module/kmod): every write's payload, in order.
     Kmod,
+    /// The eBPF tracker: pinned, keeps tracking while the agent restarts.
     Bpf,
+    /// No tracker: checksum passes find what changed.
     Scan,
+    /// (testing) Records another program pushes into STATE/ring.
     Ring,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum FormatArg {
+    /// A raw disk image.
     Raw,
+    /// A qcow2 image (made with qemu-img).
     Qcow2,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve replication streams; DIR holds one folder per protected disk.
     MasterTarget {
-        #[arg(long, value_name = "ADDR")]
-        listen: SocketAddr,
+        /// Address to listen on, HOST:PORT; loopback only (127.0.0.0/8, ::1) until ferry authenticates its peers.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// Folder of the protected disks' replicas, journals and points (created if missing).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
         /// Verify every disk (ferry verify) this often, e.g. 24h; results in `ferry status --data`.
@@ -49,12 +73,16 @@ enum Cmd {
     },
     /// Protect one block device or image file.
     Agent {
+        /// The block device or image file to protect.
         #[arg(long, value_name = "PATH")]
         disk: PathBuf,
+        /// The disk's name on the master target (1-64 of A-Z a-z 0-9 . _ -).
         #[arg(long)]
         name: String,
+        /// The master target, HOST:PORT (e.g. 127.0.0.1:7700).
         #[arg(long, value_name = "ADDR")]
         target: String,
+        /// How changes are found.
         #[arg(long, value_enum, default_value = "auto")]
         tracker: TrackerArg,
         /// Agent state folder (default /var/lib/ferry/agent/NAME).
@@ -63,13 +91,16 @@ enum Cmd {
         /// Ship until the replica equals the source at a consistent point, then exit.
         #[arg(long)]
         once: bool,
+        /// With --once: print the summary as one JSON object.
         #[arg(long)]
         json: bool,
         /// Seconds between recovery points.
         #[arg(long, value_name = "SECS", default_value_t = 60.0)]
         point_every: f64,
+        /// Shell command run before each app-consistent cut (before the filesystem freeze).
         #[arg(long, value_name = "CMD")]
         freeze_cmd: Option<String>,
+        /// Shell command run after each app-consistent cut (after the thaw).
         #[arg(long, value_name = "CMD")]
         thaw_cmd: Option<String>,
         /// Slots in STATE/ring when the agent creates it (power of two).
@@ -99,53 +130,70 @@ enum Cmd {
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
     FreezeGuard {
+        /// Thaw when this many milliseconds have passed.
         #[arg(long)]
         deadline_ms: u64,
+        /// Run after the thaw.
         #[arg(long)]
         thaw_cmd: Option<String>,
+        /// The frozen mount points.
         mounts: Vec<PathBuf>,
     },
     /// Stop protecting a disk: detach the tracker, keep the replica and its points.
     Unprotect {
+        /// The agent's state folder (its --state).
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         /// Detach the tracker even if it belongs to another state folder.
         #[arg(long)]
         force: bool,
     },
-    /// List recovery points, oldest first.
+    /// List recovery points, oldest first, with why retention keeps each.
     Points {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// The disk's name.
         #[arg(long)]
         name: String,
+        /// Print a JSON array of {"id", "time", "kind", "seq", "kept"}.
         #[arg(long)]
         json: bool,
     },
     /// Materialize a recovery point as an image.
     Recover {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// The disk's name.
         #[arg(long)]
         name: String,
         /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
         #[arg(long, value_name = "ID|latest|TIME")]
         point: String,
+        /// A new file (written beside it, then renamed into place), or a block device
+        /// that is not mounted or in use and holds the whole disk.
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "raw")]
-        format: FormatArg,
+        /// Image format (default: from the extension, .qcow2 or .img/.raw; else raw).
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
     /// Serve a recovery point over NBD (export name NAME) while replication continues.
     Export {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// The disk's name (also the NBD export name).
         #[arg(long)]
         name: String,
         /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
         #[arg(long, value_name = "ID|latest|TIME")]
         point: String,
-        /// Address to listen on, e.g. 127.0.0.1:10809.
+        /// Address to listen on, HOST:PORT (e.g. 127.0.0.1:10809); loopback only, the export has no authentication.
         #[arg(long, value_name = "ADDR")]
         listen: String,
         /// Accept writes, into a scratch overlay that is discarded at exit.
@@ -157,41 +205,59 @@ enum Cmd {
     },
     /// Fail a disk over: refuse its stream, write a point as a bootable image, print how to start it.
     /// Run again with another point until --commit; --cancel resumes replication.
+    #[command(
+        override_usage = "ferry failover --data DIR --name NAME --point ID|latest|TIME --out PATH [--format raw|qcow2] [--force] [--start]\n       \
+                                ferry failover --data DIR --name NAME --commit\n       \
+                                ferry failover --data DIR --name NAME --cancel"
+    )]
     Failover {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// The disk's name.
         #[arg(long)]
         name: String,
-        /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
+        /// Required unless --commit or --cancel: a point id, `latest`, or an RFC 3339 time
+        /// (the newest point at or before it).
         #[arg(long, value_name = "ID|latest|TIME", required_unless_present_any = ["commit", "cancel"])]
         point: Option<String>,
+        /// Required unless --commit or --cancel: the image to write (the rules of `ferry recover --out`;
+        /// the image an earlier failover of this disk wrote may be rewritten without --force).
         #[arg(long, value_name = "PATH", required_unless_present_any = ["commit", "cancel"])]
         out: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "raw")]
-        format: FormatArg,
+        /// Image format (default: from the extension, .qcow2 or .img/.raw; else raw).
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
         /// Start the image with QEMU (the printed command line) once written.
         #[arg(long)]
         start: bool,
         /// Make the failover final.
-        #[arg(long, conflicts_with_all = ["point", "out", "cancel", "start"])]
+        #[arg(long, conflicts_with_all = ["point", "out", "cancel", "start", "force", "format"])]
         commit: bool,
         /// Undo the failover: the disk's stream is accepted again (a running agent resumes by itself).
-        #[arg(long, conflicts_with_all = ["point", "out", "start"])]
+        #[arg(long, conflicts_with_all = ["point", "out", "start", "force", "format"])]
         cancel: bool,
     },
     /// Set (or show) a disk's retention: how long points are kept, how they thin out, how much journal.
+    /// A disk with none set has the default: keep 3 days; every point for 1 h, one an hour up to
+    /// 24 h, then one a day; a journal of at most the disk's size.
     Retention {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// The disk's name.
         #[arg(long)]
         name: String,
         /// Drop points older than this (e.g. 7d, 12h); `none` keeps them all.
         #[arg(long, value_name = "DURATION")]
         keep: Option<String>,
-        /// Keep every point younger than this (default: every point in the window).
+        /// Keep every point younger than this (`none`: every point in the window).
         #[arg(long, value_name = "DURATION")]
         keep_all: Option<String>,
-        /// Keep one point an hour up to this age, one a day beyond (default: no thinning).
+        /// Keep one point an hour up to this age, one a day beyond (`none`: hourly in the whole window).
         #[arg(long, value_name = "DURATION")]
         keep_hourly: Option<String>,
         /// Largest journal after the oldest kept point (e.g. 50G); `none` for no limit.
@@ -207,11 +273,13 @@ enum Cmd {
     },
     /// A consistency group's points: the cuts every named disk has a point for.
     GroupPoints {
+        /// The master target's data folder (its --data).
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
         /// A disk of the group (repeat the option).
         #[arg(long = "name", value_name = "NAME", required = true)]
         names: Vec<String>,
+        /// Print a JSON array of {"time", "time_ns", "points": {NAME: ID}}.
         #[arg(long)]
         json: bool,
     },
@@ -261,6 +329,68 @@ enum Cmd {
     },
 }
 
+/// Bad usage found after parsing (an address, a value out of range): exit 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+impl From<ferry_common::net::AddrError> for Usage {
+    fn from(e: ferry_common::net::AddrError) -> Usage {
+        Usage(e.to_string())
+    }
+}
+
+/// Every line ferry prints on stdout goes through this `println!`, which
+/// shadows std's: a reader that went away (`ferry status | head -1`) ends
+/// ferry quietly with status 0 (what it wanted was printed), where std's
+/// would panic; another write error ends it with a one-line error.
+macro_rules! println {
+    () => {
+        out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        out_line(format_args!($($arg)*))
+    };
+}
+
+fn out_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("ferry: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The one line of an error: each cause once. Library errors carry their
+/// cause in their own message (so that a log line shows it too) and also
+/// expose it as their source; a cause whose text is already said is skipped.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if msg.contains(&t) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&t);
+    }
+    msg.replace('\n', " ")
+}
+
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("ferry: internal error: {info}; please report this");
@@ -273,9 +403,12 @@ fn main() {
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("ferry: {msg}");
-            1
+            eprintln!("ferry: {}", one_line(&e));
+            if e.downcast_ref::<Usage>().is_some() {
+                2
+            } else {
+                1
+            }
         }
     };
     std::process::exit(code);
@@ -284,6 +417,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::MasterTarget { listen, data, scrub_every, scrub_rate } => {
+            let listen = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
             let rate =
                 parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
             let scrub = match &scrub_every {
@@ -318,6 +452,8 @@ fn run(cli: Cli) -> Result<()> {
             verify,
             repair,
         } => {
+            // Before anything is opened or attached: a bad address is bad usage.
+            ferry_common::net::check_target(&target).map_err(Usage::from)?;
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
             }
@@ -422,38 +558,48 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{line}");
                 }
             }
+            let meta = ferry_target::disk::read_meta(&data, &name)?;
+            // Why each point is kept: the decision a retention pass makes now
+            // (None: the next pass drops it).
+            let why = ferry_target::retention::reasons(&ferry_target::disk::Paths::new(&data, &name), meta.size, &pts)?;
             if json {
                 let v: Vec<_> = pts
                     .iter()
-                    .map(|p| serde_json::json!({"id": p.id, "time": recover::rfc3339(p.time_ns), "kind": p.kind.as_str(), "seq": p.seq}))
+                    .zip(&why)
+                    .map(|(p, w)| serde_json::json!({"id": p.id, "time": recover::rfc3339(p.time_ns), "kind": p.kind.as_str(), "seq": p.seq, "kept": w.map(|r| r.as_str())}))
                     .collect();
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("{:>6}  {:<32}  {:<5}  {:>12}", "ID", "TIME", "KIND", "SEQ");
-                for p in &pts {
-                    println!("{:>6}  {:<32}  {:<5}  {:>12}", p.id, recover::rfc3339(p.time_ns), p.kind.as_str(), p.seq);
+                println!("{:>6}  {:<32}  {:<5}  {:>12}  {}", "ID", "TIME", "KIND", "SEQ", "KEPT");
+                for (p, w) in pts.iter().zip(&why) {
+                    let w = w.map_or("expiring", |r| r.as_str());
+                    println!("{:>6}  {:<32}  {:<5}  {:>12}  {w}", p.id, recover::rfc3339(p.time_ns), p.kind.as_str(), p.seq);
                 }
             }
             Ok(())
         }
-        Cmd::Recover { data, name, point, out, format } => {
+        Cmd::Recover { data, name, point, out, format, force } => {
             let sel: Selector = point.parse()?;
             let pts = recover::points(&data, &name)?;
             let p = recover::select(&name, &pts, &sel, &point)?;
-            let fmt = match format {
-                FormatArg::Raw => Format::Raw,
-                FormatArg::Qcow2 => Format::Qcow2,
-            };
-            recover::recover(&data, &name, &p, &out, fmt)?;
-            eprintln!("recovered {name} point {} ({}, {}) to {}", p.id, p.kind.as_str(), recover::rfc3339(p.time_ns), out.display());
+            let output = recover::prepare(&data, &name, &out, format.map(Format::from), force)?;
+            let fmt = output.format();
+            recover::write(&data, &name, &p, output)?;
+            eprintln!(
+                "recovered {name} point {} ({}, {}) to {} ({})",
+                p.id,
+                p.kind.as_str(),
+                recover::rfc3339(p.time_ns),
+                out.display(),
+                fmt.as_str()
+            );
             Ok(())
         }
         Cmd::Export { data, name, point, listen, writable, scratch } => {
+            let addr = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
             let sel: Selector = point.parse()?;
             let pts = recover::points(&data, &name)?;
             let p = recover::select(&name, &pts, &sel, &point)?;
-            let addr: std::net::SocketAddr =
-                listen.parse().map_err(|_| anyhow::anyhow!("--listen {listen:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:10809"))?;
             let scratch = scratch.unwrap_or_else(std::env::temp_dir);
             // Pinned before it is opened: retention keeps a pinned point; it
             // must still be listed once the pin is there.
@@ -481,12 +627,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {
-            ferry_target::disk::read_meta(&data, &name)?;
             let paths = ferry_target::disk::Paths::new(&data, &name);
-            let mut pol = ferry_target::retention::load(&paths)?.unwrap_or_default();
+            let meta = ferry_target::disk::read_meta(&data, &name)?;
+            let (mut pol, set) = ferry_target::retention::effective(&paths, meta.size)?;
+            // `none` lifts the limit: no age limit for --keep (0), every
+            // point or one an hour forever for the others (u64::MAX).
             let dur = |what: &str, v: &str| -> Result<u64> {
                 if v == "none" {
-                    return Ok(0);
+                    return Ok(if what == "keep" { 0 } else { u64::MAX });
                 }
                 let d = humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{what} {v:?}: {e} (e.g. 90s, 2h, 7days)"))?;
                 Ok(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -508,20 +656,7 @@ fn run(cli: Cli) -> Result<()> {
             if changed {
                 ferry_target::retention::store(&paths, &pol)?;
             }
-            let secs = |ns: u64| {
-                if ns == 0 || ns == u64::MAX {
-                    "-".to_string()
-                } else {
-                    humantime::format_duration(Duration::from_secs(ns / 1_000_000_000)).to_string()
-                }
-            };
-            println!(
-                "{name}: keep {}, every point for {}, hourly for {}, journal cap {}",
-                if pol.keep_ns == 0 { "all".into() } else { secs(pol.keep_ns) },
-                secs(pol.all_ns),
-                secs(pol.hourly_ns),
-                if pol.journal_cap == 0 { "none".into() } else { format!("{} bytes", pol.journal_cap) }
-            );
+            println!("{name}: {}{}", policy_text(&pol), if set || changed { "" } else { " (the default for a disk with no policy set)" });
             // Apply now if no master target is writing the disk (else it does
             // at its next point).
             match ferry_target::retention::apply_offline(&data, &name) {
@@ -572,7 +707,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Failover { data, name, point, out, format, start, commit, cancel } => {
+        Cmd::Failover { data, name, point, out, format, force, start, commit, cancel } => {
             if commit || cancel {
                 ferry_target::failover::finish(&data, &name, commit)?;
                 eprintln!(
@@ -591,11 +726,7 @@ fn run(cli: Cli) -> Result<()> {
             let sel: Selector = point.parse()?;
             let pts = recover::points(&data, &name)?;
             let p = recover::select(&name, &pts, &sel, &point)?;
-            let fmt = match format {
-                FormatArg::Raw => Format::Raw,
-                FormatArg::Qcow2 => Format::Qcow2,
-            };
-            ferry_target::failover::failover(&data, &name, &p, &out, fmt)?;
+            let (_, fmt) = ferry_target::failover::failover(&data, &name, &p, &out, format.map(Format::from), force)?;
             let cmd = ferry_target::failover::qemu_command(&out, fmt);
             eprintln!(
                 "{name}: failed over to point {} ({}, {}), written to {}; its stream is refused until \
@@ -858,6 +989,35 @@ fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
+}
+
+/// A retention policy as a sentence, e.g. "keep points for 3days: every
+/// point for 1h, then one an hour up to 1day, then one a day; journal at
+/// most 512.0 MiB after the oldest kept point".
+fn policy_text(p: &ferry_target::retention::Policy) -> String {
+    let d = |ns: u64| humantime::format_duration(Duration::from_secs(ns / 1_000_000_000)).to_string();
+    let limit = if p.keep_ns == 0 { u64::MAX } else { p.keep_ns };
+    let mut tiers: Vec<String> = Vec::new();
+    if p.all_ns >= limit {
+        tiers.push("every point".into());
+    } else {
+        if p.all_ns > 0 {
+            tiers.push(format!("every point for {}", d(p.all_ns)));
+        }
+        if p.hourly_ns > p.all_ns {
+            tiers.push(if p.hourly_ns >= limit { "one an hour".into() } else { format!("one an hour up to {}", d(p.hourly_ns)) });
+        }
+        if p.hourly_ns < limit {
+            tiers.push("one a day".into());
+        }
+    }
+    let window = if p.keep_ns == 0 { "keep points forever".to_string() } else { format!("keep points for {}", d(p.keep_ns)) };
+    let cap = if p.journal_cap == 0 {
+        "no journal cap".to_string()
+    } else {
+        format!("journal at most {} after the oldest kept point", human(p.journal_cap))
+    };
+    format!("{window}: {}; {cap}; the newest point is always kept", tiers.join(", then "))
 }
 
 /// A byte size: a number with an optional K, M, G or T (powers of 1024), or `none` (0).

@@ -554,7 +554,7 @@ impl Disk {
         let (points, _) = crate::catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
         let end = self.journal.end();
         let (catalog, path) = (&mut self.catalog, self.paths.points.clone());
-        let pass = crate::retention::apply(&self.paths, &points, end, |keep| catalog.rewrite(&path, keep))?;
+        let pass = crate::retention::apply(&self.paths, self.size, &points, end, |keep| catalog.rewrite(&path, keep))?;
         if pass.dropped > 0 {
             log::info!("disk {}: retention dropped {} points, {} kept", self.name, pass.dropped, pass.kept);
             crate::reserve::ensure(&self.paths.dir);
@@ -826,8 +826,12 @@ pub fn parse_generation(m: &Meta) -> Option<[u8; 16]> {
 mod tests {
     use super::*;
 
+    /// A disk that keeps every point: these tests cut points at times near
+    /// the epoch, which the default retention would drop as too old.
     fn open(d: &Path) -> Disk {
-        Disk::open(d, "d", 1 << 20, [1; 16]).unwrap().0
+        let disk = Disk::open(d, "d", 1 << 20, [1; 16]).unwrap().0;
+        crate::retention::store(&disk.paths, &crate::retention::Policy::keep_everything()).unwrap();
+        disk
     }
 
     fn replica(d: &Path) -> Vec<u8> {

@@ -82,19 +82,35 @@ pub fn refuse_if_failed_over(paths: &Paths, name: &str) -> Result<(), DiskError>
     }
 }
 
-/// Fail `name` over to `point`, written to `out`. The stream is refused
-/// from now on; this waits (30 s at most) for a stream already open to end
-/// before the image is written, so that nothing is applied meanwhile.
-pub fn failover(data: &Path, name: &str, point: &Point, out: &Path, format: Format) -> Result<FailoverState, FailoverError> {
+/// Fail `name` over to `point`, written to `out` (checked first, with the
+/// rules of `ferry recover`: see [`recover::prepare`]). The stream is
+/// refused from now on; this waits (120 s at most) for a stream already
+/// open to end before the image is written, so that nothing is applied
+/// meanwhile.
+///
+/// An existing `out` is replaced only with `replace`, or when it is the
+/// image the active failover of this disk wrote (choosing another point
+/// rewrites it: that is what running failover again is for).
+pub fn failover(
+    data: &Path,
+    name: &str,
+    point: &Point,
+    out: &Path,
+    format: Option<Format>,
+    replace: bool,
+) -> Result<(FailoverState, Format), FailoverError> {
     crate::disk::read_meta(data, name)?;
     let paths = Paths::new(data, name);
-    if let Some(s) = state(data, name)? {
-        if s.state == "committed" {
-            return Err(FailoverError::Committed(name.into()));
-        }
+    let prev = state(data, name)?;
+    if prev.as_ref().is_some_and(|s| s.state == "committed") {
+        return Err(FailoverError::Committed(name.into()));
     }
-    let was_active = state(data, name)?.is_some();
-    let st = FailoverState { state: "active".into(), point: point.id, out: out.display().to_string(), since_ns: ferry_common::now_ns() };
+    let ours = prev.as_ref().is_some_and(|s| same_file(Path::new(&s.out), out));
+    // Before anything changes: a refused output leaves the disk as it was.
+    let output = recover::prepare(data, name, out, format, replace || ours)?;
+    let was_active = prev.is_some();
+    let shown = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let st = FailoverState { state: "active".into(), point: point.id, out: shown.display().to_string(), since_ns: ferry_common::now_ns() };
     write_state(&state_path(&paths), KIND, VERSION, &st)?;
     // Retention keeps the point while it is written out.
     let _pin = crate::retention::Pin::new(&paths, point.id).map_err(|e| DiskError::Io(format!("{}: {e}", paths.dir.display())))?;
@@ -116,8 +132,19 @@ pub fn failover(data: &Path, name: &str, point: &Point, out: &Path, format: Form
             }
         }
     };
-    recover::recover(data, name, point, out, format)?;
-    Ok(st)
+    let fmt = output.format();
+    if let Err(e) = recover::write(data, name, point, output) {
+        if !was_active {
+            let _ = std::fs::remove_file(state_path(&paths));
+        }
+        return Err(e.into());
+    }
+    Ok((st, fmt))
+}
+
+/// Whether two paths name the same file (both exist and resolve alike).
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 /// End the failover: `commit` makes it final, otherwise (cancel) the

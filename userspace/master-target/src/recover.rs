@@ -12,9 +12,9 @@ use crate::disk::{lock_recoveries, read_meta, DiskError, Paths};
 use crate::journal::{JournalReader, KIND_UNDO, KIND_UNDO_ZERO};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -28,8 +28,18 @@ pub enum RecoverError {
     NoSuchPoint { name: String, sel: String },
     #[error("bad point {0:?}: give a point id, `latest`, or an RFC 3339 time like 2026-11-27T10:00:00Z")]
     BadSelector(String),
-    #[error("refusing to write the recovery over the replica itself ({0})")]
+    #[error("refusing to write the recovery into the disk's own folder ({0}); choose an --out outside it")]
     OverReplica(String),
+    #[error("{0} exists: give --force to replace it, or choose another --out; nothing was written")]
+    Exists(String),
+    #[error("{0} is mounted or in use (a filesystem, device mapper, md or another program holds it): unmount it or stop its user first; nothing was written")]
+    DeviceBusy(String),
+    #[error("{path} holds {have} bytes, less than the disk's {need}: choose a device at least as large; nothing was written")]
+    DeviceTooSmall { path: String, have: u64, need: u64 },
+    #[error("{0} is a block device, which receives a raw image: drop --format qcow2, or write the qcow2 to a file")]
+    DeviceQcow2(String),
+    #[error("--out {path} names a {ext} image but --format {given} was given: drop --format, or change the extension")]
+    FormatMismatch { path: String, ext: &'static str, given: &'static str },
     #[error("qemu-img failed converting to qcow2: {0}")]
     Convert(String),
 }
@@ -94,33 +104,219 @@ pub fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
 }
 
-/// Materialize `point` of disk `name` into `out`.
+/// Materialize `point` of disk `name` into `out` in `format`, replacing an
+/// existing file (library callers and tests; `ferry recover` goes through
+/// [`prepare`] and [`write`] with the operator's choices).
 pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Format) -> Result<(), RecoverError> {
-    if format == Format::Qcow2 {
-        let tmp = out.with_extension(format!("raw-tmp{}", std::process::id()));
-        let r = recover(data, name, point, &tmp, Format::Raw).and_then(|_| {
-            let st = std::process::Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-                .arg(&tmp)
-                .arg(out)
-                .status()
-                .map_err(|e| RecoverError::Convert(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
-            if st.success() {
-                Ok(())
-            } else {
-                Err(RecoverError::Convert(format!("qemu-img exited with {st}")))
-            }
-        });
-        let _ = std::fs::remove_file(&tmp);
-        return r;
+    write(data, name, point, prepare(data, name, out, Some(format), true)?)
+}
+
+impl Format {
+    /// The format an output's extension names: `.qcow2`, or `.img`/`.raw`.
+    pub fn from_extension(p: &Path) -> Option<Format> {
+        match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "qcow2" => Some(Format::Qcow2),
+            "img" | "raw" => Some(Format::Raw),
+            _ => None,
+        }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where a recovery is written, checked and opened before anything is
+/// written ([`prepare`]):
+///
+/// - a block device is opened exclusively (`O_EXCL`: refused while it is
+///   mounted, or held by device mapper, md, or another exclusive opener)
+///   and must hold the whole disk; it receives a raw image. A plain open
+///   by another program is not seen.
+/// - a file is written beside its final name (`.NAME.ferry-PID.tmp`) and
+///   renamed into place once complete, so that a failure leaves no partial
+///   image and an existing file is replaced only when the operator said so.
+pub struct Output {
+    path: PathBuf,
+    format: Format,
+    kind: OutKind,
+    /// The raw image a qcow2 is converted from (removed at drop).
+    raw_tmp: Option<PathBuf>,
+}
+
+enum OutKind {
+    Device(File),
+    File { tmp: Option<PathBuf>, file: File, replace: bool },
+}
+
+impl Output {
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn is_device(&self) -> bool {
+        matches!(self.kind, OutKind::Device(_))
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Some(t) = self.raw_tmp.take() {
+            let _ = std::fs::remove_file(t);
+        }
+        // Not renamed into place: a failure; never a device.
+        if let OutKind::File { tmp: Some(t), .. } = &mut self.kind {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+}
+
+/// Check `out` for a recovery of disk `name` and open it (see [`Output`]).
+/// The format is `explicit` or, for a file, the one its extension names
+/// (raw otherwise); an explicit format the extension contradicts is
+/// refused. An existing file is refused unless `replace`.
+pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, replace: bool) -> Result<Output, RecoverError> {
     let meta = read_meta(data, name)?;
     let p = Paths::new(data, name);
-    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&p.replica), std::fs::canonicalize(out)) {
-        if a == b {
+    let resolved = std::fs::canonicalize(out).ok().or_else(|| {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(std::fs::canonicalize(dir).ok()?.join(out.file_name()?))
+    });
+    if let (Ok(a), Some(b)) = (std::fs::canonicalize(&p.dir), resolved) {
+        if b.starts_with(&a) {
             return Err(RecoverError::OverReplica(out.display().to_string()));
         }
     }
+    let shown = out.display().to_string();
+    let existing = match std::fs::metadata(out) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(RecoverError::Io(format!("{shown}: {}", ferry_common::root_hint(e)))),
+    };
+    if existing.as_ref().is_some_and(|m| m.file_type().is_block_device()) {
+        if explicit == Some(Format::Qcow2) {
+            return Err(RecoverError::DeviceQcow2(shown));
+        }
+        let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(out).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => RecoverError::DeviceBusy(shown.clone()),
+            _ => RecoverError::Io(format!("cannot open {shown} for writing: {}", ferry_common::root_hint(e))),
+        })?;
+        let have = ferry_common::source::size_of(&f).map_err(ioe(&shown))?;
+        if have < meta.size {
+            return Err(RecoverError::DeviceTooSmall { path: shown, have, need: meta.size });
+        }
+        return Ok(Output { path: out.to_path_buf(), format: Format::Raw, kind: OutKind::Device(f), raw_tmp: None });
+    }
+    let format = match (Format::from_extension(out), explicit) {
+        (Some(e), Some(x)) if e != x => {
+            return Err(RecoverError::FormatMismatch { path: shown, ext: e.as_str(), given: x.as_str() });
+        }
+        (e, x) => x.or(e).unwrap_or(Format::Raw),
+    };
+    if let Some(m) = &existing {
+        if !m.file_type().is_file() {
+            return Err(RecoverError::Io(format!("{shown}: neither a regular file nor a block device; choose another --out")));
+        }
+        if !replace {
+            return Err(RecoverError::Exists(shown));
+        }
+    }
+    let tmp = sibling(out, "tmp")?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(ioe(&shown))?;
+    Ok(Output { path: out.to_path_buf(), format, kind: OutKind::File { tmp: Some(tmp), file, replace: existing.is_some() }, raw_tmp: None })
+}
+
+/// `DIR/.NAME.ferry-PID.EXT` beside `out`.
+fn sibling(out: &Path, ext: &str) -> Result<PathBuf, RecoverError> {
+    let file = out.file_name().ok_or_else(|| RecoverError::Io(format!("{}: not a file name", out.display())))?;
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(dir.join(format!(".{}.ferry-{}.{ext}", file.to_string_lossy(), std::process::id())))
+}
+
+/// Write `point` of disk `name` into `out` (from [`prepare`]) and put it
+/// in place. On failure a file output leaves nothing behind; a device
+/// holds whatever was written before the failure.
+pub fn write(data: &Path, name: &str, point: &Point, mut out: Output) -> Result<(), RecoverError> {
+    let r = write_inner(data, name, point, &mut out);
+    match (&out.kind, r) {
+        (_, Ok(())) => Ok(()),
+        (OutKind::Device(_), Err(e)) => Err(RecoverError::Io(format!("{e}; {} now holds a partial image", out.path.display()))),
+        (OutKind::File { .. }, Err(e)) => Err(e),
+    }
+}
+
+fn write_inner(data: &Path, name: &str, point: &Point, out: &mut Output) -> Result<(), RecoverError> {
+    let shown = out.path.display().to_string();
+    match (&out.kind, out.format) {
+        (OutKind::Device(f), _) => return write_raw(data, name, point, f, true, &shown),
+        (OutKind::File { file, .. }, Format::Raw) => write_raw(data, name, point, file, false, &shown)?,
+        (OutKind::File { tmp, .. }, Format::Qcow2) => {
+            let raw = sibling(&out.path, "raw")?;
+            let rf = OpenOptions::new().read(true).write(true).create_new(true).open(&raw).map_err(ioe(raw.display()))?;
+            out.raw_tmp = Some(raw.clone());
+            write_raw(data, name, point, &rf, false, &raw.display().to_string())?;
+            let st = std::process::Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(tmp.as_ref().expect("the temporary file is there until the rename"))
+                .status()
+                .map_err(|e| RecoverError::Convert(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
+            if !st.success() {
+                return Err(RecoverError::Convert(format!("qemu-img exited with {st}")));
+            }
+            let _ = std::fs::remove_file(&raw);
+            out.raw_tmp = None;
+            File::open(tmp.as_ref().expect("as above")).and_then(|f| f.sync_all()).map_err(ioe(&shown))?;
+        }
+    }
+    // Into place: replacing a file only when allowed (and checked) before.
+    let OutKind::File { tmp, replace, .. } = &mut out.kind else { unreachable!("devices returned above") };
+    let from = tmp.as_ref().expect("as above");
+    if *replace {
+        std::fs::rename(from, &out.path).map_err(ioe(&shown))?;
+    } else {
+        rename_noreplace(from, &out.path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => RecoverError::Exists(shown.clone()),
+            _ => RecoverError::Io(format!("{shown}: {e}")),
+        })?;
+    }
+    *tmp = None;
+    let dir = out.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(ioe(dir.display()))?;
+    Ok(())
+}
+
+/// rename(2) that fails with `AlreadyExists` rather than replace `to`
+/// (another process may have created it since [`prepare`] looked).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (a, b) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A filesystem without RENAME_NOREPLACE: a link fails if `to` exists.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(e),
+    }
+}
+
+/// The raw image of `point` into `outf` (a fresh empty file, or a device).
+fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, shown: &str) -> Result<(), RecoverError> {
+    let meta = read_meta(data, name)?;
+    let p = Paths::new(data, name);
     // A master target starting up must not undo and cut journal records
     // between our copy of the replica and our read of the journal. On a
     // read-only copy of a folder there is no writer to exclude.
@@ -133,20 +329,18 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     };
     prove_inputs(data, name, point, false)?;
     let replica = File::open(&p.replica).map_err(ioe(p.replica.display()))?;
-    let is_dev = std::fs::metadata(out).map(|m| m.file_type().is_block_device()).unwrap_or(false);
-    let outf = OpenOptions::new().read(true).write(true).create(true).truncate(!is_dev).open(out).map_err(ioe(out.display()))?;
     if !is_dev {
-        outf.set_len(meta.size).map_err(ioe(out.display()))?;
+        outf.set_len(meta.size).map_err(ioe(shown))?;
     }
     // On a filesystem that shares extents (XFS, btrfs), the copy is a
     // clone: instant and taking no space, so a recovery costs only the
     // journal after the point. Elsewhere, a sparse copy.
-    if is_dev || !clone_file(&replica, &outf) {
-        copy_sparse(&replica, &outf, meta.size, !is_dev).map_err(ioe(out.display()))?;
+    if is_dev || !clone_file(&replica, outf) {
+        copy_sparse(&replica, outf, meta.size, !is_dev).map_err(ioe(shown))?;
     }
     // Every chunk the copy took from the replica must match its sum.
     if let Some(sums) = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))? {
-        verify_copy(&outf, &replica, &sums, &p, name)?;
+        verify_copy(outf, &replica, &sums, &p, name)?;
     }
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
@@ -154,10 +348,10 @@ pub fn recover(data: &Path, name: &str, point: &Point, out: &Path, format: Forma
     for r in recs.iter().rev() {
         if (r.kind == KIND_UNDO || r.kind == KIND_UNDO_ZERO) && r.seq > point.seq {
             let d = j.data(r).map_err(ioe(p.journal.display()))?;
-            outf.write_all_at(&d, r.offset).map_err(ioe(out.display()))?;
+            outf.write_all_at(&d, r.offset).map_err(ioe(shown))?;
         }
     }
-    outf.sync_all().map_err(ioe(out.display()))?;
+    outf.sync_all().map_err(ioe(shown))?;
     Ok(())
 }
 

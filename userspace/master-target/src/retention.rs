@@ -2,7 +2,9 @@
 //! journal space the others held.
 //!
 //! Policy (`DIR/NAME/retention.state`, set with `ferry retention`; without
-//! one, every point is kept):
+//! one, [`Policy::default_for`] the disk's size: keep 3 days, every point
+//! for an hour, one an hour up to a day, one a day beyond, and a journal no
+//! larger than the disk):
 //!
 //! - `keep_ns`: points older than this are dropped (the newest point is
 //!   always kept, however old);
@@ -50,9 +52,45 @@ pub struct Policy {
     pub journal_cap: u64,
 }
 
-impl Default for Policy {
-    fn default() -> Policy {
+impl Policy {
+    /// The policy of a disk of `disk_size` bytes that has none set
+    /// (docs/operating.md, docs/decisions.md): three days of points, every
+    /// point of the last hour, one an hour up to a day, one a day beyond;
+    /// the journal after the oldest kept point at most the disk's size.
+    pub fn default_for(disk_size: u64) -> Policy {
+        Policy { keep_ns: 3 * DAY, all_ns: HOUR, hourly_ns: DAY, journal_cap: disk_size }
+    }
+
+    /// No limit: every point kept.
+    pub fn keep_everything() -> Policy {
         Policy { keep_ns: 0, all_ns: u64::MAX, hourly_ns: u64::MAX, journal_cap: 0 }
+    }
+}
+
+/// Why retention keeps a point (the first that applies, in this order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The newest point, kept however old.
+    Newest,
+    /// Pinned by a running `ferry export` (or a failover writing it).
+    Pinned,
+    /// Younger than the policy's "every point" age.
+    Window,
+    /// The first point of its clock hour, younger than the hourly age.
+    Hourly,
+    /// The first point of its UTC day.
+    Daily,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Newest => "newest",
+            Reason::Pinned => "pinned",
+            Reason::Window => "window",
+            Reason::Hourly => "hourly",
+            Reason::Daily => "daily",
+        }
     }
 }
 
@@ -60,8 +98,26 @@ fn policy_path(paths: &Paths) -> PathBuf {
     paths.dir.join("retention.state")
 }
 
+/// The policy set for the disk, if any.
 pub fn load(paths: &Paths) -> Result<Option<Policy>, ferry_common::durable::StateError> {
     read_state(&policy_path(paths), KIND, VERSION)
+}
+
+/// The policy in force: the one set, or the default for the disk's size
+/// (then the flag is false).
+pub fn effective(paths: &Paths, disk_size: u64) -> Result<(Policy, bool), ferry_common::durable::StateError> {
+    Ok(match load(paths)? {
+        Some(p) => (p, true),
+        None => (Policy::default_for(disk_size), false),
+    })
+}
+
+/// Why each of `points` is kept now by the disk's policy (`None`: the next
+/// retention pass drops it). The same decision a pass makes ([`classify`]).
+pub fn reasons(paths: &Paths, disk_size: u64, points: &[Point]) -> Result<Vec<Option<Reason>>, ferry_common::durable::StateError> {
+    let (policy, _) = effective(paths, disk_size)?;
+    let end = std::fs::metadata(&paths.journal).map(|m| m.len()).unwrap_or(0);
+    Ok(classify(points, &policy, ferry_common::now_ns(), end, &pinned(paths)))
 }
 
 /// Write the policy; on a full filesystem the folder's reserve makes room.
@@ -117,6 +173,12 @@ impl Drop for Pin {
 /// The points to keep (oldest first), by `policy` at time `now`; `journal_end`
 /// is the journal's length (for the cap).
 pub fn select(points: &[Point], policy: &Policy, now: u64, journal_end: u64, pins: &BTreeSet<u64>) -> Vec<Point> {
+    classify(points, policy, now, journal_end, pins).iter().zip(points).filter(|(r, _)| r.is_some()).map(|(_, p)| *p).collect()
+}
+
+/// For each of `points` (oldest first), why `policy` keeps it at time `now`,
+/// or `None` if it goes. [`select`] and `ferry points` both use this.
+pub fn classify(points: &[Point], policy: &Policy, now: u64, journal_end: u64, pins: &BTreeSet<u64>) -> Vec<Option<Reason>> {
     let Some(newest) = points.last() else { return Vec::new() };
     // An hour or a day with a consistency group's point keeps that point
     // (the first such), so that every disk of the group keeps the same cut.
@@ -128,34 +190,46 @@ pub fn select(points: &[Point], policy: &Policy, now: u64, journal_end: u64, pin
     }
     let mut hours = BTreeSet::new();
     let mut days = BTreeSet::new();
-    let mut keep: Vec<Point> = Vec::new();
+    let mut out: Vec<Option<Reason>> = Vec::with_capacity(points.len());
     for p in points {
         let age = now.saturating_sub(p.time_ns);
-        let pinned = pins.contains(&p.id);
         let eligible = |groups: &BTreeSet<u64>, bucket: u64| p.kind == ferry_proto::PointKind::Group || !groups.contains(&bucket);
-        let kept = p.id == newest.id
-            || pinned
-            || ((policy.keep_ns == 0 || age <= policy.keep_ns)
-                && (age <= policy.all_ns
-                    || if age <= policy.hourly_ns {
-                        eligible(&group_hours, p.time_ns / HOUR) && hours.insert(p.time_ns / HOUR)
-                    } else {
-                        eligible(&group_days, p.time_ns / DAY) && days.insert(p.time_ns / DAY)
-                    }));
+        let in_window = policy.keep_ns == 0 || age <= policy.keep_ns;
+        let why = if p.id == newest.id {
+            Some(Reason::Newest)
+        } else if pins.contains(&p.id) {
+            Some(Reason::Pinned)
+        } else if !in_window {
+            None
+        } else if age <= policy.all_ns {
+            Some(Reason::Window)
+        } else if age <= policy.hourly_ns {
+            (eligible(&group_hours, p.time_ns / HOUR) && hours.insert(p.time_ns / HOUR)).then_some(Reason::Hourly)
+        } else {
+            (eligible(&group_days, p.time_ns / DAY) && days.insert(p.time_ns / DAY)).then_some(Reason::Daily)
+        };
         // A point in an hour (or day) already represented by an older kept
         // one is dropped; the first of each bucket is marked as it passes.
-        if kept {
+        if why.is_some() {
             hours.insert(p.time_ns / HOUR);
             days.insert(p.time_ns / DAY);
-            keep.push(*p);
         }
+        out.push(why);
     }
     if policy.journal_cap > 0 {
-        while keep.len() > 1 && journal_end.saturating_sub(keep[0].journal_pos) > policy.journal_cap && !pins.contains(&keep[0].id) {
-            keep.remove(0);
+        // The oldest kept points go while the journal after them is over
+        // the cap (never the newest, nor a pinned one).
+        for (i, p) in points.iter().enumerate() {
+            if out[i].is_none() {
+                continue;
+            }
+            if p.id == newest.id || pins.contains(&p.id) || journal_end.saturating_sub(p.journal_pos) <= policy.journal_cap {
+                break;
+            }
+            out[i] = None;
         }
     }
-    keep
+    out
 }
 
 /// Punch out the journal before `pos` (page-aligned, after the header's
@@ -194,11 +268,12 @@ pub struct Pass {
 /// through `rewrite`, which returns once the new catalog is durable.
 pub fn apply(
     paths: &Paths,
+    disk_size: u64,
     points: &[Point],
     journal_end: u64,
     mut rewrite: impl FnMut(&[Point]) -> io::Result<()>,
 ) -> Result<Pass, crate::disk::DiskError> {
-    let Some(policy) = load(paths)? else { return Ok(Pass { dropped: 0, kept: points.len() }) };
+    let (policy, _) = effective(paths, disk_size)?;
     let now = ferry_common::now_ns();
     if select(points, &policy, now, journal_end, &pinned(paths)).len() == points.len() {
         return Ok(Pass { dropped: 0, kept: points.len() });
@@ -228,6 +303,7 @@ pub fn apply(
 /// `ferry retention` with no master target: take the disk's writer lock
 /// (None if a master target holds it) and apply the policy.
 pub fn apply_offline(data: &Path, name: &str) -> Result<Option<Pass>, crate::disk::DiskError> {
+    let meta = crate::disk::read_meta(data, name)?;
     let paths = Paths::new(data, name);
     let _lock = match crate::disk::lock(&paths, name) {
         Ok(l) => l,
@@ -240,7 +316,7 @@ pub fn apply_offline(data: &Path, name: &str) -> Result<Option<Pass>, crate::dis
     let (mut catalog, _) =
         crate::catalog::Catalog::open(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
     let points_path = paths.points.clone();
-    apply(&paths, &points, end, |keep| catalog.rewrite(&points_path, keep)).map(Some)
+    apply(&paths, meta.size, &points, end, |keep| catalog.rewrite(&points_path, keep)).map(Some)
 }
 
 #[cfg(test)]
@@ -324,5 +400,41 @@ mod tests {
         let keep = select(&p, &cap, 10, 64 + 5000, &BTreeSet::new());
         // Journal ends at 5064: only points whose position is within 2500 of it.
         assert_eq!(keep.iter().map(|k| k.id).collect::<Vec<_>>(), [4, 5]);
+    }
+
+    /// A disk with no policy set gets the default (its journal cap is the
+    /// disk's size), and the reasons a listing shows are the decisions a
+    /// pass makes.
+    #[test]
+    fn a_disk_without_a_policy_gets_the_default_and_each_kept_point_says_why() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = Paths::new(t.path(), "d");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let (pol, set) = effective(&paths, 512 << 20).unwrap();
+        assert!(!set);
+        assert_eq!(pol, Policy { keep_ns: 3 * DAY, all_ns: HOUR, hourly_ns: DAY, journal_cap: 512 << 20 });
+        store(&paths, &Policy::keep_everything()).unwrap();
+        assert_eq!(effective(&paths, 512 << 20).unwrap(), (Policy::keep_everything(), true));
+
+        let now = 100 * DAY;
+        let min = HOUR / 60;
+        // Points 4 days, 2 days (twice in one day), 3 h (twice in one hour),
+        // 10 min and 1 min old; point 2 pinned.
+        let p = pts(&[now - 4 * DAY, now - 2 * DAY - HOUR, now - 2 * DAY, now - 3 * HOUR, now - 3 * HOUR + min, now - 10 * min, now - min]);
+        let pol = Policy::default_for(1 << 30);
+        let pins: BTreeSet<u64> = [2].into();
+        let why = classify(&p, &pol, now, 1 << 20, &pins);
+        use Reason::*;
+        assert_eq!(why, [None, Some(Pinned), Some(Daily), Some(Hourly), None, Some(Window), Some(Newest)]);
+        let kept: Vec<u64> = select(&p, &pol, now, 1 << 20, &pins).iter().map(|k| k.id).collect();
+        assert_eq!(kept, [2, 3, 4, 6, 7]);
+        // The journal cap drops the oldest kept points that are not pinned:
+        // the journal ends at 64 + 7000; a cap of 2500 keeps what starts at
+        // or after 4564 (points 5 on), the pinned point, and the newest.
+        let capped = Policy { journal_cap: 2500, ..pol };
+        let why = classify(&p, &capped, now, 64 + 7000, &BTreeSet::new());
+        assert_eq!(why, [None, None, None, None, None, Some(Window), Some(Newest)]);
+        let why = classify(&p, &capped, now, 64 + 7000, &pins);
+        assert_eq!(why[1], Some(Pinned));
     }
 }

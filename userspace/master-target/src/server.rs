@@ -74,7 +74,7 @@ impl From<io::Error> for Fail {
 
 /// Bind the listener (refusing non-loopback addresses for now).
 pub fn bind(addr: SocketAddr, data: &Path) -> Result<TcpListener, ServeError> {
-    if !addr.ip().is_loopback() {
+    if ferry_common::net::check_listen("listen", addr).is_err() {
         return Err(ServeError::NotLoopback(addr));
     }
     std::fs::create_dir_all(data).map_err(|source| ServeError::Data { path: data.display().to_string(), source })?;

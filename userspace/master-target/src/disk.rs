@@ -210,6 +210,8 @@ pub struct Disk {
     /// Sums written since their mark was last made durable.
     sums_dirty: bool,
     sums_synced: std::time::Instant,
+    /// The journal's end right after its last COMMIT (what the mark names).
+    commit_end: u64,
     /// FERRY_NO_COFW=1 (benchmark only): journal every overwrite, as before
     /// copy on first write per interval, to measure what it saves.
     no_cofw: bool,
@@ -330,6 +332,7 @@ impl Disk {
         })?;
         let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end(), &points)?;
         crate::reserve::ensure(&paths.dir);
+        let commit_end = journal.end();
         let mut disk = Disk {
             sums: (std::env::var_os("FERRY_NO_SUMS").is_none_or(|v| v != "1")).then_some(sums),
             name: name.into(),
@@ -343,6 +346,7 @@ impl Disk {
             last_space_check: None,
             sums_dirty: false,
             sums_synced: std::time::Instant::now(),
+            commit_end,
             no_cofw: std::env::var_os("FERRY_NO_COFW").is_some_and(|v| v == "1"),
             catalog,
             durable_seq,
@@ -473,6 +477,7 @@ impl Disk {
         self.journal.commit(last);
         self.journal.sync()?;
         self.durable_seq = last;
+        self.commit_end = self.journal.end();
         // The sums of the chunks the batch touched; the mark follows at most
         // once a second (sums.rs).
         if let Some(sums) = &self.sums {
@@ -514,7 +519,7 @@ impl Disk {
         }
         if let Some(sums) = &self.sums {
             sums.sync().map_err(sums_err)?;
-            sums.set_mark(crate::sums::Mark { durable_seq: self.durable_seq, journal_end: self.journal.end() }).map_err(sums_err)?;
+            sums.set_mark(crate::sums::Mark { durable_seq: self.durable_seq, journal_end: self.commit_end }).map_err(sums_err)?;
             sums.sync().map_err(sums_err)?;
         }
         self.sums_dirty = false;

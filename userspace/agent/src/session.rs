@@ -472,6 +472,13 @@ impl Session {
 
     /// Close the connection.
     pub fn close(mut self) {
+        // A connection that already ended (or a dead link) is not flushed:
+        // that could wait for the whole write timeout.
+        let ended = self.shared.st.lock().expect("poisoned").closed.is_some();
+        if ended {
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            return;
+        }
         let _ = self.flush();
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }

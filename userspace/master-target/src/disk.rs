@@ -294,6 +294,7 @@ impl Disk {
             let _ = fs::remove_file(&paths.journal);
             let _ = fs::remove_file(&paths.batch);
             let _ = fs::remove_file(&paths.points);
+            let _ = fs::remove_file(&paths.sums);
         }
         // A new disk's meta is written now (it marks the folder complete); a
         // new generation for an existing disk only once its stream writes,
@@ -318,19 +319,8 @@ impl Disk {
             return Err(DiskError::Damaged { name: name.into(), why: "the undo journal is missing but recovery points exist".into() });
         }
         let mut journal = Journal::open(&paths.journal)?;
-        // Everything before the newest point's journal position is committed
-        // (the point was recorded after its batch's COMMIT), so the repair
-        // reads only the journal after it.
-        let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
         let mut batch = Journal::open(&paths.batch)?;
-        // Before the repair touches anything: records missing at the end of
-        // the journal would make it roll back committed data.
-        check_mark(&paths, name, size)?;
-        let durable_seq = repair(&paths, &replica, &mut journal, &mut batch, from).map_err(|e| match e {
-            DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
-            e => e,
-        })?;
-        let sums = open_sums(&paths, name, &replica, size, durable_seq, journal.end(), &points)?;
+        let (durable_seq, sums) = reconcile(&paths, name, size, &replica, &mut journal, &mut batch, &points)?;
         crate::reserve::ensure(&paths.dir);
         let commit_end = journal.end();
         let mut disk = Disk {
@@ -631,9 +621,128 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Bring a folder whose writer lock the caller holds to its durable state:
+/// check the replica's durable mark against the journal, roll back an
+/// uncommitted batch, and hash again the chunks whose sums may not have
+/// reached the disk. When there is anything to do, it is done under the
+/// recovery lock (exclusive: no recovery copies meanwhile) and the apply lock
+/// (exclusive: no check of a chunk against its sum meanwhile), taken in that
+/// order (a recovery takes them in the same order). Returns the durable
+/// sequence and the open sums.
+fn reconcile(
+    paths: &Paths,
+    name: &str,
+    size: u64,
+    replica: &File,
+    journal: &mut Journal,
+    batch: &mut Journal,
+    points: &[Point],
+) -> Result<(u64, crate::sums::Sums), DiskError> {
+    // Everything before the newest point's journal position is committed
+    // (the point was recorded after its batch's COMMIT), so the repair reads
+    // only the journal after it.
+    let from = points.last().map_or(crate::journal::HEADER_LEN, |p| p.journal_pos);
+    // Before the repair touches anything: records missing at the end of the
+    // journal would make it roll back committed data.
+    check_mark(paths, name, size)?;
+    let busy = needs_repair(paths, from)? || sums_stale(paths, size)?;
+    let _recoveries = if busy { Some(lock_recoveries(paths, libc::LOCK_EX)?) } else { None };
+    let apply_lock = crate::sums::ApplyLock::open(&paths.dir).map_err(ioe(paths.dir.join("apply.lock").display()))?;
+    let _applying = if busy { Some(apply_lock.exclusive().map_err(ioe("apply.lock"))?) } else { None };
+    let durable_seq = repair(paths, replica, journal, batch, from, busy).map_err(|e| match e {
+        DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
+        e => e,
+    })?;
+    let sums = open_sums(paths, name, replica, size, durable_seq, journal.end(), points)?;
+    Ok((durable_seq, sums))
+}
+
+/// Whether the start-up repair has anything to undo or cut: the journal
+/// goes on past its last COMMIT (from `from`), or the batch journal holds
+/// records of a batch that did not commit.
+fn needs_repair(paths: &Paths, from: u64) -> Result<bool, DiskError> {
+    let r = JournalReader::open(&paths.journal)?;
+    let recs = r.scan(from)?;
+    let mut recs = recs;
+    if from > crate::journal::HEADER_LEN && !recs.iter().any(|x| x.kind == KIND_COMMIT) {
+        recs = r.scan(0)?;
+    }
+    let (durable, cut) = match recs.iter().rposition(|x| x.kind == KIND_COMMIT) {
+        Some(i) => (recs[i].seq, recs[i].end),
+        None => (0, crate::journal::HEADER_LEN),
+    };
+    if r.file_len()? != cut {
+        return Ok(true);
+    }
+    if paths.batch.exists() {
+        if let Ok(b) = JournalReader::open(&paths.batch) {
+            if b.scan(0)?.iter().any(|x| x.seq > durable) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the replica's sums may be behind the replica (no valid mark, or
+/// a mark older than the journal's last COMMIT).
+fn sums_stale(paths: &Paths, size: u64) -> Result<bool, DiskError> {
+    let Ok(Some(s)) = crate::sums::Sums::open(&paths.sums, size, false) else { return Ok(true) };
+    let Ok(Some(m)) = s.mark() else { return Ok(true) };
+    let r = JournalReader::open(&paths.journal)?;
+    let len = r.file_len()?;
+    // The mark's COMMIT is in the journal (check_mark); stale when another
+    // valid COMMIT follows it.
+    Ok(len > m.journal_end && r.scan(m.journal_end)?.iter().any(|x| x.kind == KIND_COMMIT))
+}
+
+/// `ferry recover`, `verify`, `export` and `retention` with no master target
+/// serving the disk: bring the folder to its durable state first (what a
+/// master target does when a stream opens), so that a folder left by a crash
+/// is not taken for damaged. Does nothing when a master target holds the
+/// disk (it reconciled it when the stream opened), or when the folder cannot
+/// be written (a read-only copy: then its checks report what they find).
+pub fn settle(data: &Path, name: &str) -> Result<(), DiskError> {
+    let p = Paths::new(data, name);
+    let meta = read_meta(data, name)?;
+    let _writer = match lock(&p, name) {
+        Ok(l) => l,
+        Err(DiskError::Busy(_)) => return Ok(()),
+        Err(DiskError::Io(e)) => {
+            log::debug!("disk {name}: not settled (cannot take its writer lock: {e})");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    settle_held(&p, name, meta.size)
+}
+
+/// [`settle`] for a caller that holds the disk's writer lock.
+pub fn settle_held(p: &Paths, name: &str, size: u64) -> Result<(), DiskError> {
+    let replica = match OpenOptions::new().read(true).write(true).open(&p.replica) {
+        Ok(f) => f,
+        Err(e) => {
+            log::debug!("disk {name}: not settled ({}: {e})", p.replica.display());
+            return Ok(());
+        }
+    };
+    let (points, _) = crate::catalog::read_points(&p.points).map_err(ioe(p.points.display()))?;
+    let mut journal = Journal::open(&p.journal)?;
+    let mut batch = Journal::open(&p.batch)?;
+    let (durable, sums) = reconcile(p, name, size, &replica, &mut journal, &mut batch, &points)?;
+    if let Ok(Some(m)) = sums.mark() {
+        if m.durable_seq != durable || m.journal_end != journal.end() {
+            sums.set_mark(crate::sums::Mark { durable_seq: durable, journal_end: journal.end() }).map_err(sums_err)?;
+            sums.sync().map_err(sums_err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Start-up repair: undo what the last, uncommitted batch may have written,
 /// and cut the journal after the last COMMIT. Returns the durable sequence.
-fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Journal, from: u64) -> Result<u64, DiskError> {
+/// `locked`: the caller holds the recovery lock exclusively already.
+fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Journal, from: u64, locked: bool) -> Result<u64, DiskError> {
     let reader = JournalReader::open(&paths.journal)?;
     let mut recs = reader.scan(from)?;
     if from > crate::journal::HEADER_LEN && !recs.iter().any(|r| r.kind == KIND_COMMIT) {
@@ -680,7 +789,7 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Jour
     if !undo.is_empty() || !tail.is_empty() || file_len != cut {
         // Recoveries in progress copy the replica expecting the journal as
         // it is: wait for them before undoing and cutting (see recover.rs).
-        let _guard = lock_recoveries(paths, libc::LOCK_EX)?;
+        let _guard = if locked { None } else { Some(lock_recoveries(paths, libc::LOCK_EX)?) };
         for (_, in_batch, r) in &undo {
             let data = if *in_batch { breader.data(r) } else { reader.data(r) }.map_err(ioe(paths.journal.display()))?;
             replica.write_all_at(&data, r.offset).map_err(ioe(paths.replica.display()))?;
@@ -833,13 +942,13 @@ mod tests {
 
     /// A disk that keeps every point: these tests cut points at times near
     /// the epoch, which the default retention would drop as too old.
-    fn open(d: &Path) -> Disk {
+    pub(super) fn open(d: &Path) -> Disk {
         let disk = Disk::open(d, "d", 1 << 20, [1; 16]).unwrap().0;
         crate::retention::store(&disk.paths, &crate::retention::Policy::keep_everything()).unwrap();
         disk
     }
 
-    fn replica(d: &Path) -> Vec<u8> {
+    pub(super) fn replica(d: &Path) -> Vec<u8> {
         fs::read(d.join("d").join("replica.img")).unwrap()
     }
 
@@ -1009,5 +1118,59 @@ mod damage_tests {
         let j = two_batches(t.path());
         fs::remove_file(j).unwrap();
         assert!(matches!(Disk::open(t.path(), "d", 1 << 20, [1; 16]), Err(DiskError::Damaged { .. })));
+    }
+
+    /// A master target killed mid-batch, and no stream ever opens the disk
+    /// again (the source site is gone): `ferry verify` (and every recovery)
+    /// settles the folder first, rolling back the torn batch, instead of
+    /// calling the chunks it had overwritten damaged.
+    #[test]
+    fn a_folder_left_mid_batch_settles_instead_of_reading_as_damaged() {
+        let t = tempfile::tempdir().unwrap();
+        let mut disk = super::tests::open(t.path());
+        disk.apply(&[Op::Write { seq: 1, offset: 0, data: vec![1; 8192] }, Op::Tag { seq: 2, time_ns: 5, kind: PointKind::Crash }])
+            .unwrap();
+        disk.sync_sums().unwrap();
+        let committed = super::tests::replica(t.path());
+        disk.journal.undo(3, 0, &committed[0..4096]);
+        disk.journal.sync().unwrap();
+        disk.replica.write_all_at(&[9; 4096], 0).unwrap();
+        disk.failed = true; // a crash: nothing more is made durable
+        drop(disk);
+        let o = crate::verify::verify(t.path(), "d", 0).unwrap();
+        assert!(o.ok(), "{:?}", o.damage);
+        assert_eq!(super::tests::replica(t.path()), committed, "the torn batch was rolled back");
+    }
+
+    /// Sums written after the last mark that never reached the disk (a
+    /// power cut): settling hashes again every range of the mark's interval,
+    /// so verify finds nothing wrong with a healthy replica.
+    #[test]
+    fn sums_lost_after_the_mark_are_hashed_again() {
+        let t = tempfile::tempdir().unwrap();
+        let mut disk = super::tests::open(t.path());
+        disk.apply(&[Op::Write { seq: 1, offset: 0, data: vec![1; 4096] }, Op::Tag { seq: 2, time_ns: 5, kind: PointKind::Crash }])
+            .unwrap();
+        disk.sync_sums().unwrap();
+        // Two more batches, the second rewriting a range of the first (its
+        // pre-image goes to the batch journal), sums not made durable.
+        disk.apply(&[Op::Write { seq: 3, offset: 200 << 10, data: vec![3; 4096] }]).unwrap();
+        disk.apply(&[Op::Write { seq: 4, offset: 200 << 10, data: vec![4; 4096] }, Op::Write { seq: 5, offset: 0, data: vec![5; 4096] }])
+            .unwrap();
+        let sums_path = disk.paths.sums.clone();
+        disk.failed = true;
+        drop(disk);
+        // The power cut: the sums of chunks 0 and 3 are as they were before.
+        let f = OpenOptions::new().write(true).open(&sums_path).unwrap();
+        f.write_all_at(&[0u8; 16], 4096 + 3 * 16).unwrap();
+        f.write_all_at(&crate::sums::chunk_sum(&[1u8; 4096].iter().copied().chain([0u8; 61440]).collect::<Vec<_>>()), 4096).unwrap();
+        let o = crate::verify::verify(t.path(), "d", 0).unwrap();
+        assert!(o.ok(), "{:?}", o.damage);
+        // And a flipped replica byte is still found after all that.
+        let r = OpenOptions::new().write(true).open(t.path().join("d").join("replica.img")).unwrap();
+        r.write_all_at(&[0xee], 100 << 10).unwrap();
+        let o = crate::verify::verify(t.path(), "d", 0).unwrap();
+        assert_eq!(o.damage.len(), 1, "{:?}", o.damage);
+        assert_eq!(o.damage[0].offset, 64 << 10);
     }
 }

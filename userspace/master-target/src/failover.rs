@@ -133,6 +133,15 @@ pub fn failover(
         }
     };
     let fmt = output.format();
+    // Holding the writer lock: bring a folder left by a crash to its durable
+    // state here (recover::write cannot take the lock we hold).
+    let size = crate::disk::read_meta(data, name)?.size;
+    if let Err(e) = crate::disk::settle_held(&paths, name, size) {
+        if !was_active {
+            let _ = std::fs::remove_file(state_path(&paths));
+        }
+        return Err(e.into());
+    }
     if let Err(e) = recover::write(data, name, point, output) {
         if !was_active {
             let _ = std::fs::remove_file(state_path(&paths));

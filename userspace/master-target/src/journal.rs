@@ -177,13 +177,22 @@ impl JournalReader {
         if len <= from {
             return Ok(false);
         }
-        let mut tail = vec![0u8; (len - from) as usize];
-        self.file.read_exact_at(&mut tail, from).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+        // In pieces (the journal may be as large as the disk), overlapping
+        // by the 5 bytes a match needs.
+        const PIECE: u64 = 4 << 20;
         let magic = REC_MAGIC.to_le_bytes();
-        for (i, w) in tail.windows(5).enumerate().skip(1) {
-            if w[..4] == magic && w[4] == KIND_COMMIT && self.record_at(from + i as u64, len).is_some_and(|r| r.kind == KIND_COMMIT) {
-                return Ok(true);
+        let mut buf = vec![0u8; PIECE as usize + 4];
+        let mut at = from;
+        while at < len {
+            let n = ((len - at).min(PIECE + 4)) as usize;
+            self.file.read_exact_at(&mut buf[..n], at).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+            for (i, w) in buf[..n].windows(5).enumerate() {
+                let pos = at + i as u64;
+                if pos > from && w[..4] == magic && w[4] == KIND_COMMIT && self.record_at(pos, len).is_some_and(|r| r.kind == KIND_COMMIT) {
+                    return Ok(true);
+                }
             }
+            at += PIECE;
         }
         Ok(false)
     }

@@ -317,6 +317,9 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, shown: &str) -> Result<(), RecoverError> {
     let meta = read_meta(data, name)?;
     let p = Paths::new(data, name);
+    // A folder left by a crash, with no master target to reconcile it, is
+    // brought to its durable state first (not taken for damaged).
+    crate::disk::settle(data, name)?;
     // A master target starting up must not undo and cut journal records
     // between our copy of the replica and our read of the journal. On a
     // read-only copy of a folder there is no writer to exclude.

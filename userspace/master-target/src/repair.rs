@@ -202,7 +202,23 @@ pub fn repair(data: &Path, name: &str) -> Result<Report, DiskError> {
                 keep.len()
             ));
         }
-        if !why.is_empty() {
+        let damaged_after_all = journal_damage(&p)?.is_some() && keep.is_empty();
+        if damaged_after_all {
+            // No point lies after the damage: the master target, which reads
+            // the journal from the newest point, would still meet it. The
+            // journal goes aside; the replica stays; the agent resyncs.
+            for f in [&p.journal, &p.batch, &p.sums, &p.points] {
+                if f.exists() {
+                    aside.put(f)?;
+                }
+            }
+            new_generation_needed = true;
+            rep.steps.push(format!(
+                "{}; no point is left after the damage: the journal, catalog and sums were moved aside and the replica kept \
+                 (the agent's next stream resyncs by checksum)",
+                why.join("; ")
+            ));
+        } else if !why.is_empty() {
             let to = aside.copy(&p.points)?;
             let (mut c, _) = Catalog::open(&p.points).map_err(ioe(p.points.display()))?;
             c.rewrite(&p.points, &keep).map_err(ioe(p.points.display()))?;

@@ -312,6 +312,10 @@ pub fn apply_offline(data: &Path, name: &str) -> Result<Option<Pass>, crate::dis
     };
     let (points, _) =
         crate::catalog::read_points(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
+    // The sums' mark must not be left before the part of the journal about
+    // to be punched (disk.rs open_sums reads the journal from its interval).
+    let size = crate::disk::read_meta(data, name)?.size;
+    crate::disk::settle_held(&paths, name, size)?;
     let end = std::fs::metadata(&paths.journal).map(|m| m.len()).unwrap_or(0);
     let (mut catalog, _) =
         crate::catalog::Catalog::open(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;

@@ -59,6 +59,9 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
     let p = Paths::new(data, name);
     let meta = read_meta(data, name)?;
     check_complete(&p, name, true)?;
+    // A folder left by a crash is brought to its durable state first (when
+    // no master target serves it; one that does reconciled it at open).
+    crate::disk::settle(data, name)?;
     let mut damage = Vec::new();
     let cat = catalog::scan(&p.points).map_err(|e| DiskError::Io(format!("{}: {e}", p.points.display())))?;
     let all: Vec<u64> = cat.points.iter().map(|q| q.id).collect();
@@ -81,7 +84,10 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
             points: all.clone(),
         });
     }
-    // The journal from the oldest point on (before it, retention punched it).
+    // The journal from the oldest point on (before it, retention punched it),
+    // under the recovery lock: retention does not punch meanwhile.
+    let _reading = crate::disk::lock_recoveries(&p, libc::LOCK_SH).ok();
+    let cat = catalog::scan(&p.points).map_err(|e| DiskError::Io(format!("{}: {e}", p.points.display())))?;
     let j = JournalReader::open(&p.journal)?;
     let from = cat.points.iter().map(|q| q.journal_pos).min().unwrap_or(HEADER_LEN);
     let recs = j.scan(from)?;
@@ -112,6 +118,7 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
     if let Err(DiskError::Damaged { why, .. }) = check_mark(&p, name, meta.size) {
         damage.push(Damage { file: "journal.fj".into(), offset: j.file_len()?, len: 0, what: why, points: all.clone() });
     }
+    drop(_reading);
     // The replica against its sums.
     let mut chunks_checked = 0u64;
     if let Some(sums) = Sums::open(&p.sums, meta.size, false).map_err(|e| DiskError::Io(e.to_string()))? {

@@ -137,6 +137,7 @@ impl PointView {
     /// go to `scratch_dir` (unlinked at once).
     pub fn open(data: &Path, name: &str, point: Point, writable: bool, scratch_dir: &Path) -> Result<PointView, ViewError> {
         let meta = read_meta(data, name)?;
+        crate::disk::settle(data, name)?;
         crate::recover::prove_inputs(data, name, &point, true).map_err(|e| match e {
             crate::recover::RecoverError::Disk(d) => ViewError::from(d),
             e => ViewError::Io { what: format!("point {}", point.id), source: io::Error::other(e.to_string()) },

@@ -338,12 +338,14 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
     // On a filesystem that shares extents (XFS, btrfs), the copy is a
     // clone: instant and taking no space, so a recovery costs only the
     // journal after the point. Elsewhere, a sparse copy.
+    // Every chunk the copy takes from the replica must match its sum: a
+    // copy checks as it reads; a clone is read back.
+    let sums = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))?;
+    let check = sums.as_ref().map(|s| Check { sums: s, replica: &replica, p: &p, name });
     if is_dev || !clone_file(&replica, outf) {
-        copy_sparse(&replica, outf, meta.size, !is_dev).map_err(ioe(shown))?;
-    }
-    // Every chunk the copy took from the replica must match its sum.
-    if let Some(sums) = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))? {
-        verify_copy(outf, &replica, &sums, &p, name)?;
+        copy_sparse(&replica, outf, meta.size, !is_dev, check.as_ref(), shown)?;
+    } else if let Some(c) = &check {
+        verify_copy(outf, &replica, c.sums, &p, name)?;
     }
     // Only now read the journal (see the module note).
     let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
@@ -451,16 +453,7 @@ pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Pat
             let c = c0 + i as u64;
             let ok = check_chunk_settled(&p.dir, sums, replica, c, &mut one).map_err(se)?;
             if !ok {
-                return Err(DiskError::Damaged {
-                    name: name.into(),
-                    why: format!(
-                        "{} does not match its checksum in the 64 KiB chunk at byte {}: every point reads it; `ferry verify` lists all \
-                         damaged ranges, and `ferry agent --verify --repair` re-sends them from the source",
-                        p.replica.display(),
-                        c * CHUNK
-                    ),
-                }
-                .into());
+                return Err(replica_damage(p, name, c));
             }
         }
         c0 += per as u64;
@@ -515,22 +508,89 @@ fn small_cow_extents(f: &File) {
     }
 }
 
+/// What a copy checks its chunks against.
+struct Check<'a> {
+    sums: &'a crate::sums::Sums,
+    replica: &'a File,
+    p: &'a Paths,
+    name: &'a str,
+}
+
+impl Check<'_> {
+    /// Chunks `[c0, c0 + computed.len())` as read, against their sums; a
+    /// differing chunk is read again from the replica under the apply lock.
+    fn chunks(&self, c0: u64, computed: &[[u8; 16]]) -> Result<(), RecoverError> {
+        let se = |e: crate::sums::SumsError| RecoverError::Io(e.to_string());
+        let stored = self.sums.get(c0, computed.len()).map_err(se)?;
+        let mut one = Vec::new();
+        for (i, (a, b)) in computed.iter().zip(&stored).enumerate() {
+            if a == b {
+                continue;
+            }
+            let c = c0 + i as u64;
+            one.resize(crate::sums::CHUNK as usize, 0);
+            if !crate::sums::check_chunk_settled(&self.p.dir, self.sums, self.replica, c, &mut one).map_err(se)? {
+                return Err(replica_damage(self.p, self.name, c));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn replica_damage(p: &Paths, name: &str, c: u64) -> RecoverError {
+    DiskError::Damaged {
+        name: name.into(),
+        why: format!(
+            "{} does not match its checksum in the 64 KiB chunk at byte {}: every point reads it; `ferry verify` lists all \
+             damaged ranges, and `ferry agent --verify --repair` re-sends them from the source",
+            p.replica.display(),
+            c * crate::sums::CHUNK
+        ),
+    }
+    .into()
+}
+
 /// Copy `size` bytes; with `holes`, skip the source's holes (the target is a
-/// fresh sparse file that already reads as zero there).
-fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool) -> io::Result<()> {
+/// fresh sparse file that already reads as zero there). With `check`, every
+/// 64 KiB chunk is checked against its sum as it is read (whole chunks are
+/// read around each data extent; chunks wholly in holes must have the zero
+/// sum).
+fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool, check: Option<&Check>, shown: &str) -> Result<(), RecoverError> {
+    use crate::sums::{chunk_sum, CHUNK};
+    let rd = |e: io::Error| RecoverError::Io(format!("reading the replica: {e}"));
+    let wr = |e: io::Error| RecoverError::Io(format!("{shown}: {e}"));
     let mut buf = vec![0u8; 4 << 20];
     let mut pos = 0u64;
     while pos < size {
-        let (start, end) = if holes { next_data(src, pos, size)? } else { (pos, size) };
+        let (mut start, mut end) = if holes { next_data(src, pos, size).map_err(rd)? } else { (pos, size) };
+        if check.is_some() {
+            start = (start / CHUNK * CHUNK).max(pos);
+            end = end.div_ceil(CHUNK).saturating_mul(CHUNK).min(size);
+        }
+        if let Some(c) = check {
+            // Chunks wholly in the hole before this extent.
+            let h1 = if start >= size { size.div_ceil(CHUNK) } else { start / CHUNK };
+            let h0 = pos.div_ceil(CHUNK);
+            let mut h = h0.min(h1);
+            while h < h1 {
+                let n = ((h1 - h) as usize).min(65536);
+                c.chunks(h, &vec![[0u8; 16]; n])?;
+                h += n as u64;
+            }
+        }
         if start >= size {
             break;
         }
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], at)?;
+            src.read_exact_at(&mut buf[..n], at).map_err(rd)?;
+            if let Some(c) = check {
+                let sums: Vec<[u8; 16]> = buf[..n].chunks(CHUNK as usize).map(chunk_sum).collect();
+                c.chunks(at / CHUNK, &sums)?;
+            }
             if !(holes && ferry_common::is_zero(&buf[..n])) {
-                dst.write_all_at(&buf[..n], at)?;
+                dst.write_all_at(&buf[..n], at).map_err(wr)?;
             }
             at += n as u64;
         }

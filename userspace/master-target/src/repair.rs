@@ -54,21 +54,23 @@ struct Aside {
 }
 
 impl Aside {
-    fn put(&mut self, file: &Path) -> Result<PathBuf, DiskError> {
+    /// The folder, made on first use.
+    fn dir(&mut self) -> Result<&Path, DiskError> {
         if !self.made {
             fs::create_dir_all(&self.dir).map_err(ioe(self.dir.display()))?;
             self.made = true;
         }
-        let to = self.dir.join(file.file_name().unwrap_or_default());
+        Ok(&self.dir)
+    }
+    /// Move `file` aside.
+    fn put(&mut self, file: &Path) -> Result<PathBuf, DiskError> {
+        let to = self.dir()?.join(file.file_name().unwrap_or_default());
         fs::rename(file, &to).map_err(ioe(file.display()))?;
         Ok(to)
     }
+    /// Keep a copy of `file` aside.
     fn copy(&mut self, file: &Path) -> Result<PathBuf, DiskError> {
-        if !self.made {
-            fs::create_dir_all(&self.dir).map_err(ioe(self.dir.display()))?;
-            self.made = true;
-        }
-        let to = self.dir.join(file.file_name().unwrap_or_default());
+        let to = self.dir()?.join(file.file_name().unwrap_or_default());
         fs::copy(file, &to).map_err(ioe(file.display()))?;
         Ok(to)
     }

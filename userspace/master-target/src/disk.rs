@@ -324,7 +324,7 @@ impl Disk {
         crate::reserve::ensure(&paths.dir);
         let commit_end = journal.end();
         let mut disk = Disk {
-            sums: (std::env::var_os("FERRY_NO_SUMS").is_none_or(|v| v != "1")).then_some(sums),
+            sums,
             name: name.into(),
             size,
             paths,
@@ -637,7 +637,7 @@ fn reconcile(
     journal: &mut Journal,
     batch: &mut Journal,
     points: &[Point],
-) -> Result<(u64, crate::sums::Sums), DiskError> {
+) -> Result<(u64, Option<crate::sums::Sums>), DiskError> {
     // Everything before the newest point's journal position is committed
     // (the point was recorded after its batch's COMMIT), so the repair reads
     // only the journal after it.
@@ -645,7 +645,9 @@ fn reconcile(
     // Before the repair touches anything: records missing at the end of the
     // journal would make it roll back committed data.
     check_mark(paths, name, size)?;
-    let busy = needs_repair(paths, from)? || sums_stale(paths, size)?;
+    // FERRY_NO_SUMS=1 (benchmark knob): no sums kept or checked at all.
+    let no_sums = std::env::var_os("FERRY_NO_SUMS").is_some_and(|v| v == "1");
+    let busy = needs_repair(paths, from)? || (!no_sums && sums_stale(paths, size)?);
     let _recoveries = if busy { Some(lock_recoveries(paths, libc::LOCK_EX)?) } else { None };
     let apply_lock = crate::sums::ApplyLock::open(&paths.dir).map_err(ioe(paths.dir.join("apply.lock").display()))?;
     let _applying = if busy { Some(apply_lock.exclusive().map_err(ioe("apply.lock"))?) } else { None };
@@ -653,8 +655,12 @@ fn reconcile(
         DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
         e => e,
     })?;
+    if no_sums {
+        let _ = fs::remove_file(&paths.sums);
+        return Ok((durable_seq, None));
+    }
     let sums = open_sums(paths, name, replica, size, durable_seq, journal.end(), points)?;
-    Ok((durable_seq, sums))
+    Ok((durable_seq, Some(sums)))
 }
 
 /// Whether the start-up repair has anything to undo or cut: the journal
@@ -730,6 +736,7 @@ pub fn settle_held(p: &Paths, name: &str, size: u64) -> Result<(), DiskError> {
     let mut journal = Journal::open(&p.journal)?;
     let mut batch = Journal::open(&p.batch)?;
     let (durable, sums) = reconcile(p, name, size, &replica, &mut journal, &mut batch, &points)?;
+    let Some(sums) = sums else { return Ok(()) };
     if let Ok(Some(m)) = sums.mark() {
         if m.durable_seq != durable || m.journal_end != journal.end() {
             sums.set_mark(crate::sums::Mark { durable_seq: durable, journal_end: journal.end() }).map_err(sums_err)?;

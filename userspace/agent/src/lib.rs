@@ -2465,8 +2465,13 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
         why.push(w);
     };
     let every = if st.point_every_s > 0.0 { st.point_every_s } else { 60.0 };
-    if let Some(r) = &stopped_reason {
-        note(Health::Crit, format!("agent not running: {r}"));
+    match &stopped_reason {
+        // A scheduled `--once` run that finished is not a fault: the age of
+        // its point (against --point-every, set to the schedule) says whether
+        // the schedule keeps up.
+        Some(r) if r.starts_with("--once finished") => {}
+        Some(r) => note(Health::Crit, format!("agent not running: {r}")),
+        None => {}
     }
     if let Some(f) = &st.failover {
         note(Health::Warn, format!("failed over on the master target: {f}"));

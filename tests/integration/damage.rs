@@ -499,3 +499,42 @@ fn a_folder_left_by_a_killed_master_target_recovers_with_no_agent_back() {
         }
     }
 }
+
+/// `master-target --scrub-every` verifies every disk on its own and the
+/// result shows in `ferry status --data`: clean, then the damage a flipped
+/// replica byte makes (CRIT, with the range).
+#[test]
+fn the_scrub_runs_on_a_schedule_and_shows_in_status() {
+    let t = TempDir::new("scrub");
+    mixed_image(&t.path("a.img"), 4 << 20, 8);
+    let data = t.path("data");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _mt = Proc(
+        ferry()
+            .args(["master-target", "--listen", &addr, "--data", &data.display().to_string(), "--scrub-every", "1s", "--scrub-rate", "0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the master target to listen", 10, || std::net::TcpStream::connect(&addr).is_ok());
+    scan_once(&t.s("a.img"), "sc", &addr, &t.s("st"));
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run_ok(&["status", "--data", &data.display().to_string(), "--name", "sc", "--json"])).unwrap()
+    };
+    wait_for("a clean scrub in status", 20, || status()["last_verify"]["damage"].as_array().is_some_and(|d| d.is_empty()));
+    assert_eq!(status()["health"], "OK", "{}", status());
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(data.join("sc").join("replica.img")).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 200_000).unwrap();
+    f.write_all_at(&[b[0] ^ 0x80], 200_000).unwrap();
+    f.sync_all().unwrap();
+    wait_for("the scrub to find the flipped byte", 20, || {
+        let s = status();
+        s["health"] == "CRIT" && s["last_verify"]["damage"].as_array().is_some_and(|d| d.iter().any(|x| x["offset"] == 196_608))
+    });
+    let human = run_ok(&["status", "--data", &data.display().to_string(), "--name", "sc"]);
+    assert!(human.contains("DAMAGE     replica.img at byte 196608"), "{human}");
+}

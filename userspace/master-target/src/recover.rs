@@ -435,30 +435,14 @@ pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Re
 /// the copy: then its journal records, read next, undo that) and must match
 /// its sum there; otherwise the replica is damaged.
 pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
-    use crate::sums::{check_chunk_settled, chunk_sum, CHUNK};
-    let size = sums.size;
-    let per = 64usize; // chunks per read (4 MiB)
-    let mut buf = vec![0u8; per * CHUNK as usize];
-    let mut one = vec![0u8; CHUNK as usize];
-    let se = |e: crate::sums::SumsError| RecoverError::Io(e.to_string());
-    let mut c0 = 0u64;
-    while c0 * CHUNK < size {
-        let n = ((size - c0 * CHUNK).min(per as u64 * CHUNK)) as usize;
-        out.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(ioe("reading the recovered copy"))?;
-        let stored = sums.get(c0, n.div_ceil(CHUNK as usize)).map_err(se)?;
-        for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
-            if chunk_sum(part) == stored[i] {
-                continue;
-            }
-            let c = c0 + i as u64;
-            let ok = check_chunk_settled(&p.dir, sums, replica, c, &mut one).map_err(se)?;
-            if !ok {
-                return Err(replica_damage(p, name, c));
-            }
-        }
-        c0 += per as u64;
-    }
+    crate::sums::compare((out, "the recovered copy"), sums.size, (sums, replica, &p.dir), |c| Err(replica_damage(p, name, c)), |_| {})?;
     Ok(())
+}
+
+impl From<crate::sums::SumsError> for RecoverError {
+    fn from(e: crate::sums::SumsError) -> RecoverError {
+        RecoverError::Io(e.to_string())
+    }
 }
 
 /// Make `dst` a clone of `src` (FICLONE: shared extents, copy on write).

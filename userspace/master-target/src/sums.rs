@@ -310,6 +310,40 @@ pub fn check_chunk_settled(dir: &Path, sums: &Sums, replica: &File, c: u64, buf:
     r
 }
 
+/// Read `file` (a copy of the replica, or the replica itself) chunk by chunk
+/// up to `size` and check each chunk against its sum; a chunk that differs
+/// is checked again on the replica under the apply lock
+/// ([`check_chunk_settled`]), and if it still differs, `bad(chunk index)`
+/// decides (stop with an error, or note it and go on). `after_read(bytes)`
+/// runs after each 4 MiB read (a rate limit). Returns the chunks checked.
+pub fn compare<E: From<SumsError>>(
+    (file, what): (&File, &str),
+    size: u64,
+    (sums, replica, dir): (&Sums, &File, &Path),
+    mut bad: impl FnMut(u64) -> Result<(), E>,
+    mut after_read: impl FnMut(u64),
+) -> Result<u64, E> {
+    const PER: usize = 64; // chunks per read (4 MiB)
+    let mut buf = vec![0u8; PER * CHUNK as usize];
+    let mut one = vec![0u8; CHUNK as usize];
+    let mut c0 = 0u64;
+    let mut checked = 0u64;
+    while c0 * CHUNK < size {
+        let n = ((size - c0 * CHUNK).min(PER as u64 * CHUNK)) as usize;
+        file.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(|source| SumsError::Io { path: what.into(), source })?;
+        let stored = sums.get(c0, n.div_ceil(CHUNK as usize))?;
+        for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
+            checked += 1;
+            if chunk_sum(part) != stored[i] && !check_chunk_settled(dir, sums, replica, c0 + i as u64, &mut one)? {
+                bad(c0 + i as u64)?;
+            }
+        }
+        after_read(n as u64);
+        c0 += PER as u64;
+    }
+    Ok(checked)
+}
+
 /// Check one chunk of `replica` against `sums`: `Ok(true)` when it matches.
 pub fn check_chunk(sums: &Sums, replica: &File, c: u64, buf: &mut [u8]) -> Result<bool, SumsError> {
     let off = c * CHUNK;

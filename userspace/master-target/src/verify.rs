@@ -13,13 +13,18 @@
 use crate::catalog;
 use crate::disk::{check_complete, check_mark, read_meta, DiskError, Paths};
 use crate::journal::{JournalReader, HEADER_LEN, KIND_COMMIT};
-use crate::sums::{check_chunk_settled, chunk_sum, Sums, CHUNK};
+use crate::sums::{Sums, CHUNK};
 use ferry_common::durable::{read_state, write_state};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub const STATE_KIND: &str = "ferry-verify";
+
+impl From<crate::sums::SumsError> for DiskError {
+    fn from(e: crate::sums::SumsError) -> DiskError {
+        DiskError::Io(e.to_string())
+    }
+}
 pub const STATE_VERSION: u32 = 1;
 
 /// One damaged place.
@@ -121,42 +126,31 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
     drop(_reading);
     // The replica against its sums.
     let mut chunks_checked = 0u64;
-    if let Some(sums) = Sums::open(&p.sums, meta.size, false).map_err(|e| DiskError::Io(e.to_string()))? {
+    if let Some(sums) = Sums::open(&p.sums, meta.size, false)? {
         let replica = std::fs::File::open(&p.replica).map_err(|e| DiskError::Io(format!("{}: {e}", p.replica.display())))?;
-        let per = 64usize;
-        let mut buf = vec![0u8; per * CHUNK as usize];
-        let mut one = vec![0u8; CHUNK as usize];
-        let se = |e: crate::sums::SumsError| DiskError::Io(e.to_string());
         let size = meta.size.min(len);
-        let mut c0 = 0u64;
         let mut bad: Vec<(u64, u64)> = Vec::new();
-        while c0 * CHUNK < size {
-            let n = ((size - c0 * CHUNK).min(per as u64 * CHUNK)) as usize;
-            replica.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(|e| DiskError::Io(format!("{}: {e}", p.replica.display())))?;
-            bytes_read += n as u64;
-            let stored = sums.get(c0, n.div_ceil(CHUNK as usize)).map_err(se)?;
-            for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
-                chunks_checked += 1;
-                if chunk_sum(part) == stored[i] {
-                    continue;
+        chunks_checked = crate::sums::compare(
+            (&replica, &p.replica.display().to_string()),
+            size,
+            (&sums, &replica, &p.dir),
+            |c| -> Result<(), DiskError> {
+                match bad.last_mut() {
+                    Some((_, e)) if *e == c * CHUNK => *e += CHUNK,
+                    _ => bad.push((c * CHUNK, (c + 1) * CHUNK)),
                 }
-                let c = c0 + i as u64;
-                let ok = check_chunk_settled(&p.dir, &sums, &replica, c, &mut one).map_err(se)?;
-                if !ok {
-                    match bad.last_mut() {
-                        Some((_, e)) if *e == c * CHUNK => *e += CHUNK,
-                        _ => bad.push((c * CHUNK, (c + 1) * CHUNK)),
+                Ok(())
+            },
+            |n| {
+                bytes_read += n;
+                if rate > 0 {
+                    let due = Duration::from_secs_f64(bytes_read as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        std::thread::sleep(wait);
                     }
                 }
-            }
-            c0 += per as u64;
-            if rate > 0 {
-                let due = Duration::from_secs_f64(bytes_read as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-        }
+            },
+        )?;
         for (a, b) in bad {
             damage.push(Damage {
                 file: "replica.img".into(),

@@ -26,6 +26,7 @@ pub mod freeze;
 pub mod kmod;
 pub mod live;
 pub mod owner;
+pub mod reader;
 pub mod session;
 pub mod state;
 
@@ -1722,23 +1723,20 @@ impl Agent {
         Ok(())
     }
 
-    fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], buf: &mut AlignedBuf) -> Result<(), AgentError> {
+    fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], _buf: &mut AlignedBuf) -> Result<(), AgentError> {
         // Shipped extents change the replica after the last pass.
         self.pass_sums = None;
-        for &(a, b) in exts {
-            let mut off = a;
-            while off < b {
-                let n = ((b - off) as usize).min(buf.len());
-                let data = self.src.read_into(buf, off, n).map_err(AgentError::io(format!("reading the disk at {off}")))?;
-                self.bytes_read += n as u64;
-                let mut units = Vec::new();
-                prepare(off, data, UNIT, &mut units);
-                for u in units {
-                    sess.send_unit(u)?;
-                }
-                off += n as u64;
+        // Many reads in flight (reader.rs); sent in the extents' order.
+        let mut units = Vec::new();
+        let n = reader::read_extents(&self.src, exts, |off, data| {
+            units.clear();
+            prepare(off, data, UNIT, &mut units);
+            for u in units.drain(..) {
+                sess.send_unit(u)?;
             }
-        }
+            Ok(())
+        })?;
+        self.bytes_read += n;
         Ok(())
     }
 

@@ -12,7 +12,9 @@
  * - request->cmd_flags: `unsigned int` in older kernels, `blk_opf_t` (a
  *   32-bit __bitwise type) in 6.x: the same 32 bits, one definition serves.
  * - The block_rq_complete tracepoint's error argument changed type over
- *   time (int, then blk_status_t); the program does not read it.
+ *   time (int, then blk_status_t): the program reads only its low byte,
+ *   non-zero for a failed request in both (a failed discard is recorded
+ *   as a write, to be read back).
  * - block_rq_issue takes only the request since 5.11 ("block: remove the
  *   request_queue argument to request based tracepoints", a54895fa057c);
  *   older kernels fail to load the program and `auto` falls back to scan.

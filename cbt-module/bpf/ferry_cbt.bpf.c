@@ -395,6 +395,12 @@ int BPF_PROG(ferry_rq_complete, struct request *rq, int error, unsigned int nr_b
 	}
 	rec->offset = start;
 	rec->length = end - start;
+	/* A discard that failed left the old bytes in place: the agent must
+	 * read the range back rather than take it for zeroes. The error is an
+	 * int in older kernels and a blk_status_t (u8) in 6.x: its low byte is
+	 * non-zero exactly when the request failed. */
+	if (kind == FERRY_REC_DISCARD && (__u8)error)
+		kind = FERRY_REC_WRITE;
 	rec->kind = kind;
 	rec->flags = 0;
 	rec->time_ns = bpf_ktime_get_ns();

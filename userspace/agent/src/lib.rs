@@ -267,6 +267,8 @@ pub struct Agent {
     sent_base: u64,
     read_base: u64,
     last_size_check: Instant,
+    /// The disk reads zeroes after a discard (discards ship unread).
+    discard_zeroes: bool,
     /// During a `--verify` pass: the differing fine ranges, instead of
     /// shipping them.
     verify_found: Option<Vec<(u64, u64)>>,
@@ -503,6 +505,7 @@ impl Agent {
             sent_base,
             read_base,
             last_size_check: Instant::now(),
+            discard_zeroes: tracker == Tracker::Bpf && discard_reads_zeroes(&opts.disk),
             verify_found: None,
             opts,
             sd,
@@ -1717,7 +1720,19 @@ impl Agent {
         pending: &mut VecDeque<(u64, u64)>,
         buf: &mut AlignedBuf,
     ) -> Result<(), AgentError> {
-        self.ship_extents(sess, &coalesce(recs, self.st.size), buf)?;
+        // Ranges only zeroed in this batch (write-zeroes anywhere, discards
+        // where the device reads zeroes after one) go as zero extents,
+        // unread; everything else is read from the disk.
+        let (read, zero) = split_zeroed(recs, self.st.size, self.discard_zeroes);
+        for (a, b) in zero {
+            let mut off = a;
+            while off < b {
+                let n = (b - off).min(u64::from(ferry_proto::MAX_EXTENT));
+                sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
+                off += n;
+            }
+        }
+        self.ship_extents(sess, &read, buf)?;
         pending.push_back((sess.next_seq - 1, next));
         *cursor = next;
         Ok(())
@@ -2156,6 +2171,51 @@ fn diff_runs(x: &[[u8; 16]], y: &[[u8; 16]], max: usize) -> Vec<(usize, usize)> 
     out
 }
 
+/// Byte ranges `[start, end)`, in disk order.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// The batch's ranges to read, and those it only zeroed (sent as zero
+/// extents without a read): write-zeroes always read as zeroes; a discard
+/// does where `discard_zeroes` (the device reads zeroes after one; the bpf
+/// tracker records a discard that failed as a write). A range written
+/// anywhere in the batch is read, whatever else touched it.
+pub fn split_zeroed(recs: &[Record], size: u64, discard_zeroes: bool) -> (Ranges, Ranges) {
+    use ferry_ring::RecordKind;
+    let zeroing = |r: &&Record| r.kind == RecordKind::WriteZeroes || (discard_zeroes && r.kind == RecordKind::Discard);
+    let written: Vec<Record> = recs.iter().filter(|r| !zeroing(r)).copied().collect();
+    let zeroed: Vec<Record> = recs.iter().filter(zeroing).copied().collect();
+    let read = coalesce(&written, size);
+    let mut zero = Vec::new();
+    for (a, b) in coalesce(&zeroed, size) {
+        // Minus the ranges that are read.
+        let mut at = a;
+        for &(x, y) in read.iter().filter(|&&(x, y)| x < b && a < y) {
+            if x > at {
+                zero.push((at, x));
+            }
+            at = at.max(y);
+        }
+        if at < b {
+            zero.push((at, b));
+        }
+    }
+    (read, zero)
+}
+
+/// Whether `disk` reads zeroes after a discard: a loop device over a file,
+/// with discards on (the loop driver punches a hole in the file). Other
+/// devices are read back (docs/operating.md).
+pub fn discard_reads_zeroes(disk: &Path) -> bool {
+    let Some(name) = std::fs::canonicalize(disk).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())) else {
+        return false;
+    };
+    let sys = format!("/sys/block/{name}");
+    name.strip_prefix("loop").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && Path::new(&format!("{sys}/loop/backing_file")).exists()
+        && std::fs::read_to_string(format!("{sys}/queue/discard_max_bytes")).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+            > 0
+}
+
 /// Merge records into sorted, sector-aligned, non-overlapping extents
 /// clipped to the disk (tags carry no extent).
 pub fn coalesce(recs: &[Record], size: u64) -> Vec<(u64, u64)> {
@@ -2539,6 +2599,24 @@ mod tests {
         assert_eq!(diff_runs(&a, &b, 100), vec![(1, 4), (6, 7)]);
         assert_eq!(diff_runs(&a, &b, 2), vec![(1, 3), (3, 4), (6, 7)]);
         assert!(diff_runs(&a, &a, 2).is_empty());
+    }
+
+    #[test]
+    fn discards_are_zeroed_unread_only_where_nothing_wrote() {
+        let r = |kind, offset, length| Record { seq: 0, offset, length, kind, flush: false, data: false, group: false, time_ns: 0 };
+        let recs = [
+            r(RecordKind::Discard, 0, 1 << 20),
+            r(RecordKind::Write, 4096, 8192),
+            r(RecordKind::WriteZeroes, 2 << 20, 4096),
+            r(RecordKind::Discard, 3 << 20, 4096),
+        ];
+        let (read, zero) = split_zeroed(&recs, 8 << 20, true);
+        assert_eq!(read, vec![(4096, 12288)]);
+        assert_eq!(zero, vec![(0, 4096), (12288, 1 << 20), (2 << 20, (2 << 20) + 4096), (3 << 20, (3 << 20) + 4096)]);
+        // A device that does not read zeroes after a discard: discards are read.
+        let (read, zero) = split_zeroed(&recs, 8 << 20, false);
+        assert_eq!(read, vec![(0, 1 << 20), (3 << 20, (3 << 20) + 4096)]);
+        assert_eq!(zero, vec![(2 << 20, (2 << 20) + 4096)]);
     }
 
     #[test]

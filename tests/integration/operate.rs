@@ -446,3 +446,74 @@ fn a_resync_under_load_finishes_once_the_writes_stop() {
     assert!(agent.alive(), "the agent ended");
     eprintln!("{n} writes; caught up in {:?} after they stopped", Duration::from_nanos(ferry_common::now_ns() - stopped_at));
 }
+
+/// Issue 12 (link limits): a peer that opens a disk and then neither sends
+/// nor reads, keeping its TCP connection open, loses the disk within the
+/// idle timeout (`--idle-timeout 3s` here; 60 s by default), so an agent
+/// can open it; 200 connections that never say HELLO do not stop a real
+/// agent from being served; past `--max-connections`, a connection is
+/// refused as busy at once.
+#[test]
+fn a_silent_peer_loses_the_disk_and_idle_connections_starve_nobody() {
+    let t = TempDir::new("silentpeer");
+    mixed_image(&t.path("a.img"), 4 << 20, 9);
+    let data = t.path("data");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _mt = Proc(
+        ferry()
+            .args(["master-target", "--listen", &addr, "--data", &data.display().to_string(), "--idle-timeout", "3s"])
+            .args(["--max-connections", "260"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the master target to listen", 10, || TcpStream::connect(&addr).is_ok());
+    // 200 connections that never say anything.
+    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    // A v2 peer opens the disk, then goes silent with the connection open.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write_msg(&mut s, &Msg::Hello { min: 1, max: VERSION_MAX, peer: "silent".into() }).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), Some(Msg::HelloAck { .. })));
+    write_msg(&mut s, &Msg::Open { name: "vm".into(), size: 4 << 20, generation: [5; 16] }).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), Some(Msg::OpenAck { .. })));
+    // The limit: 200 idle + the silent peer + these 59 fill it; the next
+    // is refused at once.
+    let more: Vec<TcpStream> = (0..59).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut over = TcpStream::connect(&addr).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match read_frame(&mut over) {
+        Ok(Some(Msg::Error { code: ferry_proto::ErrorCode::Busy, msg })) => assert!(msg.contains("maximum of connections"), "{msg}"),
+        other => panic!("expected a busy refusal past the limit, got {other:?}"),
+    }
+    drop(more);
+    let t0 = Instant::now();
+    // The real agent gets the disk once the silent peer is dropped, and
+    // ships it whole, the 200 idle connections still open.
+    let o = run_within(
+        &[
+            "agent",
+            "--disk",
+            &t.s("a.img"),
+            "--name",
+            "vm",
+            "--target",
+            &addr,
+            "--tracker",
+            "scan",
+            "--state",
+            &t.s("st"),
+            "--once",
+            "--json",
+        ],
+        60,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("the agent was served {:?} after the silent peer opened the disk", t0.elapsed());
+    recover_to(&data.display().to_string(), "vm", "latest", &t.s("r.img"));
+    assert_same(&t.path("a.img"), &t.path("r.img"));
+    drop(idle);
+}

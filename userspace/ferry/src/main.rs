@@ -70,6 +70,12 @@ enum Cmd {
         /// Read at most this much a second while scrubbing (e.g. 100M; 0 for no limit).
         #[arg(long, value_name = "SIZE", default_value = "100M")]
         scrub_rate: String,
+        /// Drop a stream silent this long and release its disk (agents ping after 10 s of silence).
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        idle_timeout: String,
+        /// Connections served at once; more are refused as busy.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        max_connections: usize,
     },
     /// Protect one block device or image file.
     Agent {
@@ -416,7 +422,14 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections } => {
+            let idle = humantime::parse_duration(&idle_timeout)
+                .ok()
+                .filter(|d| *d >= Duration::from_secs(1))
+                .ok_or_else(|| anyhow::anyhow!("--idle-timeout {idle_timeout:?}: expected a duration of at least 1s, e.g. 60s"))?;
+            if max_connections == 0 {
+                anyhow::bail!("--max-connections must be at least 1");
+            }
             let listen = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
             let rate =
                 parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
@@ -430,7 +443,8 @@ fn run(cli: Cli) -> Result<()> {
                 std::thread::spawn(move || ferry_target::verify::scrub_loop(&d, every, rate));
             }
             log::info!("master target listening on {listen}, data in {}", data.display());
-            ferry_target::server::serve(l, &data).context("serving")?;
+            let limits = ferry_target::server::Limits { idle, max_connections };
+            ferry_target::server::serve_with(l, &data, limits).context("serving")?;
             Ok(())
         }
         Cmd::Agent {

@@ -81,24 +81,64 @@ pub fn bind(addr: SocketAddr, data: &Path) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
 }
 
-/// Serve forever.
+/// The listener's limits (`master-target --idle-timeout`, `--max-connections`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A v2 stream silent this long (no frame, not even a PING) is dropped
+    /// and its disk released. Agents ping after 10 s of silence.
+    pub idle: Duration,
+    /// Connections served at once; more are refused (busy) at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { idle: IDLE_TIMEOUT, max_connections: 1024 }
+    }
+}
+
+/// Serve forever, with the default limits.
 pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
+    serve_with(listener, data, Limits::default())
+}
+
+/// Serve forever: one thread per connection, at most `limits.max_connections`.
+pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits) -> io::Result<()> {
     let data = Arc::new(data.to_path_buf());
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let conn = match conn {
+        let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {
                 log::warn!("accept: {e}");
                 continue;
             }
         };
-        let data = Arc::clone(&data);
-        std::thread::spawn(move || handle(conn, &data));
+        use std::sync::atomic::Ordering;
+        if open.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+            open.fetch_sub(1, Ordering::SeqCst);
+            log::warn!(
+                "{}: refused: {} connections already open (--max-connections)",
+                conn.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                limits.max_connections
+            );
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_msg(
+                &mut conn,
+                &Msg::Error { code: ErrorCode::Busy, msg: "the master target serves its maximum of connections; try again".into() },
+            );
+            continue;
+        }
+        let (data, open) = (Arc::clone(&data), Arc::clone(&open));
+        std::thread::spawn(move || {
+            handle(conn, &data, limits);
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
     }
     Ok(())
 }
 
-fn handle(conn: TcpStream, data: &Path) {
+fn handle(conn: TcpStream, data: &Path, limits: Limits) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
     // Every wait on the peer has a deadline: the handshake must come within
@@ -115,7 +155,7 @@ fn handle(conn: TcpStream, data: &Path) {
         }
     };
     let mut disk_name = String::from("-");
-    let r = session(&mut c, data, &mut disk_name);
+    let r = session(&mut c, data, &mut disk_name, limits);
     match r {
         Ok(()) => log::info!("{peer} disk {disk_name}: stream closed"),
         Err(f) => {
@@ -169,7 +209,7 @@ impl Conn {
     }
 }
 
-fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail> {
+fn session(c: &mut Conn, data: &Path, disk_name: &mut String, limits: Limits) -> Result<(), Fail> {
     let Some(first) = c.recv()? else { return Ok(()) };
     let Msg::Hello { min, max, peer } = first else {
         return Err(Fail::new(ErrorCode::BadFrame, "expected HELLO first"));
@@ -187,7 +227,7 @@ fn session(c: &mut Conn, data: &Path, disk_name: &mut String) -> Result<(), Fail
         // A v2 client pings every PING_EVERY when it has nothing else to
         // say: a connection silent for longer is a dead or stuck peer, and
         // must not hold the disk.
-        c.set_timeout(Some(IDLE_TIMEOUT));
+        c.set_timeout(Some(limits.idle));
     }
     c.send(&Msg::HelloAck { version, peer: format!("ferry-master-target {}", env!("CARGO_PKG_VERSION")) })?;
     c.w.flush()?;

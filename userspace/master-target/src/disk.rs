@@ -218,6 +218,8 @@ pub struct Disk {
     catalog: Catalog,
     /// Chunk sums of the replica, updated after every COMMIT.
     sums: Option<crate::sums::Sums>,
+    /// Held from a batch's first replica write until its sums are written.
+    apply_lock: std::sync::Arc<crate::sums::ApplyLock>,
     pub durable_seq: u64,
     /// Metadata to write before the first batch (a new generation).
     new_meta: Option<Meta>,
@@ -323,8 +325,10 @@ impl Disk {
         let (durable_seq, sums) = reconcile(&paths, name, size, &replica, &mut journal, &mut batch, &points)?;
         crate::reserve::ensure(&paths.dir);
         let commit_end = journal.end();
+        let apply_lock = crate::sums::ApplyLock::open(&paths.dir).map_err(ioe(paths.dir.join("apply.lock").display()))?;
         let mut disk = Disk {
             sums,
+            apply_lock: std::sync::Arc::new(apply_lock),
             name: name.into(),
             size,
             paths,
@@ -406,7 +410,7 @@ impl Disk {
         // at or below durable_seq): start it over.
         self.batch.reset()?;
         // Checks of the replica against its sums wait for this batch's sums.
-        let apply_lock = crate::sums::ApplyLock::open(&self.paths.dir).map_err(ioe(self.paths.dir.join("apply.lock").display()))?;
+        let apply_lock = std::sync::Arc::clone(&self.apply_lock);
         let _applying = apply_lock.exclusive().map_err(ioe("apply.lock"))?;
         let mut pending = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -472,7 +476,7 @@ impl Disk {
         // once a second (sums.rs).
         if let Some(sums) = &self.sums {
             let ranges: Vec<(u64, u64)> = ops.iter().filter_map(Op::range).collect();
-            sums.update(&self.replica, &ranges).map_err(sums_err)?;
+            sums.update(&self.replica, &ranges)?;
             self.sums_dirty = true;
             if self.sums_synced.elapsed() >= std::time::Duration::from_secs(1) {
                 self.sync_sums()?;
@@ -508,9 +512,9 @@ impl Disk {
             return Ok(());
         }
         if let Some(sums) = &self.sums {
-            sums.sync().map_err(sums_err)?;
-            sums.set_mark(crate::sums::Mark { durable_seq: self.durable_seq, journal_end: self.commit_end }).map_err(sums_err)?;
-            sums.sync().map_err(sums_err)?;
+            sums.sync()?;
+            sums.set_mark(crate::sums::Mark { durable_seq: self.durable_seq, journal_end: self.commit_end })?;
+            sums.sync()?;
         }
         self.sums_dirty = false;
         self.sums_synced = std::time::Instant::now();
@@ -647,14 +651,17 @@ fn reconcile(
     check_mark(paths, name, size)?;
     // FERRY_NO_SUMS=1 (benchmark knob): no sums kept or checked at all.
     let no_sums = std::env::var_os("FERRY_NO_SUMS").is_some_and(|v| v == "1");
-    let busy = needs_repair(paths, from)? || (!no_sums && sums_stale(paths, size)?);
-    let _recoveries = if busy { Some(lock_recoveries(paths, libc::LOCK_EX)?) } else { None };
-    let apply_lock = crate::sums::ApplyLock::open(&paths.dir).map_err(ioe(paths.dir.join("apply.lock").display()))?;
-    let _applying = if busy { Some(apply_lock.exclusive().map_err(ioe("apply.lock"))?) } else { None };
-    let durable_seq = repair(paths, replica, journal, batch, from, busy).map_err(|e| match e {
+    // Held from a repair that acts (or, with nothing to repair, for sums to
+    // hash again) until the sums agree with the replica.
+    let mut held = None;
+    let durable_seq = repair(paths, replica, journal, batch, from, &mut held).map_err(|e| match e {
         DiskError::Damaged { why, .. } => DiskError::Damaged { name: name.into(), why },
         e => e,
     })?;
+    let _held = match held {
+        None if !no_sums && sums_stale(paths, size)? => Some(lock_exclusive(paths)?),
+        held => held,
+    };
     if no_sums {
         let _ = fs::remove_file(&paths.sums);
         return Ok((durable_seq, None));
@@ -663,31 +670,20 @@ fn reconcile(
     Ok((durable_seq, Some(sums)))
 }
 
-/// Whether the start-up repair has anything to undo or cut: the journal
-/// goes on past its last COMMIT (from `from`), or the batch journal holds
-/// records of a batch that did not commit.
-fn needs_repair(paths: &Paths, from: u64) -> Result<bool, DiskError> {
-    let r = JournalReader::open(&paths.journal)?;
-    let recs = r.scan(from)?;
-    let mut recs = recs;
-    if from > crate::journal::HEADER_LEN && !recs.iter().any(|x| x.kind == KIND_COMMIT) {
-        recs = r.scan(0)?;
-    }
-    let (durable, cut) = match recs.iter().rposition(|x| x.kind == KIND_COMMIT) {
-        Some(i) => (recs[i].seq, recs[i].end),
-        None => (0, crate::journal::HEADER_LEN),
-    };
-    if r.file_len()? != cut {
-        return Ok(true);
-    }
-    if paths.batch.exists() {
-        if let Ok(b) = JournalReader::open(&paths.batch) {
-            if b.scan(0)?.iter().any(|x| x.seq > durable) {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
+/// The recovery lock, then the apply lock, both exclusive (the order a
+/// recovery takes them in, shared): no recovery copies, and no chunk is
+/// checked against its sum, while the folder is brought to its durable
+/// state. Released when dropped (the files close).
+struct Exclusive {
+    _recoveries: File,
+    _applying: crate::sums::ApplyLock,
+}
+
+fn lock_exclusive(paths: &Paths) -> Result<Exclusive, DiskError> {
+    let recoveries = lock_recoveries(paths, libc::LOCK_EX)?;
+    let applying = crate::sums::ApplyLock::open(&paths.dir).map_err(ioe(paths.dir.join("apply.lock").display()))?;
+    applying.lock_exclusive().map_err(ioe("apply.lock"))?;
+    Ok(Exclusive { _recoveries: recoveries, _applying: applying })
 }
 
 /// Whether the replica's sums may be behind the replica (no valid mark, or
@@ -735,21 +731,23 @@ pub fn settle_held(p: &Paths, name: &str, size: u64) -> Result<(), DiskError> {
     let (points, _) = crate::catalog::read_points(&p.points).map_err(ioe(p.points.display()))?;
     let mut journal = Journal::open(&p.journal)?;
     let mut batch = Journal::open(&p.batch)?;
-    let (durable, sums) = reconcile(p, name, size, &replica, &mut journal, &mut batch, &points)?;
-    let Some(sums) = sums else { return Ok(()) };
-    if let Ok(Some(m)) = sums.mark() {
-        if m.durable_seq != durable || m.journal_end != journal.end() {
-            sums.set_mark(crate::sums::Mark { durable_seq: durable, journal_end: journal.end() }).map_err(sums_err)?;
-            sums.sync().map_err(sums_err)?;
-        }
-    }
+    // Leaves the sums' mark at the durable state (open_sums).
+    reconcile(p, name, size, &replica, &mut journal, &mut batch, &points)?;
     Ok(())
 }
 
 /// Start-up repair: undo what the last, uncommitted batch may have written,
 /// and cut the journal after the last COMMIT. Returns the durable sequence.
-/// `locked`: the caller holds the recovery lock exclusively already.
-fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Journal, from: u64, locked: bool) -> Result<u64, DiskError> {
+/// When there is anything to undo or cut, it is done holding
+/// [`lock_exclusive`], left in `held` for the caller.
+fn repair(
+    paths: &Paths,
+    replica: &File,
+    journal: &mut Journal,
+    batch: &mut Journal,
+    from: u64,
+    held: &mut Option<Exclusive>,
+) -> Result<u64, DiskError> {
     let reader = JournalReader::open(&paths.journal)?;
     let mut recs = reader.scan(from)?;
     if from > crate::journal::HEADER_LEN && !recs.iter().any(|r| r.kind == KIND_COMMIT) {
@@ -796,7 +794,9 @@ fn repair(paths: &Paths, replica: &File, journal: &mut Journal, batch: &mut Jour
     if !undo.is_empty() || !tail.is_empty() || file_len != cut {
         // Recoveries in progress copy the replica expecting the journal as
         // it is: wait for them before undoing and cutting (see recover.rs).
-        let _guard = if locked { None } else { Some(lock_recoveries(paths, libc::LOCK_EX)?) };
+        if held.is_none() {
+            *held = Some(lock_exclusive(paths)?);
+        }
         for (_, in_batch, r) in &undo {
             let data = if *in_batch { breader.data(r) } else { reader.data(r) }.map_err(ioe(paths.journal.display()))?;
             replica.write_all_at(&data, r.offset).map_err(ioe(paths.replica.display()))?;
@@ -842,8 +842,10 @@ pub fn check_mark(p: &Paths, name: &str, size: u64) -> Result<(), DiskError> {
     }
 }
 
-fn sums_err(e: crate::sums::SumsError) -> DiskError {
-    DiskError::Io(e.to_string())
+impl From<crate::sums::SumsError> for DiskError {
+    fn from(e: crate::sums::SumsError) -> DiskError {
+        DiskError::Io(e.to_string())
+    }
 }
 
 /// Open the replica's sums at start and bring them to the durable state:
@@ -865,18 +867,18 @@ fn open_sums(
         Ok(Some(s)) => s,
         Ok(None) => {
             log::info!("disk {name}: building replica.sums from the replica (a folder from an older ferry, or a new one)");
-            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+            return Ok(Sums::build(&p.sums, replica, size, now)?);
         }
         Err(e) => {
             log::warn!("disk {name}: {e}; building replica.sums again from the replica");
-            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+            return Ok(Sums::build(&p.sums, replica, size, now)?);
         }
     };
-    let m = match s.mark().map_err(sums_err)? {
+    let m = match s.mark()? {
         Some(m) => m,
         None => {
             log::warn!("disk {name}: replica.sums has no valid mark; building it again from the replica");
-            return Sums::build(&p.sums, replica, size, now).map_err(sums_err);
+            return Ok(Sums::build(&p.sums, replica, size, now)?);
         }
     };
     if m.durable_seq > durable || m.journal_end > journal_end {
@@ -917,11 +919,11 @@ fn open_sums(
             ranges.len(),
             m.durable_seq
         );
-        s.update(replica, &ranges).map_err(sums_err)?;
+        s.update(replica, &ranges)?;
     }
     if m != now {
-        s.set_mark(now).map_err(sums_err)?;
-        s.sync().map_err(sums_err)?;
+        s.set_mark(now)?;
+        s.sync()?;
     }
     Ok(s)
 }

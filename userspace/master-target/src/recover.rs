@@ -501,23 +501,12 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    /// Chunks `[c0, c0 + computed.len())` as read, against their sums; a
-    /// differing chunk is read again from the replica under the apply lock.
+    /// Chunks `[c0, c0 + computed.len())` as read, against their sums.
     fn chunks(&self, c0: u64, computed: &[[u8; 16]]) -> Result<(), RecoverError> {
-        let se = |e: crate::sums::SumsError| RecoverError::Io(e.to_string());
-        let stored = self.sums.get(c0, computed.len()).map_err(se)?;
         let mut one = Vec::new();
-        for (i, (a, b)) in computed.iter().zip(&stored).enumerate() {
-            if a == b {
-                continue;
-            }
-            let c = c0 + i as u64;
-            one.resize(crate::sums::CHUNK as usize, 0);
-            if !crate::sums::check_chunk_settled(&self.p.dir, self.sums, self.replica, c, &mut one).map_err(se)? {
-                return Err(replica_damage(self.p, self.name, c));
-            }
-        }
-        Ok(())
+        crate::sums::check_computed(c0, computed, (self.sums, self.replica, &self.p.dir), &mut one, |c| {
+            Err(replica_damage(self.p, self.name, c))
+        })
     }
 }
 

@@ -284,6 +284,11 @@ impl ApplyLock {
         self.flock(libc::LOCK_EX)?;
         Ok(ApplyGuard(self))
     }
+
+    /// Hold it exclusively until this lock is dropped (its file closes).
+    pub fn lock_exclusive(&self) -> io::Result<()> {
+        self.flock(libc::LOCK_EX)
+    }
 }
 
 pub struct ApplyGuard<'a>(&'a ApplyLock);
@@ -331,17 +336,37 @@ pub fn compare<E: From<SumsError>>(
     while c0 * CHUNK < size {
         let n = ((size - c0 * CHUNK).min(PER as u64 * CHUNK)) as usize;
         file.read_exact_at(&mut buf[..n], c0 * CHUNK).map_err(|source| SumsError::Io { path: what.into(), source })?;
-        let stored = sums.get(c0, n.div_ceil(CHUNK as usize))?;
-        for (i, part) in buf[..n].chunks(CHUNK as usize).enumerate() {
-            checked += 1;
-            if chunk_sum(part) != stored[i] && !check_chunk_settled(dir, sums, replica, c0 + i as u64, &mut one)? {
-                bad(c0 + i as u64)?;
-            }
-        }
+        let computed: Vec<[u8; 16]> = buf[..n].chunks(CHUNK as usize).map(chunk_sum).collect();
+        checked += computed.len() as u64;
+        check_computed(c0, &computed, (sums, replica, dir), &mut one, &mut bad)?;
         after_read(n as u64);
         c0 += PER as u64;
     }
     Ok(checked)
+}
+
+/// Sums `computed` of chunks `[c0, c0 + computed.len())` as read, against
+/// the stored ones; a chunk that differs is checked again on the replica
+/// under the apply lock ([`check_chunk_settled`]), and if it still differs,
+/// `bad(chunk index)` decides. `one` is a buffer for that re-read.
+pub fn check_computed<E: From<SumsError>>(
+    c0: u64,
+    computed: &[[u8; 16]],
+    (sums, replica, dir): (&Sums, &File, &Path),
+    one: &mut Vec<u8>,
+    mut bad: impl FnMut(u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let stored = sums.get(c0, computed.len())?;
+    for (i, (a, b)) in computed.iter().zip(&stored).enumerate() {
+        if a == b {
+            continue;
+        }
+        one.resize(CHUNK as usize, 0);
+        if !check_chunk_settled(dir, sums, replica, c0 + i as u64, one)? {
+            bad(c0 + i as u64)?;
+        }
+    }
+    Ok(())
 }
 
 /// Check one chunk of `replica` against `sums`: `Ok(true)` when it matches.

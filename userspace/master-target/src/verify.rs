@@ -20,11 +20,6 @@ use std::time::{Duration, Instant};
 
 pub const STATE_KIND: &str = "ferry-verify";
 
-impl From<crate::sums::SumsError> for DiskError {
-    fn from(e: crate::sums::SumsError) -> DiskError {
-        DiskError::Io(e.to_string())
-    }
-}
 pub const STATE_VERSION: u32 = 1;
 
 /// One damaged place.

@@ -257,13 +257,14 @@ pub struct Agent {
     deferred_map: Option<ChunkMap>,
     /// The state folder's lock, held for the agent's life (live.rs).
     _lock: live::Lock,
-    /// Initial sync: (last seq of a 4 MiB chunk, end offset of the chunk),
-    /// for chunks sent and not yet known durable. Kept across reconnects: the
+    /// Initial sync: (last seq of a 64 KiB unit, end offset of the unit),
+    /// for units sent and not yet known durable. Kept across reconnects: the
     /// master target's durable sequence at the next OPEN says which of them
     /// arrived, so a connection cut before its acknowledgement came still
     /// moves the cursor.
     sync_progress: VecDeque<(u64, u64)>,
-    /// Byte counters of earlier sessions (the current one adds its own).
+    /// The state's byte counters when this agent started (this run's
+    /// sessions add theirs).
     sent_base: u64,
     read_base: u64,
     last_size_check: Instant,
@@ -578,7 +579,7 @@ impl Agent {
             self.st.last_ack_ns = t;
         }
         // Counters move while streaming, not only when a session ends.
-        self.st.bytes_sent_total = self.sent_base + sess.bytes_sent;
+        self.st.bytes_sent_total = self.sent_base + self.bytes_sent_prev + sess.bytes_sent;
         self.st.bytes_read_total = self.read_base + self.bytes_read;
     }
 
@@ -657,7 +658,6 @@ impl Agent {
                 self.note_ack(&s);
                 self.bytes_sent_prev += s.bytes_sent;
                 self.bytes_received_prev += s.bytes_received();
-                self.sent_base += s.bytes_sent;
                 s.close();
                 r
             });
@@ -680,10 +680,7 @@ impl Agent {
                     }
                     log::warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
                     let _ = self.save();
-                    let until = Instant::now() + backoff;
-                    while Instant::now() < until && live::stop_requested().is_none() {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    live::sleep_unless_stopped(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => break Err(e),
@@ -725,10 +722,7 @@ impl Agent {
         self.st.mode = "failed-over".into();
         self.st.connected = false;
         let _ = self.save();
-        let until = Instant::now() + FAILOVER_RETRY;
-        while Instant::now() < until && live::stop_requested().is_none() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        live::sleep_unless_stopped(FAILOVER_RETRY);
     }
 
     /// A failover refusal the agent does not wait for (committed, ERROR 11,

@@ -168,6 +168,14 @@ pub fn stop_requested() -> Option<i32> {
     }
 }
 
+/// Sleep `d`, or less if a stop is asked for meanwhile.
+pub fn sleep_unless_stopped(d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until && stop_requested().is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Fails with [`AgentError::Stopped`] once a stop was asked for.
 pub fn check_stop() -> Result<(), AgentError> {
     match stop_requested() {

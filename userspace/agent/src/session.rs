@@ -302,20 +302,9 @@ impl Session {
             self.pop_acked(acked);
             if self.inflight_bytes + n > self.window() {
                 self.flush()?;
-                let since = Instant::now();
-                loop {
-                    let st = self.shared.st.lock().expect("poisoned");
-                    let acked = st.acked;
-                    if self.inflight.front().is_some_and(|&(s, _)| s <= acked) {
-                        drop(st);
-                        self.pop_acked(acked);
-                        continue;
-                    }
-                    if self.inflight_bytes + n <= self.window() || self.inflight.is_empty() {
-                        break;
-                    }
-                    Self::check_deadline(&st, since)?;
-                    drop(self.shared.cv.wait_timeout(st, Duration::from_millis(500)).expect("poisoned"));
+                while let Some(&(front, _)) = self.inflight.front().filter(|_| self.inflight_bytes + n > self.window()) {
+                    let acked = self.wait_for(|st| (st.acked >= front).then_some(st.acked))?;
+                    self.pop_acked(acked);
                 }
             }
             self.inflight.push_back((seq, n));

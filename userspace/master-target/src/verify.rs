@@ -11,7 +11,7 @@
 //! master target may be rewriting it) before it is called damage.
 
 use crate::catalog;
-use crate::disk::{check_complete, check_mark, read_meta, DiskError, Paths};
+use crate::disk::{check_mark, read_meta, DiskError, Paths};
 use crate::journal::{JournalReader, HEADER_LEN, KIND_COMMIT};
 use crate::sums::{Sums, CHUNK};
 use ferry_common::durable::{read_state, write_state};
@@ -57,11 +57,15 @@ impl Outcome {
 pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> {
     let t0 = Instant::now();
     let p = Paths::new(data, name);
+    // (read_meta refuses an incomplete folder.)
     let meta = read_meta(data, name)?;
-    check_complete(&p, name, true)?;
     // A folder left by a crash is brought to its durable state first (when
     // no master target serves it; one that does reconciled it at open).
     crate::disk::settle(data, name)?;
+    // The catalog and the journal from the oldest point on (before it,
+    // retention punched it), under the recovery lock: retention does not
+    // drop points or punch meanwhile.
+    let _reading = crate::disk::lock_recoveries(&p, libc::LOCK_SH).ok();
     let mut damage = Vec::new();
     let cat = catalog::scan(&p.points).map_err(|e| DiskError::Io(format!("{}: {e}", p.points.display())))?;
     let all: Vec<u64> = cat.points.iter().map(|q| q.id).collect();
@@ -84,10 +88,6 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
             points: all.clone(),
         });
     }
-    // The journal from the oldest point on (before it, retention punched it),
-    // under the recovery lock: retention does not punch meanwhile.
-    let _reading = crate::disk::lock_recoveries(&p, libc::LOCK_SH).ok();
-    let cat = catalog::scan(&p.points).map_err(|e| DiskError::Io(format!("{}: {e}", p.points.display())))?;
     let j = JournalReader::open(&p.journal)?;
     let from = cat.points.iter().map(|q| q.journal_pos).min().unwrap_or(HEADER_LEN);
     let recs = j.scan(from)?;

@@ -2326,7 +2326,7 @@ fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), AgentErr
 pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     let sd = StateDir::new(state);
     let mut st = sd.load()?.ok_or_else(|| AgentError::Usage(format!("no agent state in {}", state.display())))?;
-    let _lock = owner::lock_state(state)?;
+    let _lock = live::lock_briefly(state)?;
     let generation = unhex::<16>(&st.generation)
         .ok_or_else(|| AgentError::Usage(format!("{}: bad generation; move it aside", sd.state_file().display())))?;
     let me = Owner::new(state, generation)?;

@@ -57,21 +57,37 @@ fn open_lock(state: &Path) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(state))
 }
 
+/// `STATE/agent.lock` opened and locked exclusively without waiting:
+/// `Ok(Err(file))` (the file, not locked) when an agent holds it.
+fn try_exclusive(state: &Path) -> Result<Result<File, File>, AgentError> {
+    let p = lock_path(state);
+    let f = open_lock(state).map_err(AgentError::io(format!("lock file {}", p.display())))?;
+    match flock(&f, libc::LOCK_EX) {
+        Ok(()) => Ok(Ok(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(Err(f)),
+        Err(e) => Err(AgentError::Io { what: format!("locking {}", p.display()), source: e }),
+    }
+}
+
+/// Take the folder's lock for a moment's work that no agent may overlap
+/// (`ferry unprotect`): refused while an agent runs. Held until the
+/// returned file is closed; no pid is written.
+pub fn lock_briefly(state: &Path) -> Result<File, AgentError> {
+    try_exclusive(state)?.map_err(|_| AgentError::Usage(format!("an agent is running on {}: stop it first", state.display())))
+}
+
 /// Take the state folder for this agent, or say which agent has it.
 pub fn lock(state: &Path) -> Result<Lock, AgentError> {
-    let p = lock_path(state);
-    let mut f = open_lock(state).map_err(AgentError::io(format!("lock file {}", p.display())))?;
-    match flock(&f, libc::LOCK_EX) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            let pid = read_pid(&mut f).map(|p| format!(" (pid {p})")).unwrap_or_default();
+    let mut f = match try_exclusive(state)? {
+        Ok(f) => f,
+        Err(mut busy) => {
+            let pid = read_pid(&mut busy).map(|p| format!(" (pid {p})")).unwrap_or_default();
             return Err(AgentError::Usage(format!(
                 "state folder {} is in use by a running agent{pid}: stop it first, or give this one another --state",
                 state.display()
             )));
         }
-        Err(e) => return Err(AgentError::Io { what: format!("locking {}", p.display()), source: e }),
-    }
+    };
     let _ = f.set_len(0);
     let _ = f.rewind();
     let _ = writeln!(f, "{}", std::process::id());
@@ -190,5 +206,24 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
         _ => "a signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_lock_refuses_a_second_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let l = lock(d.path()).unwrap();
+        let e = lock_briefly(d.path()).unwrap_err().to_string();
+        assert!(e.contains("an agent is running on") && e.contains("stop it first"), "{e}");
+        let e = lock(d.path()).err().unwrap().to_string();
+        assert!(e.contains(&format!("in use by a running agent (pid {})", std::process::id())), "{e}");
+        drop(l);
+        let b = lock_briefly(d.path()).unwrap();
+        drop(b);
+        lock(d.path()).unwrap();
     }
 }

@@ -230,30 +230,6 @@ pub fn kmod_forget(dir: &Path, dev: (u32, u32)) {
     let _ = std::fs::remove_file(kmod_owner_path(dir, dev));
 }
 
-/// Take `STATE/agent.lock` exclusively, without waiting: the running agent
-/// holds it for its lifetime, so failing means an agent runs on `dir`.
-/// Held until the returned file is closed.
-pub fn lock_state(dir: &Path) -> Result<std::fs::File, AgentError> {
-    use std::os::fd::AsRawFd;
-    let p = dir.join("agent.lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(AgentError::io(format!("lock file {}", p.display())))?;
-    // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(AgentError::Usage(format!("an agent is running on {}: stop it first", dir.display())));
-        }
-        return Err(AgentError::Io { what: format!("locking {}", p.display()), source: e });
-    }
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,15 +295,5 @@ mod tests {
         assert_eq!(kmod_claim(d.path(), dev, 10, &b), Claim::Stale(a.clone()));
         kmod_forget(d.path(), dev);
         assert_eq!(kmod_claim(d.path(), dev, 10, &b), Claim::Free);
-    }
-
-    #[test]
-    fn the_state_lock_refuses_a_second_holder() {
-        let d = tempfile::tempdir().unwrap();
-        let l = lock_state(d.path()).unwrap();
-        let e = lock_state(d.path()).unwrap_err().to_string();
-        assert!(e.contains("an agent is running on") && e.contains("stop it first"), "{e}");
-        drop(l);
-        lock_state(d.path()).unwrap();
     }
 }

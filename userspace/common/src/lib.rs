@@ -8,8 +8,8 @@
 //! - [`buf`]: page-aligned buffers for direct I/O.
 //! - [`net`]: command-line addresses and the listening policy.
 //!
-//! All `unsafe` in this crate lives in `buf` and `source`, each block with a
-//! `SAFETY:` note.
+//! All `unsafe` in this crate lives in `buf`, `source` and `net`, each block
+//! with a `SAFETY:` note.
 
 pub mod buf;
 pub mod durable;

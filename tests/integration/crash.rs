@@ -117,18 +117,9 @@ fn agent_killed_during_continuous_shipping_loses_nothing() {
     assert_same(&img, &t.path("rec.img"));
     assert_eq!(versioned::check(&t.path("rec.img"), &w.log, blocks), Ok(w.log.len() as u64));
 
-    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("data"), "--name", "vm", "--json"])).unwrap();
-    let pts = pts.as_array().unwrap();
-    assert!(pts.len() >= 2, "points were cut while the workload ran: {pts:?}");
-    for p in pts {
-        let id = p["id"].to_string();
-        let out = t.path(&format!("p{id}.img"));
-        recover_to(&t.s("data"), "vm", &id, &out.display().to_string());
-        if let Err(e) = versioned::check(&out, &w.log, blocks) {
-            panic!("point {id} is not consistent: {e}");
-        }
-        std::fs::remove_file(out).unwrap();
-    }
+    let n = point_ids(&t.s("data"), "vm").len();
+    assert!(n >= 2, "points were cut while the workload ran: {n}");
+    check_every_point(&t.s("data"), "vm", &w.log, blocks, &t.0, "after the agent was killed");
 }
 
 /// The checker itself: it must reject a state that is not a prefix.
@@ -344,10 +335,7 @@ fn master_target_killed_at_random_moments_keeps_every_point_recoverable() {
     run_ok(&["retention", "--data", &t.s("data"), "--name", "hot", "--keep", "none", "--keep-all", "none", "--journal-cap", "none"]);
     let mut rng = Rng::new(99);
     let mut kills = 0;
-    let points_now = || {
-        let o = run(&["points", "--data", &t.s("data"), "--name", "hot", "--json"]);
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map_or(0, |a| a.len())).unwrap_or(0)
-    };
+    let points_now = || point_ids(&t.s("data"), "hot").len();
     // At least 25 kills, and on until there are 10 points to check (a busy
     // machine cuts fewer quiet points per run); 200 kills at most.
     while kills < 25 || (kills < 200 && points_now() < 10) {
@@ -370,19 +358,10 @@ fn master_target_killed_at_random_moments_keeps_every_point_recoverable() {
     assert_eq!(s["resync"], false, "{s}");
     recover_to(&t.s("data"), "hot", "latest", &t.s("rec.img"));
     assert_same(&img, &t.path("rec.img"));
-    let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &t.s("data"), "--name", "hot", "--json"])).unwrap();
-    let pts = pts.as_array().unwrap();
-    eprintln!("{} points over {kills} restarts", pts.len());
-    assert!(pts.len() >= 10, "{} points over {kills} restarts", pts.len());
-    for p in pts {
-        let id = p["id"].to_string();
-        let out = t.path(&format!("p{id}.img"));
-        recover_to(&t.s("data"), "hot", &id, &out.display().to_string());
-        if let Err(e) = versioned::check(&out, &w.log, blocks) {
-            panic!("point {id} is not consistent after {kills} kills: {e}");
-        }
-        std::fs::remove_file(out).unwrap();
-    }
+    let n = point_ids(&t.s("data"), "hot").len();
+    eprintln!("{n} points over {kills} restarts");
+    assert!(n >= 10, "{n} points over {kills} restarts");
+    check_every_point(&t.s("data"), "hot", &w.log, blocks, &t.0, &format!("after {kills} kills"));
     let log = mt.log();
     // The replica's sums went through every kill too: verify finds nothing,
     // while the master target still serves the folder.

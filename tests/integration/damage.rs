@@ -386,7 +386,7 @@ fn a_full_filesystem_frees_space_by_retention_and_replication_resumes() {
     rng.fill(&mut buf);
     f.write_all_at(&buf, 0).unwrap();
     f.sync_all().unwrap();
-    let points_before = six_ids(&data, "full").len();
+    let points_before = point_ids(&data.display().to_string(), "full").len();
     let o = run(&["retention", "--data", &data.display().to_string(), "--name", "full", "--journal-cap", "1M"]);
     assert!(o.status.success(), "retention on a full filesystem: {}", String::from_utf8_lossy(&o.stderr));
     // Space comes back and replication resumes: a point with the final content.
@@ -419,19 +419,12 @@ fn a_full_filesystem_frees_space_by_retention_and_replication_resumes() {
     let alog = std::fs::read_to_string(t.path("agent.log")).unwrap();
     assert!(!alog.contains("resync required"), "{alog}");
     assert!(alog.contains("No space left on device"), "the agent never saw the full filesystem: {alog}");
-    assert!(six_ids(&data, "full").len() < points_before + 20, "retention did not drop points");
+    assert!(point_ids(&data.display().to_string(), "full").len() < points_before + 20, "retention did not drop points");
     let (free, _) = fs_free(&t.path("mnt"));
     assert!(free > 4 << 20, "no space came back: {free} bytes free");
     agent.kill9();
     drop(mt);
     mnt.umount();
-}
-
-fn six_ids(data: &Path, name: &str) -> Vec<u64> {
-    let o = run(&["points", "--data", &data.display().to_string(), "--name", name, "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&o.stdout)
-        .map(|v| v.as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect())
-        .unwrap_or_default()
 }
 
 fn fs_free(p: &Path) -> (u64, u64) {
@@ -487,16 +480,7 @@ fn a_folder_left_by_a_killed_master_target_recovers_with_no_agent_back() {
             String::from_utf8_lossy(&v.stdout),
             String::from_utf8_lossy(&v.stderr)
         );
-        let pts: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", &d, "--name", "gone", "--json"])).unwrap();
-        for p in pts.as_array().unwrap() {
-            let id = p["id"].to_string();
-            let out = t.path(&format!("r{round}-{id}.img"));
-            recover_to(&d, "gone", &id, &out.display().to_string());
-            if let Err(e) = versioned::check(&out, &w.log, blocks) {
-                panic!("round {round}: point {id} is not consistent: {e}");
-            }
-            std::fs::remove_file(out).unwrap();
-        }
+        check_every_point(&d, "gone", &w.log, blocks, &t.0, &format!("round {round}"));
     }
 }
 

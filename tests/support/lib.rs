@@ -544,6 +544,29 @@ pub fn scan_once(disk: &str, name: &str, target: &str, state: &str) -> serde_jso
     ]))
 }
 
+/// The ids `ferry points --json` lists for disk `name` (the command must
+/// succeed).
+pub fn point_ids(data: &str, name: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["points", "--data", data, "--name", name, "--json"])).expect("points JSON");
+    v.as_array().expect("an array").iter().map(|p| p["id"].as_u64().expect("an id")).collect()
+}
+
+/// Recover every point of disk `name` (into `scratch`, one at a time) and
+/// require each to pass the versioned workload's checker against `log`;
+/// `what` names the case in a failure. Returns how many were checked.
+pub fn check_every_point(data: &str, name: &str, log: &[u64], blocks: u64, scratch: &Path, what: &str) -> usize {
+    let ids = point_ids(data, name);
+    for id in &ids {
+        let out = scratch.join(format!("{name}-p{id}.img"));
+        recover_to(data, name, &id.to_string(), &out.display().to_string());
+        if let Err(e) = versioned::check(&out, log, blocks) {
+            panic!("{what}: point {id} is not consistent: {e}");
+        }
+        std::fs::remove_file(out).unwrap();
+    }
+    ids.len()
+}
+
 /// `ferry recover --data DATA --name NAME --point POINT --out OUT --force`
 /// (raw; tests recover into the same file again).
 pub fn recover_to(data: &str, name: &str, point: &str, out: &str) {

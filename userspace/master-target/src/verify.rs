@@ -253,11 +253,8 @@ pub fn disk_status(data: &Path, name: &str) -> Result<DiskStatus, DiskError> {
     let cat = catalog::scan(&p.points).unwrap_or_default();
     let now = ferry_common::now_ns();
     let newest = cat.points.last().copied();
-    let streaming = std::fs::OpenOptions::new().write(true).open(&p.lock).is_ok_and(|f| {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on an fd owned by `f`; no memory is passed.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
-    });
+    // The stream's writer lock is held (tried without waiting, released at once).
+    let streaming = p.lock.exists() && matches!(crate::disk::lock(&p, name), Err(DiskError::Busy(_)));
     let journal_bytes = std::fs::metadata(&p.journal).map(|m| m.blocks() * 512).unwrap_or(0);
     let durable_seq = meta
         .as_ref()

@@ -358,6 +358,7 @@ impl Agent {
                 kmod_mode: None,
                 kmod_catchups: 0,
                 kmod_catchup_until: None,
+                kmod_handover_open: false,
                 kmod_attach_id: None,
                 kmod_released: None,
                 cut_problem: None,
@@ -459,8 +460,18 @@ impl Agent {
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
             let same = st.kmod_attach_id == Some(k.attach_id);
             if st.kmod_catchup_until.is_some() {
-                st.resync_required = Some("the last agent stopped while shipping a catch-up from the module's bitmap".into());
-                st.kmod_catchup_until = None;
+                match saved_catchup(&sd, &st) {
+                    Ok(c) => log::info!(
+                        "the last agent stopped while shipping a catch-up from the module's bitmap: shipping its {} saved range(s) again",
+                        c.handovers.iter().map(|h| h.ranges.len()).sum::<usize>()
+                    ),
+                    Err(why) => {
+                        st.resync_required =
+                            Some(format!("the last agent stopped while shipping a catch-up from the module's bitmap ({why})"));
+                        st.kmod_catchup_until = None;
+                        st.kmod_handover_open = false;
+                    }
+                }
             }
             if !same {
                 // Another attachment: its ring and counters start over.
@@ -775,10 +786,14 @@ impl Agent {
         self.sync_progress.clear();
         self.st.acked_seq = sess.durable_at_open;
         // Ranges the kernel module handed over and the master target has
-        // not made durable are nowhere else any more.
+        // not made durable are nowhere in the module any more: they
+        // are written down in STATE/kmod.catchup and shipped again.
         if self.st.kmod_catchup_until.is_some_and(|u| u > self.st.acked_seq) {
-            self.st.resync_required = Some("a catch-up from the kernel module's bitmap was not made durable".into());
-            self.st.kmod_catchup_until = None;
+            if let Err(why) = saved_catchup(&self.sd, &self.st) {
+                self.st.resync_required = Some(format!("a catch-up from the kernel module's bitmap was not made durable ({why})"));
+                self.st.kmod_catchup_until = None;
+                self.st.kmod_handover_open = false;
+            }
         }
         self.pass_sums = None;
         self.map = ChunkMap::load(&self.sd.chunk_map_file()).filter(|m| {
@@ -828,6 +843,11 @@ impl Agent {
         }
         let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
+        // The pass covered any catch-up the kernel module handed over.
+        if self.st.kmod_catchup_until.take().is_some() {
+            self.save()?;
+            self.sd.drop_catchup()?;
+        }
         self.did_resync = true;
         self.note_ack(sess);
         self.save()?;
@@ -1395,16 +1415,27 @@ impl Agent {
     fn kmod_barrier(&mut self, k: &kmod::Kmod, deferred: &mut VecDeque<KmodDeferred>) -> Result<(), AgentError> {
         // Written down before the module lets go of its bitmap: an agent
         // that stops before those ranges are durable leaves a resync.
+        // What it hands over is then saved in STATE/kmod.catchup before
+        // any of it is shipped, so that a later agent ships it again.
         let before = self.st.kmod_catchup_until;
         self.st.kmod_catchup_until = Some(u64::MAX);
+        self.st.kmod_handover_open = true;
         self.save()?;
         let c = k.catchup(self.st.size, false)?;
         log::debug!("kmod tracker: barrier at seq {} (waited {:.1} ms)", c.seq, c.wait_ns as f64 / 1e6);
         if !c.ranges.is_empty() {
+            let mut saved = match before {
+                Some(_) => self.sd.load_catchup()?.unwrap_or_default(),
+                None => state::Catchup::default(),
+            };
+            saved.handovers.push(state::Handover { seq: c.seq, ranges: c.ranges.clone() });
+            self.sd.save_catchup(&saved)?;
             deferred.push_back(KmodDeferred { seq: c.seq, ranges: c.ranges });
         } else if deferred.is_empty() {
             self.st.kmod_catchup_until = before;
         }
+        self.st.kmod_handover_open = false;
+        self.save()?;
         Ok(())
     }
 
@@ -1429,6 +1460,19 @@ impl Agent {
         // (protocol seq of the last frame, ring index, data index) to release once durable.
         let mut pending: VecDeque<(u64, u64, u64)> = VecDeque::new();
         let mut deferred: VecDeque<KmodDeferred> = VecDeque::new();
+        // A catch-up an earlier agent (or connection) shipped but the
+        // master target did not make durable: shipped again, each at its
+        // place in the stream.
+        if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
+            self.st.kmod_catchup_until = None;
+            self.save()?;
+            self.sd.drop_catchup()?;
+        }
+        if self.st.kmod_catchup_until.is_some() {
+            let saved = self.sd.load_catchup()?.unwrap_or_default();
+            deferred.extend(saved.handovers.into_iter().map(|h| KmodDeferred { seq: h.seq, ranges: h.ranges }));
+            self.st.kmod_catchup_until = if deferred.is_empty() { None } else { Some(u64::MAX) };
+        }
         // Whatever the replica holds now came from a sync, a resync or an
         // earlier agent: consistent only once the changes queued so far
         // are applied.
@@ -1459,6 +1503,7 @@ impl Agent {
                 pending.clear();
                 deferred.clear();
                 self.st.kmod_catchup_until = None;
+                self.sd.drop_catchup()?;
                 consistent_from = k.status()?.seq;
                 continue;
             }
@@ -1670,6 +1715,7 @@ impl Agent {
         if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
             self.st.kmod_catchup_until = None;
             self.save()?;
+            self.sd.drop_catchup()?;
         }
         // Release what the master target has made durable, at most twice
         // a second: the pair is saved first (kmod_released), since the two
@@ -2419,6 +2465,19 @@ fn kmod_complete_release(k: &kmod::Kmod, saved: Option<(u64, u64)>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The catch-up saved in `STATE/kmod.catchup`, when it holds everything
+/// the module handed over that is not yet durable; otherwise why not.
+fn saved_catchup(sd: &StateDir, st: &AgentState) -> Result<state::Catchup, String> {
+    if st.kmod_handover_open {
+        return Err("it stopped while the module handed its bitmap over".into());
+    }
+    match sd.load_catchup() {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(format!("{} is missing", sd.catchup_file().display())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Bitmap ranges handed over by CATCHUP, shipped once the stream reaches

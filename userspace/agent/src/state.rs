@@ -77,6 +77,12 @@ pub struct AgentState {
     /// stops before they are durable leaves a resync to do.
     #[serde(default)]
     pub kmod_catchup_until: Option<u64>,
+    /// Set (and saved) just before the module is asked to hand its bitmap
+    /// over, cleared once what it handed over is written down in
+    /// `STATE/kmod.catchup`: a start that finds it set cannot know what
+    /// the module handed over, and resyncs.
+    #[serde(default)]
+    pub kmod_handover_open: bool,
     /// The module attachment this agent last read (its attach_id).
     #[serde(default)]
     pub kmod_attach_id: Option<u64>,
@@ -129,6 +135,29 @@ pub struct AgentState {
     pub bytes_read_total: u64,
 }
 
+pub const CATCHUP_KIND: &str = "ferry-kmod-catchup";
+pub const CATCHUP_VERSION: u32 = 1;
+
+/// Contents of `STATE/kmod.catchup`: every hand-over of the kernel
+/// module's bitmap since the last one made durable, each with the module
+/// sequence number at which the stream must ship it (its ranges hold
+/// changes newer than every record before that place). Written before the
+/// agent ships any of it, removed once the master target made all of it
+/// durable, so an agent that stops in between ships them again instead of
+/// resyncing the disk.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catchup {
+    pub handovers: Vec<Handover>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    /// Module sequence number of the hand-over.
+    pub seq: u64,
+    /// Byte ranges `[start, end)` of the disk.
+    pub ranges: Vec<(u64, u64)>,
+}
+
 /// Paths inside the state folder.
 pub struct StateDir {
     pub dir: PathBuf,
@@ -146,6 +175,25 @@ impl StateDir {
     }
     pub fn ring_file(&self) -> PathBuf {
         self.dir.join("ring")
+    }
+    /// Bitmap ranges the kernel module handed over that are not yet
+    /// durable on the master target ([`Catchup`]).
+    pub fn catchup_file(&self) -> PathBuf {
+        self.dir.join("kmod.catchup")
+    }
+    /// The saved catch-up, if there is one and it is intact.
+    pub fn load_catchup(&self) -> Result<Option<Catchup>, StateError> {
+        read_state(&self.catchup_file(), CATCHUP_KIND, CATCHUP_VERSION)
+    }
+    pub fn save_catchup(&self, c: &Catchup) -> Result<(), StateError> {
+        write_state(&self.catchup_file(), CATCHUP_KIND, CATCHUP_VERSION, c)
+    }
+    /// Forget the saved catch-up (made durable, or superseded by a resync).
+    pub fn drop_catchup(&self) -> Result<(), StateError> {
+        match std::fs::remove_file(self.catchup_file()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateError::Io { path: self.catchup_file(), source: e }),
+            _ => Ok(()),
+        }
     }
     pub fn load(&self) -> Result<Option<AgentState>, StateError> {
         read_state(&self.state_file(), KIND, VERSION)

@@ -33,6 +33,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ServerConfig {
     /// Sent in HELLO_ACK, e.g. `ferry-master-target 0.1.0`.
     pub peer: String,
+    /// What this side is called in messages ("this master target").
+    pub role: String,
     /// Protocol versions served.
     pub versions: (u16, u16),
     pub handshake_timeout: Duration,
@@ -47,6 +49,7 @@ impl ServerConfig {
     pub fn new(peer: impl Into<String>) -> ServerConfig {
         ServerConfig {
             peer: peer.into(),
+            role: "this server".into(),
             versions: (VERSION_MIN, VERSION_MAX),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle: IDLE_TIMEOUT,
@@ -194,7 +197,7 @@ fn session<S: Stream, K: Sinks>(c: &mut Conn<S>, sinks: &K, cfg: &ServerConfig, 
     if max < vmin || min > vmax {
         return Err(Fail::new(
             ErrorCode::UnsupportedVersion,
-            format!("peer {peer} speaks protocol v{min}..v{max}, this {} v{vmin}..v{vmax}: upgrade the older side", cfg.peer),
+            format!("peer {peer} speaks protocol v{min}..v{max}, {} v{vmin}..v{vmax}: upgrade the older side", cfg.role),
         ));
     }
     let version = max.min(vmax);

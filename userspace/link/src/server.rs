@@ -114,6 +114,19 @@ pub trait Sink {
     fn idle(&mut self) -> Result<(), Fail> {
         Ok(())
     }
+    /// For a sink that learns of points after `apply` returned (a spool:
+    /// a point exists once the next hop made it durable): how often the
+    /// server asks [`Sink::late_points`] while it waits for the next frame.
+    /// `None` (the default): every point comes from `apply`, and the server
+    /// simply blocks on the next frame.
+    fn tick(&self) -> Option<Duration> {
+        None
+    }
+    /// `(seq, id)` of points made since the last call for tags applied
+    /// earlier; sent to the client as POINT at once.
+    fn late_points(&mut self) -> Result<Vec<(u64, u64)>, Fail> {
+        Ok(Vec::new())
+    }
 }
 
 /// Opens the sink for the disk a client names in OPEN. Shared by every
@@ -241,12 +254,20 @@ fn stream<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, version: u16) -> Re
     let mut b = Batch { ops: Vec::new(), bytes: 0, started: Instant::now() };
     let mut last_seq = sink.durable_seq();
     let size = sink.size();
+    let tick = sink.tick();
+    let mut last_frame = Instant::now();
     let result = loop {
+        if let Some(tick) = tick {
+            if let Err(f) = quiet_wait(c, sink, tick, last_frame) {
+                break Err(f);
+            }
+        }
         let msg = match c.recv() {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
             Err(f) => break Err(f),
         };
+        last_frame = Instant::now();
         if let Err(f) = frame(c, sink, &mut b, &mut last_seq, size, version, msg) {
             break Err(f);
         }
@@ -270,6 +291,32 @@ fn stream<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, version: u16) -> Re
     // they were well-formed and in order, and the client may rely on them.
     let tail = flush(c, sink, &mut b);
     result.and(tail)
+}
+
+/// For a sink with late points: wait until input is waiting, sending late
+/// points every `tick` meanwhile, within the same deadline as a blocking
+/// read (the stream's read timeout, counted from the last frame).
+fn quiet_wait<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, tick: Duration, last_frame: Instant) -> Result<(), Fail> {
+    let limit = c.r.get_ref().read_timeout().ok().flatten();
+    loop {
+        let late = sink.late_points()?;
+        if !late.is_empty() {
+            for (seq, id) in late {
+                c.send(&Msg::Point { seq, id })?;
+            }
+            c.w.flush()?;
+        }
+        if c.more_waiting() {
+            return Ok(());
+        }
+        if let Some(l) = limit.filter(|&l| last_frame.elapsed() >= l) {
+            return Err(Fail::new(
+                ErrorCode::Internal,
+                format!("no frame from the peer for {}s: a dead or stuck peer; closing", l.as_secs()),
+            ));
+        }
+        c.r.get_ref().wait_input(tick);
+    }
 }
 
 /// Handle one frame of an open stream.

@@ -28,19 +28,24 @@ pub trait Stream: Read + Write + Send + Sized + 'static {
     /// End the connection both ways; blocked reads and writes on other
     /// handles return.
     fn shutdown(&self) -> io::Result<()>;
-    /// Whether input is waiting that a read would return without blocking
-    /// (a TLS stream also counts decrypted bytes it holds).
-    fn input_waiting(&self) -> bool;
+    /// Wait up to `t` for input that a read would return without blocking
+    /// (a TLS stream also counts decrypted bytes it holds); whether there is.
+    fn wait_input(&self, t: Duration) -> bool;
+    /// Whether such input is waiting now.
+    fn input_waiting(&self) -> bool {
+        self.wait_input(Duration::ZERO)
+    }
     /// The peer, for logs.
     fn peer(&self) -> String;
 }
 
-/// Whether `fd` is readable now (poll with a zero timeout).
-fn readable(fd: RawFd) -> bool {
+/// Whether `fd` is readable (or at its end) within `t` (poll).
+fn readable(fd: RawFd, t: Duration) -> bool {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid, initialized pollfd on the stack, count 1, zero
-    // timeout; poll only writes `revents` of that struct.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    let ms = t.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid, initialized pollfd on the stack, count 1; poll
+    // only writes `revents` of that struct.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
     n > 0
 }
 
@@ -60,8 +65,8 @@ impl Stream for TcpStream {
     fn shutdown(&self) -> io::Result<()> {
         TcpStream::shutdown(self, Shutdown::Both)
     }
-    fn input_waiting(&self) -> bool {
-        readable(self.as_raw_fd())
+    fn wait_input(&self, t: Duration) -> bool {
+        readable(self.as_raw_fd(), t)
     }
     fn peer(&self) -> String {
         self.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
@@ -85,8 +90,8 @@ impl Stream for UnixStream {
     fn shutdown(&self) -> io::Result<()> {
         UnixStream::shutdown(self, Shutdown::Both)
     }
-    fn input_waiting(&self) -> bool {
-        readable(self.as_raw_fd())
+    fn wait_input(&self, t: Duration) -> bool {
+        readable(self.as_raw_fd(), t)
     }
     fn peer(&self) -> String {
         "unix socket".into()

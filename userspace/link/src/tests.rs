@@ -463,3 +463,81 @@ fn the_accept_loop_limits_connections_and_sets_the_handshake_deadline() {
     assert_eq!(hold.served.load(Ordering::SeqCst), 3);
     drop(c2);
 }
+
+/// A sink that learns of its points late (as a spool does from the next
+/// hop): `apply` reports none, `late_points` hands them out 300 ms later.
+struct LateSinks(MemSinks);
+
+struct LateSink {
+    inner: MemSink,
+    held: Vec<((u64, u64), Instant)>,
+}
+
+impl Sinks for LateSinks {
+    type Sink = LateSink;
+    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(LateSink, OpenInfo), Fail> {
+        let (inner, info) = self.0.open(peer, name, size, generation)?;
+        Ok((LateSink { inner, held: Vec::new() }, info))
+    }
+}
+
+impl Sink for LateSink {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn durable_seq(&self) -> u64 {
+        self.inner.durable_seq()
+    }
+    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<(u64, u64)>, Fail> {
+        let now = Instant::now();
+        self.held.extend(self.inner.apply(ops)?.into_iter().map(|p| (p, now)));
+        Ok(Vec::new())
+    }
+    fn resolve_ref(&mut self, src: u64, len: u32, digest: &[u8; 32]) -> Result<Option<Vec<u8>>, Fail> {
+        self.inner.resolve_ref(src, len, digest)
+    }
+    fn sums(&mut self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, Fail> {
+        self.inner.sums(offset, chunk, count)
+    }
+    fn tick(&self) -> Option<Duration> {
+        Some(Duration::from_millis(20))
+    }
+    fn late_points(&mut self) -> Result<Vec<(u64, u64)>, Fail> {
+        let (ready, wait): (Vec<_>, Vec<_>) = self.held.drain(..).partition(|(_, t)| t.elapsed() >= Duration::from_millis(300));
+        self.held = wait;
+        Ok(ready.into_iter().map(|(p, _)| p).collect())
+    }
+}
+
+#[test]
+fn a_point_a_sink_learns_late_reaches_the_waiting_client() {
+    let sinks = Arc::new(LateSinks(MemSinks::default()));
+    let (a, b) = UnixStream::pair().unwrap();
+    let s2 = Arc::clone(&sinks);
+    let cfg = ServerConfig { idle: Duration::from_secs(2), ..server_cfg() };
+    let srv = std::thread::spawn(move || server::serve(b, &*s2, &cfg));
+    // No pings (v1): nothing but the late point can wake the server.
+    let mut c = Client::open(a, ClientConfig { versions: (1, 1), ..client_cfg() }, "vm", SIZE, [1; 16]).unwrap();
+    c.send(&Msg::Tag { seq: 1, time_ns: 0, kind: PointKind::Crash }).unwrap();
+    c.wait_acked(1).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(c.wait_point(1).unwrap(), 1);
+    assert!(t0.elapsed() < Duration::from_secs(5), "the late point took {:?}", t0.elapsed());
+    c.close();
+    srv.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_ticking_server_keeps_the_idle_deadline() {
+    let sinks = Arc::new(LateSinks(MemSinks::default()));
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let s2 = Arc::clone(&sinks);
+    let cfg = ServerConfig { idle: Duration::from_secs(1), ..server_cfg() };
+    let srv = std::thread::spawn(move || server::serve(b, &*s2, &cfg));
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(matches!(raw_open(&mut a, 2, "vm"), Msg::OpenAck { .. }));
+    let t0 = Instant::now();
+    let f = srv.join().unwrap().unwrap_err();
+    assert!(f.msg.contains("no frame from the peer for 1s"), "{}", f.msg);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}

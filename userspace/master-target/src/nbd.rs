@@ -13,10 +13,13 @@
 //!
 //! Requests above 32 MiB are refused with EINVAL (a WRITE that large ends
 //! the connection, its payload being unreadable as a request stream). A
-//! malformed request (bad magic) ends the connection. Each connection is a
-//! thread; they share the view (and so the overlay) under a mutex.
+//! malformed request (bad magic) ends the connection. Connections come from
+//! the link layer's accept loop (`ferry_link::accept`: at most 1024 at once,
+//! a thread each, keepalive, the handshake within 30 s, every reply written
+//! within 60 s); they share the view (and so the overlay) under a mutex.
 
 use crate::view::PointView;
+use ferry_link::accept::{self, Limits, Service};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -68,25 +71,25 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 
 /// Serve `view` as export `name` on `listener` until the process ends.
 pub fn serve(listener: TcpListener, name: String, view: PointView) -> io::Result<()> {
-    let view = Arc::new(Mutex::new(view));
-    for conn in listener.incoming() {
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("accept: {e}");
-                continue;
-            }
-        };
-        let (view, name) = (Arc::clone(&view), name.clone());
-        std::thread::spawn(move || {
-            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            match session(conn, &name, &view) {
-                Ok(()) => log::info!("nbd client {peer} disconnected"),
-                Err(e) => log::warn!("nbd client {peer}: {e}"),
-            }
-        });
+    accept::serve(listener, Limits::default(), Arc::new(Export { name, view: Mutex::new(view) }))
+}
+
+/// One export: its name and the point it serves.
+struct Export {
+    name: String,
+    view: Mutex<PointView>,
+}
+
+impl Service for Export {
+    fn serve(&self, conn: TcpStream) {
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        match session(conn, &self.name, &self.view) {
+            Ok(()) => log::info!("nbd client {peer} disconnected"),
+            Err(e) => log::warn!("nbd client {peer}: {e}"),
+        }
     }
-    Ok(())
+    // Past the limit a client is closed before the greeting: NBD has no
+    // way to say busy.
 }
 
 fn rd_u16(r: &mut impl Read) -> io::Result<u16> {
@@ -132,13 +135,10 @@ fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
 }
 
 fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    // Deadlines: the handshake within 30 s, every reply written within 60 s;
-    // keepalive finds a client whose machine is gone. Once transmission
-    // starts a client may be idle for as long as it likes (a booted VM).
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
-    ferry_common::net::keepalive(&s);
+    // Deadlines (set by the accept loop): the handshake within 30 s, every
+    // reply written within 60 s; keepalive finds a client whose machine is
+    // gone. Once transmission starts a client may be idle for as long as it
+    // likes (a booted VM): the read deadline is lifted below.
     let (size, writable) = {
         let v = view.lock().map_err(|_| bad("view lock poisoned"))?;
         (v.size, v.writable())

@@ -30,6 +30,9 @@
 //! The client keeps at most a window of unacknowledged bytes in flight and
 //! drops nothing before it is acknowledged; after a reconnect it resumes from
 //! the server's `durable_seq`.
+//!
+//! This crate is the frames only; the two state machines that speak them
+//! (handshake, window, acknowledgements, PING, deadlines) are `ferry-link`.
 
 use std::io::{self, Read, Write};
 use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;

@@ -2,7 +2,7 @@
 //! disk per connection, frames validated against the disk and applied in
 //! durable batches (see `Disk::apply`), acknowledged after they are durable.
 
-use crate::disk::{Disk, DiskError, Op};
+use crate::store::{Disk, DiskError, Op};
 use ferry_proto::{decompress, read_frame, write_msg, ErrorCode, Msg, ProtoError, VERSION_MAX, VERSION_MIN};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -467,3 +467,98 @@ pub mod render {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateDir;
+
+    /// The names the state file holds read into the enums and back
+    /// unchanged, and an unknown one is refused with what it is.
+    #[test]
+    fn state_names_round_trip_through_the_enums() {
+        for m in ["initial-sync", "resync", "streaming", "catch-up", "failed-over", "stopped", "failed", "unprotected"] {
+            let v: Mode = m.parse().unwrap();
+            assert_eq!(v.as_str(), m);
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("{m:?}"));
+        }
+        for t in ["kmod", "bpf", "scan", "ring"] {
+            let v: TrackerKind = t.parse().unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("{t:?}"));
+        }
+        assert_eq!(serde_json::to_string(&"bitmap".parse::<KmodMode>().unwrap()).unwrap(), "\"bitmap\"");
+        let e = "warp".parse::<Mode>().unwrap_err().to_string();
+        assert!(e.contains("\"warp\""), "{e}");
+    }
+
+    /// `ferry status --json` keeps the keys it always printed, in the same
+    /// (sorted) order, and a state file from before (no optional fields)
+    /// still reads.
+    #[test]
+    fn the_status_view_serializes_as_the_cli_always_printed_it() {
+        let t = tempfile::tempdir().unwrap();
+        let st: AgentState = serde_json::from_value(serde_json::json!({
+            "name": "vm", "disk": "/dev/loop9", "size": 1u64 << 20, "generation": "00", "tracker": "bpf",
+            "target": "127.0.0.1:7700", "acked_seq": 5, "ring_overflows_seen": 0,
+            "last_point": {"id": 2, "seq": 5, "time_ns": 1_000_000_000u64, "kind": "crash"},
+            "last_ack_ns": 1_000_000_000u64, "mode": "streaming", "running": false,
+            "bytes_sent_total": 10, "bytes_read_total": 20
+        }))
+        .unwrap();
+        StateDir::new(t.path()).save(&st).unwrap();
+        let v = agent_status(t.path(), 3_000_000_000).unwrap();
+        assert_eq!((v.tracker, v.mode), (TrackerKind::Bpf, Mode::Stopped));
+        let json = serde_json::to_string(&v).unwrap();
+        let keys: Vec<String> =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&json).unwrap().keys().cloned().collect();
+        let want = [
+            "name",
+            "disk",
+            "tracker",
+            "mode",
+            "running",
+            "pid",
+            "connected",
+            "disconnected_seconds",
+            "last_error",
+            "stopped_reason",
+            "health",
+            "health_reason",
+            "rpo_seconds",
+            "point_every_seconds",
+            "target",
+            "initial_sync_cursor",
+            "resync_required",
+            "acked_seq",
+            "seconds_since_last_ack",
+            "records_pending",
+            "ring_overflows",
+            "last_point",
+            "bytes_sent_total",
+            "bytes_read_total",
+            "bpf_drops",
+            "bpf_recovered",
+            "bpf_unguarded",
+            "kmod_mode",
+            "kmod_catchups",
+            "cut_problem",
+            "failover",
+            "lag_ms_p50",
+            "lag_ms_p99",
+            "freeze_ms_p50",
+            "freeze_ms_p99",
+        ];
+        let mut sorted: Vec<&str> = want.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        // In the text's order too: the JSON is written as it was, keys sorted.
+        let at = |k: &str| json.find(&format!("\"{k}\":")).unwrap();
+        assert!(sorted.windows(2).all(|w| at(w[0]) < at(w[1])), "{json}");
+        assert!(json.contains(r#""last_point":{"id":2,"kind":"crash","seq":5,"time":"1970-01-01T00:00:01.000000000Z"}"#), "{json}");
+        assert!(json.contains(r#""tracker":"bpf""#) && json.contains(r#""seconds_since_last_ack":2.0"#), "{json}");
+        assert!(
+            render::status(&v).iter().any(|l| l.starts_with("bpf        0 records fell back")),
+            "the bpf lines follow the tracker kind"
+        );
+    }
+}

@@ -512,3 +512,52 @@ pub fn disk_status(data: &Path, name: &str) -> Result<DiskStatus, OpsError> {
         health_reason,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Disk, Op};
+
+    fn disk_with_points(data: &Path, name: &str, tags: &[(u64, PointKind)]) {
+        let (mut d, _) = Disk::open(data, name, 1 << 20, [1; 16]).unwrap();
+        retention::store(&Paths::new(data, name), &Policy::keep_everything()).unwrap();
+        let mut seq = 0;
+        for &(t, kind) in tags {
+            seq += 2;
+            d.apply(&[Op::Write { seq: seq - 1, offset: 0, data: vec![seq as u8; 4096] }, Op::Tag { seq, time_ns: t, kind }]).unwrap();
+        }
+    }
+
+    /// `ferry points --json` and `ferry group-points --json` print what
+    /// they always printed: the same keys, in the same (sorted) order.
+    #[test]
+    fn point_views_serialize_as_the_cli_always_printed_them() {
+        let t = tempfile::tempdir().unwrap();
+        disk_with_points(t.path(), "a", &[(5, PointKind::Crash), (7, PointKind::Group)]);
+        disk_with_points(t.path(), "b", &[(7, PointKind::Group)]);
+        let v = points(t.path(), "a").unwrap();
+        assert_eq!(
+            serde_json::to_string(&v.points).unwrap(),
+            r#"[{"id":1,"kept":"window","kind":"crash","seq":2,"time":"1970-01-01T00:00:00.000000005Z"},{"id":2,"kept":"newest","kind":"group","seq":4,"time":"1970-01-01T00:00:00.000000007Z"}]"#
+        );
+        assert!(render::points_failover(&v).is_none());
+        assert_eq!(render::points_table(&v)[0], format!("{:>6}  {:<32}  {:<5}  {:>12}  {}", "ID", "TIME", "KIND", "SEQ", "KEPT"));
+        let g = group_points(t.path(), &["b".to_string(), "a".to_string()]).unwrap();
+        assert_eq!(
+            serde_json::to_string(&g.rows).unwrap(),
+            r#"[{"points":{"a":2,"b":1},"time":"1970-01-01T00:00:00.000000007Z","time_ns":7}]"#
+        );
+        assert_eq!(render::group_points(&g), ["1970-01-01T00:00:00.000000007Z  b=1 a=2"]);
+    }
+
+    /// `ferry retention` flags: `none` lifts each limit, and a bad value
+    /// names its flag.
+    #[test]
+    fn retention_flags_parse_with_none_lifting_the_limit() {
+        let e = RetentionEdit::from_flags(Some("none"), Some("none"), Some("2h"), Some("none")).unwrap();
+        assert_eq!(e, RetentionEdit { keep_ns: Some(0), all_ns: Some(u64::MAX), hourly_ns: Some(7_200_000_000_000), journal_cap: Some(0) });
+        let bad = RetentionEdit::from_flags(None, Some("soon"), None, None).unwrap_err().to_string();
+        assert!(bad.starts_with("--keep-all \"soon\""), "{bad}");
+        assert!(RetentionEdit::from_flags(None, None, None, None).unwrap().is_empty());
+    }
+}

@@ -165,3 +165,29 @@ impl Settling {
         Ok(Settling { _recoveries: recoveries, _applying: applying })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recovery (shared) holds off retention's punch (exclusive, tried),
+    /// and one writer at a time holds the folder; each lock is free again
+    /// once its guard drops.
+    #[test]
+    fn guards_exclude_what_the_table_says_until_they_drop() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = Paths::new(t.path(), "d");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let reading = RecoveryLock::shared(&paths).unwrap();
+        let second_reader = RecoveryLock::shared(&paths).unwrap();
+        assert!(RecoveryLock::try_exclusive(&paths).unwrap().is_none(), "an exclusive taker must wait for recoveries");
+        drop(reading);
+        drop(second_reader);
+        assert!(RecoveryLock::try_exclusive(&paths).unwrap().is_some());
+
+        let w = WriterLock::take(&paths, "d").unwrap();
+        assert!(matches!(WriterLock::take(&paths, "d"), Err(DiskError::Busy(n)) if n == "d"));
+        drop(w);
+        WriterLock::take(&paths, "d").unwrap();
+    }
+}

@@ -198,7 +198,7 @@ pub struct RecoverView {
     pub name: String,
     pub point: PointRef,
     pub out: PathBuf,
-    pub format: &'static str,
+    pub format: Format,
 }
 
 /// Materialize the point `point` names into `out` (see [`rec::prepare`]
@@ -208,7 +208,7 @@ pub fn recover(data: &Path, name: &str, point: &str, out: &Path, format: Option<
     let output = rec::prepare(data, name, out, format, force)?;
     let fmt = output.format();
     rec::write(data, name, &p, output)?;
-    Ok(RecoverView { name: name.into(), point: (&p).into(), out: out.to_path_buf(), format: fmt.as_str() })
+    Ok(RecoverView { name: name.into(), point: (&p).into(), out: out.to_path_buf(), format: fmt })
 }
 
 // ---------------------------------------------------------------- export
@@ -349,7 +349,7 @@ pub struct FailoverView {
     pub name: String,
     pub point: PointRef,
     pub out: PathBuf,
-    pub format: &'static str,
+    pub format: Format,
     /// The QEMU command line that boots it.
     pub command: String,
 }
@@ -360,7 +360,7 @@ pub fn failover(data: &Path, name: &str, point: &str, out: &Path, format: Option
     let p = select_point(data, name, point)?;
     let (_, fmt) = crate::failover::failover(data, name, &p, out, format, force)?;
     let command = crate::failover::qemu_command(out, fmt);
-    Ok(FailoverView { name: name.into(), point: (&p).into(), out: out.to_path_buf(), format: fmt.as_str(), command })
+    Ok(FailoverView { name: name.into(), point: (&p).into(), out: out.to_path_buf(), format: fmt, command })
 }
 
 /// How a failover ended.

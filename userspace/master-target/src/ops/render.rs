@@ -39,7 +39,15 @@ pub fn group_points(v: &GroupPointsView) -> Vec<String> {
 
 /// `ferry recover`'s line (stderr).
 pub fn recovered(v: &RecoverView) -> String {
-    format!("recovered {} point {} ({}, {}) to {} ({})", v.name, v.point.id, v.point.kind.as_str(), v.point.time, v.out.display(), v.format)
+    format!(
+        "recovered {} point {} ({}, {}) to {} ({})",
+        v.name,
+        v.point.id,
+        v.point.kind.as_str(),
+        v.point.time,
+        v.out.display(),
+        v.format.as_str()
+    )
 }
 
 /// `ferry export`'s line once it listens (stderr).

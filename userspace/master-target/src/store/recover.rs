@@ -55,6 +55,8 @@ pub enum RecoverError {
     FormatMismatch { path: String, ext: &'static str, given: &'static str },
     #[error("qemu-img failed converting to qcow2: {0}")]
     Convert(String),
+    #[error("qemu-img failed converting to qcow2: cannot run qemu-img ({source}); install qemu-utils")]
+    NoQemuImg { source: io::Error },
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> RecoverError {
@@ -85,8 +87,9 @@ impl std::str::FromStr for Selector {
     }
 }
 
-/// Output image formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Output image formats (in views: "raw", "qcow2").
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
     Qcow2,
@@ -276,7 +279,7 @@ fn write_inner(data: &Path, name: &str, point: &Point, out: &mut Output) -> Resu
                 .arg(&raw)
                 .arg(tmp.as_ref().expect("the temporary file is there until the rename"))
                 .status()
-                .map_err(|e| RecoverError::Convert(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
+                .map_err(|source| RecoverError::NoQemuImg { source })?;
             if !st.success() {
                 return Err(RecoverError::Convert(format!("qemu-img exited with {st}")));
             }

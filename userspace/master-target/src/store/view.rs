@@ -31,7 +31,7 @@ use super::lock::RecoveryLock;
 use super::ranges::{zero_range, RangeSet};
 use super::recover::{self, RecoverError};
 use super::settle;
-use super::sums::{self, Sums};
+use super::sums::{self, Sums, SumsError};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -43,6 +43,10 @@ pub enum ViewError {
     Disk(#[from] DiskError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error("point {id}: {source}")]
+    Point { id: u64, source: Box<RecoverError> },
+    #[error("replica sums: {0}")]
+    Sums(#[source] SumsError),
     #[error("read of {len} bytes at {offset} is outside the disk ({size} bytes)")]
     Range { offset: u64, len: u64, size: u64 },
 }
@@ -80,7 +84,7 @@ impl PointView {
         settle::settle(data, name)?;
         recover::prove_inputs(data, name, &point, true).map_err(|e| match e {
             RecoverError::Disk(d) => ViewError::from(d),
-            e => ViewError::Io { what: format!("point {}", point.id), source: io::Error::other(e.to_string()) },
+            e => ViewError::Point { id: point.id, source: Box::new(e) },
         })?;
         let paths = Paths::new(data, name);
         let replica = File::open(&paths.replica).map_err(ioe(paths.replica.display()))?;
@@ -201,8 +205,7 @@ impl PointView {
             let sums = self.sums.as_ref().expect("checked above");
             let mut one = vec![0u8; CHUNK as usize];
             for c in x / CHUNK..y.div_ceil(CHUNK) {
-                let ok = sums::check_chunk_settled(&self.paths.dir, sums, &self.replica, c, &mut one)
-                    .map_err(|e| ViewError::Io { what: "replica sums".into(), source: io::Error::other(e.to_string()) })?;
+                let ok = sums::check_chunk_settled(&self.paths.dir, sums, &self.replica, c, &mut one).map_err(ViewError::Sums)?;
                 if !ok {
                     log::error!(
                         "{}: the 64 KiB chunk at byte {} does not match its checksum: reads of it fail",

@@ -147,10 +147,20 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Result<Liveness, 
     let disconnected = if running && !st.connected { st.disconnected_since_ns.map(secs) } else { None };
     // An agent that took the lock but left no stop record was killed or
     // crashed (even before it first saved its state).
-    let stopped_reason = (!running).then(|| match live::last_stop(state) {
+    // A stop record older than the last agent's taking of the lock (it
+    // writes its pid into STATE/agent.lock, then removes the record) is
+    // that of an agent before it: the last one left none.
+    let lock_taken_ns = std::fs::metadata(state.join("agent.lock"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64);
+    let stopped_reason = (!running).then(|| match live::last_stop(state).filter(|s| lock_taken_ns.is_none_or(|l| s.time_ns >= l)) {
         Some(s) => s.reason,
         None if own == Mode::Unprotected => "unprotected".to_string(),
-        None if st.running || live::ever_started(state) => {
+        // (The lock file is there: an agent took it, even one killed
+        // before it wrote its pid.)
+        None if st.running || live::ever_started(state) || lock_taken_ns.is_some() => {
             "the agent ended without stopping cleanly (killed, crashed, or the machine restarted)".to_string()
         }
         None => "not started".to_string(),
@@ -560,5 +570,27 @@ mod tests {
             render::status(&v).iter().any(|l| l.starts_with("bpf        0 records fell back")),
             "the bpf lines follow the tracker kind"
         );
+    }
+
+    /// An agent killed right after it took the folder's lock, before it
+    /// wrote its pid or cleared the last agent's stop record, is reported
+    /// as ended without stopping cleanly, not with the older agent's
+    /// reason (regression: operate::a_stopped_agent_is_reported_stopped_with_its_reason).
+    #[test]
+    fn a_stop_record_older_than_the_lock_is_not_the_last_agents() {
+        let t = tempfile::tempdir().unwrap();
+        let st: AgentState = serde_json::from_value(serde_json::json!({
+            "name": "vm", "disk": "/dev/loop9", "size": 1u64 << 20, "generation": "00", "tracker": "scan",
+            "target": "127.0.0.1:7700", "acked_seq": 0, "ring_overflows_seen": 0, "last_point": null,
+            "last_ack_ns": 0, "mode": "stopped", "running": false, "bytes_sent_total": 0, "bytes_read_total": 0
+        }))
+        .unwrap();
+        live::record_stop(t.path(), "stopped by SIGTERM", false);
+        let now = ferry_common::now_ns();
+        assert_eq!(liveness(t.path(), &st, now).unwrap().stopped_reason.as_deref(), Some("stopped by SIGTERM"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(t.path().join("agent.lock"), b"").unwrap(); // taken, truncated, killed
+        let why = liveness(t.path(), &st, now).unwrap().stopped_reason.unwrap();
+        assert!(why.contains("without stopping cleanly"), "{why}");
     }
 }

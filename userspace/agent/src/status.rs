@@ -1,6 +1,9 @@
 //! What `ferry status` shows of a protected disk: the agent's state file
 //! read against the agent's lock (is it alive?) and the clock (how old is
-//! the last recovery point?).
+//! the last recovery point?), as one serializable view ([`AgentStatus`],
+//! what `--json` prints) and its text ([`render`]). The state file keeps
+//! its strings; they are read into enums here ([`TrackerKind`], [`Mode`],
+//! [`KmodMode`]).
 
 use crate::live;
 use crate::state::{AgentState, StateDir};
@@ -29,26 +32,83 @@ pub fn status(state: &Path) -> Result<(AgentState, Option<RingStatus>), AgentErr
     Ok((st, ring))
 }
 
-/// How an operator should feel about a disk, worst first.
-#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Health {
-    #[serde(rename = "OK")]
-    Ok,
-    #[serde(rename = "WARN")]
-    Warn,
-    #[serde(rename = "CRIT")]
-    Crit,
+pub use ferry_common::health::Health;
+
+/// The tracker a protected disk uses, as its state records it.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackerKind {
+    Kmod,
+    Bpf,
+    Scan,
+    Ring,
 }
 
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Ok => "OK",
-            Health::Warn => "WARN",
-            Health::Crit => "CRIT",
-        }
-    }
+/// What the agent is doing (the state file's `mode`), or, seen from
+/// outside, that it is disconnected or stopped.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    InitialSync,
+    Resync,
+    Streaming,
+    CatchUp,
+    FailedOver,
+    Stopped,
+    Failed,
+    Unprotected,
+    /// Seen from outside: running without a connection.
+    Disconnected,
 }
+
+/// The kernel module tracker's mode as last seen.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KmodMode {
+    Data,
+    Metadata,
+    Bitmap,
+    Unknown,
+}
+
+/// The names the state file (and the JSON) uses for each enum.
+macro_rules! names {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),* }
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = AgentError;
+            fn from_str(s: &str) -> Result<$t, AgentError> {
+                match s {
+                    $($s => Ok(<$t>::$v),)*
+                    _ => Err(AgentError::Usage(format!("agent state: unknown {} {s:?} (written by a newer ferry?)", stringify!($t)))),
+                }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(TrackerKind { Kmod => "kmod", Bpf => "bpf", Scan => "scan", Ring => "ring" });
+names!(Mode {
+    InitialSync => "initial-sync",
+    Resync => "resync",
+    Streaming => "streaming",
+    CatchUp => "catch-up",
+    FailedOver => "failed-over",
+    Stopped => "stopped",
+    Failed => "failed",
+    Unprotected => "unprotected",
+    Disconnected => "disconnected",
+});
+names!(KmodMode { Data => "data", Metadata => "metadata", Bitmap => "bitmap", Unknown => "unknown" });
 
 /// What is true of a protected disk now, as `ferry status` shows it: the
 /// state file read against the agent's lock and the clock.
@@ -57,7 +117,7 @@ pub struct Liveness {
     /// What the agent is doing: its own mode while it runs and is connected,
     /// `disconnected` while it runs without a connection, and `stopped`
     /// (or `failed`, `unprotected`) when it does not run.
-    pub mode: String,
+    pub mode: Mode,
     /// The agent holds the state folder's lock (it is alive).
     pub running: bool,
     pub pid: Option<u32>,
@@ -76,7 +136,9 @@ pub struct Liveness {
 }
 
 /// The live view of `state` (see [`Liveness`]) at wall-clock `now_ns`.
-pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
+pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Result<Liveness, AgentError> {
+    let own: Mode = st.mode.parse()?;
+    let kmod_mode: Option<KmodMode> = st.kmod_mode.as_deref().map(str::parse).transpose()?;
     let pid = live::running(state);
     let running = pid.is_some();
     let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
@@ -85,10 +147,20 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
     let disconnected = if running && !st.connected { st.disconnected_since_ns.map(secs) } else { None };
     // An agent that took the lock but left no stop record was killed or
     // crashed (even before it first saved its state).
-    let stopped_reason = (!running).then(|| match live::last_stop(state) {
+    // A stop record older than the last agent's taking of the lock (it
+    // writes its pid into STATE/agent.lock, then removes the record) is
+    // that of an agent before it: the last one left none.
+    let lock_taken_ns = std::fs::metadata(state.join("agent.lock"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64);
+    let stopped_reason = (!running).then(|| match live::last_stop(state).filter(|s| lock_taken_ns.is_none_or(|l| s.time_ns >= l)) {
         Some(s) => s.reason,
-        None if st.mode == "unprotected" => "unprotected".to_string(),
-        None if st.running || live::ever_started(state) => {
+        None if own == Mode::Unprotected => "unprotected".to_string(),
+        // (The lock file is there: an agent took it, even one killed
+        // before it wrote its pid.)
+        None if st.running || live::ever_started(state) || lock_taken_ns.is_some() => {
             "the agent ended without stopping cleanly (killed, crashed, or the machine restarted)".to_string()
         }
         None => "not started".to_string(),
@@ -132,19 +204,18 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
     if let Some(p) = &st.cut_problem {
         note(Health::Warn, p.clone());
     }
-    if st.kmod_mode.as_deref() == Some("bitmap") {
+    if kmod_mode == Some(KmodMode::Bitmap) {
         note(Health::Warn, "the kernel module tracker fell to bitmap mode (catching up)".into());
     }
-    let health_reason =
-        if why.is_empty() { format!("{}, last recovery point {:.0}s ago", st.mode, rpo.unwrap_or(0.0)) } else { why.join("; ") };
+    let health_reason = if why.is_empty() { format!("{own}, last recovery point {:.0}s ago", rpo.unwrap_or(0.0)) } else { why.join("; ") };
     let mode = match (running, connected) {
-        (_, _) if st.mode == "failed-over" => st.mode.clone(),
-        (true, true) => st.mode.clone(),
-        (true, false) => "disconnected".into(),
-        (false, _) if matches!(st.mode.as_str(), "failed" | "unprotected") => st.mode.clone(),
-        (false, _) => "stopped".into(),
+        (_, _) if own == Mode::FailedOver => own,
+        (true, true) => own,
+        (true, false) => Mode::Disconnected,
+        (false, _) if matches!(own, Mode::Failed | Mode::Unprotected) => own,
+        (false, _) => Mode::Stopped,
     };
-    Liveness {
+    Ok(Liveness {
         mode,
         running,
         pid,
@@ -154,5 +225,372 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Liveness {
         rpo_seconds: rpo,
         health: worst,
         health_reason,
+    })
+}
+
+/// The last recovery point, as `ferry status` shows it. Fields in the
+/// JSON's key order.
+#[derive(serde::Serialize, Clone, Debug)]
+pub struct PointView {
+    pub id: u64,
+    pub kind: String,
+    pub seq: u64,
+    /// RFC 3339.
+    pub time: String,
+    #[serde(skip)]
+    pub time_ns: u64,
+}
+
+/// `ferry status --state DIR`: everything it shows. Serialized fields are
+/// in the JSON's key order (sorted, as the CLI has always printed them);
+/// the skipped ones are for the text.
+#[derive(serde::Serialize, Clone, Debug)]
+pub struct AgentStatus {
+    pub acked_seq: u64,
+    pub bpf_drops: u64,
+    pub bpf_recovered: u64,
+    pub bpf_unguarded: u64,
+    pub bytes_read_total: u64,
+    pub bytes_sent_total: u64,
+    pub connected: bool,
+    pub cut_problem: Option<String>,
+    pub disconnected_seconds: Option<f64>,
+    pub disk: String,
+    pub failover: Option<String>,
+    pub freeze_ms_p50: Option<f64>,
+    pub freeze_ms_p99: Option<f64>,
+    pub health: Health,
+    pub health_reason: String,
+    pub initial_sync_cursor: Option<u64>,
+    pub kmod_catchups: u64,
+    pub kmod_mode: Option<KmodMode>,
+    pub lag_ms_p50: Option<f64>,
+    pub lag_ms_p99: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_point: Option<PointView>,
+    pub mode: Mode,
+    pub name: String,
+    pub pid: Option<u32>,
+    pub point_every_seconds: f64,
+    pub records_pending: u64,
+    pub resync_required: Option<String>,
+    pub ring_overflows: Option<u64>,
+    pub rpo_seconds: Option<f64>,
+    pub running: bool,
+    /// Seconds since the last acknowledgement (`None` before the first).
+    pub seconds_since_last_ack: Option<f64>,
+    pub stopped_reason: Option<String>,
+    pub target: String,
+    pub tracker: TrackerKind,
+    /// The disk's size.
+    #[serde(skip)]
+    pub size: u64,
+    #[serde(skip)]
+    pub ring: Option<RingStatus>,
+    /// How many lag and freeze samples the percentiles are of.
+    #[serde(skip)]
+    pub lag_samples: usize,
+    #[serde(skip)]
+    pub freeze_samples: usize,
+}
+
+/// The `q` quantile (nearest rank) of `v`.
+fn pct(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    Some(s[i])
+}
+
+/// `ferry status --state DIR` at wall-clock `now_ns`.
+pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError> {
+    let (st, ring) = status(state)?;
+    let live = liveness(state, &st, now_ns)?;
+    let lag_s = (st.last_ack_ns > 0).then(|| now_ns.saturating_sub(st.last_ack_ns) as f64 / 1e9);
+    Ok(AgentStatus {
+        acked_seq: st.acked_seq,
+        bpf_drops: st.bpf_drops,
+        bpf_recovered: st.bpf_recovered,
+        bpf_unguarded: st.bpf_unguarded,
+        bytes_read_total: st.bytes_read_total,
+        bytes_sent_total: st.bytes_sent_total,
+        connected: live.connected,
+        cut_problem: st.cut_problem.clone(),
+        disconnected_seconds: live.disconnected_seconds,
+        disk: st.disk.clone(),
+        failover: st.failover.clone(),
+        freeze_ms_p50: pct(&st.freeze_ms_recent, 0.5),
+        freeze_ms_p99: pct(&st.freeze_ms_recent, 0.99),
+        health: live.health,
+        health_reason: live.health_reason,
+        initial_sync_cursor: st.sync_cursor,
+        kmod_catchups: st.kmod_catchups,
+        kmod_mode: st.kmod_mode.as_deref().map(str::parse).transpose()?,
+        lag_ms_p50: pct(&st.lag_ms_recent, 0.5),
+        lag_ms_p99: pct(&st.lag_ms_recent, 0.99),
+        last_error: st.last_error.clone(),
+        last_point: st.last_point.as_ref().map(|p| PointView {
+            id: p.id,
+            kind: p.kind.clone(),
+            seq: p.seq,
+            time: ferry_common::units::rfc3339(p.time_ns),
+            time_ns: p.time_ns,
+        }),
+        mode: live.mode,
+        name: st.name.clone(),
+        pid: live.pid,
+        point_every_seconds: st.point_every_s,
+        records_pending: ring.map(|r| r.pending).unwrap_or(0),
+        resync_required: st.resync_required.clone(),
+        ring_overflows: ring.map(|r| r.overflows),
+        rpo_seconds: live.rpo_seconds,
+        running: live.running,
+        seconds_since_last_ack: lag_s.filter(|l| l.is_finite()),
+        stopped_reason: live.stopped_reason,
+        target: st.target.clone(),
+        tracker: st.tracker.parse()?,
+        size: st.size,
+        ring,
+        lag_samples: st.lag_ms_recent.len(),
+        freeze_samples: st.freeze_ms_recent.len(),
+    })
+}
+
+/// The CLI's text of the agent's views: lines without their newline.
+pub mod render {
+    use super::{AgentStatus, TrackerKind};
+    use crate::Summary;
+    use ferry_common::units::human;
+
+    /// `ferry status --state DIR`.
+    pub fn status(s: &AgentStatus) -> Vec<String> {
+        let mut out = vec![
+            format!("health     {}: {}", s.health.as_str(), s.health_reason),
+            format!("disk       {} ({}, {})", s.name, s.disk, human(s.size)),
+        ];
+        let agent = match (s.running, s.pid) {
+            (true, Some(p)) if p > 0 => format!("agent running (pid {p})"),
+            (true, _) => "agent running".to_string(),
+            (false, _) => format!("agent not running: {}", s.stopped_reason.as_deref().unwrap_or("-")),
+        };
+        out.push(format!("tracker    {}   mode {}   {agent}", s.tracker, s.mode));
+        out.push(match (s.connected, s.disconnected_seconds) {
+            (true, _) => format!("target     {} (connected)", s.target),
+            (false, Some(d)) => {
+                format!("target     {} (disconnected for {d:.0}s: {})", s.target, s.last_error.as_deref().unwrap_or("connecting"))
+            }
+            (false, None) => format!("target     {}", s.target),
+        });
+        if let Some(c) = s.initial_sync_cursor {
+            out.push(format!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / s.size as f64));
+        }
+        if let Some(r) = &s.resync_required {
+            out.push(format!("RESYNC     required: {r}"));
+        }
+        match (&s.last_point, s.rpo_seconds) {
+            (Some(p), Some(r)) => out.push(format!("last point {} ({}) at {}, {r:.1}s ago (RPO)", p.id, p.kind, p.time)),
+            _ => out.push("last point none yet".to_string()),
+        }
+        out.push(format!(
+            "acked      seq {}{}; sent {}, read {}",
+            s.acked_seq,
+            s.seconds_since_last_ack.map(|l| format!(", {l:.1}s ago")).unwrap_or_default(),
+            human(s.bytes_sent_total),
+            human(s.bytes_read_total)
+        ));
+        if let Some(r) = s.ring {
+            out.push(format!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows));
+        }
+        if let Some(m) = s.kmod_mode {
+            out.push(format!("kmod       {m} mode, {} catch-up(s) from bitmap mode", s.kmod_catchups));
+        }
+        if let Some(p) = &s.cut_problem {
+            out.push(format!("POINTS     {p}"));
+        }
+        if let Some(f) = &s.failover {
+            out.push(format!("FAILOVER   {f}"));
+        }
+        if let (Some(a), Some(b)) = (s.lag_ms_p50, s.lag_ms_p99) {
+            out.push(format!("lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)", s.lag_samples));
+        }
+        if let (Some(a), Some(b)) = (s.freeze_ms_p50, s.freeze_ms_p99) {
+            out.push(format!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", s.freeze_samples));
+        }
+        if s.tracker == TrackerKind::Bpf {
+            out.push(format!("bpf        {} records fell back to the bitmap", s.bpf_drops));
+            if s.bpf_recovered > 0 {
+                out.push(format!(
+                    "bpf        {} completions the kernel did not run the tracker for were caught at reissue",
+                    s.bpf_recovered
+                ));
+            }
+            if s.bpf_unguarded > 0 {
+                out.push(format!(
+                    "bpf        {} writes issued on tags outside the in-flight table (a missed completion of one needs a resync)",
+                    s.bpf_unguarded
+                ));
+            }
+        }
+        out
+    }
+
+    /// The summary of `ferry agent --once` (and `--verify`).
+    pub fn summary(s: &Summary) -> Vec<String> {
+        let mut out = vec![format!(
+            "{}: recovery point {} ({}) at seq {}; read {} sent {} in {:.1}s (tracker {})",
+            s.name,
+            s.point_id,
+            s.point_kind,
+            s.seq,
+            human(s.bytes_read),
+            human(s.bytes_sent),
+            s.seconds,
+            s.tracker
+        )];
+        if let Some(d) = &s.verify_differing {
+            for (a, b) in d {
+                out.push(format!("{}: the replica differed from the source in [{a}, {b}) ({} bytes)", s.name, b - a));
+            }
+            match s.repaired_bytes {
+                Some(n) => out.push(format!("{}: {n} bytes re-sent; the replica equals the source at point {}", s.name, s.point_id)),
+                None if d.is_empty() => out.push(format!("{}: verify: the replica equals the source", s.name)),
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The error `ferry agent --verify` ends with when the replica differs
+    /// and nothing was repaired (exit 1).
+    pub fn verify_failure(s: &Summary) -> Option<String> {
+        match (&s.verify_differing, s.repaired_bytes) {
+            (Some(d), None) if !d.is_empty() => Some(format!(
+                "verify: the replica of {} differs from the source in {} range(s) ({} bytes); --repair re-sends them",
+                s.name,
+                d.len(),
+                d.iter().map(|(a, b)| b - a).sum::<u64>()
+            )),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateDir;
+
+    /// The names the state file holds read into the enums and back
+    /// unchanged, and an unknown one is refused with what it is.
+    #[test]
+    fn state_names_round_trip_through_the_enums() {
+        for m in ["initial-sync", "resync", "streaming", "catch-up", "failed-over", "stopped", "failed", "unprotected"] {
+            let v: Mode = m.parse().unwrap();
+            assert_eq!(v.as_str(), m);
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("{m:?}"));
+        }
+        for t in ["kmod", "bpf", "scan", "ring"] {
+            let v: TrackerKind = t.parse().unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("{t:?}"));
+        }
+        assert_eq!(serde_json::to_string(&"bitmap".parse::<KmodMode>().unwrap()).unwrap(), "\"bitmap\"");
+        let e = "warp".parse::<Mode>().unwrap_err().to_string();
+        assert!(e.contains("\"warp\""), "{e}");
+    }
+
+    /// `ferry status --json` keeps the keys it always printed, in the same
+    /// (sorted) order, and a state file from before (no optional fields)
+    /// still reads.
+    #[test]
+    fn the_status_view_serializes_as_the_cli_always_printed_it() {
+        let t = tempfile::tempdir().unwrap();
+        let st: AgentState = serde_json::from_value(serde_json::json!({
+            "name": "vm", "disk": "/dev/loop9", "size": 1u64 << 20, "generation": "00", "tracker": "bpf",
+            "target": "127.0.0.1:7700", "acked_seq": 5, "ring_overflows_seen": 0,
+            "last_point": {"id": 2, "seq": 5, "time_ns": 1_000_000_000u64, "kind": "crash"},
+            "last_ack_ns": 1_000_000_000u64, "mode": "streaming", "running": false,
+            "bytes_sent_total": 10, "bytes_read_total": 20
+        }))
+        .unwrap();
+        StateDir::new(t.path()).save(&st).unwrap();
+        let v = agent_status(t.path(), 3_000_000_000).unwrap();
+        assert_eq!((v.tracker, v.mode), (TrackerKind::Bpf, Mode::Stopped));
+        let json = serde_json::to_string(&v).unwrap();
+        let keys: Vec<String> =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&json).unwrap().keys().cloned().collect();
+        let want = [
+            "name",
+            "disk",
+            "tracker",
+            "mode",
+            "running",
+            "pid",
+            "connected",
+            "disconnected_seconds",
+            "last_error",
+            "stopped_reason",
+            "health",
+            "health_reason",
+            "rpo_seconds",
+            "point_every_seconds",
+            "target",
+            "initial_sync_cursor",
+            "resync_required",
+            "acked_seq",
+            "seconds_since_last_ack",
+            "records_pending",
+            "ring_overflows",
+            "last_point",
+            "bytes_sent_total",
+            "bytes_read_total",
+            "bpf_drops",
+            "bpf_recovered",
+            "bpf_unguarded",
+            "kmod_mode",
+            "kmod_catchups",
+            "cut_problem",
+            "failover",
+            "lag_ms_p50",
+            "lag_ms_p99",
+            "freeze_ms_p50",
+            "freeze_ms_p99",
+        ];
+        let mut sorted: Vec<&str> = want.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        // In the text's order too: the JSON is written as it was, keys sorted.
+        let at = |k: &str| json.find(&format!("\"{k}\":")).unwrap();
+        assert!(sorted.windows(2).all(|w| at(w[0]) < at(w[1])), "{json}");
+        assert!(json.contains(r#""last_point":{"id":2,"kind":"crash","seq":5,"time":"1970-01-01T00:00:01.000000000Z"}"#), "{json}");
+        assert!(json.contains(r#""tracker":"bpf""#) && json.contains(r#""seconds_since_last_ack":2.0"#), "{json}");
+        assert!(
+            render::status(&v).iter().any(|l| l.starts_with("bpf        0 records fell back")),
+            "the bpf lines follow the tracker kind"
+        );
+    }
+
+    /// An agent killed right after it took the folder's lock, before it
+    /// wrote its pid or cleared the last agent's stop record, is reported
+    /// as ended without stopping cleanly, not with the older agent's
+    /// reason (regression: operate::a_stopped_agent_is_reported_stopped_with_its_reason).
+    #[test]
+    fn a_stop_record_older_than_the_lock_is_not_the_last_agents() {
+        let t = tempfile::tempdir().unwrap();
+        let st: AgentState = serde_json::from_value(serde_json::json!({
+            "name": "vm", "disk": "/dev/loop9", "size": 1u64 << 20, "generation": "00", "tracker": "scan",
+            "target": "127.0.0.1:7700", "acked_seq": 0, "ring_overflows_seen": 0, "last_point": null,
+            "last_ack_ns": 0, "mode": "stopped", "running": false, "bytes_sent_total": 0, "bytes_read_total": 0
+        }))
+        .unwrap();
+        live::record_stop(t.path(), "stopped by SIGTERM", false);
+        let now = ferry_common::now_ns();
+        assert_eq!(liveness(t.path(), &st, now).unwrap().stopped_reason.as_deref(), Some("stopped by SIGTERM"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(t.path().join("agent.lock"), b"").unwrap(); // taken, truncated, killed
+        let why = liveness(t.path(), &st, now).unwrap().stopped_reason.unwrap();
+        assert!(why.contains("without stopping cleanly"), "{why}");
     }
 }

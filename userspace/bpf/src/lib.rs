@@ -179,7 +179,7 @@ pub fn slot_geometry(disk: &Path) -> (u32, u32) {
 pub fn discard_multi(disk: &Path) -> bool {
     let Some(sys) = whole_disk_sysfs(disk) else { return true };
     // A test setting: check every discard request (docs/testing.md).
-    if std::env::var_os("FERRY_BPF_TEST_DISCARD_MULTI").is_some() {
+    if ferry_common::testing::get().bpf_discard_multi {
         return true;
     }
     // Unknown: assume it can (the program then checks each request).
@@ -781,7 +781,7 @@ fn load_and_pin(
     ro.chunk_shift = shift;
     ro.bitmap_words = words;
     // Fault injection for tests (docs/testing.md): skip every Nth completion.
-    if let Some(n) = std::env::var("FERRY_BPF_TEST_SKIP_EVERY").ok().and_then(|v| v.parse::<u32>().ok()) {
+    if let Some(n) = ferry_common::testing::get().bpf_skip_every {
         log::warn!("FERRY_BPF_TEST_SKIP_EVERY={n}: the tracker will ignore every {n}th completion (a test setting)");
         ro.test_skip_every = n;
     }

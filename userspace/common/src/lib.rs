@@ -7,14 +7,22 @@
 //!   size, and positioned reads with `O_DIRECT` where the source allows it.
 //! - [`buf`]: page-aligned buffers for direct I/O.
 //! - [`net`]: command-line addresses and the listening policy.
+//! - [`health`]: OK, WARN or CRIT, as status views say it.
+//! - [`units`]: sizes and times as people read them (output), and sizes as
+//!   they write them (flags).
+//! - [`testing`]: the test and benchmark switches (environment variables),
+//!   read once, apart from the production configuration.
 //!
 //! All `unsafe` in this crate lives in `buf`, `source` and `net`, each block
 //! with a `SAFETY:` note.
 
 pub mod buf;
 pub mod durable;
+pub mod health;
 pub mod net;
 pub mod source;
+pub mod testing;
+pub mod units;
 
 /// `e` with "(run as root)" after its text when it is a permission error
 /// (EACCES, EPERM): opening a block device or a tracker needs root. Other

@@ -1,10 +1,14 @@
-//! The `ferry` command: parses flags and calls into the role crates.
+//! The `ferry` command: parses flags, calls the role crates' operations
+//! (`ferry_target::ops`, `ferry_agent`), and prints their views (as JSON, or
+//! as the text their `render` modules make). Nothing else lives here.
 //! The command-line surface is ../shared/CONTRACT.md (docs/operating.md).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_agent::{Options, Tracker};
-use ferry_target::recover::{self, Format, Selector};
+use ferry_common::units::parse_size;
+use ferry_target::ops::{self, render};
+use ferry_target::store::recover::Format;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -439,8 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let l = ferry_target::server::bind(listen, &data)?;
             if let Some(every) = scrub {
-                let d = data.clone();
-                std::thread::spawn(move || ferry_target::verify::scrub_loop(&d, every, rate));
+                ops::start_scrub(&data, every, rate);
             }
             log::info!("master target listening on {listen}, data in {}", data.display());
             let limits = ferry_target::server::Limits { idle, max_connections };
@@ -525,159 +528,56 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!(
-                    "{}: recovery point {} ({}) at seq {}; read {} sent {} in {:.1}s (tracker {})",
-                    s.name,
-                    s.point_id,
-                    s.point_kind,
-                    s.seq,
-                    human(s.bytes_read),
-                    human(s.bytes_sent),
-                    s.seconds,
-                    s.tracker
-                );
-                if let Some(d) = &s.verify_differing {
-                    for (a, b) in d {
-                        println!("{}: the replica differed from the source in [{a}, {b}) ({} bytes)", s.name, b - a);
-                    }
-                    match s.repaired_bytes {
-                        Some(n) => println!("{}: {n} bytes re-sent; the replica equals the source at point {}", s.name, s.point_id),
-                        None if d.is_empty() => println!("{}: verify: the replica equals the source", s.name),
-                        None => {}
-                    }
+                for l in ferry_agent::status::render::summary(&s) {
+                    println!("{l}");
                 }
             }
-            if let (Some(d), None) = (&s.verify_differing, s.repaired_bytes) {
-                if !d.is_empty() {
-                    anyhow::bail!(
-                        "verify: the replica of {} differs from the source in {} range(s) ({} bytes); --repair re-sends them",
-                        s.name,
-                        d.len(),
-                        d.iter().map(|(a, b)| b - a).sum::<u64>()
-                    );
-                }
+            if let Some(e) = ferry_agent::status::render::verify_failure(&s) {
+                anyhow::bail!(e);
             }
             Ok(())
         }
         Cmd::Points { data, name, json } => {
-            let pts = recover::points(&data, &name)?;
-            // The failover state: a line above the table, or on stderr
-            // with --json (the array stays as it is).
-            if let Some(f) = ferry_target::failover::state(&data, &name)? {
-                let state = if f.state == "committed" { "committed" } else { "pending" };
-                let line = format!("failed over to point {} ({state}) since {}", f.point, recover::rfc3339(f.since_ns));
+            let v = ops::points(&data, &name)?;
+            // The failover state: a line above the table, or on stderr with
+            // --json (the array stays as it is).
+            if let Some(line) = render::points_failover(&v) {
                 if json {
                     eprintln!("{name}: {line}");
                 } else {
                     println!("{line}");
                 }
             }
-            let meta = ferry_target::disk::read_meta(&data, &name)?;
-            // Why each point is kept: the decision a retention pass makes now
-            // (None: the next pass drops it).
-            let why = ferry_target::retention::reasons(&ferry_target::disk::Paths::new(&data, &name), meta.size, &pts)?;
             if json {
-                let v: Vec<_> = pts
-                    .iter()
-                    .zip(&why)
-                    .map(|(p, w)| serde_json::json!({"id": p.id, "time": recover::rfc3339(p.time_ns), "kind": p.kind.as_str(), "seq": p.seq, "kept": w.map(|r| r.as_str())}))
-                    .collect();
-                println!("{}", serde_json::to_string(&v)?);
+                println!("{}", serde_json::to_string(&v.points)?);
             } else {
-                println!("{:>6}  {:<32}  {:<5}  {:>12}  {}", "ID", "TIME", "KIND", "SEQ", "KEPT");
-                for (p, w) in pts.iter().zip(&why) {
-                    let w = w.map_or("expiring", |r| r.as_str());
-                    println!("{:>6}  {:<32}  {:<5}  {:>12}  {w}", p.id, recover::rfc3339(p.time_ns), p.kind.as_str(), p.seq);
+                for l in render::points_table(&v) {
+                    println!("{l}");
                 }
             }
             Ok(())
         }
         Cmd::Recover { data, name, point, out, format, force } => {
-            let sel: Selector = point.parse()?;
-            let pts = recover::points(&data, &name)?;
-            let p = recover::select(&name, &pts, &sel, &point)?;
-            let output = recover::prepare(&data, &name, &out, format.map(Format::from), force)?;
-            let fmt = output.format();
-            recover::write(&data, &name, &p, output)?;
-            eprintln!(
-                "recovered {name} point {} ({}, {}) to {} ({})",
-                p.id,
-                p.kind.as_str(),
-                recover::rfc3339(p.time_ns),
-                out.display(),
-                fmt.as_str()
-            );
+            let v = ops::recover(&data, &name, &point, &out, format.map(Format::from), force)?;
+            eprintln!("{}", render::recovered(&v));
             Ok(())
         }
         Cmd::Export { data, name, point, listen, writable, scratch } => {
             let addr = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
-            let sel: Selector = point.parse()?;
-            let pts = recover::points(&data, &name)?;
-            let p = recover::select(&name, &pts, &sel, &point)?;
-            let scratch = scratch.unwrap_or_else(std::env::temp_dir);
-            // Pinned before it is opened: retention keeps a pinned point; it
-            // must still be listed once the pin is there.
-            let paths = ferry_target::disk::Paths::new(&data, &name);
-            let _pin = ferry_target::retention::Pin::new(&paths, p.id)?;
-            {
-                // Under the shared recovery lock: a retention pass either
-                // saw the pin or finished before this look.
-                let _g = ferry_target::disk::lock_recoveries(&paths, libc::LOCK_SH).ok();
-                if !recover::points(&data, &name)?.iter().any(|q| q.id == p.id) {
-                    anyhow::bail!("point {} of {name} was dropped by retention just now; choose another", p.id);
-                }
-            }
-            let view = ferry_target::view::PointView::open(&data, &name, p, writable, &scratch)?;
-            let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-            eprintln!(
-                "serving {name} point {} ({}, {}) as NBD export {name:?} on nbd://{}/{name}{}",
-                p.id,
-                p.kind.as_str(),
-                recover::rfc3339(p.time_ns),
-                listener.local_addr()?,
-                if writable { " (writable: writes go to a scratch overlay, discarded at exit)" } else { " (read-only)" }
-            );
-            ferry_target::nbd::serve(listener, name, view)?;
+            let export = ops::export(&data, &name, &point, addr, writable, scratch.as_deref())?;
+            eprintln!("{}", render::exporting(&export.view));
+            export.serve()?;
             Ok(())
         }
         Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {
-            let paths = ferry_target::disk::Paths::new(&data, &name);
-            let meta = ferry_target::disk::read_meta(&data, &name)?;
-            let (mut pol, set) = ferry_target::retention::effective(&paths, meta.size)?;
-            // `none` lifts the limit: no age limit for --keep (0), every
-            // point or one an hour forever for the others (u64::MAX).
-            let dur = |what: &str, v: &str| -> Result<u64> {
-                if v == "none" {
-                    return Ok(if what == "keep" { 0 } else { u64::MAX });
-                }
-                let d = humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{what} {v:?}: {e} (e.g. 90s, 2h, 7days)"))?;
-                Ok(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            };
-            let changed = keep.is_some() || keep_all.is_some() || keep_hourly.is_some() || journal_cap.is_some();
-            if let Some(v) = &keep {
-                pol.keep_ns = dur("keep", v)?;
-            }
-            if let Some(v) = &keep_all {
-                pol.all_ns = dur("keep-all", v)?;
-            }
-            if let Some(v) = &keep_hourly {
-                pol.hourly_ns = dur("keep-hourly", v)?;
-            }
-            if let Some(v) = &journal_cap {
-                pol.journal_cap =
-                    parse_size(v).ok_or_else(|| anyhow::anyhow!("--journal-cap {v:?}: expected a size like 512M, 50G, or none"))?;
-            }
-            if changed {
-                ferry_target::retention::store(&paths, &pol)?;
-            }
-            println!("{name}: {}{}", policy_text(&pol), if set || changed { "" } else { " (the default for a disk with no policy set)" });
-            // Apply now if no master target is writing the disk (else it does
-            // at its next point).
-            match ferry_target::retention::apply_offline(&data, &name) {
-                Ok(Some(p)) => eprintln!("{name}: {} points dropped, {} kept", p.dropped, p.kept),
-                Ok(None) => eprintln!("{name}: a master target is serving this disk; it applies the policy at the next point"),
-                Err(e) => return Err(e.into()),
-            }
+            let edit =
+                ops::RetentionEdit::from_flags(keep.as_deref(), keep_all.as_deref(), keep_hourly.as_deref(), journal_cap.as_deref())?;
+            let v = ops::retention_set(&data, &name, &edit)?;
+            println!("{}", render::retention(&v));
+            // Applied now if no master target is writing the disk (else it
+            // does at its next point).
+            let pass = ops::retention_apply(&data, &name)?;
+            eprintln!("{}", render::retention_applied(&name, pass));
             Ok(())
         }
         Cmd::GroupTag { disks } => {
@@ -686,77 +586,28 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::GroupPoints { data, names, json } => {
-            let mut per: Vec<Vec<ferry_target::catalog::Point>> = Vec::new();
-            for n in &names {
-                per.push(recover::points(&data, n)?);
-            }
-            let mut rows = Vec::new();
-            for p in &per[0] {
-                if p.kind != ferry_proto::PointKind::Group {
-                    continue;
-                }
-                let ids: Option<Vec<u64>> = per
-                    .iter()
-                    .map(|v| v.iter().find(|q| q.kind == ferry_proto::PointKind::Group && q.time_ns == p.time_ns).map(|q| q.id))
-                    .collect();
-                if let Some(ids) = ids {
-                    rows.push((p.time_ns, ids));
-                }
-            }
+            let v = ops::group_points(&data, &names)?;
             if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(t, ids)| {
-                        let m: serde_json::Map<String, serde_json::Value> =
-                            names.iter().zip(ids).map(|(n, id)| (n.clone(), serde_json::json!(id))).collect();
-                        serde_json::json!({"time": recover::rfc3339(*t), "time_ns": t, "points": m})
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string(&v)?);
+                println!("{}", serde_json::to_string(&v.rows)?);
             } else {
-                for (t, ids) in &rows {
-                    let parts: Vec<String> = names.iter().zip(ids).map(|(n, id)| format!("{n}={id}")).collect();
-                    println!("{}  {}", recover::rfc3339(*t), parts.join(" "));
+                for l in render::group_points(&v) {
+                    println!("{l}");
                 }
             }
             Ok(())
         }
         Cmd::Failover { data, name, point, out, format, force, start, commit, cancel } => {
             if commit || cancel {
-                ferry_target::failover::finish(&data, &name, commit)?;
-                eprintln!(
-                    "{name}: {}",
-                    if commit {
-                        "failover committed: its stream is refused for good (a waiting agent stops); \
-                         to replicate this disk again, protect it under a new name"
-                    } else {
-                        "failover cancelled: its stream is accepted again; a running agent resumes by itself \
-                         within a few seconds (one that exited must be started again)"
-                    }
-                );
+                let v = ops::failover_finish(&data, &name, commit)?;
+                eprintln!("{}", render::failover_finished(&v));
                 return Ok(());
             }
             let (point, out) = (point.expect("clap requires --point"), out.expect("clap requires --out"));
-            let sel: Selector = point.parse()?;
-            let pts = recover::points(&data, &name)?;
-            let p = recover::select(&name, &pts, &sel, &point)?;
-            let (_, fmt) = ferry_target::failover::failover(&data, &name, &p, &out, format.map(Format::from), force)?;
-            let cmd = ferry_target::failover::qemu_command(&out, fmt);
-            eprintln!(
-                "{name}: failed over to point {} ({}, {}), written to {}; its stream is refused until \
-                 `ferry failover --commit` (final) or `--cancel` (a running agent waits, then resumes); \
-                 another --point may still be chosen",
-                p.id,
-                p.kind.as_str(),
-                recover::rfc3339(p.time_ns),
-                out.display()
-            );
-            println!("{cmd}");
+            let v = ops::failover(&data, &name, &point, &out, format.map(Format::from), force)?;
+            eprintln!("{}", render::failed_over(&v));
+            println!("{}", v.command);
             if start {
-                let st = std::process::Command::new("sh").arg("-c").arg(&cmd).status().context("starting qemu-system-x86_64")?;
-                if !st.success() {
-                    anyhow::bail!("qemu-system-x86_64 exited with {st}");
-                }
+                ops::start_qemu(&v.command)?;
             }
             Ok(())
         }
@@ -765,12 +616,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Repair { data, name } => {
-            let rep = ferry_target::repair::repair(&data, &name)?;
-            for s in &rep.steps {
-                println!("{name}: {s}");
-            }
-            if let Some(a) = &rep.aside {
-                println!("{name}: files given up are in {}", a.display());
+            let rep = ops::repair(&data, &name)?;
+            for l in render::repair(&name, &rep) {
+                println!("{l}");
             }
             Ok(())
         }
@@ -780,45 +628,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status { state: None, data: Some(data), name: Some(name), json } => {
-            let s = ferry_target::verify::disk_status(&data, &name)?;
+            let s = ops::disk_status(&data, &name)?;
             if json {
-                outln(format_args!("{}", serde_json::to_string(&s)?));
-                return Ok(());
-            }
-            outln(format_args!("health     {}: {}", s.health, s.health_reason));
-            outln(format_args!("disk       {} ({}){}", s.name, human(s.size), if s.streaming { ", a stream is open" } else { "" }));
-            match (s.newest_point, s.newest_point_age_seconds) {
-                (Some(id), Some(age)) => outln(format_args!("points     {} kept, newest {id} ({age:.0}s old)", s.points)),
-                _ => outln(format_args!("points     none")),
-            }
-            outln(format_args!(
-                "journal    {} on disk{}",
-                human(s.journal_bytes),
-                s.durable_seq.map(|d| format!(", replica durable to seq {d}")).unwrap_or_default()
-            ));
-            if let (Some(f), Some(t)) = (s.free_bytes, s.fs_bytes) {
-                outln(format_args!("space      {} free of {}", human(f), human(t)));
-            }
-            match &s.last_verify {
-                Some(v) => outln(format_args!(
-                    "verify     {} at {}: {} chunks in {:.1}s",
-                    if v.ok() { "clean".to_string() } else { format!("{} damaged range(s)", v.damage.len()) },
-                    recover::rfc3339(v.time_ns),
-                    v.chunks_checked,
-                    v.seconds
-                )),
-                None => outln(format_args!("verify     never run (ferry verify, or master-target --scrub-every)")),
-            }
-            if let Some(v) = &s.last_verify {
-                for d in &v.damage {
-                    outln(format_args!("DAMAGE     {} at byte {} (+{}): {}", d.file, d.offset, d.len, d.what));
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                for l in render::disk_status(&s) {
+                    println!("{l}");
                 }
-            }
-            if let Some(d) = &s.damage {
-                outln(format_args!("DAMAGED    {d}"));
-            }
-            if let Some(f) = &s.failover {
-                outln(format_args!("failover   {f}"));
             }
             Ok(())
         }
@@ -826,225 +642,29 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Verify { data, name, rate, json } => {
             let rate = parse_size(rate.trim_end_matches("/s"))
                 .ok_or_else(|| anyhow::anyhow!("--rate {rate:?}: expected a size a second like 200M, or 0"))?;
-            let o = ferry_target::verify::verify(&data, &name, rate)?;
+            let o = ops::verify(&data, &name, rate)?;
             if json {
-                outln(format_args!("{}", serde_json::to_string(&o)?));
+                println!("{}", serde_json::to_string(&o)?);
             } else {
-                for d in &o.damage {
-                    let pts = if d.points.is_empty() { String::new() } else { format!("; points affected: {:?}", d.points) };
-                    outln(format_args!("{name}: DAMAGE {} at byte {} (+{} bytes): {}{pts}", d.file, d.offset, d.len, d.what));
+                for l in render::verify(&name, &o) {
+                    println!("{l}");
                 }
-                outln(format_args!(
-                    "{name}: {} chunks of the replica and the journal checked in {:.1}s ({} read): {}",
-                    o.chunks_checked,
-                    o.seconds,
-                    human(o.bytes_read),
-                    if o.ok() { "no damage".to_string() } else { format!("{} damaged range(s)", o.damage.len()) }
-                ));
             }
-            if !o.ok() {
-                anyhow::bail!("verify found {} damaged range(s) in disk {name} (listed above)", o.damage.len());
+            if let Some(e) = render::verify_failure(&name, &o) {
+                anyhow::bail!(e);
             }
             Ok(())
         }
         Cmd::Status { state: Some(state), json, .. } => {
-            let (st, ring) = ferry_agent::status(&state)?;
-            let now = now_ns();
-            let live = ferry_agent::liveness(&state, &st, now);
-            let lag_s = if st.last_ack_ns > 0 { (now.saturating_sub(st.last_ack_ns)) as f64 / 1e9 } else { f64::NAN };
-            let pending = ring.map(|r| r.pending).unwrap_or(0);
+            let s = ferry_agent::status::agent_status(&state, ferry_common::now_ns())?;
             if json {
-                let v = serde_json::json!({
-                    "name": st.name, "disk": st.disk, "tracker": st.tracker, "mode": live.mode,
-                    "running": live.running, "pid": live.pid, "connected": live.connected,
-                    "disconnected_seconds": live.disconnected_seconds, "last_error": st.last_error,
-                    "stopped_reason": live.stopped_reason,
-                    "health": live.health, "health_reason": live.health_reason,
-                    "rpo_seconds": live.rpo_seconds, "point_every_seconds": st.point_every_s,
-                    "target": st.target,
-                    "initial_sync_cursor": st.sync_cursor, "resync_required": st.resync_required,
-                    "acked_seq": st.acked_seq,
-                    "seconds_since_last_ack": if lag_s.is_finite() { serde_json::json!(lag_s) } else { serde_json::Value::Null },
-                    "records_pending": pending,
-                    "ring_overflows": ring.map(|r| r.overflows),
-                    "last_point": st.last_point.as_ref().map(|p| serde_json::json!({"id": p.id, "seq": p.seq, "kind": p.kind, "time": recover::rfc3339(p.time_ns)})),
-                    "bytes_sent_total": st.bytes_sent_total, "bytes_read_total": st.bytes_read_total,
-                    "bpf_drops": st.bpf_drops,
-                    "bpf_recovered": st.bpf_recovered,
-                    "bpf_unguarded": st.bpf_unguarded,
-                    "kmod_mode": st.kmod_mode,
-                    "kmod_catchups": st.kmod_catchups,
-                    "cut_problem": st.cut_problem,
-                    "failover": st.failover,
-                    "lag_ms_p50": pct(&st.lag_ms_recent, 0.5),
-                    "lag_ms_p99": pct(&st.lag_ms_recent, 0.99),
-                    "freeze_ms_p50": pct(&st.freeze_ms_recent, 0.5),
-                    "freeze_ms_p99": pct(&st.freeze_ms_recent, 0.99),
-                });
-                outln(format_args!("{v}"));
+                println!("{}", serde_json::to_string(&s)?);
             } else {
-                outln(format_args!("health     {}: {}", live.health.as_str(), live.health_reason));
-                outln(format_args!("disk       {} ({}, {})", st.name, st.disk, human(st.size)));
-                let agent = match (live.running, live.pid) {
-                    (true, Some(p)) if p > 0 => format!("agent running (pid {p})"),
-                    (true, _) => "agent running".to_string(),
-                    (false, _) => format!("agent not running: {}", live.stopped_reason.as_deref().unwrap_or("-")),
-                };
-                outln(format_args!("tracker    {}   mode {}   {agent}", st.tracker, live.mode));
-                match (live.connected, live.disconnected_seconds) {
-                    (true, _) => outln(format_args!("target     {} (connected)", st.target)),
-                    (false, Some(d)) => outln(format_args!(
-                        "target     {} (disconnected for {d:.0}s: {})",
-                        st.target,
-                        st.last_error.as_deref().unwrap_or("connecting")
-                    )),
-                    (false, None) => outln(format_args!("target     {}", st.target)),
-                }
-                if let Some(c) = st.sync_cursor {
-                    outln(format_args!("sync       {:.1}% of the initial sync durable", c as f64 * 100.0 / st.size as f64));
-                }
-                if let Some(r) = &st.resync_required {
-                    outln(format_args!("RESYNC     required: {r}"));
-                }
-                match (&st.last_point, live.rpo_seconds) {
-                    (Some(p), Some(r)) => {
-                        outln(format_args!("last point {} ({}) at {}, {r:.1}s ago (RPO)", p.id, p.kind, recover::rfc3339(p.time_ns)))
-                    }
-                    _ => outln(format_args!("last point none yet")),
-                }
-                outln(format_args!(
-                    "acked      seq {}{}; sent {}, read {}",
-                    st.acked_seq,
-                    if lag_s.is_finite() { format!(", {lag_s:.1}s ago") } else { String::new() },
-                    human(st.bytes_sent_total),
-                    human(st.bytes_read_total)
-                ));
-                if let Some(r) = ring {
-                    outln(format_args!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows));
-                }
-                if let Some(m) = &st.kmod_mode {
-                    outln(format_args!("kmod       {m} mode, {} catch-up(s) from bitmap mode", st.kmod_catchups));
-                }
-                if let Some(p) = &st.cut_problem {
-                    outln(format_args!("POINTS     {p}"));
-                }
-                if let Some(f) = &st.failover {
-                    println!("FAILOVER   {f}");
-                }
-                if let (Some(a), Some(b)) = (pct(&st.lag_ms_recent, 0.5), pct(&st.lag_ms_recent, 0.99)) {
-                    outln(format_args!(
-                        "lag        p50 {a:.1} ms, p99 {b:.1} ms (write to durable, last {} batches)",
-                        st.lag_ms_recent.len()
-                    ));
-                }
-                if let (Some(a), Some(b)) = (pct(&st.freeze_ms_recent, 0.5), pct(&st.freeze_ms_recent, 0.99)) {
-                    outln(format_args!("freeze     p50 {a:.1} ms, p99 {b:.1} ms over the last {} freezes", st.freeze_ms_recent.len()));
-                }
-                if st.tracker == "bpf" {
-                    outln(format_args!("bpf        {} records fell back to the bitmap", st.bpf_drops));
-                    if st.bpf_recovered > 0 {
-                        outln(format_args!(
-                            "bpf        {} completions the kernel did not run the tracker for were caught at reissue",
-                            st.bpf_recovered
-                        ));
-                    }
-                    if st.bpf_unguarded > 0 {
-                        outln(format_args!(
-                            "bpf        {} writes issued on tags outside the in-flight table (a missed completion of one needs a resync)",
-                            st.bpf_unguarded
-                        ));
-                    }
+                for l in ferry_agent::status::render::status(&s) {
+                    println!("{l}");
                 }
             }
             Ok(())
         }
     }
-}
-
-/// Print a line on stdout; a reader that went away (`ferry status | head`)
-/// ends the command quietly with exit 0 instead of a panic.
-fn outln(args: std::fmt::Arguments) {
-    use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = o.write_fmt(args).and_then(|_| o.write_all(b"\n")) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("ferry: writing to standard output: {e}");
-        std::process::exit(1);
-    }
-}
-
-/// The `q` quantile (nearest rank) of `v`.
-fn pct(v: &[f64], q: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    Some(s[i])
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
-fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
-/// A retention policy as a sentence, e.g. "keep points for 3days: every
-/// point for 1h, then one an hour up to 1day, then one a day; journal at
-/// most 512.0 MiB after the oldest kept point".
-fn policy_text(p: &ferry_target::retention::Policy) -> String {
-    let d = |ns: u64| humantime::format_duration(Duration::from_secs(ns / 1_000_000_000)).to_string();
-    let limit = if p.keep_ns == 0 { u64::MAX } else { p.keep_ns };
-    let mut tiers: Vec<String> = Vec::new();
-    if p.all_ns >= limit {
-        tiers.push("every point".into());
-    } else {
-        if p.all_ns > 0 {
-            tiers.push(format!("every point for {}", d(p.all_ns)));
-        }
-        if p.hourly_ns > p.all_ns {
-            tiers.push(if p.hourly_ns >= limit { "one an hour".into() } else { format!("one an hour up to {}", d(p.hourly_ns)) });
-        }
-        if p.hourly_ns < limit {
-            tiers.push("one a day".into());
-        }
-    }
-    let window = if p.keep_ns == 0 { "keep points forever".to_string() } else { format!("keep points for {}", d(p.keep_ns)) };
-    let cap = if p.journal_cap == 0 {
-        "no journal cap".to_string()
-    } else {
-        format!("journal at most {} after the oldest kept point", human(p.journal_cap))
-    };
-    format!("{window}: {}; {cap}; the newest point is always kept", tiers.join(", then "))
-}
-
-/// A byte size: a number with an optional K, M, G or T (powers of 1024), or `none` (0).
-fn parse_size(s: &str) -> Option<u64> {
-    if s == "none" {
-        return Some(0);
-    }
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
-        (i, 'M' | 'm') => (&s[..i], 1 << 20),
-        (i, 'G' | 'g') => (&s[..i], 1 << 30),
-        (i, 'T' | 't') => (&s[..i], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
 }

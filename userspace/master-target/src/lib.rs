@@ -1,19 +1,20 @@
 //! ferry master target: holds replicas of protected disks, with an undo
 //! journal and a catalog of recovery points, and materializes any point.
 //!
-//! - [`server`]: the network side (wire protocol v1, docs/protocol.md).
-//! - [`disk`]: one disk folder and the durable batch apply.
-//! - [`journal`]: the undo journal format and its crash repair.
-//! - [`catalog`]: the recovery point catalog.
-//! - [`recover`]: listing and materializing points with no server running.
-//! - [`view`]: a point read in place while replication goes on.
-//! - [`nbd`]: `ferry export`, a point served over NBD.
-//! - [`failover`]: `ferry failover`: stop the stream, hand over a point.
-//! - [`retention`]: which points a disk keeps; journal space reclaimed.
-//! - [`sums`]: chunk checksums of the replica and its durable mark.
-//! - [`verify`]: `ferry verify` (scrub) and the master target's view of a disk.
-//! - [`reserve`]: space kept back so metadata writes work on a full filesystem.
-//! - [`repair`]: `ferry repair`, a damaged folder rebuilt keeping what it can.
+//! Two layers, and the operations on top:
+//!
+//! - [`store`], the datastore (no network): a disk folder's files, locks,
+//!   journal, catalog, sums, retention, the failover state; the durable
+//!   batch apply ([`store::disk`]); recovery, the in-place view of a point,
+//!   verify, repair. Its own note has its layers. It imports nothing from
+//!   the services.
+//! - the services, over the store:
+//!   - [`server`]: the replication server (wire protocol, docs/protocol.md);
+//!   - [`nbd`]: `ferry export`, a point's view served over NBD;
+//!   - [`failover`]: stop a disk's stream and hand over a point.
+//! - [`ops`]: the operations behind the CLI (and a configuration server's
+//!   API next), each returning a serializable view; [`ops::render`] is the
+//!   text the CLI prints of each.
 //!
 //! Crash ordering of one batch (the invariant "undo before overwrite"):
 //!
@@ -28,22 +29,16 @@
 //!
 //! A crash before 3 is rolled back at the next start from the journal; a
 //! crash between 3 and 4 leaves that batch's chunks to be hashed again at
-//! the next start (sums.rs); a crash between 4 and 5 loses only the point
+//! the next start (store/sums.rs); a crash between 4 and 5 loses only the point
 //! records of that batch (their data is durable; the agent, seeing no POINT,
 //! tags again).
 //!
 //! Formats: docs/formats.md.
 
-pub mod catalog;
-pub mod disk;
+pub mod store;
+
 pub mod failover;
-pub mod journal;
 pub mod nbd;
-pub mod recover;
-pub mod repair;
-pub mod reserve;
-pub mod retention;
 pub mod server;
-pub mod sums;
-pub mod verify;
-pub mod view;
+
+pub mod ops;

@@ -18,7 +18,7 @@
 //! a thread each, keepalive, the handshake within 30 s, every reply written
 //! within 60 s); they share the view (and so the overlay) under a mutex.
 
-use crate::view::PointView;
+use crate::store::view::PointView;
 use ferry_link::accept::{self, Limits, Service};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -252,9 +252,9 @@ fn transmission(mut s: TcpStream, view: &Mutex<PointView>) -> io::Result<()> {
             s.read_exact(&mut buf)?;
         }
         let mut v = view.lock().map_err(|_| bad("view lock poisoned"))?;
-        let err_of = |e: &crate::view::ViewError| match e {
-            crate::view::ViewError::Range { .. } => EINVAL,
-            crate::view::ViewError::Io { source, .. } if source.raw_os_error() == Some(libc::EPERM) => EPERM,
+        let err_of = |e: &crate::store::view::ViewError| match e {
+            crate::store::view::ViewError::Range { .. } => EINVAL,
+            crate::store::view::ViewError::Io { source, .. } if source.raw_os_error() == Some(libc::EPERM) => EPERM,
             _ => EIO,
         };
         match cmd {

@@ -5,7 +5,8 @@
 //! policy, its limits, and [`DiskSink`], the `Sink` that applies a stream to
 //! a disk folder (`Disk::apply`: durable batches, then ACK).
 
-use crate::disk::{self, Disk, DiskError};
+use crate::store::disk::{self, Disk};
+use crate::store::DiskError;
 use ferry_link::accept::{self, Service};
 use ferry_link::server::{ServerConfig, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use ferry_link::{Fail, Op, OpenInfo, Sink, Sinks};

@@ -1,6 +1,6 @@
 //! `ferry verify` (a scrub): checks a disk folder end to end while the master
 //! target may be serving it, at a rate limit, and records the result in
-//! `DIR/NAME/verify.state` for `ferry status --data`.
+//! `DIR/NAME/verify.state` for `ferry status --data` (ops.rs).
 //!
 //! What it checks, in order: the folder is complete and `disk.meta` reads;
 //! the replica has the disk's size; every catalog record; the journal from
@@ -10,10 +10,12 @@
 //! chunk that differs is read again under the folder's apply lock (a running
 //! master target may be rewriting it) before it is called damage.
 
-use crate::catalog;
-use crate::disk::{check_mark, read_meta, DiskError, Paths};
-use crate::journal::{JournalReader, HEADER_LEN, KIND_COMMIT};
-use crate::sums::{Sums, CHUNK};
+use super::catalog;
+use super::folder::{ioe, read_meta, DiskError, Paths};
+use super::journal::{JournalReader, HEADER_LEN, KIND_COMMIT};
+use super::lock::RecoveryLock;
+use super::settle::{self, check_mark};
+use super::sums::{self, Sums, CHUNK};
 use ferry_common::durable::{read_state, write_state};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -61,13 +63,13 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
     let meta = read_meta(data, name)?;
     // A folder left by a crash is brought to its durable state first (when
     // no master target serves it; one that does reconciled it at open).
-    crate::disk::settle(data, name)?;
+    settle::settle(data, name)?;
     // The catalog and the journal from the oldest point on (before it,
     // retention punched it), under the recovery lock: retention does not
     // drop points or punch meanwhile.
-    let _reading = crate::disk::lock_recoveries(&p, libc::LOCK_SH).ok();
+    let _reading = RecoveryLock::shared(&p).ok();
     let mut damage = Vec::new();
-    let cat = catalog::scan(&p.points).map_err(|e| DiskError::Io(format!("{}: {e}", p.points.display())))?;
+    let cat = catalog::scan(&p.points).map_err(ioe(p.points.display()))?;
     let all: Vec<u64> = cat.points.iter().map(|q| q.id).collect();
     for (off, i) in &cat.damaged {
         damage.push(Damage {
@@ -78,7 +80,7 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
             points: Vec::new(),
         });
     }
-    let len = std::fs::metadata(&p.replica).map_err(|e| DiskError::Io(format!("{}: {e}", p.replica.display())))?.len();
+    let len = std::fs::metadata(&p.replica).map_err(ioe(p.replica.display()))?.len();
     if len != meta.size {
         damage.push(Damage {
             file: "replica.img".into(),
@@ -122,10 +124,10 @@ pub fn verify(data: &Path, name: &str, rate: u64) -> Result<Outcome, DiskError> 
     // The replica against its sums.
     let mut chunks_checked = 0u64;
     if let Some(sums) = Sums::open(&p.sums, meta.size, false)? {
-        let replica = std::fs::File::open(&p.replica).map_err(|e| DiskError::Io(format!("{}: {e}", p.replica.display())))?;
+        let replica = std::fs::File::open(&p.replica).map_err(ioe(p.replica.display()))?;
         let size = meta.size.min(len);
         let mut bad: Vec<(u64, u64)> = Vec::new();
-        chunks_checked = crate::sums::compare(
+        chunks_checked = sums::compare(
             (&replica, &p.replica.display().to_string()),
             size,
             (&sums, &replica, &p.dir),
@@ -204,122 +206,4 @@ pub fn scrub_loop(data: &Path, every: Duration, rate: u64) {
             }
         }
     }
-}
-
-/// Free and total bytes of the filesystem holding `path` (statvfs).
-pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain data; a zeroed value is valid to overwrite.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs fills `s` from a valid NUL-terminated path.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
-}
-
-/// The master target's view of one disk, for `ferry status --data`.
-#[derive(serde::Serialize, Clone, Debug)]
-pub struct DiskStatus {
-    pub name: String,
-    pub size: u64,
-    /// A stream holds the disk now (an agent is connected to a master target).
-    pub streaming: bool,
-    pub points: usize,
-    pub newest_point: Option<u64>,
-    pub newest_point_age_seconds: Option<f64>,
-    /// Bytes the journal takes on disk (punched space excluded).
-    pub journal_bytes: u64,
-    pub durable_seq: Option<u64>,
-    pub free_bytes: Option<u64>,
-    pub fs_bytes: Option<u64>,
-    pub last_verify: Option<Outcome>,
-    pub damage: Option<String>,
-    pub failover: Option<String>,
-    pub health: &'static str,
-    pub health_reason: String,
-}
-
-/// What `ferry status --data DIR --name NAME` shows.
-pub fn disk_status(data: &Path, name: &str) -> Result<DiskStatus, DiskError> {
-    use std::os::unix::fs::MetadataExt;
-    let p = Paths::new(data, name);
-    let (meta, damage) = match read_meta(data, name) {
-        Ok(m) => (Some(m), None),
-        Err(DiskError::Damaged { why, .. }) => (None, Some(why)),
-        Err(e) => return Err(e),
-    };
-    let cat = catalog::scan(&p.points).unwrap_or_default();
-    let now = ferry_common::now_ns();
-    let newest = cat.points.last().copied();
-    // The stream's writer lock is held (tried without waiting, released at once).
-    let streaming = p.lock.exists() && matches!(crate::disk::lock(&p, name), Err(DiskError::Busy(_)));
-    let journal_bytes = std::fs::metadata(&p.journal).map(|m| m.blocks() * 512).unwrap_or(0);
-    let durable_seq = meta
-        .as_ref()
-        .and_then(|m| Sums::open(&p.sums, m.size, false).ok().flatten())
-        .and_then(|s| s.mark().ok().flatten())
-        .map(|m| m.durable_seq);
-    let space = fs_space(&p.dir);
-    let last_verify = last(data, name);
-    let failover = crate::failover::refuse_if_failed_over(&p, name).err().map(|e| match e {
-        DiskError::FailedOver { why, .. } => why,
-        e => e.to_string(),
-    });
-    let mut health = "OK";
-    let mut why: Vec<String> = Vec::new();
-    if let Some(d) = &damage {
-        health = "CRIT";
-        why.push(format!("damaged: {d}"));
-    }
-    if let Some(v) = &last_verify {
-        if !v.ok() {
-            health = "CRIT";
-            why.push(format!("the last verify found {} damaged range(s)", v.damage.len()));
-        }
-    }
-    if let Some((free, total)) = space {
-        if free < total / 100 || free < (64 << 20) {
-            health = "CRIT";
-            why.push(format!("{} bytes free of {total}: the journal cannot grow; tighten retention (ferry retention --journal-cap)", free));
-        } else if free < total / 10 {
-            if health == "OK" {
-                health = "WARN";
-            }
-            why.push(format!("only {free} bytes free of {total}"));
-        }
-    }
-    if let Some(f) = &failover {
-        if health == "OK" {
-            health = "WARN";
-        }
-        why.push(format!("failed over: {f}"));
-    }
-    let health_reason = if why.is_empty() {
-        format!(
-            "{} points, newest {}",
-            cat.points.len(),
-            newest.map_or("none".into(), |q| format!("{}s old", now.saturating_sub(q.time_ns) / 1_000_000_000))
-        )
-    } else {
-        why.join("; ")
-    };
-    Ok(DiskStatus {
-        name: name.into(),
-        size: meta.as_ref().map_or(0, |m| m.size),
-        streaming,
-        points: cat.points.len(),
-        newest_point: newest.map(|q| q.id),
-        newest_point_age_seconds: newest.map(|q| now.saturating_sub(q.time_ns) as f64 / 1e9),
-        journal_bytes,
-        durable_seq,
-        free_bytes: space.map(|s| s.0),
-        fs_bytes: space.map(|s| s.1),
-        last_verify,
-        damage,
-        failover,
-        health,
-        health_reason,
-    })
 }

@@ -30,16 +30,14 @@
 //!   dropped; points after X stay recoverable; the journal is left as it is
 //!   (nothing reads before the oldest kept point).
 
-use crate::catalog::{self, Catalog, Point};
-use crate::disk::{lock, lock_recoveries, DiskError, Meta, Paths, META_KIND, META_VERSION};
-use crate::journal::{JournalReader, HEADER_LEN};
+use super::catalog::{self, Catalog, Point};
+use super::folder::{ioe, DiskError, Meta, Paths, META_KIND, META_VERSION};
+use super::journal::{JournalReader, HEADER_LEN};
+use super::lock::{RecoveryLock, WriterLock};
+use super::settle;
 use ferry_common::durable::{hex, read_state, write_state};
 use std::fs;
 use std::path::{Path, PathBuf};
-
-fn ioe(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> DiskError {
-    move |e| DiskError::Io(format!("{what}: {e}"))
-}
 
 /// What a repair did, one line a step.
 #[derive(Debug, Default)]
@@ -106,8 +104,8 @@ pub fn repair(data: &Path, name: &str) -> Result<Report, DiskError> {
     if !p.dir.is_dir() {
         return Err(DiskError::NotFound { name: name.into(), data: data.display().to_string() });
     }
-    let _writer = lock(&p, name)?; // no stream may write meanwhile
-    let _readers = lock_recoveries(&p, libc::LOCK_EX)?;
+    let _writer = WriterLock::take(&p, name)?; // no stream may write meanwhile
+    let _readers = RecoveryLock::exclusive(&p)?;
     let mut aside = Aside { dir: p.dir.join(format!("damaged-{}", ferry_common::now_ns() / 1_000_000_000)), made: false };
     let mut rep = Report::default();
     let meta: Option<Meta> = match read_state(&p.meta, META_KIND, META_VERSION) {
@@ -143,7 +141,7 @@ pub fn repair(data: &Path, name: &str) -> Result<Report, DiskError> {
     if meta.is_none() {
         rep.steps.push(format!("disk.meta was missing: rebuilt from replica.img ({size} bytes) with a new generation"));
     }
-    let journal_cut = replica_len == Some(size) && crate::disk::check_mark(&p, name, size).is_err();
+    let journal_cut = replica_len == Some(size) && settle::check_mark(&p, name, size).is_err();
     // The replica: missing or of the wrong size, no point is recoverable.
     if journal_cut {
         for f in [&p.journal, &p.batch, &p.points, &p.sums] {

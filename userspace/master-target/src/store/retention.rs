@@ -27,8 +27,10 @@
 //! between two kept points are all first writes of some interval, and
 //! merging intervals would need a compaction (not done).
 
-use crate::catalog::Point;
-use crate::disk::{lock_recoveries, Paths};
+use super::catalog::Point;
+use super::folder::{ioe, DiskError, Paths};
+use super::lock::RecoveryLock;
+use super::reserve;
 use ferry_common::durable::{read_state, write_state};
 use std::collections::BTreeSet;
 use std::io;
@@ -68,7 +70,8 @@ impl Policy {
 }
 
 /// Why retention keeps a point (the first that applies, in this order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Reason {
     /// The newest point, kept however old.
     Newest,
@@ -122,7 +125,7 @@ pub fn reasons(paths: &Paths, disk_size: u64, points: &[Point]) -> Result<Vec<Op
 
 /// Write the policy; on a full filesystem the folder's reserve makes room.
 pub fn store(paths: &Paths, p: &Policy) -> Result<(), ferry_common::durable::StateError> {
-    crate::reserve::retry(&paths.dir, || write_state(&policy_path(paths), KIND, VERSION, p), crate::reserve::state_enospc)
+    reserve::retry(&paths.dir, || write_state(&policy_path(paths), KIND, VERSION, p), reserve::state_enospc)
 }
 
 /// Point ids pinned by running exports (stale pins, of dead processes,
@@ -158,7 +161,7 @@ impl Pin {
         let p = dir.join(format!("{}.pin", std::process::id()));
         // Whole or absent: a reader never sees an empty pin.
         let tmp = dir.join(format!(".{}.pin.tmp", std::process::id()));
-        crate::reserve::retry(&paths.dir, || std::fs::write(&tmp, point.to_string()), crate::reserve::is_enospc)?;
+        reserve::retry(&paths.dir, || std::fs::write(&tmp, point.to_string()), reserve::is_enospc)?;
         std::fs::rename(&tmp, &p)?;
         Ok(Pin(p))
     }
@@ -272,19 +275,18 @@ pub fn apply(
     points: &[Point],
     journal_end: u64,
     mut rewrite: impl FnMut(&[Point]) -> io::Result<()>,
-) -> Result<Pass, crate::disk::DiskError> {
+) -> Result<Pass, DiskError> {
     let (policy, _) = effective(paths, disk_size)?;
     let now = ferry_common::now_ns();
     if select(points, &policy, now, journal_end, &pinned(paths)).len() == points.len() {
         return Ok(Pass { dropped: 0, kept: points.len() });
     }
-    let ioe = |e: io::Error| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display()));
     // No recovery may be reading the part of the journal about to go. A
     // recovery or export holding the lock shared makes this pass wait for
     // the next point rather than stall the stream.
-    let _guard = match lock_recoveries(paths, libc::LOCK_EX | libc::LOCK_NB) {
-        Ok(g) => g,
-        Err(_) => return Ok(Pass { dropped: 0, kept: points.len() }),
+    let _guard = match RecoveryLock::try_exclusive(paths) {
+        Ok(Some(g)) => g,
+        Ok(None) | Err(_) => return Ok(Pass { dropped: 0, kept: points.len() }),
     };
     // Pins read again under the lock: an export pins its point, then checks
     // the catalog under the shared lock, so one of the two sees the other.
@@ -292,35 +294,11 @@ pub fn apply(
     if keep.len() == points.len() {
         return Ok(Pass { dropped: 0, kept: keep.len() });
     }
-    crate::reserve::retry(&paths.dir, || rewrite(&keep), crate::reserve::is_enospc).map_err(ioe)?;
+    reserve::retry(&paths.dir, || rewrite(&keep), reserve::is_enospc).map_err(ioe(paths.points.display()))?;
     if let Some(oldest) = keep.first() {
-        punch_before(&paths.journal, oldest.journal_pos)
-            .map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.journal.display())))?;
+        punch_before(&paths.journal, oldest.journal_pos).map_err(ioe(paths.journal.display()))?;
     }
     Ok(Pass { dropped: points.len() - keep.len(), kept: keep.len() })
-}
-
-/// `ferry retention` with no master target: take the disk's writer lock
-/// (None if a master target holds it) and apply the policy.
-pub fn apply_offline(data: &Path, name: &str) -> Result<Option<Pass>, crate::disk::DiskError> {
-    let meta = crate::disk::read_meta(data, name)?;
-    let paths = Paths::new(data, name);
-    let _lock = match crate::disk::lock(&paths, name) {
-        Ok(l) => l,
-        Err(crate::disk::DiskError::Busy(_)) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let (points, _) =
-        crate::catalog::read_points(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
-    // The sums' mark must not be left before the part of the journal about
-    // to be punched (disk.rs open_sums reads the journal from its interval).
-    let size = crate::disk::read_meta(data, name)?.size;
-    crate::disk::settle_held(&paths, name, size)?;
-    let end = std::fs::metadata(&paths.journal).map(|m| m.len()).unwrap_or(0);
-    let (mut catalog, _) =
-        crate::catalog::Catalog::open(&paths.points).map_err(|e| crate::disk::DiskError::Io(format!("{}: {e}", paths.points.display())))?;
-    let points_path = paths.points.clone();
-    apply(&paths, meta.size, &points, end, |keep| catalog.rewrite(&points_path, keep)).map(Some)
 }
 
 #[cfg(test)]

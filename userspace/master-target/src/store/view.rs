@@ -24,78 +24,18 @@
 //! read before anything else, and discarded with the view: nothing of them
 //! reaches the replica or the journal.
 
-use crate::catalog::Point;
-use crate::disk::{lock_recoveries, read_meta, DiskError, Paths};
-use crate::journal::{JournalReader, RecordInfo, KIND_UNDO, KIND_UNDO_ZERO};
-use std::collections::BTreeMap;
+use super::catalog::{self, Point};
+use super::folder::{read_meta, DiskError, Paths};
+use super::journal::{JournalReader, RecordInfo, KIND_UNDO, KIND_UNDO_ZERO};
+use super::lock::RecoveryLock;
+use super::ranges::{zero_range, RangeSet};
+use super::recover::{self, RecoverError};
+use super::settle;
+use super::sums::{self, Sums, SumsError};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-
-/// Non-overlapping byte ranges `[start, end)`, keyed by start.
-#[derive(Default, Debug, Clone)]
-pub struct RangeSet {
-    map: BTreeMap<u64, u64>,
-}
-
-impl RangeSet {
-    /// The parts of `[a, b)` the set holds, in order.
-    pub fn covered(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        // A range starting before `a` may reach into it.
-        if let Some((_, &e)) = self.map.range(..a).next_back() {
-            if e > a {
-                out.push((a, e.min(b)));
-            }
-        }
-        for (&s, &e) in self.map.range(a..b) {
-            out.push((s, e.min(b)));
-        }
-        out
-    }
-
-    /// The parts of `[a, b)` the set does not hold, in order.
-    pub fn uncovered(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        let mut at = a;
-        for (s, e) in self.covered(a, b) {
-            if s > at {
-                out.push((at, s));
-            }
-            at = at.max(e);
-        }
-        if at < b {
-            out.push((at, b));
-        }
-        out
-    }
-
-    /// Add `[a, b)`, merging with neighbours.
-    pub fn insert(&mut self, a: u64, b: u64) {
-        if a >= b {
-            return;
-        }
-        let (mut a, mut b) = (a, b);
-        if let Some((&s, &e)) = self.map.range(..=a).next_back() {
-            if e >= a {
-                a = s;
-                b = b.max(e);
-            }
-        }
-        let inside: Vec<u64> = self.map.range(a..=b).map(|(&s, _)| s).collect();
-        for s in inside {
-            let e = self.map.remove(&s).expect("key just listed");
-            b = b.max(e);
-        }
-        self.map.insert(a, b);
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.map.iter().map(|(s, e)| e - s).sum()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -103,6 +43,10 @@ pub enum ViewError {
     Disk(#[from] DiskError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error("point {id}: {source}")]
+    Point { id: u64, source: Box<RecoverError> },
+    #[error("replica sums: {0}")]
+    Sums(#[source] SumsError),
     #[error("read of {len} bytes at {offset} is outside the disk ({size} bytes)")]
     Range { offset: u64, len: u64, size: u64 },
 }
@@ -128,7 +72,7 @@ pub struct PointView {
     /// Writes through the export (`--writable`).
     overlay: Option<(File, RangeSet)>,
     /// The replica's chunk sums, and the chunks already checked against them.
-    sums: Option<crate::sums::Sums>,
+    sums: Option<Sums>,
     verified: RangeSet,
 }
 
@@ -137,10 +81,10 @@ impl PointView {
     /// go to `scratch_dir` (unlinked at once).
     pub fn open(data: &Path, name: &str, point: Point, writable: bool, scratch_dir: &Path) -> Result<PointView, ViewError> {
         let meta = read_meta(data, name)?;
-        crate::disk::settle(data, name)?;
-        crate::recover::prove_inputs(data, name, &point, true).map_err(|e| match e {
-            crate::recover::RecoverError::Disk(d) => ViewError::from(d),
-            e => ViewError::Io { what: format!("point {}", point.id), source: io::Error::other(e.to_string()) },
+        settle::settle(data, name)?;
+        recover::prove_inputs(data, name, &point, true).map_err(|e| match e {
+            RecoverError::Disk(d) => ViewError::from(d),
+            e => ViewError::Point { id: point.id, source: Box::new(e) },
         })?;
         let paths = Paths::new(data, name);
         let replica = File::open(&paths.replica).map_err(ioe(paths.replica.display()))?;
@@ -152,7 +96,7 @@ impl PointView {
         let scratch = scratch_file()?;
         let overlay = if writable { Some((scratch_file()?, RangeSet::default())) } else { None };
         let pos = point.journal_pos;
-        let sums = crate::sums::Sums::open(&paths.sums, meta.size, false).ok().flatten();
+        let sums = Sums::open(&paths.sums, meta.size, false).ok().flatten();
         let mut v = PointView {
             paths,
             size: meta.size,
@@ -182,7 +126,7 @@ impl PointView {
         if cut {
             // A repair cut the tail, or retention punched the journal: only
             // the former leaves the point listed.
-            let (pts, _) = crate::catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
+            let (pts, _) = catalog::read_points(&self.paths.points).map_err(ioe(self.paths.points.display()))?;
             if !pts.iter().any(|p| p.id == self.point.id) {
                 return Err(ViewError::Io {
                     what: format!("point {}", self.point.id),
@@ -207,7 +151,7 @@ impl PointView {
                         let from = (a - r.offset) as usize;
                         self.scratch.write_all_at(&d[from..from + (b - a) as usize], a).map_err(ioe("scratch file"))?;
                     } else {
-                        crate::disk::zero_range(&self.scratch, a, b - a).map_err(ioe("scratch file"))?;
+                        zero_range(&self.scratch, a, b - a).map_err(ioe("scratch file"))?;
                     }
                     self.have.insert(a, b);
                 }
@@ -230,7 +174,7 @@ impl PointView {
             // No repair may cut the journal between the replica read and
             // the journal look that covers it. A read-only copy of a folder
             // has no writer to exclude.
-            let _guard = lock_recoveries(&self.paths, libc::LOCK_SH).ok();
+            let _guard = RecoveryLock::shared(&self.paths).ok();
             self.verify_chunks(offset, end)?;
             self.replica.read_exact_at(buf, offset).map_err(ioe(self.paths.replica.display()))?;
             self.refresh()?;
@@ -252,7 +196,7 @@ impl PointView {
     /// recover::verify_copy: the check runs under the folder's apply lock).
     /// A damaged chunk fails the read.
     fn verify_chunks(&mut self, a: u64, b: u64) -> Result<(), ViewError> {
-        use crate::sums::CHUNK;
+        use sums::CHUNK;
         if self.sums.is_none() {
             return Ok(());
         }
@@ -261,8 +205,7 @@ impl PointView {
             let sums = self.sums.as_ref().expect("checked above");
             let mut one = vec![0u8; CHUNK as usize];
             for c in x / CHUNK..y.div_ceil(CHUNK) {
-                let ok = crate::sums::check_chunk_settled(&self.paths.dir, sums, &self.replica, c, &mut one)
-                    .map_err(|e| ViewError::Io { what: "replica sums".into(), source: io::Error::other(e.to_string()) })?;
+                let ok = sums::check_chunk_settled(&self.paths.dir, sums, &self.replica, c, &mut one).map_err(ViewError::Sums)?;
                 if !ok {
                     log::error!(
                         "{}: the 64 KiB chunk at byte {} does not match its checksum: reads of it fail",
@@ -296,7 +239,7 @@ impl PointView {
         }
         match data {
             Some(d) => f.write_all_at(d, offset).map_err(ioe("overlay"))?,
-            None => crate::disk::zero_range(f, offset, len).map_err(ioe("overlay"))?,
+            None => zero_range(f, offset, len).map_err(ioe("overlay"))?,
         }
         set.insert(offset, offset + len);
         Ok(())
@@ -305,45 +248,5 @@ impl PointView {
     /// Bytes of pre-images copied, and of overlay written.
     pub fn scratch_bytes(&self) -> (u64, u64) {
         (self.have.bytes(), self.overlay.as_ref().map_or(0, |(_, s)| s.bytes()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// RangeSet against a byte map: covered and uncovered partition any
-        /// query, and inserts merge.
-        #[test]
-        fn range_set_matches_a_byte_map(ops in proptest::collection::vec((0u64..200, 0u64..40), 1..40), q in (0u64..200, 0u64..60)) {
-            let mut set = RangeSet::default();
-            let mut bytes = vec![false; 260];
-            for (a, l) in ops {
-                set.insert(a, a + l);
-                for b in &mut bytes[a as usize..(a + l) as usize] {
-                    *b = true;
-                }
-            }
-            let (a, b) = (q.0, q.0 + q.1);
-            let mut got = vec![None; 260];
-            for (s, e) in set.covered(a, b) {
-                for x in s..e { prop_assert!(got[x as usize].is_none()); got[x as usize] = Some(true); }
-            }
-            for (s, e) in set.uncovered(a, b) {
-                for x in s..e { prop_assert!(got[x as usize].is_none()); got[x as usize] = Some(false); }
-            }
-            for x in a..b {
-                prop_assert_eq!(got[x as usize], Some(bytes[x as usize]), "byte {}", x);
-            }
-            prop_assert_eq!(set.bytes(), bytes.iter().filter(|&&b| b).count() as u64);
-            let mut prev = None;
-            for (&s, &e) in &set.map {
-                prop_assert!(s < e);
-                if let Some(p) = prev { prop_assert!(s > p, "ranges touch or overlap: not merged"); }
-                prev = Some(e);
-            }
-        }
     }
 }

@@ -35,6 +35,8 @@
 //!
 //! The mark is 64 bytes inside one sector: it is written whole or not.
 
+use super::folder::DiskError;
+use super::lock::ApplyLock;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -91,6 +93,15 @@ pub enum SumsError {
     Io { path: String, source: io::Error },
     #[error("{path}: {why}")]
     Bad { path: String, why: String },
+}
+
+impl From<SumsError> for DiskError {
+    fn from(e: SumsError) -> DiskError {
+        match e {
+            SumsError::Io { path, source } => DiskError::Io { what: path, source },
+            SumsError::Bad { path, why } => DiskError::BadSums { path, why },
+        }
+    }
 }
 
 /// An open sums file.
@@ -254,65 +265,17 @@ fn data_extent(f: &File, pos: u64, size: u64) -> (u64, u64) {
     (start as u64, if end < 0 { size } else { (end as u64).min(size) })
 }
 
-/// The lock a master target holds (exclusive) from a batch's first replica
-/// write until its sums are written: a check under it (shared) never sees a
-/// chunk between its new content and its new sum.
-pub struct ApplyLock(File);
-
-impl ApplyLock {
-    /// Open (creating) `DIR/NAME/apply.lock`.
-    pub fn open(dir: &Path) -> io::Result<ApplyLock> {
-        Ok(ApplyLock(OpenOptions::new().write(true).create(true).truncate(false).open(dir.join("apply.lock"))?))
-    }
-
-    fn flock(&self, op: libc::c_int) -> io::Result<()> {
-        use std::os::unix::io::AsRawFd;
-        loop {
-            // SAFETY: flock on an fd owned by self; no memory is passed.
-            if unsafe { libc::flock(self.0.as_raw_fd(), op) } == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-
-    /// Hold it exclusively until the guard drops (the master target's apply).
-    pub fn exclusive(&self) -> io::Result<ApplyGuard<'_>> {
-        self.flock(libc::LOCK_EX)?;
-        Ok(ApplyGuard(self))
-    }
-
-    /// Hold it exclusively until this lock is dropped (its file closes).
-    pub fn lock_exclusive(&self) -> io::Result<()> {
-        self.flock(libc::LOCK_EX)
-    }
-}
-
-pub struct ApplyGuard<'a>(&'a ApplyLock);
-
-impl Drop for ApplyGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.flock(libc::LOCK_UN);
-    }
-}
-
 /// [`check_chunk`] under the folder's apply lock (shared), so a master
 /// target applying a batch cannot be caught between a chunk's content and
 /// its sum: a mismatch is damage. A folder whose lock file cannot be made
 /// (a read-only copy) has no writer: the check runs without it.
 pub fn check_chunk_settled(dir: &Path, sums: &Sums, replica: &File, c: u64, buf: &mut [u8]) -> Result<bool, SumsError> {
     let lock = ApplyLock::open(dir).ok();
-    if let Some(l) = &lock {
-        l.flock(libc::LOCK_SH).map_err(|source| SumsError::Io { path: dir.join("apply.lock").display().to_string(), source })?;
-    }
-    let r = check_chunk(sums, replica, c, buf);
-    if let Some(l) = &lock {
-        let _ = l.flock(libc::LOCK_UN);
-    }
-    r
+    let _shared = match &lock {
+        Some(l) => Some(l.shared().map_err(|source| SumsError::Io { path: dir.join("apply.lock").display().to_string(), source })?),
+        None => None,
+    };
+    check_chunk(sums, replica, c, buf)
 }
 
 /// Read `file` (a copy of the replica, or the replica itself) chunk by chunk

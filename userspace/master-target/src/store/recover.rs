@@ -7,9 +7,12 @@
 //! overwrite of the replica is preceded by its durable pre-image, so any
 //! change the copy may have seen is undone (see journal.rs).
 
-use crate::catalog::{read_points, Point};
-use crate::disk::{lock_recoveries, read_meta, DiskError, Paths};
-use crate::journal::{JournalReader, KIND_UNDO, KIND_UNDO_ZERO};
+use super::catalog::{read_points, Point};
+use super::folder::{read_meta, DiskError, Paths};
+use super::journal::{JournalReader, RecordInfo, KIND_UNDO, KIND_UNDO_ZERO};
+use super::lock::RecoveryLock;
+use super::settle;
+use super::sums::{self, Sums, SumsError};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -20,8 +23,18 @@ use std::path::{Path, PathBuf};
 pub enum RecoverError {
     #[error(transparent)]
     Disk(#[from] DiskError),
-    #[error("{0}")]
-    Io(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("cannot open {path} for writing: {source}")]
+    OpenOut { path: String, source: io::Error },
+    #[error("{0}: neither a regular file nor a block device; choose another --out")]
+    NotFileOrDevice(String),
+    #[error("{0}: not a file name")]
+    NotAFileName(String),
+    #[error("{source}; {path} now holds a partial image")]
+    Partial { path: String, source: Box<RecoverError> },
+    #[error(transparent)]
+    Sums(#[from] SumsError),
     #[error("disk {0} has no recovery points yet (the first appears when the initial sync completes)")]
     NoPoints(String),
     #[error("no recovery point {sel} for disk {name} (see `ferry points`)")]
@@ -42,10 +55,12 @@ pub enum RecoverError {
     FormatMismatch { path: String, ext: &'static str, given: &'static str },
     #[error("qemu-img failed converting to qcow2: {0}")]
     Convert(String),
+    #[error("qemu-img failed converting to qcow2: cannot run qemu-img ({source}); install qemu-utils")]
+    NoQemuImg { source: io::Error },
 }
 
 fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> RecoverError {
-    move |e| RecoverError::Io(format!("{what}: {e}"))
+    move |source| RecoverError::Io { what: what.to_string(), source }
 }
 
 /// Which point to recover.
@@ -72,8 +87,9 @@ impl std::str::FromStr for Selector {
     }
 }
 
-/// Output image formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Output image formats (in views: "raw", "qcow2").
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
     Qcow2,
@@ -100,9 +116,7 @@ pub fn select(name: &str, pts: &[Point], sel: &Selector, text: &str) -> Result<P
 }
 
 /// Format a point's time as RFC 3339 (UTC, nanoseconds).
-pub fn rfc3339(ns: u64) -> String {
-    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)).to_string()
-}
+pub use ferry_common::units::rfc3339;
 
 /// Materialize `point` of disk `name` into `out` in `format`, replacing an
 /// existing file (library callers and tests; `ferry recover` goes through
@@ -196,7 +210,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
     let existing = match std::fs::metadata(out) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(RecoverError::Io(format!("{shown}: {}", ferry_common::root_hint(e)))),
+        Err(e) => return Err(ioe(&shown)(ferry_common::root_hint(e))),
     };
     if existing.as_ref().is_some_and(|m| m.file_type().is_block_device()) {
         if explicit == Some(Format::Qcow2) {
@@ -204,7 +218,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
         }
         let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(out).map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => RecoverError::DeviceBusy(shown.clone()),
-            _ => RecoverError::Io(format!("cannot open {shown} for writing: {}", ferry_common::root_hint(e))),
+            _ => RecoverError::OpenOut { path: shown.clone(), source: ferry_common::root_hint(e) },
         })?;
         let have = ferry_common::source::size_of(&f).map_err(ioe(&shown))?;
         if have < meta.size {
@@ -220,7 +234,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
     };
     if let Some(m) = &existing {
         if !m.file_type().is_file() {
-            return Err(RecoverError::Io(format!("{shown}: neither a regular file nor a block device; choose another --out")));
+            return Err(RecoverError::NotFileOrDevice(shown));
         }
         if !replace {
             return Err(RecoverError::Exists(shown));
@@ -233,7 +247,7 @@ pub fn prepare(data: &Path, name: &str, out: &Path, explicit: Option<Format>, re
 
 /// `DIR/.NAME.ferry-PID.EXT` beside `out`.
 fn sibling(out: &Path, ext: &str) -> Result<PathBuf, RecoverError> {
-    let file = out.file_name().ok_or_else(|| RecoverError::Io(format!("{}: not a file name", out.display())))?;
+    let file = out.file_name().ok_or_else(|| RecoverError::NotAFileName(out.display().to_string()))?;
     let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     Ok(dir.join(format!(".{}.ferry-{}.{ext}", file.to_string_lossy(), std::process::id())))
 }
@@ -245,7 +259,7 @@ pub fn write(data: &Path, name: &str, point: &Point, mut out: Output) -> Result<
     let r = write_inner(data, name, point, &mut out);
     match (&out.kind, r) {
         (_, Ok(())) => Ok(()),
-        (OutKind::Device(_), Err(e)) => Err(RecoverError::Io(format!("{e}; {} now holds a partial image", out.path.display()))),
+        (OutKind::Device(_), Err(e)) => Err(RecoverError::Partial { path: out.path.display().to_string(), source: Box::new(e) }),
         (OutKind::File { .. }, Err(e)) => Err(e),
     }
 }
@@ -265,7 +279,7 @@ fn write_inner(data: &Path, name: &str, point: &Point, out: &mut Output) -> Resu
                 .arg(&raw)
                 .arg(tmp.as_ref().expect("the temporary file is there until the rename"))
                 .status()
-                .map_err(|e| RecoverError::Convert(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
+                .map_err(|source| RecoverError::NoQemuImg { source })?;
             if !st.success() {
                 return Err(RecoverError::Convert(format!("qemu-img exited with {st}")));
             }
@@ -282,7 +296,7 @@ fn write_inner(data: &Path, name: &str, point: &Point, out: &mut Output) -> Resu
     } else {
         rename_noreplace(from, &out.path).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => RecoverError::Exists(shown.clone()),
-            _ => RecoverError::Io(format!("{shown}: {e}")),
+            _ => ioe(&shown)(e),
         })?;
     }
     *tmp = None;
@@ -319,11 +333,11 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
     let p = Paths::new(data, name);
     // A folder left by a crash, with no master target to reconcile it, is
     // brought to its durable state first (not taken for damaged).
-    crate::disk::settle(data, name)?;
+    settle::settle(data, name)?;
     // A master target starting up must not undo and cut journal records
     // between our copy of the replica and our read of the journal. On a
     // read-only copy of a folder there is no writer to exclude.
-    let _guard = match lock_recoveries(&p, libc::LOCK_SH) {
+    let _guard = match RecoveryLock::shared(&p) {
         Ok(g) => Some(g),
         Err(e) => {
             log::warn!("recovering without the folder's recovery lock: {e}");
@@ -340,7 +354,7 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
     // journal after the point. Elsewhere, a sparse copy.
     // Every chunk the copy takes from the replica must match its sum: a
     // copy checks as it reads; a clone is read back.
-    let sums = crate::sums::Sums::open(&p.sums, meta.size, false).map_err(|e| RecoverError::Io(e.to_string()))?;
+    let sums = Sums::open(&p.sums, meta.size, false)?;
     let check = sums.as_ref().map(|s| Check { sums: s, replica: &replica, p: &p, name });
     if is_dev || !clone_file(&replica, outf) {
         copy_sparse(&replica, outf, meta.size, !is_dev, check.as_ref(), shown)?;
@@ -364,7 +378,7 @@ fn write_raw(data: &Path, name: &str, point: &Point, outf: &File, is_dev: bool, 
 /// part ends before a later committed record (damage, not a tail being
 /// written). A record a running master target is still writing can look
 /// torn for a moment: look twice before calling it damage.
-fn scan_checked(j: &JournalReader, p: &Paths, name: &str, from: u64) -> Result<Vec<crate::journal::RecordInfo>, RecoverError> {
+fn scan_checked(j: &JournalReader, p: &Paths, name: &str, from: u64) -> Result<Vec<RecordInfo>, RecoverError> {
     let mut tries = 0;
     loop {
         let recs = j.scan(from).map_err(DiskError::from)?;
@@ -421,7 +435,7 @@ pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Re
         }
         .into());
     }
-    crate::disk::check_mark(&p, name, meta.size)?;
+    settle::check_mark(&p, name, meta.size)?;
     if journal {
         let j = JournalReader::open(&p.journal).map_err(DiskError::from)?;
         scan_checked(&j, &p, name, point.journal_pos)?;
@@ -434,15 +448,9 @@ pub fn prove_inputs(data: &Path, name: &str, point: &Point, journal: bool) -> Re
 /// folder's apply lock (a running master target may have rewritten it since
 /// the copy: then its journal records, read next, undo that) and must match
 /// its sum there; otherwise the replica is damaged.
-pub fn verify_copy(out: &File, replica: &File, sums: &crate::sums::Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
-    crate::sums::compare((out, "the recovered copy"), sums.size, (sums, replica, &p.dir), |c| Err(replica_damage(p, name, c)), |_| {})?;
+pub fn verify_copy(out: &File, replica: &File, sums: &Sums, p: &Paths, name: &str) -> Result<(), RecoverError> {
+    sums::compare((out, "the recovered copy"), sums.size, (sums, replica, &p.dir), |c| Err(replica_damage(p, name, c)), |_| {})?;
     Ok(())
-}
-
-impl From<crate::sums::SumsError> for RecoverError {
-    fn from(e: crate::sums::SumsError) -> RecoverError {
-        RecoverError::Io(e.to_string())
-    }
 }
 
 /// Make `dst` a clone of `src` (FICLONE: shared extents, copy on write).
@@ -494,7 +502,7 @@ fn small_cow_extents(f: &File) {
 
 /// What a copy checks its chunks against.
 struct Check<'a> {
-    sums: &'a crate::sums::Sums,
+    sums: &'a Sums,
     replica: &'a File,
     p: &'a Paths,
     name: &'a str,
@@ -504,9 +512,7 @@ impl Check<'_> {
     /// Chunks `[c0, c0 + computed.len())` as read, against their sums.
     fn chunks(&self, c0: u64, computed: &[[u8; 16]]) -> Result<(), RecoverError> {
         let mut one = Vec::new();
-        crate::sums::check_computed(c0, computed, (self.sums, self.replica, &self.p.dir), &mut one, |c| {
-            Err(replica_damage(self.p, self.name, c))
-        })
+        sums::check_computed(c0, computed, (self.sums, self.replica, &self.p.dir), &mut one, |c| Err(replica_damage(self.p, self.name, c)))
     }
 }
 
@@ -517,7 +523,7 @@ fn replica_damage(p: &Paths, name: &str, c: u64) -> RecoverError {
             "{} does not match its checksum in the 64 KiB chunk at byte {}: every point reads it; `ferry verify` lists all \
              damaged ranges, and `ferry agent --verify --repair` re-sends them from the source",
             p.replica.display(),
-            c * crate::sums::CHUNK
+            c * sums::CHUNK
         ),
     }
     .into()
@@ -529,9 +535,9 @@ fn replica_damage(p: &Paths, name: &str, c: u64) -> RecoverError {
 /// read around each data extent; chunks wholly in holes must have the zero
 /// sum).
 fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool, check: Option<&Check>, shown: &str) -> Result<(), RecoverError> {
-    use crate::sums::{chunk_sum, CHUNK};
-    let rd = |e: io::Error| RecoverError::Io(format!("reading the replica: {e}"));
-    let wr = |e: io::Error| RecoverError::Io(format!("{shown}: {e}"));
+    use sums::{chunk_sum, CHUNK};
+    let rd = |e: io::Error| ioe("reading the replica")(e);
+    let wr = |e: io::Error| ioe(shown)(e);
     let mut buf = vec![0u8; 4 << 20];
     let mut pos = 0u64;
     while pos < size {

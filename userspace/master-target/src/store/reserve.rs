@@ -1,4 +1,5 @@
-//! Space kept back for the master target's own metadata.
+//! Space kept back for the master target's own metadata, and the free
+//! space of a data folder's filesystem.
 //!
 //! Each disk folder holds `reserve`, an 8 MiB preallocated file. When a
 //! metadata write (the catalog, `retention.state`, an export's pin) fails
@@ -54,4 +55,17 @@ pub fn retry<T, E>(dir: &Path, mut f: impl FnMut() -> Result<T, E>, enospc: impl
 /// [`retry`] for state files.
 pub fn state_enospc(e: &ferry_common::durable::StateError) -> bool {
     matches!(e, ferry_common::durable::StateError::Io { source, .. } if is_enospc(source))
+}
+
+/// Free and total bytes of the filesystem holding `path` (statvfs).
+pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; a zeroed value is valid to overwrite.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `s` from a valid NUL-terminated path.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
 }

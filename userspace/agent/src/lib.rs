@@ -250,6 +250,17 @@ pub struct Agent {
     lag_pending: VecDeque<(u64, u64)>,
     last_recursion_check: Instant,
     last_sweep: Instant,
+    /// Backlog bookkeeping (bpf): when it was last measured, since when
+    /// the tracker's bitmap has held changes (monotonic ns), and what went
+    /// through the bitmap since the last log line about it.
+    last_backlog: Instant,
+    bitmap_since_ns: Option<u64>,
+    spill_log: (Instant, u64, u64),
+    /// bpf: a record found `STATE/ring` full since the last look.
+    spilled: bool,
+    /// bpf: catching up from the tracker's bitmap (see [`Agent::steer_backlog`]):
+    /// the stream is not a prefix of the disk's writes, so no point is cut.
+    catchup: bool,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
@@ -376,6 +387,8 @@ impl Agent {
                 source_stamp: None,
                 bytes_sent_total: 0,
                 bytes_read_total: 0,
+                backlog_bytes: 0,
+                backlog_lag_s: 0.0,
             },
         };
         let generation = unhex::<16>(&st.generation)
@@ -542,6 +555,11 @@ impl Agent {
             lag_pending: VecDeque::new(),
             last_recursion_check: Instant::now(),
             last_sweep: Instant::now(),
+            last_backlog: Instant::now(),
+            bitmap_since_ns: None,
+            spill_log: (Instant::now(), 0, 0),
+            spilled: false,
+            catchup: false,
             pass_sums: None,
             frozen: false,
             saved_acked: 0,
@@ -1264,6 +1282,12 @@ impl Agent {
         loop {
             self.feed()?;
             self.checkpoint(sess)?;
+            if self.bpf.is_some() {
+                self.steer_backlog(ring, &mut cursor, &mut pending)?;
+            }
+            if self.last_backlog.elapsed() >= Duration::from_millis(500) {
+                self.note_backlog(ring)?;
+            }
             if self.st.resync_required.is_some() {
                 self.save()?;
                 self.resync(sess)?;
@@ -1284,7 +1308,9 @@ impl Agent {
                 let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
                 if due {
                     let mounts = freeze::mounts_of(&self.opts.disk);
-                    let cut = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
+                    let cut = if self.catchup {
+                        None // not a prefix state until the bitmap is shipped
+                    } else if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
                         self.frozen_cut(sess, ring, &mut cursor, &mut pending, &mounts)?
                     } else {
                         self.quiet_cut(sess, ring, cursor, &mut pending)?
@@ -1798,6 +1824,107 @@ impl Agent {
         Ok(())
     }
 
+    /// bpf: keep a backlog accounted for and cheap to ship. When shipping
+    /// falls behind (a quarter of `STATE/ring` unread, or a record found it
+    /// full), switch to catch-up: the tracker puts every new change in its
+    /// pinned bitmap, and the records queued in the ring are folded into
+    /// that bitmap too (marked there first, then released unshipped; the
+    /// pinned bitmap outlives the agent, so nothing is ever only in memory).
+    /// The bitmap coalesces a block written many times into one, and is
+    /// queued back into the ring in disk order, a bounded slice at a time,
+    /// as the master target makes the last slice durable. Once a take finds
+    /// the bitmap empty, records go to the ring again in completion order.
+    /// During catch-up the replica is not a prefix state: no point is cut.
+    fn steer_backlog(&mut self, ring: &Ring, cursor: &mut u64, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
+        let cap = ring.capacity();
+        let unread = ring.producer().wrapping_sub(*cursor);
+        if !self.catchup && (self.spilled || unread > cap / 4) {
+            let t = self.bpf.as_ref().expect("bpf tracker");
+            t.set_spill(true);
+            // Fold: everything not yet released goes to the bitmap, then the
+            // ring is released (what was sent and not yet acknowledged is
+            // sent again: harmless).
+            let mut at = ring.consumer();
+            let mut folded = 0u64;
+            loop {
+                let (recs, next) = ring.read_from(at, 4096)?;
+                if recs.is_empty() {
+                    break;
+                }
+                for r in recs {
+                    match r {
+                        Ok(rec) => t.mark(rec.offset, u64::from(rec.length)),
+                        Err(e) => self.st.resync_required = Some(format!("tracker sent an invalid record ({e})")),
+                    }
+                    folded += 1;
+                }
+                at = next;
+            }
+            ring.release(at)?;
+            *cursor = at;
+            pending.clear();
+            self.lag_pending.clear();
+            self.catchup = true;
+            self.spilled = false;
+            self.bitmap_since_ns.get_or_insert_with(monotonic_ns);
+            log::info!(
+                "shipping fell behind the disk's writes ({unread} records unread in {}): catching up from the bpf tracker's \
+                 bitmap ({folded} queued records folded into it); backlog, not loss: no resync, and no point until it is shipped",
+                self.sd.ring_file().display()
+            );
+        }
+        if self.catchup {
+            let used = ring.pending();
+            let want = (cap / 4).max(1);
+            if used < want / 2 {
+                let t = self.bpf.as_mut().expect("bpf tracker");
+                let (_, complete) = t.take_bitmap_upto(want - used);
+                if complete {
+                    t.set_spill(false);
+                    self.catchup = false;
+                    self.spilled = false;
+                    log::info!("caught up: the bpf tracker's bitmap is shipped or queued; changes go to the ring in write order again");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Measure the backlog for `ferry status`: the bytes of the records in
+    /// `STATE/ring` not yet released (not yet durable on the master target)
+    /// plus what the bpf tracker's bitmap holds, and the age of the oldest
+    /// of them (a record's completion time; for the bitmap, since when it
+    /// has not been empty).
+    fn note_backlog(&mut self, ring: &Ring) -> Result<(), AgentError> {
+        self.last_backlog = Instant::now();
+        let now = monotonic_ns();
+        let mut bytes = 0u64;
+        let mut oldest = u64::MAX;
+        let mut at = ring.consumer();
+        loop {
+            let (recs, next) = ring.read_from(at, 4096)?;
+            if recs.is_empty() {
+                break;
+            }
+            for r in recs.iter().flatten() {
+                bytes += u64::from(r.length);
+                if r.time_ns > 0 {
+                    oldest = oldest.min(r.time_ns);
+                }
+            }
+            at = next;
+        }
+        let in_bitmap = self.bpf.as_ref().map_or(0, |t| t.bitmap_dirty_bytes());
+        if in_bitmap == 0 {
+            self.bitmap_since_ns = None;
+        } else {
+            oldest = oldest.min(*self.bitmap_since_ns.get_or_insert(now));
+        }
+        self.st.backlog_bytes = (bytes + in_bitmap).min(self.st.size);
+        self.st.backlog_lag_s = if oldest == u64::MAX { 0.0 } else { now.saturating_sub(oldest) as f64 / 1e9 };
+        Ok(())
+    }
+
     /// Replication lag: from a write's completion (tracker clock) to the
     /// acknowledgement that made it durable on the master target.
     fn note_lag(&mut self) {
@@ -1869,6 +1996,12 @@ impl Agent {
         let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
         self.ship_inflight(sess)?;
         self.feed()?;
+        // Whatever the bitmap still holds (a catch-up not finished, or bits
+        // the program set without its counter moving yet) is queued now:
+        // it moves the producer, and no point is cut before it is shipped.
+        if let Some(t) = self.bpf.as_mut() {
+            t.take_bitmap();
+        }
         self.check_tracker_now()?;
         if dev0.is_some() && ferry_bpf::device_bytes_changed(&self.opts.disk) != dev0 {
             return Ok(None);
@@ -1995,7 +2128,7 @@ impl Agent {
             let rest = t.unhold();
             let unsure = !matches!(r, Ok(Some(_)));
             for rec in rest.into_iter().chain(if unsure { taken } else { Vec::new() }) {
-                ring.push(rec);
+                t.requeue(rec);
             }
             t.take_bitmap();
         }
@@ -2087,8 +2220,20 @@ impl Agent {
         if c.invalid > 0 {
             self.st.resync_required = Some(format!("the bpf tracker produced {} unreadable records", c.invalid));
         }
-        if c.bitmap_extents > 0 {
-            log::info!("bpf tracker ring buffer overflowed: {} extents taken from the bitmap", c.bitmap_extents);
+        self.spilled |= c.spilled > 0 && !self.catchup;
+        self.spill_log.1 += c.spilled;
+        self.spill_log.2 += c.bitmap_extents;
+        if (self.spill_log.1 > 0 || self.spill_log.2 > 0) && self.spill_log.0.elapsed() >= Duration::from_secs(10) {
+            log::info!(
+                "bpf tracker: {} records went to the bitmap (ring buffer or STATE/ring full), {} extents taken from it, in {:.0}s",
+                self.spill_log.1,
+                self.spill_log.2,
+                self.spill_log.0.elapsed().as_secs_f64()
+            );
+            self.spill_log = (Instant::now(), 0, 0);
+        }
+        if c.spilled > 0 || c.bitmap_extents > 0 {
+            self.bitmap_since_ns.get_or_insert_with(monotonic_ns);
         }
         if self.last_sweep.elapsed() >= Duration::from_millis(250) {
             self.last_sweep = Instant::now();

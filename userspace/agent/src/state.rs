@@ -133,6 +133,14 @@ pub struct AgentState {
     pub source_stamp: Option<(i64, i64, i64, i64)>,
     pub bytes_sent_total: u64,
     pub bytes_read_total: u64,
+    /// Backlog: bytes of changes the tracker recorded that are not yet
+    /// durable on the master target (queued in `STATE/ring`, or marked in
+    /// the tracker's bitmap because shipping fell behind), as last seen.
+    #[serde(default)]
+    pub backlog_bytes: u64,
+    /// Age in seconds of the oldest change in that backlog (0 when none).
+    #[serde(default)]
+    pub backlog_lag_s: f64,
 }
 
 pub const CATCHUP_KIND: &str = "ferry-kmod-catchup";

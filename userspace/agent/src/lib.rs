@@ -1825,8 +1825,8 @@ impl Agent {
     }
 
     /// bpf: keep a backlog accounted for and cheap to ship. When shipping
-    /// falls behind (a quarter of `STATE/ring` unread, or a record found it
-    /// full), switch to catch-up: the tracker puts every new change in its
+    /// falls behind (three quarters of `STATE/ring` unread, or a record
+    /// found it full), switch to catch-up: the tracker puts every new change in its
     /// pinned bitmap, and the records queued in the ring are folded into
     /// that bitmap too (marked there first, then released unshipped; the
     /// pinned bitmap outlives the agent, so nothing is ever only in memory).
@@ -1838,7 +1838,9 @@ impl Agent {
     fn steer_backlog(&mut self, ring: &Ring, cursor: &mut u64, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
         let cap = ring.capacity();
         let unread = ring.producer().wrapping_sub(*cursor);
-        if !self.catchup && (self.spilled || unread > cap / 4) {
+        // (A refill leaves at most half the ring queued, so leaving a
+        // catch-up never re-enters one by itself.)
+        if !self.catchup && (self.spilled || unread > cap / 4 * 3) {
             let t = self.bpf.as_ref().expect("bpf tracker");
             t.set_spill(true);
             // Fold: everything not yet released goes to the bitmap, then the
@@ -1875,7 +1877,7 @@ impl Agent {
         }
         if self.catchup {
             let used = ring.pending();
-            let want = (cap / 4).max(1);
+            let want = (cap / 2).max(1);
             if used < want / 2 {
                 let t = self.bpf.as_mut().expect("bpf tracker");
                 let (_, complete) = t.take_bitmap_upto(want - used);
@@ -1918,7 +1920,11 @@ impl Agent {
         if in_bitmap == 0 {
             self.bitmap_since_ns = None;
         } else {
-            oldest = oldest.min(*self.bitmap_since_ns.get_or_insert(now));
+            // Since the bitmap was last empty, or, if later, since the
+            // previous round of takes began (it took anything older).
+            let since = *self.bitmap_since_ns.get_or_insert(now);
+            let round = self.bpf.as_ref().and_then(|t| t.bitmap_age_bound()).map(|d| now.saturating_sub(d.as_nanos() as u64));
+            oldest = oldest.min(round.map_or(since, |r| r.max(since)));
         }
         self.st.backlog_bytes = (bytes + in_bitmap).min(self.st.size);
         self.st.backlog_lag_s = if oldest == u64::MAX { 0.0 } else { now.saturating_sub(oldest) as f64 / 1e9 };

@@ -444,6 +444,12 @@ pub struct Tracker {
     /// The word the next bounded take starts from (takes go round the
     /// bitmap, so a region written again and again cannot starve the rest).
     take_from: usize,
+    /// Bounded takes: words looked at in the current round of the bitmap,
+    /// and when (monotonic) the current and the previous round began. A
+    /// bit still set was set after the previous round began (that round
+    /// would have taken it), which bounds the age of the oldest change the
+    /// bitmap holds.
+    round: (usize, std::time::Instant, Option<std::time::Instant>),
     /// In-flight entries (slot, sequence count) first seen when, and
     /// whether already shipped.
     seen: std::collections::HashMap<(usize, u64), (std::time::Instant, bool)>,
@@ -595,6 +601,7 @@ impl Tracker {
             bitmap_pending,
             spill,
             take_from: 0,
+            round: (0, std::time::Instant::now(), None),
             seen: Default::default(),
         };
         Ok((t, fresh))
@@ -718,6 +725,13 @@ impl Tracker {
         }
     }
 
+    /// How long ago, at most, the oldest change the bitmap holds was made,
+    /// as far as the rounds of bounded takes tell (None before one round
+    /// was completed).
+    pub fn bitmap_age_bound(&self) -> Option<std::time::Duration> {
+        self.round.2.map(|t| t.elapsed())
+    }
+
     /// Bytes the bitmap marks as changed and not yet queued (chunks ×
     /// chunk size, clipped to the disk): the part of the backlog held in
     /// the kernel.
@@ -813,6 +827,10 @@ impl Tracker {
                 self.take_from = i;
                 complete = false;
                 break;
+            }
+            self.round.0 += 1;
+            if self.round.0 >= self.words {
+                self.round = (0, std::time::Instant::now(), Some(self.round.1));
             }
             // SAFETY: i < words and the mapping holds `words` aligned u64s;
             // the kernel updates them atomically, so we do too.

@@ -26,7 +26,6 @@ pub mod freeze;
 pub mod kmod;
 pub mod live;
 pub mod owner;
-pub mod reader;
 pub mod session;
 pub mod state;
 pub mod status;
@@ -40,6 +39,7 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
+use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
@@ -91,6 +91,12 @@ pub enum AgentError {
     Stopped(String),
     #[error("{0}")]
     SourceChanged(String),
+}
+
+impl From<ReadError> for AgentError {
+    fn from(e: ReadError) -> AgentError {
+        AgentError::Io { what: format!("reading the disk at {}", e.offset), source: e.source }
+    }
 }
 
 impl AgentError {
@@ -230,6 +236,8 @@ pub struct Agent {
     sd: StateDir,
     st: AgentState,
     src: Arc<Source>,
+    /// Reads tracker-reported extents, many in flight (ferry-sources).
+    reader: LocalReader,
     generation: [u8; 16],
     tracker: Tracker,
     ring: Option<Ring>,
@@ -527,6 +535,7 @@ impl Agent {
         st.point_every_s = opts.point_every.as_secs_f64();
         st.connected = false;
         let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
+        let src = Arc::new(src);
         Ok(Agent {
             _lock: lock,
             sync_progress: VecDeque::new(),
@@ -538,7 +547,8 @@ impl Agent {
             opts,
             sd,
             st,
-            src: Arc::new(src),
+            reader: LocalReader::new(Arc::clone(&src)),
+            src,
             generation,
             tracker,
             ring,
@@ -1810,9 +1820,10 @@ impl Agent {
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], _buf: &mut AlignedBuf) -> Result<(), AgentError> {
         // Shipped extents change the replica after the last pass.
         self.pass_sums = None;
-        // Many reads in flight (reader.rs); sent in the extents' order.
+        // Many reads in flight (ferry-sources' block reader); sent in the
+        // extents' order.
         let mut units = Vec::new();
-        let n = reader::read_extents(&self.src, exts, |off, data| {
+        let n = self.reader.read_extents(exts, |off, data| -> Result<(), AgentError> {
             units.clear();
             prepare(off, data, UNIT, &mut units);
             for u in units.drain(..) {

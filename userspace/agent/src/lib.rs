@@ -23,7 +23,8 @@
 
 pub mod chunkmap;
 pub mod freeze;
-pub mod kmod;
+/// The kernel module tracker's user-space side (now in ferry-sources).
+pub use ferry_sources::kmod;
 pub mod live;
 pub mod owner;
 pub mod session;
@@ -91,6 +92,17 @@ pub enum AgentError {
     Stopped(String),
     #[error("{0}")]
     SourceChanged(String),
+}
+
+impl From<kmod::KmodError> for AgentError {
+    fn from(e: kmod::KmodError) -> AgentError {
+        match e {
+            kmod::KmodError::Io { what, source } => AgentError::Io { what, source },
+            kmod::KmodError::Tracker(m) => AgentError::Tracker(m),
+            kmod::KmodError::Usage(m) => AgentError::Usage(m),
+            kmod::KmodError::Ring(r) => AgentError::Ring(r),
+        }
+    }
 }
 
 impl From<ReadError> for AgentError {

@@ -25,6 +25,7 @@
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |
 //! | QEMU dirty bitmap | bitmap generation | NBD `qemu:dirty-bitmap` | bitmap lost or disabled |
 
+pub mod kmod;
 pub mod reader;
 pub mod ring;
 pub mod shipper;

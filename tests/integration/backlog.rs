@@ -36,9 +36,14 @@ fn status(st: &Path) -> serde_json::Value {
 
 /// `ferry agent --tracker bpf` running in the background, its log in `log`.
 fn start_agent(dev: &str, name: &str, mt: &MasterTarget, st: &Path, log: &Path, every: &str) -> Proc {
+    start_agent_with(dev, name, mt, st, log, every, &[])
+}
+
+fn start_agent_with(dev: &str, name: &str, mt: &MasterTarget, st: &Path, log: &Path, every: &str, extra: &[&str]) -> Proc {
     let st = st.display().to_string();
     let args = ["agent", "--disk", dev, "--name", name, "--target", &mt.addr, "--tracker", "bpf", "--state", &st, "--point-every", every];
-    Proc(ferry().env("RUST_LOG", "info").args(args).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap())
+    let err = std::fs::File::create(log).unwrap();
+    Proc(ferry().env("RUST_LOG", "info").args(args).args(extra).stdout(Stdio::null()).stderr(err).spawn().unwrap())
 }
 
 /// The newest point's time (wall-clock ns) as the agent's status shows it.
@@ -163,4 +168,61 @@ impl WaitOutput for std::process::Child {
         assert!(st.success(), "the versioned workload failed: {st}");
         s
     }
+}
+
+/// Crash safety of a catch-up: the agent is killed (SIGKILL) while it
+/// ships a backlog from the tracker's bitmap under a 100 MB/s load (its
+/// ring holds 4096 records, so it falls behind at once), and a
+/// new agent started while the load goes on finishes the catch-up from
+/// what the pinned bitmap and `STATE/ring` still hold: no resync, and the
+/// replica equals the device once the load stops.
+#[test]
+fn an_agent_killed_during_a_catch_up_loses_nothing() {
+    let t = TempDir::new("backlogkill");
+    let shm = ShmFile::new("backlogkill", GIB);
+    let lo = LoopDev::attach(&shm.0);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("backlogkill");
+    let st = t.path("st");
+    let _guard = Unprotect(st.clone());
+    let small = ["--ring-capacity", "4096"];
+    let mut agent = start_agent_with(&dev, &name, &mt, &st, &t.path("agent1.log"), "1", &small);
+    wait_for("the initial sync and a first point", 120, || last_point_ns(&st) > 0);
+    let mut fio = Proc(
+        Command::new("fio")
+            .args(["--name=churn", "--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--direct=1"])
+            .args(["--rate=100m", "--runtime=25", "--time_based", "--randrepeat=0", "--output-format=terse"])
+            .arg(format!("--filename={dev}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run fio (scripts/install-deps installs it)"),
+    );
+    // Kill it once it is catching up, then again a few seconds into the
+    // next one.
+    let t0 = Instant::now();
+    let catching_up = |log: &str| std::fs::read_to_string(t.path(log)).unwrap_or_default().contains("catching up from the bpf tracker's");
+    watch_no_resync(&st, || catching_up("agent1.log") || t0.elapsed() > Duration::from_secs(20));
+    assert!(catching_up("agent1.log"), "the agent never fell behind a 4096-record ring at 25k writes a second");
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(1)); // writes while no agent runs
+    let mut agent = start_agent_with(&dev, &name, &mt, &st, &t.path("agent2.log"), "1", &small);
+    std::thread::sleep(Duration::from_secs(4));
+    agent.kill9();
+    let mut agent = start_agent_with(&dev, &name, &mt, &st, &t.path("agent3.log"), "1", &small);
+    wait_for("the third agent to start", 30, || status(&st)["running"] == true);
+    watch_no_resync(&st, || !fio.alive());
+    let stopped = ferry_common::now_ns();
+    let t0 = Instant::now();
+    watch_no_resync(&st, || last_point_ns(&st) > stopped || t0.elapsed() > Duration::from_secs(60));
+    assert!(last_point_ns(&st) > stopped, "no point after the load stopped: {}", status(&st));
+    agent.kill9();
+    for l in ["agent1.log", "agent2.log", "agent3.log"] {
+        let log = std::fs::read_to_string(t.path(l)).unwrap();
+        assert!(!log.contains("resync required"), "{l}: the agent resynced:\n{log}");
+    }
+    recover_to(&t.s("data"), &name, "latest", &t.s("latest.img"));
+    assert_same(&lo.dev, &t.path("latest.img"));
 }

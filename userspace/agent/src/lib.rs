@@ -40,7 +40,9 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
+use ferry_sources::bpf::{BpfCounters, BpfSource, Steer};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
+use ferry_sources::SourceError;
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
@@ -101,6 +103,18 @@ impl From<kmod::KmodError> for AgentError {
             kmod::KmodError::Tracker(m) => AgentError::Tracker(m),
             kmod::KmodError::Usage(m) => AgentError::Usage(m),
             kmod::KmodError::Ring(r) => AgentError::Ring(r),
+        }
+    }
+}
+
+impl From<SourceError> for AgentError {
+    fn from(e: SourceError) -> AgentError {
+        match e {
+            SourceError::Io { what, source } => AgentError::Io { what, source },
+            SourceError::Ring(r) => AgentError::Ring(r),
+            SourceError::Bpf(b) => AgentError::Bpf(b),
+            SourceError::Detached(m) => AgentError::NoConsistentPoint(m),
+            SourceError::Other(m) => AgentError::Tracker(m),
         }
     }
 }
@@ -261,26 +275,16 @@ pub struct Agent {
     did_resync: bool,
     /// A trusted chunk map for the next scan pass (see chunkmap.rs).
     map: Option<ChunkMap>,
-    /// The pinned BPF tracker feeding `STATE/ring` (bpf tracker only).
-    bpf: Option<ferry_bpf::Tracker>,
+    /// The pinned BPF tracker feeding `STATE/ring`, with its own state
+    /// (bpf tracker only; ferry-sources).
+    bpf: Option<BpfSource>,
     /// The kernel module's attachment (kmod tracker only).
     kmod: Option<kmod::Kmod>,
     kmod_last_release: Instant,
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
-    last_recursion_check: Instant,
-    last_sweep: Instant,
-    /// Backlog bookkeeping (bpf): when it was last measured, since when
-    /// the tracker's bitmap has held changes (monotonic ns), and what went
-    /// through the bitmap since the last log line about it.
+    /// When the backlog was last measured (for `ferry status`).
     last_backlog: Instant,
-    bitmap_since_ns: Option<u64>,
-    spill_log: (Instant, u64, u64),
-    /// bpf: a record found `STATE/ring` full since the last look.
-    spilled: bool,
-    /// bpf: catching up from the tracker's bitmap (see [`Agent::steer_backlog`]):
-    /// the stream is not a prefix of the disk's writes, so no point is cut.
-    catchup: bool,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
@@ -548,6 +552,17 @@ impl Agent {
         st.connected = false;
         let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
         let src = Arc::new(src);
+        let bpf = bpf.map(|t| {
+            let counters = BpfCounters {
+                lost_seen: st.bpf_lost_seen,
+                recursion_seen: st.bpf_recursion_seen,
+                baseline: st.bpf_baseline,
+                drops: st.bpf_drops,
+                recovered: st.bpf_recovered,
+                unguarded: st.bpf_unguarded,
+            };
+            BpfSource::new(t, opts.disk.clone(), opts.name.clone(), sd.ring_file().display().to_string(), counters)
+        });
         Ok(Agent {
             _lock: lock,
             sync_progress: VecDeque::new(),
@@ -575,13 +590,7 @@ impl Agent {
             kmod,
             kmod_last_release: Instant::now(),
             lag_pending: VecDeque::new(),
-            last_recursion_check: Instant::now(),
-            last_sweep: Instant::now(),
             last_backlog: Instant::now(),
-            bitmap_since_ns: None,
-            spill_log: (Instant::now(), 0, 0),
-            spilled: false,
-            catchup: false,
             pass_sums: None,
             frozen: false,
             saved_acked: 0,
@@ -619,6 +628,11 @@ impl Agent {
     fn save(&mut self) -> Result<(), AgentError> {
         if self.frozen {
             return Ok(()); // caught up by thaw()
+        }
+        if let Some(b) = &self.bpf {
+            let c = b.counters;
+            (self.st.bpf_lost_seen, self.st.bpf_recursion_seen, self.st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
+            (self.st.bpf_drops, self.st.bpf_recovered, self.st.bpf_unguarded) = (c.drops, c.recovered, c.unguarded);
         }
         self.sd.save(&self.st)?;
         self.last_save = Instant::now();
@@ -1330,7 +1344,7 @@ impl Agent {
                 let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
                 if due {
                     let mounts = freeze::mounts_of(&self.opts.disk);
-                    let cut = if self.catchup {
+                    let cut = if self.bpf.as_ref().is_some_and(|b| b.catching_up()) {
                         None // not a prefix state until the bitmap is shipped
                     } else if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
                         self.frozen_cut(sess, ring, &mut cursor, &mut pending, &mounts)?
@@ -1847,70 +1861,15 @@ impl Agent {
         Ok(())
     }
 
-    /// bpf: keep a backlog accounted for and cheap to ship. When shipping
-    /// falls behind (three quarters of `STATE/ring` unread, or a record
-    /// found it full), switch to catch-up: the tracker puts every new change in its
-    /// pinned bitmap, and the records queued in the ring are folded into
-    /// that bitmap too (marked there first, then released unshipped; the
-    /// pinned bitmap outlives the agent, so nothing is ever only in memory).
-    /// The bitmap coalesces a block written many times into one, and is
-    /// queued back into the ring in disk order, a bounded slice at a time,
-    /// as the master target makes the last slice durable. Once a take finds
-    /// the bitmap empty, records go to the ring again in completion order.
-    /// During catch-up the replica is not a prefix state: no point is cut.
+    /// bpf: keep a backlog in the tracker's bitmap when shipping falls
+    /// behind ([`BpfSource::steer`]); a fold releases the ring unshipped,
+    /// so what was read and what waited for release is forgotten here.
     fn steer_backlog(&mut self, ring: &Ring, cursor: &mut u64, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
-        let cap = ring.capacity();
-        let unread = ring.producer().wrapping_sub(*cursor);
-        // (A refill leaves at most half the ring queued, so leaving a
-        // catch-up never re-enters one by itself.)
-        if !self.catchup && (self.spilled || unread > cap / 4 * 3) {
-            let t = self.bpf.as_ref().expect("bpf tracker");
-            t.set_spill(true);
-            // Fold: everything not yet released goes to the bitmap, then the
-            // ring is released (what was sent and not yet acknowledged is
-            // sent again: harmless).
-            let mut at = ring.consumer();
-            let mut folded = 0u64;
-            loop {
-                let (recs, next) = ring.read_from(at, 4096)?;
-                if recs.is_empty() {
-                    break;
-                }
-                for r in recs {
-                    match r {
-                        Ok(rec) => t.mark(rec.offset, u64::from(rec.length)),
-                        Err(e) => self.st.resync_required = Some(format!("tracker sent an invalid record ({e})")),
-                    }
-                    folded += 1;
-                }
-                at = next;
-            }
-            ring.release(at)?;
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        if let Steer::Folded(at) = b.steer(ring, *cursor, &mut self.st.resync_required)? {
             *cursor = at;
             pending.clear();
             self.lag_pending.clear();
-            self.catchup = true;
-            self.spilled = false;
-            self.bitmap_since_ns.get_or_insert_with(monotonic_ns);
-            log::info!(
-                "shipping fell behind the disk's writes ({unread} records unread in {}): catching up from the bpf tracker's \
-                 bitmap ({folded} queued records folded into it); backlog, not loss: no resync, and no point until it is shipped",
-                self.sd.ring_file().display()
-            );
-        }
-        if self.catchup {
-            let used = ring.pending();
-            let want = (cap / 2).max(1);
-            if used < want / 2 {
-                let t = self.bpf.as_mut().expect("bpf tracker");
-                let (_, complete) = t.take_bitmap_upto(want - used);
-                if complete {
-                    t.set_spill(false);
-                    self.catchup = false;
-                    self.spilled = false;
-                    log::info!("caught up: the bpf tracker's bitmap is shipped or queued; changes go to the ring in write order again");
-                }
-            }
         }
         Ok(())
     }
@@ -1939,15 +1898,9 @@ impl Agent {
             }
             at = next;
         }
-        let in_bitmap = self.bpf.as_ref().map_or(0, |t| t.bitmap_dirty_bytes());
-        if in_bitmap == 0 {
-            self.bitmap_since_ns = None;
-        } else {
-            // Since the bitmap was last empty, or, if later, since the
-            // previous round of takes began (it took anything older).
-            let since = *self.bitmap_since_ns.get_or_insert(now);
-            let round = self.bpf.as_ref().and_then(|t| t.bitmap_age_bound()).map(|d| now.saturating_sub(d.as_nanos() as u64));
-            oldest = oldest.min(round.map_or(since, |r| r.max(since)));
+        let (in_bitmap, since) = self.bpf.as_mut().map_or((0, None), |b| b.bitmap_backlog(now));
+        if let Some(t) = since {
+            oldest = oldest.min(t);
         }
         self.st.backlog_bytes = (bytes + in_bitmap).min(self.st.size);
         self.st.backlog_lag_s = if oldest == u64::MAX { 0.0 } else { now.saturating_sub(oldest) as f64 / 1e9 };
@@ -2029,7 +1982,7 @@ impl Agent {
         // the program set without its counter moving yet) is queued now:
         // it moves the producer, and no point is cut before it is shipped.
         if let Some(t) = self.bpf.as_mut() {
-            t.take_bitmap();
+            t.tracker_mut().take_bitmap();
         }
         self.check_tracker_now()?;
         if dev0.is_some() && ferry_bpf::device_bytes_changed(&self.opts.disk) != dev0 {
@@ -2081,7 +2034,7 @@ impl Agent {
         }
         self.frozen = true;
         if let Some(t) = &self.bpf {
-            t.hold();
+            t.tracker().hold();
         }
         log::debug!("freeze attempt: {} filesystem(s)", mounts.len());
         let (fs, all_frozen) = freeze::freeze(mounts);
@@ -2101,7 +2054,7 @@ impl Agent {
                     log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
                     return Ok(None);
                 }
-                let held = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
+                let held = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
                 let (recs, next) = ring.read_from(*cursor, 4096)?;
                 if held.is_empty() && recs.is_empty() {
                     break;
@@ -2129,7 +2082,7 @@ impl Agent {
             // did not reach, a swap area, another writer on the raw disk).
             self.feed()?;
             self.check_tracker_now()?;
-            let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
+            let late = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
             // The device completed nothing since the freeze began (a change
             // the tracker did not run for shows only here).
             let still = dev0.is_none() || ferry_bpf::device_bytes_changed(&self.opts.disk) == dev0;
@@ -2154,12 +2107,12 @@ impl Agent {
         // records were also marked in the tracker's bitmap (so an agent that
         // died frozen loses nothing); take those marks now, too.
         if let Some(t) = self.bpf.as_mut() {
-            let rest = t.unhold();
+            let rest = t.tracker().unhold();
             let unsure = !matches!(r, Ok(Some(_)));
             for rec in rest.into_iter().chain(if unsure { taken } else { Vec::new() }) {
-                t.requeue(rec);
+                t.tracker().requeue(rec);
             }
-            t.take_bitmap();
+            t.tracker_mut().take_bitmap();
         }
         match &failed {
             // No freeze happened: the error is logged once per change, and
@@ -2201,102 +2154,17 @@ impl Agent {
     }
 
     /// Checks that must hold right before a point is cut: the tracker is
-    /// still attached and has not missed a run.
+    /// still attached and has not missed a run ([`BpfSource::check_now`]).
     fn check_tracker_now(&mut self) -> Result<(), AgentError> {
-        let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        // The device's own count of completed changes against the tracker's:
-        // if the kernel completed more than the program saw, something was
-        // missed, however that happened.
-        // Read in this order: the device counts a completion after the
-        // tracepoint fires, so what it counted is by now seen, recovered, or
-        // still in `inflight` (issued, its completion not seen).
-        let dev = ferry_bpf::device_bytes_changed(&self.opts.disk);
-        let pending: u64 = t.inflight().iter().map(|e| e.len).sum();
-        let s = t.stats()?;
-        let seen = s.bytes + s.recovered_bytes;
-        match (dev, self.st.bpf_baseline) {
-            (Some(d), Some((d0, s0))) if d.saturating_sub(d0) > seen.saturating_sub(s0) + pending => {
-                let missed = d.saturating_sub(d0) - seen.saturating_sub(s0) - pending;
-                log::warn!("the disk completed {missed} bytes of changes the bpf tracker did not see; resync required");
-                self.st.resync_required = Some(format!("the bpf tracker missed {missed} bytes of completed changes"));
-                self.st.bpf_baseline = Some((d, seen));
-            }
-            (Some(d), None) => self.st.bpf_baseline = Some((d, seen)),
-            _ => {}
-        }
-        if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
-            return Err(AgentError::NoConsistentPoint(format!(
-                "{}: the bpf tracker was detached (ferry unprotect?); stopping",
-                self.st.name
-            )));
-        }
-        match t.recursion_misses() {
-            Some(m) if m > self.st.bpf_recursion_seen => {
-                self.st.resync_required = Some(format!("the bpf tracker missed {} runs (recursion)", m - self.st.bpf_recursion_seen));
-                self.st.bpf_recursion_seen = m;
-            }
-            Some(_) => {}
-            None => self.st.resync_required = Some("the bpf tracker's program is gone".into()),
-        }
-        Ok(())
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        Ok(b.check_now(&mut self.st.resync_required)?)
     }
 
     /// Move what the BPF tracker recorded into `STATE/ring`, and turn any
-    /// loss it reports into "resync required".
+    /// loss it reports into "resync required" ([`BpfSource::feed`]).
     fn feed(&mut self) -> Result<(), AgentError> {
-        let Some(t) = self.bpf.as_mut() else { return Ok(()) };
-        let c = t.collect()?;
-        if c.invalid > 0 {
-            self.st.resync_required = Some(format!("the bpf tracker produced {} unreadable records", c.invalid));
-        }
-        self.spilled |= c.spilled > 0 && !self.catchup;
-        self.spill_log.1 += c.spilled;
-        self.spill_log.2 += c.bitmap_extents;
-        if (self.spill_log.1 > 0 || self.spill_log.2 > 0) && self.spill_log.0.elapsed() >= Duration::from_secs(10) {
-            log::info!(
-                "bpf tracker: {} records went to the bitmap (ring buffer or STATE/ring full), {} extents taken from it, in {:.0}s",
-                self.spill_log.1,
-                self.spill_log.2,
-                self.spill_log.0.elapsed().as_secs_f64()
-            );
-            self.spill_log = (Instant::now(), 0, 0);
-        }
-        if c.spilled > 0 || c.bitmap_extents > 0 {
-            self.bitmap_since_ns.get_or_insert_with(monotonic_ns);
-        }
-        if self.last_sweep.elapsed() >= Duration::from_millis(250) {
-            self.last_sweep = Instant::now();
-            let n = t.sweep_inflight();
-            if n > 0 {
-                log::info!("bpf tracker: {n} writes issued over 0.5 s ago and not seen completing; shipping their ranges");
-            }
-        }
-        let s = t.stats()?;
-        self.st.bpf_drops = s.drops;
-        if s.unguarded > self.st.bpf_unguarded {
-            log::warn!(
-                "bpf tracker: {} writes were issued on a tag outside its in-flight table (the disk's queues changed?); \
-                 a missed completion of one is caught only by the device cross-check (a resync)",
-                s.unguarded - self.st.bpf_unguarded
-            );
-            self.st.bpf_unguarded = s.unguarded;
-        }
-        if s.recovered > self.st.bpf_recovered {
-            log::info!(
-                "bpf tracker: {} completions the kernel did not show it were caught at reissue",
-                s.recovered - self.st.bpf_recovered
-            );
-            self.st.bpf_recovered = s.recovered;
-        }
-        if s.lost > self.st.bpf_lost_seen {
-            self.st.resync_required = Some(format!("the bpf tracker could not record {} changes", s.lost - self.st.bpf_lost_seen));
-            self.st.bpf_lost_seen = s.lost;
-        }
-        if self.last_recursion_check.elapsed() >= Duration::from_secs(1) {
-            self.last_recursion_check = Instant::now();
-            self.check_tracker_now()?;
-        }
-        Ok(())
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        Ok(b.feed(&mut self.st.resync_required)?)
     }
 
     /// Ship, straight to the master target, every write the bpf tracker
@@ -2310,7 +2178,7 @@ impl Agent {
     /// quiet cut.
     fn ship_inflight(&mut self, sess: &mut Session) -> Result<(), AgentError> {
         let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        let recs: Vec<Record> = t.inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
+        let recs: Vec<Record> = t.tracker().inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
         if recs.is_empty() {
             return Ok(());
         }

@@ -25,6 +25,7 @@
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |
 //! | QEMU dirty bitmap | bitmap generation | NBD `qemu:dirty-bitmap` | bitmap lost or disabled |
 
+pub mod bpf;
 pub mod kmod;
 pub mod reader;
 pub mod ring;
@@ -41,6 +42,8 @@ pub enum SourceError {
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Ring(#[from] ferry_ring::RingError),
+    #[error("bpf tracker: {0}")]
+    Bpf(#[from] ferry_bpf::BpfError),
     /// The tracker is gone (detached by someone else, unloaded): stop.
     #[error("{0}")]
     Detached(String),

@@ -205,7 +205,14 @@ fn an_agent_killed_during_a_catch_up_loses_nothing() {
     let catching_up = |log: &str| std::fs::read_to_string(t.path(log)).unwrap_or_default().contains("catching up from the bpf tracker's");
     watch_no_resync(&st, || catching_up("agent1.log") || t0.elapsed() > Duration::from_secs(20));
     assert!(catching_up("agent1.log"), "the agent never fell behind a 4096-record ring at 25k writes a second");
-    std::thread::sleep(Duration::from_secs(2));
+    // The state file `ferry status` reads carries the backlog.
+    let t1 = Instant::now();
+    let mut backlog = 0u64;
+    while t1.elapsed() < Duration::from_secs(2) {
+        backlog = backlog.max(agent_state(&st).and_then(|s| s["backlog_bytes"].as_u64()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(backlog > 0, "no backlog recorded while catching up: {}", status(&st));
     agent.kill9();
     std::thread::sleep(Duration::from_secs(1)); // writes while no agent runs
     let mut agent = start_agent_with(&dev, &name, &mt, &st, &t.path("agent2.log"), "1", &small);

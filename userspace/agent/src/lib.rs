@@ -121,7 +121,10 @@ impl From<SourceError> for AgentError {
 
 impl From<ReadError> for AgentError {
     fn from(e: ReadError) -> AgentError {
-        AgentError::Io { what: format!("reading the disk at {}", e.offset), source: e.source }
+        match e {
+            ReadError::Read { offset, source } => AgentError::Io { what: format!("reading the disk at {offset}"), source },
+            ReadError::Stopped => AgentError::Lost("the disk readers stopped early".into()),
+        }
     }
 }
 

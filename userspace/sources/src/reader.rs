@@ -26,13 +26,18 @@ pub const IN_FLIGHT: usize = 32;
 /// The largest piece one read covers.
 pub const PIECE: u64 = 1 << 20;
 
-/// A read of the disk failed.
+/// A read of the disk failed, or the readers stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the disk at {offset}: {source}")]
-pub struct ReadError {
-    pub offset: u64,
-    #[source]
-    pub source: std::io::Error,
+pub enum ReadError {
+    #[error("reading the disk at {offset}: {source}")]
+    Read {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reader threads ended before every piece was read.
+    #[error("the disk readers stopped early")]
+    Stopped,
 }
 
 /// Reads extents of the protected disk, many at a time.
@@ -85,7 +90,7 @@ impl BlockReader for LocalReader {
         if pieces.len() <= 2 {
             let mut buf = AlignedBuf::new(PIECE as usize);
             for &(off, n) in &pieces {
-                let data = src.read_into(&mut buf, off, n).map_err(|source| ReadError { offset: off, source })?;
+                let data = src.read_into(&mut buf, off, n).map_err(|source| ReadError::Read { offset: off, source })?;
                 each(off, data)?;
             }
             return Ok(total);
@@ -126,10 +131,9 @@ impl BlockReader for LocalReader {
             let r = (|| {
                 while next < pieces.len() {
                     let Ok((i, off, n, r)) = done_rx.recv() else {
-                        let at = pieces[next].0;
-                        return Err(ReadError { offset: at, source: std::io::Error::other("the disk readers stopped early") }.into());
+                        return Err(ReadError::Stopped.into());
                     };
-                    let buf = r.map_err(|source| ReadError { offset: off, source })?;
+                    let buf = r.map_err(|source| ReadError::Read { offset: off, source })?;
                     waiting.insert(i, (off, n, buf));
                     while let Some((off, n, buf)) = waiting.remove(&next) {
                         each(off, &buf[..n])?;

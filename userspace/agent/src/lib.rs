@@ -42,7 +42,9 @@ use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
 use ferry_sources::bpf::{BpfCounters, BpfSource, Steer};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
-use ferry_sources::SourceError;
+use ferry_sources::ring::RingSource;
+use ferry_sources::shipper::{Shipper, Sink};
+use ferry_sources::{Position, SourceError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
@@ -884,6 +886,11 @@ impl Agent {
             self.resync(sess)?;
         }
         match self.tracker {
+            // The external ring without freezes runs on the shipper loop
+            // (ferry-sources); the bpf tracker and freezes, not yet.
+            Tracker::Ring if self.opts.freeze_cmd.is_none() && freeze::mounts_of(&self.opts.disk).is_empty() => {
+                self.stream_shipper(sess, start)
+            }
             Tracker::Ring | Tracker::Bpf => self.stream_ring(sess, start),
             Tracker::Kmod => self.stream_kmod(sess, start),
             _ => self.scan_loop(sess, start, verified_by_stamp),
@@ -1413,6 +1420,77 @@ impl Agent {
             }
             self.release_acked(sess, ring, &mut pending)?;
         }
+    }
+
+    /// The ring tracker on the shipper loop: [`RingSource`] for the
+    /// changes, [`AgentSink`] for the session and this agent's state, the
+    /// cut policy (when a point is due, what to say when none can be cut)
+    /// here.
+    fn stream_shipper(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+        self.st.mode = "streaming".into();
+        let ring = self.ring.take().expect("ring tracker has a ring");
+        let source = RingSource::new(ring, self.st.ring_overflows_seen);
+        // Releases happen only at acknowledged positions, so the consumer
+        // index is the last durable position (resuming there releases
+        // nothing, and cannot fail).
+        let durable = source.ring().consumer();
+        let reader = self.reader.clone();
+        let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
+        let mut sh = Shipper::start(source, AgentSink { agent: self, sess }, reader, durable)?;
+        let r = (|| -> Result<Summary, AgentError> {
+            let mut last_cut = Instant::now();
+            let mut quiet_tries = 0u32;
+            loop {
+                let AgentSink { agent, sess } = &mut sh.sink;
+                agent.checkpoint(sess)?;
+                if agent.st.resync_required.is_some() {
+                    agent.save()?;
+                    agent.resync(sess)?;
+                }
+                let due = (once || last_cut.elapsed() >= every) && agent.freeze_retry.ready();
+                let step = sh.step(due)?;
+                let ov = sh.source.overflows_seen();
+                let agent = &mut *sh.sink.agent;
+                agent.st.ring_overflows_seen = ov;
+                agent.bytes_read += step.bytes_read;
+                if let Some(t) = step.timed {
+                    agent.lag_pending.push_back(t);
+                }
+                if !step.points.is_empty() {
+                    last_cut = Instant::now();
+                    quiet_tries = 0;
+                    agent.st.cut_problem = None;
+                    if once {
+                        let p = agent.st.last_point.clone().expect("a point was cut");
+                        return Ok(agent.summary(sh.sink.sess, start, &p));
+                    }
+                } else if due && step.changes == 0 {
+                    quiet_tries += 1;
+                    let overdue = last_cut.elapsed();
+                    if overdue > (every * 3).max(Duration::from_secs(10)) && agent.st.cut_problem.is_none() {
+                        let why = format!(
+                            "no consistent point for {:.0}s: writes do not pause (add --freeze-cmd) or a freeze cannot finish within {:.1}s",
+                            overdue.as_secs_f64(),
+                            agent.opts.freeze_cap.as_secs_f64()
+                        );
+                        log::warn!("{why}");
+                        agent.st.cut_problem = Some(why);
+                        agent.save()?;
+                    }
+                    if once && quiet_tries > 2000 {
+                        return Err(AgentError::NoConsistentPoint(format!(
+                            "{name}: writes never paused long enough to cut a consistent point; use --freeze-cmd"
+                        )));
+                    }
+                }
+                if step.changes == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })();
+        let Shipper { source, sink, .. } = sh;
+        sink.agent.ring = Some(source.into_ring());
+        r
     }
 
     fn stream_kmod(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
@@ -2205,6 +2283,85 @@ impl Agent {
         }
         self.save()?;
         r
+    }
+}
+
+/// The agent as the shipper's [`Sink`]: frames go to the master target's
+/// session; durability is the acknowledged sequence *as saved* in
+/// `agent.state` (so the source is released only behind a saved
+/// acknowledgement, as the ring loop always did); a resync is the agent's
+/// checksum pass; a point is the agent's cut.
+struct AgentSink<'a> {
+    agent: &'a mut Agent,
+    sess: &'a mut Session,
+}
+
+impl Sink for AgentSink<'_> {
+    type Error = AgentError;
+
+    fn send_data(&mut self, offset: u64, data: &[u8]) -> Result<u64, AgentError> {
+        // Shipped extents change the replica after the last pass.
+        self.agent.pass_sums = None;
+        let mut units = Vec::new();
+        prepare(offset, data, UNIT, &mut units);
+        let mut seq = self.sess.next_seq.saturating_sub(1);
+        for u in units {
+            seq = self.sess.send_unit(u)?;
+        }
+        Ok(seq)
+    }
+
+    fn send_zero(&mut self, offset: u64, len: u64) -> Result<u64, AgentError> {
+        self.agent.pass_sums = None;
+        let (mut off, end) = (offset, offset + len);
+        let mut seq = self.sess.next_seq.saturating_sub(1);
+        while off < end {
+            let n = (end - off).min(u64::from(ferry_proto::MAX_EXTENT));
+            seq = self.sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
+            off += n;
+        }
+        Ok(seq)
+    }
+
+    fn durable(&mut self) -> Result<u64, AgentError> {
+        self.sess.flush()?;
+        self.agent.note_ack(self.sess);
+        self.agent.note_lag();
+        if self.agent.frozen {
+            return Ok(self.agent.saved_acked.min(self.agent.st.acked_seq));
+        }
+        // Saves happen at most twice a second.
+        if self.agent.st.acked_seq > self.agent.saved_acked {
+            self.agent.save_if_due()?;
+        }
+        Ok(self.agent.saved_acked)
+    }
+
+    fn wait_durable(&mut self, seq: u64) -> Result<(), AgentError> {
+        self.sess.wait_acked(seq)
+    }
+
+    fn last_sent(&self) -> u64 {
+        self.sess.next_seq.saturating_sub(1)
+    }
+
+    fn cut(&mut self, time_ns: u64) -> Result<u64, AgentError> {
+        Ok(self.agent.cut_at(self.sess, PointKind::Crash, time_ns)?.id)
+    }
+
+    fn resync(&mut self, why: &str) -> Result<(), AgentError> {
+        if why.starts_with("ring overflow") {
+            log::warn!("resync required: ring overflow");
+        }
+        self.agent.st.resync_required = Some(why.to_string());
+        self.agent.save()?;
+        self.agent.resync(self.sess).map(|_| ())
+    }
+
+    fn save_position(&mut self, _pos: Position) -> Result<(), AgentError> {
+        // The ring's consumer index is itself durable, and the
+        // acknowledgement covering it was saved (see `durable`).
+        Ok(())
     }
 }
 

@@ -96,6 +96,9 @@ pub struct Batch {
     /// The position after the last change of the batch (the one to release
     /// once the batch is durable).
     pub end: Position,
+    /// When the oldest change of the batch completed (CLOCK_MONOTONIC ns),
+    /// where the tracker times its records: for the replication lag.
+    pub oldest_ns: Option<u64>,
 }
 
 /// Whether a cut may be taken now, as the source sees it.

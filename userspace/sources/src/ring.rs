@@ -32,6 +32,11 @@ impl RingSource {
     pub fn ring(&self) -> &Ring {
         &self.ring
     }
+
+    /// The ring back (the agent keeps it across connections).
+    pub fn into_ring(self) -> Ring {
+        self.ring
+    }
 }
 
 impl ChangeSource for RingSource {
@@ -58,6 +63,7 @@ impl ChangeSource for RingSource {
             self.stats.losses += 1;
         }
         let (recs, next) = self.ring.read_from(self.cursor, max)?;
+        let oldest_ns = recs.iter().flatten().map(|r| r.time_ns).filter(|&t| t > 0).min();
         for r in recs {
             changes.push(match r {
                 Ok(r) => match r.kind {
@@ -74,7 +80,7 @@ impl ChangeSource for RingSource {
         }
         self.stats.changes += changes.len() as u64;
         self.cursor = next;
-        Ok(Batch { changes, end: next })
+        Ok(Batch { changes, end: next, oldest_ns })
     }
 
     fn release(&mut self, upto: Position) -> Result<(), SourceError> {

@@ -57,6 +57,9 @@ pub struct Step {
     pub resynced: Option<String>,
     /// Points cut (their ids).
     pub points: Vec<u64>,
+    /// The last sequence number sent for the batch and when its oldest
+    /// change completed (the source's [`crate::Batch::oldest_ns`]).
+    pub timed: Option<(u64, u64)>,
 }
 
 /// The shipping loop's state: positions and sequence numbers only.
@@ -179,6 +182,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         }
         if out.changes > 0 {
             self.pending.push_back((self.sink.last_sent(), b.end));
+            out.timed = b.oldest_ns.map(|t| (self.sink.last_sent(), t));
         }
         self.release_durable()?;
         if cut_due && out.changes == 0 && self.source.request_cut()? {
@@ -311,7 +315,7 @@ mod tests {
             let end = (self.cursor as usize + max).min(log.len());
             let changes = log[self.cursor as usize..end].to_vec();
             self.cursor = end as u64;
-            Ok(Batch { changes, end: end as u64 })
+            Ok(Batch { changes, end: end as u64, oldest_ns: None })
         }
         fn release(&mut self, upto: Position) -> Result<(), SourceError> {
             assert!(upto <= self.cursor, "released {upto} before handing it out");

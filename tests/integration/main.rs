@@ -1,6 +1,7 @@
 //! ferry integration tests: real `ferry` processes over loopback TCP, real
 //! image files and loop devices. Modules by area.
 
+mod backlog;
 mod bad_input;
 mod bpf;
 mod cli;

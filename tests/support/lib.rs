@@ -407,6 +407,33 @@ pub mod versioned {
         Ok(())
     }
 
+    /// [`run_workload`] at a steady rate: `count` writes at about `iops`
+    /// writes a second (it sleeps whenever it is ahead of that schedule),
+    /// logged through a buffer flushed at the end (run it to completion:
+    /// the log is read after it exits). Returns the rate it achieved.
+    pub fn run_workload_rate(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64, iops: u64) -> std::io::Result<f64> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let disk = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(dev)?;
+        let mut logf = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(log)?);
+        let mut rng = Rng::new(seed);
+        let mut buf = ferry_common::buf::AlignedBuf::new(BLOCK);
+        let t0 = std::time::Instant::now();
+        for i in 1..=count {
+            let b = rng.below(blocks);
+            buf.copy_from_slice(&stamp(i, b));
+            disk.write_all_at(&buf, b * BLOCK as u64)?;
+            writeln!(logf, "{b}")?;
+            let due = std::time::Duration::from_secs_f64(i as f64 / iops.max(1) as f64);
+            let el = t0.elapsed();
+            if due > el + std::time::Duration::from_millis(1) {
+                std::thread::sleep(due - el);
+            }
+        }
+        logf.flush()?;
+        Ok(count as f64 / t0.elapsed().as_secs_f64())
+    }
+
     /// The versioned workload over two disks (a consistency group): each
     /// write goes to one of them, one at a time, logged as `DISK BLOCK`
     /// (DISK 0 or 1) once it completed.

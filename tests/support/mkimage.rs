@@ -9,6 +9,9 @@
 //!     O_DIRECT|O_DSYNC, each logged to LOG (one block index per line) after
 //!     it completes; runs COUNT writes, or until killed, pausing PAUSE_US
 //!     microseconds after each
+//! ferry-mkimage workload-rate PATH BLOCKS SEED LOG COUNT IOPS
+//!     the same, COUNT writes at about IOPS a second (the log is written
+//!     through a buffer, complete once it exits); prints the rate achieved
 //! ferry-mkimage workload2 PATH_A PATH_B BLOCKS SEED LOG [COUNT [PAUSE_US]]
 //!     the same over two disks (a consistency group), logged as `DISK BLOCK`
 //! ferry-mkimage check2 IMAGE_A IMAGE_B LOG BLOCKS
@@ -35,6 +38,17 @@ fn main() {
         if let Err(e) = ferry_tests::versioned::run_workload(Path::new(&a[2]), blocks, seed, Path::new(&a[5]), count, pause) {
             eprintln!("ferry-mkimage workload: {e}");
             std::process::exit(1);
+        }
+        return;
+    }
+    if a.len() == 8 && a[1] == "workload-rate" {
+        let n = |i: usize| -> u64 { a[i].parse().unwrap_or_else(|_| usage()) };
+        match ferry_tests::versioned::run_workload_rate(Path::new(&a[2]), n(3), n(4), Path::new(&a[5]), n(6), n(7)) {
+            Ok(r) => println!("{r:.0}"),
+            Err(e) => {
+                eprintln!("ferry-mkimage workload-rate: {e}");
+                std::process::exit(1);
+            }
         }
         return;
     }

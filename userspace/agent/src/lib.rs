@@ -23,10 +23,10 @@
 
 pub mod chunkmap;
 pub mod freeze;
-pub mod kmod;
+/// The kernel module tracker's user-space side (now in ferry-sources).
+pub use ferry_sources::kmod;
 pub mod live;
 pub mod owner;
-pub mod reader;
 pub mod session;
 pub mod state;
 pub mod status;
@@ -40,6 +40,11 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
+use ferry_sources::bpf::{BpfCounters, BpfSource, Steer};
+use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
+use ferry_sources::ring::RingSource;
+use ferry_sources::shipper::{Shipper, Sink};
+use ferry_sources::{Position, SourceError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
@@ -91,6 +96,38 @@ pub enum AgentError {
     Stopped(String),
     #[error("{0}")]
     SourceChanged(String),
+}
+
+impl From<kmod::KmodError> for AgentError {
+    fn from(e: kmod::KmodError) -> AgentError {
+        match e {
+            kmod::KmodError::Io { what, source } => AgentError::Io { what, source },
+            kmod::KmodError::Tracker(m) => AgentError::Tracker(m),
+            kmod::KmodError::Usage(m) => AgentError::Usage(m),
+            kmod::KmodError::Ring(r) => AgentError::Ring(r),
+        }
+    }
+}
+
+impl From<SourceError> for AgentError {
+    fn from(e: SourceError) -> AgentError {
+        match e {
+            SourceError::Io { what, source } => AgentError::Io { what, source },
+            SourceError::Ring(r) => AgentError::Ring(r),
+            SourceError::Bpf(b) => AgentError::Bpf(b),
+            SourceError::Detached(m) => AgentError::NoConsistentPoint(m),
+            SourceError::Other(m) => AgentError::Tracker(m),
+        }
+    }
+}
+
+impl From<ReadError> for AgentError {
+    fn from(e: ReadError) -> AgentError {
+        match e {
+            ReadError::Read { offset, source } => AgentError::Io { what: format!("reading the disk at {offset}"), source },
+            ReadError::Stopped => AgentError::Lost("the disk readers stopped early".into()),
+        }
+    }
 }
 
 impl AgentError {
@@ -230,6 +267,8 @@ pub struct Agent {
     sd: StateDir,
     st: AgentState,
     src: Arc<Source>,
+    /// Reads tracker-reported extents, many in flight (ferry-sources).
+    reader: LocalReader,
     generation: [u8; 16],
     tracker: Tracker,
     ring: Option<Ring>,
@@ -241,15 +280,16 @@ pub struct Agent {
     did_resync: bool,
     /// A trusted chunk map for the next scan pass (see chunkmap.rs).
     map: Option<ChunkMap>,
-    /// The pinned BPF tracker feeding `STATE/ring` (bpf tracker only).
-    bpf: Option<ferry_bpf::Tracker>,
+    /// The pinned BPF tracker feeding `STATE/ring`, with its own state
+    /// (bpf tracker only; ferry-sources).
+    bpf: Option<BpfSource>,
     /// The kernel module's attachment (kmod tracker only).
     kmod: Option<kmod::Kmod>,
     kmod_last_release: Instant,
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
-    last_recursion_check: Instant,
-    last_sweep: Instant,
+    /// When the backlog was last measured (for `ferry status`).
+    last_backlog: Instant,
     /// Coarse sums of the last complete pass: the replica's content if no
     /// frame follows before the next point.
     pass_sums: Option<Vec<[u8; 16]>>,
@@ -376,6 +416,8 @@ impl Agent {
                 source_stamp: None,
                 bytes_sent_total: 0,
                 bytes_read_total: 0,
+                backlog_bytes: 0,
+                backlog_lag_s: 0.0,
             },
         };
         let generation = unhex::<16>(&st.generation)
@@ -514,6 +556,18 @@ impl Agent {
         st.point_every_s = opts.point_every.as_secs_f64();
         st.connected = false;
         let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
+        let src = Arc::new(src);
+        let bpf = bpf.map(|t| {
+            let counters = BpfCounters {
+                lost_seen: st.bpf_lost_seen,
+                recursion_seen: st.bpf_recursion_seen,
+                baseline: st.bpf_baseline,
+                drops: st.bpf_drops,
+                recovered: st.bpf_recovered,
+                unguarded: st.bpf_unguarded,
+            };
+            BpfSource::new(t, opts.disk.clone(), opts.name.clone(), sd.ring_file().display().to_string(), counters)
+        });
         Ok(Agent {
             _lock: lock,
             sync_progress: VecDeque::new(),
@@ -525,7 +579,8 @@ impl Agent {
             opts,
             sd,
             st,
-            src: Arc::new(src),
+            reader: LocalReader::new(Arc::clone(&src)),
+            src,
             generation,
             tracker,
             ring,
@@ -540,8 +595,7 @@ impl Agent {
             kmod,
             kmod_last_release: Instant::now(),
             lag_pending: VecDeque::new(),
-            last_recursion_check: Instant::now(),
-            last_sweep: Instant::now(),
+            last_backlog: Instant::now(),
             pass_sums: None,
             frozen: false,
             saved_acked: 0,
@@ -579,6 +633,11 @@ impl Agent {
     fn save(&mut self) -> Result<(), AgentError> {
         if self.frozen {
             return Ok(()); // caught up by thaw()
+        }
+        if let Some(b) = &self.bpf {
+            let c = b.counters;
+            (self.st.bpf_lost_seen, self.st.bpf_recursion_seen, self.st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
+            (self.st.bpf_drops, self.st.bpf_recovered, self.st.bpf_unguarded) = (c.drops, c.recovered, c.unguarded);
         }
         self.sd.save(&self.st)?;
         self.last_save = Instant::now();
@@ -827,6 +886,11 @@ impl Agent {
             self.resync(sess)?;
         }
         match self.tracker {
+            // The external ring without freezes runs on the shipper loop
+            // (ferry-sources); the bpf tracker and freezes, not yet.
+            Tracker::Ring if self.opts.freeze_cmd.is_none() && freeze::mounts_of(&self.opts.disk).is_empty() => {
+                self.stream_shipper(sess, start)
+            }
             Tracker::Ring | Tracker::Bpf => self.stream_ring(sess, start),
             Tracker::Kmod => self.stream_kmod(sess, start),
             _ => self.scan_loop(sess, start, verified_by_stamp),
@@ -1264,6 +1328,12 @@ impl Agent {
         loop {
             self.feed()?;
             self.checkpoint(sess)?;
+            if self.bpf.is_some() {
+                self.steer_backlog(ring, &mut cursor, &mut pending)?;
+            }
+            if self.last_backlog.elapsed() >= Duration::from_millis(500) {
+                self.note_backlog(ring)?;
+            }
             if self.st.resync_required.is_some() {
                 self.save()?;
                 self.resync(sess)?;
@@ -1284,7 +1354,9 @@ impl Agent {
                 let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
                 if due {
                     let mounts = freeze::mounts_of(&self.opts.disk);
-                    let cut = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
+                    let cut = if self.bpf.as_ref().is_some_and(|b| b.catching_up()) {
+                        None // not a prefix state until the bitmap is shipped
+                    } else if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
                         self.frozen_cut(sess, ring, &mut cursor, &mut pending, &mounts)?
                     } else {
                         self.quiet_cut(sess, ring, cursor, &mut pending)?
@@ -1348,6 +1420,77 @@ impl Agent {
             }
             self.release_acked(sess, ring, &mut pending)?;
         }
+    }
+
+    /// The ring tracker on the shipper loop: [`RingSource`] for the
+    /// changes, [`AgentSink`] for the session and this agent's state, the
+    /// cut policy (when a point is due, what to say when none can be cut)
+    /// here.
+    fn stream_shipper(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+        self.st.mode = "streaming".into();
+        let ring = self.ring.take().expect("ring tracker has a ring");
+        let source = RingSource::new(ring, self.st.ring_overflows_seen);
+        // Releases happen only at acknowledged positions, so the consumer
+        // index is the last durable position (resuming there releases
+        // nothing, and cannot fail).
+        let durable = source.ring().consumer();
+        let reader = self.reader.clone();
+        let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
+        let mut sh = Shipper::start(source, AgentSink { agent: self, sess }, reader, durable)?;
+        let r = (|| -> Result<Summary, AgentError> {
+            let mut last_cut = Instant::now();
+            let mut quiet_tries = 0u32;
+            loop {
+                let AgentSink { agent, sess } = &mut sh.sink;
+                agent.checkpoint(sess)?;
+                if agent.st.resync_required.is_some() {
+                    agent.save()?;
+                    agent.resync(sess)?;
+                }
+                let due = (once || last_cut.elapsed() >= every) && agent.freeze_retry.ready();
+                let step = sh.step(due)?;
+                let ov = sh.source.overflows_seen();
+                let agent = &mut *sh.sink.agent;
+                agent.st.ring_overflows_seen = ov;
+                agent.bytes_read += step.bytes_read;
+                if let Some(t) = step.timed {
+                    agent.lag_pending.push_back(t);
+                }
+                if !step.points.is_empty() {
+                    last_cut = Instant::now();
+                    quiet_tries = 0;
+                    agent.st.cut_problem = None;
+                    if once {
+                        let p = agent.st.last_point.clone().expect("a point was cut");
+                        return Ok(agent.summary(sh.sink.sess, start, &p));
+                    }
+                } else if due && step.changes == 0 {
+                    quiet_tries += 1;
+                    let overdue = last_cut.elapsed();
+                    if overdue > (every * 3).max(Duration::from_secs(10)) && agent.st.cut_problem.is_none() {
+                        let why = format!(
+                            "no consistent point for {:.0}s: writes do not pause (add --freeze-cmd) or a freeze cannot finish within {:.1}s",
+                            overdue.as_secs_f64(),
+                            agent.opts.freeze_cap.as_secs_f64()
+                        );
+                        log::warn!("{why}");
+                        agent.st.cut_problem = Some(why);
+                        agent.save()?;
+                    }
+                    if once && quiet_tries > 2000 {
+                        return Err(AgentError::NoConsistentPoint(format!(
+                            "{name}: writes never paused long enough to cut a consistent point; use --freeze-cmd"
+                        )));
+                    }
+                }
+                if step.changes == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })();
+        let Shipper { source, sink, .. } = sh;
+        sink.agent.ring = Some(source.into_ring());
+        r
     }
 
     fn stream_kmod(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
@@ -1784,9 +1927,10 @@ impl Agent {
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], _buf: &mut AlignedBuf) -> Result<(), AgentError> {
         // Shipped extents change the replica after the last pass.
         self.pass_sums = None;
-        // Many reads in flight (reader.rs); sent in the extents' order.
+        // Many reads in flight (ferry-sources' block reader); sent in the
+        // extents' order.
         let mut units = Vec::new();
-        let n = reader::read_extents(&self.src, exts, |off, data| {
+        let n = self.reader.read_extents(exts, |off, data| -> Result<(), AgentError> {
             units.clear();
             prepare(off, data, UNIT, &mut units);
             for u in units.drain(..) {
@@ -1795,6 +1939,52 @@ impl Agent {
             Ok(())
         })?;
         self.bytes_read += n;
+        Ok(())
+    }
+
+    /// bpf: keep a backlog in the tracker's bitmap when shipping falls
+    /// behind ([`BpfSource::steer`]); a fold releases the ring unshipped,
+    /// so what was read and what waited for release is forgotten here.
+    fn steer_backlog(&mut self, ring: &Ring, cursor: &mut u64, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        if let Steer::Folded(at) = b.steer(ring, *cursor, &mut self.st.resync_required)? {
+            *cursor = at;
+            pending.clear();
+            self.lag_pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Measure the backlog for `ferry status`: the bytes of the records in
+    /// `STATE/ring` not yet released (not yet durable on the master target)
+    /// plus what the bpf tracker's bitmap holds, and the age of the oldest
+    /// of them (a record's completion time; for the bitmap, since when it
+    /// has not been empty).
+    fn note_backlog(&mut self, ring: &Ring) -> Result<(), AgentError> {
+        self.last_backlog = Instant::now();
+        let now = monotonic_ns();
+        let mut bytes = 0u64;
+        let mut oldest = u64::MAX;
+        let mut at = ring.consumer();
+        loop {
+            let (recs, next) = ring.read_from(at, 4096)?;
+            if recs.is_empty() {
+                break;
+            }
+            for r in recs.iter().flatten() {
+                bytes += u64::from(r.length);
+                if r.time_ns > 0 {
+                    oldest = oldest.min(r.time_ns);
+                }
+            }
+            at = next;
+        }
+        let (in_bitmap, since) = self.bpf.as_mut().map_or((0, None), |b| b.bitmap_backlog(now));
+        if let Some(t) = since {
+            oldest = oldest.min(t);
+        }
+        self.st.backlog_bytes = (bytes + in_bitmap).min(self.st.size);
+        self.st.backlog_lag_s = if oldest == u64::MAX { 0.0 } else { now.saturating_sub(oldest) as f64 / 1e9 };
         Ok(())
     }
 
@@ -1869,6 +2059,12 @@ impl Agent {
         let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
         self.ship_inflight(sess)?;
         self.feed()?;
+        // Whatever the bitmap still holds (a catch-up not finished, or bits
+        // the program set without its counter moving yet) is queued now:
+        // it moves the producer, and no point is cut before it is shipped.
+        if let Some(t) = self.bpf.as_mut() {
+            t.tracker_mut().take_bitmap();
+        }
         self.check_tracker_now()?;
         if dev0.is_some() && ferry_bpf::device_bytes_changed(&self.opts.disk) != dev0 {
             return Ok(None);
@@ -1919,7 +2115,7 @@ impl Agent {
         }
         self.frozen = true;
         if let Some(t) = &self.bpf {
-            t.hold();
+            t.tracker().hold();
         }
         log::debug!("freeze attempt: {} filesystem(s)", mounts.len());
         let (fs, all_frozen) = freeze::freeze(mounts);
@@ -1939,7 +2135,7 @@ impl Agent {
                     log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
                     return Ok(None);
                 }
-                let held = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
+                let held = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
                 let (recs, next) = ring.read_from(*cursor, 4096)?;
                 if held.is_empty() && recs.is_empty() {
                     break;
@@ -1967,7 +2163,7 @@ impl Agent {
             // did not reach, a swap area, another writer on the raw disk).
             self.feed()?;
             self.check_tracker_now()?;
-            let late = self.bpf.as_ref().map(|t| t.take_held()).unwrap_or_default();
+            let late = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
             // The device completed nothing since the freeze began (a change
             // the tracker did not run for shows only here).
             let still = dev0.is_none() || ferry_bpf::device_bytes_changed(&self.opts.disk) == dev0;
@@ -1992,12 +2188,12 @@ impl Agent {
         // records were also marked in the tracker's bitmap (so an agent that
         // died frozen loses nothing); take those marks now, too.
         if let Some(t) = self.bpf.as_mut() {
-            let rest = t.unhold();
+            let rest = t.tracker().unhold();
             let unsure = !matches!(r, Ok(Some(_)));
             for rec in rest.into_iter().chain(if unsure { taken } else { Vec::new() }) {
-                ring.push(rec);
+                t.tracker().requeue(rec);
             }
-            t.take_bitmap();
+            t.tracker_mut().take_bitmap();
         }
         match &failed {
             // No freeze happened: the error is logged once per change, and
@@ -2039,90 +2235,17 @@ impl Agent {
     }
 
     /// Checks that must hold right before a point is cut: the tracker is
-    /// still attached and has not missed a run.
+    /// still attached and has not missed a run ([`BpfSource::check_now`]).
     fn check_tracker_now(&mut self) -> Result<(), AgentError> {
-        let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        // The device's own count of completed changes against the tracker's:
-        // if the kernel completed more than the program saw, something was
-        // missed, however that happened.
-        // Read in this order: the device counts a completion after the
-        // tracepoint fires, so what it counted is by now seen, recovered, or
-        // still in `inflight` (issued, its completion not seen).
-        let dev = ferry_bpf::device_bytes_changed(&self.opts.disk);
-        let pending: u64 = t.inflight().iter().map(|e| e.len).sum();
-        let s = t.stats()?;
-        let seen = s.bytes + s.recovered_bytes;
-        match (dev, self.st.bpf_baseline) {
-            (Some(d), Some((d0, s0))) if d.saturating_sub(d0) > seen.saturating_sub(s0) + pending => {
-                let missed = d.saturating_sub(d0) - seen.saturating_sub(s0) - pending;
-                log::warn!("the disk completed {missed} bytes of changes the bpf tracker did not see; resync required");
-                self.st.resync_required = Some(format!("the bpf tracker missed {missed} bytes of completed changes"));
-                self.st.bpf_baseline = Some((d, seen));
-            }
-            (Some(d), None) => self.st.bpf_baseline = Some((d, seen)),
-            _ => {}
-        }
-        if !ferry_bpf::pin_dir(&self.st.name).join("link").exists() {
-            return Err(AgentError::NoConsistentPoint(format!(
-                "{}: the bpf tracker was detached (ferry unprotect?); stopping",
-                self.st.name
-            )));
-        }
-        match t.recursion_misses() {
-            Some(m) if m > self.st.bpf_recursion_seen => {
-                self.st.resync_required = Some(format!("the bpf tracker missed {} runs (recursion)", m - self.st.bpf_recursion_seen));
-                self.st.bpf_recursion_seen = m;
-            }
-            Some(_) => {}
-            None => self.st.resync_required = Some("the bpf tracker's program is gone".into()),
-        }
-        Ok(())
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        Ok(b.check_now(&mut self.st.resync_required)?)
     }
 
     /// Move what the BPF tracker recorded into `STATE/ring`, and turn any
-    /// loss it reports into "resync required".
+    /// loss it reports into "resync required" ([`BpfSource::feed`]).
     fn feed(&mut self) -> Result<(), AgentError> {
-        let Some(t) = self.bpf.as_mut() else { return Ok(()) };
-        let c = t.collect()?;
-        if c.invalid > 0 {
-            self.st.resync_required = Some(format!("the bpf tracker produced {} unreadable records", c.invalid));
-        }
-        if c.bitmap_extents > 0 {
-            log::info!("bpf tracker ring buffer overflowed: {} extents taken from the bitmap", c.bitmap_extents);
-        }
-        if self.last_sweep.elapsed() >= Duration::from_millis(250) {
-            self.last_sweep = Instant::now();
-            let n = t.sweep_inflight();
-            if n > 0 {
-                log::info!("bpf tracker: {n} writes issued over 0.5 s ago and not seen completing; shipping their ranges");
-            }
-        }
-        let s = t.stats()?;
-        self.st.bpf_drops = s.drops;
-        if s.unguarded > self.st.bpf_unguarded {
-            log::warn!(
-                "bpf tracker: {} writes were issued on a tag outside its in-flight table (the disk's queues changed?); \
-                 a missed completion of one is caught only by the device cross-check (a resync)",
-                s.unguarded - self.st.bpf_unguarded
-            );
-            self.st.bpf_unguarded = s.unguarded;
-        }
-        if s.recovered > self.st.bpf_recovered {
-            log::info!(
-                "bpf tracker: {} completions the kernel did not show it were caught at reissue",
-                s.recovered - self.st.bpf_recovered
-            );
-            self.st.bpf_recovered = s.recovered;
-        }
-        if s.lost > self.st.bpf_lost_seen {
-            self.st.resync_required = Some(format!("the bpf tracker could not record {} changes", s.lost - self.st.bpf_lost_seen));
-            self.st.bpf_lost_seen = s.lost;
-        }
-        if self.last_recursion_check.elapsed() >= Duration::from_secs(1) {
-            self.last_recursion_check = Instant::now();
-            self.check_tracker_now()?;
-        }
-        Ok(())
+        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
+        Ok(b.feed(&mut self.st.resync_required)?)
     }
 
     /// Ship, straight to the master target, every write the bpf tracker
@@ -2136,7 +2259,7 @@ impl Agent {
     /// quiet cut.
     fn ship_inflight(&mut self, sess: &mut Session) -> Result<(), AgentError> {
         let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        let recs: Vec<Record> = t.inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
+        let recs: Vec<Record> = t.tracker().inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
         if recs.is_empty() {
             return Ok(());
         }
@@ -2160,6 +2283,85 @@ impl Agent {
         }
         self.save()?;
         r
+    }
+}
+
+/// The agent as the shipper's [`Sink`]: frames go to the master target's
+/// session; durability is the acknowledged sequence *as saved* in
+/// `agent.state` (so the source is released only behind a saved
+/// acknowledgement, as the ring loop always did); a resync is the agent's
+/// checksum pass; a point is the agent's cut.
+struct AgentSink<'a> {
+    agent: &'a mut Agent,
+    sess: &'a mut Session,
+}
+
+impl Sink for AgentSink<'_> {
+    type Error = AgentError;
+
+    fn send_data(&mut self, offset: u64, data: &[u8]) -> Result<u64, AgentError> {
+        // Shipped extents change the replica after the last pass.
+        self.agent.pass_sums = None;
+        let mut units = Vec::new();
+        prepare(offset, data, UNIT, &mut units);
+        let mut seq = self.sess.next_seq.saturating_sub(1);
+        for u in units {
+            seq = self.sess.send_unit(u)?;
+        }
+        Ok(seq)
+    }
+
+    fn send_zero(&mut self, offset: u64, len: u64) -> Result<u64, AgentError> {
+        self.agent.pass_sums = None;
+        let (mut off, end) = (offset, offset + len);
+        let mut seq = self.sess.next_seq.saturating_sub(1);
+        while off < end {
+            let n = (end - off).min(u64::from(ferry_proto::MAX_EXTENT));
+            seq = self.sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
+            off += n;
+        }
+        Ok(seq)
+    }
+
+    fn durable(&mut self) -> Result<u64, AgentError> {
+        self.sess.flush()?;
+        self.agent.note_ack(self.sess);
+        self.agent.note_lag();
+        if self.agent.frozen {
+            return Ok(self.agent.saved_acked.min(self.agent.st.acked_seq));
+        }
+        // Saves happen at most twice a second.
+        if self.agent.st.acked_seq > self.agent.saved_acked {
+            self.agent.save_if_due()?;
+        }
+        Ok(self.agent.saved_acked)
+    }
+
+    fn wait_durable(&mut self, seq: u64) -> Result<(), AgentError> {
+        self.sess.wait_acked(seq)
+    }
+
+    fn last_sent(&self) -> u64 {
+        self.sess.next_seq.saturating_sub(1)
+    }
+
+    fn cut(&mut self, time_ns: u64) -> Result<u64, AgentError> {
+        Ok(self.agent.cut_at(self.sess, PointKind::Crash, time_ns)?.id)
+    }
+
+    fn resync(&mut self, why: &str) -> Result<(), AgentError> {
+        if why.starts_with("ring overflow") {
+            log::warn!("resync required: ring overflow");
+        }
+        self.agent.st.resync_required = Some(why.to_string());
+        self.agent.save()?;
+        self.agent.resync(self.sess).map(|_| ())
+    }
+
+    fn save_position(&mut self, _pos: Position) -> Result<(), AgentError> {
+        // The ring's consumer index is itself durable, and the
+        // acknowledgement covering it was saved (see `durable`).
+        Ok(())
     }
 }
 

@@ -133,30 +133,19 @@ pub struct AgentState {
     pub source_stamp: Option<(i64, i64, i64, i64)>,
     pub bytes_sent_total: u64,
     pub bytes_read_total: u64,
+    /// Backlog: bytes of changes the tracker recorded that are not yet
+    /// durable on the master target (queued in `STATE/ring`, or marked in
+    /// the tracker's bitmap because shipping fell behind), as last seen.
+    #[serde(default)]
+    pub backlog_bytes: u64,
+    /// Age in seconds of the oldest change in that backlog (0 when none).
+    #[serde(default)]
+    pub backlog_lag_s: f64,
 }
 
-pub const CATCHUP_KIND: &str = "ferry-kmod-catchup";
-pub const CATCHUP_VERSION: u32 = 1;
-
-/// Contents of `STATE/kmod.catchup`: every hand-over of the kernel
-/// module's bitmap since the last one made durable, each with the module
-/// sequence number at which the stream must ship it (its ranges hold
-/// changes newer than every record before that place). Written before the
-/// agent ships any of it, removed once the master target made all of it
-/// durable, so an agent that stops in between ships them again instead of
-/// resyncing the disk.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Catchup {
-    pub handovers: Vec<Handover>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Handover {
-    /// Module sequence number of the hand-over.
-    pub seq: u64,
-    /// Byte ranges `[start, end)` of the disk.
-    pub ranges: Vec<(u64, u64)>,
-}
+/// `STATE/kmod.catchup` (the kernel module source keeps it; see
+/// ferry-sources `kmod::catchup`).
+pub use ferry_sources::kmod::catchup::{Catchup, Handover, CATCHUP_KIND, CATCHUP_VERSION};
 
 /// Paths inside the state folder.
 pub struct StateDir {

@@ -204,6 +204,10 @@ pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Result<Liveness, 
     if let Some(p) = &st.cut_problem {
         note(Health::Warn, p.clone());
     }
+    if running && st.backlog_bytes > 0 && st.backlog_lag_s >= 5.0 {
+        let (b, l) = (st.backlog_bytes as f64 / 1048576.0, st.backlog_lag_s);
+        note(if l > 60.0 { Health::Warn } else { Health::Ok }, format!("backlog {b:.1} MiB not yet durable, lag {l:.0}s"));
+    }
     if kmod_mode == Some(KmodMode::Bitmap) {
         note(Health::Warn, "the kernel module tracker fell to bitmap mode (catching up)".into());
     }

@@ -23,8 +23,22 @@
 //! fails sets bitmap bits and then bumps `drops`; `collect` takes the bits
 //! with an atomic exchange once it sees `drops` move, and queues them as
 //! chunk records. `lost` (a range too wide for the bitmap loop), a recursion
-//! miss, a record the agent cannot parse, or a full `STATE/ring` each make
-//! the agent resync by checksum.
+//! miss, or a record the agent cannot parse each make the agent resync by
+//! checksum.
+//!
+//! Backlog is not loss: when `STATE/ring` is full (the agent ships slower
+//! than the disk is written), a record is not dropped but marked in the
+//! same pinned bitmap, inside the consume callback, so before libbpf moves
+//! past it; [`Tracker::collect`] then queues bitmap chunks as the ring
+//! frees room. Taking bits is ordered the same way: a word's bits are
+//! cleared only after the records covering them are in `STATE/ring`
+//! (`fetch_and` of exactly those bits, so a bit the program sets meanwhile
+//! stays). A change thus always sits in the BPF ring buffer, the pinned
+//! bitmap or `STATE/ring` (which the agent releases only once the master
+//! target made it durable), and an agent that dies anywhere in between
+//! ships it again rather than losing it. While the bitmap holds anything,
+//! the stream is not a prefix of the disk's writes: no point is cut until
+//! it is empty and the ring is drained (docs/consistency.md).
 //!
 //! Completions the kernel does not run the program for (a rare kernel
 //! behaviour, docs/decisions.md) are caught through `inflight`: a tag
@@ -342,6 +356,8 @@ pub struct Collected {
     pub bitmap_extents: u64,
     /// Records the agent could not parse (each means: resync).
     pub invalid: u64,
+    /// Records that found `STATE/ring` full and went to the bitmap.
+    pub spilled: u64,
 }
 
 struct Pins {
@@ -419,6 +435,21 @@ pub struct Tracker {
     chunk_shift: u32,
     size: u64,
     drops_seen: u64,
+    /// Set when something was put in the bitmap by this process (a record
+    /// that found the ring full) or a take stopped at a full ring: the
+    /// next collect takes the bitmap whatever the program's counters say.
+    bitmap_pending: Arc<std::sync::atomic::AtomicBool>,
+    /// Catch-up ([`Tracker::set_spill`]): every record goes to the bitmap.
+    spill: Arc<std::sync::atomic::AtomicBool>,
+    /// The word the next bounded take starts from (takes go round the
+    /// bitmap, so a region written again and again cannot starve the rest).
+    take_from: usize,
+    /// Bounded takes: words looked at in the current round of the bitmap,
+    /// and when (monotonic) the current and the previous round began. A
+    /// bit still set was set after the previous round began (that round
+    /// would have taken it), which bounds the age of the oldest change the
+    /// bitmap holds.
+    round: (usize, std::time::Instant, Option<std::time::Instant>),
     /// In-flight entries (slot, sequence count) first seen when, and
     /// whether already shipped.
     seen: std::collections::HashMap<(usize, u64), (std::time::Instant, bool)>,
@@ -516,6 +547,12 @@ impl Tracker {
         let mut b = libbpf_rs::RingBufferBuilder::new();
         let held: Arc<std::sync::Mutex<Option<Vec<Record>>>> = Arc::new(std::sync::Mutex::new(None));
         let (s2, c2, h2) = (Arc::clone(&sink), Arc::clone(&counts), Arc::clone(&held));
+        // Take the bitmap at the first collect whatever the counter says: a
+        // previous agent may have left marks there.
+        let bitmap_pending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let p2 = Arc::clone(&bitmap_pending);
+        let spill = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sp2 = Arc::clone(&spill);
         let marks = BitmapRef { base: bitmap.as_ptr() as usize, words, shift };
         b.add(&pins.events, move |data: &[u8]| {
             let mut c = c2.lock().expect("poisoned");
@@ -529,9 +566,14 @@ impl Tracker {
                             marks.mark(r.offset, u64::from(r.length));
                             v.push(r);
                         }
-                        // A full ring raises its overflow counter: the agent resyncs.
+                        // A full ring is backlog: the change goes to the
+                        // pinned bitmap before libbpf moves past it.
                         None => {
-                            s2.push(r);
+                            if sp2.load(Ordering::Acquire) || !s2.try_push(r) {
+                                marks.mark(r.offset, u64::from(r.length));
+                                p2.store(true, Ordering::Release);
+                                c.spilled += 1;
+                            }
                         }
                     }
                     c.records += 1;
@@ -542,8 +584,6 @@ impl Tracker {
         })
         .map_err(lib("ring buffer"))?;
         let rb = b.build().map_err(lib("ring buffer"))?;
-        // Take the bitmap at the first collect whatever the counter says: a
-        // previous agent may have left marks there.
         let drops_seen = u64::MAX;
         let t = Tracker {
             held,
@@ -558,6 +598,10 @@ impl Tracker {
             chunk_shift: shift,
             size,
             drops_seen,
+            bitmap_pending,
+            spill,
+            take_from: 0,
+            round: (0, std::time::Instant::now(), None),
             seen: Default::default(),
         };
         Ok((t, fresh))
@@ -631,11 +675,75 @@ impl Tracker {
         // Bits come from ring overflows and from recovered completions.
         let s = self.stats()?;
         let drops = s.drops.wrapping_add(s.recovered);
-        if drops != self.drops_seen {
+        if self.spill.load(Ordering::Acquire) {
+            // Catch-up: the agent takes the bitmap at its own pace.
+            self.drops_seen = drops;
+        } else if drops != self.drops_seen || self.bitmap_pending.swap(false, Ordering::AcqRel) {
             self.drops_seen = drops;
             out.bitmap_extents = self.take_bitmap();
         }
         Ok(out)
+    }
+
+    /// Catch-up on or off. On: every record the program reports goes to the
+    /// bitmap (which coalesces a change written again and again, and ships
+    /// in disk order) instead of `STATE/ring`, and [`Tracker::collect`]
+    /// leaves the bitmap to [`Tracker::take_bitmap_upto`]. Off: back to
+    /// the ring, in completion order.
+    pub fn set_spill(&self, on: bool) {
+        self.spill.store(on, Ordering::Release);
+        if !on {
+            self.bitmap_pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Mark `[off, off+len)` in the pinned bitmap (to be queued by a later
+    /// take): how the agent folds records out of `STATE/ring` before it
+    /// releases them unshipped.
+    pub fn mark(&self, off: u64, len: u64) {
+        let marks = BitmapRef { base: self.bitmap.as_ptr() as usize, words: self.words, shift: self.chunk_shift };
+        marks.mark(off, len);
+        self.bitmap_pending.store(true, Ordering::Release);
+    }
+
+    /// Queue `r` to the sink ring, or, if the ring is full, mark it in the
+    /// bitmap (to be queued by a later collect). While holding, into the
+    /// held list (and the bitmap, like every held record).
+    pub fn requeue(&self, r: Record) {
+        let marks = BitmapRef { base: self.bitmap.as_ptr() as usize, words: self.words, shift: self.chunk_shift };
+        match self.held.lock().expect("poisoned").as_mut() {
+            Some(v) => {
+                marks.mark(r.offset, u64::from(r.length));
+                v.push(r);
+            }
+            None => {
+                if !self.sink.try_push(r) {
+                    marks.mark(r.offset, u64::from(r.length));
+                    self.bitmap_pending.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// How long ago, at most, the oldest change the bitmap holds was made,
+    /// as far as the rounds of bounded takes tell (None before one round
+    /// was completed).
+    pub fn bitmap_age_bound(&self) -> Option<std::time::Duration> {
+        self.round.2.map(|t| t.elapsed())
+    }
+
+    /// Bytes the bitmap marks as changed and not yet queued (chunks ×
+    /// chunk size, clipped to the disk): the part of the backlog held in
+    /// the kernel.
+    pub fn bitmap_dirty_bytes(&self) -> u64 {
+        let base = self.bitmap.as_ptr() as *mut u64;
+        let mut bits = 0u64;
+        for i in 0..self.words {
+            // SAFETY: i < words and the mapping holds `words` aligned u64s,
+            // updated atomically by the kernel and by us.
+            bits += u64::from(unsafe { AtomicU64::from_ptr(base.add(i)) }.load(Ordering::Acquire).count_ones());
+        }
+        (bits << self.chunk_shift).min(self.size)
     }
 
     /// Protected writes issued and not seen completing: in flight now, or
@@ -681,12 +789,7 @@ impl Tracker {
                 continue;
             }
             for r in e.records(self.size) {
-                match self.held.lock().expect("poisoned").as_mut() {
-                    Some(v) => v.push(r),
-                    None => {
-                        self.sink.push(r);
-                    }
-                }
+                self.requeue(r);
             }
             self.seen.insert(id, (first, true));
             n += 1;
@@ -695,70 +798,112 @@ impl Tracker {
         n
     }
 
-    /// Take every bit now and queue the chunks (to the sink, or to the held
-    /// list while holding). Returns the number of extents queued.
+    /// Queue the chunks the bitmap marks (to the sink, or to the held list
+    /// while holding), a word at a time: a word's bits are cleared only
+    /// after the records covering them are queued, and only those bits (so
+    /// one the program sets meanwhile stays). While holding, nothing is
+    /// cleared: what was taken lives only in this process until the cut, so
+    /// an agent that dies before the thaw leaves the bits to the next one.
+    /// Stops at a full sink ring (the rest stays for a later collect).
+    /// Returns the number of extents queued.
     pub fn take_bitmap(&mut self) -> u64 {
-        let base = self.bitmap.as_mut_ptr() as *mut u64;
+        self.take_bitmap_upto(u64::MAX).0
+    }
+
+    /// [`Tracker::take_bitmap`], queuing at most about `max` records (it
+    /// stops after the word that reaches `max`), starting where the last
+    /// bounded take stopped. Returns the records queued and whether the
+    /// whole bitmap was gone through (every bit seen was queued): then it
+    /// was empty but for bits set during the take.
+    pub fn take_bitmap_upto(&mut self, max: u64) -> (u64, bool) {
+        let base = self.bitmap.as_ptr() as *mut u64;
         let chunk = 1u64 << self.chunk_shift;
-        let mut run: Option<(u64, u64)> = None;
         let mut n = 0;
-        let held = Arc::clone(&self.held);
-        let mut kept_in_memory = Vec::new();
-        let mut flush = |run: &mut Option<(u64, u64)>, sink: &Ring| {
-            if let Some((a, b)) = run.take() {
-                let end = b.min(self.size);
-                if end > a {
+        let mut complete = true;
+        let start = if max == u64::MAX { 0 } else { self.take_from % self.words };
+        let mut held = self.held.lock().expect("poisoned");
+        for i in (start..self.words).chain(0..start) {
+            if n >= max {
+                self.take_from = i;
+                complete = false;
+                break;
+            }
+            self.round.0 += 1;
+            if self.round.0 >= self.words {
+                self.round = (0, std::time::Instant::now(), Some(self.round.1));
+            }
+            // SAFETY: i < words and the mapping holds `words` aligned u64s;
+            // the kernel updates them atomically, so we do too.
+            let word = unsafe { AtomicU64::from_ptr(base.add(i)) };
+            let w = word.load(Ordering::Acquire);
+            if w == 0 {
+                continue;
+            }
+            // Runs of set bits within this word (at most 64 chunks each).
+            let mut queued = 0u64;
+            let mut bit = 0u32;
+            let mut full = false;
+            while bit < 64 {
+                if w & (1 << bit) == 0 {
+                    bit += 1;
+                    continue;
+                }
+                let first = bit;
+                while bit < 64 && w & (1 << bit) != 0 {
+                    bit += 1;
+                }
+                let mask = if bit - first == 64 { u64::MAX } else { ((1u64 << (bit - first)) - 1) << first };
+                let a = ((i as u64) * 64 + u64::from(first)) * chunk;
+                let end = (((i as u64) * 64 + u64::from(bit)) * chunk).min(self.size);
+                if end <= a {
+                    queued |= mask; // beyond the disk: nothing to ship
+                    continue;
+                }
+                // At most 1 MiB per record (a chunk may be larger).
+                let mut off = a;
+                let mut all = true;
+                while off < end {
+                    let len = (end - off).min(1 << 20);
                     let r = Record {
                         seq: 0,
-                        offset: a,
-                        length: (end - a) as u32,
+                        offset: off,
+                        length: len as u32,
                         kind: RecordKind::Write,
                         flush: false,
                         data: false,
                         group: false,
                         time_ns: 0,
                     };
-                    match held.lock().expect("poisoned").as_mut() {
-                        Some(v) => {
-                            v.push(r);
-                            kept_in_memory.push((a, end - a));
-                        }
+                    match held.as_mut() {
+                        Some(v) => v.push(r),
+                        None if self.sink.try_push(r) => {}
                         None => {
-                            sink.push(r);
+                            all = false;
+                            break;
                         }
                     }
                     n += 1;
+                    off += len;
                 }
+                if !all {
+                    // Part of this run is queued: re-queuing it later is
+                    // harmless, losing the rest is not; keep its bits.
+                    full = true;
+                    break;
+                }
+                queued |= mask;
             }
-        };
-        for i in 0..self.words {
-            // SAFETY: i < words and the mapping holds `words` aligned u64s;
-            // the kernel updates them atomically, so we do too.
-            let w = unsafe { AtomicU64::from_ptr(base.add(i)) }.swap(0, Ordering::AcqRel);
-            for bit in 0..64 {
-                let chunk_start = ((i as u64) * 64 + bit) * chunk;
-                if w & (1 << bit) != 0 {
-                    match &mut run {
-                        Some((a, b)) if *b == chunk_start && *b - *a < (1 << 20) => *b += chunk,
-                        _ => {
-                            flush(&mut run, &self.sink);
-                            run = Some((chunk_start, chunk_start + chunk));
-                        }
-                    }
-                } else {
-                    flush(&mut run, &self.sink);
-                }
+            if held.is_none() && queued != 0 {
+                word.fetch_and(!queued, Ordering::AcqRel);
+            }
+            if full {
+                self.bitmap_pending.store(true, Ordering::Release);
+                self.take_from = i;
+                complete = false;
+                break;
             }
         }
-        flush(&mut run, &self.sink);
-        // While holding, what was taken lives only in this process: set the
-        // bits again, so that an agent that dies before the thaw leaves
-        // them to the next one (as held ring records are, in the callback).
-        let marks = BitmapRef { base: self.bitmap.as_ptr() as usize, words: self.words, shift: self.chunk_shift };
-        for (off, len) in kept_in_memory {
-            marks.mark(off, len);
-        }
-        n
+        (n, complete)
     }
 }
 

@@ -323,6 +323,28 @@ impl Ring {
         true
     }
 
+    /// Producer side: queue `rec` if one more record fits, else leave the
+    /// ring (and its overflow counter) untouched and return `false`: for a
+    /// producer that keeps what does not fit somewhere else (the bpf
+    /// tracker's dirty bitmap), so a full ring is backlog, not loss.
+    pub fn try_push(&self, rec: Record) -> bool {
+        let prod = self.producer_idx().load(Ordering::Relaxed); // we own it
+        let cons = self.consumer_idx().load(Ordering::Acquire);
+        if !self.math.has_room(prod, cons) {
+            return false;
+        }
+        // SAFETY: as in `push`: the slot is outside [consumer, producer) and
+        // is published only by the Release store below.
+        unsafe { std::ptr::write_volatile(self.slot_ptr(prod), rec.into()) };
+        self.producer_idx().store(prod.wrapping_add(1), Ordering::Release);
+        true
+    }
+
+    /// Records queued and not yet released (producer - consumer).
+    pub fn pending(&self) -> u64 {
+        self.producer().wrapping_sub(self.consumer())
+    }
+
     /// Consumer side: read up to `max` records starting at index `from`
     /// (which must lie in `[consumer, producer]`), without releasing them.
     /// Returns the records (each validated) and the index after the last.
@@ -488,6 +510,23 @@ mod tests {
         assert_eq!(got[3], Ok(rec(3)));
         cons.release(next).unwrap();
         assert!(prod.push(rec(9)));
+    }
+
+    #[test]
+    fn try_push_on_a_full_ring_counts_no_overflow() {
+        let ring = Ring::anonymous(4, 0);
+        for s in 0..4 {
+            assert!(ring.try_push(rec(s)));
+        }
+        assert!(!ring.try_push(rec(4)), "a fifth record does not fit");
+        assert_eq!(ring.overflows(), 0, "a refused try_push is not a loss");
+        assert!(!ring.overflowed());
+        assert_eq!(ring.pending(), 4);
+        let (got, next) = ring.read_from(ring.consumer(), 2).unwrap();
+        assert_eq!(got, vec![Ok(rec(0)), Ok(rec(1))]);
+        ring.release(next).unwrap();
+        assert!(ring.try_push(rec(4)));
+        assert_eq!(ring.pending(), 3);
     }
 
     #[test]

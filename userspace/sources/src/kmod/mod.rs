@@ -5,8 +5,35 @@
 //! agent finds its disk's attachment again with `ATTACH_F_EXISTING_OK`. The
 //! ring (records, and in data mode their payloads) is mapped with
 //! [`Ring::map_device`].
+//!
+//! Moved here from the agent (issue 12): the module's user-space side is a
+//! change source's, not the shipper's. Errors keep the agent's messages
+//! (`From<KmodError> for KmodError` maps each kind to the same variant).
+//! [`catchup`] is the persisted catch-up (`STATE/kmod.catchup`).
 
-use crate::AgentError;
+pub mod catchup;
+
+/// Errors of the kernel module tracker.
+#[derive(Debug, thiserror::Error)]
+pub enum KmodError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The module refused or is missing.
+    #[error("{0}")]
+    Tracker(String),
+    /// A request that cannot work (not a block device, a bad group).
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Ring(#[from] ferry_ring::RingError),
+}
+
+impl KmodError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KmodError {
+        let what = what.into();
+        move |source| KmodError::Io { what, source }
+    }
+}
 use ferry_ring::generated_ioctl as g;
 use ferry_ring::generated_ioctl::{FERRY_CBT_MODE_BITMAP, FERRY_CBT_MODE_DATA, FERRY_CBT_MODE_METADATA};
 use ferry_ring::{ioctl, Ring};
@@ -72,14 +99,14 @@ pub fn mode_name(mode: u32) -> &'static str {
     }
 }
 
-fn errno_msg(what: &str, e: std::io::Error) -> AgentError {
+fn errno_msg(what: &str, e: std::io::Error) -> KmodError {
     let hint = match e.raw_os_error() {
         Some(libc::ENOENT) => " (the attachment is gone: the module was reloaded or the disk detached)",
         Some(libc::EPERM) => " (needs CAP_SYS_ADMIN)",
         Some(libc::EINVAL) => " (refused: a partition instead of its whole disk, or a size out of range)",
         _ => "",
     };
-    AgentError::Tracker(format!("kmod tracker: {what}: {e}{hint}"))
+    KmodError::Tracker(format!("kmod tracker: {what}: {e}{hint}"))
 }
 
 /// Issue one of the module's size-first ioctls on `arg`.
@@ -96,11 +123,11 @@ fn ioc<T>(ctl: &File, req: u64, arg: &mut T) -> std::io::Result<()> {
 }
 
 /// The whole disk's (major, minor) of a block device path.
-pub fn dev_numbers(disk: &Path) -> Result<(u32, u32), AgentError> {
+pub fn dev_numbers(disk: &Path) -> Result<(u32, u32), KmodError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let m = std::fs::metadata(disk).map_err(AgentError::io(format!("disk {}", disk.display())))?;
+    let m = std::fs::metadata(disk).map_err(KmodError::io(format!("disk {}", disk.display())))?;
     if !m.file_type().is_block_device() {
-        return Err(AgentError::Usage(format!("--tracker kmod: {} is not a block device", disk.display())));
+        return Err(KmodError::Usage(format!("--tracker kmod: {} is not a block device", disk.display())));
     }
     let rdev = m.rdev();
     Ok((libc::major(rdev), libc::minor(rdev)))
@@ -109,10 +136,10 @@ pub fn dev_numbers(disk: &Path) -> Result<(u32, u32), AgentError> {
 impl Kmod {
     /// Attach `disk` (or find its attachment): a ring of `capacity` records
     /// and `data_bytes` of data area; sequence numbers start at `first_seq`.
-    pub fn attach(disk: &Path, capacity: u64, data_bytes: u64, first_seq: u64) -> Result<Kmod, AgentError> {
+    pub fn attach(disk: &Path, capacity: u64, data_bytes: u64, first_seq: u64) -> Result<Kmod, KmodError> {
         let dev = DEVICE;
         let ctl = std::fs::OpenOptions::new().read(true).write(true).open(dev).map_err(|e| {
-            AgentError::Tracker(format!(
+            KmodError::Tracker(format!(
                 "kmod tracker: cannot open {dev}: {e} (load the module: modprobe ferry_cbt, or insmod ferry_cbt.ko)"
             ))
         })?;
@@ -135,7 +162,7 @@ impl Kmod {
         })
     }
 
-    pub fn status(&self) -> Result<Status, AgentError> {
+    pub fn status(&self) -> Result<Status, KmodError> {
         // SAFETY: as in attach_request.
         let mut s: g::ferry_cbt_status = unsafe { std::mem::zeroed() };
         s.size = std::mem::size_of::<g::ferry_cbt_status>() as u32;
@@ -158,7 +185,7 @@ impl Kmod {
 
     /// CATCHUP: take the bitmap and wait for every write queued so far to
     /// complete; with `drain`, also for every request in the disk's queue.
-    pub fn catchup(&self, size: u64, drain: bool) -> Result<Catchup, AgentError> {
+    pub fn catchup(&self, size: u64, drain: bool) -> Result<Catchup, KmodError> {
         let bits = self.status()?.bitmap_bits.max(size.div_ceil(self.bitmap_block.max(1)));
         let mut buf = vec![0u64; bits.div_ceil(64) as usize + 1];
         // SAFETY: as in attach_request.
@@ -190,7 +217,7 @@ impl Kmod {
     /// Queue a consistency marker; with `freeze`, around a freeze of the
     /// filesystem on the whole disk. `Ok(None)` if the ring is full or the
     /// disk is in bitmap mode.
-    pub fn tag(&self, freeze: bool) -> Result<Option<u64>, AgentError> {
+    pub fn tag(&self, freeze: bool) -> Result<Option<u64>, KmodError> {
         // SAFETY: as in attach_request.
         let mut t: g::ferry_cbt_tag = unsafe { std::mem::zeroed() };
         t.size = std::mem::size_of::<g::ferry_cbt_tag>() as u32;
@@ -205,7 +232,7 @@ impl Kmod {
 
     /// Set the memory cap (bytes of data area the module may fill); returns
     /// the cap in force.
-    pub fn set_cap(&self, bytes: u64) -> Result<u64, AgentError> {
+    pub fn set_cap(&self, bytes: u64) -> Result<u64, KmodError> {
         // SAFETY: as in attach_request.
         let mut c: g::ferry_cbt_cap = unsafe { std::mem::zeroed() };
         c.size = std::mem::size_of::<g::ferry_cbt_cap>() as u32;
@@ -218,7 +245,7 @@ impl Kmod {
 
 /// An ATTACH argument for `disk` (whole disk by device number) with
 /// `capacity` records, finding an existing attachment rather than failing.
-fn attach_request(disk: &Path, capacity: u64) -> Result<g::ferry_cbt_attach, AgentError> {
+fn attach_request(disk: &Path, capacity: u64) -> Result<g::ferry_cbt_attach, KmodError> {
     let (major, minor) = dev_numbers(disk)?;
     // SAFETY: a plain C struct of integers; all-zero is a valid value.
     let mut a: g::ferry_cbt_attach = unsafe { std::mem::zeroed() };
@@ -233,7 +260,7 @@ fn attach_request(disk: &Path, capacity: u64) -> Result<g::ferry_cbt_attach, Age
 /// The handle of `disk`'s attachment, if the module tracks it. (ATTACH with
 /// EXISTING_OK would attach a disk it does not track: that attachment is
 /// undone at once.)
-fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
+fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, KmodError> {
     let mut a = attach_request(disk, 1)?;
     ioc(ctl, ioctl::ATTACH, &mut a).map_err(|e| errno_msg(&format!("find {}", disk.display()), e))?;
     if a.out_flags & g::FERRY_CBT_ATTACHED_EXISTING != 0 {
@@ -243,7 +270,7 @@ fn find_handle(ctl: &File, disk: &Path) -> Result<Option<u32>, AgentError> {
     Ok(None)
 }
 
-fn detach(ctl: &File, handle: u32) -> Result<(), AgentError> {
+fn detach(ctl: &File, handle: u32) -> Result<(), KmodError> {
     // SAFETY: as in attach_request.
     let mut d: g::ferry_cbt_detach = unsafe { std::mem::zeroed() };
     d.size = std::mem::size_of::<g::ferry_cbt_detach>() as u32;
@@ -253,7 +280,7 @@ fn detach(ctl: &File, handle: u32) -> Result<(), AgentError> {
 
 /// The attach_id of `disk`'s attachment, if the module is loaded and
 /// tracks it (to judge an owner record, see owner.rs).
-pub fn attachment_id(disk: &Path) -> Result<Option<u64>, AgentError> {
+pub fn attachment_id(disk: &Path) -> Result<Option<u64>, KmodError> {
     let Ok(ctl) = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE) else {
         return Ok(None);
     };
@@ -267,7 +294,7 @@ pub fn attachment_id(disk: &Path) -> Result<Option<u64>, AgentError> {
 }
 
 /// Detach `disk` if the module tracks it (`ferry unprotect`).
-pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
+pub fn detach_disk(disk: &Path) -> Result<bool, KmodError> {
     let Ok(ctl) = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE) else {
         return Ok(false);
     };
@@ -285,9 +312,9 @@ pub fn detach_disk(disk: &Path) -> Result<bool, AgentError> {
 /// with the wall-clock time of the attempt that succeeds (ns) as the cut's
 /// id, which it returns. Retries a busy moment (a full ring, bitmap mode)
 /// for up to 5 s.
-pub fn group_tag(disks: &[std::path::PathBuf]) -> Result<u64, AgentError> {
+pub fn group_tag(disks: &[std::path::PathBuf]) -> Result<u64, KmodError> {
     if disks.len() < 2 || disks.len() > g::FERRY_CBT_GROUP_MAX as usize {
-        return Err(AgentError::Usage(format!("a consistency group has 2 to {} disks", g::FERRY_CBT_GROUP_MAX)));
+        return Err(KmodError::Usage(format!("a consistency group has 2 to {} disks", g::FERRY_CBT_GROUP_MAX)));
     }
     let ctl = std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map_err(|e| errno_msg(&format!("open {DEVICE}"), e))?;
     // SAFETY: as in attach_request.
@@ -296,7 +323,7 @@ pub fn group_tag(disks: &[std::path::PathBuf]) -> Result<u64, AgentError> {
     gt.count = disks.len() as u32;
     for (i, d) in disks.iter().enumerate() {
         gt.handles[i] = find_handle(&ctl, d)?
-            .ok_or_else(|| AgentError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())))?;
+            .ok_or_else(|| KmodError::Usage(format!("{} is not protected with --tracker kmod: start its agent first", d.display())))?;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {

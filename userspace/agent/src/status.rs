@@ -251,6 +251,11 @@ pub struct PointView {
 #[derive(serde::Serialize, Clone, Debug)]
 pub struct AgentStatus {
     pub acked_seq: u64,
+    /// Changes the tracker recorded that are not yet durable on the master
+    /// target because shipping fell behind (held in the tracker's bitmap).
+    pub backlog_bytes: u64,
+    /// Age in seconds of the oldest change in that backlog (0 when none).
+    pub backlog_lag_seconds: f64,
     pub bpf_drops: u64,
     pub bpf_recovered: u64,
     pub bpf_unguarded: u64,
@@ -316,6 +321,8 @@ pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError
     let lag_s = (st.last_ack_ns > 0).then(|| now_ns.saturating_sub(st.last_ack_ns) as f64 / 1e9);
     Ok(AgentStatus {
         acked_seq: st.acked_seq,
+        backlog_bytes: if live.running { st.backlog_bytes } else { 0 },
+        backlog_lag_seconds: if live.running { st.backlog_lag_s } else { 0.0 },
         bpf_drops: st.bpf_drops,
         bpf_recovered: st.bpf_recovered,
         bpf_unguarded: st.bpf_unguarded,
@@ -407,6 +414,13 @@ pub mod render {
         ));
         if let Some(r) = s.ring {
             out.push(format!("ring       {} of {} records pending, {} overflows", r.pending, r.capacity, r.overflows));
+        }
+        if s.backlog_bytes > 0 {
+            out.push(format!(
+                "backlog    {} not yet durable, oldest change {:.0}s old (catching up from the tracker's bitmap)",
+                human(s.backlog_bytes),
+                s.backlog_lag_seconds
+            ));
         }
         if let Some(m) = s.kmod_mode {
             out.push(format!("kmod       {m} mode, {} catch-up(s) from bitmap mode", s.kmod_catchups));
@@ -561,6 +575,8 @@ mod tests {
             "lag_ms_p99",
             "freeze_ms_p50",
             "freeze_ms_p99",
+            "backlog_bytes",
+            "backlog_lag_seconds",
         ];
         let mut sorted: Vec<&str> = want.to_vec();
         sorted.sort_unstable();

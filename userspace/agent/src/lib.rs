@@ -707,7 +707,7 @@ impl Agent {
         self.st.running = true;
         self.save()?;
         let mut unreachable_since: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = ferry_link::Backoff::default();
         let result = loop {
             if let Err(e) = live::check_stop() {
                 break Err(e);
@@ -715,7 +715,7 @@ impl Agent {
             let sess = Session::connect(&self.opts.target, &self.opts.name, self.st.size, self.generation, self.st.acked_seq + 1);
             let r = sess.and_then(|mut s| {
                 unreachable_since = None;
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 self.failover_over();
                 if !self.st.connected {
                     log::info!("connected to the master target at {} (protocol v{})", self.opts.target, s.version);
@@ -751,10 +751,10 @@ impl Agent {
                     if self.opts.once && since.elapsed() > self.opts.connect_timeout {
                         break Err(e);
                     }
-                    log::warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
+                    let delay = backoff.next_delay();
+                    log::warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
                     let _ = self.save();
-                    live::sleep_unless_stopped(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    live::sleep_unless_stopped(delay);
                 }
                 Err(e) => break Err(e),
             }

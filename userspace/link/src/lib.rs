@@ -23,7 +23,7 @@
 //! Threads: a client is used from one thread (the shipper's) and runs a
 //! receiver thread and, with v2, a pinger; a server connection is one thread
 //! from the accept loop. Deadlines: docs/protocol.md, "Deadlines", and
-//! docs/architecture-link.md.
+//! docs/architecture.md, "The link layer".
 
 pub mod accept;
 pub mod backoff;

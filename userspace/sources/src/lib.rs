@@ -14,7 +14,7 @@
 //! Each source keeps its own typed state (ring indices, bitmap handles,
 //! the kernel module's attachment); the shipper keeps only positions and
 //! sequence numbers. Sources written here or planned
-//! (docs/architecture-agent.md):
+//! (docs/architecture.md, "The agent"):
 //!
 //! | source | positions | catch-up | loss |
 //! |--------|-----------|----------|------|

@@ -1452,6 +1452,9 @@ impl Agent {
                 let ov = sh.source.overflows_seen();
                 let agent = &mut *sh.sink.agent;
                 agent.st.ring_overflows_seen = ov;
+                if agent.last_backlog.elapsed() >= Duration::from_millis(500) {
+                    agent.note_backlog(sh.source.ring())?;
+                }
                 agent.bytes_read += step.bytes_read;
                 if let Some(t) = step.timed {
                     agent.lag_pending.push_back(t);

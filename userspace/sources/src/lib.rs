@@ -147,6 +147,16 @@ pub trait ChangeSource {
     /// may forget it. Never called with a position not yet handed out.
     fn release(&mut self, upto: Position) -> Result<(), SourceError>;
 
+    /// Whether the block reader reads a frozen view of the disk as of the
+    /// source's last `CutRequest` (a VMware snapshot, a QEMU point-in-time
+    /// export): then extents before a cut request are read as they were at
+    /// the marker, and the shipper cuts there. Live-disk sources (the
+    /// default) get points at cut requests only when payloads alone came
+    /// since the last point.
+    fn reads_frozen_view(&self) -> bool {
+        false
+    }
+
     /// A barrier before a cut: flush what the tracker holds (in-flight
     /// writes, bitmap bits) into the stream, and say whether nothing
     /// changed since the last batch.

@@ -3,7 +3,7 @@
 //! indices; a release frees slots; an overflow of the ring, or a record
 //! that does not parse, is a loss.
 
-use crate::{Batch, Change, ChangeSource, Marker, Position, Quiet, SourceError, SourceStats};
+use crate::{Batch, Change, ChangeSource, Position, Quiet, SourceError, SourceStats};
 use ferry_ring::{RecordKind, Ring};
 
 /// `STATE/ring` read by the agent; another process produces.
@@ -68,8 +68,12 @@ impl ChangeSource for RingSource {
             changes.push(match r {
                 Ok(r) => match r.kind {
                     RecordKind::WriteZeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
-                    RecordKind::Tag => Change::Marker(Marker::CutRequest { group: r.group.then_some(r.seq), time_ns: r.time_ns }),
-                    RecordKind::Catchup => Change::Marker(Marker::CatchUpEnd),
+                    // Markers in a ring of extents mean nothing for a point:
+                    // the extents before one are read from the live disk
+                    // after it, so the state at the marker cannot be
+                    // shipped (points here are quiet cuts only, as
+                    // docs/consistency.md says).
+                    RecordKind::Tag | RecordKind::Catchup => continue,
                     RecordKind::Write | RecordKind::Discard => Change::Extent { offset: r.offset, len: u64::from(r.length) },
                 },
                 Err(e) => {

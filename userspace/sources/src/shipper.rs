@@ -74,16 +74,28 @@ pub struct Shipper<S, K, R> {
     catchup_open: bool,
     /// After a resync, until a quiet moment confirms a prefix state.
     unverified: bool,
+    /// Something was read from the live disk since the last quiet point:
+    /// a marker's point would not be the state at the marker.
+    read_since_cut: bool,
     /// Most changes taken per batch.
     pub batch: usize,
     /// The size of the disk (extents are clipped to it).
     size: u64,
 }
 
-/// Merge `[start, end)` ranges that overlap or touch, in disk order.
+/// The unit of the wire protocol's extents: ranges are widened to it.
+const SECTOR: u64 = 512;
+
+/// Widen `[start, end)` to whole sectors, clipped to `size`.
+fn to_sectors((a, b): (u64, u64), size: u64) -> (u64, u64) {
+    (a / SECTOR * SECTOR, b.div_ceil(SECTOR).saturating_mul(SECTOR).min(size))
+}
+
+/// Merge `[start, end)` ranges that overlap or touch, in disk order, each
+/// widened to whole sectors (the protocol's unit, and O_DIRECT's).
 pub fn coalesce(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
     v.retain_mut(|r| {
-        r.1 = r.1.min(size);
+        *r = to_sectors(*r, size);
         r.0 < r.1
     });
     v.sort_unstable();
@@ -103,7 +115,17 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
     pub fn start(mut source: S, sink: K, reader: R, durable: Position) -> Result<Self, K::Error> {
         source.resume(durable)?;
         let size = reader.size();
-        Ok(Shipper { source, sink, reader, pending: VecDeque::new(), catchup_open: false, unverified: false, batch: 4096, size })
+        Ok(Shipper {
+            source,
+            sink,
+            reader,
+            pending: VecDeque::new(),
+            catchup_open: false,
+            unverified: false,
+            read_since_cut: true,
+            batch: 4096,
+            size,
+        })
     }
 
     /// Whether the stream is at a consistent position (no catch-up or
@@ -133,12 +155,16 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         let mut loss = None;
         for c in b.changes {
             match c {
-                Change::Extent { offset, len } => run.push((offset, offset.saturating_add(len))),
+                Change::Extent { offset, len } => {
+                    run.push((offset, offset.saturating_add(len)));
+                    self.read_since_cut = true;
+                }
                 Change::Zero { offset, len } => {
                     out.bytes_read += self.ship_run(&mut run)?;
-                    let end = offset.saturating_add(len).min(self.size);
-                    if end > offset {
-                        self.sink.send_zero(offset, end - offset)?;
+                    // Zeroing requests are whole sectors in the block layer.
+                    let (a, end) = to_sectors((offset, offset.saturating_add(len)), self.size);
+                    if end > a {
+                        self.sink.send_zero(a, end - a)?;
                     }
                 }
                 Change::Payload { offset, data } => {
@@ -154,9 +180,13 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                     self.catchup_open = false;
                 }
                 Change::Marker(Marker::CutRequest { time_ns, .. }) => {
-                    // Everything before the marker, durable, then the point.
+                    // Everything before the marker, durable, then the point
+                    // — only if nothing since the last point was read from
+                    // the live disk (an extent read after the marker may
+                    // hold a later write): payload sources, or a source
+                    // whose reads see a frozen view.
                     out.bytes_read += self.ship_run(&mut run)?;
-                    if self.consistent() {
+                    if self.consistent() && (!self.read_since_cut || self.source.reads_frozen_view()) {
                         let last = self.sink.last_sent();
                         self.sink.wait_durable(last)?;
                         out.points.push(self.sink.cut(time_ns)?);
@@ -173,6 +203,9 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         if let Some(why) = loss {
             run.clear();
             self.unverified = true;
+            // The resync supersedes a catch-up under way (its end marker
+            // may have been in the rest of the batch).
+            self.catchup_open = false;
             self.sink.resync(&why)?;
             let last = self.sink.last_sent();
             self.sink.wait_durable(last)?;
@@ -227,6 +260,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         // Quiet, and everything sent durable: the replica equals the disk
         // (after a resync too).
         self.unverified = false;
+        self.read_since_cut = false;
         Ok(Some(self.sink.cut(now_ns())?))
     }
 }
@@ -442,6 +476,12 @@ mod tests {
             self.disk.write(off, byte, len);
             self.log.borrow_mut().push(Change::Extent { offset: off, len });
         }
+        /// A write the tracker sees with its payload (as the kernel module
+        /// in data mode gives it).
+        fn write_payload(&self, off: u64, byte: u8, len: u64) {
+            self.disk.write(off, byte, len);
+            self.log.borrow_mut().push(Change::Payload { offset: off, data: vec![byte; len as usize] });
+        }
         fn shipper(&self, auto: bool) -> Shipper<FakeSource, FakeSink, Disk> {
             let src = FakeSource {
                 log: Rc::clone(&self.log),
@@ -541,14 +581,27 @@ mod tests {
         let st = s.step(true).unwrap();
         assert_eq!(st.points.len(), 1);
         assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
-        // A cut request at a consistent place is cut there.
+        // A cut request after extents is not honoured: they are read from
+        // the live disk after the marker, and a block rewritten since
+        // would enter the point.
         w.write(0, 5, 4096);
         w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(10), time_ns: 2 }));
+        w.write(0, 6, 4096);
+        let st = s.step(false).unwrap();
+        assert!(st.points.is_empty(), "no point at a marker that extents read later precede: {st:?}");
+        // Quiet again: a point, the disk.
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1);
+        assert_eq!(s.sink.points[1].1, *w.disk.0.borrow());
+        // With payloads only since that point, a cut request is cut at its
+        // marker, whatever comes after it.
+        w.write_payload(0, 7, 4096);
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(11), time_ns: 3 }));
         let at_marker = w.disk.0.borrow().clone();
-        w.write(4096, 6, 4096);
+        w.write_payload(0, 8, 4096);
         let st = s.step(false).unwrap();
         assert_eq!(st.points.len(), 1);
-        assert_eq!(s.sink.points[1].1, at_marker, "the point is the state at its marker");
+        assert_eq!(s.sink.points[2].1, at_marker, "the point is the state at its marker");
     }
 
     #[test]
@@ -583,6 +636,10 @@ mod tests {
 
     #[test]
     fn coalesce_merges_and_clips() {
-        assert_eq!(coalesce(vec![(8, 12), (0, 4), (4, 6), (5, 7), (100, 200)], 150), vec![(0, 7), (8, 12), (100, 150)]);
+        assert_eq!(
+            coalesce(vec![(4096, 8192), (0, 1000), (1024, 1536), (1500, 2000), (10000, 20000)], 15360),
+            vec![(0, 2048), (4096, 8192), (9728, 15360)],
+            "widened to sectors, merged where they touch, clipped to the disk"
+        );
     }
 }

@@ -13,7 +13,21 @@ pub struct RingSource {
     cursor: u64,
     /// Overflows already reported as a loss.
     overflows_seen: u64,
+    /// Discards read as zeroes on this disk: ship them unread.
+    discard_zeroes: bool,
     stats: SourceStats,
+}
+
+/// What one ring record reports (`discard_zeroes`: the disk reads zeroes
+/// after a discard, so a discard ships as zeroes, unread).
+pub fn change_of(r: &ferry_ring::Record, discard_zeroes: bool) -> Change {
+    match r.kind {
+        RecordKind::WriteZeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
+        RecordKind::Discard if discard_zeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
+        RecordKind::Tag => Change::Marker(Marker::CutRequest { group: r.group.then_some(r.seq), time_ns: r.time_ns }),
+        RecordKind::Catchup => Change::Marker(Marker::CatchUpEnd),
+        RecordKind::Write | RecordKind::Discard => Change::Extent { offset: r.offset, len: u64::from(r.length) },
+    }
 }
 
 impl RingSource {
@@ -21,7 +35,24 @@ impl RingSource {
     /// already covered by a resync.
     pub fn new(ring: Ring, overflows_seen: u64) -> RingSource {
         let cursor = ring.consumer();
-        RingSource { ring, cursor, overflows_seen, stats: SourceStats::default() }
+        RingSource { ring, cursor, overflows_seen, discard_zeroes: false, stats: SourceStats::default() }
+    }
+
+    /// Ship discards unread, as zeroes (the disk reads zeroes after one).
+    pub fn with_discard_zeroes(mut self, yes: bool) -> RingSource {
+        self.discard_zeroes = yes;
+        self
+    }
+
+    /// The next index to hand out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Hand out from `at` on (the ring was released up to it unshipped:
+    /// a backlog folded into a bitmap).
+    pub fn skip_to(&mut self, at: u64) {
+        self.cursor = at;
     }
 
     /// Overflows reported so far (for the agent's state file).
@@ -66,12 +97,7 @@ impl ChangeSource for RingSource {
         let oldest_ns = recs.iter().flatten().map(|r| r.time_ns).filter(|&t| t > 0).min();
         for r in recs {
             changes.push(match r {
-                Ok(r) => match r.kind {
-                    RecordKind::WriteZeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
-                    RecordKind::Tag => Change::Marker(Marker::CutRequest { group: r.group.then_some(r.seq), time_ns: r.time_ns }),
-                    RecordKind::Catchup => Change::Marker(Marker::CatchUpEnd),
-                    RecordKind::Write | RecordKind::Discard => Change::Extent { offset: r.offset, len: u64::from(r.length) },
-                },
+                Ok(r) => change_of(&r, self.discard_zeroes),
                 Err(e) => {
                     self.stats.losses += 1;
                     Change::Loss(format!("tracker sent an invalid record ({e})"))

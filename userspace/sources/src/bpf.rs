@@ -3,10 +3,12 @@
 //! the program's `lost`, recursion misses, the device cross-check), and
 //! the backlog catch-up from its pinned bitmap (docs/consistency.md).
 //!
-//! Moved out of the agent (issue 12): the agent keeps none of this state;
-//! it calls [`BpfSource::feed`] between steps, [`BpfSource::check_now`]
-//! before a cut, [`BpfSource::steer`] to keep a backlog in the bitmap, and
-//! copies [`BpfCounters`] into its state file when it saves.
+//! Moved out of the agent (issue 12): the agent keeps none of this state.
+//! [`BpfRingSource`] is the tracker over `STATE/ring` as a
+//! [`ChangeSource`] for the shipper: [`BpfSource::feed`] and
+//! [`BpfSource::steer`] before each batch, [`BpfSource::check_now`] and
+//! the device counter around a cut; the agent reads [`BpfCounters`]
+//! through [`BpfSource::shared_counters`] when it saves its state file.
 
 use crate::ring::{change_of, RingSource};
 use crate::{Batch, Change, ChangeSource, Position, Quiet, SourceError, SourceStats};

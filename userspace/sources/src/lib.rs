@@ -19,7 +19,7 @@
 //! | source | positions | catch-up | loss |
 //! |--------|-----------|----------|------|
 //! | test ring ([`ring::RingSource`]) | ring index | — | ring overflow, invalid record |
-//! | eBPF tracker | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
+//! | eBPF tracker ([`bpf::BpfRingSource`]) | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
 //! | kernel module | module sequence | module bitmap hand-over (`STATE/kmod.catchup`) | module overflow, unclean stop |
 //! | scan | pass number | the whole disk by checksum | — |
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |

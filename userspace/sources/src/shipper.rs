@@ -356,6 +356,10 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                 }
             }
             self.release_durable()?;
+            // The pre-copy may have started a catch-up: no point then.
+            if self.catchup_open || !self.source.request_cut()? {
+                return Ok(None);
+            }
         }
         self.source.freeze_begin()?;
         let frozen = match self.sink.freeze() {

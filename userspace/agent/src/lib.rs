@@ -430,33 +430,42 @@ impl Agent {
         let bpf_owner = if tracker == Tracker::Bpf { claim_bpf(&opts.name, &opts.state, &me)?.pack()? } else { Vec::new() };
         let mut st = st;
         let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
-            use std::os::unix::fs::MetadataExt;
-            let p = sd.ring_file();
-            let created = !p.exists();
-            let ring = if created { Ring::create(&p, opts.ring_capacity)? } else { Ring::open(&p)? };
-            let m = std::fs::metadata(&p).map_err(AgentError::io(format!("ring {}", p.display())))?;
-            let id = (m.dev(), m.ino());
             // A protection that did not always have this ring cannot know
             // what changed while it was missing (or before it existed).
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            if protected_before && (created || st.tracker != tracker.as_str() || st.ring_id != Some(id)) {
-                st.resync_required = Some(if created {
-                    "the tracker ring was missing and was recreated".to_string()
-                } else {
-                    "the tracker ring is not the one this agent last read".to_string()
-                });
+            let same_tracker = st.tracker == tracker.as_str();
+            let a = ferry_sources::ring::attach(&sd.ring_file(), opts.ring_capacity, st.ring_id, same_tracker, protected_before)?;
+            if a.resync.is_some() {
+                st.resync_required = a.resync;
             }
-            if st.ring_id != Some(id) {
-                st.ring_overflows_seen = ring.overflows();
-                st.ring_id = Some(id);
+            if st.ring_id != Some(a.id) {
+                st.ring_overflows_seen = a.ring.overflows();
+                st.ring_id = Some(a.id);
             }
-            Some(ring)
+            Some(a.ring)
         } else {
             None
         };
-        let attached = if tracker == Tracker::Bpf {
-            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &bpf_owner) {
-                Ok(t) => Some(t),
+        let bpf = if tracker == Tracker::Bpf {
+            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            let counters = BpfCounters {
+                lost_seen: st.bpf_lost_seen,
+                recursion_seen: st.bpf_recursion_seen,
+                baseline: st.bpf_baseline,
+                drops: st.bpf_drops,
+                recovered: st.bpf_recovered,
+                unguarded: st.bpf_unguarded,
+            };
+            let ring_file = sd.ring_file();
+            match BpfSource::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &ring_file, &bpf_owner, counters, protected_before) {
+                Ok((b, resync)) => {
+                    if resync.is_some() {
+                        st.resync_required = resync;
+                    }
+                    let c = b.counters;
+                    (st.bpf_lost_seen, st.bpf_recursion_seen, st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
+                    Some(b)
+                }
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
                     let _ = ferry_bpf::unpin(&opts.name);
@@ -465,37 +474,6 @@ impl Agent {
                 }
                 Err(e) => return Err(e.into()),
             }
-        } else {
-            None
-        };
-        let bpf = if let Some((t, fresh)) = attached {
-            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            if fresh {
-                log::info!(
-                    "bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}",
-                    opts.disk.display(),
-                    t.chunk(),
-                    ferry_bpf::pin_dir(&opts.name).display()
-                );
-                if protected_before {
-                    st.resync_required =
-                        Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
-                }
-                let s = t.stats()?;
-                st.bpf_lost_seen = s.lost;
-                st.bpf_recursion_seen = t.recursion_misses().unwrap_or(0);
-                st.bpf_baseline = ferry_bpf::device_bytes_changed(&opts.disk).map(|d| (d, s.bytes + s.recovered_bytes));
-            } else {
-                log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
-            }
-            if !ferry_bpf::device_iostats_on(&opts.disk) {
-                log::warn!(
-                    "{}: the disk's I/O statistics are off (queue/iostats = 0), so the agent cannot check the tracker against \
-                     the device's own count of completed writes; turn them on with `echo 1 > /sys/block/<disk>/queue/iostats`",
-                    opts.disk.display()
-                );
-            }
-            Some(t)
         } else {
             None
         };
@@ -560,17 +538,6 @@ impl Agent {
         st.connected = false;
         let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
         let src = Arc::new(src);
-        let bpf = bpf.map(|t| {
-            let counters = BpfCounters {
-                lost_seen: st.bpf_lost_seen,
-                recursion_seen: st.bpf_recursion_seen,
-                baseline: st.bpf_baseline,
-                drops: st.bpf_drops,
-                recovered: st.bpf_recovered,
-                unguarded: st.bpf_unguarded,
-            };
-            BpfSource::new(t, opts.disk.clone(), opts.name.clone(), sd.ring_file().display().to_string(), counters)
-        });
         let bpf_counters = bpf.as_ref().map(|b| b.shared_counters());
         Ok(Agent {
             _lock: lock,

@@ -13,7 +13,7 @@
 use crate::ring::{change_of, RingSource};
 use crate::{Batch, Change, ChangeSource, Position, Quiet, SourceError, SourceStats};
 use ferry_ring::{Record, Ring};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,53 @@ impl BpfSource {
             catchup: false,
             bitmap_since_ns: None,
         }
+    }
+
+    /// Attach the tracker of disk `name` (at `disk`, `size` bytes) feeding
+    /// `ring_file`, or re-attach to the pins that outlived the last agent.
+    /// `counters` are what the state file says was handled; on a fresh
+    /// attach they restart from the tracker's own counters now. A fresh
+    /// attach of a disk `protected_before` cannot know what changed while
+    /// nothing tracked it: the second value says why a resync is needed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        name: &str,
+        disk: &Path,
+        size: u64,
+        ring_bytes: u32,
+        ring_file: &Path,
+        owner: &[u8],
+        mut counters: BpfCounters,
+        protected_before: bool,
+    ) -> Result<(BpfSource, Option<String>), ferry_bpf::BpfError> {
+        let (t, fresh) = ferry_bpf::Tracker::attach(name, disk, size, ring_bytes, ring_file, owner)?;
+        let mut resync = None;
+        if fresh {
+            log::info!(
+                "bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}",
+                disk.display(),
+                t.chunk(),
+                ferry_bpf::pin_dir(name).display()
+            );
+            if protected_before {
+                resync = Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
+            }
+            let s = t.stats()?;
+            counters.lost_seen = s.lost;
+            counters.recursion_seen = t.recursion_misses().unwrap_or(0);
+            counters.baseline = ferry_bpf::device_bytes_changed(disk).map(|d| (d, s.bytes + s.recovered_bytes));
+        } else {
+            log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(name).display());
+        }
+        if !ferry_bpf::device_iostats_on(disk) {
+            log::warn!(
+                "{}: the disk's I/O statistics are off (queue/iostats = 0), so the agent cannot check the tracker against \
+                 the device's own count of completed writes; turn them on with `echo 1 > /sys/block/<disk>/queue/iostats`",
+                disk.display()
+            );
+        }
+        let src = BpfSource::new(t, disk.to_path_buf(), name.to_string(), ring_file.display().to_string(), counters);
+        Ok((src, resync))
     }
 
     pub fn tracker(&self) -> &ferry_bpf::Tracker {

@@ -30,6 +30,42 @@ pub fn change_of(r: &ferry_ring::Record, discard_zeroes: bool) -> Change {
     }
 }
 
+/// What [`attach`] found.
+pub struct RingAttach {
+    pub ring: Ring,
+    /// The ring file's (device, inode): which ring this is.
+    pub id: (u64, u64),
+    /// A protection that did not always have this ring cannot know what
+    /// changed while it was missing: why a resync is needed.
+    pub resync: Option<String>,
+}
+
+/// Open `STATE/ring` at `path`, or create it with `capacity` records.
+/// `last_id`: the ring the state file last read; `same_tracker`: the
+/// state file was written for this tracker; `protected_before`: the disk
+/// was protected before this run.
+pub fn attach(
+    path: &std::path::Path,
+    capacity: u64,
+    last_id: Option<(u64, u64)>,
+    same_tracker: bool,
+    protected_before: bool,
+) -> Result<RingAttach, SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let created = !path.exists();
+    let ring = if created { Ring::create(path, capacity)? } else { Ring::open(path)? };
+    let m = std::fs::metadata(path).map_err(|source| SourceError::Io { what: format!("ring {}", path.display()), source })?;
+    let id = (m.dev(), m.ino());
+    let resync = (protected_before && (created || !same_tracker || last_id != Some(id))).then(|| {
+        if created {
+            "the tracker ring was missing and was recreated".to_string()
+        } else {
+            "the tracker ring is not the one this agent last read".to_string()
+        }
+    });
+    Ok(RingAttach { ring, id, resync })
+}
+
 impl RingSource {
     /// Read `ring`; `overflows_seen` is what the agent's state says was
     /// already covered by a resync.

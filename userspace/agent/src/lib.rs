@@ -40,17 +40,17 @@ use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
-use ferry_sources::bpf::{BpfCounters, BpfSource, Steer};
+use ferry_sources::bpf::{BpfCounters, BpfRingSource, BpfSource};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
 use ferry_sources::ring::RingSource;
-use ferry_sources::shipper::{Shipper, Sink};
-use ferry_sources::{Position, SourceError};
+use ferry_sources::shipper::{CutPlan, NoPoint, Shipper, Sink};
+use ferry_sources::{ChangeSource, Position, SourceError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// I/O size of the initial sync reader.
@@ -283,6 +283,9 @@ pub struct Agent {
     /// The pinned BPF tracker feeding `STATE/ring`, with its own state
     /// (bpf tracker only; ferry-sources).
     bpf: Option<BpfSource>,
+    /// The bpf tracker's counters, also while the source is inside the
+    /// shipper (saved in `agent.state`).
+    bpf_counters: Option<Arc<Mutex<BpfCounters>>>,
     /// The kernel module's attachment (kmod tracker only).
     kmod: Option<kmod::Kmod>,
     kmod_last_release: Instant,
@@ -427,33 +430,42 @@ impl Agent {
         let bpf_owner = if tracker == Tracker::Bpf { claim_bpf(&opts.name, &opts.state, &me)?.pack()? } else { Vec::new() };
         let mut st = st;
         let ring = if tracker == Tracker::Ring || tracker == Tracker::Bpf {
-            use std::os::unix::fs::MetadataExt;
-            let p = sd.ring_file();
-            let created = !p.exists();
-            let ring = if created { Ring::create(&p, opts.ring_capacity)? } else { Ring::open(&p)? };
-            let m = std::fs::metadata(&p).map_err(AgentError::io(format!("ring {}", p.display())))?;
-            let id = (m.dev(), m.ino());
             // A protection that did not always have this ring cannot know
             // what changed while it was missing (or before it existed).
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            if protected_before && (created || st.tracker != tracker.as_str() || st.ring_id != Some(id)) {
-                st.resync_required = Some(if created {
-                    "the tracker ring was missing and was recreated".to_string()
-                } else {
-                    "the tracker ring is not the one this agent last read".to_string()
-                });
+            let same_tracker = st.tracker == tracker.as_str();
+            let a = ferry_sources::ring::attach(&sd.ring_file(), opts.ring_capacity, st.ring_id, same_tracker, protected_before)?;
+            if a.resync.is_some() {
+                st.resync_required = a.resync;
             }
-            if st.ring_id != Some(id) {
-                st.ring_overflows_seen = ring.overflows();
-                st.ring_id = Some(id);
+            if st.ring_id != Some(a.id) {
+                st.ring_overflows_seen = a.ring.overflows();
+                st.ring_id = Some(a.id);
             }
-            Some(ring)
+            Some(a.ring)
         } else {
             None
         };
-        let attached = if tracker == Tracker::Bpf {
-            match ferry_bpf::Tracker::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &sd.ring_file(), &bpf_owner) {
-                Ok(t) => Some(t),
+        let bpf = if tracker == Tracker::Bpf {
+            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
+            let counters = BpfCounters {
+                lost_seen: st.bpf_lost_seen,
+                recursion_seen: st.bpf_recursion_seen,
+                baseline: st.bpf_baseline,
+                drops: st.bpf_drops,
+                recovered: st.bpf_recovered,
+                unguarded: st.bpf_unguarded,
+            };
+            let ring_file = sd.ring_file();
+            match BpfSource::attach(&opts.name, &opts.disk, size, opts.bpf_ring_bytes, &ring_file, &bpf_owner, counters, protected_before) {
+                Ok((b, resync)) => {
+                    if resync.is_some() {
+                        st.resync_required = resync;
+                    }
+                    let c = b.counters;
+                    (st.bpf_lost_seen, st.bpf_recursion_seen, st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
+                    Some(b)
+                }
                 Err(e) if opts.tracker == Tracker::Auto => {
                     log::warn!("tracker auto: the bpf tracker cannot run here ({e}); using scan");
                     let _ = ferry_bpf::unpin(&opts.name);
@@ -462,37 +474,6 @@ impl Agent {
                 }
                 Err(e) => return Err(e.into()),
             }
-        } else {
-            None
-        };
-        let bpf = if let Some((t, fresh)) = attached {
-            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            if fresh {
-                log::info!(
-                    "bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}",
-                    opts.disk.display(),
-                    t.chunk(),
-                    ferry_bpf::pin_dir(&opts.name).display()
-                );
-                if protected_before {
-                    st.resync_required =
-                        Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
-                }
-                let s = t.stats()?;
-                st.bpf_lost_seen = s.lost;
-                st.bpf_recursion_seen = t.recursion_misses().unwrap_or(0);
-                st.bpf_baseline = ferry_bpf::device_bytes_changed(&opts.disk).map(|d| (d, s.bytes + s.recovered_bytes));
-            } else {
-                log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(&opts.name).display());
-            }
-            if !ferry_bpf::device_iostats_on(&opts.disk) {
-                log::warn!(
-                    "{}: the disk's I/O statistics are off (queue/iostats = 0), so the agent cannot check the tracker against \
-                     the device's own count of completed writes; turn them on with `echo 1 > /sys/block/<disk>/queue/iostats`",
-                    opts.disk.display()
-                );
-            }
-            Some(t)
         } else {
             None
         };
@@ -557,17 +538,7 @@ impl Agent {
         st.connected = false;
         let (sent_base, read_base) = (st.bytes_sent_total, st.bytes_read_total);
         let src = Arc::new(src);
-        let bpf = bpf.map(|t| {
-            let counters = BpfCounters {
-                lost_seen: st.bpf_lost_seen,
-                recursion_seen: st.bpf_recursion_seen,
-                baseline: st.bpf_baseline,
-                drops: st.bpf_drops,
-                recovered: st.bpf_recovered,
-                unguarded: st.bpf_unguarded,
-            };
-            BpfSource::new(t, opts.disk.clone(), opts.name.clone(), sd.ring_file().display().to_string(), counters)
-        });
+        let bpf_counters = bpf.as_ref().map(|b| b.shared_counters());
         Ok(Agent {
             _lock: lock,
             sync_progress: VecDeque::new(),
@@ -601,6 +572,7 @@ impl Agent {
             saved_acked: 0,
             deferred_map: None,
             freeze_retry: freeze::Retry::default(),
+            bpf_counters,
         })
     }
 
@@ -634,8 +606,7 @@ impl Agent {
         if self.frozen {
             return Ok(()); // caught up by thaw()
         }
-        if let Some(b) = &self.bpf {
-            let c = b.counters;
+        if let Some(c) = self.bpf_counters.as_ref().and_then(|c| c.lock().ok().map(|g| *g)) {
             (self.st.bpf_lost_seen, self.st.bpf_recursion_seen, self.st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
             (self.st.bpf_drops, self.st.bpf_recovered, self.st.bpf_unguarded) = (c.drops, c.recovered, c.unguarded);
         }
@@ -886,12 +857,9 @@ impl Agent {
             self.resync(sess)?;
         }
         match self.tracker {
-            // The external ring without freezes runs on the shipper loop
-            // (ferry-sources); the bpf tracker and freezes, not yet.
-            Tracker::Ring if self.opts.freeze_cmd.is_none() && freeze::mounts_of(&self.opts.disk).is_empty() => {
-                self.stream_shipper(sess, start)
-            }
-            Tracker::Ring | Tracker::Bpf => self.stream_ring(sess, start),
+            // The ring and the bpf tracker run on the shipper loop
+            // (ferry-sources), freezes included.
+            Tracker::Ring | Tracker::Bpf => self.stream_shipper(sess, start),
             Tracker::Kmod => self.stream_kmod(sess, start),
             _ => self.scan_loop(sess, start, verified_by_stamp),
         }
@@ -1309,153 +1277,61 @@ impl Agent {
         Ok(diff_bytes)
     }
 
-    /// The ring tracker: ship queued extents; cut points when the ring is
-    /// quiet (or under a freeze).
-    fn stream_ring(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+    /// The ring and the bpf tracker on the shipper loop: [`RingSource`]
+    /// (or [`BpfRingSource`], the tracker feeding `STATE/ring`) for the
+    /// changes, [`AgentSink`] for the session, this agent's state and the
+    /// freeze.
+    fn stream_shipper(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
         let ring = self.ring.take().expect("ring tracker has a ring");
-        let r = self.stream_ring_inner(sess, &ring, start);
-        self.ring = Some(ring);
-        r
-    }
-
-    fn stream_ring_inner(&mut self, sess: &mut Session, ring: &Ring, start: Instant) -> Result<Summary, AgentError> {
-        self.st.mode = "streaming".into();
-        let mut cursor = ring.consumer();
-        let mut pending: VecDeque<(u64, u64)> = VecDeque::new();
-        let mut last_cut = Instant::now();
-        let mut buf = AlignedBuf::new(1 << 20);
-        let mut quiet_tries = 0u32;
-        loop {
-            self.feed()?;
-            self.checkpoint(sess)?;
-            if self.bpf.is_some() {
-                self.steer_backlog(ring, &mut cursor, &mut pending)?;
+        let source = RingSource::new(ring, self.st.ring_overflows_seen).with_discard_zeroes(self.discard_zeroes);
+        match self.bpf.take() {
+            Some(b) => {
+                let size = self.st.size;
+                self.stream_on(sess, start, BpfRingSource::new(b, source, size))
             }
-            if self.last_backlog.elapsed() >= Duration::from_millis(500) {
-                self.note_backlog(ring)?;
-            }
-            if self.st.resync_required.is_some() {
-                self.save()?;
-                self.resync(sess)?;
-            }
-            let overflows = ring.overflows();
-            if overflows > self.st.ring_overflows_seen {
-                self.st.resync_required = Some(format!("ring overflow: {} records lost", overflows - self.st.ring_overflows_seen));
-                log::warn!("resync required: ring overflow");
-                self.save()?;
-                self.resync(sess)?;
-                self.st.ring_overflows_seen = overflows;
-                self.save()?;
-            }
-            let (recs, next) = ring.read_from(cursor, 4096)?;
-            if recs.is_empty() {
-                self.release_acked(sess, ring, &mut pending)?;
-                // A freeze that failed is tried again only after a back-off.
-                let due = (self.opts.once || last_cut.elapsed() >= self.opts.point_every) && self.freeze_retry.ready();
-                if due {
-                    let mounts = freeze::mounts_of(&self.opts.disk);
-                    let cut = if self.bpf.as_ref().is_some_and(|b| b.catching_up()) {
-                        None // not a prefix state until the bitmap is shipped
-                    } else if self.opts.freeze_cmd.is_some() || !mounts.is_empty() {
-                        self.frozen_cut(sess, ring, &mut cursor, &mut pending, &mounts)?
-                    } else {
-                        self.quiet_cut(sess, ring, cursor, &mut pending)?
-                    };
-                    if let Some(p) = cut {
-                        last_cut = Instant::now();
-                        quiet_tries = 0;
-                        self.st.cut_problem = None;
-                        if self.opts.once {
-                            return Ok(self.summary(sess, start, &p));
-                        }
-                    } else {
-                        quiet_tries += 1;
-                        let overdue = last_cut.elapsed();
-                        if overdue > (self.opts.point_every * 3).max(Duration::from_secs(10)) && self.st.cut_problem.is_none() {
-                            let why = format!(
-                                "no consistent point for {:.0}s: writes do not pause (add --freeze-cmd) or a freeze cannot finish within {:.1}s",
-                                overdue.as_secs_f64(),
-                                self.opts.freeze_cap.as_secs_f64()
-                            );
-                            log::warn!("{why}");
-                            self.st.cut_problem = Some(why);
-                            self.save()?;
-                        }
-                        if self.opts.once && self.freeze_retry.failing_for().is_some_and(|d| d > FREEZE_GIVE_UP) {
-                            return Err(AgentError::NoConsistentPoint(format!(
-                                "{}: no consistent point: freezing has failed for {}s ({})",
-                                self.st.name,
-                                FREEZE_GIVE_UP.as_secs(),
-                                self.st.cut_problem.as_deref().unwrap_or("no reason recorded")
-                            )));
-                        }
-                        if self.opts.once && quiet_tries > 2000 {
-                            return Err(AgentError::NoConsistentPoint(format!(
-                                "{}: writes never paused long enough to cut a consistent point; use --freeze-cmd",
-                                self.st.name
-                            )));
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            let mut exts = Vec::with_capacity(recs.len());
-            let mut bad = None;
-            for r in recs {
-                match r {
-                    Ok(rec) => exts.push(rec),
-                    Err(e) => bad = Some(e.to_string()),
-                }
-            }
-            if let Some(why) = bad {
-                self.st.resync_required = Some(format!("tracker sent an invalid record ({why})"));
-                self.save()?;
-                self.resync(sess)?;
-            }
-            let oldest = exts.iter().map(|r| r.time_ns).filter(|&t| t > 0).min();
-            self.ship_records(sess, &exts, next, &mut cursor, &mut pending, &mut buf)?;
-            if let Some(t) = oldest {
-                self.lag_pending.push_back((sess.next_seq - 1, t));
-            }
-            self.release_acked(sess, ring, &mut pending)?;
+            None => self.stream_on(sess, start, source),
         }
     }
 
-    /// The ring tracker on the shipper loop: [`RingSource`] for the
-    /// changes, [`AgentSink`] for the session and this agent's state, the
-    /// cut policy (when a point is due, what to say when none can be cut)
-    /// here.
-    fn stream_shipper(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
+    /// The stream loop over a ring-fed source; the cut policy (when a
+    /// point is due, what to say when none can be cut) is here.
+    fn stream_on<S: RingFed>(&mut self, sess: &mut Session, start: Instant, source: S) -> Result<Summary, AgentError> {
         self.st.mode = "streaming".into();
-        let ring = self.ring.take().expect("ring tracker has a ring");
-        let source = RingSource::new(ring, self.st.ring_overflows_seen);
         // Releases happen only at acknowledged positions, so the consumer
         // index is the last durable position (resuming there releases
         // nothing, and cannot fail).
-        let durable = source.ring().consumer();
+        let durable = source.ring_source().ring().consumer();
         let reader = self.reader.clone();
         let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
-        let mut sh = Shipper::start(source, AgentSink { agent: self, sess }, reader, durable)?;
+        let mut sh = Shipper::start(source, AgentSink { agent: self, sess, mounts: Vec::new(), run: None }, reader, durable)?;
         let r = (|| -> Result<Summary, AgentError> {
             let mut last_cut = Instant::now();
             let mut quiet_tries = 0u32;
+            let mut folds = sh.source.folds();
             loop {
-                let AgentSink { agent, sess } = &mut sh.sink;
+                let AgentSink { agent, sess, .. } = &mut sh.sink;
                 agent.checkpoint(sess)?;
+                if agent.last_backlog.elapsed() >= Duration::from_millis(500) {
+                    let in_bitmap = sh.source.bitmap_backlog(monotonic_ns());
+                    agent.note_backlog(sh.source.ring_source().ring(), in_bitmap)?;
+                }
                 if agent.st.resync_required.is_some() {
                     agent.save()?;
                     agent.resync(sess)?;
                 }
+                // A freeze that failed is tried again only after a back-off.
                 let due = (once || last_cut.elapsed() >= every) && agent.freeze_retry.ready();
                 let step = sh.step(due)?;
-                let ov = sh.source.overflows_seen();
+                let ov = sh.source.ring_source().overflows_seen();
                 let agent = &mut *sh.sink.agent;
                 agent.st.ring_overflows_seen = ov;
-                if agent.last_backlog.elapsed() >= Duration::from_millis(500) {
-                    agent.note_backlog(sh.source.ring())?;
-                }
                 agent.bytes_read += step.bytes_read;
+                if sh.source.folds() != folds {
+                    // Folded into the bitmap: what was shipped before is
+                    // shipped again from there.
+                    folds = sh.source.folds();
+                    agent.lag_pending.clear();
+                }
                 if let Some(t) = step.timed {
                     agent.lag_pending.push_back(t);
                 }
@@ -1467,7 +1343,7 @@ impl Agent {
                         let p = agent.st.last_point.clone().expect("a point was cut");
                         return Ok(agent.summary(sh.sink.sess, start, &p));
                     }
-                } else if due && step.changes == 0 {
+                } else if step.cut_tried {
                     quiet_tries += 1;
                     let overdue = last_cut.elapsed();
                     if overdue > (every * 3).max(Duration::from_secs(10)) && agent.st.cut_problem.is_none() {
@@ -1480,19 +1356,26 @@ impl Agent {
                         agent.st.cut_problem = Some(why);
                         agent.save()?;
                     }
+                    if once && agent.freeze_retry.failing_for().is_some_and(|d| d > FREEZE_GIVE_UP) {
+                        return Err(AgentError::NoConsistentPoint(format!(
+                            "{name}: no consistent point: freezing has failed for {}s ({})",
+                            FREEZE_GIVE_UP.as_secs(),
+                            agent.st.cut_problem.as_deref().unwrap_or("no reason recorded")
+                        )));
+                    }
                     if once && quiet_tries > 2000 {
                         return Err(AgentError::NoConsistentPoint(format!(
                             "{name}: writes never paused long enough to cut a consistent point; use --freeze-cmd"
                         )));
                     }
                 }
-                if step.changes == 0 {
+                if step.changes == 0 || step.cut_tried {
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
         })();
         let Shipper { source, sink, .. } = sh;
-        sink.agent.ring = Some(source.into_ring());
+        source.give_back(sink.agent);
         r
     }
 
@@ -1897,36 +1780,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Ship what `recs` (read from the ring up to index `next`) changed,
-    /// advance the read cursor to `next`, and remember that the ring may be
-    /// released up to `next` once the frames just sent are acknowledged.
-    fn ship_records(
-        &mut self,
-        sess: &mut Session,
-        recs: &[Record],
-        next: u64,
-        cursor: &mut u64,
-        pending: &mut VecDeque<(u64, u64)>,
-        buf: &mut AlignedBuf,
-    ) -> Result<(), AgentError> {
-        // Ranges only zeroed in this batch (write-zeroes anywhere, discards
-        // where the device reads zeroes after one) go as zero extents,
-        // unread; everything else is read from the disk.
-        let (read, zero) = split_zeroed(recs, self.st.size, self.discard_zeroes);
-        for (a, b) in zero {
-            let mut off = a;
-            while off < b {
-                let n = (b - off).min(u64::from(ferry_proto::MAX_EXTENT));
-                sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
-                off += n;
-            }
-        }
-        self.ship_extents(sess, &read, buf)?;
-        pending.push_back((sess.next_seq - 1, next));
-        *cursor = next;
-        Ok(())
-    }
-
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], _buf: &mut AlignedBuf) -> Result<(), AgentError> {
         // Shipped extents change the replica after the last pass.
         self.pass_sums = None;
@@ -1945,25 +1798,12 @@ impl Agent {
         Ok(())
     }
 
-    /// bpf: keep a backlog in the tracker's bitmap when shipping falls
-    /// behind ([`BpfSource::steer`]); a fold releases the ring unshipped,
-    /// so what was read and what waited for release is forgotten here.
-    fn steer_backlog(&mut self, ring: &Ring, cursor: &mut u64, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
-        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
-        if let Steer::Folded(at) = b.steer(ring, *cursor, &mut self.st.resync_required)? {
-            *cursor = at;
-            pending.clear();
-            self.lag_pending.clear();
-        }
-        Ok(())
-    }
-
     /// Measure the backlog for `ferry status`: the bytes of the records in
     /// `STATE/ring` not yet released (not yet durable on the master target)
     /// plus what the bpf tracker's bitmap holds, and the age of the oldest
     /// of them (a record's completion time; for the bitmap, since when it
     /// has not been empty).
-    fn note_backlog(&mut self, ring: &Ring) -> Result<(), AgentError> {
+    fn note_backlog(&mut self, ring: &Ring, in_bitmap: (u64, Option<u64>)) -> Result<(), AgentError> {
         self.last_backlog = Instant::now();
         let now = monotonic_ns();
         let mut bytes = 0u64;
@@ -1982,7 +1822,7 @@ impl Agent {
             }
             at = next;
         }
-        let (in_bitmap, since) = self.bpf.as_mut().map_or((0, None), |b| b.bitmap_backlog(now));
+        let (in_bitmap, since) = in_bitmap;
         if let Some(t) = since {
             oldest = oldest.min(t);
         }
@@ -2008,222 +1848,6 @@ impl Agent {
         }
     }
 
-    fn release_acked(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64)>) -> Result<(), AgentError> {
-        sess.flush()?;
-        self.note_ack(sess);
-        self.note_lag();
-        if self.frozen {
-            return Ok(());
-        }
-        // Slots are freed only after the acknowledged sequence that covers
-        // them is saved: should the master target ever come back behind it,
-        // the agent notices and resyncs. Saves happen at most twice a second.
-        if pending.front().is_some_and(|&(seq, _)| seq > self.saved_acked && seq <= self.st.acked_seq) {
-            self.save_if_due()?;
-        }
-        let saved = self.saved_acked;
-        let mut upto = None;
-        while let Some(&(seq, idx)) = pending.front() {
-            if seq > saved {
-                break;
-            }
-            upto = Some(idx);
-            pending.pop_front();
-        }
-        if let Some(idx) = upto {
-            ring.release(idx)?;
-        }
-        Ok(())
-    }
-
-    /// Cut a crash-consistent point if nothing was written while the last
-    /// extents were shipped and made durable.
-    fn quiet_cut(
-        &mut self,
-        sess: &mut Session,
-        ring: &Ring,
-        cursor: u64,
-        pending: &mut VecDeque<(u64, u64)>,
-    ) -> Result<Option<LastPoint>, AgentError> {
-        let p0 = ring.producer();
-        if p0 != cursor {
-            return Ok(None);
-        }
-        sess.wait_acked(sess.next_seq - 1)?;
-        self.release_acked(sess, ring, pending)?;
-        // Anything that completed meanwhile is in the tracker's buffer. Then
-        // every write still in `inflight` is shipped as it is now, and the
-        // tracker is read again: a write moved to the bitmap meanwhile (a
-        // completion caught at reissue) moves the producer, and no point.
-        self.feed()?;
-        // Any change the device completes from here on must stop this cut:
-        // one the tracker sees moves the producer; one it does not run for
-        // (and whose tag is not reused meanwhile) shows only here.
-        let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
-        self.ship_inflight(sess)?;
-        self.feed()?;
-        // Whatever the bitmap still holds (a catch-up not finished, or bits
-        // the program set without its counter moving yet) is queued now:
-        // it moves the producer, and no point is cut before it is shipped.
-        if let Some(t) = self.bpf.as_mut() {
-            t.tracker_mut().take_bitmap();
-        }
-        self.check_tracker_now()?;
-        if dev0.is_some() && ferry_bpf::device_bytes_changed(&self.opts.disk) != dev0 {
-            return Ok(None);
-        }
-        if ring.producer() != p0 || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
-            return Ok(None);
-        }
-        Ok(Some(self.cut(sess, PointKind::Crash)?))
-    }
-
-    /// Freeze, ship everything written before the freeze, cut a point,
-    /// thaw. The point is `app` when every filesystem on the disk froze (and
-    /// the freeze command ran), else `crash`; either way only if nothing was
-    /// written while the last changes shipped. `Ok(None)`: no point this
-    /// time (the reason is in `cut_problem`).
-    fn frozen_cut(
-        &mut self,
-        sess: &mut Session,
-        ring: &Ring,
-        cursor: &mut u64,
-        pending: &mut VecDeque<(u64, u64)>,
-        mounts: &[std::path::PathBuf],
-    ) -> Result<Option<LastPoint>, AgentError> {
-        let mut buf = AlignedBuf::new(1 << 20);
-        // Pre-copy: flush and ship what the filesystems hold now, so that the
-        // freeze has only the last moment's changes to carry.
-        if !mounts.is_empty() {
-            freeze::presync(mounts);
-            self.feed()?;
-            loop {
-                let (recs, next) = ring.read_from(*cursor, 4096)?;
-                if recs.is_empty() || recs.iter().any(|r| r.is_err()) {
-                    break; // invalid records are handled under the freeze
-                }
-                let exts: Vec<Record> = recs.into_iter().flatten().collect();
-                self.ship_records(sess, &exts, next, cursor, pending, &mut buf)?;
-            }
-        }
-        let cap = self.opts.freeze_cap;
-        // A separate process thaws if this one dies or overruns the cap.
-        let guard = freeze::Guard::start(mounts, cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
-        let t0 = Instant::now();
-        if let Some(f) = &self.opts.freeze_cmd {
-            if let Err(e) = run_hook("freeze", f) {
-                drop(guard); // thaws and runs the thaw command
-                return Err(e);
-            }
-        }
-        self.frozen = true;
-        if let Some(t) = &self.bpf {
-            t.tracker().hold();
-        }
-        log::debug!("freeze attempt: {} filesystem(s)", mounts.len());
-        let (fs, all_frozen) = freeze::freeze(mounts);
-        let failed = fs.failed.clone();
-        let mut taken: Vec<Record> = Vec::new();
-        let r = (|| -> Result<Option<LastPoint>, AgentError> {
-            if let Some(e) = &fs.failed {
-                self.st.cut_problem = Some(e.clone());
-                return Ok(None);
-            }
-            self.feed()?;
-            let dev0 = self.bpf.as_ref().and_then(|_| ferry_bpf::device_bytes_changed(&self.opts.disk));
-            loop {
-                if t0.elapsed() > cap {
-                    self.st.cut_problem =
-                        Some(format!("a freeze reached its {:.1}s cap with changes left to ship; thawed, will retry", cap.as_secs_f64()));
-                    log::warn!("freeze cap of {:.1}s reached; thawing without a point", cap.as_secs_f64());
-                    return Ok(None);
-                }
-                let held = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
-                let (recs, next) = ring.read_from(*cursor, 4096)?;
-                if held.is_empty() && recs.is_empty() {
-                    break;
-                }
-                let mut exts = Vec::with_capacity(recs.len() + held.len());
-                for r in recs {
-                    match r {
-                        Ok(rec) => exts.push(rec),
-                        Err(e) => {
-                            // A change we cannot read: no point until a resync.
-                            self.st.resync_required = Some(format!("tracker sent an invalid record ({e})"));
-                            return Ok(None);
-                        }
-                    }
-                }
-                exts.extend_from_slice(&held);
-                taken.extend(held);
-                self.ship_records(sess, &exts, next, cursor, pending, &mut buf)?;
-            }
-            // Every write still in `inflight` (its completion possibly not
-            // seen), as it is now.
-            self.ship_inflight(sess)?;
-            sess.wait_acked(sess.next_seq - 1)?;
-            // Nothing may have been written meanwhile (a filesystem the freeze
-            // did not reach, a swap area, another writer on the raw disk).
-            self.feed()?;
-            self.check_tracker_now()?;
-            let late = self.bpf.as_ref().map(|t| t.tracker().take_held()).unwrap_or_default();
-            // The device completed nothing since the freeze began (a change
-            // the tracker did not run for shows only here).
-            let still = dev0.is_none() || ferry_bpf::device_bytes_changed(&self.opts.disk) == dev0;
-            let quiet = still && late.is_empty() && ring.producer() == *cursor;
-            taken.extend(late);
-            if !quiet || ring.overflows() > self.st.ring_overflows_seen || self.st.resync_required.is_some() {
-                self.st.cut_problem =
-                    Some("the disk was written during the freeze (something the freeze does not reach writes to it)".into());
-                return Ok(None);
-            }
-            if t0.elapsed() > cap {
-                return Ok(None);
-            }
-            let kind = if all_frozen { PointKind::App } else { PointKind::Crash };
-            self.cut(sess, kind).map(Some)
-        })();
-        let fs_thawed = fs.thaw();
-        let hook_thawed = self.thaw();
-        guard.done();
-        // Hand back to the durable ring what was collected while frozen and
-        // is not yet covered by a point (re-shipping is harmless). Held
-        // records were also marked in the tracker's bitmap (so an agent that
-        // died frozen loses nothing); take those marks now, too.
-        if let Some(t) = self.bpf.as_mut() {
-            let rest = t.tracker().unhold();
-            let unsure = !matches!(r, Ok(Some(_)));
-            for rec in rest.into_iter().chain(if unsure { taken } else { Vec::new() }) {
-                t.tracker().requeue(rec);
-            }
-            t.tracker_mut().take_bitmap();
-        }
-        match &failed {
-            // No freeze happened: the error is logged once per change, and
-            // the next attempt waits (Retry).
-            Some(e) => self.freeze_failed(e),
-            None => {
-                if let Some(old) = self.freeze_retry.succeeded() {
-                    log::info!("filesystems freeze again (the last attempts failed: {old})");
-                }
-                let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                log::info!("freeze held {ms:.1} ms ({} filesystems)", mounts.len());
-                self.st.freeze_ms_recent.push(ms);
-                let n = self.st.freeze_ms_recent.len();
-                if n > 200 {
-                    self.st.freeze_ms_recent.drain(..n - 200);
-                }
-            }
-        }
-        self.save()?;
-        let p = r?;
-        if let Err(e) = fs_thawed {
-            log::error!("{e}");
-        }
-        hook_thawed?;
-        Ok(p)
-    }
-
     /// A freeze failed with `e` (nothing is frozen now): back off, and say
     /// so when the error is new.
     fn freeze_failed(&mut self, e: &str) {
@@ -2235,40 +1859,6 @@ impl Agent {
                 self.freeze_retry.delay().as_secs_f64()
             );
         }
-    }
-
-    /// Checks that must hold right before a point is cut: the tracker is
-    /// still attached and has not missed a run ([`BpfSource::check_now`]).
-    fn check_tracker_now(&mut self) -> Result<(), AgentError> {
-        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
-        Ok(b.check_now(&mut self.st.resync_required)?)
-    }
-
-    /// Move what the BPF tracker recorded into `STATE/ring`, and turn any
-    /// loss it reports into "resync required" ([`BpfSource::feed`]).
-    fn feed(&mut self) -> Result<(), AgentError> {
-        let Some(b) = self.bpf.as_mut() else { return Ok(()) };
-        Ok(b.feed(&mut self.st.resync_required)?)
-    }
-
-    /// Ship, straight to the master target, every write the bpf tracker
-    /// holds in `inflight` (issued, completion not seen), as the disk holds
-    /// it now: run right before a point is cut, every time (a slot swept
-    /// earlier may have been read while its write was still in flight), so
-    /// that a write whose completion the program missed is in the point.
-    /// A write truly still in flight is not part of the point's prefix, so
-    /// reading it early or late is harmless. Shipping directly, not through
-    /// `STATE/ring`, keeps a slot that stays behind from stopping every
-    /// quiet cut.
-    fn ship_inflight(&mut self, sess: &mut Session) -> Result<(), AgentError> {
-        let Some(t) = self.bpf.as_ref() else { return Ok(()) };
-        let recs: Vec<Record> = t.tracker().inflight().iter().flat_map(|e| e.records(self.st.size)).collect();
-        if recs.is_empty() {
-            return Ok(());
-        }
-        log::info!("bpf tracker: {} in-flight writes shipped before the cut", recs.len());
-        let mut buf = AlignedBuf::new(1 << 20);
-        self.ship_extents(sess, &coalesce(&recs, self.st.size), &mut buf)
     }
 
     /// Run the thaw command (if any) and catch up on the state writes held
@@ -2297,6 +1887,58 @@ impl Agent {
 struct AgentSink<'a> {
     agent: &'a mut Agent,
     sess: &'a mut Session,
+    /// The mounted filesystems of the disk, as of the last cut plan.
+    mounts: Vec<PathBuf>,
+    /// The freeze under way.
+    run: Option<FreezeRun>,
+}
+
+/// A freeze under way ([`AgentSink::freeze`] to [`AgentSink::thaw`]).
+struct FreezeRun {
+    guard: freeze::Guard,
+    t0: Instant,
+    fs: freeze::Frozen,
+    failed: Option<String>,
+}
+
+/// What the agent's stream loop needs of a ring-fed source besides the
+/// trait: the ring (backlog, overflows), the bitmap's part of the
+/// backlog, folds, and handing the parts back when the stream ends.
+trait RingFed: ChangeSource {
+    fn ring_source(&self) -> &RingSource;
+    fn bitmap_backlog(&mut self, _now: u64) -> (u64, Option<u64>) {
+        (0, None)
+    }
+    fn folds(&self) -> u64 {
+        0
+    }
+    fn give_back(self, agent: &mut Agent);
+}
+
+impl RingFed for RingSource {
+    fn ring_source(&self) -> &RingSource {
+        self
+    }
+    fn give_back(self, agent: &mut Agent) {
+        agent.ring = Some(self.into_ring());
+    }
+}
+
+impl RingFed for BpfRingSource {
+    fn ring_source(&self) -> &RingSource {
+        self.ring()
+    }
+    fn bitmap_backlog(&mut self, now: u64) -> (u64, Option<u64>) {
+        self.bpf_mut().bitmap_backlog(now)
+    }
+    fn folds(&self) -> u64 {
+        BpfRingSource::folds(self)
+    }
+    fn give_back(self, agent: &mut Agent) {
+        let (b, r) = self.into_parts();
+        agent.bpf = Some(b);
+        agent.ring = Some(r.into_ring());
+    }
 }
 
 impl Sink for AgentSink<'_> {
@@ -2348,8 +1990,9 @@ impl Sink for AgentSink<'_> {
         self.sess.next_seq.saturating_sub(1)
     }
 
-    fn cut(&mut self, time_ns: u64) -> Result<u64, AgentError> {
-        Ok(self.agent.cut_at(self.sess, PointKind::Crash, time_ns)?.id)
+    fn cut(&mut self, time_ns: u64, app: bool) -> Result<u64, AgentError> {
+        let kind = if app { PointKind::App } else { PointKind::Crash };
+        Ok(self.agent.cut_at(self.sess, kind, time_ns)?.id)
     }
 
     fn resync(&mut self, why: &str) -> Result<(), AgentError> {
@@ -2365,6 +2008,92 @@ impl Sink for AgentSink<'_> {
         // The ring's consumer index is itself durable, and the
         // acknowledgement covering it was saved (see `durable`).
         Ok(())
+    }
+
+    /// Freeze when a filesystem of the disk is mounted or `--freeze-cmd`
+    /// is given; pre-copy (flush the filesystems now, ship, then freeze)
+    /// when there are filesystems.
+    fn cut_plan(&mut self) -> CutPlan {
+        self.mounts = freeze::mounts_of(&self.agent.opts.disk);
+        if self.agent.opts.freeze_cmd.is_none() && self.mounts.is_empty() {
+            return CutPlan::Quiet;
+        }
+        let precopy = !self.mounts.is_empty();
+        if precopy {
+            freeze::presync(&self.mounts);
+        }
+        CutPlan::Freeze { precopy }
+    }
+
+    fn freeze(&mut self) -> Result<Option<bool>, AgentError> {
+        let agent = &mut *self.agent;
+        let cap = agent.opts.freeze_cap;
+        // A separate process thaws if this one dies or overruns the cap.
+        let guard = freeze::Guard::start(&self.mounts, cap + Duration::from_secs(2), agent.opts.thaw_cmd.as_deref());
+        let t0 = Instant::now();
+        if let Some(f) = &agent.opts.freeze_cmd {
+            if let Err(e) = run_hook("freeze", f) {
+                drop(guard); // thaws and runs the thaw command
+                return Err(e);
+            }
+        }
+        agent.frozen = true;
+        log::debug!("freeze attempt: {} filesystem(s)", self.mounts.len());
+        let (fs, all_frozen) = freeze::freeze(&self.mounts);
+        let failed = fs.failed.clone();
+        if let Some(e) = &failed {
+            agent.st.cut_problem = Some(e.clone());
+        }
+        let frozen = failed.is_none();
+        self.run = Some(FreezeRun { guard, t0, fs, failed });
+        Ok(frozen.then_some(all_frozen))
+    }
+
+    fn freeze_over_cap(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| r.t0.elapsed() > self.agent.opts.freeze_cap)
+    }
+
+    fn thaw(&mut self, _point: bool) -> Result<(), AgentError> {
+        let Some(run) = self.run.take() else { return Ok(()) };
+        let agent = &mut *self.agent;
+        let fs_thawed = run.fs.thaw();
+        let hook_thawed = agent.thaw();
+        run.guard.done();
+        match &run.failed {
+            // No freeze happened: the error is logged once per change, and
+            // the next attempt waits (Retry).
+            Some(e) => agent.freeze_failed(e),
+            None => {
+                if let Some(old) = agent.freeze_retry.succeeded() {
+                    log::info!("filesystems freeze again (the last attempts failed: {old})");
+                }
+                let ms = run.t0.elapsed().as_secs_f64() * 1000.0;
+                log::info!("freeze held {ms:.1} ms ({} filesystems)", self.mounts.len());
+                agent.st.freeze_ms_recent.push(ms);
+                let n = agent.st.freeze_ms_recent.len();
+                if n > 200 {
+                    agent.st.freeze_ms_recent.drain(..n - 200);
+                }
+            }
+        }
+        agent.save()?;
+        if let Err(e) = fs_thawed {
+            log::error!("{e}");
+        }
+        hook_thawed
+    }
+
+    fn no_point(&mut self, why: NoPoint) {
+        let cap = self.agent.opts.freeze_cap.as_secs_f64();
+        self.agent.st.cut_problem = Some(match why {
+            NoPoint::FreezeCap => {
+                log::warn!("freeze cap of {cap:.1}s reached; thawing without a point");
+                format!("a freeze reached its {cap:.1}s cap with changes left to ship; thawed, will retry")
+            }
+            NoPoint::WrittenWhileFrozen => {
+                "the disk was written during the freeze (something the freeze does not reach writes to it)".into()
+            }
+        });
     }
 }
 

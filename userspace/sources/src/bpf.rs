@@ -3,14 +3,18 @@
 //! the program's `lost`, recursion misses, the device cross-check), and
 //! the backlog catch-up from its pinned bitmap (docs/consistency.md).
 //!
-//! Moved out of the agent (issue 12): the agent keeps none of this state;
-//! it calls [`BpfSource::feed`] between steps, [`BpfSource::check_now`]
-//! before a cut, [`BpfSource::steer`] to keep a backlog in the bitmap, and
-//! copies [`BpfCounters`] into its state file when it saves.
+//! Moved out of the agent (issue 12): the agent keeps none of this state.
+//! [`BpfRingSource`] is the tracker over `STATE/ring` as a
+//! [`ChangeSource`] for the shipper: [`BpfSource::feed`] and
+//! [`BpfSource::steer`] before each batch, [`BpfSource::check_now`] and
+//! the device counter around a cut; the agent reads [`BpfCounters`]
+//! through [`BpfSource::shared_counters`] when it saves its state file.
 
-use crate::SourceError;
-use ferry_ring::Ring;
-use std::path::PathBuf;
+use crate::ring::{change_of, RingSource};
+use crate::{Batch, Change, ChangeSource, Position, Quiet, SourceError, SourceStats};
+use ferry_ring::{Record, Ring};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The counters the agent's state file keeps for the bpf tracker (they
@@ -43,6 +47,9 @@ pub struct BpfSource {
     /// For log lines: the `STATE/ring` path.
     ring_file: String,
     pub counters: BpfCounters,
+    /// A copy of `counters` as of the last feed or check, for the agent's
+    /// state file while the source is inside the shipper.
+    shared: Arc<Mutex<BpfCounters>>,
     last_recursion_check: Instant,
     last_sweep: Instant,
     /// What went through the bitmap since the last log line about it.
@@ -74,6 +81,7 @@ impl BpfSource {
             name,
             ring_file,
             counters,
+            shared: Arc::new(Mutex::new(counters)),
             last_recursion_check: Instant::now(),
             last_sweep: Instant::now(),
             spill_log: (Instant::now(), 0, 0),
@@ -83,12 +91,77 @@ impl BpfSource {
         }
     }
 
+    /// Attach the tracker of disk `name` (at `disk`, `size` bytes) feeding
+    /// `ring_file`, or re-attach to the pins that outlived the last agent.
+    /// `counters` are what the state file says was handled; on a fresh
+    /// attach they restart from the tracker's own counters now. A fresh
+    /// attach of a disk `protected_before` cannot know what changed while
+    /// nothing tracked it: the second value says why a resync is needed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        name: &str,
+        disk: &Path,
+        size: u64,
+        ring_bytes: u32,
+        ring_file: &Path,
+        owner: &[u8],
+        mut counters: BpfCounters,
+        protected_before: bool,
+    ) -> Result<(BpfSource, Option<String>), ferry_bpf::BpfError> {
+        let (t, fresh) = ferry_bpf::Tracker::attach(name, disk, size, ring_bytes, ring_file, owner)?;
+        let mut resync = None;
+        if fresh {
+            log::info!(
+                "bpf tracker attached to {} ({}-byte bitmap chunks), pinned in {}",
+                disk.display(),
+                t.chunk(),
+                ferry_bpf::pin_dir(name).display()
+            );
+            if protected_before {
+                resync = Some("tracking was not active (a reboot, an unprotect, or a first attach after another tracker)".into());
+            }
+            let s = t.stats()?;
+            counters.lost_seen = s.lost;
+            counters.recursion_seen = t.recursion_misses().unwrap_or(0);
+            counters.baseline = ferry_bpf::device_bytes_changed(disk).map(|d| (d, s.bytes + s.recovered_bytes));
+        } else {
+            log::info!("bpf tracker re-attached from {}", ferry_bpf::pin_dir(name).display());
+        }
+        if !ferry_bpf::device_iostats_on(disk) {
+            log::warn!(
+                "{}: the disk's I/O statistics are off (queue/iostats = 0), so the agent cannot check the tracker against \
+                 the device's own count of completed writes; turn them on with `echo 1 > /sys/block/<disk>/queue/iostats`",
+                disk.display()
+            );
+        }
+        let src = BpfSource::new(t, disk.to_path_buf(), name.to_string(), ring_file.display().to_string(), counters);
+        Ok((src, resync))
+    }
+
     pub fn tracker(&self) -> &ferry_bpf::Tracker {
         &self.tracker
     }
 
     pub fn tracker_mut(&mut self) -> &mut ferry_bpf::Tracker {
         &mut self.tracker
+    }
+
+    /// The counters as of the last feed or check, readable while the
+    /// source is owned by the shipper.
+    pub fn shared_counters(&self) -> Arc<Mutex<BpfCounters>> {
+        Arc::clone(&self.shared)
+    }
+
+    fn publish(&self) {
+        if let Ok(mut c) = self.shared.lock() {
+            *c = self.counters;
+        }
+    }
+
+    /// The device's count of bytes of completed changes (None where the
+    /// kernel does not show it).
+    pub fn device_bytes(&self) -> Option<u64> {
+        ferry_bpf::device_bytes_changed(&self.disk)
     }
 
     /// Catching up from the bitmap (no point may be cut).
@@ -131,6 +204,7 @@ impl BpfSource {
             Some(_) => {}
             None => *resync = Some("the bpf tracker's program is gone".into()),
         }
+        self.publish();
         Ok(())
     }
 
@@ -189,6 +263,7 @@ impl BpfSource {
             self.last_recursion_check = Instant::now();
             self.check_now(resync)?;
         }
+        self.publish();
         Ok(())
     }
 
@@ -272,5 +347,181 @@ impl BpfSource {
         let since = *self.bitmap_since_ns.get_or_insert(now);
         let round = self.tracker.bitmap_age_bound().map(|d| now.saturating_sub(d.as_nanos() as u64));
         (in_bitmap, Some(round.map_or(since, |r| r.max(since))))
+    }
+}
+
+/// The eBPF tracker's stream as a [`ChangeSource`]: the tracker
+/// ([`BpfSource`]) feeds `STATE/ring`, read through a [`RingSource`]
+/// (positions are ring indices). Each batch first moves what the tracker
+/// recorded into the ring and steers a backlog into the pinned bitmap;
+/// a loss the tracker reports leads the next batch. The barrier before a
+/// cut records the device's completed-write counter; `in_flight` is the
+/// tracker's in-flight table; `quiesce` reads the tracker again, queues
+/// the bitmap, checks the tracker and compares the device counter. Under a
+/// freeze the tracker holds new records in memory (the ring's file may be
+/// on a frozen filesystem) and hands them back after the thaw.
+pub struct BpfRingSource {
+    bpf: BpfSource,
+    ring: RingSource,
+    /// The disk's size (in-flight writes are clipped to it).
+    size: u64,
+    /// A loss found between batches, for the head of the next one.
+    loss: Option<String>,
+    /// Between `freeze_begin` and `freeze_end`.
+    frozen: bool,
+    /// Records held while frozen and handed out.
+    taken: Vec<Record>,
+    /// The device's counter at the barrier.
+    dev0: Option<u64>,
+    /// Backlogs folded into the bitmap so far.
+    folds: u64,
+}
+
+impl BpfRingSource {
+    pub fn new(bpf: BpfSource, ring: RingSource, size: u64) -> BpfRingSource {
+        BpfRingSource { bpf, ring, size, loss: None, frozen: false, taken: Vec::new(), dev0: None, folds: 0 }
+    }
+
+    /// The parts back (the agent keeps them across connections).
+    pub fn into_parts(self) -> (BpfSource, RingSource) {
+        (self.bpf, self.ring)
+    }
+
+    pub fn bpf_mut(&mut self) -> &mut BpfSource {
+        &mut self.bpf
+    }
+
+    pub fn ring(&self) -> &RingSource {
+        &self.ring
+    }
+
+    /// Both parts at once (the ring to read, the tracker to measure).
+    pub fn parts_mut(&mut self) -> (&RingSource, &mut BpfSource) {
+        (&self.ring, &mut self.bpf)
+    }
+
+    /// How many times a backlog was folded into the bitmap (what was
+    /// shipped and not yet released then is forgotten).
+    pub fn folds(&self) -> u64 {
+        self.folds
+    }
+
+    fn note(&mut self, resync: Option<String>) {
+        if let Some(why) = resync {
+            self.loss = Some(why);
+        }
+    }
+}
+
+impl ChangeSource for BpfRingSource {
+    fn kind(&self) -> &'static str {
+        "bpf"
+    }
+
+    fn resume(&mut self, durable: Position) -> Result<(), SourceError> {
+        self.ring.resume(durable)
+    }
+
+    fn next_batch(&mut self, max: usize) -> Result<Batch, SourceError> {
+        let mut resync = None;
+        self.bpf.feed(&mut resync)?;
+        let mut held = Vec::new();
+        if self.frozen {
+            held = self.bpf.tracker().take_held();
+        } else if let Steer::Folded(at) = self.bpf.steer(self.ring.ring(), self.ring.cursor(), &mut resync)? {
+            self.ring.skip_to(at);
+            self.folds += 1;
+        }
+        self.note(resync);
+        let mut b = self.ring.next_batch(max)?;
+        b.changes.extend(held.iter().filter_map(|r| change_of(r, false)));
+        self.taken.extend(held);
+        if let Some(why) = self.loss.take() {
+            b.changes.insert(0, Change::Loss(why));
+        }
+        Ok(b)
+    }
+
+    fn release(&mut self, upto: Position) -> Result<(), SourceError> {
+        // A fold released the ring past what was shipped before it.
+        if !self.ring.ring().in_window(upto) {
+            return Ok(());
+        }
+        self.ring.release(upto)
+    }
+
+    fn barrier(&mut self) -> Result<(), SourceError> {
+        let mut resync = None;
+        self.bpf.feed(&mut resync)?;
+        self.note(resync);
+        // Any change the device completes from here on must stop the cut:
+        // one the tracker sees moves the producer; one it does not run
+        // for (and whose tag is not reused meanwhile) shows only here.
+        self.dev0 = self.bpf.device_bytes();
+        Ok(())
+    }
+
+    fn in_flight(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        let recs: Vec<Record> = self.bpf.tracker().inflight().iter().flat_map(|e| e.records(self.size)).collect();
+        if !recs.is_empty() {
+            log::info!("bpf tracker: {} in-flight writes shipped before the cut", recs.len());
+        }
+        Ok(recs.iter().map(|r| (r.offset, r.offset + u64::from(r.length))).collect())
+    }
+
+    fn quiesce(&mut self) -> Result<Quiet, SourceError> {
+        let mut resync = None;
+        // Anything that completed meanwhile is in the tracker's buffer; a
+        // write moved to the bitmap (a completion caught at reissue) moves
+        // the producer once the bitmap is queued, and no point.
+        self.bpf.feed(&mut resync)?;
+        let mut late = false;
+        if self.frozen {
+            let held = self.bpf.tracker().take_held();
+            late = !held.is_empty();
+            self.taken.extend(held);
+        } else {
+            self.bpf.tracker_mut().take_bitmap();
+        }
+        self.bpf.check_now(&mut resync)?;
+        self.note(resync);
+        let still = self.dev0.is_none() || self.bpf.device_bytes() == self.dev0;
+        let quiet = still && !late && self.loss.is_none() && !self.bpf.catching_up() && self.ring.quiesce()? == Quiet::Yes;
+        Ok(if quiet { Quiet::Yes } else { Quiet::No })
+    }
+
+    fn freeze_begin(&mut self) -> Result<(), SourceError> {
+        self.frozen = true;
+        self.taken.clear();
+        self.bpf.tracker().hold();
+        Ok(())
+    }
+
+    fn freeze_end(&mut self, point: bool) -> Result<(), SourceError> {
+        self.frozen = false;
+        // Hand back to the durable ring what was collected while frozen and
+        // is not covered by a point (re-shipping is harmless). Held records
+        // were also marked in the tracker's bitmap (so an agent that died
+        // frozen loses nothing); take those marks now, too.
+        let rest = self.bpf.tracker().unhold();
+        let taken = std::mem::take(&mut self.taken);
+        for rec in rest.into_iter().chain(if point { Vec::new() } else { taken }) {
+            self.bpf.tracker().requeue(rec);
+        }
+        self.bpf.tracker_mut().take_bitmap();
+        Ok(())
+    }
+
+    fn request_cut(&mut self) -> Result<bool, SourceError> {
+        // Not a prefix state until the bitmap is shipped.
+        Ok(!self.bpf.catching_up())
+    }
+
+    fn stats(&self) -> SourceStats {
+        self.ring.stats()
+    }
+
+    fn detach(&mut self) -> Result<(), SourceError> {
+        Ok(())
     }
 }

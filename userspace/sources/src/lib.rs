@@ -19,7 +19,7 @@
 //! | source | positions | catch-up | loss |
 //! |--------|-----------|----------|------|
 //! | test ring ([`ring::RingSource`]) | ring index | — | ring overflow, invalid record |
-//! | eBPF tracker | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
+//! | eBPF tracker ([`bpf::BpfRingSource`]) | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
 //! | kernel module | module sequence | module bitmap hand-over (`STATE/kmod.catchup`) | module overflow, unclean stop |
 //! | scan | pass number | the whole disk by checksum | — |
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |
@@ -129,7 +129,10 @@ pub struct SourceStats {
 /// Order of calls: [`ChangeSource::resume`] once after attaching (the
 /// constructor of each source attaches, or re-attaches to what outlived
 /// the last agent), then any number of [`ChangeSource::next_batch`],
-/// [`ChangeSource::release`], [`ChangeSource::quiesce`], and finally
+/// [`ChangeSource::release`], and, for a cut, [`ChangeSource::barrier`],
+/// [`ChangeSource::in_flight`], [`ChangeSource::quiesce`] (inside
+/// [`ChangeSource::freeze_begin`] / [`ChangeSource::freeze_end`] for an
+/// app-consistent point), and finally
 /// [`ChangeSource::detach`] (only when protection ends: an agent that
 /// stops leaves a tracker that outlives it attached).
 pub trait ChangeSource {
@@ -161,6 +164,40 @@ pub trait ChangeSource {
     /// writes, bitmap bits) into the stream, and say whether nothing
     /// changed since the last batch.
     fn quiesce(&mut self) -> Result<Quiet, SourceError>;
+
+    /// A barrier before a cut, once everything handed out is durable:
+    /// from here until [`ChangeSource::quiesce`], any change the disk
+    /// completes must show there (the eBPF tracker records the device's
+    /// completed-write counter now and compares it then).
+    fn barrier(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// What the tracker holds outside its stream that belongs in a point
+    /// cut now: writes issued whose completion it has not seen, as
+    /// `[start, end)` ranges. The shipper reads and ships them as the disk
+    /// holds them now, right before [`ChangeSource::quiesce`]. A write that
+    /// is truly still in flight is not part of the point, so reading it
+    /// early or late is harmless.
+    fn in_flight(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        Ok(Vec::new())
+    }
+
+    /// The disk's writers are about to be frozen for an app-consistent
+    /// point: hold new changes in memory from here (the source's own state
+    /// may live on a filesystem being frozen); [`ChangeSource::next_batch`]
+    /// hands them out as usual.
+    fn freeze_begin(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// Thawed. What was held and handed out is handed back to the durable
+    /// stream unless `point` (a point now covers it); re-shipping is
+    /// harmless.
+    fn freeze_end(&mut self, point: bool) -> Result<(), SourceError> {
+        let _ = point;
+        Ok(())
+    }
 
     /// A point is wanted (`--point-every` fell due): a source that can only
     /// cut at its own markers (a consistency group) asks its tracker for

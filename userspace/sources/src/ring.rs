@@ -13,7 +13,60 @@ pub struct RingSource {
     cursor: u64,
     /// Overflows already reported as a loss.
     overflows_seen: u64,
+    /// Discards read as zeroes on this disk: ship them unread.
+    discard_zeroes: bool,
     stats: SourceStats,
+}
+
+/// What one ring record reports (`discard_zeroes`: the disk reads zeroes
+/// after a discard, so a discard ships as zeroes, unread).
+pub fn change_of(r: &ferry_ring::Record, discard_zeroes: bool) -> Option<Change> {
+    Some(match r.kind {
+        RecordKind::WriteZeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
+        RecordKind::Discard if discard_zeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
+        // Markers in a ring of extents mean nothing for a point: the
+        // extents before one are read from the live disk after it, so the
+        // state at the marker cannot be shipped (points here are quiet or
+        // frozen cuts only, as docs/consistency.md says).
+        RecordKind::Tag | RecordKind::Catchup => return None,
+        RecordKind::Write | RecordKind::Discard => Change::Extent { offset: r.offset, len: u64::from(r.length) },
+    })
+}
+
+/// What [`attach`] found.
+pub struct RingAttach {
+    pub ring: Ring,
+    /// The ring file's (device, inode): which ring this is.
+    pub id: (u64, u64),
+    /// A protection that did not always have this ring cannot know what
+    /// changed while it was missing: why a resync is needed.
+    pub resync: Option<String>,
+}
+
+/// Open `STATE/ring` at `path`, or create it with `capacity` records.
+/// `last_id`: the ring the state file last read; `same_tracker`: the
+/// state file was written for this tracker; `protected_before`: the disk
+/// was protected before this run.
+pub fn attach(
+    path: &std::path::Path,
+    capacity: u64,
+    last_id: Option<(u64, u64)>,
+    same_tracker: bool,
+    protected_before: bool,
+) -> Result<RingAttach, SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let created = !path.exists();
+    let ring = if created { Ring::create(path, capacity)? } else { Ring::open(path)? };
+    let m = std::fs::metadata(path).map_err(|source| SourceError::Io { what: format!("ring {}", path.display()), source })?;
+    let id = (m.dev(), m.ino());
+    let resync = (protected_before && (created || !same_tracker || last_id != Some(id))).then(|| {
+        if created {
+            "the tracker ring was missing and was recreated".to_string()
+        } else {
+            "the tracker ring is not the one this agent last read".to_string()
+        }
+    });
+    Ok(RingAttach { ring, id, resync })
 }
 
 impl RingSource {
@@ -21,7 +74,24 @@ impl RingSource {
     /// already covered by a resync.
     pub fn new(ring: Ring, overflows_seen: u64) -> RingSource {
         let cursor = ring.consumer();
-        RingSource { ring, cursor, overflows_seen, stats: SourceStats::default() }
+        RingSource { ring, cursor, overflows_seen, discard_zeroes: false, stats: SourceStats::default() }
+    }
+
+    /// Ship discards unread, as zeroes (the disk reads zeroes after one).
+    pub fn with_discard_zeroes(mut self, yes: bool) -> RingSource {
+        self.discard_zeroes = yes;
+        self
+    }
+
+    /// The next index to hand out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Hand out from `at` on (the ring was released up to it unshipped:
+    /// a backlog folded into a bitmap).
+    pub fn skip_to(&mut self, at: u64) {
+        self.cursor = at;
     }
 
     /// Overflows reported so far (for the agent's state file).
@@ -66,15 +136,9 @@ impl ChangeSource for RingSource {
         let oldest_ns = recs.iter().flatten().map(|r| r.time_ns).filter(|&t| t > 0).min();
         for r in recs {
             changes.push(match r {
-                Ok(r) => match r.kind {
-                    RecordKind::WriteZeroes => Change::Zero { offset: r.offset, len: u64::from(r.length) },
-                    // Markers in a ring of extents mean nothing for a point:
-                    // the extents before one are read from the live disk
-                    // after it, so the state at the marker cannot be
-                    // shipped (points here are quiet cuts only, as
-                    // docs/consistency.md says).
-                    RecordKind::Tag | RecordKind::Catchup => continue,
-                    RecordKind::Write | RecordKind::Discard => Change::Extent { offset: r.offset, len: u64::from(r.length) },
+                Ok(r) => match change_of(&r, self.discard_zeroes) {
+                    Some(c) => c,
+                    None => continue,
                 },
                 Err(e) => {
                     self.stats.losses += 1;

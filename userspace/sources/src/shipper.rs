@@ -16,7 +16,14 @@
 //!   [`Marker::CatchUpStart`] and [`Marker::CatchUpEnd`]), only after
 //!   everything sent is durable and the source reports [`Quiet::Yes`];
 //! - after a restart it resumes from the last durable position: the source
-//!   hands out again what was not released.
+//!   hands out again what was not released;
+//! - a cut waits for the source's barrier: [`ChangeSource::barrier`], the
+//!   writes it holds in flight shipped, then [`ChangeSource::quiesce`];
+//! - an app-consistent cut ([`CutPlan::Freeze`]) ships what the writers
+//!   hold (pre-copy), freezes them ([`Sink::freeze`]), ships what came
+//!   before the freeze under the sink's cap, cuts only if nothing was
+//!   written meanwhile, and always thaws; a freeze that fails or overruns
+//!   gives no point this time, a partial one a crash-consistent point.
 
 use crate::reader::{BlockReader, ReadError};
 use crate::{Change, ChangeSource, Marker, Position, Quiet, SourceError};
@@ -37,14 +44,63 @@ pub trait Sink {
     fn wait_durable(&mut self, seq: u64) -> Result<(), Self::Error>;
     /// The last sequence number sent (0: none).
     fn last_sent(&self) -> u64;
-    /// Cut a recovery point after everything sent; returns its id.
-    fn cut(&mut self, time_ns: u64) -> Result<u64, Self::Error>;
+    /// Cut a recovery point after everything sent (`app`: taken under a
+    /// freeze of every writer, else crash-consistent); returns its id.
+    fn cut(&mut self, time_ns: u64, app: bool) -> Result<u64, Self::Error>;
     /// Bring the replica to the disk's content by checksum (a loss); done
     /// when it returns (durable).
     fn resync(&mut self, why: &str) -> Result<(), Self::Error>;
     /// Record (durably) that the source is durable up to `pos`; called
     /// before the source is released to it, so a restart resumes there.
     fn save_position(&mut self, pos: Position) -> Result<(), Self::Error>;
+
+    /// How a point that fell due is taken now (asked at every due cut;
+    /// the sink flushes the writers' caches itself when it answers
+    /// [`CutPlan::Freeze`] with `precopy`).
+    fn cut_plan(&mut self) -> CutPlan {
+        CutPlan::Quiet
+    }
+    /// Freeze the disk's writers (filesystems, a freeze command), under a
+    /// guard that thaws if the agent dies. `Ok(Some(app))`: frozen, `app`
+    /// when every writer froze; `Ok(None)`: the freeze failed (the sink
+    /// records why and backs off). Unless it returns an error (then it has
+    /// thawed already), [`Sink::thaw`] follows.
+    fn freeze(&mut self) -> Result<Option<bool>, Self::Error> {
+        Ok(None)
+    }
+    /// The freeze has lasted longer than its cap.
+    fn freeze_over_cap(&self) -> bool {
+        false
+    }
+    /// Thaw after [`Sink::freeze`]; `point`: whether a point was cut.
+    fn thaw(&mut self, point: bool) -> Result<(), Self::Error> {
+        let _ = point;
+        Ok(())
+    }
+    /// A due point could not be cut, and why (for status).
+    fn no_point(&mut self, why: NoPoint) {
+        let _ = why;
+    }
+}
+
+/// How a due point is taken ([`Sink::cut_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutPlan {
+    /// At a quiet moment (crash-consistent).
+    Quiet,
+    /// Under a freeze of the writers; `precopy`: ship what the writers
+    /// just flushed before freezing, so the freeze is short.
+    Freeze { precopy: bool },
+}
+
+/// Why a frozen cut gave no point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoPoint {
+    /// The freeze reached its cap with changes left to ship.
+    FreezeCap,
+    /// The disk was written while frozen (a writer the freeze does not
+    /// reach), or the source lost track meanwhile.
+    WrittenWhileFrozen,
 }
 
 /// What one [`Shipper::step`] did.
@@ -57,6 +113,9 @@ pub struct Step {
     pub resynced: Option<String>,
     /// Points cut (their ids).
     pub points: Vec<u64>,
+    /// A due cut was tried (the batch was empty); with no point in
+    /// `points`, it failed.
+    pub cut_tried: bool,
     /// The last sequence number sent for the batch and when its oldest
     /// change completed (the source's [`crate::Batch::oldest_ns`]).
     pub timed: Option<(u64, u64)>,
@@ -77,6 +136,9 @@ pub struct Shipper<S, K, R> {
     /// Something was read from the live disk since the last quiet point:
     /// a marker's point would not be the state at the marker.
     read_since_cut: bool,
+    /// A loss reported while frozen: resynced at the next step, after the
+    /// thaw.
+    deferred_loss: Option<String>,
     /// Most changes taken per batch.
     pub batch: usize,
     /// The size of the disk (extents are clipped to it).
@@ -123,6 +185,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
             catchup_open: false,
             unverified: false,
             read_since_cut: true,
+            deferred_loss: None,
             batch: 4096,
             size,
         })
@@ -149,8 +212,29 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
     /// stream is at a consistent, quiet position.
     pub fn step(&mut self, cut_due: bool) -> Result<Step, K::Error> {
         let mut out = Step::default();
-        let b = self.source.next_batch(self.batch)?;
-        out.changes = b.changes.len();
+        let mut b = self.source.next_batch(self.batch)?;
+        if let Some(why) = self.deferred_loss.take() {
+            b.changes.insert(0, Change::Loss(why));
+        }
+        self.ingest(b, &mut out, false)?;
+        self.release_durable()?;
+        out.cut_tried = cut_due && out.changes == 0;
+        if out.cut_tried && self.source.request_cut()? {
+            let cut = match self.sink.cut_plan() {
+                CutPlan::Quiet => self.quiet_cut(&mut out)?,
+                CutPlan::Freeze { precopy } => self.frozen_cut(precopy, &mut out)?,
+            };
+            out.points.extend(cut);
+        }
+        Ok(out)
+    }
+
+    /// Ship one batch: runs of extents coalesced and read, zeroes, payloads
+    /// and markers in order; a loss resyncs (or, `frozen`, waits for the
+    /// thaw: no point then). Returns whether a loss came.
+    fn ingest(&mut self, b: crate::Batch, out: &mut Step, frozen: bool) -> Result<bool, K::Error> {
+        let n = b.changes.len();
+        out.changes += n;
         let mut run = Vec::new();
         let mut loss = None;
         for c in b.changes {
@@ -181,15 +265,16 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                 }
                 Change::Marker(Marker::CutRequest { time_ns, .. }) => {
                     // Everything before the marker, durable, then the point
-                    // — only if nothing since the last point was read from
-                    // the live disk (an extent read after the marker may
-                    // hold a later write): payload sources, or a source
-                    // whose reads see a frozen view.
+                    // (under a freeze the freeze's own point follows) — only
+                    // if nothing since the last point was read from the live
+                    // disk (an extent read after the marker may hold a later
+                    // write): payload sources, or a source whose reads see a
+                    // frozen view.
                     out.bytes_read += self.ship_run(&mut run)?;
-                    if self.consistent() && (!self.read_since_cut || self.source.reads_frozen_view()) {
+                    if self.consistent() && !frozen && (!self.read_since_cut || self.source.reads_frozen_view()) {
                         let last = self.sink.last_sent();
                         self.sink.wait_durable(last)?;
-                        out.points.push(self.sink.cut(time_ns)?);
+                        out.points.push(self.sink.cut(time_ns, false)?);
                     }
                 }
                 Change::Loss(why) => {
@@ -200,30 +285,32 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                 }
             }
         }
-        if let Some(why) = loss {
-            run.clear();
-            self.unverified = true;
-            // The resync supersedes a catch-up under way (its end marker
-            // may have been in the rest of the batch).
-            self.catchup_open = false;
-            self.sink.resync(&why)?;
-            let last = self.sink.last_sent();
-            self.sink.wait_durable(last)?;
-            out.resynced = Some(why);
-        } else {
-            out.bytes_read += self.ship_run(&mut run)?;
+        let lost = loss.is_some();
+        match loss {
+            Some(why) if frozen => {
+                // Not under a freeze: after the thaw, at the next step.
+                self.deferred_loss = Some(why);
+            }
+            Some(why) => {
+                run.clear();
+                self.unverified = true;
+                // The resync supersedes a catch-up under way (its end
+                // marker may have been in the rest of the batch).
+                self.catchup_open = false;
+                self.sink.resync(&why)?;
+                let last = self.sink.last_sent();
+                self.sink.wait_durable(last)?;
+                out.resynced = Some(why);
+            }
+            None => out.bytes_read += self.ship_run(&mut run)?,
         }
-        if out.changes > 0 {
+        if n > 0 {
             self.pending.push_back((self.sink.last_sent(), b.end));
-            out.timed = b.oldest_ns.map(|t| (self.sink.last_sent(), t));
-        }
-        self.release_durable()?;
-        if cut_due && out.changes == 0 && self.source.request_cut()? {
-            if let Some(id) = self.quiet_cut()? {
-                out.points.push(id);
+            if let Some(t) = b.oldest_ns {
+                out.timed = Some((self.sink.last_sent(), t));
             }
         }
-        Ok(out)
+        Ok(lost)
     }
 
     /// Release the source up to the newest batch whose frames are all
@@ -245,23 +332,109 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         Ok(())
     }
 
+    /// Part of the barrier before a cut: the writes the source holds in
+    /// flight, shipped as the disk holds them now.
+    fn ship_in_flight(&mut self, out: &mut Step) -> Result<(), K::Error> {
+        let mut inflight = self.source.in_flight()?;
+        out.bytes_read += self.ship_run(&mut inflight)?;
+        Ok(())
+    }
+
     /// Cut a point if everything sent is durable and nothing changed since
-    /// the last batch; a stream not known consistent (after a resync)
-    /// becomes so at such a quiet moment.
-    fn quiet_cut(&mut self) -> Result<Option<u64>, K::Error> {
+    /// the last batch (through the source's barrier); a stream not known
+    /// consistent (after a resync) becomes so at such a quiet moment.
+    fn quiet_cut(&mut self, out: &mut Step) -> Result<Option<u64>, K::Error> {
         let last = self.sink.last_sent();
         self.sink.wait_durable(last)?;
         self.release_durable()?;
         // A catch-up still open is not a prefix state, quiet or not: its
         // end marker is still to come.
-        if self.catchup_open || self.source.quiesce()? != Quiet::Yes {
+        if self.catchup_open {
+            return Ok(None);
+        }
+        self.source.barrier()?;
+        self.ship_in_flight(out)?;
+        if self.source.quiesce()? != Quiet::Yes {
             return Ok(None);
         }
         // Quiet, and everything sent durable: the replica equals the disk
         // (after a resync too).
         self.unverified = false;
         self.read_since_cut = false;
-        Ok(Some(self.sink.cut(now_ns())?))
+        Ok(Some(self.sink.cut(now_ns(), false)?))
+    }
+
+    /// Pre-copy, freeze, ship what came before the freeze, cut if nothing
+    /// was written meanwhile, thaw (always, whatever happened).
+    fn frozen_cut(&mut self, precopy: bool, out: &mut Step) -> Result<Option<u64>, K::Error> {
+        if self.catchup_open {
+            return Ok(None);
+        }
+        if precopy {
+            loop {
+                let b = self.source.next_batch(self.batch)?;
+                if b.changes.is_empty() {
+                    break;
+                }
+                if self.ingest(b, out, false)? {
+                    return Ok(None); // resynced: a point next time
+                }
+            }
+            self.release_durable()?;
+            // The pre-copy may have started a catch-up: no point then.
+            if self.catchup_open || !self.source.request_cut()? {
+                return Ok(None);
+            }
+        }
+        self.source.freeze_begin()?;
+        let frozen = match self.sink.freeze() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = self.source.freeze_end(false);
+                return Err(e);
+            }
+        };
+        let r = match frozen {
+            Some(app) => self.while_frozen(app, out),
+            None => Ok(None),
+        };
+        let point = matches!(r, Ok(Some(_)));
+        let thawed = self.sink.thaw(point);
+        let ended = self.source.freeze_end(point);
+        let p = r?;
+        thawed?;
+        ended?;
+        Ok(p)
+    }
+
+    fn while_frozen(&mut self, app: bool, out: &mut Step) -> Result<Option<u64>, K::Error> {
+        self.source.barrier()?;
+        loop {
+            if self.sink.freeze_over_cap() {
+                self.sink.no_point(NoPoint::FreezeCap);
+                return Ok(None);
+            }
+            let b = self.source.next_batch(self.batch)?;
+            if b.changes.is_empty() {
+                break;
+            }
+            if self.ingest(b, out, true)? {
+                return Ok(None); // a loss: resynced after the thaw, no point
+            }
+        }
+        self.ship_in_flight(out)?;
+        let last = self.sink.last_sent();
+        self.sink.wait_durable(last)?;
+        if self.source.quiesce()? != Quiet::Yes {
+            self.sink.no_point(NoPoint::WrittenWhileFrozen);
+            return Ok(None);
+        }
+        if self.sink.freeze_over_cap() {
+            return Ok(None);
+        }
+        self.unverified = false;
+        self.read_since_cut = false;
+        Ok(Some(self.sink.cut(now_ns(), app)?))
     }
 }
 
@@ -333,6 +506,13 @@ mod tests {
         cursor: u64,
         quiet: Rc<RefCell<bool>>,
         ev: Events,
+        disk: Disk,
+        /// Writes issued and not seen completing (the disk has them).
+        inflight: Rc<RefCell<Vec<(u64, u64)>>>,
+        /// Changes that arrive at the next `in_flight` call (a writer the
+        /// barrier must catch), or at the freeze (queued before it).
+        sneak: Rc<RefCell<Vec<(u64, u8)>>>,
+        at_freeze: Rc<RefCell<Vec<Change>>>,
     }
     impl ChangeSource for FakeSource {
         fn kind(&self) -> &'static str {
@@ -355,6 +535,27 @@ mod tests {
             assert!(upto <= self.cursor, "released {upto} before handing it out");
             self.ev.borrow_mut().push(format!("release {upto}"));
             *self.released.borrow_mut() = upto;
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<(), SourceError> {
+            self.ev.borrow_mut().push("barrier".into());
+            Ok(())
+        }
+        fn in_flight(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+            self.ev.borrow_mut().push("in_flight".into());
+            for (off, byte) in self.sneak.borrow_mut().drain(..) {
+                self.disk.write(off, byte, 4096);
+                self.log.borrow_mut().push(Change::Extent { offset: off, len: 4096 });
+            }
+            Ok(self.inflight.borrow_mut().drain(..).collect())
+        }
+        fn freeze_begin(&mut self) -> Result<(), SourceError> {
+            self.ev.borrow_mut().push("freeze_begin".into());
+            self.log.borrow_mut().extend(self.at_freeze.borrow_mut().drain(..));
+            Ok(())
+        }
+        fn freeze_end(&mut self, point: bool) -> Result<(), SourceError> {
+            self.ev.borrow_mut().push(format!("freeze_end {point}"));
             Ok(())
         }
         fn quiesce(&mut self) -> Result<Quiet, SourceError> {
@@ -387,6 +588,13 @@ mod tests {
         saved: Rc<RefCell<u64>>,
         ev: Events,
         points: Vec<(u64, Vec<u8>)>,
+        /// Whether each point was app-consistent.
+        app: Vec<bool>,
+        /// None: quiet cuts; Some(r): freeze, answering r.
+        freeze: Option<Option<bool>>,
+        frozen: bool,
+        thaws: u32,
+        problems: Vec<NoPoint>,
     }
     impl FakeSink {
         fn replica(&self, upto: u64) -> Vec<u8> {
@@ -428,7 +636,8 @@ mod tests {
         fn last_sent(&self) -> u64 {
             self.frames.len() as u64
         }
-        fn cut(&mut self, _t: u64) -> Result<u64, E> {
+        fn cut(&mut self, _t: u64, app: bool) -> Result<u64, E> {
+            self.app.push(app);
             let seq = self.push(Frame::Tag);
             self.durable = seq;
             let id = self.points.len() as u64 + 1;
@@ -449,6 +658,27 @@ mod tests {
             *self.saved.borrow_mut() = pos;
             Ok(())
         }
+        fn cut_plan(&mut self) -> CutPlan {
+            match self.freeze {
+                None => CutPlan::Quiet,
+                Some(_) => CutPlan::Freeze { precopy: true },
+            }
+        }
+        fn freeze(&mut self) -> Result<Option<bool>, E> {
+            self.ev.borrow_mut().push("freeze".into());
+            self.frozen = true;
+            Ok(self.freeze.expect("asked to freeze"))
+        }
+        fn thaw(&mut self, point: bool) -> Result<(), E> {
+            assert!(self.frozen, "thawed without a freeze");
+            self.frozen = false;
+            self.thaws += 1;
+            self.ev.borrow_mut().push(format!("thaw {point}"));
+            Ok(())
+        }
+        fn no_point(&mut self, why: NoPoint) {
+            self.problems.push(why);
+        }
     }
 
     struct World {
@@ -458,6 +688,9 @@ mod tests {
         saved: Rc<RefCell<u64>>,
         quiet: Rc<RefCell<bool>>,
         ev: Events,
+        inflight: Rc<RefCell<Vec<(u64, u64)>>>,
+        sneak: Rc<RefCell<Vec<(u64, u8)>>>,
+        at_freeze: Rc<RefCell<Vec<Change>>>,
     }
 
     impl World {
@@ -469,6 +702,9 @@ mod tests {
                 saved: Rc::default(),
                 quiet: Rc::new(RefCell::new(true)),
                 ev: Rc::default(),
+                inflight: Rc::default(),
+                sneak: Rc::default(),
+                at_freeze: Rc::default(),
             }
         }
         /// A write the tracker sees.
@@ -489,6 +725,10 @@ mod tests {
                 cursor: 0,
                 quiet: Rc::clone(&self.quiet),
                 ev: Rc::clone(&self.ev),
+                disk: self.disk.clone(),
+                inflight: Rc::clone(&self.inflight),
+                sneak: Rc::clone(&self.sneak),
+                at_freeze: Rc::clone(&self.at_freeze),
             };
             let sink = FakeSink {
                 frames: Vec::new(),
@@ -498,6 +738,11 @@ mod tests {
                 saved: Rc::clone(&self.saved),
                 ev: Rc::clone(&self.ev),
                 points: Vec::new(),
+                app: Vec::new(),
+                freeze: None,
+                frozen: false,
+                thaws: 0,
+                problems: Vec::new(),
             };
             let durable = *self.saved.borrow();
             Shipper::start(src, sink, self.disk.clone(), durable).unwrap()
@@ -632,6 +877,109 @@ mod tests {
         let st = s.step(true).unwrap();
         assert_eq!(st.points.len(), 1);
         assert_eq!(s.sink.points[0].1, *w.disk.0.borrow(), "nothing lost across the restart");
+    }
+
+    fn pos(ev: &[String], what: &str) -> usize {
+        ev.iter().position(|e| e == what).unwrap_or_else(|| panic!("no {what:?} in {ev:?}"))
+    }
+
+    #[test]
+    fn a_cut_waits_for_the_barrier_and_ships_what_is_in_flight() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        w.write(0, 1, 4096);
+        // A write the tracker saw issued, not completing: only the disk
+        // and the in-flight table have it.
+        w.disk.write(8192, 9, 4096);
+        w.inflight.borrow_mut().push((8192, 12288));
+        assert!(s.step(true).unwrap().points.is_empty(), "no cut in a step that shipped changes");
+        // A writer the barrier catches: a change between the barrier and
+        // the quiet check stops the cut.
+        w.sneak.borrow_mut().push((16384, 5));
+        let st = s.step(true).unwrap();
+        assert!(st.cut_tried);
+        assert!(st.points.is_empty(), "a change after the barrier: no point");
+        {
+            let ev = w.ev.borrow();
+            assert!(pos(&ev, "barrier") < pos(&ev, "in_flight"), "{ev:?}");
+        }
+        // It ships, and the next quiet moment is a point holding all of it.
+        s.step(true).unwrap();
+        w.inflight.borrow_mut().push((8192, 12288));
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1);
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow(), "the point holds the in-flight write");
+        assert_eq!(s.sink.app, vec![false]);
+    }
+
+    #[test]
+    fn a_freeze_gives_an_app_point_and_always_thaws() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        s.sink.freeze = Some(Some(true));
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        // Changes queued right before the freeze are shipped under it.
+        w.disk.write(4096, 2, 4096);
+        w.at_freeze.borrow_mut().push(Change::Extent { offset: 4096, len: 4096 });
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![true], "every writer froze: app-consistent");
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+        assert_eq!(s.sink.thaws, 1);
+        let ev = w.ev.borrow();
+        assert!(pos(&ev, "freeze_begin") < pos(&ev, "freeze"), "the source holds before the writers freeze: {ev:?}");
+        assert!(pos(&ev, "cut 1") < pos(&ev, "thaw true"), "{ev:?}");
+        assert!(pos(&ev, "thaw true") < pos(&ev, "freeze_end true"), "handed back after the thaw: {ev:?}");
+    }
+
+    #[test]
+    fn a_partial_freeze_gives_a_crash_point_and_a_failed_one_none() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        // Not every filesystem froze: a crash-consistent point.
+        s.sink.freeze = Some(Some(false));
+        assert_eq!(s.step(true).unwrap().points.len(), 1);
+        assert_eq!(s.sink.app, vec![false]);
+        // The freeze failed: no point, thawed all the same, held changes
+        // handed back.
+        s.sink.freeze = Some(None);
+        w.write(4096, 2, 4096);
+        s.step(false).unwrap();
+        let st = s.step(true).unwrap();
+        assert!(st.cut_tried && st.points.is_empty(), "{st:?}");
+        assert_eq!(s.sink.thaws, 2);
+        assert_eq!(w.ev.borrow().last().map(String::as_str), Some("freeze_end false"));
+    }
+
+    #[test]
+    fn a_write_or_a_loss_while_frozen_gives_no_point() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        s.sink.freeze = Some(Some(true));
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        // Something the freeze does not reach writes to the disk.
+        w.sneak.borrow_mut().push((8192, 3));
+        let st = s.step(true).unwrap();
+        assert!(st.points.is_empty());
+        assert_eq!(s.sink.problems, vec![NoPoint::WrittenWhileFrozen]);
+        assert_eq!(s.sink.thaws, 1);
+        s.step(false).unwrap(); // the stray write ships
+                                // A loss reported under the freeze: no point, no resync while
+                                // frozen; the resync comes after the thaw.
+        w.at_freeze.borrow_mut().push(Change::Loss("test: lost while frozen".into()));
+        let st = s.step(true).unwrap();
+        assert!(st.points.is_empty());
+        assert!(st.resynced.is_none(), "no resync under a freeze");
+        assert_eq!(s.sink.thaws, 2);
+        let st = s.step(false).unwrap();
+        assert_eq!(st.resynced.as_deref(), Some("test: lost while frozen"));
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1);
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
     }
 
     #[test]

@@ -43,11 +43,26 @@ fn points_outside_the_window_go_and_their_journal_space_is_reclaimed() {
     let window = 3.0;
     run_ok(&["retention", "--data", &t.s("data"), "--name", "ret", "--keep", "3s", "--keep-all", "3s"]);
     // Writes with pauses (the ring tracker cuts a point when writes pause)
-    // for at least three windows, and until 100 points were cut (a loaded
-    // machine cuts fewer a second; at most two minutes).
+    // for at least three windows, and until 100 points were cut and those
+    // of the last five seconds are under a third of all, so that the
+    // points a window keeps are well under half even with the ones cut
+    // below (a loaded machine cuts fewer a second, and unevenly; at most
+    // two minutes).
     let start = Instant::now();
     let last_id = || agent_state(&st).and_then(|s| s["last_point"]["id"].as_u64()).unwrap_or(0);
-    while start.elapsed() < Duration::from_secs_f64(window * 3.0) || (last_id() < 100 && start.elapsed() < Duration::from_secs(120)) {
+    let mut seen: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
+    let recent = Duration::from_secs_f64(window + 2.0);
+    loop {
+        let id = last_id();
+        seen.push_back((Instant::now(), id));
+        while seen.front().is_some_and(|&(t, _)| t.elapsed() > recent) {
+            seen.pop_front();
+        }
+        let in_window = id - seen.front().map_or(0, |&(_, i)| i);
+        let enough = start.elapsed() >= Duration::from_secs_f64(window * 3.0) && id >= 100 && in_window * 3 < id;
+        if enough || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
         for _ in 0..8 {
             w.write(&disk, Some(&ring));
         }

@@ -11,7 +11,7 @@
 
 use crate::{Fail, Stream};
 use ferry_proto::{decompress, read_frame, write_msg, ErrorCode, Msg, PointKind, ProtoError, VERSION_MAX, VERSION_MIN};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::time::{Duration, Instant};
 
 /// Apply a batch once it holds this many payload bytes...
@@ -138,17 +138,54 @@ pub trait Sinks: Send + Sync {
     fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(Self::Sink, OpenInfo), Fail>;
 }
 
+/// A frame's bytes may come no slower than this once its deadline is
+/// near: each byte read extends the deadline by 1/MIN_RATE s, so a slow
+/// link still delivers a large frame while a peer that trickles a byte now
+/// and then cannot hold a disk.
+const MIN_RATE: u64 = 16 << 10;
+
+/// The server's read side, with a deadline for a whole frame (the wait for
+/// it included): the stream's limit (the handshake's, then the idle
+/// timeout) from the moment the frame is asked for, plus 1 s per 16 KiB
+/// read. A socket read timeout alone restarts with every byte.
+struct Paced<S: Stream> {
+    s: S,
+    limit: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl<S: Stream> Read for Paced<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(u) = self.until {
+            let left = u.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the frame's deadline passed"));
+            }
+            self.s.set_read_timeout(Some(left))?;
+        }
+        let n = self.s.read(buf)?;
+        if let Some(u) = self.until.as_mut() {
+            *u += Duration::from_micros(n as u64 * 1_000_000 / MIN_RATE);
+        }
+        Ok(n)
+    }
+}
+
 /// The two handles of a served connection.
 struct Conn<S: Stream> {
-    r: BufReader<S>,
+    r: BufReader<Paced<S>>,
     w: BufWriter<S>,
 }
 
 impl<S: Stream> Conn<S> {
     fn recv(&mut self) -> Result<Option<Msg>, Fail> {
-        match read_frame(&mut self.r) {
+        let limit = self.r.get_ref().limit;
+        self.r.get_mut().until = limit.map(|l| Instant::now() + l);
+        let r = read_frame(&mut self.r);
+        self.r.get_mut().until = None;
+        match r {
             Err(ProtoError::Io(e)) if ferry_common::net::is_timeout(&e) => {
-                let t = self.r.get_ref().read_timeout().ok().flatten().unwrap_or_default();
+                let t = limit.unwrap_or_default();
                 Err(Fail::new(ErrorCode::Internal, format!("no frame from the peer for {}s: a dead or stuck peer; closing", t.as_secs())))
             }
             r => Ok(r?),
@@ -160,13 +197,15 @@ impl<S: Stream> Conn<S> {
         Ok(())
     }
 
-    fn set_timeout(&self, t: Option<Duration>) {
-        let _ = self.r.get_ref().set_read_timeout(t);
+    fn set_timeout(&mut self, t: Option<Duration>) {
+        let p = self.r.get_mut();
+        p.limit = t;
+        let _ = p.s.set_read_timeout(t);
     }
 
     /// Whether more input is already waiting (buffered, or in the stream).
     fn more_waiting(&self) -> bool {
-        !self.r.buffer().is_empty() || self.r.get_ref().input_waiting()
+        !self.r.buffer().is_empty() || self.r.get_ref().s.input_waiting()
     }
 }
 
@@ -182,7 +221,10 @@ pub fn serve<S: Stream, K: Sinks>(stream: S, sinks: &K, cfg: &ServerConfig) -> R
     let _ = stream.set_read_timeout(Some(cfg.handshake_timeout));
     let _ = stream.set_write_timeout(Some(cfg.write_timeout));
     let mut c = match stream.try_clone() {
-        Ok(r) => Conn { r: BufReader::with_capacity(4 << 20, r), w: BufWriter::with_capacity(1 << 16, stream) },
+        Ok(r) => Conn {
+            r: BufReader::with_capacity(4 << 20, Paced { s: r, limit: Some(cfg.handshake_timeout), until: None }),
+            w: BufWriter::with_capacity(1 << 16, stream),
+        },
         Err(e) => {
             log::warn!("{peer}: {e}");
             return Err(e.into());
@@ -297,7 +339,7 @@ fn stream<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, version: u16) -> Re
 /// points every `tick` meanwhile, within the same deadline as a blocking
 /// read (the stream's read timeout, counted from the last frame).
 fn quiet_wait<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, tick: Duration, last_frame: Instant) -> Result<(), Fail> {
-    let limit = c.r.get_ref().read_timeout().ok().flatten();
+    let limit = c.r.get_ref().limit;
     loop {
         let late = sink.late_points()?;
         if !late.is_empty() {
@@ -315,7 +357,7 @@ fn quiet_wait<S: Stream, K: Sink>(c: &mut Conn<S>, sink: &mut K, tick: Duration,
                 format!("no frame from the peer for {}s: a dead or stuck peer; closing", l.as_secs()),
             ));
         }
-        c.r.get_ref().wait_input(tick);
+        c.r.get_ref().s.wait_input(tick);
     }
 }
 

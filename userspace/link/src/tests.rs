@@ -354,6 +354,43 @@ fn a_client_that_goes_silent_loses_the_disk_at_the_idle_deadline() {
 }
 
 #[test]
+fn a_client_that_trickles_a_frame_loses_the_disk_at_the_idle_deadline() {
+    // A byte every 200 ms never lets a socket read time out, but the frame
+    // takes far longer than the 1 s deadline: the stream is dropped and
+    // the disk freed, as for a silent peer.
+    let sinks = Arc::new(MemSinks::default());
+    let cfg = ServerConfig { idle: Duration::from_secs(1), ..server_cfg() };
+    let (mut a, srv) = spawn_server(&sinks, cfg.clone());
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(matches!(raw_open(&mut a, 2, "vm"), Msg::OpenAck { .. }));
+    let mut frame = Vec::new();
+    write_msg(&mut frame, &Msg::Tag { seq: 1, time_ns: 0, kind: PointKind::Crash }).unwrap();
+    let t0 = Instant::now();
+    let trickler = {
+        let mut a = a.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for b in frame.iter().cycle().take(100) {
+                if a.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let f = srv.join().unwrap().unwrap_err();
+    let took = t0.elapsed();
+    assert!(f.msg.contains("no frame from the peer for 1s"), "{}", f.msg);
+    assert!(took < Duration::from_secs(5), "dropped after {took:?}, not at the deadline");
+    // The disk is free again.
+    let (mut a3, srv3) = spawn_server(&sinks, cfg);
+    assert!(matches!(raw_open(&mut a3, 2, "vm"), Msg::OpenAck { .. }));
+    drop(a3);
+    srv3.join().unwrap().unwrap();
+    drop(a);
+    trickler.join().unwrap();
+}
+
+#[test]
 fn pings_keep_an_idle_client_past_the_servers_idle_deadline() {
     let sinks = Arc::new(MemSinks::default());
     let (a, srv) = spawn_server(&sinks, ServerConfig { idle: Duration::from_secs(1), ..server_cfg() });

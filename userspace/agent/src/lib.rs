@@ -602,6 +602,16 @@ impl Agent {
         self.tracker
     }
 
+    /// A catch-up from the kernel module's bitmap is over (durable, or
+    /// covered by a resync): say so in the state, then forget the saved
+    /// hand-over (`STATE/kmod.catchup`).
+    fn end_catchup(&mut self) -> Result<(), AgentError> {
+        self.st.kmod_catchup_until = None;
+        self.save()?;
+        self.sd.drop_catchup()?;
+        Ok(())
+    }
+
     fn save(&mut self) -> Result<(), AgentError> {
         if self.frozen {
             return Ok(()); // caught up by thaw()
@@ -876,9 +886,8 @@ impl Agent {
         let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
         // The pass covered any catch-up the kernel module handed over.
-        if self.st.kmod_catchup_until.take().is_some() {
-            self.save()?;
-            self.sd.drop_catchup()?;
+        if self.st.kmod_catchup_until.is_some() {
+            self.end_catchup()?;
         }
         self.did_resync = true;
         self.note_ack(sess);
@@ -1493,9 +1502,7 @@ impl Agent {
         // master target did not make durable: shipped again, each at its
         // place in the stream.
         if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
-            self.st.kmod_catchup_until = None;
-            self.save()?;
-            self.sd.drop_catchup()?;
+            self.end_catchup()?;
         }
         if self.st.kmod_catchup_until.is_some() {
             let saved = self.sd.load_catchup()?.unwrap_or_default();
@@ -1530,9 +1537,8 @@ impl Agent {
                 cursor = ring.consumer();
                 dcur = ring.data_consumer();
                 pending.clear();
+                // (the resync ended any catch-up: end_catchup)
                 deferred.clear();
-                self.st.kmod_catchup_until = None;
-                self.sd.drop_catchup()?;
                 consistent_from = k.status()?.seq;
                 continue;
             }
@@ -1742,9 +1748,7 @@ impl Agent {
         self.note_ack(sess);
         self.note_lag();
         if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
-            self.st.kmod_catchup_until = None;
-            self.save()?;
-            self.sd.drop_catchup()?;
+            self.end_catchup()?;
         }
         // Release what the master target has made durable, at most twice
         // a second: the pair is saved first (kmod_released), since the two

@@ -22,7 +22,6 @@ pub trait Stream: Read + Write + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     /// A read that waits longer than this fails with `WouldBlock`/`TimedOut`.
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-    fn read_timeout(&self) -> io::Result<Option<Duration>>;
     /// A write that cannot go out for this long fails.
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     /// End the connection both ways; blocked reads and writes on other
@@ -56,9 +55,6 @@ impl Stream for TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, t)
     }
-    fn read_timeout(&self) -> io::Result<Option<Duration>> {
-        TcpStream::read_timeout(self)
-    }
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, t)
     }
@@ -80,9 +76,6 @@ impl Stream for UnixStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, t)
-    }
-    fn read_timeout(&self) -> io::Result<Option<Duration>> {
-        UnixStream::read_timeout(self)
     }
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_write_timeout(self, t)

@@ -41,6 +41,7 @@ use ferry_common::source::Source;
 use ferry_proto::{ErrorCode, PointKind};
 use ferry_ring::{Record, Ring};
 use ferry_sources::bpf::{BpfCounters, BpfRingSource, BpfSource};
+use ferry_sources::kmod::{KmodAttach, KmodSource, KmodState, KmodStore};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
 use ferry_sources::ring::RingSource;
 use ferry_sources::shipper::{CutPlan, NoPoint, Shipper, Sink};
@@ -261,6 +262,9 @@ fn run_hook(what: &str, cmd: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Writes a source's own part of the agent's state into it.
+type StateOverlay = Box<dyn Fn(&mut AgentState)>;
+
 /// A running agent for one disk.
 pub struct Agent {
     opts: Options,
@@ -286,9 +290,12 @@ pub struct Agent {
     /// The bpf tracker's counters, also while the source is inside the
     /// shipper (saved in `agent.state`).
     bpf_counters: Option<Arc<Mutex<BpfCounters>>>,
-    /// The kernel module's attachment (kmod tracker only).
-    kmod: Option<kmod::Kmod>,
-    kmod_last_release: Instant,
+    /// The kernel module tracker, a change source with its own state
+    /// (kmod tracker only; ferry-sources).
+    kmod: Option<KmodSource>,
+    /// Copies the source's own part of `agent.state` (kept by the source)
+    /// into the state before each save.
+    source_overlay: Option<StateOverlay>,
     /// (last seq of a shipped batch, completion time of its oldest write).
     lag_pending: VecDeque<(u64, u64)>,
     /// When the backlog was last measured (for `ferry status`).
@@ -477,60 +484,34 @@ impl Agent {
         } else {
             None
         };
-        let kmod = if tracker == Tracker::Kmod {
-            let k = kmod::Kmod::attach(&opts.disk, opts.ring_capacity, opts.kmod_data_bytes, st.kmod_next_seq)?;
-            claim_kmod(&opts, &me, k.attach_id)?;
-            let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            let same = st.kmod_attach_id == Some(k.attach_id);
-            if st.kmod_catchup_until.is_some() {
-                match saved_catchup(&sd, &st) {
-                    Ok(c) => log::info!(
-                        "the last agent stopped while shipping a catch-up from the module's bitmap: shipping its {} saved range(s) again",
-                        c.handovers.iter().map(|h| h.ranges.len()).sum::<usize>()
-                    ),
-                    Err(why) => {
-                        st.resync_required =
-                            Some(format!("the last agent stopped while shipping a catch-up from the module's bitmap ({why})"));
-                        st.kmod_catchup_until = None;
-                        st.kmod_handover_open = false;
-                    }
-                }
+        let (kmod, source_overlay) = if tracker == Tracker::Kmod {
+            let attach = KmodAttach {
+                disk: &opts.disk,
+                size,
+                capacity: opts.ring_capacity,
+                data_bytes: opts.kmod_data_bytes,
+                protected_before: st.sync_cursor != Some(0) || st.acked_seq > 0,
+                same_tracker: st.tracker == tracker.as_str(),
+            };
+            let store = Box::new(KmodStateStore { sd: StateDir::new(&opts.state) });
+            let (k, resync) = KmodSource::attach(attach, kmod_state_of(&st), store, |id| claim_kmod(&opts, &me, id))?;
+            if resync.is_some() {
+                st.resync_required = resync;
             }
-            if !same {
-                // Another attachment: its ring and counters start over.
-                st.ring_overflows_seen = k.ring.overflows();
-                st.kmod_released = None;
-            }
-            if k.fresh {
-                log::info!(
-                    "kernel module tracker attached to {} ({} records, {} bytes of data area)",
-                    opts.disk.display(),
-                    k.ring.capacity(),
-                    k.ring.data_capacity()
-                );
-                if protected_before {
-                    st.resync_required =
-                        Some("tracking was not active (a reboot, a module reload, or a first attach after another tracker)".into());
+            let shared = k.shared_state();
+            let overlay: StateOverlay = Box::new(move |st: &mut AgentState| {
+                let k = shared.lock().unwrap_or_else(|p| p.into_inner());
+                apply_kmod_state(&k, st);
+                if k.catching_up && st.mode == "streaming" {
+                    st.mode = "catch-up".into();
+                } else if !k.catching_up && st.mode == "catch-up" {
+                    st.mode = "streaming".into();
                 }
-            } else if same {
-                log::info!("kernel module tracker found {} already attached", opts.disk.display());
-            } else if k.unclean {
-                log::warn!("the kernel module attached {} again after an unclean stop: changes may be missing", opts.disk.display());
-                if protected_before {
-                    st.resync_required = Some("the kernel module was stopped uncleanly (a crash or a reset)".into());
-                }
-            } else if k.restored && protected_before && st.tracker == tracker.as_str() && k.restored_seq < st.kmod_next_seq {
-                log::warn!("the kernel module restored {} from an older state file than this agent followed", opts.disk.display());
-                st.resync_required = Some("the kernel module's state file is older than the changes already shipped".into());
-            } else if k.restored && protected_before && st.tracker == tracker.as_str() {
-                log::info!("the kernel module attached {} again from a clean stop: catching up from its bitmap", opts.disk.display());
-            } else if protected_before {
-                st.resync_required = Some("the disk is attached, but not by the attachment this agent followed".into());
-            }
-            st.kmod_attach_id = Some(k.attach_id);
-            Some(k)
+            });
+            overlay(&mut st);
+            (Some(k), Some(overlay))
         } else {
-            None
+            (None, None)
         };
         st.tracker = tracker.as_str().into();
         st.target = opts.target.clone();
@@ -564,7 +545,7 @@ impl Agent {
             map: None,
             bpf,
             kmod,
-            kmod_last_release: Instant::now(),
+            source_overlay,
             lag_pending: VecDeque::new(),
             last_backlog: Instant::now(),
             pass_sums: None,
@@ -602,19 +583,12 @@ impl Agent {
         self.tracker
     }
 
-    /// A catch-up from the kernel module's bitmap is over (durable, or
-    /// covered by a resync): say so in the state, then forget the saved
-    /// hand-over (`STATE/kmod.catchup`).
-    fn end_catchup(&mut self) -> Result<(), AgentError> {
-        self.st.kmod_catchup_until = None;
-        self.save()?;
-        self.sd.drop_catchup()?;
-        Ok(())
-    }
-
     fn save(&mut self) -> Result<(), AgentError> {
         if self.frozen {
             return Ok(()); // caught up by thaw()
+        }
+        if let Some(f) = &self.source_overlay {
+            f(&mut self.st);
         }
         if let Some(c) = self.bpf_counters.as_ref().and_then(|c| c.lock().ok().map(|g| *g)) {
             (self.st.bpf_lost_seen, self.st.bpf_recursion_seen, self.st.bpf_baseline) = (c.lost_seen, c.recursion_seen, c.baseline);
@@ -825,16 +799,6 @@ impl Agent {
         }
         self.sync_progress.clear();
         self.st.acked_seq = sess.durable_at_open;
-        // Ranges the kernel module handed over and the master target has
-        // not made durable are nowhere in the module any more: they
-        // are written down in STATE/kmod.catchup and shipped again.
-        if self.st.kmod_catchup_until.is_some_and(|u| u > self.st.acked_seq) {
-            if let Err(why) = saved_catchup(&self.sd, &self.st) {
-                self.st.resync_required = Some(format!("a catch-up from the kernel module's bitmap was not made durable ({why})"));
-                self.st.kmod_catchup_until = None;
-                self.st.kmod_handover_open = false;
-            }
-        }
         self.pass_sums = None;
         self.map = ChunkMap::load(&self.sd.chunk_map_file()).filter(|m| {
             same_gen
@@ -867,10 +831,13 @@ impl Agent {
             self.resync(sess)?;
         }
         match self.tracker {
-            // The ring and the bpf tracker run on the shipper loop
-            // (ferry-sources), freezes included.
+            // The ring, the bpf tracker and the kernel module run on the
+            // shipper loop (ferry-sources), freezes included.
             Tracker::Ring | Tracker::Bpf => self.stream_shipper(sess, start),
-            Tracker::Kmod => self.stream_kmod(sess, start),
+            Tracker::Kmod => {
+                let k = self.kmod.take().expect("kmod tracker is attached");
+                self.stream_on(sess, start, k)
+            }
             _ => self.scan_loop(sess, start, verified_by_stamp),
         }
     }
@@ -878,16 +845,15 @@ impl Agent {
     fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
         self.st.mode = "resync".into();
         self.save()?;
-        if let Some(k) = self.kmod.take() {
-            let r = self.kmod_drop_all(&k);
-            self.kmod = Some(k);
-            r?;
+        // A source held here (not streaming; the shipper calls these
+        // itself) lets go of what the pass covers.
+        if let Some(k) = self.kmod.as_mut() {
+            k.resync_begin()?;
         }
         let n = self.scan_pass(sess, "resync")?;
         self.st.resync_required = None;
-        // The pass covered any catch-up the kernel module handed over.
-        if self.st.kmod_catchup_until.is_some() {
-            self.end_catchup()?;
+        if let Some(k) = self.kmod.as_mut() {
+            k.resync_end()?;
         }
         self.did_resync = true;
         self.note_ack(sess);
@@ -1309,7 +1275,7 @@ impl Agent {
         // Releases happen only at acknowledged positions, so the consumer
         // index is the last durable position (resuming there releases
         // nothing, and cannot fail).
-        let durable = source.ring_source().ring().consumer();
+        let durable = source.durable_position();
         let reader = self.reader.clone();
         let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
         let mut sh = Shipper::start(source, AgentSink { agent: self, sess, mounts: Vec::new(), run: None }, reader, durable)?;
@@ -1322,18 +1288,22 @@ impl Agent {
                 agent.checkpoint(sess)?;
                 if agent.last_backlog.elapsed() >= Duration::from_millis(500) {
                     let in_bitmap = sh.source.bitmap_backlog(monotonic_ns());
-                    agent.note_backlog(sh.source.ring_source().ring(), in_bitmap)?;
+                    agent.note_backlog(sh.source.backlog_ring(), in_bitmap)?;
                 }
                 if agent.st.resync_required.is_some() {
                     agent.save()?;
+                    sh.source.resync_begin()?;
                     agent.resync(sess)?;
+                    sh.source.resync_end()?;
                 }
                 // A freeze that failed is tried again only after a back-off.
                 let due = (once || last_cut.elapsed() >= every) && agent.freeze_retry.ready();
                 let step = sh.step(due)?;
-                let ov = sh.source.ring_source().overflows_seen();
+                let ov = sh.source.overflows_seen();
                 let agent = &mut *sh.sink.agent;
-                agent.st.ring_overflows_seen = ov;
+                if let Some(ov) = ov {
+                    agent.st.ring_overflows_seen = ov;
+                }
                 agent.bytes_read += step.bytes_read;
                 if sh.source.folds() != folds {
                     // Folded into the bitmap: what was shipped before is
@@ -1386,402 +1356,6 @@ impl Agent {
         let Shipper { source, sink, .. } = sh;
         source.give_back(sink.agent);
         r
-    }
-
-    fn stream_kmod(&mut self, sess: &mut Session, start: Instant) -> Result<Summary, AgentError> {
-        let k = self.kmod.take().expect("kmod tracker is attached");
-        let r = self.stream_kmod_inner(sess, &k, start);
-        self.kmod = Some(k);
-        r
-    }
-
-    /// Resync under the kernel module tracker (the stream loop holds it).
-    fn kmod_resync(&mut self, sess: &mut Session, k: &kmod::Kmod) -> Result<(), AgentError> {
-        self.kmod_drop_all(k)?;
-        self.resync(sess)?;
-        self.st.ring_overflows_seen = k.ring.overflows();
-        Ok(())
-    }
-
-    /// Before a checksum resync: the pass supersedes every change queued so
-    /// far, so drop them from the ring (the data index found by walking the
-    /// records, as the two indices cannot be read together), and wait for
-    /// their writes, and every request in the queue, to complete before the
-    /// pass reads the disk. Any bitmap handed over is covered by the pass.
-    fn kmod_drop_all(&mut self, k: &kmod::Kmod) -> Result<(), AgentError> {
-        let ring = &k.ring;
-        kmod_complete_release(k, self.st.kmod_released)?;
-        let (c, p) = (ring.consumer(), ring.producer());
-        let mut d = ring.data_consumer();
-        let (recs, next) = ring.read_from(c, p.wrapping_sub(c) as usize)?;
-        for r in &recs {
-            match r {
-                Ok(r) if r.data => d = ring.skip_payload(d, r.length),
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(AgentError::Tracker(format!(
-                        "kmod tracker: the ring holds an invalid record ({e}), so where its payloads end is unknown; \
-                         detach and attach the disk again (`ferry unprotect`, then protect it anew)"
-                    )))
-                }
-            }
-        }
-        self.st.kmod_released = Some((next, d));
-        self.save()?;
-        ring.release(next)?;
-        ring.release_data(d);
-        k.catchup(self.st.size, true)?;
-        Ok(())
-    }
-
-    /// Ship bitmap ranges handed over by CATCHUP (the stream has reached
-    /// the hand-over); returns the sequence number from which the stream is
-    /// consistent again.
-    fn kmod_ship_deferred(&mut self, sess: &mut Session, k: &kmod::Kmod, d: KmodDeferred, buf: &mut AlignedBuf) -> Result<u64, AgentError> {
-        let bytes: u64 = d.ranges.iter().map(|r| r.1 - r.0).sum();
-        log::info!("kmod tracker: catching up {bytes} bytes from the bitmap");
-        self.st.kmod_catchups += 1;
-        self.st.mode = "catch-up".into();
-        self.ship_extents(sess, &d.ranges, buf)?;
-        Ok(k.status()?.seq)
-    }
-
-    /// CATCHUP: a completion barrier for every write queued so far, and the
-    /// module's bitmap handed over. Its ranges are shipped when the stream
-    /// reaches the hand-over (`seq`): records before it are older than
-    /// the changes the bitmap holds.
-    fn kmod_barrier(&mut self, k: &kmod::Kmod, deferred: &mut VecDeque<KmodDeferred>) -> Result<(), AgentError> {
-        // Written down before the module lets go of its bitmap: an agent
-        // that stops before those ranges are durable leaves a resync.
-        // What it hands over is then saved in STATE/kmod.catchup before
-        // any of it is shipped, so that a later agent ships it again.
-        let before = self.st.kmod_catchup_until;
-        self.st.kmod_catchup_until = Some(u64::MAX);
-        self.st.kmod_handover_open = true;
-        self.save()?;
-        let c = k.catchup(self.st.size, false)?;
-        log::debug!("kmod tracker: barrier at seq {} (waited {:.1} ms)", c.seq, c.wait_ns as f64 / 1e6);
-        if !c.ranges.is_empty() {
-            let mut saved = match before {
-                Some(_) => self.sd.load_catchup()?.unwrap_or_default(),
-                None => state::Catchup::default(),
-            };
-            saved.handovers.push(state::Handover { seq: c.seq, ranges: c.ranges.clone() });
-            self.sd.save_catchup(&saved)?;
-            deferred.push_back(KmodDeferred { seq: c.seq, ranges: c.ranges });
-        } else if deferred.is_empty() {
-            self.st.kmod_catchup_until = before;
-        }
-        self.st.kmod_handover_open = false;
-        self.save()?;
-        Ok(())
-    }
-
-    /// The kernel module tracker. Records with their payload are shipped as
-    /// they are, in order, so the replica passes through every state the
-    /// disk did: a crash-consistent point may be cut after any record. A
-    /// change without payload (metadata or bitmap mode, a resync) is read
-    /// from the disk after a CATCHUP barrier and shipped at its place in
-    /// the stream; the records after it are applied on top, so from the
-    /// kernel sequence number taken after the read on, the replica is again
-    /// the disk's state after a prefix of its changes. No point is cut
-    /// before that (`consistent_from`).
-    fn stream_kmod_inner(&mut self, sess: &mut Session, k: &kmod::Kmod, start: Instant) -> Result<Summary, AgentError> {
-        use ferry_ring::RecordKind;
-        let ring = &k.ring;
-        let size = self.st.size;
-        self.st.mode = "streaming".into();
-        kmod_complete_release(k, self.st.kmod_released)?;
-        self.save()?;
-        let mut cursor = ring.consumer();
-        let mut dcur = ring.data_consumer();
-        // (protocol seq of the last frame, ring index, data index) to release once durable.
-        let mut pending: VecDeque<(u64, u64, u64)> = VecDeque::new();
-        let mut deferred: VecDeque<KmodDeferred> = VecDeque::new();
-        // A catch-up an earlier agent (or connection) shipped but the
-        // master target did not make durable: shipped again, each at its
-        // place in the stream.
-        if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
-            self.end_catchup()?;
-        }
-        if self.st.kmod_catchup_until.is_some() {
-            let saved = self.sd.load_catchup()?.unwrap_or_default();
-            deferred.extend(saved.handovers.into_iter().map(|h| KmodDeferred { seq: h.seq, ranges: h.ranges }));
-            self.st.kmod_catchup_until = if deferred.is_empty() { None } else { Some(u64::MAX) };
-        }
-        // Whatever the replica holds now came from a sync, a resync or an
-        // earlier agent: consistent only once the changes queued so far
-        // are applied.
-        let mut consistent_from = k.status()?.seq;
-        let mut pos = 0u64;
-        let mut last_cut = Instant::now();
-        let mut buf = AlignedBuf::new(1 << 20);
-        let mut units = Vec::new();
-        // Why a resync is needed now (a loss the module flagged, or an
-        // invalid record in the batch just read).
-        let mut resync: Option<String> = None;
-        loop {
-            self.checkpoint(sess)?;
-            let lost = ring.overflows();
-            if resync.is_none()
-                && (lost > self.st.ring_overflows_seen || ring.overflowed() && lost == 0 && self.st.ring_overflows_seen == 0)
-            {
-                resync =
-                    Some(format!("the kernel module lost track of {} change(s)", lost.saturating_sub(self.st.ring_overflows_seen).max(1)));
-            }
-            if let Some(why) = resync.take() {
-                log::warn!("resync required: {why}");
-                self.st.resync_required = Some(why);
-                self.save()?;
-                self.kmod_resync(sess, k)?;
-                cursor = ring.consumer();
-                dcur = ring.data_consumer();
-                pending.clear();
-                // (the resync ended any catch-up: end_catchup)
-                deferred.clear();
-                consistent_from = k.status()?.seq;
-                continue;
-            }
-            // Status before the ring: a change it counts is in the ring by
-            // the time the ring is read (records are published under the
-            // same lock), or in the bitmap (then the mode says so).
-            let status = k.status()?;
-            let mode = kmod::mode_name(status.mode);
-            if self.st.kmod_mode.as_deref() != Some(mode) {
-                log::info!("kmod tracker: {mode} mode");
-                self.st.kmod_mode = Some(mode.into());
-            }
-            let (recs, next) = ring.read_from(cursor, 1024)?;
-            if recs.is_empty() {
-                // Every record before a hand-over is applied: its bitmap
-                // ranges go now.
-                while let Some(d) = deferred.pop_front() {
-                    consistent_from = consistent_from.max(self.kmod_ship_deferred(sess, k, d, &mut buf)?);
-                    if deferred.is_empty() {
-                        self.st.kmod_catchup_until = Some(sess.next_seq - 1);
-                    }
-                }
-                if status.mode == ferry_ring::generated_ioctl::FERRY_CBT_MODE_BITMAP {
-                    // Empty the ring first (what was shipped made durable
-                    // and released), so that CATCHUP finds room for its
-                    // marker and the disk leaves bitmap mode.
-                    sess.wait_acked(sess.next_seq - 1)?;
-                    self.note_ack(sess);
-                    self.kmod_release_now(ring, &mut pending)?;
-                    self.kmod_barrier(k, &mut deferred)?;
-                    continue;
-                }
-                pos = pos.max(status.seq);
-                self.kmod_release(sess, ring, &mut pending)?;
-            } else {
-                let mut barrier = false;
-                let oldest = recs.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.time_ns).filter(|&t| t > 0).min();
-                let mut bad = None;
-                for r in recs {
-                    let rec = match r {
-                        Ok(rec) => rec,
-                        Err(e) => {
-                            bad = Some(e.to_string());
-                            break;
-                        }
-                    };
-                    // Bitmap ranges handed over at or before this record's
-                    // place: every older record is applied by now.
-                    while deferred.front().is_some_and(|d| d.seq <= rec.seq) {
-                        let d = deferred.pop_front().expect("front exists");
-                        consistent_from = consistent_from.max(self.kmod_ship_deferred(sess, k, d, &mut buf)?);
-                        if deferred.is_empty() {
-                            self.st.kmod_catchup_until = Some(sess.next_seq - 1);
-                        }
-                    }
-                    let end = (rec.offset + u64::from(rec.length)).min(size);
-                    match rec.kind {
-                        RecordKind::Write if rec.data => {
-                            let Some(payload) = ring.take_payload(&mut dcur, rec.length) else {
-                                bad = Some(format!("record {} names a payload outside the data area", rec.seq));
-                                break;
-                            };
-                            if rec.offset < end {
-                                self.pass_sums = None;
-                                prepare(rec.offset, &payload[..(end - rec.offset) as usize], UNIT, &mut units);
-                                for u in units.drain(..) {
-                                    sess.send_unit(u)?;
-                                }
-                            }
-                        }
-                        RecordKind::Write => {
-                            if !barrier {
-                                // Every record read so far precedes this
-                                // barrier: their writes have completed.
-                                self.kmod_barrier(k, &mut deferred)?;
-                                barrier = true;
-                            }
-                            if rec.offset < end {
-                                self.ship_extents(sess, &[(rec.offset, end)], &mut buf)?;
-                                // The read may hold any change up to now.
-                                consistent_from = consistent_from.max(k.status()?.seq);
-                            }
-                        }
-                        RecordKind::Discard | RecordKind::WriteZeroes => {
-                            self.pass_sums = None;
-                            let mut off = rec.offset;
-                            while off < end {
-                                let n = (end - off).min(u64::from(ferry_proto::MAX_EXTENT));
-                                sess.send_unit(Unit::Zero { offset: off, len: n as u32 })?;
-                                off += n;
-                            }
-                        }
-                        RecordKind::Tag if rec.group => {
-                            // A consistency group's shared point (GROUP_TAG):
-                            // cut here, named by the group's cut id as its
-                            // time, so that every disk of the group has a
-                            // point with that time.
-                            pos = rec.seq + 1;
-                            if pos >= consistent_from && deferred.is_empty() {
-                                let p = self.cut_at(sess, PointKind::Group, rec.offset)?;
-                                log::info!("group point {} for cut {}", p.id, rec.offset);
-                            } else {
-                                log::warn!("group cut {} not recorded: the disk is catching up", rec.offset);
-                            }
-                        }
-                        RecordKind::Tag => {
-                            // An app-consistent marker (see kmod_request_tag).
-                            pos = rec.seq + 1;
-                            if pos >= consistent_from && deferred.is_empty() {
-                                let p = self.cut(sess, PointKind::App)?;
-                                last_cut = Instant::now();
-                                if self.opts.once {
-                                    return Ok(self.summary(sess, start, &p));
-                                }
-                            }
-                        }
-                        RecordKind::Catchup => {}
-                    }
-                    pos = rec.seq + 1;
-                }
-                if let Some(why) = bad {
-                    resync = Some(format!("the kernel module tracker sent an invalid record ({why})"));
-                    continue;
-                }
-                if let Some(t) = oldest {
-                    self.lag_pending.push_back((sess.next_seq - 1, t));
-                }
-                pending.push_back((sess.next_seq - 1, next, dcur));
-                cursor = next;
-                self.st.kmod_next_seq = pos;
-                self.kmod_release(sess, ring, &mut pending)?;
-            }
-            if self.st.mode == "catch-up" && pos >= consistent_from && deferred.is_empty() {
-                self.st.mode = "streaming".into();
-            }
-            // Points: at any record boundary once consistent, writes going
-            // on or not; an app-consistent one through a TAG record.
-            let idle = ring.producer() == cursor;
-            let due = last_cut.elapsed() >= self.opts.point_every || (self.opts.once && idle);
-            if due && pos >= consistent_from && deferred.is_empty() && ring.overflows() == self.st.ring_overflows_seen {
-                let mounts = freeze::mounts_of(&self.opts.disk);
-                let tagged = if self.opts.freeze_cmd.is_some() || !mounts.is_empty() { self.kmod_request_tag(k, &mounts)? } else { None };
-                match tagged {
-                    Some(true) => last_cut = Instant::now(),
-                    Some(false) => {}
-                    None => {
-                        let p = self.cut(sess, PointKind::Crash)?;
-                        last_cut = Instant::now();
-                        self.st.cut_problem = None;
-                        if self.opts.once {
-                            return Ok(self.summary(sess, start, &p));
-                        }
-                    }
-                }
-            }
-            if idle {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
-
-    /// Queue an app-consistent TAG with the application (--freeze-cmd) or
-    /// the filesystems on the disk (FIFREEZE, whole disk or partitions)
-    /// frozen around it; the point is cut when the stream reaches the
-    /// record. Some(false): not placed now (full ring, bitmap mode, a
-    /// freeze that failed); None: a filesystem here cannot be frozen, so
-    /// the caller cuts a crash-consistent point instead.
-    fn kmod_request_tag(&mut self, k: &kmod::Kmod, mounts: &[PathBuf]) -> Result<Option<bool>, AgentError> {
-        let cap = self.opts.freeze_cap + Duration::from_secs(2);
-        let g = freeze::Guard::start(mounts, cap, self.opts.thaw_cmd.as_deref());
-        if let Some(c) = &self.opts.freeze_cmd {
-            if let Err(e) = run_hook("freeze", c) {
-                drop(g); // runs the thaw command
-                return Err(e);
-            }
-        }
-        freeze::presync(mounts);
-        let (fr, all) = freeze::freeze(mounts);
-        let failed = fr.failed.clone();
-        let placed = if failed.is_none() && all { k.tag(false) } else { Ok(None) };
-        let thawed = fr.thaw();
-        let hook = match &self.opts.thaw_cmd {
-            Some(t) if self.opts.freeze_cmd.is_some() => run_hook("thaw", t),
-            _ => Ok(()),
-        };
-        g.done();
-        for why in failed.iter().chain(thawed.as_ref().err()) {
-            self.freeze_failed(why);
-            self.st.cut_problem = Some(why.clone());
-        }
-        if failed.is_none() {
-            if let Some(old) = self.freeze_retry.succeeded() {
-                log::info!("filesystems freeze again (the last attempts failed: {old})");
-            }
-        }
-        hook?;
-        if failed.is_some() || thawed.is_err() || !all {
-            // Not app-consistent this time: a crash-consistent point instead
-            // (the reason stays in `ferry status`).
-            return Ok(None);
-        }
-        Ok(Some(placed?.is_some()))
-    }
-
-    fn kmod_release(&mut self, sess: &mut Session, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
-        sess.flush()?;
-        self.note_ack(sess);
-        self.note_lag();
-        if self.st.kmod_catchup_until.is_some_and(|u| u != u64::MAX && u <= self.st.acked_seq) {
-            self.end_catchup()?;
-        }
-        // Release what the master target has made durable, at most twice
-        // a second: the pair is saved first (kmod_released), since the two
-        // index stores below are not one atomic step.
-        if pending.front().is_some_and(|&(seq, _, _)| seq <= self.st.acked_seq)
-            && self.kmod_last_release.elapsed() >= Duration::from_millis(500)
-        {
-            self.kmod_release_now(ring, pending)?;
-        }
-        Ok(())
-    }
-
-    /// Release every pending entry the master target acknowledged, now.
-    fn kmod_release_now(&mut self, ring: &Ring, pending: &mut VecDeque<(u64, u64, u64)>) -> Result<(), AgentError> {
-        let acked = self.st.acked_seq;
-        let mut upto = None;
-        while let Some(&(seq, idx, didx)) = pending.front() {
-            if seq > acked {
-                break;
-            }
-            upto = Some((idx, didx));
-            pending.pop_front();
-        }
-        if let Some((idx, didx)) = upto {
-            self.st.kmod_released = Some((idx, didx));
-            self.save()?;
-            ring.release(idx)?;
-            ring.release_data(didx);
-        } else {
-            self.save()?;
-        }
-        self.kmod_last_release = Instant::now();
-        Ok(())
     }
 
     fn ship_extents(&mut self, sess: &mut Session, exts: &[(u64, u64)], _buf: &mut AlignedBuf) -> Result<(), AgentError> {
@@ -1906,10 +1480,17 @@ struct FreezeRun {
 }
 
 /// What the agent's stream loop needs of a ring-fed source besides the
-/// trait: the ring (backlog, overflows), the bitmap's part of the
-/// backlog, folds, and handing the parts back when the stream ends.
+/// trait: the ring (backlog), where to resume, the overflows accounted for
+/// (kept in `agent.state` by the agent, for the sources that do not keep
+/// their own state), the bitmap's part of the backlog, folds, and handing
+/// the parts back when the stream ends.
 trait RingFed: ChangeSource {
-    fn ring_source(&self) -> &RingSource;
+    fn backlog_ring(&self) -> &Ring;
+    /// The position the source resumes from (everything before it released).
+    fn durable_position(&self) -> Position;
+    fn overflows_seen(&self) -> Option<u64> {
+        None
+    }
     fn bitmap_backlog(&mut self, _now: u64) -> (u64, Option<u64>) {
         (0, None)
     }
@@ -1920,8 +1501,17 @@ trait RingFed: ChangeSource {
 }
 
 impl RingFed for RingSource {
-    fn ring_source(&self) -> &RingSource {
-        self
+    fn backlog_ring(&self) -> &Ring {
+        self.ring()
+    }
+    fn durable_position(&self) -> Position {
+        // Releases happen only at acknowledged positions, so the consumer
+        // index is the last durable position (resuming there releases
+        // nothing, and cannot fail).
+        self.ring().consumer()
+    }
+    fn overflows_seen(&self) -> Option<u64> {
+        Some(RingSource::overflows_seen(self))
     }
     fn give_back(self, agent: &mut Agent) {
         agent.ring = Some(self.into_ring());
@@ -1929,8 +1519,14 @@ impl RingFed for RingSource {
 }
 
 impl RingFed for BpfRingSource {
-    fn ring_source(&self) -> &RingSource {
-        self.ring()
+    fn backlog_ring(&self) -> &Ring {
+        self.ring().ring()
+    }
+    fn durable_position(&self) -> Position {
+        self.ring().ring().consumer()
+    }
+    fn overflows_seen(&self) -> Option<u64> {
+        Some(self.ring().overflows_seen())
     }
     fn bitmap_backlog(&mut self, now: u64) -> (u64, Option<u64>) {
         self.bpf_mut().bitmap_backlog(now)
@@ -1942,6 +1538,20 @@ impl RingFed for BpfRingSource {
         let (b, r) = self.into_parts();
         agent.bpf = Some(b);
         agent.ring = Some(r.into_ring());
+    }
+}
+
+/// The kernel module keeps its ring indices, catch-up and counters itself
+/// (written through [`KmodStateStore`]); it resumes from its own ring.
+impl RingFed for KmodSource {
+    fn backlog_ring(&self) -> &Ring {
+        self.ring()
+    }
+    fn durable_position(&self) -> Position {
+        0
+    }
+    fn give_back(self, agent: &mut Agent) {
+        agent.kmod = Some(self);
     }
 }
 
@@ -1997,6 +1607,15 @@ impl Sink for AgentSink<'_> {
     fn cut(&mut self, time_ns: u64, app: bool) -> Result<u64, AgentError> {
         let kind = if app { PointKind::App } else { PointKind::Crash };
         Ok(self.agent.cut_at(self.sess, kind, time_ns)?.id)
+    }
+
+    /// A consistency group's point is named by the group's cut id, as its
+    /// time, so that every disk of the group has a point with it.
+    fn cut_requested(&mut self, group: Option<u64>, time_ns: u64, app: bool) -> Result<u64, AgentError> {
+        let Some(id) = group else { return self.cut(time_ns, app) };
+        let p = self.agent.cut_at(self.sess, PointKind::Group, id)?;
+        log::info!("group point {} for cut {id}", p.id);
+        Ok(p.id)
     }
 
     fn resync(&mut self, why: &str) -> Result<(), AgentError> {
@@ -2274,14 +1893,14 @@ fn claim_bpf(name: &str, state: &Path, me: &Owner) -> Result<Owner, AgentError> 
 
 /// After attaching (or finding) the kernel module's attachment `attach_id`:
 /// refuse one another folder owns; record ours.
-fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), AgentError> {
+fn claim_kmod(opts: &Options, me: &Owner, attach_id: u64) -> Result<(), kmod::KmodError> {
     let dev = kmod::dev_numbers(&opts.disk)?;
     let dir = Path::new(owner::KMOD_OWNER_DIR);
     match owner::kmod_claim(dir, dev, attach_id, me) {
         Claim::Mine(_) => return Ok(()),
         Claim::Free => {}
         Claim::Foreign(o) => {
-            return Err(AgentError::Usage(format!(
+            return Err(kmod::KmodError::Usage(format!(
                 "the kernel module's attachment of {} belongs to state folder {}: stop protecting it there first \
                  (`ferry unprotect --state {}`), or run this agent with --state {}",
                 opts.disk.display(),
@@ -2391,38 +2010,69 @@ pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     Ok(name)
 }
 
-/// Finish a release of the kmod ring interrupted between its two index
-/// stores, from the pair saved before it (`kmod_released`).
-fn kmod_complete_release(k: &kmod::Kmod, saved: Option<(u64, u64)>) -> Result<(), AgentError> {
-    if let Some((i, d)) = saved {
-        if k.ring.consumer() != i && k.ring.in_window(i) {
-            k.ring.release(i)?;
-        }
-        if k.ring.consumer() == i {
-            k.ring.release_data(d);
-        }
-    }
-    Ok(())
-}
-
-/// The catch-up saved in `STATE/kmod.catchup`, when it holds everything
-/// the module handed over that is not yet durable; otherwise why not.
-fn saved_catchup(sd: &StateDir, st: &AgentState) -> Result<state::Catchup, String> {
-    if st.kmod_handover_open {
-        return Err("it stopped while the module handed its bitmap over".into());
-    }
-    match sd.load_catchup() {
-        Ok(Some(c)) => Ok(c),
-        Ok(None) => Err(format!("{} is missing", sd.catchup_file().display())),
-        Err(e) => Err(e.to_string()),
+/// The kernel module's part of the agent's state, as the source keeps it.
+fn kmod_state_of(st: &AgentState) -> KmodState {
+    KmodState {
+        next_seq: st.kmod_next_seq,
+        mode: st.kmod_mode.clone(),
+        catchups: st.kmod_catchups,
+        catchup_until: st.kmod_catchup_until,
+        handover_open: st.kmod_handover_open,
+        attach_id: st.kmod_attach_id,
+        released: st.kmod_released,
+        overflows_seen: st.ring_overflows_seen,
+        catching_up: false,
     }
 }
 
-/// Bitmap ranges handed over by CATCHUP, shipped once the stream reaches
-/// `seq` (the marker, or the first change after a hand-over without one).
-struct KmodDeferred {
-    seq: u64,
-    ranges: Vec<(u64, u64)>,
+/// Write the kernel module source's state into the agent's (same fields,
+/// same meaning: docs/formats.md).
+fn apply_kmod_state(k: &KmodState, st: &mut AgentState) {
+    st.kmod_next_seq = k.next_seq;
+    st.kmod_mode = k.mode.clone();
+    st.kmod_catchups = k.catchups;
+    st.kmod_catchup_until = k.catchup_until;
+    st.kmod_handover_open = k.handover_open;
+    st.kmod_attach_id = k.attach_id;
+    st.kmod_released = k.released;
+    st.ring_overflows_seen = k.overflows_seen;
+}
+
+fn state_err(e: ferry_common::durable::StateError) -> SourceError {
+    match e {
+        ferry_common::durable::StateError::Io { path, source } => SourceError::Io { what: path.display().to_string(), source },
+        e => SourceError::Other(e.to_string()),
+    }
+}
+
+/// Where the kernel module source writes its state before it goes on
+/// (a release, a hand-over of its bitmap): into `agent.state` as last
+/// saved (the agent's own saves carry the same fields, see
+/// `source_overlay`), and `STATE/kmod.catchup`.
+struct KmodStateStore {
+    sd: StateDir,
+}
+
+impl KmodStore for KmodStateStore {
+    fn save(&mut self, k: &KmodState) -> Result<(), SourceError> {
+        let mut st = self.sd.load().map_err(state_err)?.ok_or_else(|| {
+            SourceError::Other(format!("kmod tracker: {} is missing; the agent saves it first", self.sd.state_file().display()))
+        })?;
+        apply_kmod_state(k, &mut st);
+        self.sd.save(&st).map_err(state_err)
+    }
+    fn load_catchup(&self) -> Result<Option<state::Catchup>, SourceError> {
+        self.sd.load_catchup().map_err(state_err)
+    }
+    fn save_catchup(&mut self, c: &state::Catchup) -> Result<(), SourceError> {
+        self.sd.save_catchup(c).map_err(state_err)
+    }
+    fn drop_catchup(&mut self) -> Result<(), SourceError> {
+        self.sd.drop_catchup().map_err(state_err)
+    }
+    fn catchup_path(&self) -> PathBuf {
+        self.sd.catchup_file()
+    }
 }
 
 #[cfg(test)]

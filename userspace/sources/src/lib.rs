@@ -20,7 +20,7 @@
 //! |--------|-----------|----------|------|
 //! | test ring ([`ring::RingSource`]) | ring index | — | ring overflow, invalid record |
 //! | eBPF tracker ([`bpf::BpfRingSource`]) | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
-//! | kernel module | module sequence | module bitmap hand-over (`STATE/kmod.catchup`) | module overflow, unclean stop |
+//! | kernel module ([`kmod::KmodSource`]) | batch number (ring indices kept inside) | module bitmap hand-over (`STATE/kmod.catchup`) | module overflow, invalid record, unclean stop |
 //! | scan | pass number | the whole disk by checksum | — |
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |
 //! | QEMU dirty bitmap | bitmap generation | NBD `qemu:dirty-bitmap` | bitmap lost or disabled |
@@ -55,8 +55,11 @@ pub enum SourceError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Marker {
     /// A point asked for here (an application's tag, a consistency group's
-    /// cut with its id); cut if the stream is consistent here.
-    CutRequest { group: Option<u64>, time_ns: u64 },
+    /// cut with its id); cut if the stream is consistent here. `app`: the
+    /// request was placed with every writer frozen
+    /// ([`ChangeSource::place_cut_request`]), so its point is
+    /// app-consistent.
+    CutRequest { group: Option<u64>, time_ns: u64, app: bool },
     /// From here the source ships from a bitmap: not a prefix state until
     /// [`Marker::CatchUpEnd`].
     CatchUpStart,
@@ -205,6 +208,41 @@ pub trait ChangeSource {
     /// moment itself.
     fn request_cut(&mut self) -> Result<bool, SourceError> {
         Ok(true)
+    }
+
+    /// Whether the source places its own cut requests in its stream
+    /// ([`ChangeSource::place_cut_request`]): then a frozen cut freezes the
+    /// writers only around placing one (the kernel module's TAG), and the
+    /// point is cut when the stream reaches it.
+    fn places_cut_requests(&self) -> bool {
+        false
+    }
+
+    /// With the writers frozen: queue a [`Marker::CutRequest`] (with `app`)
+    /// in the stream now. `Ok(false)`: none could be placed now.
+    fn place_cut_request(&mut self) -> Result<bool, SourceError> {
+        Ok(false)
+    }
+
+    /// Whether the source hands out a [`Marker::CutRequest`] only where
+    /// the stream up to it is a prefix state of the disk's changes (it
+    /// tracks what was read from the live disk itself): the shipper then
+    /// cuts at every such marker outside a catch-up.
+    fn cut_requests_are_prefix_states(&self) -> bool {
+        false
+    }
+
+    /// A full resync is about to read the whole disk (a loss): drop what
+    /// the source holds (the resync covers it) and let writes queued so far
+    /// complete first. The sink has not yet recorded the resync: a source
+    /// that lets go of changes here records that itself.
+    fn resync_begin(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// The resync is durable.
+    fn resync_end(&mut self) -> Result<(), SourceError> {
+        Ok(())
     }
 
     fn stats(&self) -> SourceStats;

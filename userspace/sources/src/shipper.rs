@@ -17,6 +17,19 @@
 //!   everything sent is durable and the source reports [`Quiet::Yes`];
 //! - after a restart it resumes from the last durable position: the source
 //!   hands out again what was not released;
+//! - a batch that moved the source's position is released once durable,
+//!   whether it held changes or not;
+//! - a source's resync hooks wrap the sink's resync
+//!   ([`ChangeSource::resync_begin`] before, [`ChangeSource::resync_end`]
+//!   once it is durable);
+//! - a source that vouches for its cut requests
+//!   ([`ChangeSource::cut_requests_are_prefix_states`]) gets a point at
+//!   each outside a catch-up, reads from the live disk or not (a group's
+//!   named by its id, one placed under a freeze app-consistent);
+//! - a source that places its own cut requests
+//!   ([`ChangeSource::places_cut_requests`]) is frozen only around placing
+//!   one, at a moment it calls quiet; if not every writer froze, a
+//!   crash-consistent point is cut at once instead;
 //! - a cut waits for the source's barrier: [`ChangeSource::barrier`], the
 //!   writes it holds in flight shipped, then [`ChangeSource::quiesce`];
 //! - an app-consistent cut ([`CutPlan::Freeze`]) ships what the writers
@@ -47,6 +60,12 @@ pub trait Sink {
     /// Cut a recovery point after everything sent (`app`: taken under a
     /// freeze of every writer, else crash-consistent); returns its id.
     fn cut(&mut self, time_ns: u64, app: bool) -> Result<u64, Self::Error>;
+    /// Cut a point at a source's [`Marker::CutRequest`]: a consistency
+    /// group's (`group`: its cut id), or one placed under a freeze (`app`).
+    fn cut_requested(&mut self, group: Option<u64>, time_ns: u64, app: bool) -> Result<u64, Self::Error> {
+        let _ = group;
+        self.cut(time_ns, app)
+    }
     /// Bring the replica to the disk's content by checksum (a loss); done
     /// when it returns (durable).
     fn resync(&mut self, why: &str) -> Result<(), Self::Error>;
@@ -139,6 +158,8 @@ pub struct Shipper<S, K, R> {
     /// A loss reported while frozen: resynced at the next step, after the
     /// thaw.
     deferred_loss: Option<String>,
+    /// The end position of the last batch handed out.
+    handed_end: Position,
     /// Most changes taken per batch.
     pub batch: usize,
     /// The size of the disk (extents are clipped to it).
@@ -186,6 +207,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
             unverified: false,
             read_since_cut: true,
             deferred_loss: None,
+            handed_end: durable,
             batch: 4096,
             size,
         })
@@ -222,6 +244,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         if out.cut_tried && self.source.request_cut()? {
             let cut = match self.sink.cut_plan() {
                 CutPlan::Quiet => self.quiet_cut(&mut out)?,
+                CutPlan::Freeze { .. } if self.source.places_cut_requests() => self.tagged_cut(&mut out)?,
                 CutPlan::Freeze { precopy } => self.frozen_cut(precopy, &mut out)?,
             };
             out.points.extend(cut);
@@ -263,18 +286,25 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                     out.bytes_read += self.ship_run(&mut run)?;
                     self.catchup_open = false;
                 }
-                Change::Marker(Marker::CutRequest { time_ns, .. }) => {
+                Change::Marker(Marker::CutRequest { group, time_ns, app }) => {
                     // Everything before the marker, durable, then the point
                     // (under a freeze the freeze's own point follows) — only
                     // if nothing since the last point was read from the live
                     // disk (an extent read after the marker may hold a later
                     // write): payload sources, or a source whose reads see a
-                    // frozen view.
+                    // frozen view; or a source that hands out cut requests
+                    // only at prefix states (it tracks its reads itself).
                     out.bytes_read += self.ship_run(&mut run)?;
-                    if self.consistent() && !frozen && (!self.read_since_cut || self.source.reads_frozen_view()) {
+                    let vouched = self.source.cut_requests_are_prefix_states();
+                    let prefix = vouched || !self.unverified && (!self.read_since_cut || self.source.reads_frozen_view());
+                    if !self.catchup_open && !frozen && prefix {
                         let last = self.sink.last_sent();
                         self.sink.wait_durable(last)?;
-                        out.points.push(self.sink.cut(time_ns, false)?);
+                        out.points.push(self.sink.cut_requested(group, time_ns, app)?);
+                        if vouched {
+                            self.unverified = false;
+                            self.read_since_cut = false;
+                        }
                     }
                 }
                 Change::Loss(why) => {
@@ -297,14 +327,19 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                 // The resync supersedes a catch-up under way (its end
                 // marker may have been in the rest of the batch).
                 self.catchup_open = false;
+                self.source.resync_begin()?;
                 self.sink.resync(&why)?;
                 let last = self.sink.last_sent();
                 self.sink.wait_durable(last)?;
+                self.source.resync_end()?;
                 out.resynced = Some(why);
             }
             None => out.bytes_read += self.ship_run(&mut run)?,
         }
-        if n > 0 {
+        // A batch with no changes that moved the source's position (records
+        // that carry nothing to ship) is released like any other.
+        if n > 0 || b.end != self.handed_end {
+            self.handed_end = b.end;
             self.pending.push_back((self.sink.last_sent(), b.end));
             if let Some(t) = b.oldest_ns {
                 out.timed = Some((self.sink.last_sent(), t));
@@ -362,6 +397,27 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         self.unverified = false;
         self.read_since_cut = false;
         Ok(Some(self.sink.cut(now_ns(), false)?))
+    }
+
+    /// For a source that places its own cut requests: at a prefix state,
+    /// freeze the writers only around placing one (the point is cut when
+    /// the stream reaches it); if not every writer froze, a crash-consistent
+    /// point now instead. Thaws always.
+    fn tagged_cut(&mut self, out: &mut Step) -> Result<Option<u64>, K::Error> {
+        if self.catchup_open || self.source.quiesce()? != Quiet::Yes {
+            return Ok(None);
+        }
+        let placed = match self.sink.freeze()? {
+            Some(true) => self.source.place_cut_request().map(Some),
+            _ => Ok(None),
+        };
+        let thawed = self.sink.thaw(false);
+        let placed = placed?;
+        thawed?;
+        match placed {
+            Some(_) => Ok(None),
+            None => self.quiet_cut(out),
+        }
     }
 
     /// Pre-copy, freeze, ship what came before the freeze, cut if nothing
@@ -513,7 +569,15 @@ mod tests {
         /// barrier must catch), or at the freeze (queued before it).
         sneak: Rc<RefCell<Vec<(u64, u8)>>>,
         at_freeze: Rc<RefCell<Vec<Change>>>,
+        /// Hands out cut requests only at prefix states (as the kernel
+        /// module's source does).
+        vouch: bool,
+        /// Places its own cut requests under a freeze.
+        tags: bool,
     }
+    /// A record that carries nothing to ship (the fake hands out no change
+    /// for it; its position moves all the same).
+    const BLANK: Change = Change::Zero { offset: u64::MAX, len: 0 };
     impl ChangeSource for FakeSource {
         fn kind(&self) -> &'static str {
             "fake"
@@ -527,7 +591,7 @@ mod tests {
         fn next_batch(&mut self, max: usize) -> Result<Batch, SourceError> {
             let log = self.log.borrow();
             let end = (self.cursor as usize + max).min(log.len());
-            let changes = log[self.cursor as usize..end].to_vec();
+            let changes = log[self.cursor as usize..end].iter().filter(|c| **c != BLANK).cloned().collect();
             self.cursor = end as u64;
             Ok(Batch { changes, end: end as u64, oldest_ns: None })
         }
@@ -561,6 +625,25 @@ mod tests {
         fn quiesce(&mut self) -> Result<Quiet, SourceError> {
             let quiet = *self.quiet.borrow() && self.cursor as usize == self.log.borrow().len();
             Ok(if quiet { Quiet::Yes } else { Quiet::No })
+        }
+        fn places_cut_requests(&self) -> bool {
+            self.tags
+        }
+        fn place_cut_request(&mut self) -> Result<bool, SourceError> {
+            self.ev.borrow_mut().push("place".into());
+            self.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: None, time_ns: 42, app: true }));
+            Ok(true)
+        }
+        fn cut_requests_are_prefix_states(&self) -> bool {
+            self.vouch
+        }
+        fn resync_begin(&mut self) -> Result<(), SourceError> {
+            self.ev.borrow_mut().push("resync_begin".into());
+            Ok(())
+        }
+        fn resync_end(&mut self) -> Result<(), SourceError> {
+            self.ev.borrow_mut().push("resync_end".into());
+            Ok(())
         }
         fn stats(&self) -> SourceStats {
             SourceStats::default()
@@ -644,6 +727,12 @@ mod tests {
             self.points.push((id, self.replica(seq)));
             self.ev.borrow_mut().push(format!("cut {id}"));
             Ok(id)
+        }
+        fn cut_requested(&mut self, group: Option<u64>, time_ns: u64, app: bool) -> Result<u64, E> {
+            if let Some(g) = group {
+                self.ev.borrow_mut().push(format!("group {g}"));
+            }
+            self.cut(time_ns, app)
         }
         fn resync(&mut self, why: &str) -> Result<(), E> {
             self.ev.borrow_mut().push(format!("resync {why}"));
@@ -729,6 +818,8 @@ mod tests {
                 inflight: Rc::clone(&self.inflight),
                 sneak: Rc::clone(&self.sneak),
                 at_freeze: Rc::clone(&self.at_freeze),
+                vouch: false,
+                tags: false,
             };
             let sink = FakeSink {
                 frames: Vec::new(),
@@ -784,7 +875,7 @@ mod tests {
         w.disk.write(8192, 7, 4096);
         w.log.borrow_mut().push(Change::Loss("test: lost records".into()));
         w.write(16384, 3, 4096);
-        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: None, time_ns: 1 }));
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: None, time_ns: 1, app: false }));
         w.write(20480, 4, 4096);
         let st = s.step(true).unwrap();
         assert_eq!(st.resynced.as_deref(), Some("test: lost records"));
@@ -815,7 +906,7 @@ mod tests {
         let st = s.step(true).unwrap();
         assert!(st.points.is_empty(), "no point inside a catch-up");
         // A cut request inside the catch-up is not honoured either.
-        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(9), time_ns: 1 }));
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(9), time_ns: 1, app: false }));
         assert!(s.step(true).unwrap().points.is_empty());
         w.log.borrow_mut().push(Change::Marker(Marker::CatchUpEnd));
         s.step(true).unwrap();
@@ -830,7 +921,7 @@ mod tests {
         // the live disk after the marker, and a block rewritten since
         // would enter the point.
         w.write(0, 5, 4096);
-        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(10), time_ns: 2 }));
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(10), time_ns: 2, app: false }));
         w.write(0, 6, 4096);
         let st = s.step(false).unwrap();
         assert!(st.points.is_empty(), "no point at a marker that extents read later precede: {st:?}");
@@ -841,7 +932,7 @@ mod tests {
         // With payloads only since that point, a cut request is cut at its
         // marker, whatever comes after it.
         w.write_payload(0, 7, 4096);
-        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(11), time_ns: 3 }));
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(11), time_ns: 3, app: false }));
         let at_marker = w.disk.0.borrow().clone();
         w.write_payload(0, 8, 4096);
         let st = s.step(false).unwrap();
@@ -980,6 +1071,98 @@ mod tests {
         let st = s.step(true).unwrap();
         assert_eq!(st.points.len(), 1);
         assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+    }
+
+    #[test]
+    fn a_resync_is_wrapped_in_the_source_hooks() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        w.write(0, 1, 4096);
+        w.log.borrow_mut().push(Change::Loss("test: lost".into()));
+        let st = s.step(false).unwrap();
+        assert_eq!(st.resynced.as_deref(), Some("test: lost"));
+        let ev = w.ev.borrow();
+        assert!(pos(&ev, "resync_begin") < pos(&ev, "resync test: lost"), "{ev:?}");
+        assert!(pos(&ev, "resync test: lost") < pos(&ev, "resync_end"), "the end hook once the resync is durable: {ev:?}");
+    }
+
+    #[test]
+    fn a_vouched_cut_request_is_cut_after_extents_and_names_its_group() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        s.source.vouch = true;
+        // After extents read from the live disk, and after a resync (not
+        // yet confirmed by a quiet moment): the source vouches for it.
+        w.write(0, 1, 4096);
+        w.log.borrow_mut().push(Change::Loss("test: lost".into()));
+        s.step(false).unwrap();
+        w.write(4096, 2, 4096);
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(7), time_ns: 7, app: false }));
+        let st = s.step(false).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+        assert!(w.ev.borrow().iter().any(|e| e == "group 7"), "a group's point is named by its id");
+        assert!(s.consistent(), "a vouched point confirms a prefix state");
+        // Not inside a catch-up, vouched or not.
+        w.log.borrow_mut().push(Change::Marker(Marker::CatchUpStart));
+        w.write(0, 3, 4096);
+        w.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: Some(8), time_ns: 8, app: false }));
+        assert!(s.step(false).unwrap().points.is_empty());
+        assert!(!w.ev.borrow().iter().any(|e| e == "group 8"));
+    }
+
+    #[test]
+    fn a_source_that_places_cut_requests_is_frozen_only_to_place_one() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        s.source.tags = true;
+        s.source.vouch = true;
+        s.sink.freeze = Some(Some(true));
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        // Due: frozen around placing the request, no shipping under it; the
+        // point comes when the stream reaches the request, app-consistent.
+        let st = s.step(true).unwrap();
+        assert!(st.points.is_empty(), "{st:?}");
+        assert_eq!(s.sink.thaws, 1);
+        {
+            let ev = w.ev.borrow();
+            assert!(pos(&ev, "freeze") < pos(&ev, "place") && pos(&ev, "place") < pos(&ev, "thaw false"), "{ev:?}");
+            assert!(!ev.iter().any(|e| e == "freeze_begin"), "nothing held in memory: {ev:?}");
+        }
+        let st = s.step(false).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![true]);
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+        // Not every writer froze: a crash-consistent point at once, no request.
+        s.sink.freeze = Some(Some(false));
+        w.write(0, 2, 4096);
+        s.step(false).unwrap();
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![true, false]);
+        assert_eq!(w.ev.borrow().iter().filter(|e| *e == "place").count(), 1);
+        assert_eq!(s.sink.thaws, 2);
+        // Not quiet: no freeze at all.
+        *w.quiet.borrow_mut() = false;
+        assert!(s.step(true).unwrap().points.is_empty());
+        assert_eq!(s.sink.thaws, 2);
+    }
+
+    #[test]
+    fn a_batch_without_changes_that_moves_the_position_is_released() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        s.step(false).unwrap();
+        assert_eq!(*w.released.borrow(), 1);
+        w.log.borrow_mut().push(BLANK);
+        w.log.borrow_mut().push(BLANK);
+        let st = s.step(false).unwrap();
+        assert_eq!(st.changes, 0);
+        s.step(false).unwrap();
+        assert_eq!(*w.released.borrow(), 3, "records with nothing to ship are released too");
     }
 
     #[test]

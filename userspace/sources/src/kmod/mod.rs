@@ -12,6 +12,9 @@
 //! [`catchup`] is the persisted catch-up (`STATE/kmod.catchup`).
 
 pub mod catchup;
+mod source;
+
+pub use source::{KmodAttach, KmodSource, KmodState, KmodStore};
 
 /// Errors of the kernel module tracker.
 #[derive(Debug, thiserror::Error)]

@@ -224,11 +224,14 @@ pub trait ChangeSource {
         Ok(false)
     }
 
-    /// Whether the source hands out a [`Marker::CutRequest`] only where
-    /// the stream up to it is a prefix state of the disk's changes (it
-    /// tracks what was read from the live disk itself): the shipper then
-    /// cuts at every such marker outside a catch-up.
-    fn cut_requests_are_prefix_states(&self) -> bool {
+    /// Whether the source itself tracks where its stream is a prefix state
+    /// of the disk's changes (it knows what was read from the live disk,
+    /// and payloads are the disk's states): it hands out a
+    /// [`Marker::CutRequest`] only at one, and [`ChangeSource::quiesce`]
+    /// answers for the stream as handed out, not for the disk being idle.
+    /// The shipper then cuts at every cut request outside a catch-up, and
+    /// tries a due cut after any batch, changes or not.
+    fn knows_prefix_states(&self) -> bool {
         false
     }
 

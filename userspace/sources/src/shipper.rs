@@ -22,10 +22,11 @@
 //! - a source's resync hooks wrap the sink's resync
 //!   ([`ChangeSource::resync_begin`] before, [`ChangeSource::resync_end`]
 //!   once it is durable);
-//! - a source that vouches for its cut requests
-//!   ([`ChangeSource::cut_requests_are_prefix_states`]) gets a point at
-//!   each outside a catch-up, reads from the live disk or not (a group's
-//!   named by its id, one placed under a freeze app-consistent);
+//! - a source that knows its prefix states
+//!   ([`ChangeSource::knows_prefix_states`]) gets a point at each of its
+//!   cut requests outside a catch-up, reads from the live disk or not (a
+//!   group's named by its id, one placed under a freeze app-consistent),
+//!   and a due cut is tried after any batch, not only an empty one;
 //! - a source that places its own cut requests
 //!   ([`ChangeSource::places_cut_requests`]) is frozen only around placing
 //!   one, at a moment it calls quiet; if not every writer froze, a
@@ -240,7 +241,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         }
         self.ingest(b, &mut out, false)?;
         self.release_durable()?;
-        out.cut_tried = cut_due && out.changes == 0;
+        out.cut_tried = cut_due && (out.changes == 0 || self.source.knows_prefix_states());
         if out.cut_tried && self.source.request_cut()? {
             let cut = match self.sink.cut_plan() {
                 CutPlan::Quiet => self.quiet_cut(&mut out)?,
@@ -295,7 +296,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                     // frozen view; or a source that hands out cut requests
                     // only at prefix states (it tracks its reads itself).
                     out.bytes_read += self.ship_run(&mut run)?;
-                    let vouched = self.source.cut_requests_are_prefix_states();
+                    let vouched = self.source.knows_prefix_states();
                     let prefix = vouched || !self.unverified && (!self.read_since_cut || self.source.reads_frozen_view());
                     if !self.catchup_open && !frozen && prefix {
                         let last = self.sink.last_sent();
@@ -634,7 +635,7 @@ mod tests {
             self.log.borrow_mut().push(Change::Marker(Marker::CutRequest { group: None, time_ns: 42, app: true }));
             Ok(true)
         }
-        fn cut_requests_are_prefix_states(&self) -> bool {
+        fn knows_prefix_states(&self) -> bool {
             self.vouch
         }
         fn resync_begin(&mut self) -> Result<(), SourceError> {
@@ -1103,6 +1104,12 @@ mod tests {
         assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
         assert!(w.ev.borrow().iter().any(|e| e == "group 7"), "a group's point is named by its id");
         assert!(s.consistent(), "a vouched point confirms a prefix state");
+        // A due cut after a batch with changes: tried (the source answers
+        // for the stream as handed out), and cut.
+        w.write(8192, 4, 4096);
+        let st = s.step(true).unwrap();
+        assert_eq!((st.changes, st.cut_tried, st.points.len()), (1, true, 1), "{st:?}");
+        assert_eq!(s.sink.points[1].1, *w.disk.0.borrow());
         // Not inside a catch-up, vouched or not.
         w.log.borrow_mut().push(Change::Marker(Marker::CatchUpStart));
         w.write(0, 3, 4096);

@@ -26,7 +26,8 @@
 //! its next call. [`ChangeSource::quiesce`] answers [`Quiet::Yes`] at any
 //! record boundary past it (payload records are the disk's states), and
 //! only such cut requests are handed out
-//! ([`ChangeSource::cut_requests_are_prefix_states`]).
+//! ([`ChangeSource::knows_prefix_states`]): so a point may be cut after any
+//! batch, writes going on or not, as the module's own loop did.
 
 use super::catchup::{Catchup, Handover};
 use super::{Kmod, KmodError};
@@ -560,7 +561,7 @@ impl ChangeSource for KmodSource {
         Ok(if ok { Quiet::Yes } else { Quiet::No })
     }
 
-    fn cut_requests_are_prefix_states(&self) -> bool {
+    fn knows_prefix_states(&self) -> bool {
         true
     }
 

@@ -1271,10 +1271,9 @@ impl Agent {
     /// The stream loop over a ring-fed source; the cut policy (when a
     /// point is due, what to say when none can be cut) is here.
     fn stream_on<S: RingFed>(&mut self, sess: &mut Session, start: Instant, source: S) -> Result<Summary, AgentError> {
+        // Streaming from here, as `ferry status` shows at once.
         self.st.mode = "streaming".into();
-        // Releases happen only at acknowledged positions, so the consumer
-        // index is the last durable position (resuming there releases
-        // nothing, and cannot fail).
+        self.save()?;
         let durable = source.durable_position();
         let reader = self.reader.clone();
         let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());

@@ -337,6 +337,128 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The site's certificate authority (run where the CA key is kept).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// One-time join tokens for enrolling machines.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Enroll this machine with a join token: its key is made here, its certificate comes from `ferry ca serve`.
+    Enroll {
+        /// The CA server (`ferry ca serve`), HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        server: String,
+        /// The join token printed by `ferry token create` (it pins the CA).
+        #[arg(long)]
+        token: String,
+        /// Folder to store the key, certificate, chain and CA in (created 0700; must not hold an identity).
+        #[arg(long, value_name = "DIR")]
+        identity: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    /// Protects disks (ferry agent).
+    Agent,
+    /// Caches, compresses and forwards streams (ferry process-server).
+    ProcessServer,
+    /// Holds replicas and points (ferry master-target).
+    MasterTarget,
+    /// Hosts the CA, the API and the website (ferry config-server).
+    ConfigServer,
+}
+
+impl From<RoleArg> for ferry_identity::Role {
+    fn from(r: RoleArg) -> ferry_identity::Role {
+        use ferry_identity::Role;
+        match r {
+            RoleArg::Agent => Role::Agent,
+            RoleArg::ProcessServer => Role::ProcessServer,
+            RoleArg::MasterTarget => Role::MasterTarget,
+            RoleArg::ConfigServer => Role::ConfigServer,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA in DIR (made 0700; the key 0600): ECDSA P-256, 10 years.
+    Init {
+        /// The CA's folder (must not hold a CA).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Answer enrollments, renewals and revocation-list requests (TLS; the token's pin proves the CA).
+    Serve {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Address to listen on, HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Lifetime of the certificates it issues (renewed after two thirds).
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        cert_ttl: String,
+    },
+    /// Offline: make a key and a certificate for a machine into an identity folder here.
+    Issue {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// What the machine does.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The machine's name (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// Where to write the identity (created 0700).
+        #[arg(long, value_name = "DIR")]
+        identity: PathBuf,
+        /// Lifetime of the certificate.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        ttl: String,
+    },
+    /// Revoke a certificate by serial, or every certificate of a machine (NAME or ROLE/NAME).
+    Revoke {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A serial (hex, as `ferry ca list` shows it), NAME or ROLE/NAME.
+        what: String,
+    },
+    /// The certificates the CA issued.
+    List {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a one-time join token for one machine (the last line of stdout).
+    Create {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// What the machine will do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The machine's name (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// How long the token may be used.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        ttl: String,
+    },
 }
 
 /// Bad usage found after parsing (an address, a value out of range): exit 2.
@@ -369,6 +491,8 @@ macro_rules! println {
         out_line(format_args!($($arg)*))
     };
 }
+
+mod identity_cmd;
 
 fn out_line(args: std::fmt::Arguments) {
     use std::io::Write;
@@ -426,6 +550,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Ca { cmd } => identity_cmd::ca(cmd),
+        Cmd::Token { cmd } => identity_cmd::token(cmd),
+        Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
         Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()

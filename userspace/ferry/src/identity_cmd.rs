@@ -1,0 +1,93 @@
+//! `ferry ca …`, `ferry token create`, `ferry enroll`: parse, call
+//! ferry-identity, print.
+
+use super::{out_line, CaCmd, TokenCmd, Usage};
+use anyhow::Result;
+use ferry_identity::ca::Ca;
+use ferry_identity::{parse_ttl, IdentityError};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Usage mistakes exit 2; everything else 1.
+fn err(e: IdentityError) -> anyhow::Error {
+    match e {
+        IdentityError::Usage(m) => Usage(m).into(),
+        e => e.into(),
+    }
+}
+
+fn when(secs: i64) -> String {
+    ferry_identity::when(secs)
+}
+
+pub fn ca(cmd: CaCmd) -> Result<()> {
+    match cmd {
+        CaCmd::Init { dir } => {
+            let ca = Ca::init(&dir).map_err(err)?;
+            println!("CA created in {} (key readable by root only)", dir.display());
+            println!("pin {}", ca.pin().map_err(err)?);
+        }
+        CaCmd::Serve { dir, listen, cert_ttl } => {
+            let ttl = parse_ttl("--cert-ttl", &cert_ttl).map_err(err)?;
+            let addr = ferry_common::net::resolve("--listen", &listen, true).map_err(Usage::from)?[0];
+            let s = ferry_identity::enroll::CaServer::bind(&dir, addr, ttl).map_err(err)?;
+            log::info!("ca serve: answering enrollments on {}", s.local_addr().unwrap_or(addr));
+            s.run(Arc::new(AtomicBool::new(false))).map_err(err)?;
+        }
+        CaCmd::Issue { dir, role, name, identity, ttl } => {
+            let ttl = parse_ttl("--ttl", &ttl).map_err(err)?;
+            let ca = Ca::open(&dir).map_err(err)?;
+            if identity.join("cert.pem").exists() {
+                return Err(Usage(format!("{} already holds an identity; choose an empty folder", identity.display())).into());
+            }
+            let id = ca.issue_to(&identity, &name, role.into(), ttl).map_err(err)?;
+            println!("issued {} (serial {}, until {}) into {}", id.label(), id.serial, when(id.not_after), identity.display());
+        }
+        CaCmd::Revoke { dir, what } => {
+            let ca = Ca::open(&dir).map_err(err)?;
+            for r in ca.revoke(&what).map_err(err)? {
+                println!("revoked {}/{} (serial {})", r.role, r.name, r.serial);
+            }
+            println!("the revocation list is updated; machines refresh it within seconds from `ferry ca serve`");
+        }
+        CaCmd::List { dir, json } => {
+            let ca = Ca::open(&dir).map_err(err)?;
+            let list = ca.list().map_err(err)?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                println!("{:<32}  {:<14}  {:<20}  {:<20}  STATE", "SERIAL", "ROLE", "NAME", "UNTIL");
+                let now = ferry_identity::now_secs();
+                for i in list {
+                    let state = match i.revoked {
+                        Some(t) => format!("revoked {}", when(t)),
+                        None if i.not_after <= now => "expired".into(),
+                        None => "valid".into(),
+                    };
+                    println!("{:<32}  {:<14}  {:<20}  {:<20}  {state}", i.serial, i.role.as_str(), i.name, when(i.not_after));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn token(cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { ca, role, name, ttl } => {
+            let ttl = parse_ttl("--ttl", &ttl).map_err(err)?;
+            let ca = Ca::open(&ca).map_err(err)?;
+            let t = ca.create_token(role.into(), &name, ttl).map_err(err)?;
+            eprintln!("join token for {}/{name}, valid once for {}:", ferry_identity::Role::from(role), humantime::format_duration(ttl));
+            println!("{}", t.render());
+        }
+    }
+    Ok(())
+}
+
+pub fn enroll(server: &str, token: &str, identity: &Path) -> Result<()> {
+    let id = ferry_identity::enroll::enroll(server, token, identity).map_err(err)?;
+    println!("enrolled as {} (serial {}, until {}); identity in {}", id.label(), id.serial, when(id.not_after), identity.display());
+    Ok(())
+}

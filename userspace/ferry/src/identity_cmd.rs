@@ -91,3 +91,19 @@ pub fn enroll(server: &str, token: &str, identity: &Path) -> Result<()> {
     println!("enrolled as {} (serial {}, until {}); identity in {}", id.label(), id.serial, when(id.not_after), identity.display());
     Ok(())
 }
+
+/// Load `--identity DIR` for a role: the certificate must name that role.
+pub fn held(dir: Option<&Path>, role: ferry_identity::Role) -> Result<Option<ferry_identity::enroll::Held>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let h = ferry_identity::enroll::Held::load(dir).map_err(err)?;
+    let id = h.creds.identity();
+    if id.role != role {
+        return Err(Usage(format!(
+            "--identity {}: the certificate names {}, but this command runs as {role}; give an identity enrolled with `ferry token create --role {role}`",
+            dir.display(),
+            id.label()
+        ))
+        .into());
+    }
+    Ok(Some(h))
+}

@@ -80,6 +80,9 @@ enum Cmd {
         /// Connections served at once; more are refused as busy.
         #[arg(long, value_name = "N", default_value_t = 1024)]
         max_connections: usize,
+        /// This machine's identity (from `ferry enroll`): mutual TLS with agents of the same CA; needed to listen outside loopback.
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
     },
     /// Protect one block device or image file.
     Agent {
@@ -92,6 +95,9 @@ enum Cmd {
         /// The master target, HOST:PORT (e.g. 127.0.0.1:7700).
         #[arg(long, value_name = "ADDR")]
         target: String,
+        /// This machine's identity (from `ferry enroll`): mutual TLS to the master target; needed for a target outside loopback.
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
         /// How changes are found.
         #[arg(long, value_enum, default_value = "auto")]
         tracker: TrackerArg,
@@ -553,7 +559,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ca { cmd } => identity_cmd::ca(cmd),
         Cmd::Token { cmd } => identity_cmd::token(cmd),
         Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
-        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()
                 .filter(|d| *d >= Duration::from_secs(1))
@@ -561,20 +567,31 @@ fn run(cli: Cli) -> Result<()> {
             if max_connections == 0 {
                 anyhow::bail!("--max-connections must be at least 1");
             }
-            let listen = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
+            let listen = match &identity {
+                Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
+                None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
+            };
+            let held = identity_cmd::held(identity.as_deref(), ferry_identity::Role::MasterTarget)?;
             let rate =
                 parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
             let scrub = match &scrub_every {
                 Some(v) => Some(humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--scrub-every {v:?}: {e} (e.g. 24h, 30min)"))?),
                 None => None,
             };
-            let l = ferry_target::server::bind(listen, &data)?;
+            let l = ferry_target::server::bind(listen, &data, held.is_some())?;
             if let Some(every) = scrub {
                 ops::start_scrub(&data, every, rate);
             }
-            log::info!("master target listening on {listen}, data in {}", data.display());
+            match &held {
+                Some(h) => log::info!(
+                    "master target {} listening on {listen} (mutual TLS), data in {}",
+                    h.creds.identity().label(),
+                    data.display()
+                ),
+                None => log::info!("master target listening on {listen}, data in {}", data.display()),
+            }
             let limits = ferry_target::server::Limits { idle, max_connections };
-            ferry_target::server::serve_with(l, &data, limits).context("serving")?;
+            ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
             Ok(())
         }
         Cmd::Agent {
@@ -595,9 +612,24 @@ fn run(cli: Cli) -> Result<()> {
             kmod_data_mib,
             verify,
             repair,
+            identity,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
             ferry_common::net::check_target(&target).map_err(Usage::from)?;
+            match identity_cmd::held(identity.as_deref(), ferry_identity::Role::Agent)? {
+                Some(h) => ferry_agent::session::use_identity(h)?,
+                None => {
+                    let addrs = ferry_common::net::resolve("target", &target, false).map_err(Usage::from)?;
+                    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+                        return Err(Usage(format!(
+                            "--target {target}: {} is not a loopback address; ferry sends nothing in plaintext off this machine: \
+                             give --identity DIR (enroll first: `ferry enroll --server ADDR --token TOKEN --identity DIR`)",
+                            a.ip()
+                        ))
+                        .into());
+                    }
+                }
+            }
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
             }

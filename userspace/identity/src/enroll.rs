@@ -520,6 +520,24 @@ impl Held {
         warn
     }
 
+    /// Run [`Held::maintain`] every `every` in a thread of its own for as
+    /// long as the process lives; a warning is logged at most hourly.
+    pub fn keep_fresh(&self, every: Duration) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new().name("identity".into()).spawn(move || {
+            let mut warned: Option<std::time::Instant> = None;
+            loop {
+                std::thread::sleep(every);
+                if let Some(w) = me.maintain() {
+                    if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                        log::warn!("{w}");
+                        warned = Some(std::time::Instant::now());
+                    }
+                }
+            }
+        });
+    }
+
     fn trust_ca(&self) -> Vec<u8> {
         self.trust.read().map(|t| t.ca_der().to_vec()).unwrap_or_default()
     }

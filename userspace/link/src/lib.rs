@@ -36,7 +36,7 @@ pub use backoff::Backoff;
 pub use client::{Client, ClientConfig, Opened};
 pub use server::{Op, OpenInfo, ServerConfig, Sink, Sinks};
 pub use stream::{connect_tcp, Stream};
-pub use tls::{TlsStream, Watch};
+pub use tls::{AnyStream, TlsStream, Watch};
 
 use ferry_proto::{ErrorCode, ProtoError};
 

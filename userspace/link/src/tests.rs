@@ -616,7 +616,8 @@ fn spawn_tls_server(
 
 fn tls_client(addr: std::net::SocketAddr, held: &ferry_identity::enroll::Held) -> std::io::Result<crate::TlsStream> {
     use ferry_identity::{tls, Role};
-    let config = tls::client_config(Some(held.creds.clone()), tls::PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget], true)).unwrap();
+    let config =
+        tls::client_config(Some(held.creds.clone()), tls::PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget], true)).unwrap();
     crate::TlsStream::connect(TcpStream::connect(addr)?, config, Duration::from_secs(10))
 }
 
@@ -673,9 +674,8 @@ fn a_revoked_peer_is_cut_mid_stream_and_refused_after() {
     let _ = srv.join().unwrap();
     // A new connection is refused at the handshake.
     let (addr, srv) = spawn_tls_server(&sinks, &mt, None);
-    let r = tls_client(addr, &ag).and_then(|t| {
-        Client::open(t, client_cfg(), "vm", SIZE, [4; 16]).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
-    });
+    let r = tls_client(addr, &ag)
+        .and_then(|t| Client::open(t, client_cfg(), "vm", SIZE, [4; 16]).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
     assert!(r.is_err());
     assert!(srv.join().unwrap().unwrap_err().contains("revoked"));
 }

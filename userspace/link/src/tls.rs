@@ -66,7 +66,8 @@ impl TlsStream {
         while conn.wants_write() {
             conn.write_tls(&mut sock)?;
         }
-        let chain: Vec<CertificateDer<'static>> = conn.peer_certificates().map(|c| c.iter().map(|d| d.clone().into_owned()).collect()).unwrap_or_default();
+        let chain: Vec<CertificateDer<'static>> =
+            conn.peer_certificates().map(|c| c.iter().map(|d| d.clone().into_owned()).collect()).unwrap_or_default();
         let identity = chain.first().and_then(|c| ferry_identity::identity_of(c).ok());
         let addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
         let label = match &identity {
@@ -271,6 +272,81 @@ impl Watch {
                     let _ = i.sock.shutdown(Shutdown::Both);
                 }
             }
+        }
+    }
+}
+
+/// A plain or a TLS connection, chosen at run time (`--identity`).
+pub enum AnyStream {
+    Tcp(TcpStream),
+    Tls(TlsStream),
+}
+
+impl Read for AnyStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            AnyStream::Tcp(s) => s.read(buf),
+            AnyStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for AnyStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            AnyStream::Tcp(s) => s.write(buf),
+            AnyStream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            AnyStream::Tcp(s) => s.flush(),
+            AnyStream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Stream for AnyStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            AnyStream::Tcp(s) => AnyStream::Tcp(s.try_clone()?),
+            AnyStream::Tls(s) => AnyStream::Tls(s.clone()),
+        })
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            AnyStream::Tcp(s) => s.set_read_timeout(t),
+            AnyStream::Tls(s) => Stream::set_read_timeout(s, t),
+        }
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            AnyStream::Tcp(s) => s.set_write_timeout(t),
+            AnyStream::Tls(s) => Stream::set_write_timeout(s, t),
+        }
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        match self {
+            AnyStream::Tcp(s) => Stream::shutdown(s),
+            AnyStream::Tls(s) => Stream::shutdown(s),
+        }
+    }
+    fn wait_input(&self, t: Duration) -> bool {
+        match self {
+            AnyStream::Tcp(s) => s.wait_input(t),
+            AnyStream::Tls(s) => s.wait_input(t),
+        }
+    }
+    fn peer(&self) -> String {
+        match self {
+            AnyStream::Tcp(s) => Stream::peer(s),
+            AnyStream::Tls(s) => Stream::peer(s),
+        }
+    }
+    fn identity(&self) -> Option<Identity> {
+        match self {
+            AnyStream::Tcp(_) => None,
+            AnyStream::Tls(s) => Stream::identity(s),
         }
     }
 }

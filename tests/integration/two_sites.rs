@@ -1,0 +1,139 @@
+//! Issue 13: two sites in two network namespaces joined by a veth pair
+//! shaped with `tc tbf`; machines enroll through `ferry ca serve` and
+//! replicate over mutual TLS.
+
+use ferry_tests::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Two network namespaces joined by a veth pair (site A: .1, site B: .2,
+/// a /30 of 10/8 unique to this process and `idx`), the link shaped to
+/// `rate`; both namespaces (and the pair) are deleted on drop.
+struct Sites {
+    a: String,
+    b: String,
+    ip_a: String,
+    ip_b: String,
+}
+
+impl Sites {
+    fn new(idx: u32, rate: &str) -> Sites {
+        let pid = std::process::id();
+        let tag = format!("fy{}x{idx}", pid % 100_000);
+        let (a, b) = (format!("{tag}a"), format!("{tag}b"));
+        let o2 = (pid >> 6) & 0xff;
+        let o3 = (pid & 0x3f) * 4;
+        let net = format!("10.{}.{o2}.{o3}", 100 + idx);
+        let base: Vec<u32> = net.split('.').map(|x| x.parse().unwrap()).collect();
+        let ip = |n: u32| format!("{}.{}.{}.{}", base[0], base[1], base[2], base[3] + n);
+        let s = Sites { a: a.clone(), b: b.clone(), ip_a: ip(1), ip_b: ip(2) };
+        sh(&format!("ip netns add {a} && ip netns add {b}"));
+        sh(&format!(
+            "ip link add {a}v type veth peer name {b}v && ip link set {a}v netns {a} && ip link set {b}v netns {b} && \
+             ip -n {a} addr add {}/30 dev {a}v && ip -n {b} addr add {}/30 dev {b}v && \
+             ip -n {a} link set {a}v up && ip -n {b} link set {b}v up && ip -n {a} link set lo up && ip -n {b} link set lo up && \
+             ip netns exec {a} tc qdisc add dev {a}v root tbf rate {rate} burst 256kb latency 100ms && \
+             ip netns exec {b} tc qdisc add dev {b}v root tbf rate {rate} burst 256kb latency 100ms",
+            s.ip_a, s.ip_b
+        ));
+        s
+    }
+
+    /// `ferry ARGS` inside namespace `ns`.
+    fn ferry(&self, ns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(ferry_bin()).args(args);
+        c.env("RUST_LOG", std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Start a long-running ferry in `ns`, its log in `log`; wait until the
+    /// log says `ready`.
+    fn start(&self, ns: &str, args: &[&str], log: &Path, ready: &str) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        let child = self.ferry(ns, args).stdout(Stdio::null()).stderr(f).spawn().expect("spawn ferry in a namespace");
+        let p = Proc(child);
+        wait_for(&format!("{ready} in {}", log.display()), 15, || std::fs::read_to_string(log).unwrap_or_default().contains(ready));
+        p
+    }
+}
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+fn out(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Acceptance: enrollment of an agent and a master target through
+/// `ferry ca serve` across the shaped link, a 256 MiB disk replicated with
+/// mutual TLS, recovery equal to the source; plaintext off the machine and
+/// an identity of the wrong role are refused with one line.
+#[test]
+fn two_sites_enroll_and_replicate_over_mutual_tls() {
+    let t = TempDir::new("two-sites");
+    let sites = Sites::new(1, "200mbit");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    let ca_addr = format!("{}:7800", sites.ip_b);
+    let _ca =
+        sites.start(&sites.b, &["ca", "serve", "--dir", &t.s("ca"), "--listen", &ca_addr], &t.path("ca.log"), "answering enrollments");
+    let token = |role: &str, name: &str| {
+        let o = run_ok(&["token", "create", "--ca", &t.s("ca"), "--role", role, "--name", name]);
+        o.lines().last().unwrap().to_string()
+    };
+    // The master target at site B, the agent at site A (across the link).
+    let o = sites
+        .ferry(&sites.b, &["enroll", "--server", &ca_addr, "--token", &token("master-target", "mt-b"), "--identity", &t.s("id-mt")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let tok_a = token("agent", "db-a");
+    let o = sites.ferry(&sites.a, &["enroll", "--server", &ca_addr, "--token", &tok_a, "--identity", &t.s("id-ag")]).output().unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("enrolled as agent/db-a"), "{}", out(&o));
+    // The token works once.
+    let o = sites.ferry(&sites.a, &["enroll", "--server", &ca_addr, "--token", &tok_a, "--identity", &t.s("id-ag2")]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("already used"), "{}", out(&o));
+    assert!(!t.path("id-ag2").join("cert.pem").exists());
+
+    let mt_addr = format!("{}:7700", sites.ip_b);
+    let _mt = sites.start(
+        &sites.b,
+        &["master-target", "--listen", &mt_addr, "--data", &t.s("data"), "--identity", &t.s("id-mt")],
+        &t.path("mt.log"),
+        "listening on",
+    );
+    mixed_image(&t.path("disk.img"), 256 << 20, 13);
+    let agent = |identity: Option<&str>, state: &str| {
+        let disk = t.s("disk.img");
+        let mut args = vec!["agent", "--disk", &disk, "--name", "db", "--target", &mt_addr, "--tracker", "scan", "--once", "--json"];
+        let st = t.s(state);
+        args.extend(["--state", &st, "--connect-timeout", "30"]);
+        if let Some(i) = identity {
+            args.extend(["--identity", i]);
+        }
+        sites.ferry(&sites.a, &args).output().unwrap()
+    };
+    // Plaintext off the machine is refused before anything is sent.
+    let o = agent(None, "st-plain");
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("not a loopback address") && out(&o).contains("--identity"), "{}", out(&o));
+    // An agent's identity cannot serve as a master target.
+    let o = run(&["master-target", "--listen", "127.0.0.1:0", "--data", &t.s("d2"), "--identity", &t.s("id-ag")]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("agent/db-a") && out(&o).contains("master-target"), "{}", out(&o));
+
+    let ag_id = t.s("id-ag");
+    let o = agent(Some(&ag_id), "st");
+    assert!(o.status.success(), "{}\nmaster target: {}", out(&o), std::fs::read_to_string(t.path("mt.log")).unwrap_or_default());
+    let mt_log = std::fs::read_to_string(t.path("mt.log")).unwrap();
+    assert!(mt_log.contains("agent/db-a"), "the master target names its peer by identity: {mt_log}");
+    recover_to(&t.s("data"), "db", "latest", &t.s("r.img"));
+    assert_same(&t.path("disk.img"), &t.path("r.img"));
+}

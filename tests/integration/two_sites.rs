@@ -136,4 +136,23 @@ fn two_sites_enroll_and_replicate_over_mutual_tls() {
     assert!(mt_log.contains("agent/db-a"), "the master target names its peer by identity: {mt_log}");
     recover_to(&t.s("data"), "db", "latest", &t.s("r.img"));
     assert_same(&t.path("disk.img"), &t.path("r.img"));
+
+    // The disk is bound to agent/db-a: another agent identity is refused,
+    // and nothing is written.
+    let o = sites
+        .ferry(&sites.a, &["enroll", "--server", &ca_addr, "--token", &token("agent", "db-x"), "--identity", &t.s("id-x")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let points = point_ids(&t.s("data"), "db");
+    let x_id = t.s("id-x");
+    let o = agent(Some(&x_id), "st-x");
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("belongs to agent/db-a"), "{}", out(&o));
+    assert_eq!(point_ids(&t.s("data"), "db"), points);
+    // Granted to db-x, the disk refuses its first owner.
+    run_ok(&["grant", "--data", &t.s("data"), "--name", "db", "--to", "agent/db-x"]);
+    let o = agent(Some(&ag_id), "st");
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("belongs to agent/db-x"), "{}", out(&o));
 }

@@ -107,3 +107,32 @@ pub fn held(dir: Option<&Path>, role: ferry_identity::Role) -> Result<Option<fer
     }
     Ok(Some(h))
 }
+
+fn data_dir(data: &Path) -> Result<()> {
+    if !data.is_dir() {
+        return Err(Usage(format!("--data {}: not a folder (the master target's data folder)", data.display())).into());
+    }
+    Ok(())
+}
+
+pub fn grant(data: &Path, name: &str, to: &str) -> Result<()> {
+    data_dir(data)?;
+    let ok = to.split_once('/').is_some_and(|(r, n)| r.parse::<ferry_identity::Role>().is_ok() && ferry_identity::valid_name(n));
+    if !ok {
+        return Err(Usage(format!("--to {to:?}: expected ROLE/NAME as a certificate names it, e.g. agent/db1")).into());
+    }
+    match ferry_target::store::access::grant(data, name, to)? {
+        Some(old) if old != to => println!("disk {name}: {to} may write it now (was {old})"),
+        _ => println!("disk {name}: {to} may write it now"),
+    }
+    Ok(())
+}
+
+pub fn revoke(data: &Path, name: &str) -> Result<()> {
+    data_dir(data)?;
+    match ferry_target::store::access::revoke(data, name)? {
+        Some(old) => println!("disk {name}: no longer bound to {old}; the next identity to open it owns it"),
+        None => println!("disk {name}: was not bound to an identity"),
+    }
+    Ok(())
+}

@@ -353,6 +353,27 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Let an identity write a disk of this master target (the disk's previous owner may no longer).
+    Grant {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+        /// The identity, ROLE/NAME as its certificate names it (e.g. agent/db1).
+        #[arg(long, value_name = "ROLE/NAME")]
+        to: String,
+    },
+    /// Unbind a disk from its identity: the next identity to open it owns it.
+    Revoke {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+    },
     /// Enroll this machine with a join token: its key is made here, its certificate comes from `ferry ca serve`.
     Enroll {
         /// The CA server (`ferry ca serve`), HOST:PORT.
@@ -559,6 +580,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ca { cmd } => identity_cmd::ca(cmd),
         Cmd::Token { cmd } => identity_cmd::token(cmd),
         Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
+        Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
+        Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
         Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()

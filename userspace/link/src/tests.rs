@@ -44,7 +44,14 @@ impl Drop for MemSink {
 
 impl Sinks for MemSinks {
     type Sink = MemSink;
-    fn open(&self, _peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(MemSink, OpenInfo), Fail> {
+    fn open(
+        &self,
+        _peer: &str,
+        _who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(MemSink, OpenInfo), Fail> {
         let mut all = self.disks.lock().unwrap();
         let existed = all.contains_key(name);
         let d = Arc::clone(
@@ -512,8 +519,15 @@ struct LateSink {
 
 impl Sinks for LateSinks {
     type Sink = LateSink;
-    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(LateSink, OpenInfo), Fail> {
-        let (inner, info) = self.0.open(peer, name, size, generation)?;
+    fn open(
+        &self,
+        peer: &str,
+        _who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(LateSink, OpenInfo), Fail> {
+        let (inner, info) = self.0.open(peer, None, name, size, generation)?;
         Ok((LateSink { inner, held: Vec::new() }, info))
     }
 }

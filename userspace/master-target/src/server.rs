@@ -158,7 +158,24 @@ struct Disks {
 impl Sinks for Disks {
     type Sink = DiskSink;
 
-    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(DiskSink, OpenInfo), Fail> {
+    fn open(
+        &self,
+        peer: &str,
+        who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(DiskSink, OpenInfo), Fail> {
+        if let Some(who) = who {
+            // Checked before the folder is touched: a refused identity
+            // changes nothing.
+            match crate::store::access::admit(&self.data, name, &who.label()) {
+                Ok(true) => log::info!("disk {name}: bound to {} (its first writer)", who.label()),
+                Ok(false) => {}
+                Err(e @ crate::store::access::AccessError::Denied { .. }) => return Err(Fail::new(ErrorCode::Refused, e.to_string())),
+                Err(e) => return Err(Fail::new(ErrorCode::Internal, e.to_string())),
+            }
+        }
         let (disk, info) = Disk::open(&self.data, name, size, generation).map_err(fail)?;
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
         Ok((DiskSink { disk }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))

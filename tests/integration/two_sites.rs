@@ -156,3 +156,197 @@ fn two_sites_enroll_and_replicate_over_mutual_tls() {
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(out(&o).contains("belongs to agent/db-x"), "{}", out(&o));
 }
+
+/// A long-running ferry on loopback, its log in `log`; waits for `ready`.
+fn start_local(args: &[&str], log: &Path, ready: &str) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    let child =
+        ferry().env("RUST_LOG", "info").args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn ferry");
+    let p = Proc(child);
+    wait_for(&format!("{ready} in {}", log.display()), 15, || std::fs::read_to_string(log).unwrap_or_default().contains(ready));
+    p
+}
+
+fn tool(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"))
+}
+
+/// Acceptance: `ferry export` with TLS read by `qemu-img compare` and by
+/// libnbd (`nbdinfo`, `nbdcopy`) with x509 credentials equals `ferry
+/// recover`; a client of another CA and a plaintext client get nothing.
+#[test]
+fn an_export_over_tls_reads_equal_to_its_recovery_with_x509_clients() {
+    let t = TempDir::new("tls-export");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        &t.s("ca"),
+        "--role",
+        "master-target",
+        "--name",
+        "mt1",
+        "--identity",
+        &t.s("mt"),
+        "--san",
+        "127.0.0.1",
+    ]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "agent", "--name", "db1", "--identity", &t.s("ag")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "agent", "--name", "operator", "--identity", &t.s("op")]);
+    run_ok(&["ca", "init", "--dir", &t.s("ca2")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca2"), "--role", "agent", "--name", "operator", "--identity", &t.s("stranger")]);
+
+    // Replicate over mutual TLS on loopback.
+    let mt_addr = format!("127.0.0.1:{}", free_port());
+    let mut mt = start_local(
+        &["master-target", "--listen", &mt_addr, "--data", &t.s("data"), "--identity", &t.s("mt")],
+        &t.path("mt.log"),
+        "listening on",
+    );
+    mixed_image(&t.path("disk.img"), 64 << 20, 5);
+    run_ok(&[
+        "agent",
+        "--disk",
+        &t.s("disk.img"),
+        "--name",
+        "db",
+        "--target",
+        &mt_addr,
+        "--tracker",
+        "scan",
+        "--once",
+        "--state",
+        &t.s("st"),
+        "--identity",
+        &t.s("ag"),
+    ]);
+    mt.kill9();
+    recover_to(&t.s("data"), "db", "latest", &t.s("r.img"));
+    assert_same(&t.path("disk.img"), &t.path("r.img"));
+
+    let port = free_port();
+    let _ex = start_local(
+        &[
+            "export",
+            "--data",
+            &t.s("data"),
+            "--name",
+            "db",
+            "--point",
+            "latest",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--identity",
+            &t.s("mt"),
+        ],
+        &t.path("ex.log"),
+        "serving",
+    );
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", t.s("op"));
+    let nbd = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=db,tls-creds=tls0");
+    let o = tool("qemu-img", &["compare", "--object", &creds, "--image-opts", &nbd, &format!("driver=raw,file.filename={}", t.s("r.img"))]);
+    assert!(o.status.success(), "qemu-img compare over TLS: {}", out(&o));
+    let url = |dir: &str| format!("nbds://127.0.0.1:{port}/db?tls-certificates={dir}");
+    let o = tool("nbdinfo", &["--size", &url(&t.s("op"))]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), (64u64 << 20).to_string());
+    let o = tool("nbdcopy", &[&url(&t.s("op")), &t.s("copy.img")]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_same(&t.path("r.img"), &t.path("copy.img"));
+    // Another CA's certificate, and plaintext, read nothing.
+    let o = tool("nbdinfo", &["--size", &url(&t.s("stranger"))]);
+    assert!(!o.status.success(), "a certificate of another CA was served: {}", out(&o));
+    let o = tool("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{port}/db")]);
+    assert!(!o.status.success() && out(&o).contains("TLS"), "plaintext was served: {}", out(&o));
+    let log = std::fs::read_to_string(t.path("ex.log")).unwrap();
+    assert!(log.contains("agent/operator"), "{log}");
+}
+
+/// Acceptance: fuzzed and truncated TLS records (a byte-flipping proxy in
+/// front of a master target): each such connection fails cleanly, and the
+/// master target goes on serving other disks.
+#[test]
+fn flipped_and_truncated_tls_bytes_fail_one_connection_and_the_master_target_serves_on() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let t = TempDir::new("tls-fuzz");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "master-target", "--name", "mt1", "--identity", &t.s("mt")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "agent", "--name", "db1", "--identity", &t.s("ag")]);
+    let mt_addr = format!("127.0.0.1:{}", free_port());
+    let mut mt = start_local(
+        &["master-target", "--listen", &mt_addr, "--data", &t.s("data"), "--identity", &t.s("mt")],
+        &t.path("mt.log"),
+        "listening on",
+    );
+    mixed_image(&t.path("disk.img"), 8 << 20, 9);
+
+    // A proxy that flips one byte (or cuts the stream) after `after` bytes
+    // of the client's side, one connection per case.
+    let proxy = |after: usize, cut: bool| -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let upstream = mt_addr.clone();
+        std::thread::spawn(move || {
+            let Ok((c, _)) = l.accept() else { return };
+            let Ok(u) = TcpStream::connect(&upstream) else { return };
+            let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut c, mut u) = (c, u);
+            let mut seen = 0usize;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = &mut buf[..n];
+                if seen <= after && after < seen + n {
+                    if cut {
+                        let _ = u.write_all(&chunk[..after - seen]);
+                        break;
+                    }
+                    chunk[after - seen] ^= 0x5a;
+                }
+                seen += n;
+                if u.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = u.shutdown(std::net::Shutdown::Both);
+        });
+        addr
+    };
+    let agent = |target: &str, name: &str, state: &str| {
+        ferry()
+            .args(["agent", "--disk", &t.s("disk.img"), "--name", name, "--target", target, "--tracker", "scan", "--once"])
+            .args(["--state", &t.s(state), "--identity", &t.s("ag"), "--connect-timeout", "3"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // In the ClientHello, in the handshake's later records, in the
+    // encrypted stream; and cut short at the same places.
+    for (i, (after, cut)) in [(3, false), (60, false), (700, false), (5000, false), (40_000, false), (5, true), (900, true), (30_000, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let p = proxy(after, cut);
+        let o = agent(&p, "fz", &format!("st-fz{i}"));
+        assert!(!o.status.success(), "a damaged stream at byte {after} (cut: {cut}) succeeded: {}", out(&o));
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(e.lines().last().is_some_and(|l| l.starts_with("ferry: ")), "one clean line: {e}");
+        assert!(!e.contains("panicked") && !e.contains("internal error"), "{e}");
+        assert!(mt.alive(), "the master target died at case {i}");
+    }
+    // The master target serves another disk, whole.
+    let o = agent(&mt_addr, "good", "st-good");
+    assert!(o.status.success(), "{}", out(&o));
+    recover_to(&t.s("data"), "good", "latest", &t.s("g.img"));
+    assert_same(&t.path("disk.img"), &t.path("g.img"));
+    let log = std::fs::read_to_string(t.path("mt.log")).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}

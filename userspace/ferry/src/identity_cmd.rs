@@ -35,13 +35,13 @@ pub fn ca(cmd: CaCmd) -> Result<()> {
             log::info!("ca serve: answering enrollments on {}", s.local_addr().unwrap_or(addr));
             s.run(Arc::new(AtomicBool::new(false))).map_err(err)?;
         }
-        CaCmd::Issue { dir, role, name, identity, ttl } => {
+        CaCmd::Issue { dir, role, name, identity, ttl, san } => {
             let ttl = parse_ttl("--ttl", &ttl).map_err(err)?;
             let ca = Ca::open(&dir).map_err(err)?;
             if identity.join("cert.pem").exists() {
                 return Err(Usage(format!("{} already holds an identity; choose an empty folder", identity.display())).into());
             }
-            let id = ca.issue_to(&identity, &name, role.into(), ttl).map_err(err)?;
+            let id = ca.issue_to(&identity, &name, role.into(), ttl, &san).map_err(err)?;
             println!("issued {} (serial {}, until {}) into {}", id.label(), id.serial, when(id.not_after), identity.display());
         }
         CaCmd::Revoke { dir, what } => {
@@ -75,10 +75,10 @@ pub fn ca(cmd: CaCmd) -> Result<()> {
 
 pub fn token(cmd: TokenCmd) -> Result<()> {
     match cmd {
-        TokenCmd::Create { ca, role, name, ttl } => {
+        TokenCmd::Create { ca, role, name, ttl, san } => {
             let ttl = parse_ttl("--ttl", &ttl).map_err(err)?;
             let ca = Ca::open(&ca).map_err(err)?;
-            let t = ca.create_token(role.into(), &name, ttl).map_err(err)?;
+            let t = ca.create_token(role.into(), &name, ttl, &san).map_err(err)?;
             eprintln!("join token for {}/{name}, valid once for {}:", ferry_identity::Role::from(role), humantime::format_duration(ttl));
             println!("{}", t.render());
         }
@@ -135,4 +135,15 @@ pub fn revoke(data: &Path, name: &str) -> Result<()> {
         None => println!("disk {name}: was not bound to an identity"),
     }
     Ok(())
+}
+
+/// The TLS configuration of `ferry export --identity`: any certificate of
+/// the site's CA may read a point (an operator's, a recovery host's); the
+/// revocation list is kept fresh while the export runs.
+pub fn export_tls(h: &ferry_identity::enroll::Held) -> Result<Arc<rustls::ServerConfig>> {
+    use ferry_identity::tls;
+    let v = tls::PeerVerifier::new(h.trust.clone(), &ferry_identity::Role::ALL, true);
+    let c = tls::server_config(h.creds.clone(), v).map_err(err)?;
+    h.keep_fresh(std::time::Duration::from_secs(5));
+    Ok(c)
 }

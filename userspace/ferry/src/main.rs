@@ -209,7 +209,7 @@ enum Cmd {
         /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
         #[arg(long, value_name = "ID|latest|TIME")]
         point: String,
-        /// Address to listen on, HOST:PORT (e.g. 127.0.0.1:10809); loopback only, the export has no authentication.
+        /// Address to listen on, HOST:PORT (e.g. 127.0.0.1:10809); loopback only unless --identity.
         #[arg(long, value_name = "ADDR")]
         listen: String,
         /// Accept writes, into a scratch overlay that is discarded at exit.
@@ -218,6 +218,9 @@ enum Cmd {
         /// Folder of the scratch files (pre-images and overlay; unlinked).
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
+        /// This master target's identity: TLS only (NBD STARTTLS), clients need a certificate of the site's CA (qemu: tls-creds-x509 dir=THEIR_IDENTITY).
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
     },
     /// Fail a disk over: refuse its stream, write a point as a bootable image, print how to start it.
     /// Run again with another point until --commit; --cancel resumes replication.
@@ -449,6 +452,9 @@ enum CaCmd {
         /// Lifetime of the certificate.
         #[arg(long, value_name = "DURATION", default_value = "30d")]
         ttl: String,
+        /// Host names or IP addresses the certificate also names, comma-separated (for NBD clients that check them).
+        #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+        san: Vec<String>,
     },
     /// Revoke a certificate by serial, or every certificate of a machine (NAME or ROLE/NAME).
     Revoke {
@@ -485,6 +491,9 @@ enum TokenCmd {
         /// How long the token may be used.
         #[arg(long, value_name = "DURATION", default_value = "24h")]
         ttl: String,
+        /// Host names or IP addresses its certificate will also name, comma-separated (a master target's, for NBD clients that check them).
+        #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+        san: Vec<String>,
     },
 }
 
@@ -557,7 +566,7 @@ fn main() {
         eprintln!("ferry: internal error: {info}; please report this");
     }));
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rustls=error"))
         .format_timestamp_millis()
         .format_target(false)
         .init();
@@ -744,11 +753,18 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{}", render::recovered(&v));
             Ok(())
         }
-        Cmd::Export { data, name, point, listen, writable, scratch } => {
-            let addr = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
+        Cmd::Export { data, name, point, listen, writable, scratch, identity } => {
+            let addr = match &identity {
+                Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
+                None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
+            };
+            let tls = match identity_cmd::held(identity.as_deref(), ferry_identity::Role::MasterTarget)? {
+                Some(h) => Some(identity_cmd::export_tls(&h)?),
+                None => None,
+            };
             let export = ops::export(&data, &name, &point, addr, writable, scratch.as_deref())?;
             eprintln!("{}", render::exporting(&export.view));
-            export.serve()?;
+            export.serve(tls)?;
             Ok(())
         }
         Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {

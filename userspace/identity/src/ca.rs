@@ -44,6 +44,10 @@ pub struct Issued {
     pub not_after: i64,
     /// When it was revoked (seconds since the epoch).
     pub revoked: Option<i64>,
+    /// Host names and addresses it also names (for NBD clients that check
+    /// them: qemu-img, nbdinfo); kept on renewal.
+    #[serde(default)]
+    pub sans: Vec<String>,
 }
 
 /// One join token.
@@ -57,6 +61,8 @@ struct TokenRec {
     expires: i64,
     /// When it was redeemed.
     used: Option<i64>,
+    #[serde(default)]
+    sans: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -217,7 +223,12 @@ impl Ca {
             .map_err(IdentityError::io(format!("cannot restrict {}", p.display())))
     }
 
-    fn leaf_params(name: &str, role: Role, ttl: Duration) -> Result<(CertificateParams, Vec<u8>, i64, i64), IdentityError> {
+    fn leaf_params(
+        name: &str,
+        role: Role,
+        ttl: Duration,
+        sans: &[String],
+    ) -> Result<(CertificateParams, Vec<u8>, i64, i64), IdentityError> {
         if !valid_name(name) {
             return Err(IdentityError::Usage(format!("machine name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
         }
@@ -227,7 +238,14 @@ impl Ca {
         dn.push(DnType::OrganizationalUnitName, role.as_str());
         p.distinguished_name = dn;
         p.subject_alt_names = vec![SanType::URI(identity_uri(role, name).try_into().map_err(rc("bad identity"))?)];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        for h in check_sans(sans)? {
+            p.subject_alt_names.push(match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(h.clone().try_into().map_err(rc("bad host name"))?),
+            });
+        }
+        // keyEncipherment too: qemu's x509 credentials insist on it.
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let now = now_secs();
@@ -239,10 +257,18 @@ impl Ca {
         Ok((p, s.to_vec(), nb, na))
     }
 
-    fn record(&self, name: &str, role: Role, serial: &[u8], nb: i64, na: i64) -> Result<Identity, IdentityError> {
+    fn record(&self, name: &str, role: Role, serial: &[u8], nb: i64, na: i64, sans: &[String]) -> Result<Identity, IdentityError> {
         let _l = Locked::take(&self.dir)?;
         let mut st = self.load()?;
-        st.issued.push(Issued { serial: hex(serial), name: name.into(), role, not_before: nb, not_after: na, revoked: None });
+        st.issued.push(Issued {
+            serial: hex(serial),
+            name: name.into(),
+            role,
+            not_before: nb,
+            not_after: na,
+            revoked: None,
+            sans: sans.to_vec(),
+        });
         self.save(&st)?;
         Ok(Identity { name: name.into(), role, serial: hex(serial), not_before: nb, not_after: na })
     }
@@ -250,22 +276,29 @@ impl Ca {
     /// Sign a certificate for `name`/`role` over the public key of a CSR
     /// (PEM); what the CSR asks for besides its key is ignored. Returns the
     /// certificate's PEM.
-    pub fn issue_csr(&self, csr_pem: &str, name: &str, role: Role, ttl: Duration) -> Result<(String, Identity), IdentityError> {
+    pub fn issue_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        role: Role,
+        ttl: Duration,
+        sans: &[String],
+    ) -> Result<(String, Identity), IdentityError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(rc("unreadable certificate request"))?;
-        let (p, s, nb, na) = Self::leaf_params(name, role, ttl)?;
+        let (p, s, nb, na) = Self::leaf_params(name, role, ttl, sans)?;
         csr.params = p;
         let cert = csr.signed_by(&self.signer, &self.key).map_err(rc("cannot sign the certificate"))?;
-        let id = self.record(name, role, &s, nb, na)?;
+        let id = self.record(name, role, &s, nb, na, sans)?;
         Ok((cert.pem(), id))
     }
 
     /// Offline issue (`ferry ca issue`): make a key and a certificate into
     /// an identity folder on this machine.
-    pub fn issue_to(&self, ident: &Path, name: &str, role: Role, ttl: Duration) -> Result<Identity, IdentityError> {
+    pub fn issue_to(&self, ident: &Path, name: &str, role: Role, ttl: Duration, sans: &[String]) -> Result<Identity, IdentityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc("cannot make a key"))?;
-        let (p, s, nb, na) = Self::leaf_params(name, role, ttl)?;
+        let (p, s, nb, na) = Self::leaf_params(name, role, ttl, sans)?;
         let cert = p.signed_by(&key, &self.signer, &self.key).map_err(rc("cannot sign the certificate"))?;
-        let id = self.record(name, role, &s, nb, na)?;
+        let id = self.record(name, role, &s, nb, na, sans)?;
         let crl = std::fs::read_to_string(self.dir.join("crl.pem")).ok();
         crate::enroll::store_identity(ident, &key.serialize_pem(), &cert.pem(), &self.cert_pem(), crl.as_deref(), name, role, None)?;
         Ok(id)
@@ -341,10 +374,11 @@ impl Ca {
     }
 
     /// A one-time join token for `name`/`role`, valid for `ttl`.
-    pub fn create_token(&self, role: Role, name: &str, ttl: Duration) -> Result<Token, IdentityError> {
+    pub fn create_token(&self, role: Role, name: &str, ttl: Duration, sans: &[String]) -> Result<Token, IdentityError> {
         if !valid_name(name) {
             return Err(IdentityError::Usage(format!("machine name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
         }
+        check_sans(sans)?;
         let tok = Token { id: hex(&random::<6>()), secret: hex(&random::<16>()), pin: self.pin()? };
         let _l = Locked::take(&self.dir)?;
         let mut st = self.load()?;
@@ -358,13 +392,14 @@ impl Ca {
             name: name.into(),
             expires: now + ttl.as_secs() as i64,
             used: None,
+            sans: sans.to_vec(),
         });
         self.save(&st)?;
         Ok(tok)
     }
 
-    /// Redeem a token once: the role and name it was made for.
-    pub fn redeem_token(&self, id: &str, secret: &str) -> Result<(Role, String), IdentityError> {
+    /// Redeem a token once: the role, name and host names it was made for.
+    pub fn redeem_token(&self, id: &str, secret: &str) -> Result<(Role, String, Vec<String>), IdentityError> {
         let _l = Locked::take(&self.dir)?;
         let mut st = self.load()?;
         let now = now_secs();
@@ -383,7 +418,7 @@ impl Ca {
             return Err(IdentityError::Token(format!("join token refused: expired at {} (create a new one)", crate::when(t.expires))));
         }
         t.used = Some(now);
-        let out = (t.role, t.name.clone());
+        let out = (t.role, t.name.clone(), t.sans.clone());
         self.save(&st)?;
         Ok(out)
     }
@@ -392,6 +427,23 @@ impl Ca {
     pub fn status_of(&self, serial: &str) -> Result<Option<Issued>, IdentityError> {
         Ok(self.load()?.issued.into_iter().find(|i| i.serial == serial))
     }
+}
+
+/// Host names and addresses a certificate may also name: at most 16, each
+/// an IP address or a DNS name.
+fn check_sans(sans: &[String]) -> Result<&[String], IdentityError> {
+    if sans.len() > 16 {
+        return Err(IdentityError::Usage("--san: at most 16 host names or addresses".into()));
+    }
+    for h in sans {
+        let dns = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if h.parse::<std::net::IpAddr>().is_err() && !dns {
+            return Err(IdentityError::Usage(format!("--san {h:?}: expected an IP address or a DNS name")));
+        }
+    }
+    Ok(sans)
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -414,14 +466,14 @@ mod tests {
     fn tokens_work_once_and_expire() {
         let d = tempfile::tempdir().unwrap();
         let ca = Ca::init(&d.path().join("ca")).unwrap();
-        let t = ca.create_token(Role::Agent, "db1", Duration::from_secs(600)).unwrap();
+        let t = ca.create_token(Role::Agent, "db1", Duration::from_secs(600), &[]).unwrap();
         assert_eq!(Token::parse(&t.render()).unwrap(), t);
         assert_eq!(t.pin, ca.pin().unwrap());
         assert!(ca.redeem_token(&t.id, "0".repeat(32).as_str()).is_err(), "a wrong secret is refused");
-        assert_eq!(ca.redeem_token(&t.id, &t.secret).unwrap(), (Role::Agent, "db1".to_string()));
+        assert_eq!(ca.redeem_token(&t.id, &t.secret).unwrap(), (Role::Agent, "db1".to_string(), vec![]));
         let e = ca.redeem_token(&t.id, &t.secret).unwrap_err().to_string();
         assert!(e.contains("already used"), "{e}");
-        let t2 = ca.create_token(Role::Agent, "db2", Duration::from_secs(0)).unwrap();
+        let t2 = ca.create_token(Role::Agent, "db2", Duration::from_secs(0), &[]).unwrap();
         let e = ca.redeem_token(&t2.id, &t2.secret).unwrap_err().to_string();
         assert!(e.contains("expired"), "{e}");
         assert!(Token::parse("ferry-join-1.abc.def.012").is_err());
@@ -444,7 +496,9 @@ mod tests {
     fn issued_certificates_name_one_identity_and_revocation_is_listed() {
         let d = tempfile::tempdir().unwrap();
         let ca = Ca::init(&d.path().join("ca")).unwrap();
-        let id = ca.issue_to(&d.path().join("id"), "mt1", Role::MasterTarget, DEFAULT_CERT_TTL).unwrap();
+        let id = ca
+            .issue_to(&d.path().join("id"), "mt1", Role::MasterTarget, DEFAULT_CERT_TTL, &["127.0.0.1".into(), "mt1.example".into()])
+            .unwrap();
         let pem = std::fs::read_to_string(d.path().join("id/cert.pem")).unwrap();
         let der = pem_blocks(&pem, "CERTIFICATE").unwrap().remove(0);
         let seen = crate::identity_of(&der).unwrap();

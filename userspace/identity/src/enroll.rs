@@ -95,7 +95,22 @@ pub fn store_identity(
     write_file(&dir.join("identity.json"), &json, 0o644)?;
     // The key first, the certificate last: a folder with cert.pem is whole.
     write_file(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
-    write_file(&dir.join("cert.pem"), cert_pem.as_bytes(), 0o644)
+    write_file(&dir.join("cert.pem"), cert_pem.as_bytes(), 0o644)?;
+    // The names qemu's and libnbd's x509 credentials look for, so the
+    // folder serves `tls-creds-x509,dir=DIR` and `tls-certificates=DIR`.
+    for (link, to) in [
+        ("ca-cert.pem", "ca.pem"),
+        ("client-cert.pem", "cert.pem"),
+        ("client-key.pem", "key.pem"),
+        ("server-cert.pem", "cert.pem"),
+        ("server-key.pem", "key.pem"),
+    ] {
+        let l = dir.join(link);
+        if std::fs::symlink_metadata(&l).is_err() {
+            std::os::unix::fs::symlink(to, &l).map_err(IdentityError::io(format!("cannot link {}", l.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Read `identity.json`.
@@ -348,7 +363,7 @@ impl CaServer {
             p.distinguished_name = rcgen::DistinguishedName::new();
             ((), p.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| IdentityError::Cert(e.to_string()))?)
         };
-        let (cert, _) = ca.issue_csr(&csr, "ca", Role::ConfigServer, crate::ca::DEFAULT_CERT_TTL)?;
+        let (cert, _) = ca.issue_csr(&csr, "ca", Role::ConfigServer, crate::ca::DEFAULT_CERT_TTL, &[])?;
         let creds = Arc::new(Credentials::from_pem(&key.serialize_pem(), &format!("{cert}{}", ca.cert_pem()))?);
         let trust = Arc::new(RwLock::new(Trust::new(ca.cert_der().to_vec(), &pem_blocks(&ca.crl_pem()?, "X509 CRL")?)?));
         let verifier = PeerVerifier::new(trust, &Role::ALL, false);
@@ -437,18 +452,20 @@ fn handle(ca: &Ca, req: &Request, peer: Option<&Identity>, ttl: Duration) -> Res
             let (Some(id), Some(secret), Some(csr)) = (&req.token_id, &req.secret, &req.csr) else {
                 return Err("enroll needs a token and a certificate request".into());
             };
-            let (role, name) = ca.redeem_token(id, secret).map_err(|e| e.to_string())?;
-            let (cert, who) = ca.issue_csr(csr, &name, role, ttl).map_err(|e| e.to_string())?;
+            let (role, name, sans) = ca.redeem_token(id, secret).map_err(|e| e.to_string())?;
+            let (cert, who) = ca.issue_csr(csr, &name, role, ttl, &sans).map_err(|e| e.to_string())?;
             log::info!("ca serve: enrolled {} (serial {}, until {})", who.label(), who.serial, crate::when(who.not_after));
             ok(Some(cert))
         }
         "renew" => {
             let p = peer.ok_or("renew needs the current certificate as the TLS client certificate")?;
             let csr = req.csr.as_deref().ok_or("renew needs a certificate request")?;
-            if ca.status_of(&p.serial).map_err(|e| e.to_string())?.is_some_and(|i| i.revoked.is_some()) {
+            let was =
+                ca.status_of(&p.serial).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} was not issued by this CA", p.label()))?;
+            if was.revoked.is_some() {
                 return Err(format!("{} is revoked", p.label()));
             }
-            let (cert, who) = ca.issue_csr(csr, &p.name, p.role, ttl).map_err(|e| e.to_string())?;
+            let (cert, who) = ca.issue_csr(csr, &p.name, p.role, ttl, &was.sans).map_err(|e| e.to_string())?;
             log::info!("ca serve: renewed {} (serial {} → {})", who.label(), p.serial, who.serial);
             ok(Some(cert))
         }

@@ -73,8 +73,8 @@ fn enrolled_machines_talk_over_mutual_tls_and_every_refusal_holds() {
     let ca = Ca::init(&ca_dir).unwrap();
     let srv = serve(&ca_dir);
 
-    let t_mt = ca.create_token(Role::MasterTarget, "mt1", Duration::from_secs(600)).unwrap().render();
-    let t_ag = ca.create_token(Role::Agent, "db1", Duration::from_secs(600)).unwrap().render();
+    let t_mt = ca.create_token(Role::MasterTarget, "mt1", Duration::from_secs(600), &[]).unwrap().render();
+    let t_ag = ca.create_token(Role::Agent, "db1", Duration::from_secs(600), &[]).unwrap().render();
     let mt = enroll(&srv.addr, &t_mt, &d.path().join("mt")).unwrap();
     assert_eq!((mt.role, mt.name.as_str()), (Role::MasterTarget, "mt1"));
     let ag = enroll(&srv.addr, &t_ag, &d.path().join("ag")).unwrap();
@@ -86,13 +86,13 @@ fn enrolled_machines_talk_over_mutual_tls_and_every_refusal_holds() {
     assert!(e.contains("already used"), "{e}");
     assert!(!d.path().join("ag2/cert.pem").exists());
     // An expired token.
-    let t_old = ca.create_token(Role::Agent, "db9", Duration::from_secs(0)).unwrap().render();
+    let t_old = ca.create_token(Role::Agent, "db9", Duration::from_secs(0), &[]).unwrap().render();
     let e = enroll(&srv.addr, &t_old, &d.path().join("ag3")).unwrap_err().to_string();
     assert!(e.contains("expired"), "{e}");
     // A token whose pin is another CA's: the server is not trusted, the
     // token never leaves.
     let other = Ca::init(&d.path().join("other")).unwrap();
-    let t_pin = ca.create_token(Role::Agent, "db4", Duration::from_secs(600)).unwrap();
+    let t_pin = ca.create_token(Role::Agent, "db4", Duration::from_secs(600), &[]).unwrap();
     let forged = Token { pin: other.pin().unwrap(), ..t_pin.clone() }.render();
     let e = enroll(&srv.addr, &forged, &d.path().join("ag4")).unwrap_err().to_string();
     assert!(e.contains("pin"), "{e}");
@@ -107,11 +107,11 @@ fn enrolled_machines_talk_over_mutual_tls_and_every_refusal_holds() {
     let e = talk(&hag, &[Role::Agent], &hag, &[Role::MasterTarget]).unwrap_err();
     assert!(!e.is_empty());
     // A certificate from another CA is refused.
-    other.issue_to(&d.path().join("stranger"), "db1", Role::Agent, DEFAULT_CERT_TTL).unwrap();
+    other.issue_to(&d.path().join("stranger"), "db1", Role::Agent, DEFAULT_CERT_TTL, &[]).unwrap();
     let hs = Held::load(&d.path().join("stranger")).unwrap();
     assert!(talk(&hmt, &[Role::Agent], &hs, &[Role::MasterTarget]).is_err());
     // An expired certificate is refused.
-    ca.issue_to(&d.path().join("short"), "db5", Role::Agent, Duration::from_secs(1)).unwrap();
+    ca.issue_to(&d.path().join("short"), "db5", Role::Agent, Duration::from_secs(1), &[]).unwrap();
     let hshort = Held::load(&d.path().join("short")).unwrap();
     std::thread::sleep(Duration::from_millis(2100));
     let e = talk(&hmt, &[Role::Agent], &hshort, &[Role::MasterTarget]).unwrap_err();

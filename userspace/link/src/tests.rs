@@ -598,8 +598,8 @@ fn identities(d: &std::path::Path) -> (ferry_identity::ca::Ca, ferry_identity::e
     use ferry_identity::{ca::Ca, enroll::Held, Role};
     let ca = Ca::init(&d.join("ca")).unwrap();
     let ttl = ferry_identity::ca::DEFAULT_CERT_TTL;
-    ca.issue_to(&d.join("mt"), "mt1", Role::MasterTarget, ttl).unwrap();
-    ca.issue_to(&d.join("ag"), "db1", Role::Agent, ttl).unwrap();
+    ca.issue_to(&d.join("mt"), "mt1", Role::MasterTarget, ttl, &[]).unwrap();
+    ca.issue_to(&d.join("ag"), "db1", Role::Agent, ttl, &[]).unwrap();
     (ca, Held::load(&d.join("mt")).unwrap(), Held::load(&d.join("ag")).unwrap())
 }
 

@@ -350,3 +350,73 @@ fn flipped_and_truncated_tls_bytes_fail_one_connection_and_the_master_target_ser
     let log = std::fs::read_to_string(t.path("mt.log")).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Acceptance: a certificate renewed while a stream is running: the
+/// stream continues on its connection, points keep coming, no resync.
+/// (`ca serve --cert-ttl 12s` makes the agent renew every ~8 s.)
+#[test]
+fn a_certificate_renewed_mid_stream_keeps_the_stream_and_needs_no_resync() {
+    let t = TempDir::new("tls-renew");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    let ca_addr = format!("127.0.0.1:{}", free_port());
+    let _ca = start_local(&["ca", "serve", "--dir", &t.s("ca"), "--listen", &ca_addr, "--cert-ttl", "12s"], &t.path("ca.log"), "answering");
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "master-target", "--name", "mt1", "--identity", &t.s("mt")]);
+    let tok = run_ok(&["token", "create", "--ca", &t.s("ca"), "--role", "agent", "--name", "db1"]);
+    run_ok(&["enroll", "--server", &ca_addr, "--token", tok.lines().last().unwrap(), "--identity", &t.s("ag")]);
+    let serial0 = std::fs::read_to_string(t.path("ag/cert.pem")).unwrap();
+    let mt_addr = format!("127.0.0.1:{}", free_port());
+    let _mt = start_local(
+        &["master-target", "--listen", &mt_addr, "--data", &t.s("data"), "--identity", &t.s("mt")],
+        &t.path("mt.log"),
+        "listening on",
+    );
+
+    std::fs::write(t.path("disk.img"), vec![0u8; 32 << 20]).unwrap();
+    let dev = LoopDev::attach(&t.path("disk.img"));
+    let name = unique_name("renew");
+    let _unprotect = Unprotect(t.path("st"));
+    let log = t.path("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let dev_s = dev.dev.display().to_string();
+    let mut agent = Proc(
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(["agent", "--disk", &dev_s, "--name", &name, "--target", &mt_addr, "--tracker", "bpf", "--state", &t.s("st")])
+            .args(["--point-every", "0.5", "--identity", &t.s("ag")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap(),
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let points = || {
+        let o = run(&["points", "--data", &t.s("data"), "--name", &name, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+    };
+    wait_for("the first point", 60, || points() > 0);
+    // Writes go on while the certificate is renewed (twice), and past the
+    // first certificate's expiry.
+    let mut rng = Rng::new(3);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(20) {
+        let block = rng.below(8192);
+        sh(&format!("dd if=/dev/urandom of={dev_s} bs=4096 count=1 seek={block} oflag=direct conv=notrunc status=none"));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let renewed = text().matches("renewed the certificate").count();
+    assert!(renewed >= 2, "expected renewals in 20 s of a 12 s certificate: {}", text());
+    assert_ne!(std::fs::read_to_string(t.path("ag/cert.pem")).unwrap(), serial0, "the identity folder holds the new certificate");
+    let before = points();
+    wait_for("points after the renewals", 30, || points() > before + 2);
+    // SIGTERM: the agent stops; the latest point equals the device.
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(agent.pid(), libc::SIGTERM) };
+    wait_for("the agent to stop", 20, || !agent.alive());
+    let a = text();
+    assert_eq!(a.matches("connected to the master target").count(), 1, "one connection for the whole stream: {a}");
+    assert!(!a.contains("resync"), "no resync: {a}");
+    assert!(!std::fs::read_to_string(t.path("mt.log")).unwrap().contains("connection cut"));
+    recover_to(&t.s("data"), &name, "latest", &t.s("r.img"));
+    assert_same(&dev.dev, &t.path("r.img"));
+}

@@ -31,7 +31,8 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(30 * 86400);
 /// Default lifetime of a join token.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(86400);
 const CA_TTL_SECS: i64 = 10 * 365 * 86400;
-/// Issued certificates start this long before now (clocks differ a little).
+/// Issued certificates start this long before now (clocks differ a little),
+/// at most a tenth of their life.
 const BACKDATE_SECS: i64 = 300;
 
 /// One certificate the CA issued.
@@ -249,7 +250,8 @@ impl Ca {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let now = now_secs();
-        let (nb, na) = (now - BACKDATE_SECS, now + ttl.as_secs().min(CA_TTL_SECS as u64) as i64);
+        let ttl = ttl.as_secs().min(CA_TTL_SECS as u64) as i64;
+        let (nb, na) = (now - BACKDATE_SECS.min(ttl / 10), now + ttl);
         p.not_before = odt(nb);
         p.not_after = odt(na);
         let s = serial();

@@ -544,7 +544,10 @@ impl Held {
         let _ = std::thread::Builder::new().name("identity".into()).spawn(move || {
             let mut warned: Option<std::time::Instant> = None;
             loop {
-                std::thread::sleep(every);
+                // A short-lived certificate is looked at more often.
+                let id = me.creds.identity();
+                let life = (id.not_after - id.not_before).max(10) as u64;
+                std::thread::sleep(every.min(Duration::from_secs(life / 10)).max(Duration::from_secs(1)));
                 if let Some(w) = me.maintain() {
                     if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                         log::warn!("{w}");

@@ -89,13 +89,19 @@ impl Trust {
         identity_of(end_entity).map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e)))))
     }
 
-    /// Whether a certificate verified earlier still holds now (not expired,
-    /// not revoked since): services call this every few seconds for each
-    /// open connection and cut those that fail.
+    /// Whether the certificate an open connection was accepted with still
+    /// holds: not revoked since. Services call this every few seconds for
+    /// each open connection and cut those that fail. Expiry is checked at
+    /// each handshake, not here: a peer renews its certificate while its
+    /// stream runs (TLS cannot swap it mid-connection), and the stream must
+    /// not drop for that.
     pub fn still_valid(&self, chain: &[CertificateDer<'static>]) -> Result<Identity, String> {
         let (ee, rest) = chain.split_first().ok_or("no certificate")?;
-        self.verify(ee, rest, UnixTime::now(), webpki::KeyUsage::client_auth())
-            .or_else(|_| self.verify(ee, rest, UnixTime::now(), webpki::KeyUsage::server_auth()))
+        let id = identity_of(ee).map_err(|e| e.to_string())?;
+        let now = crate::now_secs().min(id.not_after - 1).max(id.not_before + 1).max(0) as u64;
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
+        self.verify(ee, rest, at, webpki::KeyUsage::client_auth())
+            .or_else(|_| self.verify(ee, rest, at, webpki::KeyUsage::server_auth()))
             .map_err(|e| describe(&e))
     }
 }

@@ -420,3 +420,29 @@ fn a_certificate_renewed_mid_stream_keeps_the_stream_and_needs_no_resync() {
     recover_to(&t.s("data"), &name, "latest", &t.s("r.img"));
     assert_same(&dev.dev, &t.path("r.img"));
 }
+
+/// Item 5: `ferry status --identity` warns within 7 days of an expiry it
+/// could not renew; an expired certificate is a clear error, never a
+/// silent stop.
+#[test]
+fn status_warns_before_expiry_and_an_expired_identity_is_refused_with_one_line() {
+    let t = TempDir::new("tls-expiry");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    let issue = |name: &str, ttl: &str| {
+        run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "master-target", "--name", name, "--identity", &t.s(name), "--ttl", ttl])
+    };
+    issue("fresh", "30d");
+    issue("soon", "3d");
+    issue("gone", "1s");
+    assert!(!run_ok(&["status", "--identity", &t.s("fresh")]).contains("WARNING"));
+    let s = run_ok(&["status", "--identity", &t.s("soon")]);
+    assert!(s.contains("WARNING") && s.contains("has not been renewed"), "{s}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let s = run_ok(&["status", "--identity", &t.s("gone"), "--json"]);
+    assert!(s.contains("expired"), "{s}");
+    let o = run(&["master-target", "--listen", &format!("127.0.0.1:{}", free_port()), "--data", &t.s("d"), "--identity", &t.s("gone")]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("expired") && e.contains("ferry enroll"), "{e}");
+}

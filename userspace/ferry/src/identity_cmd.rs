@@ -147,3 +147,41 @@ pub fn export_tls(h: &ferry_identity::enroll::Held) -> Result<Arc<rustls::Server
     h.keep_fresh(std::time::Duration::from_secs(5));
     Ok(c)
 }
+
+/// `ferry status --identity DIR`.
+pub fn status(dir: &Path, json: bool) -> Result<()> {
+    let (key, chain) = ferry_identity::tls::read_identity(dir).map_err(err)?;
+    let id = ferry_identity::tls::Credentials::from_pem(&key, &chain).map_err(err)?.identity();
+    let server = ferry_identity::enroll::identity_file(dir).ok().and_then(|f| f.server);
+    let now = ferry_identity::now_secs();
+    let renew_at = id.not_before + (id.not_after - id.not_before) * 2 / 3;
+    let warning = if id.not_after <= now {
+        Some(format!(
+            "the certificate expired at {}: connections are refused; enroll again (`ferry token create`, then `ferry enroll`)",
+            when(id.not_after)
+        ))
+    } else if id.not_after - now < 7 * 86400 {
+        Some(format!(
+            "the certificate expires at {} and has not been renewed{}",
+            when(id.not_after),
+            if server.is_some() { " (is `ferry ca serve` reachable?)" } else { " (issued offline: issue a new one with `ferry ca issue`)" }
+        ))
+    } else {
+        None
+    };
+    if json {
+        let v = serde_json::json!({
+            "name": id.name, "role": id.role, "serial": id.serial, "not_before": id.not_before, "not_after": id.not_after,
+            "renew_at": renew_at, "ca_server": server, "warning": warning,
+        });
+        println!("{v}");
+    } else {
+        println!("identity   {}   serial {}", id.label(), id.serial);
+        println!("valid      {} to {} (renews from {})", when(id.not_before), when(id.not_after), when(renew_at));
+        println!("ca server  {}", server.as_deref().unwrap_or("none (issued offline)"));
+        if let Some(w) = &warning {
+            println!("WARNING    {w}");
+        }
+    }
+    Ok(())
+}

@@ -317,7 +317,7 @@ enum Cmd {
     /// free space, the last verify).
     Status {
         /// The agent's state folder.
-        #[arg(long, value_name = "DIR", required_unless_present = "data", conflicts_with = "data")]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["data", "identity"], conflicts_with_all = ["data", "identity"])]
         state: Option<PathBuf>,
         /// The master target's data folder (with --name).
         #[arg(long, value_name = "DIR", requires = "name")]
@@ -325,6 +325,9 @@ enum Cmd {
         /// The disk's name, with --data.
         #[arg(long, requires = "data")]
         name: Option<String>,
+        /// An identity folder: its certificate, when it renews, and a warning within 7 days of an expiry.
+        #[arg(long, value_name = "DIR", conflicts_with = "data")]
+        identity: Option<PathBuf>,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -825,7 +828,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
-        Cmd::Status { state: None, data: Some(data), name: Some(name), json } => {
+        Cmd::Status { identity: Some(dir), json, .. } => identity_cmd::status(&dir, json),
+        Cmd::Status { state: None, data: Some(data), name: Some(name), json, .. } => {
             let s = ops::disk_status(&data, &name)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);

@@ -230,7 +230,10 @@ pub fn serve<S: Stream, K: Sinks>(stream: S, sinks: &K, cfg: &ServerConfig) -> R
     let _ = stream.set_write_timeout(Some(cfg.write_timeout));
     let mut c = match stream.try_clone() {
         Ok(r) => Conn {
-            r: BufReader::with_capacity(4 << 20, Paced { s: r, limit: Some(cfg.handshake_timeout), until: None }),
+            // 256 KiB: std zeroes a BufReader's whole buffer at its first fill, so
+            // this is what each connection costs even idle; larger frames are
+            // read past it straight into their own buffers.
+            r: BufReader::with_capacity(256 << 10, Paced { s: r, limit: Some(cfg.handshake_timeout), until: None }),
             w: BufWriter::with_capacity(1 << 16, stream),
         },
         Err(e) => {

@@ -24,17 +24,20 @@ use std::time::Duration;
 
 struct State {
     conn: rustls::Connection,
-    /// Raw bytes read from the socket that rustls has not taken yet.
+    /// Raw bytes read from the socket that rustls has not taken yet:
+    /// `pending[pos..]`.
     pending: Vec<u8>,
+    pos: usize,
 }
 
 struct Inner {
     sock: TcpStream,
     state: Mutex<State>,
-    /// Held while encrypted bytes go out, so records leave in order.
-    wlock: Mutex<()>,
-    /// Held by the one reader of the socket.
-    rlock: Mutex<()>,
+    /// Held while encrypted bytes go out, so records leave in order; the
+    /// buffer they are encrypted into.
+    wlock: Mutex<Vec<u8>>,
+    /// Held by the one reader of the socket; the buffer it reads into.
+    rlock: Mutex<Vec<u8>>,
     identity: Option<Identity>,
     chain: Vec<CertificateDer<'static>>,
     label: String,
@@ -77,9 +80,9 @@ impl TlsStream {
         Ok(TlsStream {
             inner: Arc::new(Inner {
                 sock,
-                state: Mutex::new(State { conn, pending: Vec::new() }),
-                wlock: Mutex::new(()),
-                rlock: Mutex::new(()),
+                state: Mutex::new(State { conn, pending: Vec::new(), pos: 0 }),
+                wlock: Mutex::new(Vec::new()),
+                rlock: Mutex::new(vec![0u8; 64 << 10]),
                 identity,
                 chain,
                 label,
@@ -110,12 +113,12 @@ impl TlsStream {
     /// Send what rustls holds for the peer (alerts, key updates), unless a
     /// writer is sending now (it sends them with its own records).
     fn flush_pending(&self) -> io::Result<()> {
-        let Ok(_w) = self.inner.wlock.try_lock() else { return Ok(()) };
-        let mut out = Vec::new();
+        let Ok(mut out) = self.inner.wlock.try_lock() else { return Ok(()) };
+        out.clear();
         {
             let mut st = lock(&self.inner.state);
             while st.conn.wants_write() {
-                st.conn.write_tls(&mut out)?;
+                st.conn.write_tls(&mut *out)?;
             }
         }
         (&self.inner.sock).write_all(&out)
@@ -124,8 +127,7 @@ impl TlsStream {
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let _r = lock(&self.inner.rlock);
-        let mut raw = vec![0u8; 64 << 10];
+        let mut raw = lock(&self.inner.rlock);
         loop {
             {
                 let mut st = lock(&self.inner.state);
@@ -134,13 +136,16 @@ impl Read for TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                if !st.pending.is_empty() {
-                    let State { conn, pending } = &mut *st;
-                    let mut s: &[u8] = pending;
+                if st.pos < st.pending.len() {
+                    let State { conn, pending, pos } = &mut *st;
+                    let mut s: &[u8] = &pending[*pos..];
                     let before = s.len();
                     conn.read_tls(&mut s)?;
-                    let used = before - s.len();
-                    pending.drain(..used);
+                    *pos += before - s.len();
+                    if *pos == pending.len() {
+                        pending.clear();
+                        *pos = 0;
+                    }
                     let r = conn.process_new_packets();
                     drop(st);
                     if let Err(e) = r {
@@ -151,7 +156,7 @@ impl Read for TlsStream {
                     continue;
                 }
             }
-            let n = (&self.inner.sock).read(&mut raw)?;
+            let n = (&self.inner.sock).read(&mut raw[..])?;
             let mut st = lock(&self.inner.state);
             if n == 0 {
                 let mut empty: &[u8] = &[];
@@ -173,15 +178,15 @@ impl Read for TlsStream {
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _w = lock(&self.inner.wlock);
-        let mut out = Vec::with_capacity(buf.len() + 1024);
+        let mut out = lock(&self.inner.wlock);
+        out.clear();
         let mut done = 0;
         while done < buf.len() {
             {
                 let mut st = lock(&self.inner.state);
                 let n = st.conn.writer().write(&buf[done..])?;
                 while st.conn.wants_write() {
-                    st.conn.write_tls(&mut out)?;
+                    st.conn.write_tls(&mut *out)?;
                 }
                 if n == 0 && out.is_empty() {
                     return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS session cannot send"));
@@ -215,7 +220,7 @@ impl Stream for TlsStream {
     fn wait_input(&self, t: Duration) -> bool {
         {
             let mut st = lock(&self.inner.state);
-            if !st.pending.is_empty() {
+            if st.pos < st.pending.len() {
                 return true;
             }
             if st.conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true) {

@@ -221,6 +221,21 @@ fn an_export_over_tls_reads_equal_to_its_recovery_with_x509_clients() {
         "--identity",
         &t.s("ag"),
     ]);
+    // Refused, each with one line, nothing written: a certificate of
+    // another CA, and a plaintext agent (told in its own protocol).
+    let points = run_ok(&["points", "--data", &t.s("data"), "--name", "db", "--json"]);
+    let (stranger, disk) = (t.s("stranger"), t.s("disk.img"));
+    for (extra, want) in [(vec!["--identity", &stranger[..]], "not from"), (vec![], "takes mutual TLS only")] {
+        let mut args = vec!["agent", "--disk", &disk[..], "--name", "db", "--target", &mt_addr, "--tracker", "scan", "--once"];
+        let st = t.s("st-refused");
+        args.extend(["--state", &st, "--connect-timeout", "5"]);
+        args.extend(extra);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(e.lines().last().is_some_and(|l| l.contains(want)), "{want}: {e}");
+    }
+    assert_eq!(run_ok(&["points", "--data", &t.s("data"), "--name", "db", "--json"]), points, "nothing written");
     mt.kill9();
     recover_to(&t.s("data"), "db", "latest", &t.s("r.img"));
     assert_same(&t.path("disk.img"), &t.path("r.img"));
@@ -445,4 +460,47 @@ fn status_warns_before_expiry_and_an_expired_identity_is_refused_with_one_line()
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("expired") && e.contains("ferry enroll"), "{e}");
+}
+
+/// Acceptance: a revoked certificate, including an open stream, which is
+/// cut within seconds; the agent then stops with the reason.
+#[test]
+fn a_revoked_agent_is_cut_mid_stream_and_refused_after() {
+    let t = TempDir::new("tls-revoke");
+    run_ok(&["ca", "init", "--dir", &t.s("ca")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "master-target", "--name", "mt1", "--identity", &t.s("mt")]);
+    run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "agent", "--name", "db1", "--identity", &t.s("ag")]);
+    let mt_addr = format!("127.0.0.1:{}", free_port());
+    let _mt = start_local(
+        &["master-target", "--listen", &mt_addr, "--data", &t.s("data"), "--identity", &t.s("mt")],
+        &t.path("mt.log"),
+        "listening on",
+    );
+    mixed_image(&t.path("disk.img"), 16 << 20, 7);
+    let log = t.path("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut agent = Proc(
+        ferry()
+            .env("RUST_LOG", "info")
+            .args(["agent", "--disk", &t.s("disk.img"), "--name", "db", "--target", &mt_addr, "--tracker", "scan", "--state", &t.s("st")])
+            .args(["--point-every", "1", "--identity", &t.s("ag")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first point", 60, || std::fs::read_to_string(&log).unwrap_or_default().contains("recovery point 1"));
+    // Revoked at the CA; the master target (issued offline) reads the new
+    // list from its identity folder within 5 s and cuts the stream.
+    run_ok(&["ca", "revoke", "--dir", &t.s("ca"), "agent/db1"]);
+    std::fs::copy(t.path("ca/crl.pem"), t.path("mt/crl.pem")).unwrap();
+    let t0 = std::time::Instant::now();
+    wait_for("the agent to stop", 30, || !agent.alive());
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "took {:?}", t0.elapsed());
+    let a = std::fs::read_to_string(&log).unwrap();
+    let last = a.lines().last().unwrap_or_default();
+    assert!(last.starts_with("ferry: ") && last.contains("revoked"), "the agent says why it stopped: {a}");
+    let m = std::fs::read_to_string(t.path("mt.log")).unwrap();
+    assert!(m.contains("revoked; connection cut"), "{m}");
 }

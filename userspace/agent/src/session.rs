@@ -88,6 +88,11 @@ pub struct Session {
 fn agent_error(target: &str, e: LinkError) -> AgentError {
     match e {
         LinkError::Connect { .. } => AgentError::Connect(e.to_string()),
+        // The peer refused our identity (revoked, expired, another CA, the
+        // wrong role): retrying cannot help; stop and say why.
+        LinkError::Handshake { why, source: Some(ferry_proto::ProtoError::Io(e)) } if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            AgentError::Refused { code: ferry_proto::ErrorCode::Refused, msg: format!("{target}: {why}") }
+        }
         LinkError::Handshake { why, .. } => AgentError::Connect(format!("{target}: {why}")),
         LinkError::Refused { code, msg } => AgentError::Refused { code, msg },
         LinkError::Lost { why, .. } => AgentError::Lost(why),

@@ -357,11 +357,15 @@ fn tls_err(e: rustls::Error) -> IdentityError {
 /// A server's configuration: present `creds`, require a client certificate
 /// of one of `accept` (unless `verifier` says it is optional).
 pub fn server_config(creds: Arc<Credentials>, verifier: Arc<PeerVerifier>) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
-    let c = rustls::ServerConfig::builder_with_provider(provider())
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(creds)));
+    // No session resumption: a resumed session skips the client
+    // certificate's verification, so a revoked peer would get back in.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
     Ok(Arc::new(c))
 }
 
@@ -376,10 +380,13 @@ pub fn client_config(
         .map_err(tls_err)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    Ok(Arc::new(match creds {
+    let mut c = match creds {
         Some(c) => b.with_client_cert_resolver(Arc::new(Resolver(c))),
         None => b.with_no_client_auth(),
-    }))
+    };
+    // Every connection is verified in full (see server_config).
+    c.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(c))
 }
 
 /// The identity a finished handshake's peer presented.

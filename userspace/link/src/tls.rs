@@ -49,8 +49,28 @@ pub struct TlsStream {
     inner: Arc<Inner>,
 }
 
+/// A TLS error as an io::Error: refusals of an identity (ours by the peer,
+/// or the peer's by us) are `PermissionDenied`, so callers can tell "enroll
+/// again" from a link that broke.
 fn tls_io(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, describe(&e))
+    use rustls::AlertDescription as A;
+    let refusal = matches!(
+        e,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(
+                A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::CertificateRequired
+                    | A::CertificateUnknown
+                    | A::UnsupportedCertificate
+            )
+    );
+    let kind = if refusal { io::ErrorKind::PermissionDenied } else { io::ErrorKind::InvalidData };
+    io::Error::new(kind, describe(&e))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,7 +81,7 @@ impl TlsStream {
     fn handshake(mut sock: TcpStream, mut conn: rustls::Connection) -> io::Result<TlsStream> {
         while conn.is_handshaking() {
             conn.complete_io(&mut sock).map_err(|e| match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
-                Some(t) => io::Error::new(io::ErrorKind::PermissionDenied, describe(t)),
+                Some(t) => tls_io(t.clone()),
                 None => e,
             })?;
         }

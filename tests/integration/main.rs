@@ -13,3 +13,4 @@ mod operate;
 mod replication;
 mod retention;
 mod safety;
+mod two_sites;

@@ -11,10 +11,14 @@
 //! [`WINDOW`] bytes unacknowledged on the wire.
 
 use crate::AgentError;
+use ferry_identity::enroll::Held;
+use ferry_identity::tls::PeerVerifier;
+use ferry_identity::Role;
+use ferry_link::AnyStream;
 use ferry_link::{Client, ClientConfig, LinkError};
 use ferry_proto::{Codec, Msg, PointKind};
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpStream;
+use std::sync::{Arc, OnceLock};
 
 pub use ferry_link::client::{MIN_WINDOW, PEER_TIMEOUT, PING_EVERY, WINDOW};
 
@@ -49,8 +53,23 @@ pub fn prepare(offset: u64, raw: &[u8], unit: usize, out: &mut Vec<Unit>) {
     }
 }
 
+/// This agent's identity (`--identity`) and the TLS configuration every
+/// connection to the next hop uses; unset: plain TCP (loopback only).
+static IDENTITY: OnceLock<(Held, Arc<rustls::ClientConfig>)> = OnceLock::new();
+
+/// Use `held` for every connection from now on (mutual TLS; the peer must
+/// be a master target or a process server of the same CA). Starts the
+/// identity's upkeep: renewal at two thirds of its life, the revocation list.
+pub fn use_identity(held: Held) -> Result<(), AgentError> {
+    let v = PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget, Role::ProcessServer], true);
+    let config = ferry_identity::tls::client_config(Some(held.creds.clone()), v).map_err(|e| AgentError::Connect(e.to_string()))?;
+    held.keep_fresh(std::time::Duration::from_secs(60));
+    let _ = IDENTITY.set((held, config));
+    Ok(())
+}
+
 pub struct Session {
-    link: Client<TcpStream>,
+    link: Client<AnyStream>,
     pub next_seq: u64,
     /// Durable sequence the master target reported at OPEN.
     pub durable_at_open: u64,
@@ -69,6 +88,11 @@ pub struct Session {
 fn agent_error(target: &str, e: LinkError) -> AgentError {
     match e {
         LinkError::Connect { .. } => AgentError::Connect(e.to_string()),
+        // The peer refused our identity (revoked, expired, another CA, the
+        // wrong role): retrying cannot help; stop and say why.
+        LinkError::Handshake { why, source: Some(ferry_proto::ProtoError::Io(e)) } if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            AgentError::Refused { code: ferry_proto::ErrorCode::Refused, msg: format!("{target}: {why}") }
+        }
         LinkError::Handshake { why, .. } => AgentError::Connect(format!("{target}: {why}")),
         LinkError::Refused { code, msg } => AgentError::Refused { code, msg },
         LinkError::Lost { why, .. } => AgentError::Lost(why),
@@ -84,7 +108,21 @@ impl Session {
     /// Connect, negotiate the version and open disk `name`.
     pub fn connect(target: &str, name: &str, size: u64, generation: [u8; 16], next_seq: u64) -> Result<Session, AgentError> {
         let fail = |e| agent_error(target, e);
-        let sock = ferry_link::connect_tcp(target, ferry_link::client::CONNECT_TIMEOUT).map_err(fail)?;
+        let tcp = ferry_link::connect_tcp(target, ferry_link::client::CONNECT_TIMEOUT).map_err(fail)?;
+        let sock = match IDENTITY.get() {
+            None => AnyStream::Tcp(tcp),
+            Some((_, config)) => {
+                let t = ferry_link::TlsStream::connect(tcp, config.clone(), ferry_link::client::CONNECT_TIMEOUT).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        AgentError::Refused { code: ferry_proto::ErrorCode::Refused, msg: format!("{target}: {e}") }
+                    } else {
+                        AgentError::Connect(format!("{target}: TLS handshake: {e}"))
+                    }
+                })?;
+                log::debug!("TLS to {}", ferry_link::Stream::peer(&t));
+                AnyStream::Tls(t)
+            }
+        };
         let mut cfg = ClientConfig::new(format!("ferry-agent {}", env!("CARGO_PKG_VERSION")));
         cfg.server = "the master target".into();
         let mut link = Client::open(sock, cfg, name, size, generation).map_err(fail)?;

@@ -53,8 +53,9 @@ pub enum AddrError {
     #[error("--{opt} {addr:?}: cannot resolve {host:?} ({why})")]
     Unresolved { opt: &'static str, addr: String, host: String, why: String },
     #[error(
-        "--{opt} {addr:?}: {ip} is not a loopback address; listening elsewhere needs authentication, \
-         which this ferry does not have yet: listen on 127.0.0.1 or ::1"
+        "--{opt} {addr:?}: {ip} is not a loopback address; listening elsewhere needs authentication: \
+         give --identity DIR (enroll this machine first: `ferry enroll --server ADDR --token TOKEN --identity DIR`), \
+         or listen on 127.0.0.1 or ::1"
     )]
     NotLoopback { opt: &'static str, addr: String, ip: std::net::IpAddr },
 }

@@ -80,6 +80,9 @@ enum Cmd {
         /// Connections served at once; more are refused as busy.
         #[arg(long, value_name = "N", default_value_t = 1024)]
         max_connections: usize,
+        /// This machine's identity (from `ferry enroll`): mutual TLS with agents of the same CA; needed to listen outside loopback.
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
     },
     /// Protect one block device or image file.
     Agent {
@@ -92,6 +95,9 @@ enum Cmd {
         /// The master target, HOST:PORT (e.g. 127.0.0.1:7700).
         #[arg(long, value_name = "ADDR")]
         target: String,
+        /// This machine's identity (from `ferry enroll`): mutual TLS to the master target; needed for a target outside loopback.
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
         /// How changes are found.
         #[arg(long, value_enum, default_value = "auto")]
         tracker: TrackerArg,
@@ -203,7 +209,7 @@ enum Cmd {
         /// A point id, `latest`, or an RFC 3339 time (the newest point at or before it).
         #[arg(long, value_name = "ID|latest|TIME")]
         point: String,
-        /// Address to listen on, HOST:PORT (e.g. 127.0.0.1:10809); loopback only, the export has no authentication.
+        /// Address to listen on, HOST:PORT (e.g. 127.0.0.1:10809); loopback only unless --identity.
         #[arg(long, value_name = "ADDR")]
         listen: String,
         /// Accept writes, into a scratch overlay that is discarded at exit.
@@ -212,6 +218,9 @@ enum Cmd {
         /// Folder of the scratch files (pre-images and overlay; unlinked).
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
+        /// This master target's identity: TLS only (NBD STARTTLS), clients need a certificate of the site's CA (qemu: tls-creds-x509 dir=THEIR_IDENTITY).
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
     },
     /// Fail a disk over: refuse its stream, write a point as a bootable image, print how to start it.
     /// Run again with another point until --commit; --cancel resumes replication.
@@ -308,7 +317,7 @@ enum Cmd {
     /// free space, the last verify).
     Status {
         /// The agent's state folder.
-        #[arg(long, value_name = "DIR", required_unless_present = "data", conflicts_with = "data")]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["data", "identity"], conflicts_with_all = ["data", "identity"])]
         state: Option<PathBuf>,
         /// The master target's data folder (with --name).
         #[arg(long, value_name = "DIR", requires = "name")]
@@ -316,6 +325,9 @@ enum Cmd {
         /// The disk's name, with --data.
         #[arg(long, requires = "data")]
         name: Option<String>,
+        /// An identity folder: its certificate, when it renews, and a warning within 7 days of an expiry.
+        #[arg(long, value_name = "DIR", conflicts_with = "data")]
+        identity: Option<PathBuf>,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -336,6 +348,155 @@ enum Cmd {
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// The site's certificate authority (run where the CA key is kept).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// One-time join tokens for enrolling machines.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Let an identity write a disk of this master target (the disk's previous owner may no longer).
+    Grant {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+        /// The identity, ROLE/NAME as its certificate names it (e.g. agent/db1).
+        #[arg(long, value_name = "ROLE/NAME")]
+        to: String,
+    },
+    /// Unbind a disk from its identity: the next identity to open it owns it.
+    Revoke {
+        /// The master target's data folder.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The disk's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Enroll this machine with a join token: its key is made here, its certificate comes from `ferry ca serve`.
+    Enroll {
+        /// The CA server (`ferry ca serve`), HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        server: String,
+        /// The join token printed by `ferry token create` (it pins the CA).
+        #[arg(long)]
+        token: String,
+        /// Folder to store the key, certificate, chain and CA in (created 0700; must not hold an identity).
+        #[arg(long, value_name = "DIR")]
+        identity: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    /// Protects disks (ferry agent).
+    Agent,
+    /// Caches, compresses and forwards streams (ferry process-server).
+    ProcessServer,
+    /// Holds replicas and points (ferry master-target).
+    MasterTarget,
+    /// Hosts the CA, the API and the website (ferry config-server).
+    ConfigServer,
+}
+
+impl From<RoleArg> for ferry_identity::Role {
+    fn from(r: RoleArg) -> ferry_identity::Role {
+        use ferry_identity::Role;
+        match r {
+            RoleArg::Agent => Role::Agent,
+            RoleArg::ProcessServer => Role::ProcessServer,
+            RoleArg::MasterTarget => Role::MasterTarget,
+            RoleArg::ConfigServer => Role::ConfigServer,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA in DIR (made 0700; the key 0600): ECDSA P-256, 10 years.
+    Init {
+        /// The CA's folder (must not hold a CA).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Answer enrollments, renewals and revocation-list requests (TLS; the token's pin proves the CA).
+    Serve {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Address to listen on, HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Lifetime of the certificates it issues (renewed after two thirds).
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        cert_ttl: String,
+    },
+    /// Offline: make a key and a certificate for a machine into an identity folder here.
+    Issue {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// What the machine does.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The machine's name (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// Where to write the identity (created 0700).
+        #[arg(long, value_name = "DIR")]
+        identity: PathBuf,
+        /// Lifetime of the certificate.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        ttl: String,
+        /// Host names or IP addresses the certificate also names, comma-separated (for NBD clients that check them).
+        #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+        san: Vec<String>,
+    },
+    /// Revoke a certificate by serial, or every certificate of a machine (NAME or ROLE/NAME).
+    Revoke {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A serial (hex, as `ferry ca list` shows it), NAME or ROLE/NAME.
+        what: String,
+    },
+    /// The certificates the CA issued.
+    List {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a one-time join token for one machine (the last line of stdout).
+    Create {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// What the machine will do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The machine's name (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// How long the token may be used.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        ttl: String,
+        /// Host names or IP addresses its certificate will also name, comma-separated (a master target's, for NBD clients that check them).
+        #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+        san: Vec<String>,
     },
 }
 
@@ -369,6 +530,8 @@ macro_rules! println {
         out_line(format_args!($($arg)*))
     };
 }
+
+mod identity_cmd;
 
 fn out_line(args: std::fmt::Arguments) {
     use std::io::Write;
@@ -406,7 +569,7 @@ fn main() {
         eprintln!("ferry: internal error: {info}; please report this");
     }));
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rustls=error"))
         .format_timestamp_millis()
         .format_target(false)
         .init();
@@ -426,7 +589,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections } => {
+        Cmd::Ca { cmd } => identity_cmd::ca(cmd),
+        Cmd::Token { cmd } => identity_cmd::token(cmd),
+        Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
+        Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
+        Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()
                 .filter(|d| *d >= Duration::from_secs(1))
@@ -434,20 +602,31 @@ fn run(cli: Cli) -> Result<()> {
             if max_connections == 0 {
                 anyhow::bail!("--max-connections must be at least 1");
             }
-            let listen = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
+            let listen = match &identity {
+                Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
+                None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
+            };
+            let held = identity_cmd::held(identity.as_deref(), ferry_identity::Role::MasterTarget)?;
             let rate =
                 parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
             let scrub = match &scrub_every {
                 Some(v) => Some(humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--scrub-every {v:?}: {e} (e.g. 24h, 30min)"))?),
                 None => None,
             };
-            let l = ferry_target::server::bind(listen, &data)?;
+            let l = ferry_target::server::bind(listen, &data, held.is_some())?;
             if let Some(every) = scrub {
                 ops::start_scrub(&data, every, rate);
             }
-            log::info!("master target listening on {listen}, data in {}", data.display());
+            match &held {
+                Some(h) => log::info!(
+                    "master target {} listening on {listen} (mutual TLS), data in {}",
+                    h.creds.identity().label(),
+                    data.display()
+                ),
+                None => log::info!("master target listening on {listen}, data in {}", data.display()),
+            }
             let limits = ferry_target::server::Limits { idle, max_connections };
-            ferry_target::server::serve_with(l, &data, limits).context("serving")?;
+            ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
             Ok(())
         }
         Cmd::Agent {
@@ -468,9 +647,24 @@ fn run(cli: Cli) -> Result<()> {
             kmod_data_mib,
             verify,
             repair,
+            identity,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
             ferry_common::net::check_target(&target).map_err(Usage::from)?;
+            match identity_cmd::held(identity.as_deref(), ferry_identity::Role::Agent)? {
+                Some(h) => ferry_agent::session::use_identity(h)?,
+                None => {
+                    let addrs = ferry_common::net::resolve("target", &target, false).map_err(Usage::from)?;
+                    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+                        return Err(Usage(format!(
+                            "--target {target}: {} is not a loopback address; ferry sends nothing in plaintext off this machine: \
+                             give --identity DIR (enroll first: `ferry enroll --server ADDR --token TOKEN --identity DIR`)",
+                            a.ip()
+                        ))
+                        .into());
+                    }
+                }
+            }
             if !(point_every.is_finite() && point_every > 0.0) {
                 anyhow::bail!("--point-every must be a positive number of seconds");
             }
@@ -562,11 +756,18 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{}", render::recovered(&v));
             Ok(())
         }
-        Cmd::Export { data, name, point, listen, writable, scratch } => {
-            let addr = ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?;
+        Cmd::Export { data, name, point, listen, writable, scratch, identity } => {
+            let addr = match &identity {
+                Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
+                None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
+            };
+            let tls = match identity_cmd::held(identity.as_deref(), ferry_identity::Role::MasterTarget)? {
+                Some(h) => Some(identity_cmd::export_tls(&h)?),
+                None => None,
+            };
             let export = ops::export(&data, &name, &point, addr, writable, scratch.as_deref())?;
             eprintln!("{}", render::exporting(&export.view));
-            export.serve()?;
+            export.serve(tls)?;
             Ok(())
         }
         Cmd::Retention { data, name, keep, keep_all, keep_hourly, journal_cap } => {
@@ -627,7 +828,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
-        Cmd::Status { state: None, data: Some(data), name: Some(name), json } => {
+        Cmd::Status { identity: Some(dir), json, .. } => identity_cmd::status(&dir, json),
+        Cmd::Status { state: None, data: Some(data), name: Some(name), json, .. } => {
             let s = ops::disk_status(&data, &name)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);

@@ -30,11 +30,13 @@ pub mod backoff;
 pub mod client;
 pub mod server;
 pub mod stream;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientConfig, Opened};
 pub use server::{Op, OpenInfo, ServerConfig, Sink, Sinks};
 pub use stream::{connect_tcp, Stream};
+pub use tls::{AnyStream, TlsStream, Watch};
 
 use ferry_proto::{ErrorCode, ProtoError};
 

@@ -134,8 +134,16 @@ pub trait Sink {
 pub trait Sinks: Send + Sync {
     type Sink: Sink;
     /// Open (or create) disk `name` of `size` bytes for the client `peer`
-    /// (its HELLO name), or refuse with the code the client is told.
-    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(Self::Sink, OpenInfo), Fail>;
+    /// (its HELLO name) proven to be `who` (its TLS certificate, if the
+    /// link runs TLS), or refuse with the code the client is told.
+    fn open(
+        &self,
+        peer: &str,
+        who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(Self::Sink, OpenInfo), Fail>;
 }
 
 /// A frame's bytes may come no slower than this once its deadline is
@@ -222,7 +230,10 @@ pub fn serve<S: Stream, K: Sinks>(stream: S, sinks: &K, cfg: &ServerConfig) -> R
     let _ = stream.set_write_timeout(Some(cfg.write_timeout));
     let mut c = match stream.try_clone() {
         Ok(r) => Conn {
-            r: BufReader::with_capacity(4 << 20, Paced { s: r, limit: Some(cfg.handshake_timeout), until: None }),
+            // 256 KiB: std zeroes a BufReader's whole buffer at its first fill, so
+            // this is what each connection costs even idle; larger frames are
+            // read past it straight into their own buffers.
+            r: BufReader::with_capacity(256 << 10, Paced { s: r, limit: Some(cfg.handshake_timeout), until: None }),
             w: BufWriter::with_capacity(1 << 16, stream),
         },
         Err(e) => {
@@ -272,7 +283,8 @@ fn session<S: Stream, K: Sinks>(c: &mut Conn<S>, sinks: &K, cfg: &ServerConfig, 
         c.set_timeout(None);
     }
     *disk_name = name.clone();
-    let (mut sink, info) = sinks.open(&peer, &name, size, generation)?;
+    let who = c.w.get_ref().identity();
+    let (mut sink, info) = sinks.open(&peer, who.as_ref(), &name, size, generation)?;
     let mut flags = 0;
     if info.existed {
         flags |= ferry_proto::OPEN_EXISTS;

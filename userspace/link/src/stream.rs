@@ -36,10 +36,15 @@ pub trait Stream: Read + Write + Send + Sized + 'static {
     }
     /// The peer, for logs.
     fn peer(&self) -> String;
+    /// Who the peer proved to be (a TLS client certificate); `None` on a
+    /// plain socket.
+    fn identity(&self) -> Option<ferry_identity::Identity> {
+        None
+    }
 }
 
 /// Whether `fd` is readable (or at its end) within `t` (poll).
-fn readable(fd: RawFd, t: Duration) -> bool {
+pub(crate) fn readable(fd: RawFd, t: Duration) -> bool {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let ms = t.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one valid, initialized pollfd on the stack, count 1; poll

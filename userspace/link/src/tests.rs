@@ -44,7 +44,14 @@ impl Drop for MemSink {
 
 impl Sinks for MemSinks {
     type Sink = MemSink;
-    fn open(&self, _peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(MemSink, OpenInfo), Fail> {
+    fn open(
+        &self,
+        _peer: &str,
+        _who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(MemSink, OpenInfo), Fail> {
         let mut all = self.disks.lock().unwrap();
         let existed = all.contains_key(name);
         let d = Arc::clone(
@@ -512,8 +519,15 @@ struct LateSink {
 
 impl Sinks for LateSinks {
     type Sink = LateSink;
-    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(LateSink, OpenInfo), Fail> {
-        let (inner, info) = self.0.open(peer, name, size, generation)?;
+    fn open(
+        &self,
+        peer: &str,
+        _who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(LateSink, OpenInfo), Fail> {
+        let (inner, info) = self.0.open(peer, None, name, size, generation)?;
         Ok((LateSink { inner, held: Vec::new() }, info))
     }
 }
@@ -577,4 +591,105 @@ fn a_ticking_server_keeps_the_idle_deadline() {
     let f = srv.join().unwrap().unwrap_err();
     assert!(f.msg.contains("no frame from the peer for 1s"), "{}", f.msg);
     assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+/// Two identities of one CA (a master target and an agent) in `d`.
+fn identities(d: &std::path::Path) -> (ferry_identity::ca::Ca, ferry_identity::enroll::Held, ferry_identity::enroll::Held) {
+    use ferry_identity::{ca::Ca, enroll::Held, Role};
+    let ca = Ca::init(&d.join("ca")).unwrap();
+    let ttl = ferry_identity::ca::DEFAULT_CERT_TTL;
+    ca.issue_to(&d.join("mt"), "mt1", Role::MasterTarget, ttl, &[]).unwrap();
+    ca.issue_to(&d.join("ag"), "db1", Role::Agent, ttl, &[]).unwrap();
+    (ca, Held::load(&d.join("mt")).unwrap(), Held::load(&d.join("ag")).unwrap())
+}
+
+/// A real server over TLS on loopback: accepts one connection.
+fn spawn_tls_server(
+    sinks: &Arc<MemSinks>,
+    held: &ferry_identity::enroll::Held,
+    watch: Option<Arc<crate::Watch>>,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<Result<String, String>>) {
+    use ferry_identity::{tls, Role};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let config = tls::server_config(held.creds.clone(), tls::PeerVerifier::new(held.trust.clone(), &[Role::Agent], true)).unwrap();
+    let sinks = Arc::clone(sinks);
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = crate::TlsStream::accept(s, config).map_err(|e| e.to_string())?;
+        if let Some(w) = watch {
+            w.add(&t);
+        }
+        let who = crate::Stream::peer(&t);
+        server::serve(t, &*sinks, &server_cfg()).map_err(|f| f.msg)?;
+        Ok(who)
+    });
+    (addr, h)
+}
+
+fn tls_client(addr: std::net::SocketAddr, held: &ferry_identity::enroll::Held) -> std::io::Result<crate::TlsStream> {
+    use ferry_identity::{tls, Role};
+    let config =
+        tls::client_config(Some(held.creds.clone()), tls::PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget], true)).unwrap();
+    crate::TlsStream::connect(TcpStream::connect(addr)?, config, Duration::from_secs(10))
+}
+
+#[test]
+fn a_stream_over_mutual_tls_arrives_whole_and_names_its_peer() {
+    let d = tempfile::tempdir().unwrap();
+    let (_ca, mt, ag) = identities(d.path());
+    let sinks = Arc::new(MemSinks::default());
+    let (addr, srv) = spawn_tls_server(&sinks, &mt, None);
+    let t = tls_client(addr, &ag).unwrap();
+    assert_eq!(t.identity().map(|i| i.label()), Some("master-target/mt1".into()));
+    let mut c = Client::open(t, client_cfg(), "vm", SIZE, [4; 16]).unwrap();
+    // 1 MiB in 64 KiB frames of distinct bytes, a point, and sums read back.
+    for i in 0..16u64 {
+        c.send(&data(i + 1, i * 65536, i as u8 + 1, 65536)).unwrap();
+    }
+    c.send(&Msg::Tag { seq: 17, time_ns: 1, kind: PointKind::Crash }).unwrap();
+    assert_eq!(c.wait_point(17).unwrap(), 1);
+    let req = c.request_sums(0, 65536, 16).unwrap();
+    let sums = c.recv_sums(req, 0, 16).unwrap();
+    for (i, s) in sums.iter().enumerate() {
+        assert_eq!(*s, xxhash_rust::xxh3::xxh3_128(&[i as u8 + 1; 65536]).to_le_bytes());
+    }
+    c.close();
+    let who = srv.join().unwrap().unwrap();
+    assert!(who.starts_with("agent/db1 ("), "{who}");
+}
+
+#[test]
+fn a_revoked_peer_is_cut_mid_stream_and_refused_after() {
+    let d = tempfile::tempdir().unwrap();
+    let (ca, mt, ag) = identities(d.path());
+    let sinks = Arc::new(MemSinks::default());
+    let watch = crate::Watch::start(mt.trust.clone());
+    let (addr, srv) = spawn_tls_server(&sinks, &mt, Some(watch.clone()));
+    let mut c = Client::open(tls_client(addr, &ag).unwrap(), client_cfg(), "vm", SIZE, [4; 16]).unwrap();
+    c.send(&data(1, 0, 1, 4096)).unwrap();
+    c.wait_acked(1).unwrap();
+    // Revoked at the CA; the master target's trust takes the new list.
+    ca.revoke("agent/db1").unwrap();
+    std::fs::copy(d.path().join("ca/crl.pem"), d.path().join("mt/crl.pem")).unwrap();
+    mt.maintain();
+    let t0 = Instant::now();
+    let mut seq = 2;
+    let cut = loop {
+        if let Err(e) = c.send(&data(seq, 0, 2, 4096)).and_then(|_| c.wait_acked(seq)) {
+            break e;
+        }
+        seq += 1;
+        assert!(t0.elapsed() < Duration::from_secs(10), "the stream was not cut");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(matches!(cut, LinkError::Lost { .. }), "{cut}");
+    let _ = srv.join().unwrap();
+    // A new connection is refused at the handshake.
+    let (addr, srv) = spawn_tls_server(&sinks, &mt, None);
+    let r = tls_client(addr, &ag)
+        .and_then(|t| Client::open(t, client_cfg(), "vm", SIZE, [4; 16]).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+    assert!(r.is_err());
+    assert!(srv.join().unwrap().unwrap_err().contains("revoked"));
 }

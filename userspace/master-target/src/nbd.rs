@@ -20,6 +20,7 @@
 
 use crate::store::view::PointView;
 use ferry_link::accept::{self, Limits, Service};
+use ferry_link::{AnyStream, TlsStream};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,7 @@ const FLAG_NO_ZEROES: u16 = 2;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 
@@ -44,6 +46,7 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
 
 const INFO_EXPORT: u16 = 0;
@@ -69,21 +72,24 @@ const EINVAL: u32 = 22;
 /// Largest request served.
 pub const MAX_REQUEST: u32 = 32 << 20;
 
-/// Serve `view` as export `name` on `listener` until the process ends.
-pub fn serve(listener: TcpListener, name: String, view: PointView) -> io::Result<()> {
-    accept::serve(listener, Limits::default(), Arc::new(Export { name, view: Mutex::new(view) }))
+/// Serve `view` as export `name` on `listener` until the process ends;
+/// with `tls`, only over TLS (NBD's STARTTLS, as qemu and libnbd speak it
+/// with x509 credentials) with a client certificate of the site's CA.
+pub fn serve(listener: TcpListener, name: String, view: PointView, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<()> {
+    accept::serve(listener, Limits::default(), Arc::new(Export { name, view: Mutex::new(view), tls }))
 }
 
 /// One export: its name and the point it serves.
 struct Export {
     name: String,
     view: Mutex<PointView>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Service for Export {
     fn serve(&self, conn: TcpStream) {
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        match session(conn, &self.name, &self.view) {
+        match session(conn, &self.name, &self.view, self.tls.as_ref()) {
             Ok(()) => log::info!("nbd client {peer} disconnected"),
             Err(e) => log::warn!("nbd client {peer}: {e}"),
         }
@@ -134,7 +140,7 @@ fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, reqs.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
-fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<()> {
+fn session(mut tcp: TcpStream, name: &str, view: &Mutex<PointView>, tls: Option<&Arc<rustls::ServerConfig>>) -> io::Result<()> {
     // Deadlines (set by the accept loop): the handshake within 30 s, every
     // reply written within 60 s; keepalive finds a client whose machine is
     // gone. Once transmission starts a client may be idle for as long as it
@@ -148,13 +154,14 @@ fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&hello)?;
-    let cflags = rd_u32(&mut s)?;
+    tcp.write_all(&hello)?;
+    let cflags = rd_u32(&mut tcp)?;
     if cflags & u32::from(FLAG_FIXED_NEWSTYLE) == 0 {
         return Err(bad("client does not speak fixed newstyle"));
     }
     let no_zeroes = cflags & u32::from(FLAG_NO_ZEROES) != 0;
     let ours = |n: &str| n == name || n.is_empty();
+    let mut s = AnyStream::Tcp(tcp);
     // Option haggling.
     loop {
         if rd_u64(&mut s)? != IHAVEOPT {
@@ -167,7 +174,36 @@ fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        let plain = matches!(s, AnyStream::Tcp(_));
+        if tls.is_some() && plain && !matches!(opt, OPT_STARTTLS | OPT_ABORT) {
+            // TLS first: EXPORT_NAME has no error reply, so it ends the
+            // connection; the others are told TLS is required.
+            if opt == OPT_EXPORT_NAME {
+                return Err(bad("plaintext EXPORT_NAME on a TLS-only export"));
+            }
+            opt_reply(&mut s, opt, REP_ERR_TLS_REQD, b"this export requires TLS (x509 credentials of the site's CA)")?;
+            continue;
+        }
         match opt {
+            OPT_STARTTLS => {
+                let Some(config) = tls else {
+                    opt_reply(&mut s, opt, REP_ERR_UNSUP, b"this export runs without TLS")?;
+                    continue;
+                };
+                if !plain || !data.is_empty() {
+                    opt_reply(&mut s, opt, REP_ERR_INVALID, b"STARTTLS takes no data and comes once")?;
+                    continue;
+                }
+                opt_reply(&mut s, opt, REP_ACK, &[])?;
+                s = match s {
+                    AnyStream::Tcp(tcp) => {
+                        let t = TlsStream::accept(tcp, config.clone())?;
+                        log::info!("nbd client {}: TLS", ferry_link::Stream::peer(&t));
+                        AnyStream::Tls(t)
+                    }
+                    tls => tls,
+                };
+            }
             OPT_EXPORT_NAME => {
                 let n = String::from_utf8_lossy(&data);
                 if !ours(&n) {
@@ -220,11 +256,11 @@ fn session(mut s: TcpStream, name: &str, view: &Mutex<PointView>) -> io::Result<
             _ => opt_reply(&mut s, opt, REP_ERR_UNSUP, &[])?,
         }
     }
-    s.set_read_timeout(None)?;
+    ferry_link::Stream::set_read_timeout(&s, None)?;
     transmission(s, view)
 }
 
-fn reply(s: &mut TcpStream, handle: u64, err: u32, data: &[u8]) -> io::Result<()> {
+fn reply(s: &mut impl Write, handle: u64, err: u32, data: &[u8]) -> io::Result<()> {
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&err.to_be_bytes());
@@ -233,7 +269,7 @@ fn reply(s: &mut TcpStream, handle: u64, err: u32, data: &[u8]) -> io::Result<()
     s.write_all(&b)
 }
 
-fn transmission(mut s: TcpStream, view: &Mutex<PointView>) -> io::Result<()> {
+fn transmission(mut s: AnyStream, view: &Mutex<PointView>) -> io::Result<()> {
     let mut buf = Vec::new();
     loop {
         if rd_u32(&mut s)? != REQUEST_MAGIC {

@@ -257,9 +257,11 @@ pub fn export(data: &Path, name: &str, point: &str, addr: SocketAddr, writable: 
 
 impl Export {
     /// Serve the point over NBD until the process ends (the pin goes with it).
-    pub fn serve(self) -> Result<(), OpsError> {
+    /// With `tls`, clients must use TLS (STARTTLS) with a certificate of
+    /// the site's CA.
+    pub fn serve(self, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Result<(), OpsError> {
         let Export { view, point, listener, _pin } = self;
-        crate::nbd::serve(listener, view.name, point).map_err(OpsError::Serve)
+        crate::nbd::serve(listener, view.name, point, tls).map_err(OpsError::Serve)
     }
 }
 

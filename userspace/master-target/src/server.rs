@@ -7,6 +7,9 @@
 
 use crate::store::disk::{self, Disk};
 use crate::store::DiskError;
+use ferry_identity::enroll::Held;
+use ferry_identity::tls::{self, PeerVerifier};
+use ferry_identity::Role;
 use ferry_link::accept::{self, Service};
 use ferry_link::server::{ServerConfig, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use ferry_link::{Fail, Op, OpenInfo, Sink, Sinks};
@@ -21,7 +24,7 @@ pub use ferry_link::server::IDLE_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("listening on {0} needs authentication, which this ferry does not have yet: listen on 127.0.0.1 or ::1")]
+    #[error("listening on {0} needs authentication: give --identity DIR (enroll first: `ferry enroll --server ADDR --token TOKEN --identity DIR`), or listen on 127.0.0.1 or ::1")]
     NotLoopback(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
@@ -41,9 +44,10 @@ fn fail(e: DiskError) -> Fail {
     Fail::new(code, e.to_string())
 }
 
-/// Bind the listener (refusing non-loopback addresses for now).
-pub fn bind(addr: SocketAddr, data: &Path) -> Result<TcpListener, ServeError> {
-    if ferry_common::net::check_listen("listen", addr).is_err() {
+/// Bind the listener; a non-loopback address only with authentication
+/// (`authenticated`: the service runs mutual TLS).
+pub fn bind(addr: SocketAddr, data: &Path, authenticated: bool) -> Result<TcpListener, ServeError> {
+    if !authenticated && ferry_common::net::check_listen("listen", addr).is_err() {
         return Err(ServeError::NotLoopback(addr));
     }
     std::fs::create_dir_all(data).map_err(|source| ServeError::Data { path: data.display().to_string(), source })?;
@@ -68,15 +72,27 @@ impl Default for Limits {
 
 /// Serve forever, with the default limits.
 pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
-    serve_with(listener, data, Limits::default())
+    serve_with(listener, data, Limits::default(), None)
 }
 
-/// Serve forever: one thread per connection, at most `limits.max_connections`.
-pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits) -> io::Result<()> {
+/// Serve forever: one thread per connection, at most `limits.max_connections`;
+/// with an identity, every connection is mutual TLS from an agent or a
+/// process server of the same CA (docs/security.md).
+pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits, identity: Option<Held>) -> io::Result<()> {
     let mut cfg = ServerConfig::new(format!("ferry-master-target {}", env!("CARGO_PKG_VERSION")));
     cfg.role = "this master target".into();
     cfg.idle = limits.idle;
-    let service = Replication { disks: Disks { data: data.to_path_buf() }, cfg };
+    let tls = match identity {
+        Some(held) => {
+            let v = PeerVerifier::new(held.trust.clone(), &[Role::Agent, Role::ProcessServer], true);
+            let config = tls::server_config(held.creds.clone(), v).map_err(io::Error::other)?;
+            let watch = ferry_link::Watch::start(held.trust.clone());
+            held.keep_fresh(Duration::from_secs(5));
+            Some((config, watch))
+        }
+        None => None,
+    };
+    let service = Replication { disks: Disks { data: data.to_path_buf() }, cfg, tls };
     let limits = accept::Limits { max_connections: limits.max_connections, handshake: HANDSHAKE_TIMEOUT, write: WRITE_TIMEOUT };
     accept::serve(listener, limits, Arc::new(service))
 }
@@ -86,12 +102,44 @@ pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits) -> io::Res
 struct Replication {
     disks: Disks,
     cfg: ServerConfig,
+    tls: Option<(Arc<rustls::ServerConfig>, Arc<ferry_link::Watch>)>,
 }
 
 impl Service for Replication {
     fn serve(&self, conn: TcpStream) {
         // The outcome is logged (and told to the peer) by the link.
-        let _ = ferry_link::server::serve(conn, &self.disks, &self.cfg);
+        match &self.tls {
+            None => {
+                let _ = ferry_link::server::serve(conn, &self.disks, &self.cfg);
+            }
+            Some((config, watch)) => {
+                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                // A TLS handshake starts with a handshake record (0x16); a
+                // plaintext ferry peer is told in its own protocol why not.
+                let mut first = [0u8; 1];
+                if matches!(conn.peek(&mut first), Ok(1)) && first[0] != 0x16 {
+                    log::warn!("{peer}: refused: plaintext on a mutual-TLS listener");
+                    let mut conn = conn;
+                    let _ = write_msg(
+                        &mut conn,
+                        &Msg::Error {
+                            code: ErrorCode::Refused,
+                            msg: "this master target takes mutual TLS only: give the agent --identity DIR \
+                                  (enroll it first: `ferry enroll --server ADDR --token TOKEN --identity DIR`)"
+                                .into(),
+                        },
+                    );
+                    return;
+                }
+                match ferry_link::TlsStream::accept(conn, config.clone()) {
+                    Ok(t) => {
+                        watch.add(&t);
+                        let _ = ferry_link::server::serve(t, &self.disks, &self.cfg);
+                    }
+                    Err(e) => log::warn!("{peer}: refused: {e}"),
+                }
+            }
+        }
     }
 
     fn busy(&self, conn: &mut TcpStream) {
@@ -110,7 +158,24 @@ struct Disks {
 impl Sinks for Disks {
     type Sink = DiskSink;
 
-    fn open(&self, peer: &str, name: &str, size: u64, generation: [u8; 16]) -> Result<(DiskSink, OpenInfo), Fail> {
+    fn open(
+        &self,
+        peer: &str,
+        who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(DiskSink, OpenInfo), Fail> {
+        if let Some(who) = who {
+            // Checked before the folder is touched: a refused identity
+            // changes nothing.
+            match crate::store::access::admit(&self.data, name, &who.label()) {
+                Ok(true) => log::info!("disk {name}: bound to {} (its first writer)", who.label()),
+                Ok(false) => {}
+                Err(e @ crate::store::access::AccessError::Denied { .. }) => return Err(Fail::new(ErrorCode::Refused, e.to_string())),
+                Err(e) => return Err(Fail::new(ErrorCode::Internal, e.to_string())),
+            }
+        }
         let (disk, info) = Disk::open(&self.data, name, size, generation).map_err(fail)?;
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
         Ok((DiskSink { disk }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))

@@ -20,6 +20,7 @@
 //! shared or exclusive) and the apply lock ([`lock::ApplyLock`]); taken in
 //! that order.
 
+pub mod access;
 pub mod catalog;
 pub mod journal;
 pub mod ranges;

@@ -196,6 +196,11 @@ fn an_export_over_tls_reads_equal_to_its_recovery_with_x509_clients() {
     run_ok(&["ca", "issue", "--dir", &t.s("ca"), "--role", "agent", "--name", "operator", "--identity", &t.s("op")]);
     run_ok(&["ca", "init", "--dir", &t.s("ca2")]);
     run_ok(&["ca", "issue", "--dir", &t.s("ca2"), "--role", "agent", "--name", "operator", "--identity", &t.s("stranger")]);
+    // The stranger trusts this site's CA, so it is the server that must
+    // refuse its certificate.
+    for f in ["ca.pem", "crl.pem"] {
+        std::fs::copy(t.path("op").join(f), t.path("stranger").join(f)).unwrap();
+    }
 
     // Replicate over mutual TLS on loopback.
     let mt_addr = format!("127.0.0.1:{}", free_port());
@@ -225,7 +230,9 @@ fn an_export_over_tls_reads_equal_to_its_recovery_with_x509_clients() {
     // another CA, and a plaintext agent (told in its own protocol).
     let points = run_ok(&["points", "--data", &t.s("data"), "--name", "db", "--json"]);
     let (stranger, disk) = (t.s("stranger"), t.s("disk.img"));
-    for (extra, want) in [(vec!["--identity", &stranger[..]], "not from"), (vec![], "takes mutual TLS only")] {
+    for (extra, want) in
+        [(vec!["--identity", &stranger[..]], "refused our certificate: not from its CA"), (vec![], "takes mutual TLS only")]
+    {
         let mut args = vec!["agent", "--disk", &disk[..], "--name", "db", "--target", &mt_addr, "--tracker", "scan", "--once"];
         let st = t.s("st-refused");
         args.extend(["--state", &st, "--connect-timeout", "5"]);
@@ -276,6 +283,7 @@ fn an_export_over_tls_reads_equal_to_its_recovery_with_x509_clients() {
     assert!(!o.status.success() && out(&o).contains("TLS"), "plaintext was served: {}", out(&o));
     let log = std::fs::read_to_string(t.path("ex.log")).unwrap();
     assert!(log.contains("agent/operator"), "{log}");
+    assert!(log.contains("not from this site's CA"), "the export refused the stranger itself: {log}");
 }
 
 /// Acceptance: fuzzed and truncated TLS records (a byte-flipping proxy in

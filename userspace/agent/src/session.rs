@@ -55,7 +55,7 @@ pub fn prepare(offset: u64, raw: &[u8], unit: usize, out: &mut Vec<Unit>) {
 
 /// This agent's identity (`--identity`) and the TLS configuration every
 /// connection to the next hop uses; unset: plain TCP (loopback only).
-static IDENTITY: OnceLock<(Held, Arc<rustls::ClientConfig>)> = OnceLock::new();
+static IDENTITY: OnceLock<(Held, Arc<rustls::ClientConfig>, Arc<ferry_link::Watch>)> = OnceLock::new();
 
 /// Use `held` for every connection from now on (mutual TLS; the peer must
 /// be a master target or a process server of the same CA). Starts the
@@ -63,8 +63,11 @@ static IDENTITY: OnceLock<(Held, Arc<rustls::ClientConfig>)> = OnceLock::new();
 pub fn use_identity(held: Held) -> Result<(), AgentError> {
     let v = PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget, Role::ProcessServer], true);
     let config = ferry_identity::tls::client_config(Some(held.creds.clone()), v).map_err(|e| AgentError::Connect(e.to_string()))?;
-    held.keep_fresh(std::time::Duration::from_secs(60));
-    let _ = IDENTITY.set((held, config));
+    // Every 10 s: renewal when due, and the revocation list, against which
+    // the watch re-checks the next hop of an open stream every 2 s.
+    held.keep_fresh(std::time::Duration::from_secs(10));
+    let watch = ferry_link::Watch::start(held.trust.clone());
+    let _ = IDENTITY.set((held, config, watch));
     Ok(())
 }
 
@@ -111,7 +114,7 @@ impl Session {
         let tcp = ferry_link::connect_tcp(target, ferry_link::client::CONNECT_TIMEOUT).map_err(fail)?;
         let sock = match IDENTITY.get() {
             None => AnyStream::Tcp(tcp),
-            Some((_, config)) => {
+            Some((_, config, watch)) => {
                 let t = ferry_link::TlsStream::connect(tcp, config.clone(), ferry_link::client::CONNECT_TIMEOUT).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::PermissionDenied {
                         AgentError::Refused { code: ferry_proto::ErrorCode::Refused, msg: format!("{target}: {e}") }
@@ -120,6 +123,7 @@ impl Session {
                     }
                 })?;
                 log::debug!("TLS to {}", ferry_link::Stream::peer(&t));
+                watch.add(&t);
                 AnyStream::Tls(t)
             }
         };

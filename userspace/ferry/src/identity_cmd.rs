@@ -131,7 +131,7 @@ pub fn grant(data: &Path, name: &str, to: &str) -> Result<()> {
 pub fn revoke(data: &Path, name: &str) -> Result<()> {
     data_dir(data)?;
     match ferry_target::store::access::revoke(data, name)? {
-        Some(old) => println!("disk {name}: no longer bound to {old}; the next identity to open it owns it"),
+        Some(old) => println!("disk {name}: no longer bound to {old}; it refuses every identity until `ferry grant` names an owner"),
         None => println!("disk {name}: was not bound to an identity"),
     }
     Ok(())
@@ -140,12 +140,12 @@ pub fn revoke(data: &Path, name: &str) -> Result<()> {
 /// The TLS configuration of `ferry export --identity`: any certificate of
 /// the site's CA may read a point (an operator's, a recovery host's); the
 /// revocation list is kept fresh while the export runs.
-pub fn export_tls(h: &ferry_identity::enroll::Held) -> Result<Arc<rustls::ServerConfig>> {
+pub fn export_tls(h: &ferry_identity::enroll::Held) -> Result<ferry_target::nbd::Tls> {
     use ferry_identity::tls;
     let v = tls::PeerVerifier::new(h.trust.clone(), &ferry_identity::Role::ALL, true);
     let c = tls::server_config(h.creds.clone(), v).map_err(err)?;
     h.keep_fresh(std::time::Duration::from_secs(5));
-    Ok(c)
+    Ok((c, ferry_link::Watch::start(h.trust.clone())))
 }
 
 /// `ferry status --identity DIR`.

@@ -371,7 +371,7 @@ enum Cmd {
         #[arg(long, value_name = "ROLE/NAME")]
         to: String,
     },
-    /// Unbind a disk from its identity: the next identity to open it owns it.
+    /// Unbind a disk from its identity: it then refuses every identity until `ferry grant` names an owner.
     Revoke {
         /// The master target's data folder.
         #[arg(long, value_name = "DIR")]

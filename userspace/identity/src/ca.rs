@@ -28,6 +28,10 @@ pub const STATE_KIND: &str = "ferry-ca";
 pub const STATE_VERSION: u32 = 1;
 /// Default lifetime of a machine certificate.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(30 * 86400);
+/// The name of `ferry ca serve`'s own certificate (role config-server):
+/// reserved, so only the holder of the CA key presents it, and the
+/// enrollment pin check accepts no other.
+pub const CA_SERVER_NAME: &str = "ca";
 /// Default lifetime of a join token.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(86400);
 const CA_TTL_SECS: i64 = 10 * 365 * 86400;
@@ -167,8 +171,9 @@ impl Ca {
         write_file(&dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&dir.join("ca.pem"), cert.pem().as_bytes(), 0o644)?;
         let ca = Ca { dir: dir.to_path_buf(), key, der: cert.der().to_vec(), signer: cert };
-        ca.save(&CaState::default())?;
-        ca.write_crl(&mut CaState::default())?;
+        let st = CaState { crl_number: 1, ..CaState::default() };
+        ca.save(&st)?;
+        ca.write_crl(&st)?;
         Ok(ca)
     }
 
@@ -233,6 +238,7 @@ impl Ca {
         if !valid_name(name) {
             return Err(IdentityError::Usage(format!("machine name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
         }
+        reserved(role, name)?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -286,11 +292,39 @@ impl Ca {
         ttl: Duration,
         sans: &[String],
     ) -> Result<(String, Identity), IdentityError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(rc("unreadable certificate request"))?;
         let (p, s, nb, na) = Self::leaf_params(name, role, ttl, sans)?;
+        self.sign_csr(csr_pem, p, &s, nb, na, name, role, sans)
+    }
+
+    /// `ferry ca serve`'s own certificate: the reserved name, which no token
+    /// or `ca issue` can give.
+    pub(crate) fn issue_ca_server(&self, csr_pem: &str, ttl: Duration) -> Result<(String, Identity), IdentityError> {
+        let (p, s, nb, na) = Self::leaf_params("ca-server-pending", Role::ConfigServer, ttl, &[])?;
+        let mut p = p;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, CA_SERVER_NAME);
+        dn.push(DnType::OrganizationalUnitName, Role::ConfigServer.as_str());
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![SanType::URI(identity_uri(Role::ConfigServer, CA_SERVER_NAME).try_into().map_err(rc("bad identity"))?)];
+        self.sign_csr(csr_pem, p, &s, nb, na, CA_SERVER_NAME, Role::ConfigServer, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign_csr(
+        &self,
+        csr_pem: &str,
+        p: CertificateParams,
+        s: &[u8],
+        nb: i64,
+        na: i64,
+        name: &str,
+        role: Role,
+        sans: &[String],
+    ) -> Result<(String, Identity), IdentityError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(rc("unreadable certificate request"))?;
         csr.params = p;
         let cert = csr.signed_by(&self.signer, &self.key).map_err(rc("cannot sign the certificate"))?;
-        let id = self.record(name, role, &s, nb, na, sans)?;
+        let id = self.record(name, role, s, nb, na, sans)?;
         Ok((cert.pem(), id))
     }
 
@@ -322,9 +356,16 @@ impl Ca {
             None => (None, what),
         };
         let now = now_secs();
+        // A serial also takes the older certificates of the same machine
+        // with it (renewal superseded them; a stolen old key must not
+        // outlive the revocation of the current one).
+        let by_serial = st.issued.iter().find(|i| i.serial == what.to_ascii_lowercase()).map(|i| (i.role, i.name.clone(), i.not_before));
         let mut done = Vec::new();
         for i in st.issued.iter_mut() {
-            let hit = i.serial == what.to_ascii_lowercase() || (i.name == name && role.is_none_or(|r| r == i.role));
+            let hit = match &by_serial {
+                Some((r, n, nb)) => i.role == *r && i.name == *n && i.not_before <= *nb,
+                None => i.name == name && role.is_none_or(|r| r == i.role),
+            };
             if hit && i.revoked.is_none() {
                 i.revoked = Some(now);
                 done.push(i.clone());
@@ -335,13 +376,16 @@ impl Ca {
                 "nothing to revoke for {what:?}: no unrevoked certificate has that serial or machine name (see `ferry ca list`)"
             )));
         }
-        self.write_crl(&mut st)?;
+        // The state first: a list that failed to be written is rebuilt
+        // from it (with this revocation) next time.
+        st.crl_number += 1;
         self.save(&st)?;
+        self.write_crl(&st)?;
         Ok(done)
     }
 
-    fn write_crl(&self, st: &mut CaState) -> Result<(), IdentityError> {
-        st.crl_number += 1;
+    /// Sign and write the revocation list of `st` (its `crl_number`).
+    fn write_crl(&self, st: &CaState) -> Result<(), IdentityError> {
         let now = now_secs();
         let revoked = st
             .issued
@@ -369,6 +413,41 @@ impl Ca {
         write_file(&self.dir.join("crl.pem"), crl.pem().map_err(rc("cannot encode the revocation list"))?.as_bytes(), 0o644)
     }
 
+    /// Sign the revocation list again if it is older than `max_age` (it
+    /// says it is good for 7 days; `ferry ca serve` renews it daily).
+    pub fn refresh_crl(&self, max_age: Duration) -> Result<bool, IdentityError> {
+        let p = self.dir.join("crl.pem");
+        let age = std::fs::metadata(&p).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a < max_age) {
+            return Ok(false);
+        }
+        let _l = Locked::take(&self.dir)?;
+        let mut st = self.load()?;
+        st.crl_number += 1;
+        self.save(&st)?;
+        self.write_crl(&st)?;
+        Ok(true)
+    }
+
+    /// Whether `serial` may renew: issued here, not revoked, and the newest
+    /// certificate of its machine (a superseded one may not).
+    pub fn renewable(&self, serial: &str) -> Result<Result<Issued, String>, IdentityError> {
+        let st = self.load()?;
+        let Some(me) = st.issued.iter().find(|i| i.serial == serial) else {
+            return Ok(Err("the certificate was not issued by this CA".into()));
+        };
+        if me.revoked.is_some() {
+            return Ok(Err(format!("{}/{} (serial {serial}) is revoked", me.role, me.name)));
+        }
+        if st.issued.iter().any(|i| i.role == me.role && i.name == me.name && i.not_before > me.not_before) {
+            return Ok(Err(format!(
+                "{}/{} (serial {serial}) was superseded by a renewal; renew with the newest certificate",
+                me.role, me.name
+            )));
+        }
+        Ok(Ok(me.clone()))
+    }
+
     /// The current revocation list, PEM.
     pub fn crl_pem(&self) -> Result<String, IdentityError> {
         let p = self.dir.join("crl.pem");
@@ -380,6 +459,7 @@ impl Ca {
         if !valid_name(name) {
             return Err(IdentityError::Usage(format!("machine name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
         }
+        reserved(role, name)?;
         check_sans(sans)?;
         let tok = Token { id: hex(&random::<6>()), secret: hex(&random::<16>()), pin: self.pin()? };
         let _l = Locked::take(&self.dir)?;
@@ -448,6 +528,14 @@ fn check_sans(sans: &[String]) -> Result<&[String], IdentityError> {
     Ok(sans)
 }
 
+/// The reserved identity is refused to tokens and `ca issue`.
+fn reserved(role: Role, name: &str) -> Result<(), IdentityError> {
+    if role == Role::ConfigServer && name == CA_SERVER_NAME {
+        return Err(IdentityError::Usage(format!("{role}/{name} is reserved for `ferry ca serve`; choose another name")));
+    }
+    Ok(())
+}
+
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -479,6 +567,9 @@ mod tests {
         let e = ca.redeem_token(&t2.id, &t2.secret).unwrap_err().to_string();
         assert!(e.contains("expired"), "{e}");
         assert!(Token::parse("ferry-join-1.abc.def.012").is_err());
+        // The CA server's own name is reserved.
+        assert!(ca.create_token(Role::ConfigServer, CA_SERVER_NAME, Duration::from_secs(60), &[]).is_err());
+        assert!(ca.create_token(Role::ConfigServer, "cfg1", Duration::from_secs(60), &[]).is_ok());
     }
 
     #[test]

@@ -93,8 +93,16 @@ pub fn store_identity(
     let json = serde_json::to_vec_pretty(&f).map_err(|e| IdentityError::Cert(e.to_string()))?;
     write_file(&dir.join("identity.json"), &json, 0o644)?;
     // The key first, the certificate last: a folder with cert.pem is whole.
-    write_file(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+    // On renewal the old key is kept as key.prev.pem until the new
+    // certificate is in place, so a crash in between leaves a pair that
+    // fits (tls::Credentials::load falls back to it).
+    let key = dir.join("key.pem");
+    if let Ok(old) = std::fs::read(&key) {
+        write_file(&dir.join("key.prev.pem"), &old, 0o600)?;
+    }
+    write_file(&key, key_pem.as_bytes(), 0o600)?;
     write_file(&dir.join("cert.pem"), cert_pem.as_bytes(), 0o644)?;
+    let _ = std::fs::remove_file(dir.join("key.prev.pem"));
     // The names qemu's and libnbd's x509 credentials look for, so the
     // folder serves `tls-creds-x509,dir=DIR` and `tls-certificates=DIR`.
     for (link, to) in [
@@ -110,6 +118,23 @@ pub fn store_identity(
         }
     }
     Ok(())
+}
+
+/// Exclusive lock on `DIR/identity.lock` for as long as it lives.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+fn lock_dir(dir: &Path) -> Result<DirLock, IdentityError> {
+    use std::os::unix::io::AsRawFd;
+    let p = dir.join("identity.lock");
+    let io = |e| IdentityError::io(format!("cannot lock {}", p.display()))(e);
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(io)?;
+    // SAFETY: flock on a descriptor owned here; no memory is shared.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(DirLock { _file: f })
 }
 
 /// Read `identity.json`.
@@ -140,8 +165,11 @@ impl ServerCertVerifier for PinnedCa {
             if ca_pin(c).ok().as_deref() == Some(self.pin.as_str()) {
                 let trust = Trust::new(c.to_vec(), &[]).map_err(|e| rustls::Error::General(e.to_string()))?;
                 let id = trust.verify(end_entity, &[], now, webpki::KeyUsage::server_auth())?;
-                if id.role != Role::ConfigServer {
-                    return Err(rustls::Error::General(format!("the server is {}, not a CA server", id.label())));
+                // Only `ferry ca serve` holds this identity (the name is
+                // reserved: no token or `ca issue` gives it), so another
+                // enrolled machine cannot stand in the middle.
+                if id.role != Role::ConfigServer || id.name != crate::ca::CA_SERVER_NAME {
+                    return Err(rustls::Error::General(format!("the server is {}, not this CA's server; nothing was sent", id.label())));
                 }
                 if let Ok(mut f) = self.found.lock() {
                     *f = Some(c.to_vec());
@@ -295,6 +323,19 @@ fn renew_config(dir: &Path, creds: Option<Arc<Credentials>>) -> Result<(Identity
 /// Renew the identity in `dir` at its CA server: a new key and certificate
 /// for the same name and role, stored in `dir` (and swapped into `creds`).
 pub fn renew(dir: &Path, creds: Option<&Arc<Credentials>>) -> Result<Identity, IdentityError> {
+    // One renewal of a folder at a time (a master target and an export may
+    // share it); one that finds the folder renewed meanwhile adopts it.
+    let _lock = lock_dir(dir)?;
+    if let Some(c) = creds {
+        if let Ok(on_disk) = Credentials::load(dir) {
+            let (mine, theirs) = (c.identity(), on_disk.identity());
+            if theirs.serial != mine.serial && theirs.not_before > mine.not_before {
+                let (k, ch) = tls::read_identity(dir)?;
+                c.replace(&k, &ch)?;
+                return Ok(theirs);
+            }
+        }
+    }
     let (f, config, trust) = renew_config(dir, creds.cloned())?;
     let server = f.server.clone().ok_or_else(|| {
         IdentityError::Usage(format!("{}: issued offline, no CA server to renew at; issue a new one with `ferry ca issue`", dir.display()))
@@ -332,25 +373,50 @@ pub struct CaServer {
     ca: Arc<Ca>,
     config: Arc<rustls::ServerConfig>,
     cert_ttl: Duration,
+    creds: Arc<Credentials>,
 }
+
+/// `ferry ca serve` signs the revocation list again when it is this old
+/// (it says it is good for 7 days).
+const CRL_MAX_AGE: Duration = Duration::from_secs(86400);
 
 impl CaServer {
     pub fn bind(ca_dir: &Path, listen: SocketAddr, cert_ttl: Duration) -> Result<CaServer, IdentityError> {
         let ca = Arc::new(Ca::open(ca_dir)?);
-        // Its own certificate, in memory only, renewed at each start.
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| IdentityError::Cert(e.to_string()))?;
-        let (_, csr) = {
-            let mut p = rcgen::CertificateParams::default();
-            p.distinguished_name = rcgen::DistinguishedName::new();
-            ((), p.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| IdentityError::Cert(e.to_string()))?)
-        };
-        let (cert, _) = ca.issue_csr(&csr, "ca", Role::ConfigServer, crate::ca::DEFAULT_CERT_TTL, &[])?;
-        let creds = Arc::new(Credentials::from_pem(&key.serialize_pem(), &format!("{cert}{}", ca.cert_pem()))?);
+        ca.refresh_crl(CRL_MAX_AGE)?;
+        // Its own certificate, in memory only: made at start, made again
+        // (in place) once two thirds of its life have passed.
+        let (key, chain) = Self::own_certificate(&ca)?;
+        let creds = Arc::new(Credentials::from_pem(&key, &chain)?);
         let trust = Arc::new(RwLock::new(Trust::new(ca.cert_der().to_vec(), &pem_blocks(&ca.crl_pem()?, "X509 CRL")?)?));
         let verifier = PeerVerifier::new(trust, &Role::ALL, false);
-        let config = tls::server_config(creds, verifier)?;
+        let config = tls::server_config(creds.clone(), verifier)?;
         let listener = TcpListener::bind(listen).map_err(IdentityError::io(format!("cannot listen on {listen}")))?;
-        Ok(CaServer { listener, ca, config, cert_ttl })
+        Ok(CaServer { listener, ca, config, cert_ttl, creds })
+    }
+
+    fn own_certificate(ca: &Ca) -> Result<(String, String), IdentityError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| IdentityError::Cert(e.to_string()))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| IdentityError::Cert(e.to_string()))?;
+        let (cert, _) = ca.issue_ca_server(&csr, crate::ca::DEFAULT_CERT_TTL)?;
+        Ok((key.serialize_pem(), format!("{cert}{}", ca.cert_pem())))
+    }
+
+    /// Upkeep between accepts: its own certificate and the daily list.
+    fn upkeep(&self) {
+        let id = self.creds.identity();
+        if now_secs() >= id.not_before + (id.not_after - id.not_before) * 2 / 3 {
+            match Self::own_certificate(&self.ca).and_then(|(k, c)| self.creds.replace(&k, &c)) {
+                Ok(()) => log::info!("ca serve: renewed its own certificate"),
+                Err(e) => log::warn!("ca serve: cannot renew its own certificate: {e}"),
+            }
+        }
+        if let Err(e) = self.ca.refresh_crl(CRL_MAX_AGE) {
+            log::warn!("ca serve: cannot sign the revocation list again: {e}");
+        }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -361,7 +427,12 @@ impl CaServer {
     pub fn run(self, stop: Arc<AtomicBool>) -> Result<(), IdentityError> {
         self.listener.set_nonblocking(true).map_err(IdentityError::io("listener"))?;
         let live = Arc::new(AtomicUsize::new(0));
+        let mut upkept = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if upkept.elapsed() > Duration::from_secs(60) {
+                self.upkeep();
+                upkept = std::time::Instant::now();
+            }
             match self.listener.accept() {
                 Ok((s, peer)) => {
                     if live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
@@ -441,11 +512,7 @@ fn handle(ca: &Ca, req: &Request, peer: Option<&Identity>, ttl: Duration) -> Res
         "renew" => {
             let p = peer.ok_or("renew needs the current certificate as the TLS client certificate")?;
             let csr = req.csr.as_deref().ok_or("renew needs a certificate request")?;
-            let was =
-                ca.status_of(&p.serial).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} was not issued by this CA", p.label()))?;
-            if was.revoked.is_some() {
-                return Err(format!("{} is revoked", p.label()));
-            }
+            let was = ca.renewable(&p.serial).map_err(|e| e.to_string())??;
             let (cert, who) = ca.issue_csr(csr, &p.name, p.role, ttl, &was.sans).map_err(|e| e.to_string())?;
             log::info!("ca serve: renewed {} (serial {} → {})", who.label(), p.serial, who.serial);
             ok(Some(cert))
@@ -465,6 +532,8 @@ pub struct Held {
     pub dir: PathBuf,
     pub creds: Arc<Credentials>,
     pub trust: Arc<RwLock<Trust>>,
+    /// When the revocation list was last refreshed from the CA server.
+    crl_fresh: Arc<Mutex<std::time::Instant>>,
 }
 
 impl Held {
@@ -479,7 +548,12 @@ impl Held {
                 crate::when(id.not_after)
             )));
         }
-        Ok(Held { dir: dir.to_path_buf(), creds, trust: Arc::new(RwLock::new(Trust::load(dir)?)) })
+        Ok(Held {
+            dir: dir.to_path_buf(),
+            creds,
+            trust: Arc::new(RwLock::new(Trust::load(dir)?)),
+            crl_fresh: Arc::new(Mutex::new(std::time::Instant::now())),
+        })
     }
 
     /// Once: renew if two thirds of the certificate's life have passed,
@@ -509,8 +583,21 @@ impl Held {
                     {
                         *g = t;
                     }
+                    if let Ok(mut f) = self.crl_fresh.lock() {
+                        *f = std::time::Instant::now();
+                    }
                 }
-                Err(e) => log::debug!("revocation list not refreshed: {e}"),
+                Err(e) => {
+                    let stale = self.crl_fresh.lock().map(|f| f.elapsed()).unwrap_or_default();
+                    if stale > Duration::from_secs(3600) && warn.is_none() {
+                        warn = Some(format!(
+                            "the revocation list has not been refreshed for {} min: {e}; a machine revoked since is still let in",
+                            stale.as_secs() / 60
+                        ));
+                    } else {
+                        log::debug!("revocation list not refreshed: {e}");
+                    }
+                }
             }
         } else if let (Ok(t), Ok(mut g)) = (Trust::load(&self.dir), self.trust.write()) {
             *g = t;

@@ -220,18 +220,41 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityErr
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp: PathBuf = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    // A fresh temporary name, created exclusively: two processes renewing
+    // the same folder never share one, and a planted file or symlink is
+    // never followed or reused with its mode.
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        ferry_common::durable::hex(&random::<8>())
+    ));
     let what = || format!("cannot write {}", path.display());
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(IdentityError::io(what()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(IdentityError::io(what()))?;
-    std::fs::rename(&tmp, path).map_err(IdentityError::io(what()))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(IdentityError::io(what()))?;
+    let r = f.write_all(data).and_then(|_| f.sync_all()).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(IdentityError::io(what())(e));
+    }
     ferry_common::durable::fsync_dir(dir).map_err(IdentityError::io(what()))
 }
 
-/// Create `dir` (and parents) readable by root only.
+/// Create `dir` (and parents) readable by root only. A folder that exists
+/// already is used as it is (never re-moded: it may be a shared one given
+/// by mistake), unless others can write it.
 pub fn make_private_dir(dir: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Ok(m) = std::fs::metadata(dir) {
+        if !m.is_dir() {
+            return Err(IdentityError::Usage(format!("{}: not a folder", dir.display())));
+        }
+        if m.permissions().mode() & 0o022 != 0 {
+            return Err(IdentityError::Usage(format!(
+                "{}: others can write this folder; give a folder only root can write (or a new one)",
+                dir.display()
+            )));
+        }
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

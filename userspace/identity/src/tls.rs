@@ -82,8 +82,18 @@ impl Trust {
             .into_iter()
             .next()
             .ok_or_else(|| IdentityError::Cert(format!("{}: no certificate", dir.join("ca.pem").display())))?;
+        // No list, no trust: without one a revoked peer would pass.
         let crl = dir.join("crl.pem");
-        let crls = if crl.exists() { read_pem(&crl, "X509 CRL")? } else { Vec::new() };
+        if !crl.exists() {
+            return Err(IdentityError::Cert(format!(
+                "{}: missing; the revocation list comes with enrollment (copy the CA's crl.pem there, or enroll again)",
+                crl.display()
+            )));
+        }
+        let crls = read_pem(&crl, "X509 CRL")?;
+        if crls.is_empty() {
+            return Err(IdentityError::Cert(format!("{}: holds no revocation list", crl.display())));
+        }
         Trust::new(ca, &crls)
     }
 
@@ -107,7 +117,10 @@ impl Trust {
         } else {
             webpki::RevocationOptionsBuilder::new(&refs).ok().map(|b| {
                 b.with_depth(webpki::RevocationCheckDepth::EndEntity)
-                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                    // Every machine certificate comes from the one CA whose
+                    // list this is: a certificate the list cannot speak for
+                    // (another issuer's list) is refused.
+                    .with_status_policy(webpki::UnknownStatusPolicy::Deny)
                     .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
                     .build()
             })
@@ -168,6 +181,12 @@ pub fn describe(e: &rustls::Error) -> String {
         rustls::Error::AlertReceived(A::CertificateRequired) => {
             "the peer requires a certificate: give --identity DIR (enroll first)".into()
         }
+        rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "the peer's certificate is of a role not accepted here".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => format!("the peer's certificate is unusable: {o}"),
+        rustls::Error::InvalidCertificate(c) => format!("the peer's certificate is refused: {c:?}"),
+        rustls::Error::General(m) => m.clone(),
         e => format!("TLS: {e}"),
     }
 }
@@ -258,10 +277,15 @@ impl Credentials {
         Ok(Credentials { current: RwLock::new(certified(key_pem, chain_pem)?) })
     }
 
-    /// From an identity folder (`key.pem`, `cert.pem`, `ca.pem`).
+    /// From an identity folder (`key.pem`, `cert.pem`, `ca.pem`); if the
+    /// key does not fit the certificate (a renewal cut short between the
+    /// two), the previous key kept beside it.
     pub fn load(dir: &Path) -> Result<Credentials, IdentityError> {
         let (k, c) = read_identity(dir)?;
-        Credentials::from_pem(&k, &c)
+        Credentials::from_pem(&k, &c).or_else(|e| match std::fs::read_to_string(dir.join("key.prev.pem")) {
+            Ok(prev) => Credentials::from_pem(&prev, &c).map_err(|_| e),
+            Err(_) => Err(e),
+        })
     }
 
     pub fn identity(&self) -> Identity {

@@ -216,6 +216,21 @@ impl Write for TlsStream {
             (&self.inner.sock).write_all(&out)?;
             out.clear();
         }
+        // What the reader queued meanwhile (an alert, a key update) could
+        // not go out while this writer held the socket: send it now.
+        loop {
+            {
+                let mut st = lock(&self.inner.state);
+                while st.conn.wants_write() {
+                    st.conn.write_tls(&mut *out)?;
+                }
+            }
+            if out.is_empty() {
+                break;
+            }
+            (&self.inner.sock).write_all(&out)?;
+            out.clear();
+        }
         Ok(buf.len())
     }
 
@@ -237,13 +252,30 @@ impl Stream for TlsStream {
     fn shutdown(&self) -> io::Result<()> {
         self.inner.sock.shutdown(Shutdown::Both)
     }
+    /// Plaintext decrypted and waiting, or (within `t`) the socket
+    /// readable. Raw bytes already read are handed to rustls first, so a
+    /// record cut short in them does not count as input.
     fn wait_input(&self, t: Duration) -> bool {
         {
             let mut st = lock(&self.inner.state);
-            if st.pos < st.pending.len() {
-                return true;
+            let State { conn, pending, pos } = &mut *st;
+            while *pos < pending.len() {
+                let mut s: &[u8] = &pending[*pos..];
+                let before = s.len();
+                if conn.read_tls(&mut s).is_err() {
+                    return true; // the read says what went wrong
+                }
+                let used = before - s.len();
+                *pos += used;
+                if used == 0 {
+                    break;
+                }
             }
-            if st.conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true) {
+            if *pos == pending.len() {
+                pending.clear();
+                *pos = 0;
+            }
+            if conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true) {
                 return true;
             }
         }

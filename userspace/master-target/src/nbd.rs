@@ -75,7 +75,7 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// Serve `view` as export `name` on `listener` until the process ends;
 /// with `tls`, only over TLS (NBD's STARTTLS, as qemu and libnbd speak it
 /// with x509 credentials) with a client certificate of the site's CA.
-pub fn serve(listener: TcpListener, name: String, view: PointView, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<()> {
+pub fn serve(listener: TcpListener, name: String, view: PointView, tls: Option<Tls>) -> io::Result<()> {
     accept::serve(listener, Limits::default(), Arc::new(Export { name, view: Mutex::new(view), tls }))
 }
 
@@ -83,8 +83,12 @@ pub fn serve(listener: TcpListener, name: String, view: PointView, tls: Option<A
 struct Export {
     name: String,
     view: Mutex<PointView>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Tls>,
 }
+
+/// An export's TLS: the configuration, and the watch that cuts a reader
+/// whose certificate is revoked.
+pub type Tls = (Arc<rustls::ServerConfig>, Arc<ferry_link::Watch>);
 
 impl Service for Export {
     fn serve(&self, conn: TcpStream) {
@@ -140,7 +144,7 @@ fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, reqs.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
-fn session(mut tcp: TcpStream, name: &str, view: &Mutex<PointView>, tls: Option<&Arc<rustls::ServerConfig>>) -> io::Result<()> {
+fn session(mut tcp: TcpStream, name: &str, view: &Mutex<PointView>, tls: Option<&Tls>) -> io::Result<()> {
     // Deadlines (set by the accept loop): the handshake within 30 s, every
     // reply written within 60 s; keepalive finds a client whose machine is
     // gone. Once transmission starts a client may be idle for as long as it
@@ -186,7 +190,7 @@ fn session(mut tcp: TcpStream, name: &str, view: &Mutex<PointView>, tls: Option<
         }
         match opt {
             OPT_STARTTLS => {
-                let Some(config) = tls else {
+                let Some((config, watch)) = tls else {
                     opt_reply(&mut s, opt, REP_ERR_UNSUP, b"this export runs without TLS")?;
                     continue;
                 };
@@ -199,6 +203,7 @@ fn session(mut tcp: TcpStream, name: &str, view: &Mutex<PointView>, tls: Option<
                     AnyStream::Tcp(tcp) => {
                         let t = TlsStream::accept(tcp, config.clone())?;
                         log::info!("nbd client {}: TLS", ferry_link::Stream::peer(&t));
+                        watch.add(&t);
                         AnyStream::Tls(t)
                     }
                     tls => tls,

@@ -259,7 +259,7 @@ impl Export {
     /// Serve the point over NBD until the process ends (the pin goes with it).
     /// With `tls`, clients must use TLS (STARTTLS) with a certificate of
     /// the site's CA.
-    pub fn serve(self, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Result<(), OpsError> {
+    pub fn serve(self, tls: Option<crate::nbd::Tls>) -> Result<(), OpsError> {
         let Export { view, point, listener, _pin } = self;
         crate::nbd::serve(listener, view.name, point, tls).map_err(OpsError::Serve)
     }

@@ -92,7 +92,8 @@ pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits, identity: 
         }
         None => None,
     };
-    let service = Replication { disks: Disks { data: data.to_path_buf() }, cfg, tls };
+    let require_identity = tls.is_some();
+    let service = Replication { disks: Disks { data: data.to_path_buf(), require_identity }, cfg, tls };
     let limits = accept::Limits { max_connections: limits.max_connections, handshake: HANDSHAKE_TIMEOUT, write: WRITE_TIMEOUT };
     accept::serve(listener, limits, Arc::new(service))
 }
@@ -153,6 +154,8 @@ impl Service for Replication {
 /// The disks of one data folder, opened by name for a stream.
 struct Disks {
     data: PathBuf,
+    /// Every stream comes over mutual TLS and must name its identity.
+    require_identity: bool,
 }
 
 impl Sinks for Disks {
@@ -166,17 +169,35 @@ impl Sinks for Disks {
         size: u64,
         generation: [u8; 16],
     ) -> Result<(DiskSink, OpenInfo), Fail> {
-        if let Some(who) = who {
+        use crate::store::access::{self, AccessError, Admit};
+        let who = match (who, self.require_identity) {
+            (Some(w), _) => Some(w.label()),
+            (None, false) => None,
+            // Cannot happen with TLS required; refuse rather than let an
+            // unnamed peer write.
+            (None, true) => return Err(Fail::new(ErrorCode::Refused, "this master target takes identified peers only")),
+        };
+        let mut bind = false;
+        if let Some(who) = &who {
+            if !ferry_proto::valid_name(name) {
+                return Err(Fail::new(ErrorCode::Refused, format!("disk name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
+            }
             // Checked before the folder is touched: a refused identity
             // changes nothing.
-            match crate::store::access::admit(&self.data, name, &who.label()) {
-                Ok(true) => log::info!("disk {name}: bound to {} (its first writer)", who.label()),
-                Ok(false) => {}
-                Err(e @ crate::store::access::AccessError::Denied { .. }) => return Err(Fail::new(ErrorCode::Refused, e.to_string())),
+            match access::check(&self.data, name, who) {
+                Ok(Admit::Owner) => {}
+                Ok(Admit::New) => bind = true,
+                Err(e @ (AccessError::Denied { .. } | AccessError::Unbound { .. })) => {
+                    return Err(Fail::new(ErrorCode::Refused, e.to_string()))
+                }
                 Err(e) => return Err(Fail::new(ErrorCode::Internal, e.to_string())),
             }
         }
         let (disk, info) = Disk::open(&self.data, name, size, generation).map_err(fail)?;
+        if let (true, Some(who)) = (bind, &who) {
+            access::bind_new(&self.data, name, who).map_err(|e| Fail::new(ErrorCode::Refused, e.to_string()))?;
+            log::info!("disk {name}: created by {who}, bound to it");
+        }
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
         Ok((DiskSink { disk }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))
     }

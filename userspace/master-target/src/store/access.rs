@@ -1,10 +1,12 @@
 //! Who may write which disk: `DATA/access.state` (state file
 //! `ferry-access` v1, docs/formats.md) binds each disk name to the identity
-//! (`ROLE/NAME` of a certificate) that first opened it over mutual TLS.
-//! Another identity opening that disk is refused; `ferry grant` and
-//! `ferry revoke` change a binding. Streams over plain loopback TCP (a
-//! master target without `--identity`) are not bound: on one machine,
-//! root is the authority.
+//! (`ROLE/NAME` of a certificate) that created the disk over mutual TLS.
+//! Another identity opening that disk is refused; so is any identity
+//! opening a disk that exists but is bound to none (made before the master
+//! target had an identity, or unbound with `ferry revoke`) until `ferry
+//! grant` names its owner. Streams over plain loopback TCP (a master target
+//! without `--identity`) are not checked: on one machine, root is the
+//! authority.
 
 use ferry_common::durable::{read_state, write_state, StateError};
 use std::collections::BTreeMap;
@@ -29,6 +31,17 @@ pub enum AccessError {
     Io { what: String, source: std::io::Error },
     #[error("disk {disk} belongs to {owner}; {who} may not write it (the owner can be changed with `ferry grant --data DIR --name {disk} --to {who}`)")]
     Denied { disk: String, owner: String, who: String },
+    #[error("disk {disk} exists and belongs to no identity (written before this master target had one, or unbound); {who} may not write it until `ferry grant --data DIR --name {disk} --to ROLE/NAME` names its owner")]
+    Unbound { disk: String, who: String },
+}
+
+/// What [`check`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// `who` owns the disk.
+    Owner,
+    /// No such disk yet: `who` creates it and is bound with [`bind_new`].
+    New,
 }
 
 fn path(data: &Path) -> PathBuf {
@@ -55,18 +68,29 @@ pub fn load(data: &Path) -> Result<Access, AccessError> {
     Ok(read_state(&path(data), KIND, VERSION)?.unwrap_or_default())
 }
 
-/// May `who` write `disk`? Binds an unbound disk to `who` (first use).
-/// Returns whether it bound it now.
-pub fn admit(data: &Path, disk: &str, who: &str) -> Result<bool, AccessError> {
+/// May `who` write `disk` (a valid disk name)? Changes nothing.
+pub fn check(data: &Path, disk: &str, who: &str) -> Result<Admit, AccessError> {
+    let a = load(data)?;
+    match a.bindings.get(disk) {
+        Some(owner) if owner == who => Ok(Admit::Owner),
+        Some(owner) => Err(AccessError::Denied { disk: disk.into(), owner: owner.clone(), who: who.into() }),
+        None if data.join(disk).exists() => Err(AccessError::Unbound { disk: disk.into(), who: who.into() }),
+        None => Ok(Admit::New),
+    }
+}
+
+/// Bind a disk `who` just created (under its writer lock, so no other
+/// stream raced it); refuses if someone bound it meanwhile.
+pub fn bind_new(data: &Path, disk: &str, who: &str) -> Result<(), AccessError> {
     let _l = lock(data)?;
     let mut a = load(data)?;
     match a.bindings.get(disk) {
-        Some(owner) if owner == who => Ok(false),
+        Some(owner) if owner == who => Ok(()),
         Some(owner) => Err(AccessError::Denied { disk: disk.into(), owner: owner.clone(), who: who.into() }),
         None => {
             a.bindings.insert(disk.into(), who.into());
             write_state(&path(data), KIND, VERSION, &a)?;
-            Ok(true)
+            Ok(())
         }
     }
 }
@@ -80,7 +104,8 @@ pub fn grant(data: &Path, disk: &str, who: &str) -> Result<Option<String>, Acces
     Ok(old)
 }
 
-/// `ferry revoke`: unbind `disk` (the next identity to open it owns it).
+/// `ferry revoke`: unbind `disk`; it then refuses every identity until
+/// `ferry grant` names an owner.
 pub fn revoke(data: &Path, disk: &str) -> Result<Option<String>, AccessError> {
     let _l = lock(data)?;
     let mut a = load(data)?;
@@ -94,18 +119,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_identity_owns_a_disk_until_granted_away() {
+    fn the_creator_owns_a_disk_until_granted_away_and_an_unbound_disk_refuses_all() {
         let d = std::env::temp_dir().join(format!("ferry-access-{}-{}", std::process::id(), ferry_common::now_ns()));
         std::fs::create_dir_all(&d).unwrap();
-        assert!(admit(&d, "db", "agent/a").unwrap());
-        assert!(!admit(&d, "db", "agent/a").unwrap());
-        let e = admit(&d, "db", "agent/b").unwrap_err().to_string();
+        assert_eq!(check(&d, "db", "agent/a").unwrap(), Admit::New);
+        std::fs::create_dir(d.join("db")).unwrap(); // Disk::open made it
+        bind_new(&d, "db", "agent/a").unwrap();
+        assert_eq!(check(&d, "db", "agent/a").unwrap(), Admit::Owner);
+        let e = check(&d, "db", "agent/b").unwrap_err().to_string();
         assert!(e.contains("belongs to agent/a") && e.contains("ferry grant"), "{e}");
+        assert!(bind_new(&d, "db", "agent/b").is_err());
         assert_eq!(grant(&d, "db", "agent/b").unwrap().as_deref(), Some("agent/a"));
-        assert!(admit(&d, "db", "agent/a").is_err());
-        assert!(!admit(&d, "db", "agent/b").unwrap());
+        assert!(check(&d, "db", "agent/a").is_err());
+        assert_eq!(check(&d, "db", "agent/b").unwrap(), Admit::Owner);
         assert_eq!(revoke(&d, "db").unwrap().as_deref(), Some("agent/b"));
-        assert!(admit(&d, "db", "agent/c").unwrap());
+        let e = check(&d, "db", "agent/b").unwrap_err().to_string();
+        assert!(e.contains("belongs to no identity"), "{e}");
+        // A disk made before identities is unbound too.
+        std::fs::create_dir(d.join("old")).unwrap();
+        assert!(matches!(check(&d, "old", "agent/a"), Err(AccessError::Unbound { .. })));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

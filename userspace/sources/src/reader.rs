@@ -49,6 +49,19 @@ pub trait BlockReader {
     /// bytes) to `each(offset, bytes)` in the list's order. Stops at the
     /// first error, of a read or of `each`. Returns the bytes read.
     fn read_extents<E: From<ReadError>>(&self, exts: &[(u64, u64)], each: impl FnMut(u64, &[u8]) -> Result<(), E>) -> Result<u64, E>;
+
+    /// [`BlockReader::read_extents`], with `work(bytes)` done on each piece
+    /// where it was read (on the reader's threads, in parallel, when it has
+    /// them: a checksum pass hashes there) and its result handed to `each`
+    /// with the piece.
+    fn read_extents_with<T: Send, E: From<ReadError>>(
+        &self,
+        exts: &[(u64, u64)],
+        work: impl Fn(&[u8]) -> T + Sync,
+        mut each: impl FnMut(u64, &[u8], T) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        self.read_extents(exts, |off, data| each(off, data, work(data)))
+    }
 }
 
 /// Split `exts` (`[start, end)`) into pieces of at most [`PIECE`] bytes.
@@ -84,6 +97,15 @@ impl BlockReader for LocalReader {
     }
 
     fn read_extents<E: From<ReadError>>(&self, exts: &[(u64, u64)], mut each: impl FnMut(u64, &[u8]) -> Result<(), E>) -> Result<u64, E> {
+        self.read_extents_with(exts, |_| (), |off, data, ()| each(off, data))
+    }
+
+    fn read_extents_with<T: Send, E: From<ReadError>>(
+        &self,
+        exts: &[(u64, u64)],
+        work: impl Fn(&[u8]) -> T + Sync,
+        mut each: impl FnMut(u64, &[u8], T) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let src = &*self.src;
         let pieces = pieces(exts);
         let total: u64 = pieces.iter().map(|&(_, n)| n as u64).sum();
@@ -91,14 +113,14 @@ impl BlockReader for LocalReader {
             let mut buf = AlignedBuf::new(PIECE as usize);
             for &(off, n) in &pieces {
                 let data = src.read_into(&mut buf, off, n).map_err(|source| ReadError::Read { offset: off, source })?;
-                each(off, data)?;
+                each(off, data, work(data))?;
             }
             return Ok(total);
         }
         std::thread::scope(|s| -> Result<u64, E> {
-            type Done = (usize, u64, usize, std::io::Result<AlignedBuf>);
+            type Done<T> = (usize, u64, usize, std::io::Result<(AlignedBuf, T)>);
             let (work_tx, work_rx) = bounded::<(usize, u64, usize)>(IN_FLIGHT);
-            let (done_tx, done_rx) = unbounded::<Done>();
+            let (done_tx, done_rx) = unbounded::<Done<T>>();
             // Read-ahead tokens: a piece is dispatched only with one, and
             // its token comes back once the caller has taken it.
             let (token_tx, token_rx) = bounded::<()>(2 * IN_FLIGHT);
@@ -113,13 +135,14 @@ impl BlockReader for LocalReader {
                     }
                 }
             });
+            let work = &work;
             for _ in 0..IN_FLIGHT.min(pieces.len()) {
                 let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
                 s.spawn(move || {
                     for (i, off, n) in work_rx {
                         let mut buf = AlignedBuf::new(n.div_ceil(4096) * 4096);
-                        let r = src.read_into(&mut buf, off, n).map(|_| ());
-                        if done_tx.send((i, off, n, r.map(|_| buf))).is_err() {
+                        let r = src.read_into(&mut buf, off, n).map(work);
+                        if done_tx.send((i, off, n, r.map(|t| (buf, t)))).is_err() {
                             return;
                         }
                     }
@@ -127,16 +150,16 @@ impl BlockReader for LocalReader {
             }
             drop((work_rx, done_tx));
             let mut next = 0usize;
-            let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf)> = BTreeMap::new();
+            let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf, T)> = BTreeMap::new();
             let r = (|| {
                 while next < pieces.len() {
                     let Ok((i, off, n, r)) = done_rx.recv() else {
                         return Err(ReadError::Stopped.into());
                     };
-                    let buf = r.map_err(|source| ReadError::Read { offset: off, source })?;
-                    waiting.insert(i, (off, n, buf));
-                    while let Some((off, n, buf)) = waiting.remove(&next) {
-                        each(off, &buf[..n])?;
+                    let (buf, t) = r.map_err(|source| ReadError::Read { offset: off, source })?;
+                    waiting.insert(i, (off, n, buf, t));
+                    while let Some((off, n, buf, t)) = waiting.remove(&next) {
+                        each(off, &buf[..n], t)?;
                         next += 1;
                         let _ = token_tx.send(());
                     }

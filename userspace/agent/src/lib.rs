@@ -5,13 +5,15 @@
 //! 1. Reconciles with the master target: if the target is behind what it
 //!    once acknowledged, or holds a replica from another protection, a
 //!    checksum resync is required (only differing chunks move).
-//! 2. Initial sync, resumable: the disk is read in 4 MiB I/Os (`O_DIRECT`
-//!    where possible) by a reader thread, split into 64 KiB units by two
-//!    worker threads (zero detection, BLAKE3 for dedup, zstd level 1 when it
-//!    pays) and sent in disk order; `sync_cursor` in the state file advances
-//!    as the master target acknowledges, so a restart continues from it.
-//! 3. Checksum resync when required ([`scan_pass`](Agent::scan_pass)):
-//!    both sides hash fixed chunks with xxh3-128; only differing chunks move.
+//! 2. Initial sync, resumable: the disk is read through the block reader
+//!    (1 MiB pieces, 32 in flight, `O_DIRECT` where possible), whose threads
+//!    split each piece into 64 KiB units (zero detection, BLAKE3 for dedup,
+//!    zstd level 1 when it pays); they are sent in disk order;
+//!    `sync_cursor` in the state file advances as the master target
+//!    acknowledges, so a restart continues from it.
+//! 3. Checksum resync when required ([`scan_pass`](Agent::scan_pass), over
+//!    `ferry_sources::scan::pass` and the same reader): both sides hash
+//!    fixed chunks with xxh3-128; only differing chunks move.
 //! 4. Then the tracker's loop: `scan` re-checks by checksum and cuts a point;
 //!    `ring` ships the extents a tracker queues in `STATE/ring`, coalesced,
 //!    releasing ring slots only after the master target made them durable.

@@ -39,6 +39,13 @@ pub const SPAN: u64 = 4 << 20;
 pub const COARSE_AHEAD: usize = 8;
 /// Bytes of differing coarse runs held while their fine sums are awaited.
 pub const FINE_WINDOW: usize = 64 << 20;
+/// Differing runs this close (equal coarse chunks between them) share one
+/// fine request: the master target reads the gap with them instead of
+/// seeking to each, one read at a time.
+pub const GAP: u64 = 3 * COARSE as u64;
+/// Runs are merged only below this size: a request of 1 MiB or more makes
+/// the master target read ahead as for a sequential scan.
+const MERGED_MAX: u64 = 1 << 20;
 /// The longest differing run handed over at once.
 const MAX_RUN: usize = 1 << 20;
 
@@ -94,6 +101,7 @@ pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option
     let mut base = 0u64;
     let mut runs: VecDeque<Run> = VecDeque::new();
     let mut held = 0usize;
+    let mut open: Option<Open> = None;
     if map.is_none() {
         while requested < spans.len().min(COARSE_AHEAD) {
             coarse_reqs.push_back((replica.request(spans[requested], COARSE, per)?, spans[requested]));
@@ -128,13 +136,31 @@ pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option
                 &remote[i..i + local.len()]
             }
         };
+        let end = off + data.len() as u64;
         for (a, b) in diff_runs(&local, theirs, usize::MAX) {
-            let lo = a * COARSE as usize;
-            let hi = (b * COARSE as usize).min(data.len());
-            let n = (hi - lo).div_ceil(FINE as usize) as u32;
-            let req = replica.request(off + lo as u64, FINE, n)?;
-            held += hi - lo;
-            runs.push_back(Run { req, offset: off + lo as u64, data: data[lo..hi].to_vec() });
+            let (lo, hi) = (a * COARSE as usize, (b * COARSE as usize).min(data.len()));
+            let (start, stop) = (off + lo as u64, off + hi as u64);
+            if let Some(o) = open.as_mut() {
+                if start - o.diff_end <= GAP && stop - o.offset < MERGED_MAX {
+                    // One request for both runs and the equal chunks between.
+                    let have = o.offset + o.data.len() as u64;
+                    o.data.extend_from_slice(&data[(have - off) as usize..hi]);
+                    o.diff_end = stop;
+                    continue;
+                }
+                held += close(replica, open.take(), &mut runs)?;
+            }
+            open = Some(Open { offset: start, data: data[lo..hi].to_vec(), diff_end: stop });
+        }
+        // A run that may still merge with one in the next piece keeps the
+        // rest of this piece.
+        if let Some(o) = open.as_mut() {
+            if end - o.diff_end <= GAP && end - o.offset < MERGED_MAX {
+                let have = o.offset + o.data.len() as u64;
+                o.data.extend_from_slice(&data[(have - off) as usize..]);
+            } else {
+                held += close(replica, open.take(), &mut runs)?;
+            }
         }
         replica.flush()?;
         out.sums.extend_from_slice(&local);
@@ -147,6 +173,8 @@ pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option
         waited += tw.elapsed();
         replica.progress(off + data.len() as u64)
     })?;
+    close(replica, open.take(), &mut runs)?;
+    replica.flush()?;
     let read_done = t0.elapsed();
     let nruns = runs.len();
     while let Some(r) = runs.pop_front() {
@@ -160,6 +188,26 @@ pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option
         (t0.elapsed() - read_done).as_secs_f64()
     );
     Ok(out)
+}
+
+/// A differing run still growing: `data` holds the disk from `offset`
+/// (possibly past `diff_end`, the end of its last differing chunk).
+struct Open {
+    offset: u64,
+    data: Vec<u8>,
+    diff_end: u64,
+}
+
+/// Ask for the fine sums of an open run (cut back to its last differing
+/// chunk) and queue it; returns the bytes it holds.
+fn close<Q: Replica>(replica: &mut Q, open: Option<Open>, runs: &mut VecDeque<Run>) -> Result<usize, Q::Error> {
+    let Some(mut o) = open else { return Ok(0) };
+    o.data.truncate((o.diff_end - o.offset) as usize);
+    let n = o.data.len().div_ceil(FINE as usize) as u32;
+    let req = replica.request(o.offset, FINE, n)?;
+    let len = o.data.len();
+    runs.push_back(Run { req, offset: o.offset, data: o.data });
+    Ok(len)
 }
 
 /// Compare a held run with the replica's fine sums; hand over what differs.
@@ -220,6 +268,7 @@ mod tests {
         answers: HashMap<u64, (u64, Vec<[u8; 16]>)>,
         got: Vec<(u64, Vec<u8>)>,
         coarse_asked: usize,
+        fine_asked: usize,
     }
     impl Replica for Mem {
         type Error = E;
@@ -228,6 +277,8 @@ mod tests {
             self.asked.push((self.next, offset, chunk, count));
             if chunk == COARSE {
                 self.coarse_asked += 1;
+            } else {
+                self.fine_asked += 1;
             }
             Ok(self.next)
         }
@@ -271,7 +322,8 @@ mod tests {
         let r = LocalReader::new(Arc::new(Source::open(&p).unwrap()));
         let map: Vec<[u8; 16]> = img.chunks(COARSE as usize).map(ferry_common::xxh128).collect();
         for with_map in [false, true] {
-            let mut m = Mem { img: img.clone(), next: 0, asked: vec![], answers: HashMap::new(), got: vec![], coarse_asked: 0 };
+            let mut m =
+                Mem { img: img.clone(), next: 0, asked: vec![], answers: HashMap::new(), got: vec![], coarse_asked: 0, fine_asked: 0 };
             let out = pass(&r, &mut m, with_map.then_some(&map[..])).unwrap();
             let mut pieces: Vec<(u64, u64)> = m.got.iter().map(|(o, d)| (*o, *o + d.len() as u64)).collect();
             for (o, data) in &m.got {
@@ -292,6 +344,9 @@ mod tests {
             let local: Vec<[u8; 16]> = disk.chunks(COARSE as usize).map(ferry_common::xxh128).collect();
             assert_eq!(out.sums, local, "the disk's coarse sums");
             assert_eq!(m.coarse_asked, if with_map { 0 } else { 3 }, "a map spares the coarse requests");
+            // Chunks 0 and 1 differ, then 15 and 16 (across the first 1 MiB
+            // piece), then the last: near runs share a request, far ones not.
+            assert_eq!(m.fine_asked, 3, "fine requests");
         }
     }
 }

@@ -181,7 +181,7 @@ pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option
         out.differing += refine(replica, r)?;
     }
     log::debug!(
-        "checksum pass: read and compared in {:.3}s (hashing {:.3}s, waiting for fine sums {:.3}s), then {nruns} runs refined in {:.3}s",
+        "checksum pass: read and compared in {:.3}s (hashing {:.3}s of CPU on the reader threads, waiting for fine sums {:.3}s), then {nruns} runs refined in {:.3}s",
         read_done.as_secs_f64(),
         hashing.as_secs_f64(),
         waited.as_secs_f64(),

@@ -212,6 +212,19 @@ mod tests {
         let want: Vec<u64> = pieces(&exts).iter().map(|&(o, _)| o).collect();
         assert_eq!(got, want, "pieces come back in the list's order");
         assert_eq!(n, 500 * 4096 + (3 << 20));
+        // Work done where a piece is read comes back with that piece.
+        let mut k = 0;
+        r.read_extents_with(
+            &exts,
+            |b| (b.len(), ferry_common::xxh128(b)),
+            |_, b, (len, sum)| -> Result<(), E> {
+                assert_eq!((len, sum), (b.len(), ferry_common::xxh128(b)), "the work of piece {k}");
+                k += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(k, want.len());
         // An error from the caller stops it without hanging.
         let mut k = 0;
         let res = r.read_extents(&exts, |_, _| {

@@ -10,6 +10,9 @@
 //! source, `O_DIRECT` where it allows), while the caller receives the
 //! pieces in the order of the list, so what is sent keeps the tracker's
 //! order. Read-ahead is bounded to twice [`IN_FLIGHT`] pieces.
+//! [`BlockReader::read_extents_with`] runs a caller's work on each piece
+//! where it was read (hashing for a checksum pass, units and compression
+//! for the initial sync), in parallel on those threads.
 //!
 //! A VDDK reader (VixDiskLib_Read through an NBD/hotadd transport) or an
 //! NBD reader of a QEMU export implements the same trait: the shipper does

@@ -139,11 +139,18 @@ impl BlockReader for LocalReader {
                 }
             });
             let work = &work;
+            // Buffers handed back by the caller are read into again: a
+            // whole-disk pass does not fault in a fresh gigabyte.
+            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(3 * IN_FLIGHT);
             for _ in 0..IN_FLIGHT.min(pieces.len()) {
-                let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+                let (work_rx, done_tx, pool_rx) = (work_rx.clone(), done_tx.clone(), pool_rx.clone());
                 s.spawn(move || {
                     for (i, off, n) in work_rx {
-                        let mut buf = AlignedBuf::new(n.div_ceil(4096) * 4096);
+                        let need = n.div_ceil(4096) * 4096;
+                        let mut buf = match pool_rx.try_recv() {
+                            Ok(b) if b.capacity() >= need => b,
+                            _ => AlignedBuf::new(need),
+                        };
                         let r = src.read_into(&mut buf, off, n).map(work);
                         if done_tx.send((i, off, n, r.map(|t| (buf, t)))).is_err() {
                             return;
@@ -163,6 +170,7 @@ impl BlockReader for LocalReader {
                     waiting.insert(i, (off, n, buf, t));
                     while let Some((off, n, buf, t)) = waiting.remove(&next) {
                         each(off, &buf[..n], t)?;
+                        let _ = pool_tx.try_send(buf);
                         next += 1;
                         let _ = token_tx.send(());
                     }

@@ -5,13 +5,15 @@
 //! 1. Reconciles with the master target: if the target is behind what it
 //!    once acknowledged, or holds a replica from another protection, a
 //!    checksum resync is required (only differing chunks move).
-//! 2. Initial sync, resumable: the disk is read in 4 MiB I/Os (`O_DIRECT`
-//!    where possible) by a reader thread, split into 64 KiB units by two
-//!    worker threads (zero detection, BLAKE3 for dedup, zstd level 1 when it
-//!    pays) and sent in disk order; `sync_cursor` in the state file advances
-//!    as the master target acknowledges, so a restart continues from it.
-//! 3. Checksum resync when required ([`scan_pass`](Agent::scan_pass)):
-//!    both sides hash fixed chunks with xxh3-128; only differing chunks move.
+//! 2. Initial sync, resumable: the disk is read through the block reader
+//!    (1 MiB pieces, 32 in flight, `O_DIRECT` where possible), whose threads
+//!    split each piece into 64 KiB units (zero detection, BLAKE3 for dedup,
+//!    zstd level 1 when it pays); they are sent in disk order;
+//!    `sync_cursor` in the state file advances as the master target
+//!    acknowledges, so a restart continues from it.
+//! 3. Checksum resync when required ([`scan_pass`](Agent::scan_pass), over
+//!    `ferry_sources::scan::pass` and the same reader): both sides hash
+//!    fixed chunks with xxh3-128; only differing chunks move.
 //! 4. Then the tracker's loop: `scan` re-checks by checksum and cuts a point;
 //!    `ring` ships the extents a tracker queues in `STATE/ring`, coalesced,
 //!    releasing ring slots only after the master target made them durable.
@@ -34,7 +36,6 @@ pub mod status;
 pub use status::{liveness, status, Health, Liveness, RingStatus};
 
 use chunkmap::ChunkMap;
-use crossbeam_channel::bounded;
 use ferry_common::buf::AlignedBuf;
 use ferry_common::durable::{hex, unhex};
 use ferry_common::source::Source;
@@ -44,26 +45,25 @@ use ferry_sources::bpf::{BpfCounters, BpfRingSource, BpfSource};
 use ferry_sources::kmod::{KmodAttach, KmodSource, KmodState, KmodStore};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
 use ferry_sources::ring::RingSource;
+use ferry_sources::scan;
 use ferry_sources::shipper::{CutPlan, NoPoint, Shipper, Sink};
 use ferry_sources::{ChangeSource, Position, SourceError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
 use state::{AgentState, LastPoint, StateDir};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// I/O size of the initial sync reader.
-const IO: usize = 4 << 20;
 /// Unit of dedup and framing in the initial sync.
 const UNIT: usize = 64 << 10;
 /// First-level checksum chunk of a scan pass (16 bytes of checksum per 64 KiB:
 /// 0.025% of the disk).
-pub const COARSE_CHUNK: u32 = 64 << 10;
+pub const COARSE_CHUNK: u32 = scan::COARSE;
 /// Second-level chunk, for the coarse chunks that differ: what moves is a
 /// multiple of this.
-pub const FINE_CHUNK: u32 = 4096;
+pub const FINE_CHUNK: u32 = scan::FINE;
 /// Default ring size (records) when the agent creates `STATE/ring`.
 pub const DEFAULT_RING: u64 = 1 << 16;
 /// `--once` gives up when freezing has failed for this long.
@@ -1038,92 +1038,52 @@ impl Agent {
         }
     }
 
-    /// Ship all of `[from, size)`.
+    /// Ship all of `[from, size)`, read through the block reader: its
+    /// threads read the pieces and cut them into units (zero detection,
+    /// BLAKE3, zstd) and coarse sums in parallel; they are sent here in
+    /// disk order.
     fn full_pass(&mut self, sess: &mut Session, from: u64) -> Result<(), AgentError> {
         let size = self.st.size;
-        let chunks: Vec<(u64, usize)> = (from..size).step_by(IO).map(|o| (o, ((size - o) as usize).min(IO))).collect();
         let pb = progress_bar(self.opts.progress, size, "initial sync");
         pb.set_position(from);
         log::info!("initial sync of {} ({} bytes) from offset {from}", self.st.name, size);
-        let src = Arc::clone(&self.src);
-        let r = std::thread::scope(|s| -> Result<Vec<[u8; 16]>, AgentError> {
-            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
-            for _ in 0..6 {
-                pool_tx.send(AlignedBuf::new(IO)).expect("pool has room");
-            }
-            let (work_tx, work_rx) = bounded::<Result<(usize, u64, usize, AlignedBuf), AgentError>>(4);
-            type Done = Result<(usize, u64, usize, Vec<Unit>, Vec<[u8; 16]>, AlignedBuf), AgentError>;
-            let (done_tx, done_rx) = bounded::<Done>(4);
-            let chunks2 = chunks.clone();
-            s.spawn(move || {
-                for (i, &(off, len)) in chunks2.iter().enumerate() {
-                    let Ok(mut buf) = pool_rx.recv() else { return };
-                    let r = src.read_into(&mut buf, off, len).map(|_| ()).map_err(AgentError::io(format!("reading the disk at {off}")));
-                    let item = r.map(|_| (i, off, len, buf));
-                    let stop = item.is_err();
-                    if work_tx.send(item).is_err() || stop {
-                        return;
+        let reader = self.reader.clone();
+        self.sync_progress.clear();
+        let mut all_sums = Vec::new();
+        let work = |data: &[u8]| {
+            // Offsets relative to the piece: `each` moves them.
+            let mut units = Vec::with_capacity(data.len() / UNIT + 1);
+            prepare(0, data, UNIT, &mut units);
+            let sums: Vec<[u8; 16]> = data.chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect();
+            (units, sums)
+        };
+        let r = reader.read_extents_with(&[(from, size)], work, |off, data, (units, sums)| -> Result<(), AgentError> {
+            all_sums.extend(sums);
+            for mut u in units {
+                let end = match &mut u {
+                    Unit::Zero { offset, len } | Unit::Data { offset, len, .. } => {
+                        *offset += off;
+                        *offset + u64::from(*len)
                     }
-                }
-            });
-            for _ in 0..2 {
-                let work_rx = work_rx.clone();
-                let done_tx = done_tx.clone();
-                s.spawn(move || {
-                    for item in work_rx {
-                        let out = item.map(|(i, off, len, buf)| {
-                            let mut units = Vec::with_capacity(len / UNIT + 1);
-                            prepare(off, &buf[..len], UNIT, &mut units);
-                            let sums = buf[..len].chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect();
-                            (i, off, len, units, sums, buf)
-                        });
-                        if done_tx.send(out).is_err() {
-                            return;
-                        }
-                    }
-                });
+                };
+                let seq = sess.send_unit(u)?;
+                // Per unit, so that a connection cut mid-piece resumes
+                // where the master target stopped.
+                self.sync_progress.push_back((seq, end));
             }
-            drop(work_rx);
-            drop(done_tx);
-            let mut reorder = BTreeMap::new();
-            let mut next = 0usize;
-            let mut all_sums = Vec::new();
-            self.sync_progress.clear();
-            for item in done_rx.iter() {
-                let (i, off, len, units, sums, buf) = item?;
-                reorder.insert(i, (off, len, units, sums, buf));
-                while let Some((off, len, units, sums, buf)) = reorder.remove(&next) {
-                    all_sums.extend(sums);
-                    for u in units {
-                        let end = match &u {
-                            Unit::Zero { offset, len } | Unit::Data { offset, len, .. } => offset + u64::from(*len),
-                        };
-                        let seq = sess.send_unit(u)?;
-                        // Per unit, so that a connection cut mid-chunk
-                        // resumes where the master target stopped.
-                        self.sync_progress.push_back((seq, end));
-                    }
-                    self.bytes_read += len as u64;
-                    let _ = pool_tx.try_send(buf);
-                    next += 1;
-                    pb.set_position(off + len as u64);
-                    let acked = sess.acked();
-                    self.advance_sync_cursor(acked);
-                    self.note_ack(sess);
-                    self.save_if_due()?;
-                    self.checkpoint(sess)?;
-                }
-            }
-            if next != chunks.len() {
-                return Err(AgentError::Lost("initial sync pipeline stopped early".into()));
-            }
-            sess.wait_acked(sess.next_seq - 1)?;
-            Ok(all_sums)
+            self.bytes_read += data.len() as u64;
+            pb.set_position(off + data.len() as u64);
+            let acked = sess.acked();
+            self.advance_sync_cursor(acked);
+            self.note_ack(sess);
+            self.save_if_due()?;
+            self.checkpoint(sess)
         });
+        let r = r.and_then(|_| sess.wait_acked(sess.next_seq - 1));
         pb.finish_and_clear();
-        let sums = r?;
+        r?;
         // Sums cover the whole disk only for a sync that started at 0.
-        self.pass_sums = (from == 0).then_some(sums);
+        self.pass_sums = (from == 0).then_some(all_sums);
         self.st.sync_cursor = Some(size);
         self.note_ack(sess);
         Ok(())
@@ -1132,124 +1092,35 @@ impl Agent {
     /// One checksum pass over the whole disk, in two levels: xxh3-128 of
     /// [`COARSE_CHUNK`] chunks first, then of [`FINE_CHUNK`] pieces of the
     /// coarse chunks that differ; only differing fine pieces are sent.
-    /// Returns the number of differing bytes.
+    /// The disk is read through the block reader (ferry-sources'
+    /// [`scan::pass`]). Returns the number of differing bytes.
     pub fn scan_pass(&mut self, sess: &mut Session, what: &str) -> Result<u64, AgentError> {
         let size = self.st.size;
-        let per = (IO as u32) / COARSE_CHUNK;
-        let span = u64::from(COARSE_CHUNK) * u64::from(per);
-        let ranges: Vec<(u64, usize)> = (0..size).step_by(span as usize).map(|o| (o, ((size - o).min(span)) as usize)).collect();
         let pb = progress_bar(self.opts.progress, size, what);
-        let src = Arc::clone(&self.src);
-        let mut diff_bytes = 0u64;
         // The map describes the replica only if nothing was sent since it was
         // checked against the master target's durable sequence.
         let map = self.map.take().filter(|m| sess.next_seq == m.seq + 1);
         if map.is_some() {
             log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
         }
-        let mut all_sums = Vec::with_capacity(size.div_ceil(u64::from(COARSE_CHUNK)) as usize);
-        let mut found = self.verify_found.take();
-        let r = std::thread::scope(|s| -> Result<(), AgentError> {
-            // Two readers (even and odd ranges) keep two reads in flight,
-            // which O_DIRECT needs to stream a disk; the consumer alternates.
-            type Item = Result<(u64, usize, AlignedBuf, Vec<[u8; 16]>), AgentError>;
-            // Buffers: two readers hold at most 3 each, the consumer DEFER + 1.
-            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(10);
-            for _ in 0..10 {
-                pool_tx.send(AlignedBuf::new(span as usize)).expect("pool has room");
-            }
-            let mut rxs = Vec::new();
-            for t in 0..2 {
-                let (tx, rx) = bounded::<Item>(2);
-                rxs.push(rx);
-                let (src, pool_rx, ranges) = (Arc::clone(&src), pool_rx.clone(), &ranges);
-                s.spawn(move || {
-                    for &(off, len) in ranges.iter().skip(t).step_by(2) {
-                        let Ok(mut buf) = pool_rx.recv() else { return };
-                        let r = src
-                            .read_into(&mut buf, off, len)
-                            .map(|d| d.chunks(COARSE_CHUNK as usize).map(ferry_common::xxh128).collect::<Vec<_>>());
-                        let item = r.map(|sums| (off, len, buf, sums)).map_err(AgentError::io(format!("reading the disk at {off}")));
-                        let stop = item.is_err();
-                        if tx.send(item).is_err() || stop {
-                            return;
-                        }
-                    }
-                });
-            }
-            drop(pool_rx);
-            let items = (0..ranges.len()).map_while(|i| rxs[i % 2].recv().ok());
-            const AHEAD: usize = 8;
-            let mut coarse_reqs = VecDeque::new();
-            let mut requested = 0;
-            while map.is_none() && requested < ranges.len().min(AHEAD) {
-                coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
-                requested += 1;
-            }
-            const DEFER: usize = 2;
-            let mut deferred = VecDeque::new();
-            let mut processed = 0usize;
-            for item in items {
-                let (off, len, buf, local) = item?;
-                processed += 1;
-                let remote = match &map {
-                    Some(m) => {
-                        let i = (off / u64::from(COARSE_CHUNK)) as usize;
-                        m.sums[i..i + local.len()].to_vec()
-                    }
-                    None => {
-                        let req = coarse_reqs.pop_front().expect("one request per range");
-                        let remote = sess.recv_sums_for(req, off, local.len())?;
-                        if requested < ranges.len() {
-                            coarse_reqs.push_back(sess.request_sums(ranges[requested].0, COARSE_CHUNK, per)?);
-                            requested += 1;
-                        }
-                        remote
-                    }
-                };
-                self.bytes_read += len as u64;
-                // Refine each run of differing coarse chunks.
-                let mut fine_reqs = Vec::new();
-                for (a, b) in diff_runs(&local, &remote, usize::MAX) {
-                    let lo = a * COARSE_CHUNK as usize;
-                    let hi = (b * COARSE_CHUNK as usize).min(len);
-                    let n = (hi - lo).div_ceil(FINE_CHUNK as usize);
-                    fine_reqs.push((sess.request_sums(off + lo as u64, FINE_CHUNK, n as u32)?, lo, hi));
-                }
-                all_sums.extend_from_slice(&local);
-                // Answers to fine requests are handled a few ranges later, so
-                // the master target reads while this side reads on.
-                deferred.push_back((off, buf, fine_reqs));
-                while deferred.len() > DEFER {
-                    let (doff, dbuf, reqs) = deferred.pop_front().expect("non-empty");
-                    diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
-                    let _ = pool_tx.try_send(dbuf);
-                }
-                pb.set_position(off + len as u64);
-                self.note_ack(sess);
-                self.save_if_due()?;
-                self.checkpoint(sess)?;
-            }
-            while let Some((doff, dbuf, reqs)) = deferred.pop_front() {
-                diff_bytes += ship_fine(sess, doff, &dbuf, reqs, found.as_mut())?;
-            }
-            if processed != ranges.len() {
-                return Err(AgentError::Lost("checksum pass pipeline stopped early".into()));
-            }
-            sess.wait_acked(sess.next_seq - 1)?;
-            Ok(())
-        });
+        let found = self.verify_found.take();
+        let reader = self.reader.clone();
+        let mut peer = PassPeer { agent: self, sess, found, pb: &pb, upto: 0, units: Vec::new() };
+        let r = scan::pass(&reader, &mut peer, map.as_ref().map(|m| &m.sums[..]));
+        let found = peer.found.take();
+        drop(peer);
+        let r = r.and_then(|p| sess.wait_acked(sess.next_seq - 1).map(|_| p));
         pb.finish_and_clear();
         let dry = found.is_some();
         self.verify_found = found;
-        r?;
+        let p = r?;
         if dry {
-            return Ok(diff_bytes);
+            return Ok(p.differing);
         }
-        self.pass_sums = Some(all_sums);
+        self.pass_sums = Some(p.sums);
         self.note_ack(sess);
-        log::info!("{what} pass: {diff_bytes} bytes differed");
-        Ok(diff_bytes)
+        log::info!("{what} pass: {} bytes differed", p.differing);
+        Ok(p.differing)
     }
 
     /// The ring and the bpf tracker on the shipper loop: [`RingSource`]
@@ -1719,55 +1590,55 @@ impl Sink for AgentSink<'_> {
     }
 }
 
-/// Compare the fine checksums answering `reqs` (each a request id and the
-/// byte range `[lo, hi)` of `buf`, which holds the disk from `off`) with the
-/// local ones, and send the pieces that differ. Returns the bytes sent.
-/// With `found`, nothing is sent: the differing ranges are collected there.
-fn ship_fine(
-    sess: &mut Session,
-    off: u64,
-    buf: &[u8],
-    reqs: Vec<(u64, usize, usize)>,
-    mut found: Option<&mut Vec<(u64, u64)>>,
-) -> Result<u64, AgentError> {
-    let mut diff = 0u64;
-    for (req, lo, hi) in reqs {
-        let lsums: Vec<_> = buf[lo..hi].chunks(FINE_CHUNK as usize).map(ferry_common::xxh128).collect();
-        let rsums = sess.recv_sums_for(req, off + lo as u64, lsums.len())?;
-        for (a, b) in diff_runs(&lsums, &rsums, (1 << 20) / FINE_CHUNK as usize) {
-            let l2 = lo + a * FINE_CHUNK as usize;
-            let h2 = (lo + b * FINE_CHUNK as usize).min(hi);
-            diff += (h2 - l2) as u64;
-            if let Some(f) = found.as_mut() {
-                f.push((off + l2 as u64, off + h2 as u64));
-                continue;
-            }
-            let mut units = Vec::new();
-            prepare(off + l2 as u64, &buf[l2..h2], UNIT, &mut units);
-            for u in units {
-                sess.send_unit(u)?;
-            }
-        }
-    }
-    Ok(diff)
+/// The agent's side of a checksum pass ([`scan::pass`]): the master
+/// target's sums over the session, the differing pieces sent (or, during a
+/// `--verify` pass, collected in `found`), progress and the agent's
+/// periodic duties between pieces.
+struct PassPeer<'a> {
+    agent: &'a mut Agent,
+    sess: &'a mut Session,
+    found: Option<Vec<(u64, u64)>>,
+    pb: &'a indicatif::ProgressBar,
+    /// Read up to here (for the byte counter).
+    upto: u64,
+    units: Vec<Unit>,
 }
 
-/// Runs `[a, b)` of indices where `x` and `y` differ, at most `max` long.
-fn diff_runs(x: &[[u8; 16]], y: &[[u8; 16]], max: usize) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < x.len() {
-        if x[i] == y[i] {
-            i += 1;
-            continue;
-        }
-        let a = i;
-        while i < x.len() && x[i] != y[i] && i - a < max {
-            i += 1;
-        }
-        out.push((a, i));
+impl scan::Replica for PassPeer<'_> {
+    type Error = AgentError;
+
+    fn request(&mut self, offset: u64, chunk: u32, count: u32) -> Result<u64, AgentError> {
+        self.sess.request_sums(offset, chunk, count)
     }
-    out
+
+    fn flush(&mut self) -> Result<(), AgentError> {
+        self.sess.flush()
+    }
+
+    fn receive(&mut self, req: u64, offset: u64, count: usize) -> Result<Vec<[u8; 16]>, AgentError> {
+        self.sess.recv_sums_for(req, offset, count)
+    }
+
+    fn differs(&mut self, offset: u64, data: &[u8]) -> Result<(), AgentError> {
+        if let Some(f) = self.found.as_mut() {
+            f.push((offset, offset + data.len() as u64));
+            return Ok(());
+        }
+        prepare(offset, data, UNIT, &mut self.units);
+        for u in self.units.drain(..) {
+            self.sess.send_unit(u)?;
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, upto: u64) -> Result<(), AgentError> {
+        self.agent.bytes_read += upto - self.upto;
+        self.upto = upto;
+        self.pb.set_position(upto);
+        self.agent.note_ack(self.sess);
+        self.agent.save_if_due()?;
+        self.agent.checkpoint(self.sess)
+    }
 }
 
 /// Byte ranges `[start, end)`, in disk order.
@@ -2078,6 +1949,7 @@ impl KmodStore for KmodStateStore {
 mod tests {
     use super::*;
     use ferry_ring::RecordKind;
+    use ferry_sources::scan::diff_runs;
 
     fn w(offset: u64, length: u32) -> Record {
         Record { seq: 0, offset, length, kind: RecordKind::Write, flush: false, data: false, group: false, time_ns: 0 }

@@ -29,6 +29,7 @@ pub mod bpf;
 pub mod kmod;
 pub mod reader;
 pub mod ring;
+pub mod scan;
 pub mod shipper;
 
 /// Where a source stands in its own stream: increasing, opaque to the

@@ -10,6 +10,9 @@
 //! source, `O_DIRECT` where it allows), while the caller receives the
 //! pieces in the order of the list, so what is sent keeps the tracker's
 //! order. Read-ahead is bounded to twice [`IN_FLIGHT`] pieces.
+//! [`BlockReader::read_extents_with`] runs a caller's work on each piece
+//! where it was read (hashing for a checksum pass, units and compression
+//! for the initial sync), in parallel on those threads.
 //!
 //! A VDDK reader (VixDiskLib_Read through an NBD/hotadd transport) or an
 //! NBD reader of a QEMU export implements the same trait: the shipper does
@@ -49,6 +52,19 @@ pub trait BlockReader {
     /// bytes) to `each(offset, bytes)` in the list's order. Stops at the
     /// first error, of a read or of `each`. Returns the bytes read.
     fn read_extents<E: From<ReadError>>(&self, exts: &[(u64, u64)], each: impl FnMut(u64, &[u8]) -> Result<(), E>) -> Result<u64, E>;
+
+    /// [`BlockReader::read_extents`], with `work(bytes)` done on each piece
+    /// where it was read (on the reader's threads, in parallel, when it has
+    /// them: a checksum pass hashes there) and its result handed to `each`
+    /// with the piece.
+    fn read_extents_with<T: Send, E: From<ReadError>>(
+        &self,
+        exts: &[(u64, u64)],
+        work: impl Fn(&[u8]) -> T + Sync,
+        mut each: impl FnMut(u64, &[u8], T) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        self.read_extents(exts, |off, data| each(off, data, work(data)))
+    }
 }
 
 /// Split `exts` (`[start, end)`) into pieces of at most [`PIECE`] bytes.
@@ -84,6 +100,15 @@ impl BlockReader for LocalReader {
     }
 
     fn read_extents<E: From<ReadError>>(&self, exts: &[(u64, u64)], mut each: impl FnMut(u64, &[u8]) -> Result<(), E>) -> Result<u64, E> {
+        self.read_extents_with(exts, |_| (), |off, data, ()| each(off, data))
+    }
+
+    fn read_extents_with<T: Send, E: From<ReadError>>(
+        &self,
+        exts: &[(u64, u64)],
+        work: impl Fn(&[u8]) -> T + Sync,
+        mut each: impl FnMut(u64, &[u8], T) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let src = &*self.src;
         let pieces = pieces(exts);
         let total: u64 = pieces.iter().map(|&(_, n)| n as u64).sum();
@@ -91,14 +116,14 @@ impl BlockReader for LocalReader {
             let mut buf = AlignedBuf::new(PIECE as usize);
             for &(off, n) in &pieces {
                 let data = src.read_into(&mut buf, off, n).map_err(|source| ReadError::Read { offset: off, source })?;
-                each(off, data)?;
+                each(off, data, work(data))?;
             }
             return Ok(total);
         }
         std::thread::scope(|s| -> Result<u64, E> {
-            type Done = (usize, u64, usize, std::io::Result<AlignedBuf>);
+            type Done<T> = (usize, u64, usize, std::io::Result<(AlignedBuf, T)>);
             let (work_tx, work_rx) = bounded::<(usize, u64, usize)>(IN_FLIGHT);
-            let (done_tx, done_rx) = unbounded::<Done>();
+            let (done_tx, done_rx) = unbounded::<Done<T>>();
             // Read-ahead tokens: a piece is dispatched only with one, and
             // its token comes back once the caller has taken it.
             let (token_tx, token_rx) = bounded::<()>(2 * IN_FLIGHT);
@@ -113,13 +138,21 @@ impl BlockReader for LocalReader {
                     }
                 }
             });
+            let work = &work;
+            // Buffers handed back by the caller are read into again: a
+            // whole-disk pass does not fault in a fresh gigabyte.
+            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(3 * IN_FLIGHT);
             for _ in 0..IN_FLIGHT.min(pieces.len()) {
-                let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+                let (work_rx, done_tx, pool_rx) = (work_rx.clone(), done_tx.clone(), pool_rx.clone());
                 s.spawn(move || {
                     for (i, off, n) in work_rx {
-                        let mut buf = AlignedBuf::new(n.div_ceil(4096) * 4096);
-                        let r = src.read_into(&mut buf, off, n).map(|_| ());
-                        if done_tx.send((i, off, n, r.map(|_| buf))).is_err() {
+                        let need = n.div_ceil(4096) * 4096;
+                        let mut buf = match pool_rx.try_recv() {
+                            Ok(b) if b.capacity() >= need => b,
+                            _ => AlignedBuf::new(need),
+                        };
+                        let r = src.read_into(&mut buf, off, n).map(work);
+                        if done_tx.send((i, off, n, r.map(|t| (buf, t)))).is_err() {
                             return;
                         }
                     }
@@ -127,16 +160,17 @@ impl BlockReader for LocalReader {
             }
             drop((work_rx, done_tx));
             let mut next = 0usize;
-            let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf)> = BTreeMap::new();
+            let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf, T)> = BTreeMap::new();
             let r = (|| {
                 while next < pieces.len() {
                     let Ok((i, off, n, r)) = done_rx.recv() else {
                         return Err(ReadError::Stopped.into());
                     };
-                    let buf = r.map_err(|source| ReadError::Read { offset: off, source })?;
-                    waiting.insert(i, (off, n, buf));
-                    while let Some((off, n, buf)) = waiting.remove(&next) {
-                        each(off, &buf[..n])?;
+                    let (buf, t) = r.map_err(|source| ReadError::Read { offset: off, source })?;
+                    waiting.insert(i, (off, n, buf, t));
+                    while let Some((off, n, buf, t)) = waiting.remove(&next) {
+                        each(off, &buf[..n], t)?;
+                        let _ = pool_tx.try_send(buf);
                         next += 1;
                         let _ = token_tx.send(());
                     }
@@ -189,6 +223,19 @@ mod tests {
         let want: Vec<u64> = pieces(&exts).iter().map(|&(o, _)| o).collect();
         assert_eq!(got, want, "pieces come back in the list's order");
         assert_eq!(n, 500 * 4096 + (3 << 20));
+        // Work done where a piece is read comes back with that piece.
+        let mut k = 0;
+        r.read_extents_with(
+            &exts,
+            |b| (b.len(), ferry_common::xxh128(b)),
+            |_, b, (len, sum)| -> Result<(), E> {
+                assert_eq!((len, sum), (b.len(), ferry_common::xxh128(b)), "the work of piece {k}");
+                k += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(k, want.len());
         // An error from the caller stops it without hanging.
         let mut k = 0;
         let res = r.read_extents(&exts, |_, _| {

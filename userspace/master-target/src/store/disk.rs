@@ -211,6 +211,39 @@ impl Disk {
         Ok(v)
     }
 
+    /// Start reading, all at once and in order, what the batch is about to
+    /// read from the replica one range at a time: the pre-images for the
+    /// journals and, after the writes, the sums' 64 KiB chunks around them.
+    /// Cold, those synchronous reads one after another were most of a
+    /// batch's time (the bpf tracker's `--once`); the kernel now has them
+    /// in flight together (POSIX_FADV_WILLNEED queues the reads and does not
+    /// wait). Pages already cached cost a lookup. Advice only: nothing
+    /// about what is read or written changes.
+    fn prefetch(&self, ops: &[Op]) {
+        let chunk = sums::CHUNK;
+        let mut want: Vec<(u64, u64)> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Write { .. }))
+            .filter_map(Op::range)
+            .map(|(a, b)| (a / chunk * chunk, b.div_ceil(chunk).saturating_mul(chunk).min(self.size)))
+            .collect();
+        if want.len() < 2 {
+            return;
+        }
+        want.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(want.len());
+        for (a, b) in want {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        for (a, b) in merged {
+            // SAFETY: posix_fadvise on an fd we own; advice only, no memory passed.
+            unsafe { libc::posix_fadvise(self.replica.as_raw_fd(), a as libc::off_t, (b - a) as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+        }
+    }
+
     fn write_pending(&mut self, ops: &[Op], pending: &mut Vec<usize>) -> Result<(), DiskError> {
         if pending.is_empty() {
             return Ok(());
@@ -255,6 +288,7 @@ impl Disk {
         // Checks of the replica against its sums wait for this batch's sums.
         let apply_lock = std::sync::Arc::clone(&self.apply_lock);
         let _applying = apply_lock.exclusive().map_err(ioe("apply.lock"))?;
+        self.prefetch(ops);
         let mut pending = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut tags = Vec::new();

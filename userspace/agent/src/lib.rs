@@ -50,7 +50,7 @@ use ferry_sources::shipper::{CutPlan, NoPoint, Shipper, Sink};
 use ferry_sources::{ChangeSource, Position, SourceError};
 use owner::{Claim, Owner};
 use session::{prepare, Session, Unit};
-use state::{AgentState, LastPoint, StateDir};
+use state::{AgentState, LastPoint, Mode, StateDir, TrackerKind};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -164,6 +164,17 @@ pub enum Tracker {
 }
 
 impl Tracker {
+    /// The kind a state file records. `Auto` is resolved before a state is
+    /// written; it records as `scan`, the tracker it falls back to.
+    pub fn kind(self) -> TrackerKind {
+        match self {
+            Tracker::Kmod => TrackerKind::Kmod,
+            Tracker::Bpf => TrackerKind::Bpf,
+            Tracker::Ring => TrackerKind::Ring,
+            Tracker::Auto | Tracker::Scan => TrackerKind::Scan,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tracker::Auto => "auto",
@@ -391,7 +402,7 @@ impl Agent {
                 disk: opts.disk.display().to_string(),
                 size,
                 generation: hex(&random_generation()),
-                tracker: tracker.as_str().into(),
+                tracker: tracker.kind(),
                 target: opts.target.clone(),
                 sync_cursor: Some(0),
                 resync_required: None,
@@ -421,7 +432,7 @@ impl Agent {
                 last_error: None,
                 point_every_s: 0.0,
                 last_ack_ns: 0,
-                mode: "initial-sync".into(),
+                mode: Mode::InitialSync,
                 running: false,
                 source_stamp: None,
                 bytes_sent_total: 0,
@@ -440,7 +451,7 @@ impl Agent {
             // A protection that did not always have this ring cannot know
             // what changed while it was missing (or before it existed).
             let protected_before = st.sync_cursor != Some(0) || st.acked_seq > 0;
-            let same_tracker = st.tracker == tracker.as_str();
+            let same_tracker = st.tracker == tracker.kind();
             let a = ferry_sources::ring::attach(&sd.ring_file(), opts.ring_capacity, st.ring_id, same_tracker, protected_before)?;
             if a.resync.is_some() {
                 st.resync_required = a.resync;
@@ -491,7 +502,7 @@ impl Agent {
                 capacity: opts.ring_capacity,
                 data_bytes: opts.kmod_data_bytes,
                 protected_before: st.sync_cursor != Some(0) || st.acked_seq > 0,
-                same_tracker: st.tracker == tracker.as_str(),
+                same_tracker: st.tracker == tracker.kind(),
             };
             let store = Box::new(KmodStateStore { sd: StateDir::new(&opts.state) });
             let (k, resync) = KmodSource::attach(attach, kmod_state_of(&st), store, |id| claim_kmod(&opts, &me, id))?;
@@ -502,10 +513,10 @@ impl Agent {
             let overlay: StateOverlay = Box::new(move |st: &mut AgentState| {
                 let k = shared.lock().unwrap_or_else(|p| p.into_inner());
                 apply_kmod_state(&k, st);
-                if k.catching_up && st.mode == "streaming" {
-                    st.mode = "catch-up".into();
-                } else if !k.catching_up && st.mode == "catch-up" {
-                    st.mode = "streaming".into();
+                if k.catching_up && st.mode == Mode::Streaming {
+                    st.mode = Mode::CatchUp;
+                } else if !k.catching_up && st.mode == Mode::CatchUp {
+                    st.mode = Mode::Streaming;
                 }
             });
             overlay(&mut st);
@@ -513,7 +524,7 @@ impl Agent {
         } else {
             (None, None)
         };
-        st.tracker = tracker.as_str().into();
+        st.tracker = tracker.kind();
         st.target = opts.target.clone();
         st.point_every_s = opts.point_every.as_secs_f64();
         st.connected = false;
@@ -717,9 +728,9 @@ impl Agent {
         self.st.running = false;
         self.st.connected = false;
         self.st.mode = match &result {
-            Ok(_) | Err(AgentError::Stopped(_)) => "stopped".into(),
-            Err(_) if self.st.failover.is_some() => "failed-over".into(),
-            Err(_) => "failed".into(),
+            Ok(_) | Err(AgentError::Stopped(_)) => Mode::Stopped,
+            Err(_) if self.st.failover.is_some() => Mode::FailedOver,
+            Err(_) => Mode::Failed,
         };
         self.st.bytes_read_total = self.read_base + self.bytes_read;
         let _ = self.save();
@@ -747,7 +758,7 @@ impl Agent {
             );
         }
         self.st.failover = Some(msg);
-        self.st.mode = "failed-over".into();
+        self.st.mode = Mode::FailedOver;
         self.st.connected = false;
         let _ = self.save();
         live::sleep_unless_stopped(FAILOVER_RETRY);
@@ -758,7 +769,7 @@ impl Agent {
     /// stops with the master target's message.
     fn failover_stopped(&mut self, msg: &str) {
         self.st.failover = Some(msg.into());
-        self.st.mode = "failed-over".into();
+        self.st.mode = Mode::FailedOver;
     }
 
     /// Connected again after a failover refused the stream: it was cancelled.
@@ -815,7 +826,7 @@ impl Agent {
 
         let mut verified_by_stamp = false;
         if let Some(from) = self.st.sync_cursor {
-            self.st.mode = "initial-sync".into();
+            self.st.mode = Mode::InitialSync;
             if from == 0 {
                 self.st.source_stamp = stamp(&self.src);
                 self.save()?;
@@ -843,7 +854,7 @@ impl Agent {
     }
 
     fn resync(&mut self, sess: &mut Session) -> Result<u64, AgentError> {
-        self.st.mode = "resync".into();
+        self.st.mode = Mode::Resync;
         self.save()?;
         // A source held here (not streaming; the shipper calls these
         // itself) lets go of what the pass covers.
@@ -940,7 +951,7 @@ impl Agent {
         }
         self.st.last_point = Some(p.clone());
         self.note_ack(sess);
-        self.st.mode = "streaming".into();
+        self.st.mode = Mode::Streaming;
         self.save()?;
         Ok(p)
     }
@@ -952,7 +963,7 @@ impl Agent {
         loop {
             if !first || !(self.did_initial || self.did_resync) {
                 let before = stamp(&self.src);
-                self.st.mode = "resync".into();
+                self.st.mode = Mode::Resync;
                 self.scan_pass(sess, "resync")?;
                 verified = before.is_some() && before == stamp(&self.src);
             }
@@ -1143,7 +1154,7 @@ impl Agent {
     /// point is due, what to say when none can be cut) is here.
     fn stream_on<S: RingFed>(&mut self, sess: &mut Session, start: Instant, source: S) -> Result<Summary, AgentError> {
         // Streaming from here, as `ferry status` shows at once.
-        self.st.mode = "streaming".into();
+        self.st.mode = Mode::Streaming;
         self.save()?;
         let durable = source.durable_position();
         let reader = self.reader.clone();
@@ -1836,7 +1847,7 @@ pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
         }
     };
     let disk = Path::new(&st.disk);
-    let kmod_dev = if st.tracker == Tracker::Kmod.as_str() {
+    let kmod_dev = if st.tracker == TrackerKind::Kmod {
         match kmod::attachment_id(disk)? {
             Some(id) => {
                 let dev = kmod::dev_numbers(disk)?;
@@ -1874,7 +1885,7 @@ pub fn unprotect(state: &Path, force: bool) -> Result<String, AgentError> {
     if let Some(dev) = kmod_dev {
         owner::kmod_forget(Path::new(owner::KMOD_OWNER_DIR), dev);
     }
-    st.mode = "unprotected".into();
+    st.mode = Mode::Unprotected;
     st.running = false;
     sd.save(&st)?;
     Ok(name)

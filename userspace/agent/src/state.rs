@@ -19,6 +19,82 @@ pub struct LastPoint {
     pub kind: String,
 }
 
+/// The tracker a protected disk uses, as its state records it.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackerKind {
+    Kmod,
+    Bpf,
+    Scan,
+    Ring,
+}
+
+/// What the agent is doing (the state file's `mode`), or, seen from
+/// outside, that it is disconnected or stopped.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    InitialSync,
+    Resync,
+    Streaming,
+    CatchUp,
+    FailedOver,
+    Stopped,
+    Failed,
+    Unprotected,
+    /// Seen from outside: running without a connection.
+    Disconnected,
+}
+
+/// The kernel module tracker's mode as last seen.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KmodMode {
+    Data,
+    Metadata,
+    Bitmap,
+    Unknown,
+}
+
+/// The names the state file (and the JSON) uses for each enum.
+macro_rules! names {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),* }
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$t, String> {
+                match s {
+                    $($s => Ok(<$t>::$v),)*
+                    _ => Err(format!("unknown {} {s:?}", stringify!($t))),
+                }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(TrackerKind { Kmod => "kmod", Bpf => "bpf", Scan => "scan", Ring => "ring" });
+names!(Mode {
+    InitialSync => "initial-sync",
+    Resync => "resync",
+    Streaming => "streaming",
+    CatchUp => "catch-up",
+    FailedOver => "failed-over",
+    Stopped => "stopped",
+    Failed => "failed",
+    Unprotected => "unprotected",
+    Disconnected => "disconnected",
+});
+names!(KmodMode { Data => "data", Metadata => "metadata", Bitmap => "bitmap", Unknown => "unknown" });
+
 /// Contents of `agent.state`.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
 pub struct AgentState {
@@ -27,7 +103,7 @@ pub struct AgentState {
     pub size: u64,
     /// Hex of the 16-byte generation id of this protection.
     pub generation: String,
-    pub tracker: String,
+    pub tracker: TrackerKind,
     pub target: String,
     /// Initial sync in progress: every byte below this offset is durable at
     /// the master target. `None` once the initial sync finished.
@@ -72,9 +148,10 @@ pub struct AgentState {
     pub kmod_mode: Option<String>,
     #[serde(default)]
     pub kmod_catchups: u64,
-    /// A catch-up from the module's bitmap is being shipped, up to this
-    /// frame: the module no longer holds those ranges, so an agent that
-    /// stops before they are durable leaves a resync to do.
+    /// Set while a catch-up from the module's bitmap is not yet durable
+    /// (the value, `u64::MAX` since the shipper runs the kmod source, only
+    /// says "set"): the module no longer holds those ranges, so the next
+    /// agent ships the hand-overs saved in `STATE/kmod.catchup` again.
     #[serde(default)]
     pub kmod_catchup_until: Option<u64>,
     /// Set (and saved) just before the module is asked to hand its bitmap
@@ -121,9 +198,9 @@ pub struct AgentState {
     pub point_every_s: f64,
     /// Wall-clock ns of the last acknowledgement.
     pub last_ack_ns: u64,
-    /// "initial-sync", "resync", "streaming", "failed-over", "stopped",
-    /// "failed", "unprotected".
-    pub mode: String,
+    /// What the agent does (never `disconnected`, which only `ferry
+    /// status` says); written as its kebab-case name.
+    pub mode: Mode,
     /// Set while an agent runs; a start that finds it set knows the last
     /// agent did not stop cleanly.
     pub running: bool,

@@ -1,9 +1,7 @@
 //! What `ferry status` shows of a protected disk: the agent's state file
 //! read against the agent's lock (is it alive?) and the clock (how old is
 //! the last recovery point?), as one serializable view ([`AgentStatus`],
-//! what `--json` prints) and its text ([`render`]). The state file keeps
-//! its strings; they are read into enums here ([`TrackerKind`], [`Mode`],
-//! [`KmodMode`]).
+//! what `--json` prints) and its text ([`render`]).
 
 use crate::live;
 use crate::state::{AgentState, StateDir};
@@ -34,81 +32,7 @@ pub fn status(state: &Path) -> Result<(AgentState, Option<RingStatus>), AgentErr
 
 pub use ferry_common::health::Health;
 
-/// The tracker a protected disk uses, as its state records it.
-#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum TrackerKind {
-    Kmod,
-    Bpf,
-    Scan,
-    Ring,
-}
-
-/// What the agent is doing (the state file's `mode`), or, seen from
-/// outside, that it is disconnected or stopped.
-#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    InitialSync,
-    Resync,
-    Streaming,
-    CatchUp,
-    FailedOver,
-    Stopped,
-    Failed,
-    Unprotected,
-    /// Seen from outside: running without a connection.
-    Disconnected,
-}
-
-/// The kernel module tracker's mode as last seen.
-#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum KmodMode {
-    Data,
-    Metadata,
-    Bitmap,
-    Unknown,
-}
-
-/// The names the state file (and the JSON) uses for each enum.
-macro_rules! names {
-    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
-        impl $t {
-            pub fn as_str(self) -> &'static str {
-                match self { $(<$t>::$v => $s),* }
-            }
-        }
-        impl std::str::FromStr for $t {
-            type Err = AgentError;
-            fn from_str(s: &str) -> Result<$t, AgentError> {
-                match s {
-                    $($s => Ok(<$t>::$v),)*
-                    _ => Err(AgentError::Usage(format!("agent state: unknown {} {s:?} (written by a newer ferry?)", stringify!($t)))),
-                }
-            }
-        }
-        impl std::fmt::Display for $t {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-names!(TrackerKind { Kmod => "kmod", Bpf => "bpf", Scan => "scan", Ring => "ring" });
-names!(Mode {
-    InitialSync => "initial-sync",
-    Resync => "resync",
-    Streaming => "streaming",
-    CatchUp => "catch-up",
-    FailedOver => "failed-over",
-    Stopped => "stopped",
-    Failed => "failed",
-    Unprotected => "unprotected",
-    Disconnected => "disconnected",
-});
-names!(KmodMode { Data => "data", Metadata => "metadata", Bitmap => "bitmap", Unknown => "unknown" });
+pub use crate::state::{KmodMode, Mode, TrackerKind};
 
 /// What is true of a protected disk now, as `ferry status` shows it: the
 /// state file read against the agent's lock and the clock.
@@ -137,8 +61,13 @@ pub struct Liveness {
 
 /// The live view of `state` (see [`Liveness`]) at wall-clock `now_ns`.
 pub fn liveness(state: &Path, st: &AgentState, now_ns: u64) -> Result<Liveness, AgentError> {
-    let own: Mode = st.mode.parse()?;
-    let kmod_mode: Option<KmodMode> = st.kmod_mode.as_deref().map(str::parse).transpose()?;
+    let own: Mode = st.mode;
+    let kmod_mode: Option<KmodMode> = st
+        .kmod_mode
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| AgentError::Usage(format!("agent state: {e} (written by a newer ferry?)")))?;
     let pid = live::running(state);
     let running = pid.is_some();
     let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
@@ -339,7 +268,12 @@ pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError
         health_reason: live.health_reason,
         initial_sync_cursor: st.sync_cursor,
         kmod_catchups: st.kmod_catchups,
-        kmod_mode: st.kmod_mode.as_deref().map(str::parse).transpose()?,
+        kmod_mode: st
+            .kmod_mode
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| AgentError::Usage(format!("agent state: {e} (written by a newer ferry?)")))?,
         lag_ms_p50: pct(&st.lag_ms_recent, 0.5),
         lag_ms_p99: pct(&st.lag_ms_recent, 0.99),
         last_error: st.last_error.clone(),
@@ -362,7 +296,7 @@ pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError
         seconds_since_last_ack: lag_s.filter(|l| l.is_finite()),
         stopped_reason: live.stopped_reason,
         target: st.target.clone(),
-        tracker: st.tracker.parse()?,
+        tracker: st.tracker,
         size: st.size,
         ring,
         lag_samples: st.lag_ms_recent.len(),

@@ -2,7 +2,7 @@
 //!
 //! The module numbers every change (its sequence number); the agent
 //! follows its ring of records (and, in data mode, their payloads). How
-//! the module's stream maps onto the trait (docs/architecture-kmod.md):
+//! the module's stream maps onto the trait (docs/architecture.md, "The kernel module tracker as a change source"):
 //!
 //! - a record with its payload is a [`Change::Payload`]; one without (metadata
 //!   mode) is an [`Change::Extent`], read from the disk after a CATCHUP

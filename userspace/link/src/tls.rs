@@ -259,24 +259,29 @@ impl Stream for TlsStream {
         {
             let mut st = lock(&self.inner.state);
             let State { conn, pending, pos } = &mut *st;
-            while *pos < pending.len() {
+            loop {
+                // Processed as they are taken in, as `read` does: rustls
+                // holds at most a record or so unprocessed.
+                match conn.process_new_packets() {
+                    Ok(io) if io.plaintext_bytes_to_read() > 0 => return true,
+                    Ok(_) => {}
+                    Err(_) => return true, // the read says what went wrong
+                }
+                if *pos == pending.len() {
+                    pending.clear();
+                    *pos = 0;
+                    break;
+                }
                 let mut s: &[u8] = &pending[*pos..];
                 let before = s.len();
                 if conn.read_tls(&mut s).is_err() {
-                    return true; // the read says what went wrong
+                    return true;
                 }
                 let used = before - s.len();
-                *pos += used;
                 if used == 0 {
                     break;
                 }
-            }
-            if *pos == pending.len() {
-                pending.clear();
-                *pos = 0;
-            }
-            if conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true) {
-                return true;
+                *pos += used;
             }
         }
         crate::stream::readable(self.inner.sock.as_raw_fd(), t)

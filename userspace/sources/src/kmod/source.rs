@@ -119,6 +119,12 @@ pub struct KmodSource {
     reread: bool,
     /// A loss handed out; the resync has not ended yet.
     loss_out: bool,
+    /// A loss found at [`ChangeSource::resume`] (a hand-over not saved, a
+    /// saved catch-up missing): handed out in the first batch.
+    resume_loss: Option<String>,
+    /// The module sequence number of a TAG placed and not yet reached by
+    /// the stream: no other is placed meanwhile.
+    tag_out: Option<u64>,
     stats: SourceStats,
 }
 
@@ -217,6 +223,8 @@ impl KmodSource {
             consistent_from: 0,
             reread: false,
             loss_out: false,
+            resume_loss: None,
+            tag_out: None,
             stats: SourceStats::default(),
         };
         Ok((src, resync))
@@ -352,6 +360,10 @@ impl KmodSource {
     fn batch(&mut self, max: usize) -> Result<Batch, SourceError> {
         self.absorb_read()?;
         let mut changes = Vec::new();
+        if let Some(why) = self.resume_loss.take() {
+            changes.push(self.loss(why));
+            return Ok(self.seal(changes, self.cursor, self.dcur, None));
+        }
         if !self.loss_out {
             if let Some(why) = self.ring_loss() {
                 log::warn!("resync required: {why}");
@@ -386,13 +398,14 @@ impl KmodSource {
                 self.stream_seq = self.stream_seq.max(status.seq);
             }
             self.maybe_end_catchup(&mut changes);
-            self.st().next_seq = self.stream_seq;
+            self.note_next_seq();
             return Ok(self.seal(changes, self.cursor, self.dcur, None));
         }
         let oldest = recs.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.time_ns).filter(|&t| t > 0).min();
         let mut dcur = self.dcur;
         let mut barrier = false;
-        for r in recs {
+        let mut next = next;
+        for (i, r) in recs.into_iter().enumerate() {
             let rec = match r {
                 Ok(rec) => rec,
                 Err(e) => {
@@ -405,6 +418,20 @@ impl KmodSource {
             while self.deferred.front().is_some_and(|d| d.seq <= rec.seq) {
                 let h = self.deferred.pop_front().expect("front exists");
                 self.push_handover(h, &mut changes);
+            }
+            if rec.kind == RecordKind::Tag && self.reread {
+                // Extents read from the live disk (records, or a hand-over
+                // just pushed) come before this tag in the batch: end the
+                // batch here, so that they are read
+                // before the tag is judged (at the next call, with the
+                // module's sequence number after the read), as the read
+                // of each extent in place did.
+                next = self.cursor.wrapping_add(i as u64);
+                break;
+            }
+            if self.tag_out.is_some_and(|t| rec.seq >= t) {
+                // The placed TAG is reached (cut or dropped here).
+                self.tag_out = None;
             }
             let end = (rec.offset + u64::from(rec.length)).min(self.size);
             match rec.kind {
@@ -462,8 +489,19 @@ impl KmodSource {
             self.stream_seq = rec.seq + 1;
             self.maybe_end_catchup(&mut changes);
         }
-        self.st().next_seq = self.stream_seq;
+        self.note_next_seq();
         Ok(self.seal(changes, next, dcur, oldest))
+    }
+
+    /// The module sequence number reached, for `kmod_next_seq` (the first
+    /// one a new attachment numbers from, and what a restored module's
+    /// state is checked against): never lowered, so a batch before the
+    /// stream saw any record (`stream_seq` still 0, or behind what an
+    /// earlier agent reached) cannot write it back.
+    fn note_next_seq(&mut self) {
+        let reached = self.stream_seq;
+        let mut st = self.st();
+        st.next_seq = st.next_seq.max(reached);
     }
 
     fn loss(&mut self, why: String) -> Change {
@@ -508,9 +546,33 @@ impl ChangeSource for KmodSource {
         self.catchup_open = false;
         self.reread = false;
         self.loss_out = false;
-        if self.st().catchup_until.is_some() {
-            let saved = self.store.load_catchup()?.unwrap_or_default();
-            self.deferred.extend(saved.handovers);
+        self.tag_out = None;
+        self.resume_loss = None;
+        let (until, open) = {
+            let st = self.st();
+            (st.catchup_until, st.handover_open)
+        };
+        if open {
+            // The module may have handed ranges over that were never saved.
+            self.resume_loss = Some("the last agent stopped while the kernel module handed its bitmap over".into());
+        } else if until.is_some() {
+            match self.store.load_catchup()? {
+                Some(saved) => self.deferred.extend(saved.handovers),
+                None => {
+                    self.resume_loss = Some(format!(
+                        "the catch-up from the kernel module's bitmap is not shipped and {} is missing",
+                        self.store.catchup_path().display()
+                    ))
+                }
+            }
+        }
+        if self.resume_loss.is_some() {
+            // The resync the loss leads to covers any catch-up; until it
+            // ends (resync_end), the state keeps asking for one.
+            let mut st = self.st();
+            st.catchup_until = Some(u64::MAX);
+            st.handover_open = true;
+        } else if until.is_some() {
             self.st().catchup_until = if self.deferred.is_empty() { None } else { Some(u64::MAX) };
         }
         self.st().catching_up = false;
@@ -569,7 +631,17 @@ impl ChangeSource for KmodSource {
     /// the sink meanwhile): an app-consistent point when the stream
     /// reaches it. `Ok(false)`: not now (a full ring, bitmap mode).
     fn place_cut_request(&mut self) -> Result<bool, SourceError> {
-        Ok(self.k.tag(false).map_err(tracker_err)?.is_some())
+        let seq = self.k.tag(false).map_err(tracker_err)?;
+        if let Some(seq) = seq {
+            self.tag_out = Some(seq);
+        }
+        Ok(seq.is_some())
+    }
+
+    /// Not while a TAG placed earlier is not yet reached by the stream
+    /// (its point, or its judgement, is still to come).
+    fn request_cut(&mut self) -> Result<bool, SourceError> {
+        Ok(self.tag_out.is_none())
     }
 
     fn places_cut_requests(&self) -> bool {
@@ -619,6 +691,7 @@ impl ChangeSource for KmodSource {
         self.catchup_done_at = None;
         self.catchup_open = false;
         self.reread = false;
+        self.tag_out = None;
         Ok(())
     }
 

@@ -1195,6 +1195,13 @@ impl Agent {
                 if let Some(t) = step.timed {
                     agent.lag_pending.push_back(t);
                 }
+                if step.cut_placed {
+                    // A cut request placed in the source's stream (a TAG
+                    // under a freeze): the due point is handled, it is cut
+                    // when the stream reaches the request.
+                    last_cut = Instant::now();
+                    quiet_tries = 0;
+                }
                 if !step.points.is_empty() {
                     last_cut = Instant::now();
                     quiet_tries = 0;
@@ -1203,8 +1210,12 @@ impl Agent {
                         let p = agent.st.last_point.clone().expect("a point was cut");
                         return Ok(agent.summary(sh.sink.sess, start, &p));
                     }
-                } else if step.cut_tried {
-                    quiet_tries += 1;
+                } else if step.cut_tried && !step.cut_placed {
+                    // Steps that shipped changes are not failed tries: the
+                    // stream is still draining.
+                    if step.changes == 0 {
+                        quiet_tries += 1;
+                    }
                     let overdue = last_cut.elapsed();
                     if overdue > (every * 3).max(Duration::from_secs(10)) && agent.st.cut_problem.is_none() {
                         let why = format!(
@@ -1229,7 +1240,7 @@ impl Agent {
                         )));
                     }
                 }
-                if step.changes == 0 || step.cut_tried {
+                if step.changes == 0 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }

@@ -27,10 +27,14 @@
 //!   cut requests outside a catch-up, reads from the live disk or not (a
 //!   group's named by its id, one placed under a freeze app-consistent),
 //!   and a due cut is tried after any batch, not only an empty one;
+//! - a source that knows its prefix states is asked first
+//!   ([`ChangeSource::quiesce`]) whether the stream is at one: no cut plan
+//!   (a filesystem sync), freeze or durability wait when it is not;
 //! - a source that places its own cut requests
 //!   ([`ChangeSource::places_cut_requests`]) is frozen only around placing
 //!   one, at a moment it calls quiet; if not every writer froze, a
-//!   crash-consistent point is cut at once instead;
+//!   crash-consistent point is cut at once instead; a request placed
+//!   handles the due cut ([`Step::cut_placed`]);
 //! - a cut waits for the source's barrier: [`ChangeSource::barrier`], the
 //!   writes it holds in flight shipped, then [`ChangeSource::quiesce`];
 //! - an app-consistent cut ([`CutPlan::Freeze`]) ships what the writers
@@ -134,8 +138,12 @@ pub struct Step {
     /// Points cut (their ids).
     pub points: Vec<u64>,
     /// A due cut was tried (the batch was empty); with no point in
-    /// `points`, it failed.
+    /// `points`, it failed (unless `cut_placed`).
     pub cut_tried: bool,
+    /// The due cut placed a cut request in the source's stream
+    /// ([`ChangeSource::place_cut_request`]): it is handled, its point
+    /// comes when the stream reaches the request.
+    pub cut_placed: bool,
     /// The last sequence number sent for the batch and when its oldest
     /// change completed (the source's [`crate::Batch::oldest_ns`]).
     pub timed: Option<(u64, u64)>,
@@ -241,8 +249,13 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         }
         self.ingest(b, &mut out, false)?;
         self.release_durable()?;
-        out.cut_tried = cut_due && (out.changes == 0 || self.source.knows_prefix_states());
-        if out.cut_tried && self.source.request_cut()? {
+        let vouched = self.source.knows_prefix_states();
+        out.cut_tried = cut_due && (out.changes == 0 || vouched);
+        // A source that knows its prefix states says first whether the
+        // stream is at one: no sync, freeze or wait for durability when
+        // it is not (steps under steady writes would pay for them).
+        let at_prefix = !out.cut_tried || !vouched || !self.catchup_open && self.source.quiesce()? == Quiet::Yes;
+        if out.cut_tried && at_prefix && self.source.request_cut()? {
             let cut = match self.sink.cut_plan() {
                 CutPlan::Quiet => self.quiet_cut(&mut out)?,
                 CutPlan::Freeze { .. } if self.source.places_cut_requests() => self.tagged_cut(&mut out)?,
@@ -416,7 +429,10 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         let placed = placed?;
         thawed?;
         match placed {
-            Some(_) => Ok(None),
+            Some(placed) => {
+                out.cut_placed = placed;
+                Ok(None)
+            }
             None => self.quiet_cut(out),
         }
     }
@@ -679,6 +695,8 @@ mod tests {
         frozen: bool,
         thaws: u32,
         problems: Vec<NoPoint>,
+        /// Times a cut plan was asked for (each a filesystem sync).
+        plans: u32,
     }
     impl FakeSink {
         fn replica(&self, upto: u64) -> Vec<u8> {
@@ -749,6 +767,7 @@ mod tests {
             Ok(())
         }
         fn cut_plan(&mut self) -> CutPlan {
+            self.plans += 1;
             match self.freeze {
                 None => CutPlan::Quiet,
                 Some(_) => CutPlan::Freeze { precopy: true },
@@ -835,6 +854,7 @@ mod tests {
                 frozen: false,
                 thaws: 0,
                 problems: Vec::new(),
+                plans: 0,
             };
             let durable = *self.saved.borrow();
             Shipper::start(src, sink, self.disk.clone(), durable).unwrap()
@@ -1154,6 +1174,58 @@ mod tests {
         *w.quiet.borrow_mut() = false;
         assert!(s.step(true).unwrap().points.is_empty());
         assert_eq!(s.sink.thaws, 2);
+    }
+
+    #[test]
+    fn a_placed_cut_request_handles_the_due_cut() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        s.source.tags = true;
+        s.source.vouch = true;
+        s.sink.freeze = Some(Some(true));
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        let st = s.step(true).unwrap();
+        assert!(st.cut_placed && st.points.is_empty(), "placed: the due cut is handled, its point to come: {st:?}");
+        let st = s.step(false).unwrap();
+        assert!(!st.cut_placed);
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        // Not every writer froze: a point now, nothing placed.
+        s.sink.freeze = Some(Some(false));
+        let st = s.step(true).unwrap();
+        assert!(!st.cut_placed && st.points.len() == 1, "{st:?}");
+        // The freeze failed: nothing placed, a crash-consistent point.
+        s.sink.freeze = Some(None);
+        let st = s.step(true).unwrap();
+        assert!(!st.cut_placed && st.points.len() == 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![true, false, false]);
+        assert_eq!(w.ev.borrow().iter().filter(|e| *e == "place").count(), 1);
+    }
+
+    #[test]
+    fn a_source_not_at_a_prefix_state_is_asked_before_any_cut_plan() {
+        let w = World::new();
+        let mut s = w.shipper(false);
+        s.source.vouch = true;
+        s.sink.freeze = Some(Some(true));
+        // Writes going on, the stream not at a prefix state: due cuts after
+        // batches with changes and after empty ones sync nothing, freeze
+        // nothing, wait for nothing.
+        *w.quiet.borrow_mut() = false;
+        w.write(0, 1, 4096);
+        let st = s.step(true).unwrap();
+        assert!(st.cut_tried && st.points.is_empty(), "{st:?}");
+        let st = s.step(true).unwrap();
+        assert!(st.cut_tried && st.points.is_empty(), "{st:?}");
+        assert_eq!(s.sink.plans, 0, "no cut plan (a filesystem sync) away from a prefix state");
+        assert_eq!(s.sink.durable, 0, "no wait for durability either");
+        assert!(!w.ev.borrow().iter().any(|e| e == "barrier" || e == "freeze"), "{:?}", w.ev.borrow());
+        // At a prefix state: planned, frozen, cut.
+        *w.quiet.borrow_mut() = true;
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.plans, 1);
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
     }
 
     #[test]

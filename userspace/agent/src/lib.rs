@@ -1171,14 +1171,13 @@ impl Agent {
                     let in_bitmap = sh.source.bitmap_backlog(monotonic_ns());
                     agent.note_backlog(sh.source.backlog_ring(), in_bitmap)?;
                 }
-                if agent.st.resync_required.is_some() {
+                if let Some(why) = agent.st.resync_required.clone() {
                     agent.save()?;
-                    sh.source.resync_begin()?;
-                    agent.resync(sess)?;
-                    sh.source.resync_end()?;
+                    // The shipper's own state too (a catch-up under way).
+                    sh.resync(&why)?;
                 }
                 // A freeze that failed is tried again only after a back-off.
-                let due = (once || last_cut.elapsed() >= every) && agent.freeze_retry.ready();
+                let due = (once || last_cut.elapsed() >= every) && sh.sink.agent.freeze_retry.ready();
                 let step = sh.step(due)?;
                 let ov = sh.source.overflows_seen();
                 let agent = &mut *sh.sink.agent;

@@ -337,15 +337,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
             }
             Some(why) => {
                 run.clear();
-                self.unverified = true;
-                // The resync supersedes a catch-up under way (its end
-                // marker may have been in the rest of the batch).
-                self.catchup_open = false;
-                self.source.resync_begin()?;
-                self.sink.resync(&why)?;
-                let last = self.sink.last_sent();
-                self.sink.wait_durable(last)?;
-                self.source.resync_end()?;
+                self.resync(&why)?;
                 out.resynced = Some(why);
             }
             None => out.bytes_read += self.ship_run(&mut run)?,
@@ -360,6 +352,23 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
             }
         }
         Ok(lost)
+    }
+
+    /// A full resync (a loss, or one the agent was asked for), wrapped in
+    /// the source's hooks; no point is cut at a cut request before a quiet
+    /// moment (or a vouched request) confirms a prefix state again.
+    pub fn resync(&mut self, why: &str) -> Result<(), K::Error> {
+        self.unverified = true;
+        // The resync supersedes a catch-up under way (its end marker may
+        // have been in the rest of the batch, or dropped with the source's
+        // queue).
+        self.catchup_open = false;
+        self.source.resync_begin()?;
+        self.sink.resync(why)?;
+        let last = self.sink.last_sent();
+        self.sink.wait_durable(last)?;
+        self.source.resync_end()?;
+        Ok(())
     }
 
     /// Release the source up to the newest batch whose frames are all
@@ -1105,6 +1114,31 @@ mod tests {
         let ev = w.ev.borrow();
         assert!(pos(&ev, "resync_begin") < pos(&ev, "resync test: lost"), "{ev:?}");
         assert!(pos(&ev, "resync test: lost") < pos(&ev, "resync_end"), "the end hook once the resync is durable: {ev:?}");
+    }
+
+    #[test]
+    fn a_resync_asked_for_outside_a_batch_ends_a_catch_up_and_confirms_at_a_quiet_moment() {
+        let w = World::new();
+        let mut s = w.shipper(true);
+        w.log.borrow_mut().push(Change::Marker(Marker::CatchUpStart));
+        w.write(0, 1, 4096);
+        s.step(false).unwrap();
+        assert!(!s.consistent());
+        // A change nobody recorded, then a resync the agent was asked for.
+        w.disk.write(8192, 5, 4096);
+        s.resync("test: asked").unwrap();
+        {
+            let ev = w.ev.borrow();
+            assert!(pos(&ev, "resync_begin") < pos(&ev, "resync test: asked"), "{ev:?}");
+            assert!(pos(&ev, "resync test: asked") < pos(&ev, "resync_end"), "{ev:?}");
+        }
+        assert!(!s.consistent(), "not consistent until a quiet moment confirms it");
+        // The catch-up under way is superseded: a quiet moment gives a
+        // point, and it is the disk.
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+        assert!(s.consistent());
     }
 
     #[test]

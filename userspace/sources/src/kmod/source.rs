@@ -125,6 +125,9 @@ pub struct KmodSource {
     /// The module sequence number of a TAG placed and not yet reached by
     /// the stream: no other is placed meanwhile.
     tag_out: Option<u64>,
+    /// The ring's overflow counter when the resync under way began (before
+    /// it dropped the ring): overflows after that are not covered by it.
+    resync_overflows: Option<u64>,
     stats: SourceStats,
 }
 
@@ -225,6 +228,7 @@ impl KmodSource {
             loss_out: false,
             resume_loss: None,
             tag_out: None,
+            resync_overflows: None,
             stats: SourceStats::default(),
         };
         Ok((src, resync))
@@ -656,6 +660,7 @@ impl ChangeSource for KmodSource {
     /// by the pass; until it ends, the state says a hand-over is open, so
     /// an agent that stops meanwhile leaves a resync.
     fn resync_begin(&mut self) -> Result<(), SourceError> {
+        self.resync_overflows = Some(self.k.ring.overflows());
         self.complete_release()?;
         let ring = &self.k.ring;
         let (c, p) = (ring.consumer(), ring.producer());
@@ -698,7 +703,9 @@ impl ChangeSource for KmodSource {
     /// The resync is durable: no catch-up is left, and the stream is
     /// consistent once the changes queued from now are applied.
     fn resync_end(&mut self) -> Result<(), SourceError> {
-        let overflows = self.k.ring.overflows();
+        // Overflows from before the drain are covered by the resync; any
+        // later one is a loss again.
+        let overflows = self.resync_overflows.take().unwrap_or_else(|| self.k.ring.overflows());
         {
             let mut st = self.st();
             st.catchup_until = None;

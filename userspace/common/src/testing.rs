@@ -10,11 +10,12 @@
 //! | `FERRY_BPF_TEST_DISCARD_MULTI` (set) | the eBPF program checks every discard against the multi-range path | ferry-bpf, tests/guest/bpf-test.sh |
 //! | `FERRY_NO_COFW=1` | the master target journals every overwrite (no copy on first write per interval), to measure what that saves | master target disk.rs, scripts/bench-mt |
 //! | `FERRY_NO_SUMS=1` | the master target keeps and checks no replica sums, to measure what they cost | master target settle.rs, scripts/bench-mt |
+//! | `FERRY_TEST_PLAINTEXT_TARGET=IP` | `ferry agent` without `--identity` may send plaintext to this one non-loopback address (QEMU's user network maps the host's loopback to 10.0.2.2 in a guest) | ferry main.rs, tests/guest/lib.sh |
 
 use std::sync::OnceLock;
 
 /// The switches as read from the environment at first use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Switches {
     /// `FERRY_BPF_TEST_SKIP_EVERY`: ignore every Nth completion (N > 0).
     pub bpf_skip_every: Option<u32>,
@@ -24,6 +25,8 @@ pub struct Switches {
     pub no_cofw: bool,
     /// `FERRY_NO_SUMS=1`.
     pub no_sums: bool,
+    /// `FERRY_TEST_PLAINTEXT_TARGET=IP`: the guest harness's host address.
+    pub plaintext_target: Option<std::net::IpAddr>,
 }
 
 impl Switches {
@@ -35,12 +38,13 @@ impl Switches {
             bpf_discard_multi: std::env::var_os("FERRY_BPF_TEST_DISCARD_MULTI").is_some(),
             no_cofw: one("FERRY_NO_COFW"),
             no_sums: one("FERRY_NO_SUMS"),
+            plaintext_target: std::env::var("FERRY_TEST_PLAINTEXT_TARGET").ok().and_then(|v| v.parse().ok()),
         }
     }
 }
 
 /// The switches of this process (read once).
-pub fn get() -> Switches {
+pub fn get() -> &'static Switches {
     static S: OnceLock<Switches> = OnceLock::new();
-    *S.get_or_init(Switches::from_env)
+    S.get_or_init(Switches::from_env)
 }

@@ -6,7 +6,8 @@
 //! read at a time leaves a device that serves hundreds of thousands of IOPS
 //! at queue depth 32 waiting on each 4 KiB read in turn. [`LocalReader`]
 //! splits the extents into pieces of at most 1 MiB and keeps up to
-//! [`IN_FLIGHT`] of them being read by a pool of threads (`pread` on the
+//! [`IN_FLIGHT`] of them being read by a pool of threads, started once
+//! and kept for the reader's life (`pread` on the
 //! source, `O_DIRECT` where it allows), while the caller receives the
 //! pieces in the order of the list, so what is sent keeps the tracker's
 //! order. Read-ahead is bounded to twice [`IN_FLIGHT`] pieces.
@@ -18,11 +19,13 @@
 //! NBD reader of a QEMU export implements the same trait: the shipper does
 //! not know which one it has.
 
-use crossbeam_channel::{bounded, unbounded};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use ferry_common::buf::AlignedBuf;
 use ferry_common::source::Source;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 
 /// Reads in flight at most.
 pub const IN_FLIGHT: usize = 32;
@@ -83,20 +86,113 @@ pub fn pieces(exts: &[(u64, u64)]) -> Vec<(u64, usize)> {
 
 /// The local disk (a block device or an image file) read with `pread`,
 /// `O_DIRECT` where the source allows, [`IN_FLIGHT`] reads at a time.
+///
+/// The reader threads are started at the first call that needs them and
+/// kept for the reader's life (its clones share them); they end when the
+/// last clone is dropped. Starting ~33 threads for every batch of a few
+/// hundred 4 KiB changes was a large part of the agent's CPU under random
+/// writes.
 #[derive(Clone)]
 pub struct LocalReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     src: Arc<Source>,
+    pool: OnceLock<Pool>,
 }
 
 impl LocalReader {
     pub fn new(src: Arc<Source>) -> LocalReader {
-        LocalReader { src }
+        LocalReader { inner: Arc::new(Inner { src, pool: OnceLock::new() }) }
+    }
+}
+
+/// One piece's read, with the work of the call it belongs to, run on a
+/// reader thread. The call's borrows are erased to `'static`: see
+/// [`Drain`] for why that is sound.
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// [`IN_FLIGHT`] threads taking [`Job`]s from one channel.
+struct Pool {
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let (tx, rx) = unbounded::<Job>();
+        let mut threads = Vec::with_capacity(IN_FLIGHT);
+        for _ in 0..IN_FLIGHT {
+            let rx = rx.clone();
+            match std::thread::Builder::new().name("ferry-read".into()).spawn(move || {
+                for job in rx {
+                    job();
+                }
+            }) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Fewer threads read fewer pieces at a time; with none
+                    // the caller reads one piece at a time itself.
+                    log::warn!("starting a disk reader thread: {e}");
+                    break;
+                }
+            }
+        }
+        Pool { jobs: Some(tx), threads }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The threads end once the channel is closed and empty.
+        drop(self.jobs.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a piece came back without its bytes.
+enum Failed {
+    Io(std::io::Error),
+    /// The call's work panicked on the reader thread: resumed in the caller.
+    Panic(Box<dyn std::any::Any + Send>),
+    /// The call had stopped before the piece was read.
+    Cancelled,
+}
+
+type Done<T> = (usize, u64, usize, Result<(AlignedBuf, T), Failed>);
+
+/// Waits, when a call ends in any way (its result, an error, a panic of
+/// `each`), for every job it dispatched to have sent its result: a job
+/// borrows the call's `work`, source and cancel flag, so none may still run
+/// once the call has returned. After its send a job only drops its own
+/// clones of the call's channels (reference counted, and empty by then).
+struct Drain<'r, T> {
+    rx: &'r Receiver<Done<T>>,
+    cancel: &'r AtomicBool,
+    outstanding: usize,
+}
+
+impl<T> Drop for Drain<'_, T> {
+    fn drop(&mut self) {
+        // Pieces not yet started are skipped.
+        self.cancel.store(true, Ordering::Relaxed);
+        while self.outstanding > 0 {
+            // The call keeps a sender, so this waits for the jobs' results
+            // (a job always sends one: a read error or a panic included).
+            if self.rx.recv().is_err() {
+                break;
+            }
+            self.outstanding -= 1;
+        }
     }
 }
 
 impl BlockReader for LocalReader {
     fn size(&self) -> u64 {
-        self.src.size()
+        self.inner.src.size()
     }
 
     fn read_extents<E: From<ReadError>>(&self, exts: &[(u64, u64)], mut each: impl FnMut(u64, &[u8]) -> Result<(), E>) -> Result<u64, E> {
@@ -109,80 +205,96 @@ impl BlockReader for LocalReader {
         work: impl Fn(&[u8]) -> T + Sync,
         mut each: impl FnMut(u64, &[u8], T) -> Result<(), E>,
     ) -> Result<u64, E> {
-        let src = &*self.src;
+        let src = &*self.inner.src;
         let pieces = pieces(exts);
         let total: u64 = pieces.iter().map(|&(_, n)| n as u64).sum();
-        if pieces.len() <= 2 {
+        let jobs = if pieces.len() <= 2 {
+            None
+        } else {
+            let pool = self.inner.pool.get_or_init(Pool::new);
+            pool.jobs.as_ref().filter(|_| !pool.threads.is_empty())
+        };
+        let Some(jobs) = jobs else {
             let mut buf = AlignedBuf::new(PIECE as usize);
             for &(off, n) in &pieces {
                 let data = src.read_into(&mut buf, off, n).map_err(|source| ReadError::Read { offset: off, source })?;
                 each(off, data, work(data))?;
             }
             return Ok(total);
-        }
-        std::thread::scope(|s| -> Result<u64, E> {
-            type Done<T> = (usize, u64, usize, std::io::Result<(AlignedBuf, T)>);
-            let (work_tx, work_rx) = bounded::<(usize, u64, usize)>(IN_FLIGHT);
-            let (done_tx, done_rx) = unbounded::<Done<T>>();
-            // Read-ahead tokens: a piece is dispatched only with one, and
-            // its token comes back once the caller has taken it.
-            let (token_tx, token_rx) = bounded::<()>(2 * IN_FLIGHT);
-            for _ in 0..2 * IN_FLIGHT {
-                token_tx.send(()).expect("the channel has room");
-            }
-            let pieces = &pieces;
-            s.spawn(move || {
-                for (i, &(off, n)) in pieces.iter().enumerate() {
-                    if token_rx.recv().is_err() || work_tx.send((i, off, n)).is_err() {
-                        return; // the caller stopped
-                    }
-                }
-            });
-            let work = &work;
-            // Buffers handed back by the caller are read into again: a
-            // whole-disk pass does not fault in a fresh gigabyte.
-            let (pool_tx, pool_rx) = bounded::<AlignedBuf>(3 * IN_FLIGHT);
-            for _ in 0..IN_FLIGHT.min(pieces.len()) {
-                let (work_rx, done_tx, pool_rx) = (work_rx.clone(), done_tx.clone(), pool_rx.clone());
-                s.spawn(move || {
-                    for (i, off, n) in work_rx {
-                        let need = n.div_ceil(4096) * 4096;
-                        let mut buf = match pool_rx.try_recv() {
-                            Ok(b) if b.capacity() >= need => b,
-                            _ => AlignedBuf::new(need),
-                        };
-                        let r = src.read_into(&mut buf, off, n).map(work);
-                        if done_tx.send((i, off, n, r.map(|t| (buf, t)))).is_err() {
-                            return;
+        };
+        let (done_tx, done_rx) = unbounded::<Done<T>>();
+        // Buffers handed back by the caller are read into again: a
+        // whole-disk pass does not fault in a fresh gigabyte.
+        let (pool_tx, pool_rx) = bounded::<AlignedBuf>(3 * IN_FLIGHT);
+        let cancel = AtomicBool::new(false);
+        let work = &work;
+        // Declared after everything the jobs borrow: dropped first.
+        let mut drain = Drain { rx: &done_rx, cancel: &cancel, outstanding: 0 };
+        let mut sent = 0usize;
+        let mut next = 0usize;
+        let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf, T)> = BTreeMap::new();
+        while next < pieces.len() {
+            // Read-ahead is bounded: a piece is dispatched only while fewer
+            // than 2 * IN_FLIGHT are read and not yet taken by the caller.
+            while sent < pieces.len() && sent - next < 2 * IN_FLIGHT {
+                let (i, (off, n)) = (sent, pieces[sent]);
+                let (done, bufs, cancel) = (done_tx.clone(), pool_rx.clone(), &cancel);
+                let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+                    let r = if cancel.load(Ordering::Relaxed) {
+                        Err(Failed::Cancelled)
+                    } else {
+                        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            let need = n.div_ceil(4096) * 4096;
+                            let mut buf = match bufs.try_recv() {
+                                Ok(b) if b.capacity() >= need => b,
+                                _ => AlignedBuf::new(need),
+                            };
+                            let r = src.read_into(&mut buf, off, n).map(work);
+                            r.map(|t| (buf, t))
+                        }));
+                        match read {
+                            Ok(Ok(x)) => Ok(x),
+                            Ok(Err(e)) => Err(Failed::Io(e)),
+                            Err(p) => Err(Failed::Panic(p)),
                         }
-                    }
-                });
-            }
-            drop((work_rx, done_tx));
-            let mut next = 0usize;
-            let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf, T)> = BTreeMap::new();
-            let r = (|| {
-                while next < pieces.len() {
-                    let Ok((i, off, n, r)) = done_rx.recv() else {
-                        return Err(ReadError::Stopped.into());
                     };
-                    let (buf, t) = r.map_err(|source| ReadError::Read { offset: off, source })?;
-                    waiting.insert(i, (off, n, buf, t));
-                    while let Some((off, n, buf, t)) = waiting.remove(&next) {
-                        each(off, &buf[..n], t)?;
-                        let _ = pool_tx.try_send(buf);
-                        next += 1;
-                        let _ = token_tx.send(());
-                    }
+                    let _ = done.send((i, off, n, r));
+                });
+                // SAFETY: the job borrows `src`, `work` and `cancel`, which
+                // outlive this call's `drain`; `drain` (dropped before them,
+                // on every way out of this function, unwinding included)
+                // waits until every dispatched job has sent its result, and
+                // after that send a job touches none of the borrows. Only
+                // the lifetime changes: the layout of the box is the same.
+                let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
+                if jobs.send(job).is_err() {
+                    // Not possible while the pool lives (it outlives `self`'s
+                    // borrow); the job was not run.
+                    return Err(ReadError::Stopped.into());
                 }
-                Ok(total)
-            })();
-            // On an error the feeder and the readers end on their own: the
-            // tokens and the results have no one left to take them.
-            drop(token_tx);
-            drop(done_rx);
-            r
-        })
+                drain.outstanding += 1;
+                sent += 1;
+            }
+            let Ok((i, off, n, r)) = done_rx.recv() else {
+                return Err(ReadError::Stopped.into());
+            };
+            drain.outstanding -= 1;
+            match r {
+                Ok((buf, t)) => {
+                    waiting.insert(i, (off, n, buf, t));
+                }
+                Err(Failed::Io(source)) => return Err(ReadError::Read { offset: off, source }.into()),
+                Err(Failed::Panic(p)) => std::panic::resume_unwind(p),
+                Err(Failed::Cancelled) => return Err(ReadError::Stopped.into()),
+            }
+            while let Some((off, n, buf, t)) = waiting.remove(&next) {
+                each(off, &buf[..n], t)?;
+                let _ = pool_tx.try_send(buf);
+                next += 1;
+            }
+        }
+        drop(drain);
+        Ok(total)
     }
 }
 
@@ -246,5 +358,55 @@ mod tests {
             Ok(())
         });
         assert!(matches!(res, Err(E::Stop)));
+    }
+
+    /// This thread's id in the kernel.
+    fn tid() -> String {
+        let l = std::fs::read_link("/proc/thread-self").unwrap();
+        l.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn reader_threads_are_started_once_and_end_with_the_reader() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+        std::fs::File::create(&p).unwrap().write_all(&data).unwrap();
+        let r = LocalReader::new(Arc::new(Source::open(&p).unwrap()));
+        let exts: Vec<(u64, u64)> = (0..100u64).map(|i| (i * 13 % 1000) * 4096).map(|o| (o, o + 4096)).collect();
+        let mut tids = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let n = r.read_extents_with(
+                &exts,
+                |_| tid(),
+                |off, b, t| -> Result<(), E> {
+                    assert_eq!(b, &data[off as usize..off as usize + b.len()]);
+                    tids.insert(t);
+                    Ok(())
+                },
+            );
+            assert_eq!(n.unwrap(), 100 * 4096);
+        }
+        assert!(tids.len() <= IN_FLIGHT, "50 calls read on the same threads: {} of them", tids.len());
+        assert!(!tids.contains(&tid()), "the work ran on the reader's threads");
+        // A panic in the work on a reader thread reaches the caller, which
+        // does not hang, and the reader still reads afterwards.
+        let c = r.clone();
+        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = c.read_extents_with(&exts, |b| assert!(b.len() != 4096, "work panics"), |_, _, ()| -> Result<(), E> { Ok(()) });
+        }));
+        assert!(hit.is_err());
+        let mut k = 0;
+        c.read_extents(&exts, |_, _| -> Result<(), E> {
+            k += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(k, 100);
+        drop(r);
+        assert!(tids.iter().all(|t| std::path::Path::new("/proc/self/task").join(t).exists()), "a clone keeps them");
+        drop(c);
+        let gone: Vec<_> = tids.iter().filter(|t| std::path::Path::new("/proc/self/task").join(t).exists()).collect();
+        assert!(gone.is_empty(), "the threads end with the last clone of the reader: {gone:?} remain");
     }
 }

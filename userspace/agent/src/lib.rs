@@ -1207,7 +1207,14 @@ impl Agent {
                     agent.st.cut_problem = None;
                     if once {
                         let p = agent.st.last_point.clone().expect("a point was cut");
-                        return Ok(agent.summary(sh.sink.sess, start, &p));
+                        let summary = agent.summary(sh.sink.sess, start, &p);
+                        // Save the acknowledgement and release what it
+                        // covers before stopping: saves are otherwise at most
+                        // twice a second, and a short run would leave all it
+                        // shipped in the ring for the next run to ship again.
+                        sh.sink.agent.save()?;
+                        sh.release_durable()?;
+                        return Ok(summary);
                     }
                 } else if step.cut_tried && !step.cut_placed {
                     // Steps that shipped changes are not failed tries: the

@@ -7,7 +7,7 @@ use ferry_proto::{read_frame, write_msg, Codec, Msg, VERSION_MAX};
 use ferry_tests::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,6 +128,49 @@ fn twenty_reprotect_cycles_each_finish_with_the_replica_identical() {
         assert_eq!(file_digest(&replica), file_digest(&lo.dev), "cycle {cycle}: replica differs after {:?}", t0.elapsed());
     }
 }
+
+/// Successive `--once` runs with the bpf tracker each ship only what
+/// changed since the last: what a run made durable is released before it
+/// stops (a short run once left it all in the ring for the next one).
+#[test]
+fn each_bpf_once_ships_only_what_changed_since_the_last() {
+    let t = TempDir::new("once-release");
+    let backing = t.path("back.img");
+    mixed_image(&backing, 64 << 20, 6);
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.display().to_string();
+    let mt = MasterTarget::start(&t.path("data"));
+    let name = unique_name("oncerel");
+    let st = t.s("st");
+    let _guard = Unprotect(t.path("st"));
+    let once = || {
+        let o = run_within(
+            &["agent", "--disk", &dev, "--name", &name, "--target", &mt.addr, "--tracker", "bpf", "--state", &st, "--once", "--json"],
+            120,
+        );
+        assert!(o.status.success(), "--once failed: {}", String::from_utf8_lossy(&o.stderr));
+        summary(&String::from_utf8_lossy(&o.stdout))
+    };
+    once();
+    let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&lo.dev).unwrap();
+    let mut rng = Rng::new(12);
+    let mut blk = AlignedBlock([0u8; 4096]);
+    for round in 0..4 {
+        for _ in 0..200 {
+            rng.fill(&mut blk.0);
+            f.write_all_at(&blk.0, rng.below((64 << 20) / 4096) * 4096).unwrap();
+        }
+        let s = once();
+        let read = s["bytes_read"].as_u64().unwrap();
+        assert!(read <= 2 * 200 * 4096, "round {round}: read {read} bytes for 200 changed blocks: earlier rounds shipped again: {s}");
+        let replica = t.path("data").join(&name).join("replica.img");
+        assert_eq!(file_digest(&replica), file_digest(&lo.dev), "round {round}: replica differs");
+    }
+}
+
+/// A 4 KiB block aligned for O_DIRECT.
+#[repr(C, align(4096))]
+struct AlignedBlock([u8; 4096]);
 
 /// Acceptance: SIGTERM of a streaming agent shows as stopped, with the
 /// reason, within 2 s; a second agent on its busy state folder is refused;

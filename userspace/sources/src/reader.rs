@@ -314,13 +314,18 @@ mod tests {
         }
     }
 
+    /// A `mib` MiB image of known bytes in `dir`, and a reader over it.
+    fn image(dir: &std::path::Path, mib: u32) -> (Vec<u8>, LocalReader) {
+        let p = dir.join("img");
+        let data: Vec<u8> = (0..(mib << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+        std::fs::File::create(&p).unwrap().write_all(&data).unwrap();
+        (data, LocalReader::new(Arc::new(Source::open(&p).unwrap())))
+    }
+
     #[test]
     fn scattered_extents_come_back_in_order_and_whole() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("img");
-        let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
-        std::fs::File::create(&p).unwrap().write_all(&data).unwrap();
-        let r = LocalReader::new(Arc::new(Source::open(&p).unwrap()));
+        let (data, r) = image(d.path(), 8);
         // Out of disk order on purpose, with a 3 MiB extent split in pieces.
         let exts: Vec<(u64, u64)> =
             (0..500u64).map(|i| (i * 7919 % 2000) * 4096).map(|o| (o, o + 4096)).chain([(1 << 20, 4 << 20)]).collect();
@@ -369,10 +374,7 @@ mod tests {
     #[test]
     fn reader_threads_are_started_once_and_end_with_the_reader() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("img");
-        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
-        std::fs::File::create(&p).unwrap().write_all(&data).unwrap();
-        let r = LocalReader::new(Arc::new(Source::open(&p).unwrap()));
+        let (data, r) = image(d.path(), 4);
         let exts: Vec<(u64, u64)> = (0..100u64).map(|i| (i * 13 % 1000) * 4096).map(|o| (o, o + 4096)).collect();
         let mut tids = std::collections::BTreeSet::new();
         for _ in 0..50 {

@@ -30,6 +30,23 @@ struct State {
     pos: usize,
 }
 
+impl State {
+    /// Hand rustls what it takes of the raw bytes held (it takes about a
+    /// record at a time); how many it took.
+    fn take_pending(&mut self) -> io::Result<usize> {
+        let mut s: &[u8] = &self.pending[self.pos..];
+        let before = s.len();
+        self.conn.read_tls(&mut s)?;
+        let used = before - s.len();
+        self.pos += used;
+        if self.pos == self.pending.len() {
+            self.pending.clear();
+            self.pos = 0;
+        }
+        Ok(used)
+    }
+}
+
 struct Inner {
     sock: TcpStream,
     state: Mutex<State>,
@@ -157,16 +174,8 @@ impl Read for TlsStream {
                     Err(e) => return Err(e),
                 }
                 if st.pos < st.pending.len() {
-                    let State { conn, pending, pos } = &mut *st;
-                    let mut s: &[u8] = &pending[*pos..];
-                    let before = s.len();
-                    conn.read_tls(&mut s)?;
-                    *pos += before - s.len();
-                    if *pos == pending.len() {
-                        pending.clear();
-                        *pos = 0;
-                    }
-                    let r = conn.process_new_packets();
+                    st.take_pending()?;
+                    let r = st.conn.process_new_packets();
                     drop(st);
                     if let Err(e) = r {
                         let _ = self.flush_pending();
@@ -258,30 +267,22 @@ impl Stream for TlsStream {
     fn wait_input(&self, t: Duration) -> bool {
         {
             let mut st = lock(&self.inner.state);
-            let State { conn, pending, pos } = &mut *st;
             loop {
                 // Processed as they are taken in, as `read` does: rustls
                 // holds at most a record or so unprocessed.
-                match conn.process_new_packets() {
+                match st.conn.process_new_packets() {
                     Ok(io) if io.plaintext_bytes_to_read() > 0 => return true,
                     Ok(_) => {}
                     Err(_) => return true, // the read says what went wrong
                 }
-                if *pos == pending.len() {
-                    pending.clear();
-                    *pos = 0;
+                if st.pos == st.pending.len() {
                     break;
                 }
-                let mut s: &[u8] = &pending[*pos..];
-                let before = s.len();
-                if conn.read_tls(&mut s).is_err() {
-                    return true;
+                match st.take_pending() {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return true,
                 }
-                let used = before - s.len();
-                if used == 0 {
-                    break;
-                }
-                *pos += used;
             }
         }
         crate::stream::readable(self.inner.sock.as_raw_fd(), t)

@@ -152,6 +152,50 @@ fn versioned_checker_rejects_a_state_that_is_not_a_prefix() {
     assert!(versioned::check(&img, &w.log, blocks).unwrap_err().contains("no logged write"));
 }
 
+/// The checker for a workload with writes in flight together: the state
+/// after the settled writes plus any of the last `depth` passes, a settled
+/// write rolled back does not; the workload itself (threads, O_DIRECT)
+/// leaves the disk in its log's final state.
+#[test]
+fn windowed_checker_accepts_writes_in_flight_and_rejects_a_lost_settled_one() {
+    use std::os::unix::fs::FileExt;
+    let t = TempDir::new("checkerwin");
+    let blocks = 256u64;
+    let dev = t.path("dev.img");
+    std::fs::File::create(&dev).unwrap().set_len(blocks * 4096).unwrap();
+    let rate = versioned::run_workload_rate(&dev, blocks, 5, &t.path("w.log"), 3000, 1_000_000, 8).expect("the workload runs");
+    assert!(rate > 0.0);
+    let log = versioned::read_log(&t.path("w.log"));
+    assert_eq!(log.len(), 3000);
+    assert_eq!(versioned::check_window(&dev, &log, blocks, 8), Ok(3000));
+    assert_eq!(versioned::check(&dev, &log, blocks), Ok(3000), "each block ends with its last logged write");
+    // A state the writers could leave at write 1000: every write up to 992,
+    // then of 993..=1000 all but one.
+    let build = |path: &std::path::Path, skip: &[u64]| {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(blocks * 4096).unwrap();
+        for (n, &b) in log.iter().take(1000).enumerate() {
+            let i = n as u64 + 1;
+            if !skip.contains(&i) {
+                f.write_all_at(&versioned::stamp(i, b), b * 4096).unwrap();
+            }
+        }
+    };
+    let img = t.path("win.img");
+    // A skipped write shows only if no later write up to 1000 hit its block.
+    let later = |i: u64| log[i as usize..1000].contains(&log[i as usize - 1]);
+    let w = (993..1000u64).find(|&i| !later(i)).expect("a write of the window not overwritten before 1000");
+    build(&img, &[w]);
+    assert_eq!(versioned::check_window(&img, &log, blocks, 8), Ok(1000));
+    assert!(versioned::check(&img, &log, blocks).is_err(), "one at a time, write {w} is missing");
+    // A settled write (the newest to its block by 992, not overwritten
+    // later up to 1000) missing: rejected.
+    let settled = (1..=992u64).rev().find(|&i| !later(i)).unwrap();
+    build(&img, &[settled]);
+    let e = versioned::check_window(&img, &log, blocks, 8).unwrap_err();
+    assert!(e.contains("completed before write 1000"), "{e}");
+}
+
 /// A ring that disappears (an operator removed a damaged one, say) loses
 /// the records it held: the agent must resync by checksum, not trust the
 /// new, empty ring.

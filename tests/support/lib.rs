@@ -407,31 +407,100 @@ pub mod versioned {
         Ok(())
     }
 
-    /// [`run_workload`] at a steady rate: `count` writes at about `iops`
-    /// writes a second (it sleeps whenever it is ahead of that schedule),
-    /// logged through a buffer flushed at the end (run it to completion:
-    /// the log is read after it exits). Returns the rate it achieved.
-    pub fn run_workload_rate(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64, iops: u64) -> std::io::Result<f64> {
+    /// [`run_workload`] at a steady rate, with up to `depth` writes in
+    /// flight (one thread each): `count` writes at about `iops` writes a
+    /// second (a writer sleeps whenever it is ahead of that schedule).
+    ///
+    /// Writes are numbered in the order they are issued, and write `i` is
+    /// issued only once every write up to `i - depth` has completed; no two
+    /// writes to one block are in flight at once. With `depth` 1 this is
+    /// the one-at-a-time workload. The log (write numbers in order, one
+    /// block index per line) is written when all writes completed: run it
+    /// to completion. Check its images with [`check_window`] and the same
+    /// `depth`. Returns the rate achieved.
+    pub fn run_workload_rate(dev: &Path, blocks: u64, seed: u64, log: &Path, count: u64, iops: u64, depth: u64) -> std::io::Result<f64> {
+        use std::collections::{BTreeSet, HashSet};
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::{Condvar, Mutex};
+        struct Sched {
+            next: u64,
+            low: u64,
+            done: BTreeSet<u64>,
+            busy: HashSet<u64>,
+            rng: Rng,
+            log: Vec<u64>,
+            failed: Option<std::io::Error>,
+        }
         let disk = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(dev)?;
-        let mut logf = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(log)?);
-        let mut rng = Rng::new(seed);
-        let mut buf = ferry_common::buf::AlignedBuf::new(BLOCK);
+        let depth = depth.max(1);
+        let sched = Mutex::new(Sched {
+            next: 1,
+            low: 0,
+            done: BTreeSet::new(),
+            busy: HashSet::new(),
+            rng: Rng::new(seed),
+            log: vec![0; count as usize],
+            failed: None,
+        });
+        let cv = Condvar::new();
         let t0 = std::time::Instant::now();
-        for i in 1..=count {
-            let b = rng.below(blocks);
-            buf.copy_from_slice(&stamp(i, b));
-            disk.write_all_at(&buf, b * BLOCK as u64)?;
-            writeln!(logf, "{b}")?;
-            let due = std::time::Duration::from_secs_f64(i as f64 / iops.max(1) as f64);
-            let el = t0.elapsed();
-            if due > el + std::time::Duration::from_millis(1) {
-                std::thread::sleep(due - el);
+        std::thread::scope(|s| {
+            for _ in 0..depth {
+                s.spawn(|| {
+                    let mut buf = ferry_common::buf::AlignedBuf::new(BLOCK);
+                    loop {
+                        let mut g = sched.lock().unwrap();
+                        while g.failed.is_none() && g.next <= count && g.next > g.low + depth {
+                            g = cv.wait(g).unwrap();
+                        }
+                        if g.failed.is_some() || g.next > count {
+                            return;
+                        }
+                        let i = g.next;
+                        g.next += 1;
+                        let b = loop {
+                            let b = g.rng.below(blocks);
+                            if !g.busy.contains(&b) {
+                                break b;
+                            }
+                        };
+                        g.busy.insert(b);
+                        g.log[i as usize - 1] = b;
+                        drop(g);
+                        let due = std::time::Duration::from_secs_f64(i as f64 / iops.max(1) as f64);
+                        let el = t0.elapsed();
+                        if due > el + std::time::Duration::from_millis(1) {
+                            std::thread::sleep(due - el);
+                        }
+                        buf.copy_from_slice(&stamp(i, b));
+                        let r = disk.write_all_at(&buf, b * BLOCK as u64);
+                        let mut g = sched.lock().unwrap();
+                        if let Err(e) = r {
+                            g.failed = Some(e);
+                        }
+                        g.busy.remove(&b);
+                        g.done.insert(i);
+                        while g.done.first() == Some(&(g.low + 1)) {
+                            g.done.pop_first();
+                            g.low += 1;
+                        }
+                        cv.notify_all();
+                    }
+                });
             }
+        });
+        let sched = sched.into_inner().unwrap();
+        if let Some(e) = sched.failed {
+            return Err(e);
+        }
+        let rate = count as f64 / t0.elapsed().as_secs_f64();
+        let mut logf = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(log)?);
+        for b in &sched.log {
+            writeln!(logf, "{b}")?;
         }
         logf.flush()?;
-        Ok(count as f64 / t0.elapsed().as_secs_f64())
+        Ok(rate)
     }
 
     /// The versioned workload over two disks (a consistency group): each
@@ -520,6 +589,18 @@ pub mod versioned {
 
     /// Check `image` against `log`; returns the prefix length it matches.
     pub fn check(image: &Path, log: &[u64], blocks: u64) -> Result<u64, String> {
+        check_window(image, log, blocks, 1)
+    }
+
+    /// Check `image` against the log of a workload that kept up to `depth`
+    /// writes in flight ([`run_workload_rate`]): with `k` the newest write
+    /// the image holds, every write up to `k - depth` completed before `k`
+    /// was issued, so the image must hold the disk's state after those
+    /// writes, plus any of the writes in `(k - depth, k]` (each block the
+    /// newest write to it up to `k - depth`, or a later one up to `k`).
+    /// With `depth` 1 that is exactly the state after write `k`. Returns
+    /// `k`.
+    pub fn check_window(image: &Path, log: &[u64], blocks: u64, depth: u64) -> Result<u64, String> {
         let f = File::open(image).map_err(|e| e.to_string())?;
         let mut seen = vec![0u64; blocks as usize];
         let mut buf = vec![0u8; BLOCK];
@@ -529,20 +610,24 @@ pub mod versioned {
                 continue;
             }
             let i = u64::from_le_bytes(buf[0..8].try_into().unwrap());
-            if i == 0 || i > log.len() as u64 || buf != stamp(i, b) {
+            if i == 0 || i > log.len() as u64 || log[i as usize - 1] != b || buf != stamp(i, b) {
                 return Err(format!("block {b} holds content no logged write put there"));
             }
             seen[b as usize] = i;
         }
         let k = seen.iter().copied().max().unwrap_or(0);
+        let settled = k.saturating_sub(depth.max(1));
         let mut want = vec![0u64; blocks as usize];
-        for (n, &b) in log.iter().take(k as usize).enumerate() {
+        for (n, &b) in log.iter().take(settled as usize).enumerate() {
             want[b as usize] = n as u64 + 1;
         }
         for b in 0..blocks as usize {
-            if seen[b] != want[b] {
+            // `seen[b]` is a write to `b` no newer than `k` (checked above);
+            // anything newer than the settled state is inside the window.
+            if seen[b] < want[b] {
                 return Err(format!(
-                    "not a prefix of the log: block {b} holds write {} but after write {k} it held write {}",
+                    "not a prefix of the log: block {b} holds write {} but write {} to it completed before write {k} was issued \
+                     ({depth} in flight)",
                     seen[b], want[b]
                 ));
             }
@@ -582,11 +667,17 @@ pub fn point_ids(data: &str, name: &str) -> Vec<u64> {
 /// require each to pass the versioned workload's checker against `log`;
 /// `what` names the case in a failure. Returns how many were checked.
 pub fn check_every_point(data: &str, name: &str, log: &[u64], blocks: u64, scratch: &Path, what: &str) -> usize {
+    check_every_point_window(data, name, log, blocks, 1, scratch, what)
+}
+
+/// [`check_every_point`] for a workload that kept up to `depth` writes in
+/// flight ([`versioned::check_window`]).
+pub fn check_every_point_window(data: &str, name: &str, log: &[u64], blocks: u64, depth: u64, scratch: &Path, what: &str) -> usize {
     let ids = point_ids(data, name);
     for id in &ids {
         let out = scratch.join(format!("{name}-p{id}.img"));
         recover_to(data, name, &id.to_string(), &out.display().to_string());
-        if let Err(e) = versioned::check(&out, log, blocks) {
+        if let Err(e) = versioned::check_window(&out, log, blocks, depth) {
             panic!("{what}: point {id} is not consistent: {e}");
         }
         std::fs::remove_file(out).unwrap();

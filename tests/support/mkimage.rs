@@ -9,16 +9,18 @@
 //!     O_DIRECT|O_DSYNC, each logged to LOG (one block index per line) after
 //!     it completes; runs COUNT writes, or until killed, pausing PAUSE_US
 //!     microseconds after each
-//! ferry-mkimage workload-rate PATH BLOCKS SEED LOG COUNT IOPS
-//!     the same, COUNT writes at about IOPS a second (the log is written
-//!     through a buffer, complete once it exits); prints the rate achieved
+//! ferry-mkimage workload-rate PATH BLOCKS SEED LOG COUNT IOPS [DEPTH]
+//!     the same, COUNT writes at about IOPS a second with up to DEPTH (1)
+//!     in flight, write i issued once every write up to i - DEPTH completed
+//!     (the log is written once all completed); prints the rate achieved
 //! ferry-mkimage workload2 PATH_A PATH_B BLOCKS SEED LOG [COUNT [PAUSE_US]]
 //!     the same over two disks (a consistency group), logged as `DISK BLOCK`
 //! ferry-mkimage check2 IMAGE_A IMAGE_B LOG BLOCKS
 //!     the checker for workload2: both images after one prefix of the log
-//! ferry-mkimage check IMAGE LOG BLOCKS
-//!     the checker: prints the length of the log prefix IMAGE equals, or
-//!     says why it equals none (exit 1)
+//! ferry-mkimage check IMAGE LOG BLOCKS [DEPTH]
+//!     the checker: prints the length of the log prefix IMAGE equals (with
+//!     DEPTH, of a workload-rate log: the newest write in IMAGE, every write
+//!     settled before it present), or says why it equals none (exit 1)
 //! ```
 
 use std::path::Path;
@@ -41,9 +43,10 @@ fn main() {
         }
         return;
     }
-    if a.len() == 8 && a[1] == "workload-rate" {
+    if (a.len() == 8 || a.len() == 9) && a[1] == "workload-rate" {
         let n = |i: usize| -> u64 { a[i].parse().unwrap_or_else(|_| usage()) };
-        match ferry_tests::versioned::run_workload_rate(Path::new(&a[2]), n(3), n(4), Path::new(&a[5]), n(6), n(7)) {
+        let depth = if a.len() == 9 { n(8) } else { 1 };
+        match ferry_tests::versioned::run_workload_rate(Path::new(&a[2]), n(3), n(4), Path::new(&a[5]), n(6), n(7), depth) {
             Ok(r) => println!("{r:.0}"),
             Err(e) => {
                 eprintln!("ferry-mkimage workload-rate: {e}");
@@ -76,10 +79,11 @@ fn main() {
         }
         return;
     }
-    if a.len() == 5 && a[1] == "check" {
+    if (a.len() == 5 || a.len() == 6) && a[1] == "check" {
         let blocks: u64 = a[4].parse().unwrap_or_else(|_| usage());
+        let depth: u64 = a.get(5).map_or(1, |d| d.parse().unwrap_or_else(|_| usage()));
         let log = ferry_tests::versioned::read_log(Path::new(&a[3]));
-        match ferry_tests::versioned::check(Path::new(&a[2]), &log, blocks) {
+        match ferry_tests::versioned::check_window(Path::new(&a[2]), &log, blocks, depth) {
             Ok(k) => println!("{k}"),
             Err(e) => {
                 eprintln!("ferry-mkimage check {}: {e}", a[2]);

@@ -213,14 +213,15 @@ impl Disk {
 
     /// Start reading, all at once and in order, what the batch is about to
     /// read from the replica one range at a time: the pre-images for the
-    /// journals and, after the writes, the sums' 64 KiB chunks around them.
-    /// Cold, those synchronous reads one after another were most of a
-    /// batch's time (the bpf tracker's `--once`); the kernel now has them
-    /// in flight together (POSIX_FADV_WILLNEED queues the reads and does not
-    /// wait). Pages already cached cost a lookup. Advice only: nothing
-    /// about what is read or written changes.
+    /// journals (the blocks the writes cover; the sums hash the written
+    /// blocks afterwards, from the page cache). Cold, those synchronous
+    /// reads one after another were most of a batch's time (the bpf
+    /// tracker's `--once`); the kernel now has them in flight together
+    /// (POSIX_FADV_WILLNEED queues the reads and does not wait). Pages
+    /// already cached cost a lookup. Advice only: nothing about what is
+    /// read or written changes.
     fn prefetch(&self, ops: &[Op]) {
-        let chunk = sums::CHUNK;
+        let chunk = sums::BLOCK;
         let mut want: Vec<(u64, u64)> = ops
             .iter()
             .filter(|op| matches!(op, Op::Write { .. }))

@@ -535,7 +535,7 @@ fn replica_damage(p: &Paths, name: &str, c: u64) -> RecoverError {
 /// read around each data extent; chunks wholly in holes must have the zero
 /// sum).
 fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool, check: Option<&Check>, shown: &str) -> Result<(), RecoverError> {
-    use sums::{chunk_sum, CHUNK};
+    use sums::CHUNK;
     let rd = |e: io::Error| ioe("reading the replica")(e);
     let wr = |e: io::Error| ioe(shown)(e);
     let mut buf = vec![0u8; 4 << 20];
@@ -565,7 +565,7 @@ fn copy_sparse(src: &File, dst: &File, size: u64, holes: bool, check: Option<&Ch
             let n = ((end - at) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], at).map_err(rd)?;
             if let Some(c) = check {
-                let sums: Vec<[u8; 16]> = buf[..n].chunks(CHUNK as usize).map(chunk_sum).collect();
+                let sums: Vec<[u8; 16]> = buf[..n].chunks(CHUNK as usize).map(|d| c.sums.sum_of(d)).collect();
                 c.chunks(at / CHUNK, &sums)?;
             }
             if !(holes && ferry_common::is_zero(&buf[..n])) {

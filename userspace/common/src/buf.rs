@@ -41,6 +41,13 @@ impl AlignedBuf {
     }
 
     /// The whole allocation, including the tail past `len`.
+    pub fn full(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity() bytes, zero-initialised at
+        // allocation; shared access only.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.capacity()) }
+    }
+
+    /// The whole allocation, including the tail past `len`.
     pub fn full_mut(&mut self) -> &mut [u8] {
         let cap = self.capacity();
         // SAFETY: ptr is valid for cap bytes, zero-initialised at allocation,

@@ -90,8 +90,18 @@ impl Source {
     /// Bytes past the end of the disk read as zero. Returns the filled slice.
     pub fn read_into<'a>(&self, buf: &'a mut AlignedBuf, offset: u64, len: usize) -> io::Result<&'a [u8]> {
         assert!(len <= buf.capacity(), "read of {len} bytes into a {} byte buffer", buf.capacity());
+        self.read_into_slice(buf.full_mut(), offset, len)
+    }
+
+    /// [`Source::read_into`] into part of an [`AlignedBuf`]'s allocation:
+    /// `full` must start at a multiple of [`ALIGN`] from the buffer's start
+    /// and hold `len` rounded up to [`ALIGN`].
+    pub fn read_into_slice<'a>(&self, full: &'a mut [u8], offset: u64, len: usize) -> io::Result<&'a [u8]> {
         let want = if self.direct { len.div_ceil(ALIGN) * ALIGN } else { len };
-        let full = buf.full_mut();
+        assert!(
+            want <= full.len() && (full.as_ptr() as usize).is_multiple_of(ALIGN),
+            "read of {len} bytes into a misaligned or short buffer"
+        );
         let mut done = 0usize;
         while done < want {
             let pos = offset + done as u64;

@@ -162,7 +162,9 @@ enum Failed {
     Cancelled,
 }
 
-type Done<T> = (usize, u64, usize, Result<(AlignedBuf, T), Failed>);
+/// A group's result: its index, and its buffer with each piece's work, or
+/// the offset where it failed.
+type Done<T> = (usize, Result<(AlignedBuf, Vec<T>), (u64, Failed)>);
 
 /// Waits, when a call ends in any way (its result, an error, a panic of
 /// `each`), for every job it dispatched to have sent its result: a job
@@ -222,50 +224,77 @@ impl BlockReader for LocalReader {
             }
             return Ok(total);
         };
+        // Small pieces (a tracker's scattered 4 KiB changes) go to the
+        // threads in groups, read one after another into one buffer: one
+        // hand-over per group, not per 4 KiB. Groups are sized so that a
+        // batch still keeps every thread busy (IN_FLIGHT reads in flight).
+        let per = (pieces.len() / (2 * IN_FLIGHT)).clamp(1, 64);
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let (mut g0, mut bytes) = (0usize, 0usize);
+        for (i, &(_, n)) in pieces.iter().enumerate() {
+            let need = n.div_ceil(4096) * 4096;
+            if i > g0 && (i - g0 >= per || bytes + need > PIECE as usize) {
+                groups.push((g0, i));
+                (g0, bytes) = (i, 0);
+            }
+            bytes += need;
+        }
+        groups.push((g0, pieces.len()));
         let (done_tx, done_rx) = unbounded::<Done<T>>();
         // Buffers handed back by the caller are read into again: a
         // whole-disk pass does not fault in a fresh gigabyte.
         let (pool_tx, pool_rx) = bounded::<AlignedBuf>(3 * IN_FLIGHT);
         let cancel = AtomicBool::new(false);
-        let work = &work;
+        let (work, pieces_ref) = (&work, &pieces);
         // Declared after everything the jobs borrow: dropped first.
         let mut drain = Drain { rx: &done_rx, cancel: &cancel, outstanding: 0 };
         let mut sent = 0usize;
         let mut next = 0usize;
-        let mut waiting: BTreeMap<usize, (u64, usize, AlignedBuf, T)> = BTreeMap::new();
-        while next < pieces.len() {
-            // Read-ahead is bounded: a piece is dispatched only while fewer
+        let mut waiting: BTreeMap<usize, (AlignedBuf, Vec<T>)> = BTreeMap::new();
+        while next < groups.len() {
+            // Read-ahead is bounded: a group is dispatched only while fewer
             // than 2 * IN_FLIGHT are read and not yet taken by the caller.
-            while sent < pieces.len() && sent - next < 2 * IN_FLIGHT {
-                let (i, (off, n)) = (sent, pieces[sent]);
+            while sent < groups.len() && sent - next < 2 * IN_FLIGHT {
+                let (gi, (a, b)) = (sent, groups[sent]);
                 let (done, bufs, cancel) = (done_tx.clone(), pool_rx.clone(), &cancel);
                 let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
                     let r = if cancel.load(Ordering::Relaxed) {
-                        Err(Failed::Cancelled)
+                        Err((pieces_ref[a].0, Failed::Cancelled))
                     } else {
                         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            let need = n.div_ceil(4096) * 4096;
+                            let need: usize = pieces_ref[a..b].iter().map(|&(_, n)| n.div_ceil(4096) * 4096).sum();
                             let mut buf = match bufs.try_recv() {
                                 Ok(b) if b.capacity() >= need => b,
                                 _ => AlignedBuf::new(need),
                             };
-                            let r = src.read_into(&mut buf, off, n).map(work);
-                            r.map(|t| (buf, t))
+                            let mut ts = Vec::with_capacity(b - a);
+                            let mut at = 0usize;
+                            let full = buf.full_mut();
+                            for &(off, n) in &pieces_ref[a..b] {
+                                let room = n.div_ceil(4096) * 4096;
+                                match src.read_into_slice(&mut full[at..at + room], off, n) {
+                                    Ok(data) => ts.push(work(data)),
+                                    Err(e) => return Err((off, e)),
+                                }
+                                at += room;
+                            }
+                            Ok((buf, ts))
                         }));
                         match read {
                             Ok(Ok(x)) => Ok(x),
-                            Ok(Err(e)) => Err(Failed::Io(e)),
-                            Err(p) => Err(Failed::Panic(p)),
+                            Ok(Err((off, e))) => Err((off, Failed::Io(e))),
+                            Err(p) => Err((pieces_ref[a].0, Failed::Panic(p))),
                         }
                     };
-                    let _ = done.send((i, off, n, r));
+                    let _ = done.send((gi, r));
                 });
-                // SAFETY: the job borrows `src`, `work` and `cancel`, which
-                // outlive this call's `drain`; `drain` (dropped before them,
-                // on every way out of this function, unwinding included)
-                // waits until every dispatched job has sent its result, and
-                // after that send a job touches none of the borrows. Only
-                // the lifetime changes: the layout of the box is the same.
+                // SAFETY: the job borrows `src`, `work`, `pieces` and
+                // `cancel`, which outlive this call's `drain`; `drain`
+                // (dropped before them, on every way out of this function,
+                // unwinding included) waits until every dispatched job has
+                // sent its result, and after that send a job touches none of
+                // the borrows. Only the lifetime changes: the layout of the
+                // box is the same.
                 let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
                 if jobs.send(job).is_err() {
                     // Not possible while the pool lives (it outlives `self`'s
@@ -275,20 +304,25 @@ impl BlockReader for LocalReader {
                 drain.outstanding += 1;
                 sent += 1;
             }
-            let Ok((i, off, n, r)) = done_rx.recv() else {
+            let Ok((gi, r)) = done_rx.recv() else {
                 return Err(ReadError::Stopped.into());
             };
             drain.outstanding -= 1;
             match r {
-                Ok((buf, t)) => {
-                    waiting.insert(i, (off, n, buf, t));
+                Ok(x) => {
+                    waiting.insert(gi, x);
                 }
-                Err(Failed::Io(source)) => return Err(ReadError::Read { offset: off, source }.into()),
-                Err(Failed::Panic(p)) => std::panic::resume_unwind(p),
-                Err(Failed::Cancelled) => return Err(ReadError::Stopped.into()),
+                Err((offset, Failed::Io(source))) => return Err(ReadError::Read { offset, source }.into()),
+                Err((_, Failed::Panic(p))) => std::panic::resume_unwind(p),
+                Err((_, Failed::Cancelled)) => return Err(ReadError::Stopped.into()),
             }
-            while let Some((off, n, buf, t)) = waiting.remove(&next) {
-                each(off, &buf[..n], t)?;
+            while let Some((buf, ts)) = waiting.remove(&next) {
+                let (a, b) = groups[next];
+                let mut at = 0usize;
+                for (&(off, n), t) in pieces[a..b].iter().zip(ts) {
+                    each(off, &buf.full()[at..at + n], t)?;
+                    at += n.div_ceil(4096) * 4096;
+                }
                 let _ = pool_tx.try_send(buf);
                 next += 1;
             }

@@ -35,6 +35,10 @@
 //!   one, at a moment it calls quiet; if not every writer froze, a
 //!   crash-consistent point is cut at once instead; a request placed
 //!   handles the due cut ([`Step::cut_placed`]);
+//! - a sink that can answer a checksum pass ([`Sink::replica`]) hands its
+//!   replica to the source with every batch
+//!   ([`ChangeSource::next_batch_with`]): the scan's passes send what
+//!   differs through it, in the sink's stream, before the batch ends;
 //! - a cut waits for the source's barrier: [`ChangeSource::barrier`], the
 //!   writes it holds in flight shipped, then [`ChangeSource::quiesce`];
 //! - an app-consistent cut ([`CutPlan::Freeze`]) ships what the writers

@@ -45,7 +45,7 @@ use ferry_sources::bpf::{BpfCounters, BpfRingSource, BpfSource};
 use ferry_sources::kmod::{KmodAttach, KmodSource, KmodState, KmodStore};
 use ferry_sources::reader::{BlockReader, LocalReader, ReadError};
 use ferry_sources::ring::RingSource;
-use ferry_sources::scan;
+use ferry_sources::scan::{self, ScanSource};
 use ferry_sources::shipper::{CutPlan, NoPoint, Shipper, Sink};
 use ferry_sources::{ChangeSource, Position, SourceError};
 use owner::{Claim, Owner};
@@ -116,7 +116,7 @@ impl From<SourceError> for AgentError {
             SourceError::Io { what, source } => AgentError::Io { what, source },
             SourceError::Ring(r) => AgentError::Ring(r),
             SourceError::Bpf(b) => AgentError::Bpf(b),
-            SourceError::Detached(m) => AgentError::NoConsistentPoint(m),
+            SourceError::Detached(m) | SourceError::NoPoint(m) => AgentError::NoConsistentPoint(m),
             SourceError::Other(m) => AgentError::Tracker(m),
         }
     }
@@ -849,7 +849,7 @@ impl Agent {
                 let k = self.kmod.take().expect("kmod tracker is attached");
                 self.stream_on(sess, start, k)
             }
-            _ => self.scan_loop(sess, start, verified_by_stamp),
+            Tracker::Scan | Tracker::Auto => self.scan_stream(sess, start, verified_by_stamp),
         }
     }
 
@@ -956,85 +956,50 @@ impl Agent {
         Ok(p)
     }
 
-    /// The scan tracker: checksum passes, then a point once a pass finds the
-    /// replica equal to the source.
-    fn scan_loop(&mut self, sess: &mut Session, start: Instant, mut verified: bool) -> Result<Summary, AgentError> {
-        let mut first = true;
+    /// The scan tracker on the shipper loop: each step is a round of
+    /// checksum passes ([`ScanSource`], through this agent's session as the
+    /// sink's replica), then a point if the round settled (under
+    /// `--freeze-cmd`, its verify passes run inside the freeze); a pause of
+    /// `--point-every` between rounds.
+    fn scan_stream(&mut self, sess: &mut Session, start: Instant, verified: bool) -> Result<Summary, AgentError> {
+        let (once, every, frozen) = (self.opts.once, self.opts.point_every, self.opts.freeze_cmd.is_some());
+        let src = Arc::clone(&self.src);
+        let mut source = ScanSource::new(&self.st.name, self.reader.clone()).with_stamp(move || stamp(&src)).verify_under_freeze(frozen);
+        if self.did_initial || self.did_resync {
+            // The replica was just brought to the disk: no resync pass first.
+            source = source.after_sync(verified);
+        }
+        let reader = self.reader.clone();
+        let mut sh = Shipper::start(source, AgentSink::new(self, sess), reader, 0)?;
         loop {
-            if !first || !(self.did_initial || self.did_resync) {
-                let before = stamp(&self.src);
-                self.st.mode = Mode::Resync;
-                self.scan_pass(sess, "resync")?;
-                verified = before.is_some() && before == stamp(&self.src);
-            }
-            first = false;
-            // Under --freeze-cmd a separate process thaws (runs the thaw
-            // command) if this one dies or overruns the freeze cap, as for
-            // the trackers' frozen cuts; the verify pass must fit the cap.
-            let cap = self.opts.freeze_cap;
-            let (frozen, guard) = match &self.opts.freeze_cmd {
-                Some(c) => {
-                    let g = freeze::Guard::start(&[], cap + Duration::from_secs(2), self.opts.thaw_cmd.as_deref());
-                    if let Err(e) = run_hook("freeze", c) {
-                        drop(g); // runs the thaw command
-                        return Err(e);
+            let step = sh.step(true);
+            let AgentSink { agent, sess, .. } = &mut sh.sink;
+            match step {
+                Ok(st) if !st.points.is_empty() => {
+                    agent.st.cut_problem = None;
+                    if once {
+                        let p = agent.st.last_point.clone().expect("a point was cut");
+                        return Ok(agent.summary(sess, start, &p));
                     }
-                    self.frozen = true; // no state writes until thaw()
-                    (true, Some(g))
                 }
-                None => (false, None),
-            };
-            let t0 = Instant::now();
-            let r = (|| {
-                let mut passes = 0;
-                // Under a freeze nothing moves: one verify pass settles it.
-                while !verified || frozen {
-                    let diff = self.scan_pass(sess, "verify")?;
-                    passes += 1;
-                    if diff == 0 {
-                        break;
+                // A round with no point and no error: the verify passes under
+                // the freeze outlasted --freeze-cap (the sink said so).
+                Ok(_) => {
+                    let why = agent.st.cut_problem.clone().unwrap_or_else(|| format!("{}: no consistent point cut", agent.st.name));
+                    if once {
+                        return Err(AgentError::NoConsistentPoint(why));
                     }
-                    if passes >= 5 {
-                        return Err(AgentError::NoConsistentPoint(format!(
-                            "{}: the disk kept changing through {passes} checksum passes; no consistent point cut (use a tracker, or --freeze-cmd)",
-                            self.st.name
-                        )));
-                    }
-                    verified = false;
-                }
-                if frozen && t0.elapsed() > cap {
-                    return Err(AgentError::NoConsistentPoint(format!(
-                        "{}: the verify pass under --freeze-cmd took {:.1}s, longer than --freeze-cap {:.1}s; thawed without a point \
-                         (raise --freeze-cap, or use a tracker)",
-                        self.st.name,
-                        t0.elapsed().as_secs_f64(),
-                        cap.as_secs_f64()
-                    )));
-                }
-                self.cut(sess, if frozen { PointKind::App } else { PointKind::Crash })
-            })();
-            let thawed = if frozen { self.thaw() } else { Ok(()) };
-            if let Some(g) = guard {
-                g.done();
-            }
-            let p = match r {
-                Err(AgentError::NoConsistentPoint(why)) if frozen && !self.opts.once => {
                     log::warn!("{why}");
-                    self.st.cut_problem = Some(why);
-                    self.save()?;
-                    thawed?;
-                    verified = false;
-                    self.pause(sess, self.opts.point_every)?;
-                    continue;
+                    agent.save()?;
                 }
-                r => r?,
-            };
-            thawed?;
-            if self.opts.once {
-                return Ok(self.summary(sess, start, &p));
+                Err(AgentError::NoConsistentPoint(why)) if frozen && !once => {
+                    log::warn!("{why}");
+                    agent.st.cut_problem = Some(why);
+                    agent.save()?;
+                }
+                Err(e) => return Err(e),
             }
-            verified = false;
-            self.pause(sess, self.opts.point_every)?;
+            agent.pause(sess, every)?;
         }
     }
 
@@ -1106,32 +1071,8 @@ impl Agent {
     /// The disk is read through the block reader (ferry-sources'
     /// [`scan::pass`]). Returns the number of differing bytes.
     pub fn scan_pass(&mut self, sess: &mut Session, what: &str) -> Result<u64, AgentError> {
-        let size = self.st.size;
-        let pb = progress_bar(self.opts.progress, size, what);
-        // The map describes the replica only if nothing was sent since it was
-        // checked against the master target's durable sequence.
-        let map = self.map.take().filter(|m| sess.next_seq == m.seq + 1);
-        if map.is_some() {
-            log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
-        }
-        let found = self.verify_found.take();
         let reader = self.reader.clone();
-        let mut peer = PassPeer { agent: self, sess, found, pb: &pb, upto: 0, units: Vec::new() };
-        let r = scan::pass(&reader, &mut peer, map.as_ref().map(|m| &m.sums[..]));
-        let found = peer.found.take();
-        drop(peer);
-        let r = r.and_then(|p| sess.wait_acked(sess.next_seq - 1).map(|_| p));
-        pb.finish_and_clear();
-        let dry = found.is_some();
-        self.verify_found = found;
-        let p = r?;
-        if dry {
-            return Ok(p.differing);
-        }
-        self.pass_sums = Some(p.sums);
-        self.note_ack(sess);
-        log::info!("{what} pass: {} bytes differed", p.differing);
-        Ok(p.differing)
+        scan::run_pass(&reader, &mut AgentSink::new(self, sess), what)
     }
 
     /// The ring and the bpf tracker on the shipper loop: [`RingSource`]
@@ -1159,7 +1100,7 @@ impl Agent {
         let durable = source.durable_position();
         let reader = self.reader.clone();
         let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
-        let mut sh = Shipper::start(source, AgentSink { agent: self, sess, mounts: Vec::new(), run: None }, reader, durable)?;
+        let mut sh = Shipper::start(source, AgentSink::new(self, sess), reader, durable)?;
         let r = (|| -> Result<Summary, AgentError> {
             let mut last_cut = Instant::now();
             let mut quiet_tries = 0u32;
@@ -1359,7 +1300,8 @@ impl Agent {
 /// session; durability is the acknowledged sequence *as saved* in
 /// `agent.state` (so the source is released only behind a saved
 /// acknowledgement, as the ring loop always did); a resync is the agent's
-/// checksum pass; a point is the agent's cut.
+/// checksum pass; a point is the agent's cut. It is also the replica's
+/// side of every checksum pass ([`scan::Replica`]).
 struct AgentSink<'a> {
     agent: &'a mut Agent,
     sess: &'a mut Session,
@@ -1367,6 +1309,30 @@ struct AgentSink<'a> {
     mounts: Vec<PathBuf>,
     /// The freeze under way.
     run: Option<FreezeRun>,
+    /// The checksum pass under way.
+    pass: Option<PassRun>,
+}
+
+impl<'a> AgentSink<'a> {
+    fn new(agent: &'a mut Agent, sess: &'a mut Session) -> AgentSink<'a> {
+        AgentSink { agent, sess, mounts: Vec::new(), run: None, pass: None }
+    }
+}
+
+/// A checksum pass under way ([`scan::Replica::pass_begin`] to
+/// [`scan::Replica::pass_end`]): its progress bar, cleared when it ends
+/// (or fails).
+struct PassRun {
+    pb: indicatif::ProgressBar,
+    /// Read up to here (for the byte counter).
+    upto: u64,
+    units: Vec<Unit>,
+}
+
+impl Drop for PassRun {
+    fn drop(&mut self) {
+        self.pb.finish_and_clear();
+    }
 }
 
 /// A freeze under way ([`AgentSink::freeze`] to [`AgentSink::thaw`]).
@@ -1534,8 +1500,13 @@ impl Sink for AgentSink<'_> {
     /// Freeze when a filesystem of the disk is mounted or `--freeze-cmd`
     /// is given; pre-copy (flush the filesystems now, ship, then freeze)
     /// when there are filesystems.
+    /// The scan freezes only with `--freeze-cmd` (its verify passes read
+    /// the whole disk: too long to hold filesystems frozen).
     fn cut_plan(&mut self) -> CutPlan {
-        self.mounts = freeze::mounts_of(&self.agent.opts.disk);
+        self.mounts = match self.agent.tracker {
+            Tracker::Scan => Vec::new(),
+            _ => freeze::mounts_of(&self.agent.opts.disk),
+        };
         if self.agent.opts.freeze_cmd.is_none() && self.mounts.is_empty() {
             return CutPlan::Quiet;
         }
@@ -1606,6 +1577,17 @@ impl Sink for AgentSink<'_> {
 
     fn no_point(&mut self, why: NoPoint) {
         let cap = self.agent.opts.freeze_cap.as_secs_f64();
+        if self.agent.tracker == Tracker::Scan {
+            // The scan's verify passes under --freeze-cmd: the scan loop
+            // says it (or stops with it under --once).
+            let took = self.run.as_ref().map_or(0.0, |r| r.t0.elapsed().as_secs_f64());
+            self.agent.st.cut_problem = Some(format!(
+                "{}: the verify pass under --freeze-cmd took {took:.1}s, longer than --freeze-cap {cap:.1}s; thawed without a point \
+                 (raise --freeze-cap, or use a tracker)",
+                self.agent.st.name
+            ));
+            return;
+        }
         self.agent.st.cut_problem = Some(match why {
             NoPoint::FreezeCap => {
                 log::warn!("freeze cap of {cap:.1}s reached; thawing without a point");
@@ -1616,23 +1598,17 @@ impl Sink for AgentSink<'_> {
             }
         });
     }
+
+    fn replica(&mut self) -> Option<&mut dyn scan::Replica<Error = AgentError>> {
+        Some(self)
+    }
 }
 
 /// The agent's side of a checksum pass ([`scan::pass`]): the master
 /// target's sums over the session, the differing pieces sent (or, during a
-/// `--verify` pass, collected in `found`), progress and the agent's
+/// `--verify` pass, collected in `verify_found`), progress and the agent's
 /// periodic duties between pieces.
-struct PassPeer<'a> {
-    agent: &'a mut Agent,
-    sess: &'a mut Session,
-    found: Option<Vec<(u64, u64)>>,
-    pb: &'a indicatif::ProgressBar,
-    /// Read up to here (for the byte counter).
-    upto: u64,
-    units: Vec<Unit>,
-}
-
-impl scan::Replica for PassPeer<'_> {
+impl scan::Replica for AgentSink<'_> {
     type Error = AgentError;
 
     fn request(&mut self, offset: u64, chunk: u32, count: u32) -> Result<u64, AgentError> {
@@ -1648,24 +1624,62 @@ impl scan::Replica for PassPeer<'_> {
     }
 
     fn differs(&mut self, offset: u64, data: &[u8]) -> Result<(), AgentError> {
-        if let Some(f) = self.found.as_mut() {
+        if let Some(f) = self.agent.verify_found.as_mut() {
             f.push((offset, offset + data.len() as u64));
             return Ok(());
         }
-        prepare(offset, data, UNIT, &mut self.units);
-        for u in self.units.drain(..) {
+        let mut units = self.pass.as_mut().map(|p| std::mem::take(&mut p.units)).unwrap_or_default();
+        prepare(offset, data, UNIT, &mut units);
+        for u in units.drain(..) {
             self.sess.send_unit(u)?;
+        }
+        if let Some(p) = self.pass.as_mut() {
+            p.units = units;
         }
         Ok(())
     }
 
     fn progress(&mut self, upto: u64) -> Result<(), AgentError> {
-        self.agent.bytes_read += upto - self.upto;
-        self.upto = upto;
-        self.pb.set_position(upto);
+        if let Some(p) = self.pass.as_mut() {
+            self.agent.bytes_read += upto.saturating_sub(p.upto);
+            p.upto = upto;
+            p.pb.set_position(upto);
+        }
         self.agent.note_ack(self.sess);
         self.agent.save_if_due()?;
         self.agent.checkpoint(self.sess)
+    }
+
+    /// The chunk map, if it still describes the replica (nothing was sent
+    /// since it was checked against the master target's durable sequence);
+    /// it is used once.
+    fn pass_begin(&mut self, what: &str) -> Result<Option<Vec<[u8; 16]>>, AgentError> {
+        if what == "resync" {
+            self.agent.st.mode = Mode::Resync;
+        }
+        let pb = progress_bar(self.agent.opts.progress, self.agent.st.size, what);
+        self.pass = Some(PassRun { pb, upto: 0, units: Vec::new() });
+        let map = self.agent.map.take().filter(|m| self.sess.next_seq == m.seq + 1);
+        if map.is_some() {
+            log::info!("{what} pass: using the chunk map; the master target reads only chunks that differ");
+        }
+        Ok(map.map(|m| m.sums))
+    }
+
+    /// Everything the pass sent acknowledged; its coarse sums are the
+    /// replica's if no frame follows before the next point.
+    fn pass_end(&mut self, what: &str, p: scan::Pass) -> Result<(), AgentError> {
+        let run = self.pass.take();
+        let r = self.sess.wait_acked(self.sess.next_seq - 1);
+        drop(run);
+        r?;
+        if self.agent.verify_found.is_some() {
+            return Ok(()); // a dry pass: nothing was sent
+        }
+        self.agent.pass_sums = Some(p.sums);
+        self.agent.note_ack(self.sess);
+        log::info!("{what} pass: {} bytes differed", p.differing);
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@
 //! | test ring ([`ring::RingSource`]) | ring index | — | ring overflow, invalid record |
 //! | eBPF tracker ([`bpf::BpfRingSource`]) | `STATE/ring` index | pinned bitmap, disk order | `lost`, recursion miss, device cross-check |
 //! | kernel module ([`kmod::KmodSource`]) | batch number (ring indices kept inside) | module bitmap hand-over (`STATE/kmod.catchup`) | module overflow, invalid record, unclean stop |
-//! | scan | pass number | the whole disk by checksum | — |
+//! | scan ([`scan::ScanSource`]) | pass number | (every round is a whole-disk checksum pass, sent through the sink's replica) | — |
 //! | VDDK (CBT) | change id | `QueryChangedDiskAreas` | change id reset |
 //! | QEMU dirty bitmap | bitmap generation | NBD `qemu:dirty-bitmap` | bitmap lost or disabled |
 
@@ -48,6 +48,10 @@ pub enum SourceError {
     /// The tracker is gone (detached by someone else, unloaded): stop.
     #[error("{0}")]
     Detached(String),
+    /// No consistent point can be cut (the scan: the disk kept changing
+    /// through every pass allowed).
+    #[error("{0}")]
+    NoPoint(String),
     #[error("{0}")]
     Other(String),
 }
@@ -149,6 +153,19 @@ pub trait ChangeSource {
 
     /// Up to about `max` changes after the last batch (may be empty).
     fn next_batch(&mut self, max: usize) -> Result<Batch, SourceError>;
+
+    /// [`ChangeSource::next_batch`], with the replica at hand (the sink's,
+    /// [`shipper::Sink::replica`]): a source that compares the disk with
+    /// the replica itself (the scan) runs its passes here and sends what
+    /// differs through `replica` as it finds it. The default ignores it.
+    fn next_batch_with<E: From<SourceError> + From<reader::ReadError>>(
+        &mut self,
+        max: usize,
+        replica: &mut dyn scan::Replica<Error = E>,
+    ) -> Result<Batch, E> {
+        let _ = replica;
+        Ok(self.next_batch(max)?)
+    }
 
     /// Everything up to `upto` is durable at the master target: the source
     /// may forget it. Never called with a position not yet handed out.

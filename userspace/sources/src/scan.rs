@@ -22,10 +22,13 @@
 //!   reads its cold replica for the fine sums while the disk is read on.
 //!   Only the differing runs are kept (copied), not the pieces around them.
 //!
-//! Why the pass does not run as a [`crate::ChangeSource`] inside the
-//! shipper: docs/architecture.md, "The scan".
+//! The scan tracker is [`ScanSource`], a [`ChangeSource`] on the shipper:
+//! the shipper hands it the sink's [`Replica`]
+//! ([`ChangeSource::next_batch_with`]), and its passes send what differs
+//! through it as they find it.
 
 use crate::reader::{BlockReader, ReadError};
+use crate::{Batch, ChangeSource, Position, Quiet, SourceError, SourceStats};
 use std::collections::VecDeque;
 
 /// First-level chunk (16 bytes of sum per 64 KiB: 0.025% of the disk); the
@@ -64,6 +67,18 @@ pub trait Replica {
     fn differs(&mut self, offset: u64, data: &[u8]) -> Result<(), Self::Error>;
     /// The disk is read (and compared at coarse level) up to `upto`.
     fn progress(&mut self, upto: u64) -> Result<(), Self::Error>;
+    /// A pass (`what`: "resync", "verify", …) begins ([`run_pass`]):
+    /// the replica's coarse sums if they are known without asking (a
+    /// trusted chunk map).
+    fn pass_begin(&mut self, what: &str) -> Result<Option<Vec<[u8; 16]>>, Self::Error> {
+        let _ = what;
+        Ok(None)
+    }
+    /// The pass is done, what differed handed over: what it found.
+    fn pass_end(&mut self, what: &str, pass: Pass) -> Result<(), Self::Error> {
+        let _ = (what, pass);
+        Ok(())
+    }
 }
 
 /// What a pass found.
@@ -87,7 +102,7 @@ struct Run {
 /// Compare the disk (through `reader`) with the replica, handing the
 /// differing fine pieces to [`Replica::differs`] in disk order. `map`: the
 /// replica's coarse sums, trusted (else they are asked for).
-pub fn pass<R: BlockReader, Q: Replica>(reader: &R, replica: &mut Q, map: Option<&[[u8; 16]]>) -> Result<Pass, Q::Error> {
+pub fn pass<R: BlockReader, Q: Replica + ?Sized>(reader: &R, replica: &mut Q, map: Option<&[[u8; 16]]>) -> Result<Pass, Q::Error> {
     let size = reader.size();
     let nchunks = size.div_ceil(u64::from(COARSE)) as usize;
     let mut out = Pass { sums: Vec::with_capacity(nchunks), ..Pass::default() };
@@ -200,7 +215,7 @@ struct Open {
 
 /// Ask for the fine sums of an open run (cut back to its last differing
 /// chunk) and queue it; returns the bytes it holds.
-fn close<Q: Replica>(replica: &mut Q, open: Option<Open>, runs: &mut VecDeque<Run>) -> Result<usize, Q::Error> {
+fn close<Q: Replica + ?Sized>(replica: &mut Q, open: Option<Open>, runs: &mut VecDeque<Run>) -> Result<usize, Q::Error> {
     let Some(mut o) = open else { return Ok(0) };
     o.data.truncate((o.diff_end - o.offset) as usize);
     let n = o.data.len().div_ceil(FINE as usize) as u32;
@@ -211,7 +226,7 @@ fn close<Q: Replica>(replica: &mut Q, open: Option<Open>, runs: &mut VecDeque<Ru
 }
 
 /// Compare a held run with the replica's fine sums; hand over what differs.
-fn refine<Q: Replica>(replica: &mut Q, r: Run) -> Result<u64, Q::Error> {
+fn refine<Q: Replica + ?Sized>(replica: &mut Q, r: Run) -> Result<u64, Q::Error> {
     let mine: Vec<[u8; 16]> = r.data.chunks(FINE as usize).map(ferry_common::xxh128).collect();
     let theirs = replica.receive(r.req, r.offset, mine.len())?;
     let mut n = 0u64;
@@ -222,6 +237,201 @@ fn refine<Q: Replica>(replica: &mut Q, r: Run) -> Result<u64, Q::Error> {
         n += (hi - lo) as u64;
     }
     Ok(n)
+}
+
+/// A whole pass named `what`, wrapped in the replica's hooks
+/// ([`Replica::pass_begin`], [`Replica::pass_end`]); returns the bytes
+/// that differed.
+pub fn run_pass<R: BlockReader, Q: Replica + ?Sized>(reader: &R, replica: &mut Q, what: &str) -> Result<u64, Q::Error> {
+    let map = replica.pass_begin(what)?;
+    let p = pass(reader, replica, map.as_deref())?;
+    let differing = p.differing;
+    replica.pass_end(what, p)?;
+    Ok(differing)
+}
+
+/// Checksum passes before a point give up after this many verify passes
+/// that found differences.
+pub const MAX_VERIFY_PASSES: u32 = 5;
+
+/// The file's change stamp (mtime, ctime, size, inode: whatever the
+/// caller takes), if it has one: a pass over an image whose stamp did not
+/// move saw a state of it.
+pub type Stamp = (i64, i64, i64, i64);
+
+/// The scan tracker as a change source: each batch outside a freeze is a
+/// round of checksum passes that leaves the replica equal to a state of
+/// the disk, or says why not. Its differences go to the replica as the
+/// passes find them (through the sink's [`Replica`], so memory stays
+/// bounded by the pass's window), never into the batch: a batch holds no
+/// changes, its position is the number of passes run.
+///
+/// A round, as the scan always did it: a "resync" pass (none in the first
+/// round after an initial sync or a resync), then, unless the image's
+/// stamp did not move during it, "verify" passes until one finds nothing
+/// (at most [`MAX_VERIFY_PASSES`], then "the disk kept changing"). The
+/// stream is at a prefix state ([`ChangeSource::quiesce`]) only after
+/// such a round. With [`ScanSource::verify_under_freeze`], the verify
+/// passes run inside the freeze instead (between
+/// [`ChangeSource::freeze_begin`] and [`ChangeSource::freeze_end`]), at
+/// least one, as many as it takes (the same limit): a point follows only
+/// a pass under the freeze that found nothing.
+pub struct ScanSource<R> {
+    name: String,
+    reader: R,
+    stamp: Box<dyn FnMut() -> Option<Stamp>>,
+    /// The first round follows a sync or resync: no resync pass; `Some(true)`
+    /// when the image's stamp did not move during it.
+    first: Option<bool>,
+    under_freeze: bool,
+    frozen: bool,
+    /// The last round (or the passes under the freeze) left the replica
+    /// equal to a state of the disk.
+    clean: bool,
+    /// Passes run: the position.
+    passes: Position,
+    stats: SourceStats,
+}
+
+impl<R: BlockReader> ScanSource<R> {
+    /// A scan of the disk `reader` reads; `name` for messages.
+    pub fn new(name: &str, reader: R) -> ScanSource<R> {
+        ScanSource {
+            name: name.into(),
+            reader,
+            stamp: Box::new(|| None),
+            first: None,
+            under_freeze: false,
+            frozen: false,
+            clean: false,
+            passes: 0,
+            stats: SourceStats::default(),
+        }
+    }
+
+    /// The disk's change stamp, where it has one (an image file).
+    pub fn with_stamp(mut self, stamp: impl FnMut() -> Option<Stamp> + 'static) -> Self {
+        self.stamp = Box::new(stamp);
+        self
+    }
+
+    /// The replica was just brought to the disk (an initial sync or a
+    /// resync): the first round runs no resync pass; `verified`: the
+    /// image's stamp did not move during it (no verify pass either).
+    pub fn after_sync(mut self, verified: bool) -> Self {
+        self.first = Some(verified);
+        self
+    }
+
+    /// Points are cut under a freeze (`--freeze-cmd`): the verify passes
+    /// run inside it.
+    pub fn verify_under_freeze(mut self, yes: bool) -> Self {
+        self.under_freeze = yes;
+        self
+    }
+
+    fn pass<E: From<SourceError> + From<ReadError>>(&mut self, replica: &mut dyn Replica<Error = E>, what: &str) -> Result<u64, E> {
+        self.passes += 1;
+        let n = run_pass(&self.reader, replica, what)?;
+        if n > 0 {
+            self.stats.changes += 1;
+        }
+        Ok(n)
+    }
+
+    /// Verify passes until one finds nothing, at most [`MAX_VERIFY_PASSES`].
+    fn verify<E: From<SourceError> + From<ReadError>>(&mut self, replica: &mut dyn Replica<Error = E>) -> Result<(), E> {
+        for _ in 0..MAX_VERIFY_PASSES {
+            if self.pass(replica, "verify")? == 0 {
+                return Ok(());
+            }
+        }
+        Err(SourceError::NoPoint(format!(
+            "{}: the disk kept changing through {MAX_VERIFY_PASSES} checksum passes; no consistent point cut (use a tracker, or --freeze-cmd)",
+            self.name
+        ))
+        .into())
+    }
+}
+
+impl<R: BlockReader> ChangeSource for ScanSource<R> {
+    fn kind(&self) -> &'static str {
+        "scan"
+    }
+
+    fn resume(&mut self, durable: Position) -> Result<(), SourceError> {
+        self.passes = durable;
+        Ok(())
+    }
+
+    /// Without the replica there is nothing to compare with: nothing.
+    fn next_batch(&mut self, _max: usize) -> Result<Batch, SourceError> {
+        Ok(Batch { changes: Vec::new(), end: self.passes, oldest_ns: None })
+    }
+
+    fn next_batch_with<E: From<SourceError> + From<ReadError>>(
+        &mut self,
+        _max: usize,
+        replica: &mut dyn Replica<Error = E>,
+    ) -> Result<Batch, E> {
+        self.clean = false;
+        if self.frozen {
+            // Under the freeze: at least one pass, whatever came before.
+            self.verify(replica)?;
+            self.clean = true;
+        } else {
+            let verified = match self.first.take() {
+                Some(v) => v,
+                None => {
+                    let before = (self.stamp)();
+                    self.pass(replica, "resync")?;
+                    before.is_some() && before == (self.stamp)()
+                }
+            };
+            if !self.under_freeze {
+                if !verified {
+                    self.verify(replica)?;
+                }
+                self.clean = true;
+            }
+        }
+        Ok(Batch { changes: Vec::new(), end: self.passes, oldest_ns: None })
+    }
+
+    fn release(&mut self, _upto: Position) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// At a prefix state after a round that settled it; before a freeze
+    /// whose passes will settle it, the stream as handed out is whole
+    /// (nothing held): the freeze may be tried.
+    fn quiesce(&mut self) -> Result<Quiet, SourceError> {
+        Ok(if self.clean || self.under_freeze && !self.frozen { Quiet::Yes } else { Quiet::No })
+    }
+
+    fn freeze_begin(&mut self) -> Result<(), SourceError> {
+        self.frozen = true;
+        self.clean = false;
+        Ok(())
+    }
+
+    fn freeze_end(&mut self, _point: bool) -> Result<(), SourceError> {
+        self.frozen = false;
+        self.clean = false;
+        Ok(())
+    }
+
+    fn knows_prefix_states(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> SourceStats {
+        self.stats
+    }
+
+    fn detach(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// Runs `[a, b)` of indices where `x` and `y` differ, at most `max` long.

@@ -35,6 +35,10 @@
 //!   one, at a moment it calls quiet; if not every writer froze, a
 //!   crash-consistent point is cut at once instead; a request placed
 //!   handles the due cut ([`Step::cut_placed`]);
+//! - a sink that can answer a checksum pass ([`Sink::replica`]) hands its
+//!   replica to the source with every batch
+//!   ([`ChangeSource::next_batch_with`]): the scan's passes send what
+//!   differs through it, in the sink's stream, before the batch ends;
 //! - a cut waits for the source's barrier: [`ChangeSource::barrier`], the
 //!   writes it holds in flight shipped, then [`ChangeSource::quiesce`];
 //! - an app-consistent cut ([`CutPlan::Freeze`]) ships what the writers
@@ -44,7 +48,8 @@
 //!   gives no point this time, a partial one a crash-consistent point.
 
 use crate::reader::{BlockReader, ReadError};
-use crate::{Change, ChangeSource, Marker, Position, Quiet, SourceError};
+use crate::scan::Replica;
+use crate::{Batch, Change, ChangeSource, Marker, Position, Quiet, SourceError};
 use std::collections::VecDeque;
 
 /// Where a stream goes: the master target's session now, a process
@@ -104,6 +109,13 @@ pub trait Sink {
     /// A due point could not be cut, and why (for status).
     fn no_point(&mut self, why: NoPoint) {
         let _ = why;
+    }
+    /// The replica's side of a checksum pass, over this sink's connection
+    /// to the master target, for a source that compares the disk with the
+    /// replica itself ([`ChangeSource::next_batch_with`], the scan); what
+    /// differs is sent in the sink's stream. `None`: this sink cannot.
+    fn replica(&mut self) -> Option<&mut dyn Replica<Error = Self::Error>> {
+        None
     }
 }
 
@@ -222,6 +234,15 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         })
     }
 
+    /// The source's next batch, the sink's replica at hand
+    /// ([`ChangeSource::next_batch_with`]) where the sink has one.
+    fn next(&mut self) -> Result<Batch, K::Error> {
+        match self.sink.replica() {
+            Some(r) => self.source.next_batch_with(self.batch, r),
+            None => Ok(self.source.next_batch(self.batch)?),
+        }
+    }
+
     /// Whether the stream is at a consistent position (no catch-up or
     /// resync under way).
     pub fn consistent(&self) -> bool {
@@ -243,7 +264,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
     /// stream is at a consistent, quiet position.
     pub fn step(&mut self, cut_due: bool) -> Result<Step, K::Error> {
         let mut out = Step::default();
-        let mut b = self.source.next_batch(self.batch)?;
+        let mut b = self.next()?;
         if let Some(why) = self.deferred_loss.take() {
             b.changes.insert(0, Change::Loss(why));
         }
@@ -454,7 +475,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         }
         if precopy {
             loop {
-                let b = self.source.next_batch(self.batch)?;
+                let b = self.next()?;
                 if b.changes.is_empty() {
                     break;
                 }
@@ -496,7 +517,9 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
                 self.sink.no_point(NoPoint::FreezeCap);
                 return Ok(None);
             }
-            let b = self.source.next_batch(self.batch)?;
+            // (A scan's verify passes under the freeze run here, all in
+            // one batch, as many as it takes.)
+            let b = self.next()?;
             if b.changes.is_empty() {
                 break;
             }
@@ -512,6 +535,7 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
             return Ok(None);
         }
         if self.sink.freeze_over_cap() {
+            self.sink.no_point(NoPoint::FreezeCap);
             return Ok(None);
         }
         self.unverified = false;
@@ -529,7 +553,8 @@ mod tests {
     //! The shipper against an in-memory disk, a fake tracker over it and a
     //! fake master target that makes frames durable when told to.
     use super::*;
-    use crate::{Batch, SourceStats};
+    use crate::scan::ScanSource;
+    use crate::SourceStats;
     use std::cell::RefCell;
     use std::rc::Rc;
 
@@ -706,9 +731,14 @@ mod tests {
         problems: Vec<NoPoint>,
         /// Times a cut plan was asked for (each a filesystem sync).
         plans: u32,
+        /// A frozen cut pre-copies.
+        precopy: bool,
+        /// Sums asked for by a checksum pass, by request id.
+        sums: std::collections::HashMap<u64, Vec<[u8; 16]>>,
     }
     impl FakeSink {
-        fn replica(&self, upto: u64) -> Vec<u8> {
+        /// The replica after the first `upto` frames.
+        fn image(&self, upto: u64) -> Vec<u8> {
             let mut r = vec![0u8; SIZE as usize];
             for f in self.frames.iter().take(upto as usize) {
                 match f {
@@ -752,7 +782,7 @@ mod tests {
             let seq = self.push(Frame::Tag);
             self.durable = seq;
             let id = self.points.len() as u64 + 1;
-            self.points.push((id, self.replica(seq)));
+            self.points.push((id, self.image(seq)));
             self.ev.borrow_mut().push(format!("cut {id}"));
             Ok(id)
         }
@@ -779,7 +809,7 @@ mod tests {
             self.plans += 1;
             match self.freeze {
                 None => CutPlan::Quiet,
-                Some(_) => CutPlan::Freeze { precopy: true },
+                Some(_) => CutPlan::Freeze { precopy: self.precopy },
             }
         }
         fn freeze(&mut self) -> Result<Option<bool>, E> {
@@ -796,6 +826,40 @@ mod tests {
         }
         fn no_point(&mut self, why: NoPoint) {
             self.problems.push(why);
+        }
+        fn replica(&mut self) -> Option<&mut dyn Replica<Error = E>> {
+            Some(self)
+        }
+    }
+
+    /// The master target's side of a checksum pass: sums of the replica as
+    /// every frame sent so far leaves it.
+    impl Replica for FakeSink {
+        type Error = E;
+        fn request(&mut self, offset: u64, chunk: u32, count: u32) -> Result<u64, E> {
+            let img = self.image(self.frames.len() as u64);
+            let end = (offset + u64::from(chunk) * u64::from(count)).min(SIZE) as usize;
+            let id = self.sums.len() as u64 + 1;
+            self.sums.insert(id, img[offset as usize..end].chunks(chunk as usize).map(ferry_common::xxh128).collect());
+            Ok(id)
+        }
+        fn flush(&mut self) -> Result<(), E> {
+            Ok(())
+        }
+        fn receive(&mut self, req: u64, _offset: u64, count: usize) -> Result<Vec<[u8; 16]>, E> {
+            let s = self.sums.get(&req).cloned().expect("asked for");
+            assert_eq!(s.len(), count);
+            Ok(s)
+        }
+        fn differs(&mut self, offset: u64, data: &[u8]) -> Result<(), E> {
+            self.send_data(offset, data).map(|_| ())
+        }
+        fn progress(&mut self, _upto: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn pass_begin(&mut self, what: &str) -> Result<Option<Vec<[u8; 16]>>, E> {
+            self.ev.borrow_mut().push(format!("pass {what}"));
+            Ok(None)
         }
     }
 
@@ -836,6 +900,25 @@ mod tests {
             self.disk.write(off, byte, len);
             self.log.borrow_mut().push(Change::Payload { offset: off, data: vec![byte; len as usize] });
         }
+        fn sink(&self, auto: bool) -> FakeSink {
+            FakeSink {
+                frames: Vec::new(),
+                durable: 0,
+                auto,
+                disk: self.disk.clone(),
+                saved: Rc::clone(&self.saved),
+                ev: Rc::clone(&self.ev),
+                points: Vec::new(),
+                app: Vec::new(),
+                freeze: None,
+                frozen: false,
+                thaws: 0,
+                problems: Vec::new(),
+                plans: 0,
+                precopy: true,
+                sums: Default::default(),
+            }
+        }
         fn shipper(&self, auto: bool) -> Shipper<FakeSource, FakeSink, Disk> {
             let src = FakeSource {
                 log: Rc::clone(&self.log),
@@ -850,21 +933,7 @@ mod tests {
                 vouch: false,
                 tags: false,
             };
-            let sink = FakeSink {
-                frames: Vec::new(),
-                durable: 0,
-                auto,
-                disk: self.disk.clone(),
-                saved: Rc::clone(&self.saved),
-                ev: Rc::clone(&self.ev),
-                points: Vec::new(),
-                app: Vec::new(),
-                freeze: None,
-                frozen: false,
-                thaws: 0,
-                problems: Vec::new(),
-                plans: 0,
-            };
+            let sink = self.sink(auto);
             let durable = *self.saved.borrow();
             Shipper::start(src, sink, self.disk.clone(), durable).unwrap()
         }
@@ -1276,6 +1345,95 @@ mod tests {
         assert_eq!(st.changes, 0);
         s.step(false).unwrap();
         assert_eq!(*w.released.borrow(), 3, "records with nothing to ship are released too");
+    }
+
+    /// The disk as a pass reads it: before each whole read, the next of
+    /// `writes` lands (a writer busy while the passes run).
+    #[derive(Clone)]
+    struct Busy {
+        disk: Disk,
+        writes: Rc<RefCell<VecDeque<(u64, u8)>>>,
+    }
+    impl BlockReader for Busy {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+        fn read_extents<Er: From<ReadError>>(
+            &self,
+            exts: &[(u64, u64)],
+            each: impl FnMut(u64, &[u8]) -> Result<(), Er>,
+        ) -> Result<u64, Er> {
+            if let Some((off, byte)) = self.writes.borrow_mut().pop_front() {
+                self.disk.write(off, byte, 4096);
+            }
+            self.disk.read_extents(exts, each)
+        }
+    }
+
+    fn scan_shipper(w: &World, writes: &[(u64, u8)], under_freeze: bool) -> Shipper<ScanSource<Busy>, FakeSink, Disk> {
+        let busy = Busy { disk: w.disk.clone(), writes: Rc::new(RefCell::new(writes.iter().copied().collect())) };
+        let src = ScanSource::new("t", busy).verify_under_freeze(under_freeze);
+        let mut sink = w.sink(true);
+        sink.precopy = false;
+        Shipper::start(src, sink, w.disk.clone(), 0).unwrap()
+    }
+
+    #[test]
+    fn the_scan_cuts_only_after_a_pass_that_found_nothing() {
+        let w = World::new();
+        w.disk.write(0, 1, 8192);
+        // The resync pass finds the first write and one more lands; the
+        // first verify pass finds that one, and another lands; the second
+        // finds it; the third finds nothing: then the point.
+        let mut s = scan_shipper(&w, &[(0, 1), (16384, 2), (32768, 3)], false);
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![false]);
+        let passes: Vec<String> = w.ev.borrow().iter().filter(|e| e.starts_with("pass")).cloned().collect();
+        assert_eq!(passes, ["pass resync", "pass verify", "pass verify", "pass verify"]);
+        assert_eq!(s.handed_end, 4, "the position is the number of passes");
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow(), "the replica ends equal to the disk");
+        assert!(s.sink.frames.iter().filter(|f| matches!(f, Frame::Data(..))).count() >= 3, "what differed was sent");
+        // Quiet disk: the next round's resync pass finds nothing, one
+        // verify pass confirms it.
+        w.ev.borrow_mut().clear();
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(w.ev.borrow().iter().filter(|e| e.starts_with("pass")).count(), 2);
+    }
+
+    #[test]
+    fn the_scan_gives_up_on_a_disk_that_keeps_changing() {
+        let w = World::new();
+        let writes: Vec<(u64, u8)> = (0..8).map(|i| (i * 4096, i as u8 + 1)).collect();
+        let mut s = scan_shipper(&w, &writes, false);
+        assert!(matches!(s.step(true), Err(E::Source)), "no point: the disk kept changing");
+        assert!(s.sink.points.is_empty());
+        // Resync pass plus five verify passes, each finding a change.
+        assert_eq!(w.ev.borrow().iter().filter(|e| e.starts_with("pass")).count(), 6);
+    }
+
+    #[test]
+    fn the_scan_under_a_freeze_verifies_inside_it_and_cuts_an_app_point() {
+        let w = World::new();
+        w.disk.write(0, 1, 8192);
+        // The first pass under the freeze finds what the freeze flushed (a
+        // write that lands as it reads), the second nothing.
+        let mut s = scan_shipper(&w, &[(0, 1), (16384, 2)], true);
+        s.sink.freeze = Some(Some(true));
+        let st = s.step(true).unwrap();
+        assert_eq!(st.points.len(), 1, "{st:?}");
+        assert_eq!(s.sink.app, vec![true]);
+        assert_eq!(s.sink.thaws, 1);
+        assert_eq!(s.sink.points[0].1, *w.disk.0.borrow());
+        let ev = w.ev.borrow();
+        let evs: Vec<&str> =
+            ev.iter().map(String::as_str).filter(|e| e.starts_with("pass") || e.starts_with("freeze") || e.starts_with("thaw")).collect();
+        assert_eq!(
+            evs,
+            ["pass resync", "freeze", "pass verify", "pass verify", "thaw true"],
+            "verify passes under the freeze, until one finds nothing"
+        );
     }
 
     #[test]

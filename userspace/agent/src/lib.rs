@@ -89,6 +89,12 @@ pub enum AgentError {
     Usage(String),
     #[error("{0}")]
     NoConsistentPoint(String),
+    /// The scan gave up on this round (the disk kept changing through its
+    /// verify passes): no point now; a continuous run under a freeze
+    /// command tries again at the next round. A failed freeze or thaw
+    /// command is [`AgentError::NoConsistentPoint`] and stops the agent.
+    #[error("{0}")]
+    RoundGaveUp(String),
     #[error("bpf tracker: {0}")]
     Bpf(#[from] ferry_bpf::BpfError),
     #[error("{0}")]
@@ -116,7 +122,8 @@ impl From<SourceError> for AgentError {
             SourceError::Io { what, source } => AgentError::Io { what, source },
             SourceError::Ring(r) => AgentError::Ring(r),
             SourceError::Bpf(b) => AgentError::Bpf(b),
-            SourceError::Detached(m) | SourceError::NoPoint(m) => AgentError::NoConsistentPoint(m),
+            SourceError::Detached(m) => AgentError::NoConsistentPoint(m),
+            SourceError::NoPoint(m) => AgentError::RoundGaveUp(m),
             SourceError::Other(m) => AgentError::Tracker(m),
         }
     }
@@ -992,7 +999,7 @@ impl Agent {
                     log::warn!("{why}");
                     agent.save()?;
                 }
-                Err(AgentError::NoConsistentPoint(why)) if frozen && !once => {
+                Err(AgentError::RoundGaveUp(why)) if frozen && !once => {
                     log::warn!("{why}");
                     agent.st.cut_problem = Some(why);
                     agent.save()?;
@@ -1341,6 +1348,8 @@ struct FreezeRun {
     t0: Instant,
     fs: freeze::Frozen,
     failed: Option<String>,
+    /// Checksum passes run inside this freeze (the scan's verify passes).
+    passes: u32,
 }
 
 /// What the agent's stream loop needs of a ring-fed source besides the
@@ -1537,7 +1546,7 @@ impl Sink for AgentSink<'_> {
             agent.st.cut_problem = Some(e.clone());
         }
         let frozen = failed.is_none();
-        self.run = Some(FreezeRun { guard, t0, fs, failed });
+        self.run = Some(FreezeRun { guard, t0, fs, failed, passes: 0 });
         Ok(frozen.then_some(all_frozen))
     }
 
@@ -1581,11 +1590,20 @@ impl Sink for AgentSink<'_> {
             // The scan's verify passes under --freeze-cmd: the scan loop
             // says it (or stops with it under --once).
             let took = self.run.as_ref().map_or(0.0, |r| r.t0.elapsed().as_secs_f64());
-            self.agent.st.cut_problem = Some(format!(
-                "{}: the verify pass under --freeze-cmd took {took:.1}s, longer than --freeze-cap {cap:.1}s; thawed without a point \
-                 (raise --freeze-cap, or use a tracker)",
-                self.agent.st.name
-            ));
+            let passes = self.run.as_ref().is_some_and(|r| r.passes > 0);
+            self.agent.st.cut_problem = Some(if passes {
+                format!(
+                    "{}: the verify pass under --freeze-cmd took {took:.1}s, longer than --freeze-cap {cap:.1}s; thawed without a point \
+                     (raise --freeze-cap, or use a tracker)",
+                    self.agent.st.name
+                )
+            } else {
+                format!(
+                    "{}: the freeze command took {took:.1}s, longer than --freeze-cap {cap:.1}s; thawed with no verify pass and no \
+                     point (raise --freeze-cap)",
+                    self.agent.st.name
+                )
+            });
             return;
         }
         self.agent.st.cut_problem = Some(match why {
@@ -1656,6 +1674,9 @@ impl scan::Replica for AgentSink<'_> {
     fn pass_begin(&mut self, what: &str) -> Result<Option<Vec<[u8; 16]>>, AgentError> {
         if what == "resync" {
             self.agent.st.mode = Mode::Resync;
+        }
+        if let Some(r) = self.run.as_mut() {
+            r.passes += 1;
         }
         let pb = progress_bar(self.agent.opts.progress, self.agent.st.size, what);
         self.pass = Some(PassRun { pb, upto: 0, units: Vec::new() });

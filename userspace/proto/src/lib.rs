@@ -730,19 +730,14 @@ pub fn compress(raw: &[u8]) -> (Codec, Vec<u8>) {
 /// zstd in a row (one in `MAX_SKIP + 1` is still tried).
 pub const MAX_SKIP: u32 = 32;
 
-/// Whether the bytes of `raw` are about as evenly spread over the 256
-/// values as random bytes (order 0: repeats are not seen). Counts 512
-/// bytes of it, in 64-byte pieces spread over it (a fraction of what zstd
-/// costs: about 0.3 us, zstd ~4 us on 4 KiB; 512 samples put random bytes
-/// and the threshold ~20 standard deviations apart); a flatter distribution
-/// than that of 128 equally likely values counts as random: zstd's entropy
-/// coding could not save 1/8 of it.
-pub fn looks_random(raw: &[u8]) -> bool {
-    const SAMPLE: usize = 512;
-    const CHUNK: usize = 64;
-    if raw.len() < 512 {
-        return false; // small: just try
-    }
+/// The length of the pieces [`byte_counts`] samples.
+const SAMPLE_PIECE: usize = 64;
+
+/// How often each byte value occurs in `raw` (all of it when it is at most
+/// `pieces` × 64 bytes, else `pieces` pieces of 64 bytes spread over it),
+/// and how many bytes were counted. Four histograms are kept while
+/// counting, so that neighbouring bytes do not wait on one another's count.
+fn byte_counts(raw: &[u8], pieces: usize) -> ([u32; 256], usize) {
     let mut h = [[0u32; 256]; 4];
     let mut count = |b: &[u8]| {
         let mut q = b.chunks_exact(4);
@@ -756,20 +751,39 @@ pub fn looks_random(raw: &[u8]) -> bool {
             h[0][x as usize] += 1;
         }
     };
-    let n = if raw.len() <= SAMPLE {
+    let n = if raw.len() <= pieces * SAMPLE_PIECE {
         count(raw);
         raw.len()
     } else {
-        let chunks = SAMPLE / CHUNK;
-        let stride = (raw.len() - CHUNK) / (chunks - 1);
-        for k in 0..chunks {
-            count(&raw[k * stride..k * stride + CHUNK]);
+        let stride = (raw.len() - SAMPLE_PIECE) / (pieces - 1);
+        for k in 0..pieces {
+            count(&raw[k * stride..k * stride + SAMPLE_PIECE]);
         }
-        SAMPLE
-    } as u64;
+        pieces * SAMPLE_PIECE
+    };
+    let mut all = [0u32; 256];
+    for (v, a) in all.iter_mut().enumerate() {
+        *a = h[0][v] + h[1][v] + h[2][v] + h[3][v];
+    }
+    (all, n)
+}
+
+/// Whether the bytes of `raw` are about as evenly spread over the 256
+/// values as random bytes (order 0: repeats are not seen). Counts 512
+/// bytes of it, in 64-byte pieces spread over it (a fraction of what zstd
+/// costs: about 0.3 us, zstd ~4 us on 4 KiB; 512 samples put random bytes
+/// and the threshold ~20 standard deviations apart); a flatter distribution
+/// than that of 128 equally likely values counts as random: zstd's entropy
+/// coding could not save 1/8 of it.
+pub fn looks_random(raw: &[u8]) -> bool {
+    if raw.len() < 512 {
+        return false; // small: just try
+    }
+    let (h, n) = byte_counts(raw, 8);
+    let n = n as u64;
     // Collisions: sum c^2 - n is n(n-1)/256 expected for random bytes,
     // n(n-1)/128 for 128 equally likely values.
-    let sq: u64 = (0..256).map(|v| u64::from(h[0][v] + h[1][v] + h[2][v] + h[3][v]).pow(2)).sum();
+    let sq: u64 = h.iter().map(|&c| u64::from(c).pow(2)).sum();
     (sq - n) * 128 < n * (n - 1)
 }
 
@@ -781,42 +795,16 @@ pub fn looks_random(raw: &[u8]) -> bool {
 /// are not seen: what zstd would find in them is found when the back-off
 /// tries one ([`compress`]).
 pub fn unpromising(raw: &[u8]) -> bool {
-    const PIECE: usize = 64;
-    const PIECES: usize = 64;
-    const MAX: usize = PIECE * PIECES;
+    const MAX: usize = 64 * SAMPLE_PIECE;
     /// `c * log2(c)` for every count up to [`MAX`].
     static CLOGC: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     if raw.len() < 512 {
         return false; // small: just try
     }
-    // Four histograms, so that neighbouring bytes do not wait on one
-    // another's count.
-    let mut h = [[0u16; 256]; 4];
-    let mut count = |b: &[u8]| {
-        let mut q = b.chunks_exact(4);
-        for c in &mut q {
-            h[0][c[0] as usize] += 1;
-            h[1][c[1] as usize] += 1;
-            h[2][c[2] as usize] += 1;
-            h[3][c[3] as usize] += 1;
-        }
-        for &x in q.remainder() {
-            h[0][x as usize] += 1;
-        }
-    };
-    let n = if raw.len() <= MAX {
-        count(raw);
-        raw.len()
-    } else {
-        let stride = (raw.len() - PIECE) / (PIECES - 1);
-        for k in 0..PIECES {
-            count(&raw[k * stride..k * stride + PIECE]);
-        }
-        MAX
-    };
+    let (h, n) = byte_counts(raw, 64);
     let t = CLOGC.get_or_init(|| (0..=MAX).map(|c| if c == 0 { 0.0 } else { c as f32 * (c as f32).log2() }).collect());
     // H = log2(n) - sum(c log2 c) / n
-    let sum: f32 = (0..256).map(|v| t[usize::from(h[0][v] + h[1][v] + h[2][v] + h[3][v])]).sum();
+    let sum: f32 = h.iter().map(|&c| t[c as usize]).sum();
     (n as f32).log2() - sum / n as f32 >= 7.0
 }
 

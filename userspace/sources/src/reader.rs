@@ -84,6 +84,12 @@ pub fn pieces(exts: &[(u64, u64)]) -> Vec<(u64, usize)> {
     out
 }
 
+/// The room a piece of `n` bytes takes in a group's buffer: whole pages,
+/// so that every piece starts aligned for `O_DIRECT`.
+fn room(n: usize) -> usize {
+    n.div_ceil(ferry_common::buf::ALIGN) * ferry_common::buf::ALIGN
+}
+
 /// The local disk (a block device or an image file) read with `pread`,
 /// `O_DIRECT` where the source allows, [`IN_FLIGHT`] reads at a time.
 ///
@@ -232,7 +238,7 @@ impl BlockReader for LocalReader {
         let mut groups: Vec<(usize, usize)> = Vec::new();
         let (mut g0, mut bytes) = (0usize, 0usize);
         for (i, &(_, n)) in pieces.iter().enumerate() {
-            let need = n.div_ceil(4096) * 4096;
+            let need = room(n);
             if i > g0 && (i - g0 >= per || bytes + need > PIECE as usize) {
                 groups.push((g0, i));
                 (g0, bytes) = (i, 0);
@@ -262,7 +268,7 @@ impl BlockReader for LocalReader {
                         Err((pieces_ref[a].0, Failed::Cancelled))
                     } else {
                         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            let need: usize = pieces_ref[a..b].iter().map(|&(_, n)| n.div_ceil(4096) * 4096).sum();
+                            let need: usize = pieces_ref[a..b].iter().map(|&(_, n)| room(n)).sum();
                             let mut buf = match bufs.try_recv() {
                                 Ok(b) if b.capacity() >= need => b,
                                 _ => AlignedBuf::new(need),
@@ -271,12 +277,12 @@ impl BlockReader for LocalReader {
                             let mut at = 0usize;
                             let full = buf.full_mut();
                             for &(off, n) in &pieces_ref[a..b] {
-                                let room = n.div_ceil(4096) * 4096;
-                                match src.read_into_slice(&mut full[at..at + room], off, n) {
+                                let space = room(n);
+                                match src.read_into_slice(&mut full[at..at + space], off, n) {
                                     Ok(data) => ts.push(work(data)),
                                     Err(e) => return Err((off, e)),
                                 }
-                                at += room;
+                                at += space;
                             }
                             Ok((buf, ts))
                         }));
@@ -321,7 +327,7 @@ impl BlockReader for LocalReader {
                 let mut at = 0usize;
                 for (&(off, n), t) in pieces[a..b].iter().zip(ts) {
                     each(off, &buf.full()[at..at + n], t)?;
-                    at += n.div_ceil(4096) * 4096;
+                    at += room(n);
                 }
                 let _ = pool_tx.try_send(buf);
                 next += 1;

@@ -115,24 +115,21 @@ pub fn chunk_sum(data: &[u8]) -> [u8; 16] {
 }
 
 fn header(size: u64) -> [u8; 64] {
-    let mut h = [0u8; 64];
-    h[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&(CHUNK as u32).to_le_bytes());
-    h[16..24].copy_from_slice(&size.to_le_bytes());
-    h[24..28].copy_from_slice(&(BLOCK as u32).to_le_bytes());
-    let s = ferry_common::xxh128(&h[..48]);
-    h[48..64].copy_from_slice(&s);
-    h
+    header_of(MAGIC, VERSION, size, BLOCK as u32)
 }
 
-/// The header of a first-format file (chunk sums only).
+/// The header of a first-format file (chunk sums only, no BLOCK field).
 fn header_v1(size: u64) -> [u8; 64] {
+    header_of(MAGIC_V1, 1, size, 0)
+}
+
+fn header_of(magic: u64, version: u32, size: u64, block: u32) -> [u8; 64] {
     let mut h = [0u8; 64];
-    h[0..8].copy_from_slice(&MAGIC_V1.to_le_bytes());
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h[0..8].copy_from_slice(&magic.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&(CHUNK as u32).to_le_bytes());
     h[16..24].copy_from_slice(&size.to_le_bytes());
+    h[24..28].copy_from_slice(&block.to_le_bytes());
     let s = ferry_common::xxh128(&h[..48]);
     h[48..64].copy_from_slice(&s);
     h

@@ -156,6 +156,62 @@ impl MasterTarget {
     }
 }
 
+/// A running process server (`ferry process-server`), its log in
+/// `SPOOL.ps.log`.
+pub struct ProcessServer {
+    pub proc: Proc,
+    pub addr: String,
+    pub spool: PathBuf,
+}
+
+impl ProcessServer {
+    pub fn start(spool: &Path, upstream: &str, spool_max: &str) -> ProcessServer {
+        Self::start_at(spool, &format!("127.0.0.1:{}", free_port()), upstream, spool_max)
+    }
+
+    pub fn start_at(spool: &Path, addr: &str, upstream: &str, spool_max: &str) -> ProcessServer {
+        let mut child = ferry()
+            .env("RUST_LOG", "info")
+            .args(["process-server", "--listen", addr, "--upstream", upstream, "--spool-max", spool_max, "--spool"])
+            .arg(spool)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn process server");
+        let err = child.stderr.take().expect("stderr");
+        let mut rd = BufReader::new(err);
+        let mut line = String::new();
+        let log = spool.with_extension("ps.log");
+        let mut f = OpenOptions::new().create(true).append(true).open(&log).ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            line.clear();
+            if rd.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+                panic!("process server did not start: {line}");
+            }
+            if let Some(f) = f.as_mut() {
+                let _ = write!(f, "{line}");
+            }
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        std::thread::spawn(move || {
+            for l in rd.lines().map_while(Result::ok) {
+                if let Some(f) = f.as_mut() {
+                    let _ = writeln!(f, "{l}");
+                }
+            }
+        });
+        ProcessServer { proc: Proc(child), addr: addr.to_string(), spool: spool.to_path_buf() }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.spool.with_extension("ps.log")).unwrap_or_default()
+    }
+}
+
 /// Small, fast, deterministic PRNG (xorshift64*).
 pub struct Rng(u64);
 

@@ -58,6 +58,9 @@ use std::time::{Duration, Instant};
 
 /// Unit of dedup and framing in the initial sync.
 const UNIT: usize = 64 << 10;
+/// How far a session to another next hop numbers above everything
+/// acknowledged before: more frames than can ever be in flight unacknowledged.
+pub const SEQ_GAP: u64 = 1 << 24;
 /// First-level checksum chunk of a scan pass (16 bytes of checksum per 64 KiB:
 /// 0.025% of the disk).
 pub const COARSE_CHUNK: u32 = scan::COARSE;
@@ -414,6 +417,8 @@ impl Agent {
                 sync_cursor: Some(0),
                 resync_required: None,
                 acked_seq: 0,
+                seq_high: 0,
+                hop: None,
                 ring_overflows_seen: 0,
                 ring_id: None,
                 bpf_lost_seen: 0,
@@ -620,6 +625,7 @@ impl Agent {
 
     fn note_ack(&mut self, sess: &Session) {
         self.st.acked_seq = self.st.acked_seq.max(sess.acked());
+        self.st.seq_high = self.st.seq_high.max(self.st.acked_seq);
         let t = sess.last_ack_ns();
         if t > 0 {
             self.st.last_ack_ns = t;
@@ -685,14 +691,15 @@ impl Agent {
             if let Err(e) = live::check_stop() {
                 break Err(e);
             }
-            let sess = Session::connect(&self.opts.target, &self.opts.name, self.st.size, self.generation, self.st.acked_seq + 1);
-            let r = sess.and_then(|mut s| {
+            let sess = self.connect_first();
+            let r = sess.and_then(|(mut s, hop)| {
                 unreachable_since = None;
                 backoff.reset();
                 self.failover_over();
-                if !self.st.connected {
-                    log::info!("connected to the master target at {} (protocol v{})", self.opts.target, s.version);
+                if !self.st.connected || self.st.hop.as_deref() != Some(hop.as_str()) {
+                    log::info!("connected to {hop} (protocol v{})", s.version);
                 }
+                self.st.hop = Some(hop);
                 self.st.connected = true;
                 self.st.disconnected_since_ns = None;
                 self.st.last_error = None;
@@ -750,6 +757,35 @@ impl Agent {
             Err(e) => live::record_stop(&self.opts.state, &e.to_string(), true),
         }
         result
+    }
+
+    /// Open a session with the first next hop of `--target` that answers.
+    /// To the same hop as last time, numbering continues above what it
+    /// acknowledged; to another one it jumps [`SEQ_GAP`] above everything
+    /// any hop acknowledged, so the two streams cannot interleave at a
+    /// master target (a former process server may still forward what it
+    /// spooled: the master target then drops it as already covered).
+    fn connect_first(&mut self) -> Result<(Session, String), AgentError> {
+        let targets: Vec<String> = self.opts.target.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        let mut last = AgentError::Connect("no --target given".into());
+        for (i, t) in targets.iter().enumerate() {
+            // No hop recorded: a new protection, or a state file from before
+            // --target took a list (one hop, then).
+            let next = if self.st.hop.as_deref().is_none_or(|h| h == t.as_str()) {
+                self.st.acked_seq + 1
+            } else {
+                self.st.seq_high.max(self.st.acked_seq) + 1 + SEQ_GAP
+            };
+            match Session::connect(t, &self.opts.name, self.st.size, self.generation, next) {
+                Ok(s) => return Ok((s, t.clone())),
+                Err(e) if e.retryable() && i + 1 < targets.len() => {
+                    log::warn!("{e}; trying {}", targets[i + 1]);
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// The master target refuses the stream because the disk is failed over

@@ -112,6 +112,16 @@ pub struct AgentState {
     pub resync_required: Option<String>,
     /// Highest sequence number the master target acknowledged as durable.
     pub acked_seq: u64,
+    /// Highest sequence number any next hop ever acknowledged (never
+    /// lowered, unlike `acked_seq`).
+    #[serde(default)]
+    pub seq_high: u64,
+    /// The address of the last session's next hop (`--target` may list
+    /// several). A session to another hop numbers its frames well above
+    /// everything sent before, so that frames a former hop still holds can
+    /// never be taken for this session's.
+    #[serde(default)]
+    pub hop: Option<String>,
     /// Ring overflows already covered by a resync.
     pub ring_overflows_seen: u64,
     /// (device, inode) of the ring this agent reads; another ring means

@@ -84,6 +84,24 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         identity: Option<PathBuf>,
     },
+    /// Relay agents' streams to master targets through a durable spool (acknowledged once spooled).
+    ProcessServer {
+        /// Address agents connect to, HOST:PORT; loopback only without --identity.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7710")]
+        listen: String,
+        /// Folder of the spool: one folder per disk, its changes until the master target holds them (created if missing).
+        #[arg(long, value_name = "DIR")]
+        spool: PathBuf,
+        /// Most the spool may hold (e.g. 20G); past it, agents are held back (nothing is lost).
+        #[arg(long, value_name = "SIZE")]
+        spool_max: String,
+        /// The master target(s), HOST:PORT[,HOST:PORT…], tried in order.
+        #[arg(long, value_name = "ADDR[,ADDR…]")]
+        upstream: String,
+        /// This machine's identity (role process-server, from `ferry enroll`): mutual TLS both ways.
+        #[arg(long, value_name = "DIR")]
+        identity: Option<PathBuf>,
+    },
     /// Protect one block device or image file.
     Agent {
         /// The block device or image file to protect.
@@ -92,8 +110,8 @@ enum Cmd {
         /// The disk's name on the master target (1-64 of A-Z a-z 0-9 . _ -).
         #[arg(long)]
         name: String,
-        /// The master target, HOST:PORT (e.g. 127.0.0.1:7700).
-        #[arg(long, value_name = "ADDR")]
+        /// The next hop, HOST:PORT (e.g. 127.0.0.1:7700): a master target or a process server; a comma-separated list is tried in order on every (re)connect.
+        #[arg(long, value_name = "ADDR[,ADDR…]")]
         target: String,
         /// This machine's identity (from `ferry enroll`): mutual TLS to the master target; needed for a target outside loopback.
         #[arg(long, value_name = "DIR")]
@@ -587,6 +605,19 @@ fn main() {
     std::process::exit(code);
 }
 
+/// A comma-separated list of addresses (`--target`, `--upstream`), each
+/// checked.
+fn split_targets(opt: &'static str, list: &str) -> Result<Vec<String>> {
+    let v: Vec<String> = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if v.is_empty() {
+        return Err(Usage(format!("--{opt} {list:?}: expected HOST:PORT[,HOST:PORT…]")).into());
+    }
+    for t in &v {
+        ferry_common::net::resolve(opt, t, false).map_err(Usage::from)?;
+    }
+    Ok(v)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Ca { cmd } => identity_cmd::ca(cmd),
@@ -629,6 +660,39 @@ fn run(cli: Cli) -> Result<()> {
             ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
             Ok(())
         }
+        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity } => {
+            let max = parse_size(&spool_max)
+                .filter(|&m| m > 0)
+                .ok_or_else(|| Usage(format!("--spool-max {spool_max:?}: expected a size like 20G")))?;
+            let upstreams = split_targets("upstream", &upstream)?;
+            let listen = match &identity {
+                Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
+                None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
+            };
+            let held = identity_cmd::held(identity.as_deref(), ferry_identity::Role::ProcessServer)?;
+            if held.is_none() {
+                for u in &upstreams {
+                    let addrs = ferry_common::net::resolve("upstream", u, false).map_err(Usage::from)?;
+                    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+                        return Err(Usage(format!(
+                            "--upstream {u}: {} is not a loopback address; ferry sends nothing in plaintext off this machine: give --identity DIR",
+                            a.ip()
+                        ))
+                        .into());
+                    }
+                }
+            }
+            std::fs::create_dir_all(&spool).with_context(|| format!("spool folder {}", spool.display()))?;
+            let l = std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+            log::info!(
+                "process server listening on {listen}, spool in {} (at most {spool_max}), upstream {}",
+                spool.display(),
+                upstreams.join(",")
+            );
+            let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams };
+            ferry_relay::serve(l, cfg, held).context("serving")?;
+            Ok(())
+        }
         Cmd::Agent {
             disk,
             name,
@@ -650,11 +714,14 @@ fn run(cli: Cli) -> Result<()> {
             identity,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
-            ferry_common::net::check_target(&target).map_err(Usage::from)?;
+            let targets = split_targets("target", &target)?;
             match identity_cmd::held(identity.as_deref(), ferry_identity::Role::Agent)? {
                 Some(h) => ferry_agent::session::use_identity(h)?,
                 None => {
-                    let addrs = ferry_common::net::resolve("target", &target, false).map_err(Usage::from)?;
+                    let mut addrs = Vec::new();
+                    for t in &targets {
+                        addrs.extend(ferry_common::net::resolve("target", t, false).map_err(Usage::from)?);
+                    }
                     let allowed = |ip: std::net::IpAddr| ip.is_loopback() || ferry_common::testing::get().plaintext_target == Some(ip);
                     if let Some(a) = addrs.iter().find(|a| !allowed(a.ip())) {
                         return Err(Usage(format!(

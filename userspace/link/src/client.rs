@@ -374,6 +374,13 @@ impl<S: Stream> Client<S> {
         self.wait_for(|st| st.points.iter().find(|(s, _)| *s == seq).map(|&(_, id)| id))
     }
 
+    /// The points reported since the last call, `(seq, id)` in arrival
+    /// order, without waiting (a relay that passes them on). A point taken
+    /// here is no longer seen by [`Client::wait_point`].
+    pub fn take_points(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.shared.lock().points)
+    }
+
     /// Ask for the replica's checksums of `count` chunks from `offset`;
     /// returns the request number for [`Client::recv_sums`].
     pub fn request_sums(&mut self, offset: u64, chunk: u32, count: u32) -> Result<u64, LinkError> {

@@ -67,6 +67,12 @@ pub enum Op {
     Zero { seq: u64, offset: u64, len: u32 },
     /// The stream up to `seq` is a recovery point.
     Tag { seq: u64, time_ns: u64, kind: PointKind },
+    /// DATA as it came, payload still in its codec: only for a sink that
+    /// [keeps frames](Sink::keeps_frames) (a spool that forwards it).
+    Data { seq: u64, offset: u64, len: u32, codec: ferry_proto::Codec, payload: Vec<u8> },
+    /// REF as it came, unresolved: only for a sink that keeps frames; the
+    /// next hop resolves (and verifies) it.
+    Ref { seq: u64, offset: u64, len: u32, src: u64, digest: [u8; 32] },
 }
 
 impl Op {
@@ -74,7 +80,9 @@ impl Op {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Op::Write { offset, data, .. } => Some((*offset, *offset + data.len() as u64)),
-            Op::Zero { offset, len, .. } => Some((*offset, *offset + u64::from(*len))),
+            Op::Zero { offset, len, .. } | Op::Data { offset, len, .. } | Op::Ref { offset, len, .. } => {
+                Some((*offset, *offset + u64::from(*len)))
+            }
             Op::Tag { .. } => None,
         }
     }
@@ -126,6 +134,13 @@ pub trait Sink {
     /// earlier; sent to the client as POINT at once.
     fn late_points(&mut self) -> Result<Vec<(u64, u64)>, Fail> {
         Ok(Vec::new())
+    }
+    /// `true` for a sink that stores frames to send them on (a spool): DATA
+    /// reaches it as [`Op::Data`] (checked to decode, kept compressed) and
+    /// REF as [`Op::Ref`] (not resolved here). Default `false`: DATA is
+    /// decompressed and REF resolved into [`Op::Write`].
+    fn keeps_frames(&self) -> bool {
+        false
     }
 }
 
@@ -396,9 +411,28 @@ fn frame<S: Stream, K: Sink>(
         Ok(())
     };
     let op = match msg {
+        Msg::Data { seq, offset, len, codec, payload } if sink.keeps_frames() => {
+            in_disk(offset, len)?;
+            if codec != ferry_proto::Codec::Raw {
+                // A payload that does not decode is refused here, not after
+                // it was acknowledged and stored.
+                decompress(codec, &payload, len)?;
+            } else if payload.len() != len as usize {
+                return Err(Fail::new(
+                    ErrorCode::BadFrame,
+                    format!("DATA seq {seq}: {} payload bytes for a {len}-byte extent", payload.len()),
+                ));
+            }
+            Op::Data { seq, offset, len, codec, payload }
+        }
         Msg::Data { seq, offset, len, codec, payload } => {
             in_disk(offset, len)?;
             Op::Write { seq, offset, data: decompress(codec, &payload, len)? }
+        }
+        Msg::Ref { seq, offset, len, src, digest } if sink.keeps_frames() => {
+            in_disk(offset, len)?;
+            in_disk(src, len)?;
+            Op::Ref { seq, offset, len, src, digest }
         }
         Msg::Ref { seq, offset, len, src, digest } => {
             in_disk(offset, len)?;
@@ -442,6 +476,7 @@ fn frame<S: Stream, K: Sink>(
     }
     b.bytes += match &op {
         Op::Write { data, .. } => data.len(),
+        Op::Data { payload, .. } => payload.len(),
         _ => 64,
     };
     b.ops.push(op);

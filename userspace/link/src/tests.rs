@@ -95,6 +95,7 @@ impl Sink for MemSink {
                     made.push((seq, id));
                     d.durable = seq;
                 }
+                Op::Data { seq, .. } | Op::Ref { seq, .. } => panic!("seq {seq}: this sink does not keep frames"),
             }
         }
         Ok(made)

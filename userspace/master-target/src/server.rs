@@ -171,6 +171,13 @@ impl Sinks for Disks {
     ) -> Result<(DiskSink, OpenInfo), Fail> {
         use crate::store::access::{self, AccessError, Admit};
         let who = match (who, self.require_identity) {
+            // A process server relays for an agent and names it in HELLO
+            // ("… for agent/NAME"): the disk belongs to that agent, so the
+            // agent may also come here directly.
+            (Some(w), _) if w.role == Role::ProcessServer => match peer.rsplit_once(" for ") {
+                Some((_, a)) if a.starts_with("agent/") => Some(a.to_string()),
+                _ => Some(w.label()),
+            },
             (Some(w), _) => Some(w.label()),
             (None, false) => None,
             // Cannot happen with TLS required; refuse rather than let an
@@ -221,11 +228,15 @@ impl Sink for DiskSink {
         let ops: Vec<disk::Op> = ops
             .into_iter()
             .map(|op| match op {
-                Op::Write { seq, offset, data } => disk::Op::Write { seq, offset, data },
-                Op::Zero { seq, offset, len } => disk::Op::Zero { seq, offset, len },
-                Op::Tag { seq, time_ns, kind } => disk::Op::Tag { seq, time_ns, kind },
+                Op::Write { seq, offset, data } => Ok(disk::Op::Write { seq, offset, data }),
+                Op::Zero { seq, offset, len } => Ok(disk::Op::Zero { seq, offset, len }),
+                Op::Tag { seq, time_ns, kind } => Ok(disk::Op::Tag { seq, time_ns, kind }),
+                // Only a sink that keeps frames is handed these.
+                Op::Data { seq, .. } | Op::Ref { seq, .. } => {
+                    Err(Fail::new(ErrorCode::Internal, format!("seq {seq}: an unresolved frame")))
+                }
             })
-            .collect();
+            .collect::<Result<_, Fail>>()?;
         let points = self.disk.apply(&ops).map_err(fail)?;
         Ok(points
             .into_iter()

@@ -1,0 +1,193 @@
+//! The process server: agents → spool → master target, SIGKILL of the
+//! process server, and agents falling back to the next address.
+
+use ferry_ring::Ring;
+use ferry_tests::versioned::Workload;
+use ferry_tests::*;
+use std::fs::OpenOptions;
+use std::process::Stdio;
+use std::time::Duration;
+
+struct Setup {
+    t: TempDir,
+    blocks: u64,
+    ring: Ring,
+    mt: MasterTarget,
+}
+
+fn setup(tag: &str, blocks: u64) -> Setup {
+    let t = TempDir::new(tag);
+    let img = t.path("src.img");
+    std::fs::File::create(&img).unwrap().set_len(blocks * 4096).unwrap();
+    std::fs::create_dir_all(t.path("st")).unwrap();
+    let ring = Ring::create(&t.path("st").join("ring"), 1 << 16).unwrap();
+    let mt = MasterTarget::start(&t.path("data"));
+    Setup { t, blocks, ring, mt }
+}
+
+fn agent_args(t: &TempDir, name: &str, target: &str) -> Vec<String> {
+    [
+        "agent",
+        "--disk",
+        &t.s("src.img"),
+        "--name",
+        name,
+        "--target",
+        target,
+        "--tracker",
+        "ring",
+        "--state",
+        &t.s("st"),
+        "--point-every",
+        "0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn spawn(args: &[String]) -> Proc {
+    Proc(ferry().args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+/// The end of every test: a `--once` run (through `target`) cuts a last
+/// point; it needed no resync, the latest point equals the source, and
+/// every point recovers to a prefix of the write log.
+fn finish(s: &Setup, name: &str, target: &str, w: &Workload, what: &str, expect_resync: bool) {
+    let mut once = agent_args(&s.t, name, target);
+    once.extend(["--once".into(), "--json".into()]);
+    let args: Vec<&str> = once.iter().map(|s| s.as_str()).collect();
+    let sum = summary(&run_ok(&args));
+    if !expect_resync {
+        assert_eq!(sum["resync"], false, "{what}: {sum}");
+        assert_eq!(sum["initial_sync"], false, "{what}: {sum}");
+    }
+    recover_to(&s.t.s("data"), name, "latest", &s.t.s("rec.img"));
+    assert_same(&s.t.path("src.img"), &s.t.path("rec.img"));
+    let n = check_every_point(&s.t.s("data"), name, &w.log, s.blocks, &s.t.0, what);
+    assert!(n >= 2, "{what}: {n} points");
+}
+
+/// Acceptance: an agent ships through a process server; points come from
+/// the master target (its catalog lists them), every point passes the
+/// checker, the replica equals the source, and the spool empties once the
+/// master target holds everything.
+#[test]
+fn an_agent_ships_through_a_process_server_and_points_come_from_the_master_target() {
+    let s = setup("ps-basic", 2048);
+    let ps = ProcessServer::start(&s.t.path("spool"), &s.mt.addr, "1G");
+    let disk = OpenOptions::new().write(true).open(s.t.path("src.img")).unwrap();
+    let mut w = Workload::new(s.blocks, 3);
+    for _ in 0..500 {
+        w.write(&disk, Some(&s.ring));
+    }
+    let mut agent = spawn(&agent_args(&s.t, "vm", &ps.addr));
+    for k in 0..3000 {
+        w.write(&disk, Some(&s.ring));
+        if k % 32 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    wait_for("the ring to drain into the spool", 60, || s.ring.consumer() == s.ring.producer());
+    wait_for("points at the master target", 60, || point_ids(&s.t.s("data"), "vm").len() >= 2);
+    agent.kill9();
+    finish(&s, "vm", &ps.addr, &w, "through a process server", false);
+    let st = agent_state(&s.t.path("st")).unwrap();
+    assert_eq!(st["hop"], ps.addr.as_str());
+    // Everything is at the master target: the spool lets go of it (all but
+    // the segment being written, which holds nothing unacknowledged).
+    let spool = s.t.path("spool").join("disks").join("vm");
+    wait_for("the spool to drop what the master target holds", 30, || {
+        std::fs::read_dir(&spool).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".fsp")).count() <= 1
+    });
+    let log = ps.log();
+    assert!(log.contains("forwarding to the master target") || log.contains("stream opened"), "{log}");
+    assert!(!log.contains("damaged"), "{log}");
+}
+
+/// Acceptance: SIGKILL of the process server at 20 random moments while it
+/// spools and forwards: every point still passes the checker, the disk
+/// needs no resync, and the replica equals the source.
+#[test]
+fn process_server_killed_at_random_moments_loses_nothing() {
+    let s = setup("ps-kill", 256);
+    let spool = s.t.path("spool");
+    let mut ps = ProcessServer::start(&spool, &s.mt.addr, "1G");
+    let addr = ps.addr.clone();
+    let disk = OpenOptions::new().write(true).open(s.t.path("src.img")).unwrap();
+    let mut w = Workload::new(s.blocks, 21);
+    let mut agent = spawn(&agent_args(&s.t, "hot", &addr));
+    wait_for("the disk at the master target", 30, || s.t.path("data").join("hot").join("disk.meta").exists());
+    // Every point kept, to check them all.
+    run_ok(&["retention", "--data", &s.t.s("data"), "--name", "hot", "--keep", "none", "--keep-all", "none", "--journal-cap", "none"]);
+    let mut rng = Rng::new(7);
+    for _ in 0..20 {
+        let until = std::time::Instant::now() + Duration::from_millis(100 + rng.below(400));
+        while std::time::Instant::now() < until {
+            for _ in 0..6 {
+                w.write(&disk, Some(&s.ring));
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        ps.proc.kill9();
+        ps = ProcessServer::start_at(&spool, &addr, &s.mt.addr, "1G");
+    }
+    wait_for("the ring to drain into the spool", 60, || s.ring.consumer() == s.ring.producer());
+    agent.kill9();
+    let log = ps.log();
+    finish(&s, "hot", &addr, &w, "after 20 kills of the process server", false);
+    eprintln!("PSLOG\n{}\nMTLOG\n{}", ps.log(), s.mt.log());
+    assert!(!log.contains("damaged"), "{log}");
+    let st = agent_state(&s.t.path("st")).unwrap();
+    assert!(st["resync_required"].is_null(), "{st}");
+}
+
+/// Acceptance: the process server stopped, an agent listing the master
+/// target second switches to it and loses nothing; with the process server
+/// back, a restarted agent returns to it, and nothing is lost either way.
+#[test]
+fn an_agent_falls_back_to_the_next_address_and_returns() {
+    let s = setup("ps-fallback", 1024);
+    let spool = s.t.path("spool");
+    let mut ps = ProcessServer::start(&spool, &s.mt.addr, "1G");
+    let addr = ps.addr.clone();
+    let both = format!("{},{}", addr, s.mt.addr);
+    let disk = OpenOptions::new().write(true).open(s.t.path("src.img")).unwrap();
+    let mut w = Workload::new(s.blocks, 9);
+    let write_for = |w: &mut Workload, n: usize| {
+        for k in 0..n {
+            w.write(&disk, Some(&s.ring));
+            if k % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    let mut agent = spawn(&agent_args(&s.t, "fb", &both));
+    write_for(&mut w, 1500);
+    wait_for("shipping through the process server", 60, || {
+        agent_state(&s.t.path("st")).is_some_and(|st| st["hop"] == addr.as_str() && st["sync_cursor"].is_null())
+    });
+    ps.proc.kill9();
+    write_for(&mut w, 1500);
+    wait_for("the agent on the master target directly", 60, || {
+        agent_state(&s.t.path("st")).is_some_and(|st| st["hop"] == s.mt.addr.as_str() && st["connected"] == true)
+    });
+    write_for(&mut w, 1000);
+    wait_for("the ring to drain to the master target", 60, || s.ring.consumer() == s.ring.producer());
+    agent.kill9();
+    // Back: the process server restarts with what it spooled; the agent,
+    // restarted, takes the first address again.
+    ps = ProcessServer::start_at(&spool, &addr, &s.mt.addr, "1G");
+    let mut agent = spawn(&agent_args(&s.t, "fb", &both));
+    write_for(&mut w, 1000);
+    wait_for("the agent back on the process server", 60, || {
+        agent_state(&s.t.path("st")).is_some_and(|st| st["hop"] == addr.as_str() && st["connected"] == true)
+    });
+    wait_for("the ring to drain", 60, || s.ring.consumer() == s.ring.producer());
+    agent.kill9();
+    // A switch may need a checksum resync (what the dead process server
+    // held), never a loss.
+    finish(&s, "fb", &both, &w, "after falling back and returning", true);
+    eprintln!("PSLOG\n{}\nMTLOG\n{}", ps.log(), s.mt.log());
+    drop(ps);
+}

@@ -1,0 +1,747 @@
+//! The relay: agents' streams into per-disk spools (the link server with
+//! [`SpoolSink`] as its sink), and one forwarder thread per disk that sends
+//! the spool, in order, to the master target (the link client).
+//!
+//! ```text
+//!  agent ──► link server ──► SpoolSink::apply ─► DiskSpool (append+fdatasync) ─► ACK to the agent
+//!                                 ▲                      │
+//!                 POINT, SUMS ────┘                      ▼
+//!                                         forwarder thread: Client ──► master target
+//!                                         (ACK: segments dropped; POINT: handed back)
+//! ```
+//!
+//! What the agent is told means: ACK, durable in the spool (it may forget
+//! the change); POINT, the master target made the point durable (the spool
+//! never invents one); SUMS, the master target's checksums once every frame
+//! spooled before the request has been sent to it.
+
+use crate::spool::{gen_hex, Cursor, DiskSpool, DiskState};
+use ferry_link::{AnyStream, Backoff, Client, ClientConfig, Fail, LinkError, Op, OpenInfo, Sink, Sinks};
+use ferry_proto::{ErrorCode, OPEN_EXISTS, OPEN_SAME_GENERATION};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long an agent's OPEN may wait for the master target's answer when
+/// the spool must ask it (a disk new here, a new generation).
+pub const ADOPT_WAIT: Duration = Duration::from_secs(40);
+/// How long a checksum request may wait for the frames before it to reach
+/// the master target (the agent gives up after 60 s of silence).
+pub const SUMS_WAIT: Duration = Duration::from_secs(45);
+/// How long a batch may wait for room in a full spool before the agent is
+/// told to come back later.
+pub const FULL_WAIT: Duration = Duration::from_secs(20);
+/// A forwarder with nothing to send and no agent connected lets go of the
+/// disk at the master target after this (so the agent may reach it
+/// directly).
+const IDLE_CLOSE: Duration = Duration::from_secs(2);
+/// Points kept for an agent that is not connected.
+const POINTS_KEPT: usize = 1024;
+
+/// The process server's settings.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub spool: PathBuf,
+    pub spool_max: u64,
+    /// Master targets (or process servers), tried in order.
+    pub upstreams: Vec<String>,
+}
+
+/// How the forwarders reach upstream: TLS with this identity, or plain TCP.
+pub type UpstreamTls = Option<(Arc<rustls::ClientConfig>, Arc<ferry_link::Watch>)>;
+
+/// One upstream state, for status.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Upstream {
+    pub connected: bool,
+    pub addr: Option<String>,
+    pub error: Option<String>,
+    /// Frames sent upstream (this process).
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+}
+
+struct Adopt {
+    id: u64,
+    size: u64,
+    generation: [u8; 16],
+    owner: Option<String>,
+}
+
+struct SumsJob {
+    after: u64,
+    offset: u64,
+    chunk: u32,
+    count: u32,
+    reply: mpsc::Sender<Result<Vec<[u8; 16]>, Fail>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    spool: Option<DiskSpool>,
+    /// An agent's connection holds the disk.
+    held: bool,
+    points: VecDeque<(u64, u64)>,
+    sums: VecDeque<SumsJob>,
+    adopt: Option<Adopt>,
+    adopted: Option<(u64, Result<(), Fail>)>,
+    up: Upstream,
+    /// The spool was cut under an open session (the master target lost
+    /// what it had acknowledged): that session must end.
+    reset: Option<String>,
+    /// When the oldest unsent frame was spooled.
+    oldest_unsent_ns: Option<u64>,
+}
+
+/// One disk of the relay.
+pub struct Slot {
+    name: String,
+    dir: PathBuf,
+    m: Mutex<Inner>,
+    cv: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&'a self, g: MutexGuard<'a, Inner>, t: Duration) -> MutexGuard<'a, Inner> {
+        self.cv.wait_timeout(g, t).unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+/// A disk's state for `ferry status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DiskView {
+    pub name: String,
+    pub spool_bytes: u64,
+    pub pending_bytes: u64,
+    pub durable_seq: u64,
+    pub upstream_acked: u64,
+    pub oldest_unsent_ns: Option<u64>,
+    pub agent_connected: bool,
+    pub upstream: Upstream,
+}
+
+/// The process server's disks.
+pub struct Relay {
+    cfg: RelayConfig,
+    tls: UpstreamTls,
+    disks: Mutex<HashMap<String, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+impl Relay {
+    /// Open the spool folder: every disk in it is checked and repaired, and
+    /// its forwarder started (what it holds goes on to the master target
+    /// without waiting for its agent).
+    pub fn open(cfg: RelayConfig, tls: UpstreamTls) -> Result<Arc<Relay>, crate::spool::SpoolError> {
+        let root = cfg.spool.join("disks");
+        std::fs::create_dir_all(&root).map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?;
+        let relay = Arc::new(Relay { cfg, tls, disks: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) });
+        let mut entries: Vec<_> = std::fs::read_dir(&root)
+            .map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !ferry_proto::valid_name(&name) {
+                continue;
+            }
+            let sp = DiskSpool::open(&e.path())?;
+            if let Some(sp) = sp {
+                log::info!(
+                    "spool {name}: {} segment(s), {} bytes, durable to seq {}, master target acknowledged {}",
+                    sp.segs.len(),
+                    sp.bytes(),
+                    sp.durable(),
+                    sp.state.upstream_acked
+                );
+                let slot = relay.slot(&name);
+                slot.lock().spool = Some(sp);
+                slot.cv.notify_all();
+            }
+        }
+        Ok(relay)
+    }
+
+    fn lock_disks(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The disk's slot, created (with its forwarder) on first use.
+    fn slot(self: &Arc<Relay>, name: &str) -> Arc<Slot> {
+        let mut d = self.lock_disks();
+        if let Some(s) = d.get(name) {
+            return Arc::clone(s);
+        }
+        let slot = Arc::new(Slot {
+            name: name.into(),
+            dir: self.cfg.spool.join("disks").join(name),
+            m: Mutex::new(Inner::default()),
+            cv: Condvar::new(),
+        });
+        d.insert(name.into(), Arc::clone(&slot));
+        let (relay, s) = (Arc::clone(self), Arc::clone(&slot));
+        let spawned = std::thread::Builder::new().name(format!("fwd-{name}")).spawn(move || forward(relay, s));
+        if let Err(e) = spawned {
+            log::error!("disk {name}: cannot start its forwarder: {e}");
+        }
+        slot
+    }
+
+    /// Bytes in every disk's spool.
+    pub fn used(&self) -> u64 {
+        let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
+        slots.iter().map(|s| s.lock().spool.as_ref().map_or(0, |sp| sp.bytes())).sum()
+    }
+
+    /// Every disk's state.
+    pub fn view(&self) -> Vec<DiskView> {
+        let mut slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        slots
+            .iter()
+            .filter_map(|s| {
+                let g = s.lock();
+                let sp = g.spool.as_ref()?;
+                Some(DiskView {
+                    name: s.name.clone(),
+                    spool_bytes: sp.bytes(),
+                    pending_bytes: sp.pending_bytes(),
+                    durable_seq: sp.durable(),
+                    upstream_acked: sp.state.upstream_acked,
+                    oldest_unsent_ns: g.oldest_unsent_ns,
+                    agent_connected: g.held,
+                    upstream: g.up.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Connect to the first upstream that answers and open the disk there.
+    fn connect_upstream(
+        &self,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+        owner: Option<&str>,
+    ) -> Result<(Client<AnyStream>, String), (Fail, String)> {
+        let mut last = (Fail::new(ErrorCode::Busy, "no upstream given"), String::new());
+        for addr in &self.cfg.upstreams {
+            match open_one(addr, &self.tls, name, size, generation, owner) {
+                Ok(c) => return Ok((c, addr.clone())),
+                Err(e) => {
+                    let f = match e {
+                        LinkError::Refused { code, msg } => Fail::new(code, format!("the master target at {addr}: {msg}")),
+                        e => Fail::new(ErrorCode::Busy, format!("the master target at {addr}: {e}")),
+                    };
+                    let refused = f.code != ErrorCode::Busy;
+                    last = (f, addr.clone());
+                    if refused {
+                        // A refusal is an answer, not an absence.
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn open_one(
+    addr: &str,
+    tls: &UpstreamTls,
+    name: &str,
+    size: u64,
+    generation: [u8; 16],
+    owner: Option<&str>,
+) -> Result<Client<AnyStream>, LinkError> {
+    let tcp = ferry_link::connect_tcp(addr, ferry_link::client::CONNECT_TIMEOUT)?;
+    let sock = match tls {
+        None => AnyStream::Tcp(tcp),
+        Some((config, watch)) => {
+            let t = ferry_link::TlsStream::connect(tcp, config.clone(), ferry_link::client::CONNECT_TIMEOUT)
+                .map_err(|e| LinkError::Handshake { why: format!("{addr}: TLS handshake: {e}"), source: None })?;
+            watch.add(&t);
+            AnyStream::Tls(t)
+        }
+    };
+    // The HELLO name carries whom the stream is for: a master target that
+    // sees a process server's certificate binds the disk to that agent.
+    let peer = match owner {
+        Some(o) => format!("ferry-process-server {} for {o}", env!("CARGO_PKG_VERSION")),
+        None => format!("ferry-process-server {}", env!("CARGO_PKG_VERSION")),
+    };
+    let mut cfg = ClientConfig::new(peer);
+    cfg.server = format!("the master target at {addr}");
+    Client::open(sock, cfg, name, size, generation)
+}
+
+fn info_of(flags: u32) -> OpenInfo {
+    OpenInfo { existed: flags & OPEN_EXISTS != 0, same_generation: flags & OPEN_SAME_GENERATION != 0 }
+}
+
+/// The link server's view of the relay: opens a disk's spool for an agent.
+pub struct Spools(pub Arc<Relay>);
+
+impl Sinks for Spools {
+    type Sink = SpoolSink;
+
+    fn open(
+        &self,
+        peer: &str,
+        who: Option<&ferry_identity::Identity>,
+        name: &str,
+        size: u64,
+        generation: [u8; 16],
+    ) -> Result<(SpoolSink, OpenInfo), Fail> {
+        if !ferry_proto::valid_name(name) {
+            return Err(Fail::new(ErrorCode::Refused, format!("disk name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        let owner = who.map(|w| w.label());
+        let relay = &self.0;
+        let slot = relay.slot(name);
+        let mut g = slot.lock();
+        if g.held {
+            return Err(Fail::new(ErrorCode::Busy, format!("disk {name} is open on another connection to this process server")));
+        }
+        if let (Some(sp), Some(w)) = (g.spool.as_ref(), owner.as_deref()) {
+            if let Some(o) = sp.state.owner.as_deref().filter(|o| *o != w) {
+                return Err(Fail::new(ErrorCode::Refused, format!("disk {name} belongs to {o} here, not to {w}")));
+            }
+        }
+        let same = g.spool.as_ref().is_some_and(|sp| sp.generation() == generation);
+        if let Some(sp) = g.spool.as_ref().filter(|_| same) {
+            if sp.state.size != size {
+                return Err(Fail::new(
+                    ErrorCode::SizeChanged,
+                    format!("disk {name} was {} bytes, now {size}: start a new protection", sp.state.size),
+                ));
+            }
+        }
+        // A disk new here, a new generation, or a spool whose forwarder is
+        // not connected: ask the master target now (its durable sequence
+        // may have moved past the spool while the agent went direct).
+        if !same || !g.up.connected {
+            let id = relay.next_id.fetch_add(1, Ordering::Relaxed);
+            g.adopt = Some(Adopt { id, size, generation, owner: owner.clone() });
+            slot.cv.notify_all();
+            let until = Instant::now() + ADOPT_WAIT;
+            let answer = loop {
+                if let Some((i, _)) = &g.adopted {
+                    if *i == id {
+                        break g.adopted.take().map(|(_, r)| r);
+                    }
+                }
+                if Instant::now() >= until {
+                    break None;
+                }
+                g = slot.wait(g, Duration::from_millis(100));
+            };
+            match answer {
+                Some(Ok(())) => {}
+                // Known here and the master target out of reach: the spool
+                // answers for it (that is what it is for).
+                Some(Err(f)) if same && f.code == ErrorCode::Busy => log::info!("disk {name}: {}; answering from the spool", f.msg),
+                Some(Err(f)) => return Err(f),
+                None if same => log::info!("disk {name}: the master target did not answer in time; answering from the spool"),
+                None => {
+                    g.adopt = None;
+                    return Err(Fail::new(
+                        ErrorCode::Busy,
+                        format!("disk {name}: the master target did not answer within {}s", ADOPT_WAIT.as_secs()),
+                    ));
+                }
+            }
+        }
+        let Some(sp) = g.spool.as_mut() else {
+            return Err(Fail::new(ErrorCode::Busy, format!("disk {name}: not open at the master target yet")));
+        };
+        if sp.state.owner.is_none() && owner.is_some() {
+            sp.state.owner = owner.clone();
+            sp.save_state().map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
+        }
+        // Once this generation holds anything beyond what the master target
+        // had, the next hop (spool and master target) holds this generation.
+        let flags = if sp.durable() > sp.state.base_seq { OPEN_EXISTS | OPEN_SAME_GENERATION } else { sp.state.flags };
+        let durable = sp.durable();
+        g.held = true;
+        g.reset = None;
+        drop(g);
+        log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {durable}");
+        Ok((SpoolSink { relay: Arc::clone(relay), slot, size, durable }, info_of(flags)))
+    }
+}
+
+/// One agent's stream into a disk's spool.
+pub struct SpoolSink {
+    relay: Arc<Relay>,
+    slot: Arc<Slot>,
+    size: u64,
+    durable: u64,
+}
+
+impl Drop for SpoolSink {
+    fn drop(&mut self) {
+        self.slot.lock().held = false;
+        self.slot.cv.notify_all();
+    }
+}
+
+impl SpoolSink {
+    fn check_reset(&self, g: &Inner) -> Result<(), Fail> {
+        match &g.reset {
+            Some(why) => Err(Fail::new(ErrorCode::Busy, format!("disk {}: {why}; reconnect", self.slot.name))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Sink for SpoolSink {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn durable_seq(&self) -> u64 {
+        self.durable
+    }
+
+    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<(u64, u64)>, Fail> {
+        let until = Instant::now() + FULL_WAIT;
+        while self.relay.used() >= self.relay.cfg.spool_max {
+            if Instant::now() >= until {
+                return Err(Fail::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "the spool is full ({} bytes, --spool-max); disk {} waits for the master target",
+                        self.relay.used(),
+                        self.slot.name
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut g = self.slot.lock();
+        self.check_reset(&g)?;
+        let sp = g.spool.as_mut().ok_or_else(|| Fail::new(ErrorCode::Internal, "the spool is gone"))?;
+        sp.append(ops).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
+        self.durable = sp.durable();
+        if g.oldest_unsent_ns.is_none() {
+            g.oldest_unsent_ns = Some(ferry_common::now_ns());
+        }
+        drop(g);
+        self.slot.cv.notify_all();
+        Ok(Vec::new())
+    }
+
+    fn resolve_ref(&mut self, _src: u64, _len: u32, _digest: &[u8; 32]) -> Result<Option<Vec<u8>>, Fail> {
+        // keeps_frames: REF goes on to the master target, which checks it.
+        Ok(None)
+    }
+
+    fn sums(&mut self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, Fail> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut g = self.slot.lock();
+            self.check_reset(&g)?;
+            g.sums.push_back(SumsJob { after: self.durable, offset, chunk, count, reply: tx });
+        }
+        self.slot.cv.notify_all();
+        match rx.recv_timeout(SUMS_WAIT) {
+            Ok(r) => r,
+            Err(_) => Err(Fail::new(
+                ErrorCode::Busy,
+                format!(
+                    "disk {}: checksums wait for the spooled frames before them to reach the master target, which took over {}s; retry",
+                    self.slot.name,
+                    SUMS_WAIT.as_secs()
+                ),
+            )),
+        }
+    }
+
+    fn tick(&self) -> Option<Duration> {
+        Some(Duration::from_millis(50))
+    }
+
+    fn late_points(&mut self) -> Result<Vec<(u64, u64)>, Fail> {
+        let mut g = self.slot.lock();
+        self.check_reset(&g)?;
+        Ok(g.points.drain(..).collect())
+    }
+
+    fn keeps_frames(&self) -> bool {
+        true
+    }
+}
+
+/// One disk's forwarder: keeps a connection to the master target while
+/// there is something to send or an agent connected, sends the spool in
+/// order, drops what the master target acknowledged, passes points back,
+/// answers checksum requests in order, and re-opens the disk upstream when
+/// an agent brings a new generation.
+fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
+    let name = slot.name.clone();
+    let mut client: Option<Client<AnyStream>> = None;
+    let mut cur = Cursor::default();
+    let mut epoch = 0u64;
+    let mut backoff = Backoff::default();
+    let mut idle_since = Instant::now();
+    loop {
+        // An agent's OPEN asks for the disk at the master target.
+        let adopt = slot.lock().adopt.take();
+        if let Some(a) = adopt {
+            if let Some(c) = client.take() {
+                c.close();
+            }
+            let r = relay.connect_upstream(&name, a.size, a.generation, a.owner.as_deref());
+            let mut g = slot.lock();
+            match r {
+                Ok((c, addr)) => {
+                    let o = c.opened();
+                    let same = g.spool.as_ref().is_some_and(|sp| sp.generation() == a.generation && sp.state.size == a.size);
+                    if !same {
+                        if let Some(old) = g.spool.as_ref() {
+                            if old.pending_bytes() > 0 {
+                                log::warn!(
+                                    "disk {name}: a new protection (generation) replaces {} spooled bytes of the old one; its agent resyncs",
+                                    old.pending_bytes()
+                                );
+                            }
+                        }
+                        let st = DiskState {
+                            name: name.clone(),
+                            size: a.size,
+                            generation: gen_hex(&a.generation),
+                            flags: o.flags,
+                            base_seq: o.durable_seq,
+                            upstream_acked: o.durable_seq,
+                            owner: a.owner.clone(),
+                        };
+                        epoch += 1;
+                        match DiskSpool::create(&slot.dir, st, epoch) {
+                            Ok(sp) => g.spool = Some(sp),
+                            Err(e) => {
+                                g.adopted = Some((a.id, Err(Fail::new(ErrorCode::Internal, e.to_string()))));
+                                slot.cv.notify_all();
+                                continue;
+                            }
+                        }
+                    }
+                    let res = after_open(&name, &mut g, o.durable_seq, &mut cur);
+                    g.up.connected = true;
+                    g.up.addr = Some(addr);
+                    g.up.error = None;
+                    g.adopted = Some((a.id, res));
+                    client = Some(c);
+                    backoff.reset();
+                }
+                Err((f, addr)) => {
+                    g.up.connected = false;
+                    g.up.addr = Some(addr);
+                    g.up.error = Some(f.msg.clone());
+                    g.adopted = Some((a.id, Err(f)));
+                }
+            }
+            drop(g);
+            slot.cv.notify_all();
+            idle_since = Instant::now();
+            continue;
+        }
+        let Some(c) = client.as_mut() else {
+            // Not connected: connect when there is something to send, a
+            // waiting checksum request, or an agent connected.
+            let g = slot.lock();
+            let want =
+                g.spool.as_ref().map(|sp| (sp.state.size, sp.generation(), sp.state.owner.clone(), sp.durable() > sp.state.upstream_acked));
+            let need = match &want {
+                Some((_, _, _, pending)) => *pending || g.held || !g.sums.is_empty(),
+                None => false,
+            };
+            if !need {
+                drop(slot.wait(g, Duration::from_millis(500)));
+                continue;
+            }
+            drop(g);
+            let (size, generation, owner, _) = want.expect("checked");
+            match relay.connect_upstream(&name, size, generation, owner.as_deref()) {
+                Ok((c, addr)) => {
+                    let o = c.opened();
+                    let mut g = slot.lock();
+                    if g.spool.as_ref().is_some_and(|sp| sp.generation() == generation) {
+                        let _ = after_open(&name, &mut g, o.durable_seq, &mut cur);
+                    }
+                    g.up.connected = true;
+                    g.up.addr = Some(addr.clone());
+                    g.up.error = None;
+                    drop(g);
+                    log::info!("disk {name}: forwarding to the master target at {addr} (durable there to seq {})", o.durable_seq);
+                    client = Some(c);
+                    backoff.reset();
+                    idle_since = Instant::now();
+                }
+                Err((f, addr)) => {
+                    let delay = backoff.next_delay();
+                    let mut g = slot.lock();
+                    if g.up.error.as_deref() != Some(f.msg.as_str()) {
+                        log::warn!("disk {name}: {}; retrying", f.msg);
+                    }
+                    g.up.connected = false;
+                    g.up.addr = Some(addr);
+                    g.up.error = Some(f.msg);
+                    // A checksum request cannot be answered now: say so at
+                    // once rather than at its deadline.
+                    for j in g.sums.drain(..) {
+                        let _ = j
+                            .reply
+                            .send(Err(Fail::new(ErrorCode::Busy, format!("disk {name}: the master target is not reachable; retry"))));
+                    }
+                    drop(slot.wait(g, delay));
+                }
+            }
+            continue;
+        };
+        match pump(&relay, &slot, c, &mut cur, &mut epoch, &mut idle_since) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Idle with no agent: let go of the disk upstream.
+                if let Some(c) = client.take() {
+                    c.close();
+                }
+                slot.lock().up.connected = false;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                log::warn!("disk {name}: upstream: {msg}; reconnecting");
+                if let Some(c) = client.take() {
+                    c.close();
+                }
+                let mut g = slot.lock();
+                g.up.connected = false;
+                g.up.error = Some(msg);
+                let delay = backoff.next_delay();
+                drop(slot.wait(g, delay));
+            }
+        }
+    }
+}
+
+/// The master target reported `durable` at OPEN: drop what it holds, and
+/// start reading after it. If it holds less than it acknowledged before
+/// (its folder was restored or lost), the spool cannot fill the hole: the
+/// spool is emptied down to it, and the agent's open session ends so that
+/// it reconnects, sees the lower durable sequence, and resyncs.
+fn after_open(name: &str, g: &mut Inner, durable: u64, cur: &mut Cursor) -> Result<(), Fail> {
+    let Some(sp) = g.spool.as_mut() else { return Ok(()) };
+    if durable < sp.state.upstream_acked {
+        let why = format!("the master target is durable only to seq {durable} but had acknowledged {}", sp.state.upstream_acked);
+        log::error!("disk {name}: {why}: the spool restarts there and the agent resyncs");
+        let mut st = sp.state.clone();
+        st.base_seq = durable;
+        st.upstream_acked = durable;
+        let epoch = sp.epoch + 1;
+        let dir = sp.dir.clone();
+        let fresh = DiskSpool::create(&dir, st, epoch).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
+        g.spool = Some(fresh);
+        g.reset = Some(why);
+    } else {
+        sp.release(durable).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
+    }
+    *cur = Cursor { after: durable, at: None };
+    Ok(())
+}
+
+/// Forward while connected: `Ok(false)` once idle with no agent for
+/// [`IDLE_CLOSE`]; `Err` when the connection failed.
+fn pump(
+    relay: &Relay,
+    slot: &Slot,
+    c: &mut Client<AnyStream>,
+    cur: &mut Cursor,
+    epoch: &mut u64,
+    idle_since: &mut Instant,
+) -> Result<bool, LinkError> {
+    let _ = relay;
+    loop {
+        let acked = c.acked();
+        let points = c.take_points();
+        let mut g = slot.lock();
+        if g.adopt.is_some() {
+            return Ok(true);
+        }
+        if !points.is_empty() {
+            for p in points {
+                if g.points.len() >= POINTS_KEPT {
+                    g.points.pop_front();
+                }
+                g.points.push_back(p);
+            }
+            slot.cv.notify_all();
+        }
+        let Some(sp) = g.spool.as_mut() else { return Ok(true) };
+        if sp.epoch != *epoch {
+            *epoch = sp.epoch;
+            *cur = Cursor { after: sp.state.upstream_acked, at: None };
+        }
+        if acked > sp.state.upstream_acked {
+            if let Err(e) = sp.release(acked) {
+                log::error!("disk {}: {e}", slot.name);
+            }
+        }
+        let all_acked = sp.durable() <= sp.state.upstream_acked;
+        if all_acked {
+            g.oldest_unsent_ns = None;
+        }
+        // A checksum request goes out once every frame spooled before it
+        // has been sent.
+        let job = match g.sums.front() {
+            Some(j) if j.after <= cur.after || g.spool.as_ref().is_some_and(|sp| j.after <= sp.state.upstream_acked) => g.sums.pop_front(),
+            _ => None,
+        };
+        if let Some(j) = job {
+            drop(g);
+            let r = c.request_sums(j.offset, j.chunk, j.count).and_then(|req| c.recv_sums(req, j.offset, j.count as usize));
+            match r {
+                Ok(s) => {
+                    let _ = j.reply.send(Ok(s));
+                }
+                Err(e) => {
+                    let _ = j.reply.send(Err(Fail::new(ErrorCode::Busy, format!("the master target: {e}"))));
+                    return Err(e);
+                }
+            }
+            continue;
+        }
+        let sp = g.spool.as_ref().expect("checked");
+        let plan = sp.plan_read(cur);
+        let floor = plan.as_ref().and_then(|p| sp.segs.iter().find(|s| s.path == p.0).map(|s| s.floor)).unwrap_or(0);
+        let held = g.held;
+        if plan.is_none() {
+            if !held && all_acked && g.sums.is_empty() && idle_since.elapsed() >= IDLE_CLOSE {
+                return Ok(false);
+            }
+            c.flush()?;
+            c.check_alive()?;
+            drop(slot.wait(g, Duration::from_millis(50)));
+            continue;
+        }
+        drop(g);
+        *idle_since = Instant::now();
+        let msgs = crate::spool::read_planned(plan.expect("checked"), floor, cur, 4 << 20)
+            .map_err(|e| LinkError::Lost { why: format!("reading the spool: {e}"), source: None })?;
+        let (mut n, before) = (0u64, c.bytes_sent());
+        for m in &msgs {
+            c.send(m)?;
+            n += 1;
+        }
+        let sent = c.bytes_sent() - before;
+        let mut g = slot.lock();
+        g.up.frames_sent += n;
+        g.up.bytes_sent += sent;
+    }
+}

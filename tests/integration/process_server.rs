@@ -191,3 +191,55 @@ fn an_agent_falls_back_to_the_next_address_and_returns() {
     eprintln!("PSLOG\n{}\nMTLOG\n{}", ps.log(), s.mt.log());
     drop(ps);
 }
+
+fn ps_status(addr: &str) -> serde_json::Value {
+    let out = run_ok(&["status", "--process-server", addr, "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Acceptance: a spool too small for the backlog holds the agent back
+/// (nothing lost), `ferry status --process-server` names the waiting disk
+/// and why, and once the limit is raised and the master target is back,
+/// replication catches up without a resync.
+#[test]
+fn a_full_spool_holds_the_agent_back_and_catches_up_once_the_limit_is_raised() {
+    let mut s = setup("ps-full", 8192); // 32 MiB
+    let spool = s.t.path("spool");
+    let mut ps = ProcessServer::start(&spool, &s.mt.addr, "4M");
+    let addr = ps.addr.clone();
+    let disk = OpenOptions::new().write(true).open(s.t.path("src.img")).unwrap();
+    let mut w = Workload::new(s.blocks, 33);
+    let mut agent = spawn(&agent_args(&s.t, "full", &addr));
+    wait_for("the initial sync", 60, || agent_state(&s.t.path("st")).is_some_and(|st| st["sync_cursor"].is_null()));
+    wait_for("a point", 60, || !point_ids(&s.t.s("data"), "full").is_empty());
+    // The master target goes away: the spool fills.
+    let mt_addr = s.mt.addr.clone();
+    s.mt.proc.kill9();
+    for _ in 0..4000 {
+        w.write(&disk, Some(&s.ring));
+    }
+    wait_for("the disk to be held back", 60, || {
+        let v = ps_status(&addr);
+        v["disks"][0]["state"] == "spool full"
+    });
+    let v = ps_status(&addr);
+    let d = &v["disks"][0];
+    assert_eq!(d["name"], "full", "{v}");
+    assert!(d["why"].as_str().unwrap().contains("spool"), "{v}");
+    assert!(v["spool_bytes"].as_u64().unwrap() >= 4 << 20, "{v}");
+    let human = run_ok(&["status", "--process-server", &addr]);
+    assert!(human.contains("full") && human.contains("spool full"), "{human}");
+    // Held back: the agent keeps what the spool could not take.
+    assert!(s.ring.consumer() < s.ring.producer(), "the ring holds the rest");
+    // The limit raised, the master target back: everything arrives.
+    ps.proc.kill9();
+    s.mt = MasterTarget::start_at(&s.t.path("data"), &mt_addr);
+    ps = ProcessServer::start_at(&spool, &addr, &mt_addr, "1G");
+    wait_for("the ring to drain", 120, || s.ring.consumer() == s.ring.producer());
+    wait_for("the spool to empty", 120, || ps_status(&addr)["disks"][0]["pending_bytes"] == 0);
+    agent.kill9();
+    finish(&s, "full", &addr, &w, "after the spool was full", false);
+    let st = agent_state(&s.t.path("st")).unwrap();
+    assert!(st["resync_required"].is_null(), "{st}");
+    drop(ps);
+}

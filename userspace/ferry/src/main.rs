@@ -335,8 +335,11 @@ enum Cmd {
     /// free space, the last verify).
     Status {
         /// The agent's state folder.
-        #[arg(long, value_name = "DIR", required_unless_present_any = ["data", "identity"], conflicts_with_all = ["data", "identity"])]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["data", "identity", "process_server"], conflicts_with_all = ["data", "identity", "process_server"])]
         state: Option<PathBuf>,
+        /// A process server, HOST:PORT: where each disk's bytes wait (spool, age, rate, state); with --identity over mutual TLS.
+        #[arg(long, value_name = "ADDR", conflicts_with = "data")]
+        process_server: Option<String>,
         /// The master target's data folder (with --name).
         #[arg(long, value_name = "DIR", requires = "name")]
         data: Option<PathBuf>,
@@ -603,6 +606,65 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// `ferry status --process-server ADDR`: ask it (STATUS_REQ, protocol v3)
+/// and print each disk's state.
+fn process_status(addr: &str, identity: Option<&std::path::Path>, json: bool) -> Result<()> {
+    let a = ferry_common::net::resolve("process-server", addr, false).map_err(Usage::from)?;
+    let tcp = ferry_link::connect_tcp(addr, ferry_link::client::CONNECT_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sock = match identity {
+        None => {
+            if let Some(x) = a.iter().find(|x| !x.ip().is_loopback()) {
+                return Err(Usage(format!("--process-server {addr}: {} is not a loopback address: give --identity DIR", x.ip())).into());
+            }
+            ferry_link::AnyStream::Tcp(tcp)
+        }
+        Some(dir) => {
+            let held = ferry_identity::enroll::Held::load(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v = ferry_identity::tls::PeerVerifier::new(held.trust.clone(), &[ferry_identity::Role::ProcessServer], true);
+            let config = ferry_identity::tls::client_config(Some(held.creds.clone()), v).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let t = ferry_link::TlsStream::connect(tcp, config, ferry_link::client::CONNECT_TIMEOUT)
+                .map_err(|e| anyhow::anyhow!("{addr}: TLS handshake: {e}"))?;
+            ferry_link::AnyStream::Tls(t)
+        }
+    };
+    let cfg = ferry_link::ClientConfig::new(format!("ferry-status {}", env!("CARGO_PKG_VERSION")));
+    let text = ferry_link::client::status(sock, &cfg).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: ferry_relay::relay::RelayView =
+        serde_json::from_str(&text).with_context(|| format!("{addr}: a status this ferry cannot read"))?;
+    use ferry_common::units::human;
+    println!(
+        "process server {addr} (ferry {}): spool {} of {} in {}, upstream {}",
+        v.version,
+        human(v.spool_bytes),
+        human(v.spool_max),
+        v.spool,
+        v.upstreams.join(",")
+    );
+    println!(
+        "{:<24} {:<14} {:>10} {:>10} {:>8} {:>10} {:>6} {:>6}  WHY",
+        "DISK", "STATE", "SPOOL", "WAITING", "OLDEST", "UP/s", "ZSTD", "AGENT"
+    );
+    for d in &v.disks {
+        println!(
+            "{:<24} {:<14} {:>10} {:>10} {:>8} {:>10} {:>5.2}x {:>6}  {}",
+            d.name,
+            d.state,
+            human(d.spool_bytes),
+            human(d.pending_bytes),
+            d.oldest_unsent_s.map_or("-".into(), |s| format!("{s:.1}s")),
+            human(d.upstream_rate),
+            d.compression_ratio,
+            if d.agent_connected { "yes" } else { "no" },
+            d.why.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// A comma-separated list of addresses (`--target`, `--upstream`), each
@@ -896,6 +958,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{name}: tracking stopped; the replica and its recovery points are kept");
             Ok(())
         }
+        Cmd::Status { process_server: Some(addr), identity, json, .. } => process_status(&addr, identity.as_deref(), json),
         Cmd::Status { identity: Some(dir), json, .. } => identity_cmd::status(&dir, json),
         Cmd::Status { state: None, data: Some(data), name: Some(name), json, .. } => {
             let s = ops::disk_status(&data, &name)?;

@@ -115,6 +115,33 @@ struct Writer<S: Stream> {
     last_tx: Instant,
 }
 
+/// Ask a server (protocol v3) for its state instead of opening a disk: the
+/// JSON of its STATUS answer. Every read and write has `cfg`'s handshake
+/// deadline.
+pub fn status<S: Stream>(stream: S, cfg: &ClientConfig) -> Result<String, LinkError> {
+    let hs_io = |e: std::io::Error| LinkError::Handshake { why: e.to_string(), source: Some(e.into()) };
+    let hs_proto = |e: ferry_proto::ProtoError| LinkError::Handshake { why: e.to_string(), source: Some(e) };
+    stream.set_read_timeout(Some(cfg.handshake_timeout)).map_err(hs_io)?;
+    stream.set_write_timeout(Some(cfg.handshake_timeout)).map_err(hs_io)?;
+    let mut r = BufReader::new(stream.try_clone().map_err(hs_io)?);
+    let mut w = BufWriter::new(stream);
+    let (min, max) = (3u16.max(cfg.versions.0), cfg.versions.1);
+    ferry_proto::write_msg(&mut w, &Msg::Hello { min, max, peer: cfg.peer.clone() }).map_err(hs_io)?;
+    w.flush().map_err(hs_io)?;
+    match read_frame(&mut r).map_err(hs_proto)? {
+        Some(Msg::HelloAck { version, .. }) if (min..=max).contains(&version) => {}
+        Some(Msg::Error { code, msg }) => return Err(LinkError::Refused { code, msg }),
+        other => return Err(LinkError::Handshake { why: format!("unexpected answer to HELLO: {other:?}"), source: None }),
+    }
+    ferry_proto::write_msg(&mut w, &Msg::StatusReq).map_err(hs_io)?;
+    w.flush().map_err(hs_io)?;
+    match read_frame(&mut r).map_err(hs_proto)? {
+        Some(Msg::Status { json }) => Ok(json),
+        Some(Msg::Error { code, msg }) => Err(LinkError::Refused { code, msg }),
+        other => Err(LinkError::Handshake { why: format!("unexpected answer to STATUS_REQ: {other:?}"), source: None }),
+    }
+}
+
 /// One open stream to the next hop.
 pub struct Client<S: Stream> {
     cfg: ClientConfig,

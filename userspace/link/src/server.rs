@@ -159,6 +159,11 @@ pub trait Sinks: Send + Sync {
         size: u64,
         generation: [u8; 16],
     ) -> Result<(Self::Sink, OpenInfo), Fail>;
+    /// The listener's state as JSON, for a STATUS_REQ (v3) from `who`;
+    /// `None`: this server does not report one.
+    fn status(&self, _who: Option<&ferry_identity::Identity>) -> Option<String> {
+        None
+    }
 }
 
 /// A frame's bytes may come no slower than this once its deadline is
@@ -290,8 +295,18 @@ fn session<S: Stream, K: Sinks>(c: &mut Conn<S>, sinks: &K, cfg: &ServerConfig, 
     }
     c.send(&Msg::HelloAck { version, peer: cfg.peer.clone() })?;
     c.w.flush()?;
-    let Some(Msg::Open { name, size, generation }) = c.recv()? else {
-        return Err(Fail::new(ErrorCode::NotOpen, "expected OPEN after HELLO"));
+    let (name, size, generation) = match c.recv()? {
+        Some(Msg::Open { name, size, generation }) => (name, size, generation),
+        Some(Msg::StatusReq) if version >= 3 => {
+            *disk_name = "(status)".into();
+            let who = c.w.get_ref().identity();
+            let json =
+                sinks.status(who.as_ref()).ok_or_else(|| Fail::new(ErrorCode::BadFrame, format!("{} does not report status", cfg.role)))?;
+            c.send(&Msg::Status { json })?;
+            c.w.flush()?;
+            return Ok(());
+        }
+        _ => return Err(Fail::new(ErrorCode::NotOpen, "expected OPEN after HELLO")),
     };
     if version < 2 {
         // v1 clients never ping: an idle v1 stream is legitimate.

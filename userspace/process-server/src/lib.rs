@@ -33,7 +33,9 @@ use std::time::Duration;
 pub fn serve(listener: TcpListener, cfg: RelayConfig, identity: Option<Held>) -> io::Result<()> {
     let (server_tls, client_tls) = match identity {
         Some(held) => {
-            let v = PeerVerifier::new(held.trust.clone(), &[Role::Agent, Role::ProcessServer], true);
+            // Any role of the site's CA may ask for status; only agents and
+            // process servers may open a disk (Spools::open checks).
+            let v = PeerVerifier::new(held.trust.clone(), &Role::ALL, true);
             let sconf = tls::server_config(held.creds.clone(), v).map_err(io::Error::other)?;
             let up = PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget, Role::ProcessServer], true);
             let cconf = tls::client_config(Some(held.creds.clone()), up).map_err(io::Error::other)?;

@@ -53,7 +53,7 @@ pub struct RelayConfig {
 pub type UpstreamTls = Option<(Arc<rustls::ClientConfig>, Arc<ferry_link::Watch>)>;
 
 /// One upstream state, for status.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Upstream {
     pub connected: bool,
     pub addr: Option<String>,
@@ -93,6 +93,17 @@ struct Inner {
     reset: Option<String>,
     /// When the oldest unsent frame was spooled.
     oldest_unsent_ns: Option<u64>,
+    /// Why the agent's batches wait (the spool is full), while they do.
+    held_back: Option<String>,
+    /// The forwarder waits for the bandwidth limit.
+    throttled: bool,
+    /// Raw bytes the agent's DATA frames carried, and their payload bytes
+    /// as spooled (the agent's compression).
+    raw_in: u64,
+    payload_in: u64,
+    /// (when, bytes sent upstream so far): the last few seconds, for the
+    /// upstream rate.
+    rate_log: VecDeque<(Instant, u64)>,
 }
 
 /// One disk of the relay.
@@ -113,17 +124,39 @@ impl Slot {
     }
 }
 
-/// A disk's state for `ferry status`.
-#[derive(Clone, Debug, serde::Serialize)]
+/// A disk's state for `ferry status --process-server`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DiskView {
     pub name: String,
+    /// streaming, idle, throttled, spool full, upstream down.
+    pub state: String,
+    /// Why, when the disk waits.
+    pub why: Option<String>,
     pub spool_bytes: u64,
+    /// Bytes the master target has not acknowledged yet.
     pub pending_bytes: u64,
+    /// Age of the oldest change not yet acknowledged by the master target.
+    pub oldest_unsent_s: Option<f64>,
     pub durable_seq: u64,
     pub upstream_acked: u64,
-    pub oldest_unsent_ns: Option<u64>,
+    /// Bytes a second sent upstream over the last few seconds.
+    pub upstream_rate: u64,
+    /// Raw bytes over bytes sent, for DATA (1.0: nothing saved).
+    pub compression_ratio: f64,
     pub agent_connected: bool,
     pub upstream: Upstream,
+}
+
+/// The process server's state (`ferry status --process-server`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RelayView {
+    pub role: String,
+    pub version: String,
+    pub spool: String,
+    pub spool_bytes: u64,
+    pub spool_max: u64,
+    pub upstreams: Vec<String>,
+    pub disks: Vec<DiskView>,
 }
 
 /// The process server's disks.
@@ -194,6 +227,34 @@ impl Relay {
         slot
     }
 
+    /// Whether `slot`'s next batch must wait for room, and why. Past 90% of
+    /// `--spool-max`, the disks holding more than an equal share of it wait
+    /// (the ones filling it); at 100%, every disk waits.
+    fn full_for(&self, slot: &Slot) -> Option<String> {
+        let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
+        let mine_pending = slot.lock().spool.as_ref().map_or(0, |sp| sp.pending_bytes());
+        let (mut used, mut with_data) = (0u64, 0u64);
+        for s in &slots {
+            if let Some(sp) = s.lock().spool.as_ref() {
+                used += sp.bytes();
+                with_data += u64::from(sp.pending_bytes() > 0);
+            }
+        }
+        let max = self.cfg.spool_max;
+        let share = max / with_data.max(1);
+        if used >= max {
+            Some(format!("the spool is full ({used} of {max} bytes, --spool-max): disk {} waits for the master target", slot.name))
+        } else if used >= max / 10 * 9 && mine_pending > share {
+            Some(format!(
+                "the spool is {}% full and disk {} holds {mine_pending} bytes of it, more than its share: it waits for the master target",
+                used * 100 / max,
+                slot.name
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Bytes in every disk's spool.
     pub fn used(&self) -> u64 {
         let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
@@ -201,26 +262,52 @@ impl Relay {
     }
 
     /// Every disk's state.
-    pub fn view(&self) -> Vec<DiskView> {
+    pub fn view(&self) -> RelayView {
         let mut slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
         slots.sort_by(|a, b| a.name.cmp(&b.name));
-        slots
+        let now = ferry_common::now_ns();
+        let disks: Vec<DiskView> = slots
             .iter()
             .filter_map(|s| {
                 let g = s.lock();
                 let sp = g.spool.as_ref()?;
+                let pending = sp.durable() > sp.state.upstream_acked;
+                let (state, why) = if let Some(w) = &g.held_back {
+                    ("spool full", Some(w.clone()))
+                } else if pending && !g.up.connected {
+                    ("upstream down", g.up.error.clone())
+                } else if g.throttled {
+                    ("throttled", Some("waiting for the bandwidth limit".to_string()))
+                } else if pending {
+                    ("streaming", None)
+                } else {
+                    ("idle", None)
+                };
                 Some(DiskView {
                     name: s.name.clone(),
+                    state: state.into(),
+                    why,
                     spool_bytes: sp.bytes(),
                     pending_bytes: sp.pending_bytes(),
+                    oldest_unsent_s: g.oldest_unsent_ns.filter(|_| pending).map(|t| now.saturating_sub(t) as f64 / 1e9),
                     durable_seq: sp.durable(),
                     upstream_acked: sp.state.upstream_acked,
-                    oldest_unsent_ns: g.oldest_unsent_ns,
+                    upstream_rate: rate_of(&g.rate_log),
+                    compression_ratio: if g.payload_in > 0 { g.raw_in as f64 / g.payload_in as f64 } else { 1.0 },
                     agent_connected: g.held,
                     upstream: g.up.clone(),
                 })
             })
-            .collect()
+            .collect();
+        RelayView {
+            role: "process-server".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            spool: self.cfg.spool.display().to_string(),
+            spool_bytes: disks.iter().map(|d| d.spool_bytes).sum(),
+            spool_max: self.cfg.spool_max,
+            upstreams: self.cfg.upstreams.clone(),
+            disks,
+        }
     }
 
     /// Connect to the first upstream that answers and open the disk there.
@@ -282,6 +369,15 @@ fn open_one(
     Client::open(sock, cfg, name, size, generation)
 }
 
+/// Bytes a second over the samples (the last few seconds).
+fn rate_of(log: &VecDeque<(Instant, u64)>) -> u64 {
+    match (log.front(), log.back()) {
+        (Some(_), Some(&(t1, _))) if t1.elapsed() > Duration::from_secs(5) => 0,
+        (Some(&(t0, b0)), Some(&(t1, b1))) if t1 > t0 => ((b1 - b0) as f64 / t1.duration_since(t0).as_secs_f64()) as u64,
+        _ => 0,
+    }
+}
+
 fn info_of(flags: u32) -> OpenInfo {
     OpenInfo { existed: flags & OPEN_EXISTS != 0, same_generation: flags & OPEN_SAME_GENERATION != 0 }
 }
@@ -302,6 +398,9 @@ impl Sinks for Spools {
     ) -> Result<(SpoolSink, OpenInfo), Fail> {
         if !ferry_proto::valid_name(name) {
             return Err(Fail::new(ErrorCode::Refused, format!("disk name {name:?}: expected 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        if let Some(w) = who.filter(|w| !matches!(w.role, ferry_identity::Role::Agent | ferry_identity::Role::ProcessServer)) {
+            return Err(Fail::new(ErrorCode::Refused, format!("{} may not write disks through this process server", w.label())));
         }
         let owner = who.map(|w| w.label());
         let relay = &self.0;
@@ -376,6 +475,10 @@ impl Sinks for Spools {
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {durable}");
         Ok((SpoolSink { relay: Arc::clone(relay), slot, size, durable }, info_of(flags)))
     }
+
+    fn status(&self, _who: Option<&ferry_identity::Identity>) -> Option<String> {
+        serde_json::to_string(&self.0.view()).ok()
+    }
 }
 
 /// One agent's stream into a disk's spool.
@@ -413,24 +516,36 @@ impl Sink for SpoolSink {
 
     fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<(u64, u64)>, Fail> {
         let until = Instant::now() + FULL_WAIT;
-        while self.relay.used() >= self.relay.cfg.spool_max {
+        loop {
+            let Some(why) = self.relay.full_for(&self.slot) else { break };
             if Instant::now() >= until {
-                return Err(Fail::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "the spool is full ({} bytes, --spool-max); disk {} waits for the master target",
-                        self.relay.used(),
-                        self.slot.name
-                    ),
-                ));
+                self.slot.lock().held_back = None;
+                return Err(Fail::new(ErrorCode::Busy, format!("{why}; retry later (nothing is lost: the agent keeps its changes)")));
+            }
+            {
+                let mut g = self.slot.lock();
+                if g.held_back.is_none() {
+                    log::warn!("disk {}: {why}", self.slot.name);
+                }
+                g.held_back = Some(why);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let (mut raw, mut payload) = (0u64, 0u64);
+        for op in &ops {
+            if let Op::Data { len, payload: p, .. } = op {
+                raw += u64::from(*len);
+                payload += p.len() as u64;
+            }
+        }
         let mut g = self.slot.lock();
+        g.held_back = None;
         self.check_reset(&g)?;
         let sp = g.spool.as_mut().ok_or_else(|| Fail::new(ErrorCode::Internal, "the spool is gone"))?;
         sp.append(ops).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
         self.durable = sp.durable();
+        g.raw_in += raw;
+        g.payload_in += payload;
         if g.oldest_unsent_ns.is_none() {
             g.oldest_unsent_ns = Some(ferry_common::now_ns());
         }
@@ -743,5 +858,10 @@ fn pump(
         let mut g = slot.lock();
         g.up.frames_sent += n;
         g.up.bytes_sent += sent;
+        let (now, total) = (Instant::now(), g.up.bytes_sent);
+        g.rate_log.push_back((now, total));
+        while g.rate_log.front().is_some_and(|&(t, _)| now.duration_since(t) > Duration::from_secs(5)) {
+            g.rate_log.pop_front();
+        }
     }
 }

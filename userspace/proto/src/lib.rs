@@ -39,7 +39,7 @@ use xxhash_rust::const_xxh3::xxh3_64 as const_xxh3_64;
 
 /// Protocol versions this build speaks.
 pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 2;
+pub const VERSION_MAX: u16 = 3;
 
 /// Frame magic: low 32 bits of xxh3-64("ferry wire frame v1"). Do not modify.
 pub const MAGIC: u32 = const_xxh3_64(b"ferry wire frame v1") as u32;
@@ -231,6 +231,13 @@ pub enum Msg {
     Pong {
         token: u64,
     },
+    /// v3: instead of OPEN, ask the server for its state (`ferry status`
+    /// of a process server); answered by STATUS, then the server closes.
+    StatusReq,
+    /// v3: the server's state as JSON (UTF-8, at most `MAX_BODY - 4`).
+    Status {
+        json: String,
+    },
 }
 
 /// Why a frame was rejected.
@@ -278,6 +285,8 @@ mod ty {
     pub const ERROR: u8 = 0x30;
     pub const PING: u8 = 0x24;
     pub const PONG: u8 = 0x25;
+    pub const STATUS_REQ: u8 = 0x40;
+    pub const STATUS: u8 = 0x41;
 }
 
 /// Little-endian body cursor that turns every short read into an error.
@@ -378,6 +387,8 @@ impl Msg {
             Msg::Error { .. } => ty::ERROR,
             Msg::Ping { .. } => ty::PING,
             Msg::Pong { .. } => ty::PONG,
+            Msg::StatusReq => ty::STATUS_REQ,
+            Msg::Status { .. } => ty::STATUS,
         }
     }
 
@@ -465,6 +476,12 @@ impl Msg {
                 put_str(o, msg);
             }
             Msg::Ping { token } | Msg::Pong { token } => o.extend_from_slice(&token.to_le_bytes()),
+            Msg::StatusReq => {}
+            Msg::Status { json } => {
+                let b = &json.as_bytes()[..json.len().min(MAX_BODY as usize - 4)];
+                o.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                o.extend_from_slice(b);
+            }
         }
     }
 
@@ -501,6 +518,8 @@ impl Msg {
             ty::ERROR => "ERROR",
             ty::PING => "PING",
             ty::PONG => "PONG",
+            ty::STATUS_REQ => "STATUS_REQ",
+            ty::STATUS => "STATUS",
             other => return Err(ProtoError::UnknownType(other)),
         };
         let mut r = Rd { b: body, what };
@@ -592,6 +611,12 @@ impl Msg {
             ty::POINT => Msg::Point { seq: r.u64()?, id: r.u64()? },
             ty::PING => Msg::Ping { token: r.u64()? },
             ty::PONG => Msg::Pong { token: r.u64()? },
+            ty::STATUS_REQ => Msg::StatusReq,
+            ty::STATUS => {
+                let n = r.u32()? as usize;
+                let b = r.take(n)?;
+                Msg::Status { json: String::from_utf8(b.to_vec()).map_err(|_| r.bad("status is not UTF-8"))? }
+            }
             ty::ERROR => {
                 let c = r.u16()?;
                 let code = ErrorCode::from_u16(c).ok_or_else(|| r.bad(format!("unknown error code {c}")))?;
@@ -894,6 +919,8 @@ mod tests {
             Msg::Error { code: ErrorCode::OutOfRange, msg: "past the end".into() },
             Msg::Ping { token: 77 },
             Msg::Pong { token: 77 },
+            Msg::StatusReq,
+            Msg::Status { json: "{\"disks\": []}".into() },
         ]
     }
 

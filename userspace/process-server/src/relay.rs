@@ -516,8 +516,7 @@ impl Sink for SpoolSink {
 
     fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<(u64, u64)>, Fail> {
         let until = Instant::now() + FULL_WAIT;
-        loop {
-            let Some(why) = self.relay.full_for(&self.slot) else { break };
+        while let Some(why) = self.relay.full_for(&self.slot) {
             if Instant::now() >= until {
                 self.slot.lock().held_back = None;
                 return Err(Fail::new(ErrorCode::Busy, format!("{why}; retry later (nothing is lost: the agent keeps its changes)")));

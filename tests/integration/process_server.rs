@@ -243,3 +243,61 @@ fn a_full_spool_holds_the_agent_back_and_catches_up_once_the_limit_is_raised() {
     assert!(st["resync_required"].is_null(), "{st}");
     drop(ps);
 }
+
+/// Acceptance: a 5 MB/s limit (MiB, as ferry's sizes) holds within ±10%
+/// over 30 s, and two disks with a backlog under it get equal shares.
+#[test]
+fn a_bandwidth_limit_holds_and_two_busy_disks_share_it_equally() {
+    let t = TempDir::new("ps-limit");
+    let mt = MasterTarget::start(&t.path("data"));
+    let ps = ProcessServer::start_args(&t.path("spool"), &format!("127.0.0.1:{}", free_port()), &mt.addr, "2G", &["--limit", "5MB"]);
+    let mut agents = Vec::new();
+    for (i, name) in ["la", "lb"].iter().enumerate() {
+        // Incompressible content: what is measured is what crosses the link.
+        let img = t.path(&format!("{name}.img"));
+        let mut buf = vec![0u8; 128 << 20];
+        Rng::new(40 + i as u64).fill(&mut buf);
+        std::fs::write(&img, &buf).unwrap();
+        let args = [
+            "agent",
+            "--disk",
+            &t.s(&format!("{name}.img")),
+            "--name",
+            name,
+            "--target",
+            &ps.addr,
+            "--tracker",
+            "scan",
+            "--state",
+            &t.s(&format!("st-{name}")),
+        ];
+        agents.push(Proc(ferry().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+    }
+    let sent = |v: &serde_json::Value, name: &str| -> u64 {
+        v["disks"].as_array().unwrap().iter().find(|d| d["name"] == name).map_or(0, |d| d["upstream"]["bytes_sent"].as_u64().unwrap_or(0))
+    };
+    // Both disks have a backlog in the spool (their agents spool far faster
+    // than 5 MB/s), and both are being forwarded.
+    wait_for("both disks backlogged and forwarding", 60, || {
+        let v = ps_status(&ps.addr);
+        ["la", "lb"].iter().all(|n| sent(&v, n) > 0)
+            && v["disks"].as_array().unwrap().iter().all(|d| d["pending_bytes"].as_u64().unwrap_or(0) > 40 << 20)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let v0 = ps_status(&ps.addr);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(30));
+    let v1 = ps_status(&ps.addr);
+    let secs = t0.elapsed().as_secs_f64();
+    let (a, b) = (sent(&v1, "la") - sent(&v0, "la"), sent(&v1, "lb") - sent(&v0, "lb"));
+    let rate = (a + b) as f64 / secs;
+    let want = 5.0 * 1048576.0;
+    eprintln!("over {secs:.1}s: {rate:.0} B/s (la {a}, lb {b})");
+    assert!((rate - want).abs() <= 0.10 * want, "rate {rate:.0} B/s, limit {want} B/s");
+    let share = a as f64 / (a + b) as f64;
+    assert!((share - 0.5).abs() <= 0.05, "shares: la {a}, lb {b}");
+    for v in [&v1] {
+        assert!(v["disks"].as_array().unwrap().iter().any(|d| d["state"] == "throttled"), "{v}");
+    }
+    drop(agents);
+}

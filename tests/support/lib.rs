@@ -170,10 +170,16 @@ impl ProcessServer {
     }
 
     pub fn start_at(spool: &Path, addr: &str, upstream: &str, spool_max: &str) -> ProcessServer {
+        Self::start_args(spool, addr, upstream, spool_max, &[])
+    }
+
+    /// With more flags (`--limit`, `--identity` …).
+    pub fn start_args(spool: &Path, addr: &str, upstream: &str, spool_max: &str, extra: &[&str]) -> ProcessServer {
         let mut child = ferry()
             .env("RUST_LOG", "info")
             .args(["process-server", "--listen", addr, "--upstream", upstream, "--spool-max", spool_max, "--spool"])
             .arg(spool)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

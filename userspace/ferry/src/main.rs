@@ -101,6 +101,15 @@ enum Cmd {
         /// This machine's identity (role process-server, from `ferry enroll`): mutual TLS both ways.
         #[arg(long, value_name = "DIR")]
         identity: Option<PathBuf>,
+        /// Bandwidth towards the master target for all disks together, e.g. 100Mbit or 10MB (0: no limit).
+        #[arg(long, value_name = "RATE", default_value = "0")]
+        limit: String,
+        /// A weekly schedule of the global limit, local time, first match wins, e.g. 'mon-fri 08:00-18:00=20Mbit; sat,sun 00:00-24:00=0'.
+        #[arg(long, value_name = "RULES")]
+        limit_schedule: Option<String>,
+        /// A limit for one disk, NAME=RATE (repeat for more disks).
+        #[arg(long, value_name = "NAME=RATE")]
+        limit_disk: Vec<String>,
     },
     /// Protect one block device or image file.
     Agent {
@@ -722,7 +731,22 @@ fn run(cli: Cli) -> Result<()> {
             ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
             Ok(())
         }
-        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity } => {
+        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk } => {
+            use ferry_relay::limit;
+            let mut limits =
+                limit::Limits { global: limit::parse_rate(&limit).map_err(|e| Usage(format!("--limit: {e}")))?, ..Default::default() };
+            if let Some(r) = &limit_schedule {
+                limits.schedule = limit::parse_schedule(r).map_err(|e| Usage(format!("--limit-schedule: {e}")))?;
+            }
+            for d in &limit_disk {
+                let (n, r) = d.split_once('=').ok_or_else(|| Usage(format!("--limit-disk {d:?}: expected NAME=RATE")))?;
+                if !ferry_proto::valid_name(n) {
+                    return Err(Usage(format!("--limit-disk {d:?}: {n:?} is not a disk name")).into());
+                }
+                if let Some(v) = limit::parse_rate(r).map_err(|e| Usage(format!("--limit-disk: {e}")))? {
+                    limits.per_disk.insert(n.to_string(), v);
+                }
+            }
             let max = parse_size(&spool_max)
                 .filter(|&m| m > 0)
                 .ok_or_else(|| Usage(format!("--spool-max {spool_max:?}: expected a size like 20G")))?;
@@ -751,7 +775,7 @@ fn run(cli: Cli) -> Result<()> {
                 spool.display(),
                 upstreams.join(",")
             );
-            let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams };
+            let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams, limits };
             ferry_relay::serve(l, cfg, held).context("serving")?;
             Ok(())
         }

@@ -47,6 +47,8 @@ pub struct RelayConfig {
     pub spool_max: u64,
     /// Master targets (or process servers), tried in order.
     pub upstreams: Vec<String>,
+    /// Bandwidth towards them.
+    pub limits: crate::limit::Limits,
 }
 
 /// How the forwarders reach upstream: TLS with this identity, or plain TCP.
@@ -165,6 +167,7 @@ pub struct Relay {
     tls: UpstreamTls,
     disks: Mutex<HashMap<String, Arc<Slot>>>,
     next_id: AtomicU64,
+    limiter: crate::limit::Limiter,
 }
 
 impl Relay {
@@ -174,7 +177,8 @@ impl Relay {
     pub fn open(cfg: RelayConfig, tls: UpstreamTls) -> Result<Arc<Relay>, crate::spool::SpoolError> {
         let root = cfg.spool.join("disks");
         std::fs::create_dir_all(&root).map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?;
-        let relay = Arc::new(Relay { cfg, tls, disks: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) });
+        let limiter = crate::limit::Limiter::new(cfg.limits.clone());
+        let relay = Arc::new(Relay { cfg, tls, disks: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), limiter });
         let mut entries: Vec<_> = std::fs::read_dir(&root)
             .map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?
             .flatten()
@@ -836,6 +840,7 @@ fn pump(
         let floor = plan.as_ref().and_then(|p| sp.segs.iter().find(|s| s.path == p.0).map(|s| s.floor)).unwrap_or(0);
         let held = g.held;
         if plan.is_none() {
+            relay.limiter.idle(&slot.name);
             if !held && all_acked && g.sums.is_empty() && idle_since.elapsed() >= IDLE_CLOSE {
                 return Ok(false);
             }
@@ -850,6 +855,14 @@ fn pump(
             .map_err(|e| LinkError::Lost { why: format!("reading the spool: {e}"), source: None })?;
         let (mut n, before) = (0u64, c.bytes_sent());
         for m in &msgs {
+            let waited = relay.limiter.take(&slot.name, crate::spool::frame_len(m));
+            let throttled = waited > Duration::from_millis(10);
+            {
+                let mut g = slot.lock();
+                if g.throttled != throttled {
+                    g.throttled = throttled;
+                }
+            }
             c.send(m)?;
             n += 1;
         }

@@ -154,6 +154,16 @@ pub fn op_msg(op: Op) -> Msg {
     }
 }
 
+/// Bytes a frame takes on the wire.
+pub fn frame_len(m: &Msg) -> u64 {
+    let body = match m {
+        Msg::Data { payload, .. } => 24 + payload.len() as u64,
+        Msg::Ref { .. } => 64,
+        _ => 24,
+    };
+    (ferry_proto::HEADER_LEN + ferry_proto::TRAILER_LEN) as u64 + body
+}
+
 /// What reading a segment found.
 struct Scan {
     /// Frames read (when asked for) and the end of each.

@@ -234,10 +234,10 @@ impl Limiter {
             // their own limit lets send now.
             let mine = st.served.get(disk).copied().unwrap_or(0.0);
             let ahead = st.waiting.keys().any(|d| {
-                d != disk && st.served.get(d).copied().unwrap_or(0.0) < mine && {
-                    let own_ok = self.limits.per_disk.get(d).is_none() || st.disks.get(d).is_some_and(|b| b.tokens >= BURST.min(1.0));
-                    own_ok
-                }
+                // A disk its own limit holds back does not block the others.
+                d != disk
+                    && st.served.get(d).copied().unwrap_or(0.0) < mine
+                    && (!self.limits.per_disk.contains_key(d) || st.disks.get(d).is_some_and(|b| b.tokens >= 1.0))
             });
             let global_ok = rate.is_none() || st.global.tokens >= need;
             let own_ok = per.is_none() || st.disks.get(disk).is_some_and(|b| b.tokens >= need);

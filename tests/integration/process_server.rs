@@ -299,3 +299,68 @@ fn a_bandwidth_limit_holds_and_two_busy_disks_share_it_equally() {
     assert!([&v0, &v1].iter().any(|v| v["disks"].as_array().unwrap().iter().any(|d| d["state"] == "throttled")), "{v1}");
     drop(agents);
 }
+
+/// Acceptance: two machines protecting disks that hold the same 256 MiB
+/// filesystem image: what the process server sends on to the master
+/// target is at most 1.15 times one copy (the second travels as
+/// references the master target checks), and both replicas are exact.
+#[test]
+fn the_same_image_from_two_machines_crosses_the_link_about_once() {
+    let t = TempDir::new("ps-dedup");
+    let img = t.path("a.img");
+    let o = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", "/usr/lib/python3.11"])
+        .arg(&img)
+        .arg("256M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::copy(&img, t.path("b.img")).unwrap();
+    let mt = MasterTarget::start(&t.path("data"));
+    let ps = ProcessServer::start(&t.path("spool"), &mt.addr, "2G");
+    let mut agents = Vec::new();
+    for name in ["da", "db"] {
+        let args = [
+            "agent",
+            "--disk",
+            &t.s(&format!("{}.img", &name[1..])),
+            "--name",
+            name,
+            "--target",
+            &ps.addr,
+            "--tracker",
+            "scan",
+            "--state",
+            &t.s(&format!("st-{name}")),
+        ];
+        agents.push(Proc(ferry().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+    }
+    wait_for("a point of each disk at the master target", 300, || {
+        ["da", "db"].iter().all(|n| t.path("data").join(n).join("disk.meta").exists() && !point_ids(&t.s("data"), n).is_empty())
+    });
+    drop(agents);
+    let v = ps_status(&ps.addr);
+    let up: u64 = v["disks"].as_array().unwrap().iter().map(|d| d["upstream"]["bytes_sent"].as_u64().unwrap()).sum();
+    let one = |n: &str| agent_state(&t.path(&format!("st-{n}"))).unwrap()["bytes_sent_total"].as_u64().unwrap();
+    let copy = one("da").min(one("db"));
+    eprintln!(
+        "one copy {copy} bytes (agents sent {} and {}), upstream {up} bytes: {:.3}x; {v}",
+        one("da"),
+        one("db"),
+        up as f64 / copy as f64
+    );
+    assert!((up as f64) <= 1.15 * copy as f64, "upstream {up} bytes for one copy of {copy}");
+    // One of the two went (almost) wholly as references.
+    assert!(
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["upstream"]["dedup_bytes"].as_u64().unwrap() * 10 >= d["upstream"]["data_bytes"].as_u64().unwrap() * 9),
+        "{v}"
+    );
+    for n in ["da", "db"] {
+        recover_to(&t.s("data"), n, "latest", &t.s("rec.img"));
+        assert_same(&img, &t.path("rec.img"));
+    }
+}

@@ -110,6 +110,9 @@ enum Cmd {
         /// A limit for one disk, NAME=RATE (repeat for more disks).
         #[arg(long, value_name = "NAME=RATE")]
         limit_disk: Vec<String>,
+        /// Entries of the index of content each master target holds (about 150 bytes each; 0 turns dedup off).
+        #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+        dedup_entries: usize,
     },
     /// Protect one block device or image file.
     Agent {
@@ -661,7 +664,7 @@ fn process_status(addr: &str, identity: Option<&std::path::Path>, json: bool) ->
     );
     for d in &v.disks {
         println!(
-            "{:<24} {:<14} {:>10} {:>10} {:>8} {:>10} {:>5.2}x {:>6}  {}",
+            "{:<24} {:<14} {:>10} {:>10} {:>8} {:>10} {:>5.2}x {:>5.2}x {:>6}  {}",
             d.name,
             d.state,
             human(d.spool_bytes),
@@ -669,6 +672,7 @@ fn process_status(addr: &str, identity: Option<&std::path::Path>, json: bool) ->
             d.oldest_unsent_s.map_or("-".into(), |s| format!("{s:.1}s")),
             human(d.upstream_rate),
             d.compression_ratio,
+            d.dedup_ratio,
             if d.agent_connected { "yes" } else { "no" },
             d.why.as_deref().unwrap_or("")
         );
@@ -731,7 +735,7 @@ fn run(cli: Cli) -> Result<()> {
             ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
             Ok(())
         }
-        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk } => {
+        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries } => {
             use ferry_relay::limit;
             let mut limits =
                 limit::Limits { global: limit::parse_rate(&limit).map_err(|e| Usage(format!("--limit: {e}")))?, ..Default::default() };
@@ -775,7 +779,7 @@ fn run(cli: Cli) -> Result<()> {
                 spool.display(),
                 upstreams.join(",")
             );
-            let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams, limits };
+            let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams, limits, dedup_entries };
             ferry_relay::serve(l, cfg, held).context("serving")?;
             Ok(())
         }

@@ -73,6 +73,8 @@ pub enum Op {
     /// REF as it came, unresolved: only for a sink that keeps frames; the
     /// next hop resolves (and verifies) it.
     Ref { seq: u64, offset: u64, len: u32, src: u64, digest: [u8; 32] },
+    /// XREF (v3) as it came, unresolved: only for a sink that keeps frames.
+    XRef { seq: u64, offset: u64, len: u32, src: u64, digest: [u8; 32], disk: String },
 }
 
 impl Op {
@@ -80,7 +82,7 @@ impl Op {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Op::Write { offset, data, .. } => Some((*offset, *offset + data.len() as u64)),
-            Op::Zero { offset, len, .. } | Op::Data { offset, len, .. } | Op::Ref { offset, len, .. } => {
+            Op::Zero { offset, len, .. } | Op::Data { offset, len, .. } | Op::Ref { offset, len, .. } | Op::XRef { offset, len, .. } => {
                 Some((*offset, *offset + u64::from(*len)))
             }
             Op::Tag { .. } => None,
@@ -113,6 +115,12 @@ pub trait Sink {
     /// The `len` bytes at `src` when their BLAKE3 is `digest`, else `None`
     /// (a REF to content the sink does not hold).
     fn resolve_ref(&mut self, src: u64, len: u32, digest: &[u8; 32]) -> Result<Option<Vec<u8>>, Fail>;
+    /// The `len` bytes at `src` of another disk of this server, `disk`,
+    /// when their BLAKE3 is `digest` (an XREF from a process server), else
+    /// `None`. Default: never (a reference miss).
+    fn resolve_xref(&mut self, _disk: &str, _src: u64, _len: u32, _digest: &[u8; 32]) -> Result<Option<Vec<u8>>, Fail> {
+        Ok(None)
+    }
     /// xxh3-128 of `count` chunks of `chunk` bytes from `offset` (< size),
     /// as applied so far; a chunk past the end is hashed over its part
     /// inside, so there may be fewer sums.
@@ -454,6 +462,25 @@ fn frame<S: Stream, K: Sink>(
             match sink.resolve_ref(src, len, &digest)? {
                 Some(data) => Op::Write { seq, offset, data },
                 None => return Err(Fail::new(ErrorCode::RefMiss, format!("REF seq {seq}: content not held; resend it as DATA"))),
+            }
+        }
+        Msg::XRef { seq, .. } if version < 3 => {
+            return Err(Fail::new(ErrorCode::BadFrame, format!("XREF seq {seq} in a v{version} stream")))
+        }
+        Msg::XRef { seq, offset, len, src, digest, disk } if sink.keeps_frames() => {
+            in_disk(offset, len)?;
+            Op::XRef { seq, offset, len, src, digest, disk }
+        }
+        Msg::XRef { seq, offset, len, src, digest, disk } => {
+            in_disk(offset, len)?;
+            match sink.resolve_xref(&disk, src, len, &digest)? {
+                Some(data) => Op::Write { seq, offset, data },
+                None => {
+                    return Err(Fail::new(
+                        ErrorCode::RefMiss,
+                        format!("XREF seq {seq}: content of disk {disk} not held; resend it as DATA"),
+                    ))
+                }
             }
         }
         Msg::Zero { seq, offset, len } | Msg::Discard { seq, offset, len } => {

@@ -95,7 +95,7 @@ impl Sink for MemSink {
                     made.push((seq, id));
                     d.durable = seq;
                 }
-                Op::Data { seq, .. } | Op::Ref { seq, .. } => panic!("seq {seq}: this sink does not keep frames"),
+                Op::Data { seq, .. } | Op::Ref { seq, .. } | Op::XRef { seq, .. } => panic!("seq {seq}: this sink does not keep frames"),
             }
         }
         Ok(made)

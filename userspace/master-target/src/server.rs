@@ -170,6 +170,7 @@ impl Sinks for Disks {
         generation: [u8; 16],
     ) -> Result<(DiskSink, OpenInfo), Fail> {
         use crate::store::access::{self, AccessError, Admit};
+        let who_role = who.map(|w| w.role);
         let who = match (who, self.require_identity) {
             // A process server relays for an agent and names it in HELLO
             // ("… for agent/NAME"): the disk belongs to that agent, so the
@@ -206,13 +207,21 @@ impl Sinks for Disks {
             log::info!("disk {name}: created by {who}, bound to it");
         }
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {}", disk.durable_seq);
-        Ok((DiskSink { disk }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))
+        // Cross-disk references come from process servers (deduplicating
+        // between machines) and from loopback peers; agents cannot name
+        // another disk's content.
+        let xref = who_role.is_none_or(|r| r == Role::ProcessServer);
+        Ok((DiskSink { disk, data: self.data.clone(), xref }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))
     }
 }
 
 /// A disk folder receiving a stream (its writer lock held while it lives).
 pub struct DiskSink {
     disk: Disk,
+    /// The data folder, for cross-disk references.
+    data: PathBuf,
+    /// Whether this peer may send cross-disk references (XREF).
+    xref: bool,
 }
 
 impl Sink for DiskSink {
@@ -232,7 +241,7 @@ impl Sink for DiskSink {
                 Op::Zero { seq, offset, len } => Ok(disk::Op::Zero { seq, offset, len }),
                 Op::Tag { seq, time_ns, kind } => Ok(disk::Op::Tag { seq, time_ns, kind }),
                 // Only a sink that keeps frames is handed these.
-                Op::Data { seq, .. } | Op::Ref { seq, .. } => {
+                Op::Data { seq, .. } | Op::Ref { seq, .. } | Op::XRef { seq, .. } => {
                     Err(Fail::new(ErrorCode::Internal, format!("seq {seq}: an unresolved frame")))
                 }
             })
@@ -253,6 +262,29 @@ impl Sink for DiskSink {
 
     fn sums(&mut self, offset: u64, chunk: u32, count: u32) -> Result<Vec<[u8; 16]>, Fail> {
         self.disk.sums(offset, chunk, count).map_err(fail)
+    }
+
+    /// Read the other disk's replica and check the digest: whatever was
+    /// there when the process server indexed it may have been overwritten
+    /// since (then the answer is a miss, and it sends the data).
+    fn resolve_xref(&mut self, disk: &str, src: u64, len: u32, digest: &[u8; 32]) -> Result<Option<Vec<u8>>, Fail> {
+        if !self.xref || !ferry_proto::valid_name(disk) {
+            return Ok(None);
+        }
+        if disk == self.disk.name {
+            return self.disk.resolve_ref(src, len, digest).map_err(fail);
+        }
+        let paths = crate::store::folder::Paths::new(&self.data, disk);
+        if !paths.meta.exists() {
+            return Ok(None);
+        }
+        let Ok(f) = std::fs::File::open(&paths.replica) else { return Ok(None) };
+        let mut buf = vec![0u8; len as usize];
+        use std::os::unix::fs::FileExt;
+        if f.read_exact_at(&mut buf, src).is_err() {
+            return Ok(None);
+        }
+        Ok((blake3::hash(&buf).as_bytes() == digest).then_some(buf))
     }
 
     /// An idle stream is the moment to make the replica's sums durable.

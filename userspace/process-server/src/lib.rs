@@ -12,6 +12,7 @@
 //! Threads: the accept loop's thread per agent connection (link server),
 //! one forwarder per disk (link client, with its receiver and pinger).
 
+pub mod dedup;
 pub mod limit;
 pub mod relay;
 pub mod spool;

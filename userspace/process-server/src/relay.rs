@@ -17,7 +17,7 @@
 
 use crate::spool::{gen_hex, Cursor, DiskSpool, DiskState};
 use ferry_link::{AnyStream, Backoff, Client, ClientConfig, Fail, LinkError, Op, OpenInfo, Sink, Sinks};
-use ferry_proto::{ErrorCode, OPEN_EXISTS, OPEN_SAME_GENERATION};
+use ferry_proto::{Codec, ErrorCode, Msg, OPEN_EXISTS, OPEN_SAME_GENERATION};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +49,8 @@ pub struct RelayConfig {
     pub upstreams: Vec<String>,
     /// Bandwidth towards them.
     pub limits: crate::limit::Limits,
+    /// Entries of each master target's dedup index (0: no dedup).
+    pub dedup_entries: usize,
 }
 
 /// How the forwarders reach upstream: TLS with this identity, or plain TCP.
@@ -63,6 +65,12 @@ pub struct Upstream {
     /// Frames sent upstream (this process).
     pub frames_sent: u64,
     pub bytes_sent: u64,
+    /// Bytes of disk content forwarded (DATA, REF, XREF lengths)...
+    pub data_bytes: u64,
+    /// ...of which went as a reference to content the master target held.
+    pub dedup_bytes: u64,
+    /// zstd level DATA is recompressed at (0: as the agent sent it).
+    pub level: i32,
 }
 
 struct Adopt {
@@ -143,8 +151,11 @@ pub struct DiskView {
     pub upstream_acked: u64,
     /// Bytes a second sent upstream over the last few seconds.
     pub upstream_rate: u64,
-    /// Raw bytes over bytes sent, for DATA (1.0: nothing saved).
+    /// Raw bytes over bytes spooled, for DATA (1.0: nothing saved).
     pub compression_ratio: f64,
+    /// Content forwarded over content sent as data (references to what
+    /// the master target held saved the rest; 1.0: nothing saved).
+    pub dedup_ratio: f64,
     pub agent_connected: bool,
     pub upstream: Upstream,
 }
@@ -168,6 +179,8 @@ pub struct Relay {
     disks: Mutex<HashMap<String, Arc<Slot>>>,
     next_id: AtomicU64,
     limiter: crate::limit::Limiter,
+    /// Per upstream address: content the master target holds.
+    indexes: Mutex<HashMap<String, Arc<crate::dedup::Index>>>,
 }
 
 impl Relay {
@@ -178,7 +191,14 @@ impl Relay {
         let root = cfg.spool.join("disks");
         std::fs::create_dir_all(&root).map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?;
         let limiter = crate::limit::Limiter::new(cfg.limits.clone());
-        let relay = Arc::new(Relay { cfg, tls, disks: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), limiter });
+        let relay = Arc::new(Relay {
+            cfg,
+            tls,
+            disks: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            limiter,
+            indexes: Mutex::new(HashMap::new()),
+        });
         let mut entries: Vec<_> = std::fs::read_dir(&root)
             .map_err(|source| crate::spool::SpoolError::Io { path: root.display().to_string(), source })?
             .flatten()
@@ -259,6 +279,16 @@ impl Relay {
         }
     }
 
+    /// The dedup index for the master target at `addr` (`None` with
+    /// `--dedup-entries 0`).
+    fn index_for(&self, addr: &str) -> Option<Arc<crate::dedup::Index>> {
+        if self.cfg.dedup_entries == 0 {
+            return None;
+        }
+        let mut m = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        Some(Arc::clone(m.entry(addr.to_string()).or_insert_with(|| Arc::new(crate::dedup::Index::new(self.cfg.dedup_entries)))))
+    }
+
     /// Bytes in every disk's spool.
     pub fn used(&self) -> u64 {
         let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
@@ -298,6 +328,13 @@ impl Relay {
                     upstream_acked: sp.state.upstream_acked,
                     upstream_rate: rate_of(&g.rate_log),
                     compression_ratio: if g.payload_in > 0 { g.raw_in as f64 / g.payload_in as f64 } else { 1.0 },
+                    // (A disk sent wholly as references counts its one
+                    // smallest unit as data, not a division by zero.)
+                    dedup_ratio: if g.up.data_bytes > 0 {
+                        g.up.data_bytes as f64 / (g.up.data_bytes - g.up.dedup_bytes).max(4096) as f64
+                    } else {
+                        1.0
+                    },
                     agent_connected: g.held,
                     upstream: g.up.clone(),
                 })
@@ -606,10 +643,8 @@ impl Sink for SpoolSink {
 fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
     let name = slot.name.clone();
     let mut client: Option<Client<AnyStream>> = None;
-    let mut cur = Cursor::default();
-    let mut epoch = 0u64;
+    let mut f = Fwd::new();
     let mut backoff = Backoff::default();
-    let mut idle_since = Instant::now();
     loop {
         // An agent's OPEN asks for the disk at the master target.
         let adopt = slot.lock().adopt.take();
@@ -641,8 +676,8 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
                             upstream_acked: o.durable_seq,
                             owner: a.owner.clone(),
                         };
-                        epoch += 1;
-                        match DiskSpool::create(&slot.dir, st, epoch) {
+                        f.epoch += 1;
+                        match DiskSpool::create(&slot.dir, st, f.epoch) {
                             Ok(sp) => g.spool = Some(sp),
                             Err(e) => {
                                 g.adopted = Some((a.id, Err(Fail::new(ErrorCode::Internal, e.to_string()))));
@@ -651,24 +686,25 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
                             }
                         }
                     }
-                    let res = after_open(&name, &mut g, o.durable_seq, &mut cur);
+                    let res = after_open(&name, &mut g, o.durable_seq, &mut f.cur);
                     g.up.connected = true;
-                    g.up.addr = Some(addr);
                     g.up.error = None;
                     g.adopted = Some((a.id, res));
+                    f.connected(&relay, &addr);
+                    g.up.addr = Some(addr);
                     client = Some(c);
                     backoff.reset();
                 }
-                Err((f, addr)) => {
+                Err((fail, addr)) => {
                     g.up.connected = false;
                     g.up.addr = Some(addr);
-                    g.up.error = Some(f.msg.clone());
-                    g.adopted = Some((a.id, Err(f)));
+                    g.up.error = Some(fail.msg.clone());
+                    g.adopted = Some((a.id, Err(fail)));
                 }
             }
             drop(g);
             slot.cv.notify_all();
-            idle_since = Instant::now();
+            f.idle_since = Instant::now();
             continue;
         }
         let Some(c) = client.as_mut() else {
@@ -692,26 +728,27 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
                     let o = c.opened();
                     let mut g = slot.lock();
                     if g.spool.as_ref().is_some_and(|sp| sp.generation() == generation) {
-                        let _ = after_open(&name, &mut g, o.durable_seq, &mut cur);
+                        let _ = after_open(&name, &mut g, o.durable_seq, &mut f.cur);
                     }
                     g.up.connected = true;
                     g.up.addr = Some(addr.clone());
                     g.up.error = None;
                     drop(g);
                     log::info!("disk {name}: forwarding to the master target at {addr} (durable there to seq {})", o.durable_seq);
+                    f.connected(&relay, &addr);
                     client = Some(c);
                     backoff.reset();
-                    idle_since = Instant::now();
+                    f.idle_since = Instant::now();
                 }
-                Err((f, addr)) => {
+                Err((fail, addr)) => {
                     let delay = backoff.next_delay();
                     let mut g = slot.lock();
-                    if g.up.error.as_deref() != Some(f.msg.as_str()) {
-                        log::warn!("disk {name}: {}; retrying", f.msg);
+                    if g.up.error.as_deref() != Some(fail.msg.as_str()) {
+                        log::warn!("disk {name}: {}; retrying", fail.msg);
                     }
                     g.up.connected = false;
                     g.up.addr = Some(addr);
-                    g.up.error = Some(f.msg);
+                    g.up.error = Some(fail.msg);
                     // A checksum request cannot be answered now: say so at
                     // once rather than at its deadline.
                     for j in g.sums.drain(..) {
@@ -724,7 +761,7 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
             }
             continue;
         };
-        match pump(&relay, &slot, c, &mut cur, &mut epoch, &mut idle_since) {
+        match pump(&relay, &slot, c, &mut f) {
             Ok(true) => {}
             Ok(false) => {
                 // Idle with no agent: let go of the disk upstream.
@@ -736,6 +773,7 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
             Err(e) => {
                 let msg = e.to_string();
                 log::warn!("disk {name}: upstream: {msg}; reconnecting");
+                f.broken(&name, matches!(e, LinkError::Refused { code: ErrorCode::RefMiss, .. }));
                 if let Some(c) = client.take() {
                     c.close();
                 }
@@ -748,6 +786,143 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
         }
     }
 }
+
+/// A forwarder's own state between frames.
+struct Fwd {
+    cur: Cursor,
+    epoch: u64,
+    idle_since: Instant,
+    /// The dedup index of the master target connected to.
+    index: Option<Arc<crate::dedup::Index>>,
+    /// (seq, digest) of references sent and not yet acknowledged.
+    refs: VecDeque<(u64, [u8; 32])>,
+    /// After a reference miss: no references up to this sequence.
+    no_refs_until: u64,
+    /// zstd level for DATA the agent compressed (0: as it came).
+    level: i32,
+    /// This second's time waiting on the link, and in all.
+    busy: (Duration, Duration),
+    since: Instant,
+}
+
+impl Fwd {
+    fn new() -> Fwd {
+        Fwd {
+            cur: Cursor::default(),
+            epoch: 0,
+            idle_since: Instant::now(),
+            index: None,
+            refs: VecDeque::new(),
+            no_refs_until: 0,
+            level: 0,
+            busy: (Duration::ZERO, Duration::ZERO),
+            since: Instant::now(),
+        }
+    }
+
+    fn connected(&mut self, relay: &Relay, addr: &str) {
+        self.index = relay.index_for(addr);
+        self.refs.clear();
+    }
+
+    /// The stream broke: what was pending may not be there; after a
+    /// reference miss the references in flight are wrong, and the frames
+    /// up to them go as DATA.
+    fn broken(&mut self, disk: &str, ref_miss: bool) {
+        let digests: Vec<[u8; 32]> = if ref_miss { self.refs.iter().map(|&(_, d)| d).collect() } else { Vec::new() };
+        if ref_miss {
+            self.no_refs_until = self.refs.back().map_or(self.no_refs_until, |&(s, _)| s.max(self.no_refs_until));
+            log::warn!("disk {disk}: the master target missed a reference: those frames go again as data");
+        }
+        if let Some(ix) = &self.index {
+            ix.drop_pending(disk, &digests);
+        }
+        self.refs.clear();
+    }
+
+    fn note_time(&mut self, waiting: Duration, all: Duration) {
+        self.busy.0 += waiting;
+        self.busy.1 += all;
+        if self.since.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let frac = if self.busy.1.is_zero() { 0.0 } else { self.busy.0.as_secs_f64() / self.busy.1.as_secs_f64() };
+        // The link, not this machine, is the limit: squeeze harder.
+        if frac > 0.5 {
+            self.level = (self.level + 2).min(MAX_LEVEL);
+        } else if frac < 0.1 {
+            self.level = (self.level - 2).max(0);
+        }
+        self.busy = (Duration::ZERO, Duration::ZERO);
+        self.since = Instant::now();
+    }
+
+    /// What to send for a spooled frame: a reference when the master target
+    /// holds the content, else the frame (recompressed when the link is the
+    /// limit). Returns (frame, content bytes, bytes sent as a reference).
+    fn prepare(&mut self, disk: &str, m: Msg, xref: bool) -> (Msg, u64, u64) {
+        use crate::dedup::{Hit, MIN_DEDUP};
+        let Some(ix) = self.index.clone() else { return (m, 0, 0) };
+        match m {
+            Msg::Data { seq, offset, len, codec, payload } => {
+                let raw = match codec {
+                    Codec::Raw => None,
+                    Codec::Zstd => match ferry_proto::decompress(codec, &payload, len) {
+                        Ok(r) => Some(r),
+                        // Checked when spooled; send it as it is.
+                        Err(_) => return (Msg::Data { seq, offset, len, codec, payload }, u64::from(len), 0),
+                    },
+                };
+                let bytes: &[u8] = raw.as_deref().unwrap_or(&payload);
+                if len < MIN_DEDUP {
+                    ix.forget_range(disk, offset, len);
+                    return (Msg::Data { seq, offset, len, codec, payload }, u64::from(len), 0);
+                }
+                let digest = *blake3::hash(bytes).as_bytes();
+                let hit = if seq <= self.no_refs_until { Hit::Miss } else { ix.lookup(disk, offset, &digest) };
+                match hit {
+                    Hit::At(loc) if loc.disk == disk || xref => {
+                        ix.forget_range(disk, offset, len);
+                        self.refs.push_back((seq, digest));
+                        let m = if loc.disk == disk {
+                            Msg::Ref { seq, offset, len, src: loc.offset, digest }
+                        } else {
+                            Msg::XRef { seq, offset, len, src: loc.offset, digest, disk: loc.disk }
+                        };
+                        (m, u64::from(len), u64::from(len))
+                    }
+                    _ => {
+                        ix.sent(disk, seq, offset, len, digest);
+                        let m = match (raw, self.level) {
+                            (Some(r), l) if l > 0 => match zstd::bulk::compress(&r, l) {
+                                Ok(z) if z.len() < payload.len() => Msg::Data { seq, offset, len, codec: Codec::Zstd, payload: z },
+                                _ => Msg::Data { seq, offset, len, codec, payload },
+                            },
+                            _ => Msg::Data { seq, offset, len, codec, payload },
+                        };
+                        (m, u64::from(len), 0)
+                    }
+                }
+            }
+            m @ (Msg::Zero { .. } | Msg::Discard { .. } | Msg::Ref { .. } | Msg::XRef { .. }) => {
+                let (offset, len) = match &m {
+                    Msg::Zero { offset, len, .. }
+                    | Msg::Discard { offset, len, .. }
+                    | Msg::Ref { offset, len, .. }
+                    | Msg::XRef { offset, len, .. } => (*offset, *len),
+                    _ => unreachable!("matched above"),
+                };
+                ix.forget_range(disk, offset, len);
+                let d = if matches!(m, Msg::Ref { .. } | Msg::XRef { .. }) { u64::from(len) } else { 0 };
+                (m, d, 0)
+            }
+            m => (m, 0, 0),
+        }
+    }
+}
+
+/// Highest zstd level the forwarders use when the link is the limit.
+const MAX_LEVEL: i32 = 9;
 
 /// The master target reported `durable` at OPEN: drop what it holds, and
 /// start reading after it. If it holds less than it acknowledged before
@@ -776,18 +951,16 @@ fn after_open(name: &str, g: &mut Inner, durable: u64, cur: &mut Cursor) -> Resu
 
 /// Forward while connected: `Ok(false)` once idle with no agent for
 /// [`IDLE_CLOSE`]; `Err` when the connection failed.
-fn pump(
-    relay: &Relay,
-    slot: &Slot,
-    c: &mut Client<AnyStream>,
-    cur: &mut Cursor,
-    epoch: &mut u64,
-    idle_since: &mut Instant,
-) -> Result<bool, LinkError> {
-    let _ = relay;
+fn pump(relay: &Relay, slot: &Slot, c: &mut Client<AnyStream>, f: &mut Fwd) -> Result<bool, LinkError> {
     loop {
         let acked = c.acked();
         let points = c.take_points();
+        if let Some(ix) = &f.index {
+            ix.acked(&slot.name, acked);
+        }
+        while f.refs.front().is_some_and(|&(s, _)| s <= acked) {
+            f.refs.pop_front();
+        }
         let mut g = slot.lock();
         if g.adopt.is_some() {
             return Ok(true);
@@ -802,9 +975,9 @@ fn pump(
             slot.cv.notify_all();
         }
         let Some(sp) = g.spool.as_mut() else { return Ok(true) };
-        if sp.epoch != *epoch {
-            *epoch = sp.epoch;
-            *cur = Cursor { after: sp.state.upstream_acked, at: None };
+        if sp.epoch != f.epoch {
+            f.epoch = sp.epoch;
+            f.cur = Cursor { after: sp.state.upstream_acked, at: None };
         }
         if acked > sp.state.upstream_acked {
             if let Err(e) = sp.release(acked) {
@@ -818,7 +991,9 @@ fn pump(
         // A checksum request goes out once every frame spooled before it
         // has been sent.
         let job = match g.sums.front() {
-            Some(j) if j.after <= cur.after || g.spool.as_ref().is_some_and(|sp| j.after <= sp.state.upstream_acked) => g.sums.pop_front(),
+            Some(j) if j.after <= f.cur.after || g.spool.as_ref().is_some_and(|sp| j.after <= sp.state.upstream_acked) => {
+                g.sums.pop_front()
+            }
             _ => None,
         };
         if let Some(j) = job {
@@ -836,12 +1011,12 @@ fn pump(
             continue;
         }
         let sp = g.spool.as_ref().expect("checked");
-        let plan = sp.plan_read(cur);
+        let plan = sp.plan_read(&f.cur);
         let floor = plan.as_ref().and_then(|p| sp.segs.iter().find(|s| s.path == p.0).map(|s| s.floor)).unwrap_or(0);
         let held = g.held;
         if plan.is_none() {
             relay.limiter.idle(&slot.name);
-            if !held && all_acked && g.sums.is_empty() && idle_since.elapsed() >= IDLE_CLOSE {
+            if !held && all_acked && g.sums.is_empty() && f.idle_since.elapsed() >= IDLE_CLOSE {
                 return Ok(false);
             }
             c.flush()?;
@@ -850,12 +1025,18 @@ fn pump(
             continue;
         }
         drop(g);
-        *idle_since = Instant::now();
-        let msgs = crate::spool::read_planned(plan.expect("checked"), floor, cur, 4 << 20)
+        f.idle_since = Instant::now();
+        let msgs = crate::spool::read_planned(plan.expect("checked"), floor, &mut f.cur, 4 << 20)
             .map_err(|e| LinkError::Lost { why: format!("reading the spool: {e}"), source: None })?;
         let (mut n, before) = (0u64, c.bytes_sent());
-        for m in &msgs {
-            let waited = relay.limiter.take(&slot.name, crate::spool::frame_len(m));
+        let (mut data, mut saved) = (0u64, 0u64);
+        let xref = c.opened().version >= 3;
+        for m in msgs {
+            let t0 = Instant::now();
+            let (m, d, sv) = f.prepare(&slot.name, m, xref);
+            data += d;
+            saved += sv;
+            let waited = relay.limiter.take(&slot.name, crate::spool::frame_len(&m));
             let throttled = waited > Duration::from_millis(10);
             {
                 let mut g = slot.lock();
@@ -863,13 +1044,20 @@ fn pump(
                     g.throttled = throttled;
                 }
             }
-            c.send(m)?;
+            let t1 = Instant::now();
+            c.send(&m)?;
+            // Time waiting on the link (the limit, or the window) against
+            // the time spent here: what sets the compression level.
+            f.note_time(waited + t1.elapsed(), t0.elapsed());
             n += 1;
         }
         let sent = c.bytes_sent() - before;
         let mut g = slot.lock();
         g.up.frames_sent += n;
         g.up.bytes_sent += sent;
+        g.up.data_bytes += data;
+        g.up.dedup_bytes += saved;
+        g.up.level = f.level;
         let (now, total) = (Instant::now(), g.up.bytes_sent);
         g.rate_log.push_back((now, total));
         while g.rate_log.front().is_some_and(|&(t, _)| now.duration_since(t) > Duration::from_secs(5)) {

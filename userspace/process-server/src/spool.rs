@@ -149,6 +149,7 @@ pub fn op_msg(op: Op) -> Msg {
         Op::Data { seq, offset, len, codec, payload } => Msg::Data { seq, offset, len, codec, payload },
         Op::Write { seq, offset, data } => Msg::Data { seq, offset, len: data.len() as u32, codec: Codec::Raw, payload: data },
         Op::Ref { seq, offset, len, src, digest } => Msg::Ref { seq, offset, len, src, digest },
+        Op::XRef { seq, offset, len, src, digest, disk } => Msg::XRef { seq, offset, len, src, digest, disk },
         Op::Zero { seq, offset, len } => Msg::Zero { seq, offset, len },
         Op::Tag { seq, time_ns, kind } => Msg::Tag { seq, time_ns, kind },
     }

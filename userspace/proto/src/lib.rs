@@ -194,6 +194,17 @@ pub enum Msg {
         src: u64,
         digest: [u8; 32],
     },
+    /// v3, from a process server: bytes at `offset` equal the `len` bytes
+    /// at `src` of another disk, `disk`, on the same server, whose BLAKE3
+    /// is `digest` (cross-machine dedup). Verified like REF.
+    XRef {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        src: u64,
+        digest: [u8; 32],
+        disk: String,
+    },
     /// Consistency marker: the stream up to `seq` is a recovery point.
     Tag {
         seq: u64,
@@ -278,6 +289,7 @@ mod ty {
     pub const DISCARD: u8 = 0x12;
     pub const REF: u8 = 0x13;
     pub const TAG: u8 = 0x14;
+    pub const XREF: u8 = 0x15;
     pub const ACK: u8 = 0x20;
     pub const SUMS_REQ: u8 = 0x21;
     pub const SUMS: u8 = 0x22;
@@ -380,6 +392,7 @@ impl Msg {
             Msg::Discard { .. } => ty::DISCARD,
             Msg::Ref { .. } => ty::REF,
             Msg::Tag { .. } => ty::TAG,
+            Msg::XRef { .. } => ty::XREF,
             Msg::Ack { .. } => ty::ACK,
             Msg::SumsReq { .. } => ty::SUMS_REQ,
             Msg::Sums { .. } => ty::SUMS,
@@ -395,9 +408,12 @@ impl Msg {
     /// The stream sequence number of a data-path frame.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Msg::Data { seq, .. } | Msg::Zero { seq, .. } | Msg::Discard { seq, .. } | Msg::Ref { seq, .. } | Msg::Tag { seq, .. } => {
-                Some(*seq)
-            }
+            Msg::Data { seq, .. }
+            | Msg::Zero { seq, .. }
+            | Msg::Discard { seq, .. }
+            | Msg::Ref { seq, .. }
+            | Msg::XRef { seq, .. }
+            | Msg::Tag { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -444,6 +460,13 @@ impl Msg {
                 o.extend_from_slice(&[0; 4]);
                 o.extend_from_slice(&src.to_le_bytes());
                 o.extend_from_slice(digest);
+            }
+            Msg::XRef { seq, offset, len, src, digest, disk } => {
+                ext(o, *seq, *offset, *len);
+                o.extend_from_slice(&[0; 4]);
+                o.extend_from_slice(&src.to_le_bytes());
+                o.extend_from_slice(digest);
+                put_str(o, disk);
             }
             Msg::Tag { seq, time_ns, kind } => {
                 o.extend_from_slice(&seq.to_le_bytes());
@@ -511,6 +534,7 @@ impl Msg {
             ty::DISCARD => "DISCARD",
             ty::REF => "REF",
             ty::TAG => "TAG",
+            ty::XREF => "XREF",
             ty::ACK => "ACK",
             ty::SUMS_REQ => "SUMS_REQ",
             ty::SUMS => "SUMS",
@@ -584,6 +608,20 @@ impl Msg {
                     return Err(r.bad(format!("source {src} is not a sector-aligned extent start")));
                 }
                 Msg::Ref { seq, offset, len, src, digest: r.arr()? }
+            }
+            ty::XREF => {
+                let (seq, offset, len) = r.extent()?;
+                r.zeros(4)?;
+                let src = r.u64()?;
+                if src % SECTOR != 0 || src.checked_add(u64::from(len)).is_none() {
+                    return Err(r.bad(format!("source {src} is not a sector-aligned extent start")));
+                }
+                let digest = r.arr()?;
+                let disk = r.string()?;
+                if !valid_name(&disk) {
+                    return Err(r.bad(format!("source disk name {disk:?} must be 1-64 of [A-Za-z0-9._-], not starting with '.'")));
+                }
+                Msg::XRef { seq, offset, len, src, digest, disk }
             }
             ty::TAG => {
                 let seq = r.u64()?;
@@ -920,6 +958,7 @@ mod tests {
             Msg::Ping { token: 77 },
             Msg::Pong { token: 77 },
             Msg::StatusReq,
+            Msg::XRef { seq: 9, offset: 4096, len: 65536, src: 8192, digest: [3; 32], disk: "other-disk".into() },
             Msg::Status { json: "{\"disks\": []}".into() },
         ]
     }

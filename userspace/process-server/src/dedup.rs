@@ -1,0 +1,217 @@
+//! Content the master target already holds, by BLAKE3: a forwarder about
+//! to send a DATA frame whose content is already at the master target (in
+//! any disk, from any machine) sends a reference instead (REF for the same
+//! disk, XREF for another). The master target verifies every reference
+//! against its own copy; a miss costs a reconnect and the frame goes again
+//! as DATA, so the index may be stale but never makes a replica wrong.
+//!
+//! An entry is *pending* from the moment its DATA frame is sent until the
+//! master target acknowledges it, then *held*. A frame whose twin is
+//! pending for another disk waits briefly for it (two machines syncing the
+//! same image at once), rather than sending the bytes twice. Writing a
+//! range forgets what the index said was there. Bounded: past `max`
+//! entries the oldest are forgotten. One index per upstream address.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Frames smaller than this are sent as they are.
+pub const MIN_DEDUP: u32 = 4096;
+/// How long a frame waits for its twin's acknowledgement.
+pub const PENDING_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loc {
+    pub disk: String,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    loc: Loc,
+    /// `Some(seq)`: sent in that disk's stream, not yet acknowledged.
+    pending: Option<u64>,
+}
+
+#[derive(Default)]
+struct Idx {
+    by_digest: HashMap<[u8; 32], Entry>,
+    /// Per disk: offset -> (digest, len) of the entries there.
+    by_loc: HashMap<String, BTreeMap<u64, ([u8; 32], u32)>>,
+    order: VecDeque<[u8; 32]>,
+    /// Per disk: (seq, digest) of entries still pending, in stream order.
+    pending: HashMap<String, VecDeque<(u64, [u8; 32])>>,
+}
+
+pub struct Index {
+    max: usize,
+    m: Mutex<Idx>,
+    cv: Condvar,
+}
+
+/// What to send for a DATA frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hit {
+    /// The same content is held at `loc`.
+    At(Loc),
+    /// Send the data.
+    Miss,
+}
+
+impl Index {
+    pub fn new(max: usize) -> Index {
+        Index { max, m: Mutex::new(Idx::default()), cv: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idx> {
+        self.m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forget whatever the index says lies in `[offset, offset+len)` of
+    /// `disk` (a frame is about to overwrite it).
+    pub fn forget_range(&self, disk: &str, offset: u64, len: u32) {
+        let mut g = self.lock();
+        forget_range(&mut g, disk, offset, len);
+    }
+
+    /// Look `digest` up for a frame of `disk` at `offset`: a held copy
+    /// elsewhere (waiting up to [`PENDING_WAIT`] for one that is pending in
+    /// another disk's stream), or a miss.
+    pub fn lookup(&self, disk: &str, offset: u64, digest: &[u8; 32]) -> Hit {
+        let until = Instant::now() + PENDING_WAIT;
+        let mut g = self.lock();
+        loop {
+            let _ = offset;
+            match g.by_digest.get(digest) {
+                // Held; or pending in this very stream, which the master
+                // target applies in order.
+                Some(e) if e.pending.is_none() || e.loc.disk == disk => return Hit::At(e.loc.clone()),
+                Some(_) if Instant::now() < until => {}
+                _ => return Hit::Miss,
+            }
+            g = self.cv.wait_timeout(g, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// A DATA frame with this content went out in `disk`'s stream as `seq`.
+    pub fn sent(&self, disk: &str, seq: u64, offset: u64, len: u32, digest: [u8; 32]) {
+        let mut g = self.lock();
+        forget_range(&mut g, disk, offset, len);
+        if g.by_digest.contains_key(&digest) {
+            return;
+        }
+        while g.by_digest.len() >= self.max.max(1) {
+            let Some(old) = g.order.pop_front() else { break };
+            if let Some(e) = g.by_digest.remove(&old) {
+                if let Some(m) = g.by_loc.get_mut(&e.loc.disk) {
+                    m.remove(&e.loc.offset);
+                }
+            }
+        }
+        let loc = Loc { disk: disk.into(), offset, len };
+        g.by_loc.entry(disk.into()).or_default().insert(offset, (digest, len));
+        g.by_digest.insert(digest, Entry { loc, pending: Some(seq) });
+        g.order.push_back(digest);
+        g.pending.entry(disk.into()).or_default().push_back((seq, digest));
+    }
+
+    /// `disk`'s stream is acknowledged up to `acked`: its pending entries
+    /// up to there are held now.
+    pub fn acked(&self, disk: &str, acked: u64) {
+        let mut g = self.lock();
+        let mut done = Vec::new();
+        if let Some(q) = g.pending.get_mut(disk) {
+            while q.front().is_some_and(|&(s, _)| s <= acked) {
+                done.extend(q.pop_front().map(|(s, d)| (s, d)));
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        for (s, d) in done {
+            if let Some(e) = g.by_digest.get_mut(&d) {
+                if e.loc.disk == disk && e.pending == Some(s) {
+                    e.pending = None;
+                }
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// `disk`'s stream broke: what it had sent but not had acknowledged may
+    /// not be there; and after a reference miss, `digests` are wrong.
+    pub fn drop_pending(&self, disk: &str, digests: &[[u8; 32]]) {
+        let mut g = self.lock();
+        let mut gone: Vec<[u8; 32]> = g.pending.remove(disk).map(|q| q.into_iter().map(|(_, d)| d).collect()).unwrap_or_default();
+        gone.extend_from_slice(digests);
+        for d in gone {
+            if let Some(e) = g.by_digest.remove(&d) {
+                if let Some(m) = g.by_loc.get_mut(&e.loc.disk) {
+                    m.remove(&e.loc.offset);
+                }
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn forget_range(g: &mut Idx, disk: &str, offset: u64, len: u32) {
+    let end = offset + u64::from(len);
+    let Some(m) = g.by_loc.get_mut(disk) else { return };
+    let from = offset.saturating_sub(u64::from(ferry_proto::MAX_EXTENT));
+    let hit: Vec<(u64, [u8; 32])> =
+        m.range(from..end).filter(|(&o, &(_, l))| o + u64::from(l) > offset).map(|(&o, &(d, _))| (o, d)).collect();
+    for (o, d) in hit {
+        m.remove(&o);
+        if g.by_digest.get(&d).is_some_and(|e| e.loc.disk == disk && e.loc.offset == o) {
+            g.by_digest.remove(&d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_content_is_found_pending_content_waits_and_overwrites_forget() {
+        let ix = Index::new(100);
+        let d = [1u8; 32];
+        assert_eq!(ix.lookup("a", 0, &d), Hit::Miss);
+        ix.sent("a", 5, 65536, 65536, d);
+        // Pending in disk a's own stream: usable there at once.
+        assert_eq!(ix.lookup("a", 0, &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
+        ix.acked("a", 5);
+        assert_eq!(ix.lookup("b", 65536, &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
+        // Overwritten in a: gone.
+        ix.forget_range("a", 100_000, 4096);
+        assert_eq!(ix.lookup("b", 65536, &d), Hit::Miss);
+        // A twin pending in another stream: the lookup waits for its ack.
+        let ix = std::sync::Arc::new(Index::new(100));
+        ix.sent("a", 9, 0, 65536, d);
+        let ix2 = std::sync::Arc::clone(&ix);
+        let t = std::thread::spawn(move || ix2.lookup("b", 0, &d));
+        std::thread::sleep(Duration::from_millis(100));
+        ix.acked("a", 9);
+        assert_eq!(t.join().unwrap(), Hit::At(Loc { disk: "a".into(), offset: 0, len: 65536 }));
+        // A broken stream drops what it had pending; the index stays bounded.
+        ix.sent("a", 10, 1 << 20, 4096, [2; 32]);
+        ix.drop_pending("a", &[]);
+        assert_eq!(ix.lookup("b", 0, &[2; 32]), Hit::Miss);
+        let small = Index::new(3);
+        for i in 0..10u8 {
+            small.sent("a", u64::from(i), u64::from(i) * 4096, 4096, [i; 32]);
+        }
+        assert_eq!(small.len(), 3);
+    }
+}

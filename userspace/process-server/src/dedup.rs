@@ -124,7 +124,7 @@ impl Index {
         let mut done = Vec::new();
         if let Some(q) = g.pending.get_mut(disk) {
             while q.front().is_some_and(|&(s, _)| s <= acked) {
-                done.extend(q.pop_front().map(|(s, d)| (s, d)));
+                done.extend(q.pop_front());
             }
         }
         if done.is_empty() {

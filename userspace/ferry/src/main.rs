@@ -110,8 +110,8 @@ enum Cmd {
         /// A limit for one disk, NAME=RATE (repeat for more disks).
         #[arg(long, value_name = "NAME=RATE")]
         limit_disk: Vec<String>,
-        /// Entries of the index of content each master target holds (about 150 bytes each; 0 turns dedup off).
-        #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+        /// Entries of the index of content each master target holds (about 200 bytes of memory each, one per 64 KiB unit; 0 turns dedup off).
+        #[arg(long, value_name = "N", default_value_t = 1 << 18)]
         dedup_entries: usize,
     },
     /// Protect one block device or image file.

@@ -179,6 +179,90 @@ fn forget_range(g: &mut Idx, disk: &str, offset: u64, len: u32) {
     }
 }
 
+/// Index file: magic, version, then per held entry
+/// `DIGEST:[u8;32] OFFSET:u64 LEN:u32 NAME_LEN:u8 NAME`, then xxh3-128 of
+/// everything before it (docs/formats.md, "Dedup index").
+const IDX_MAGIC: &[u8; 8] = b"FERRYDDX";
+const IDX_VERSION: u32 = 1;
+
+impl Index {
+    /// The held entries, in a file `path` (replaced atomically).
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<usize> {
+        let mut out = Vec::new();
+        out.extend_from_slice(IDX_MAGIC);
+        out.extend_from_slice(&IDX_VERSION.to_le_bytes());
+        let mut n = 0usize;
+        {
+            let g = self.lock();
+            for d in &g.order {
+                let Some(e) = g.by_digest.get(d).filter(|e| e.pending.is_none()) else { continue };
+                out.extend_from_slice(d);
+                out.extend_from_slice(&e.loc.offset.to_le_bytes());
+                out.extend_from_slice(&e.loc.len.to_le_bytes());
+                out.push(e.loc.disk.len() as u8);
+                out.extend_from_slice(e.loc.disk.as_bytes());
+                n += 1;
+            }
+        }
+        let sum = ferry_common::xxh128(&out);
+        out.extend_from_slice(&sum);
+        ferry_common::durable::write_atomic(path, &out)?;
+        Ok(n)
+    }
+
+    /// Load entries saved by [`Index::save`] (as held: the master target
+    /// checks each one when it is used). A missing file is an empty index;
+    /// a damaged one is ignored (logged), never trusted in part.
+    pub fn load(&self, path: &std::path::Path) -> usize {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(_) => return 0,
+        };
+        let parsed = (|| -> Option<Vec<([u8; 32], Loc)>> {
+            if data.len() < 12 + 16 || &data[..8] != IDX_MAGIC {
+                return None;
+            }
+            let (body, sum) = data.split_at(data.len() - 16);
+            if ferry_common::xxh128(body)[..] != *sum || u32::from_le_bytes(body[8..12].try_into().ok()?) != IDX_VERSION {
+                return None;
+            }
+            let mut v = Vec::new();
+            let mut p = &body[12..];
+            while !p.is_empty() {
+                if p.len() < 45 {
+                    return None;
+                }
+                let d: [u8; 32] = p[..32].try_into().ok()?;
+                let offset = u64::from_le_bytes(p[32..40].try_into().ok()?);
+                let len = u32::from_le_bytes(p[40..44].try_into().ok()?);
+                let nl = p[44] as usize;
+                let name = std::str::from_utf8(p.get(45..45 + nl)?).ok()?.to_string();
+                if !ferry_proto::valid_name(&name) {
+                    return None;
+                }
+                v.push((d, Loc { disk: name, offset, len }));
+                p = &p[45 + nl..];
+            }
+            Some(v)
+        })();
+        let Some(v) = parsed else {
+            log::warn!("dedup index {}: damaged, not used (it fills again as data is sent)", path.display());
+            return 0;
+        };
+        let n = v.len();
+        let mut g = self.lock();
+        for (d, loc) in v.into_iter().rev().take(self.max).rev() {
+            if g.by_digest.contains_key(&d) {
+                continue;
+            }
+            g.by_loc.entry(loc.disk.clone()).or_default().insert(loc.offset, (d, loc.len));
+            g.by_digest.insert(d, Entry { loc, pending: None });
+            g.order.push_back(d);
+        }
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +292,22 @@ mod tests {
         ix.sent("a", 10, 1 << 20, 4096, [2; 32]);
         ix.drop_pending("a", &[]);
         assert_eq!(ix.lookup("b", 0, &[2; 32]), Hit::Miss);
+        // Saved and loaded: the held entries come back; a damaged file is
+        // not used at all.
+        let f = std::env::temp_dir().join(format!("ferry-ddx-{}", std::process::id()));
+        let ix = Index::new(100);
+        ix.sent("a", 1, 0, 65536, [5; 32]);
+        ix.acked("a", 1);
+        ix.sent("b", 1, 4096, 4096, [6; 32]);
+        assert_eq!(ix.save(&f).unwrap(), 1, "only held entries are saved");
+        let back = Index::new(100);
+        assert_eq!(back.load(&f), 1);
+        assert_eq!(back.lookup("c", 0, &[5; 32]), Hit::At(Loc { disk: "a".into(), offset: 0, len: 65536 }));
+        let mut bytes = std::fs::read(&f).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&f, &bytes).unwrap();
+        assert_eq!(Index::new(100).load(&f), 0);
+        let _ = std::fs::remove_file(&f);
         let small = Index::new(3);
         for i in 0..10u8 {
             small.sent("a", u64::from(i), u64::from(i) * 4096, 4096, [i; 32]);

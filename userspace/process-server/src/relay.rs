@@ -223,6 +223,14 @@ impl Relay {
                 slot.cv.notify_all();
             }
         }
+        let weak = Arc::downgrade(&relay);
+        let _ = std::thread::Builder::new().name("dedup-save".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(30));
+            match weak.upgrade() {
+                Some(r) => r.save_indexes(),
+                None => return,
+            }
+        });
         Ok(relay)
     }
 
@@ -286,7 +294,32 @@ impl Relay {
             return None;
         }
         let mut m = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
-        Some(Arc::clone(m.entry(addr.to_string()).or_insert_with(|| Arc::new(crate::dedup::Index::new(self.cfg.dedup_entries)))))
+        Some(Arc::clone(m.entry(addr.to_string()).or_insert_with(|| {
+            let ix = Arc::new(crate::dedup::Index::new(self.cfg.dedup_entries));
+            let n = ix.load(&self.index_path(addr));
+            if n > 0 {
+                log::info!("dedup index for {addr}: {n} entries from the last run");
+            }
+            ix
+        })))
+    }
+
+    /// Where the index of the master target at `addr` is saved.
+    fn index_path(&self, addr: &str) -> PathBuf {
+        let safe: String = addr.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+        self.cfg.spool.join(format!("dedup-{safe}.idx"))
+    }
+
+    /// Save every index (every 30 s from a thread started at open), so a
+    /// restart keeps what the master targets hold.
+    fn save_indexes(&self) {
+        let all: Vec<(String, Arc<crate::dedup::Index>)> =
+            self.indexes.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(a, i)| (a.clone(), Arc::clone(i))).collect();
+        for (addr, ix) in all {
+            if let Err(e) = ix.save(&self.index_path(&addr)) {
+                log::warn!("dedup index for {addr}: not saved: {e}");
+            }
+        }
     }
 
     /// Bytes in every disk's spool.

@@ -213,7 +213,7 @@ boot_vm() {
     extra+=(-drive "file=$d,if=virtio,format=$fmt")
   done
   _vm_install_trap
-  start=$(date +%s.%N)
+  start=$(date +%s)
   for tries in 1 2 3 4 5; do
     port=$(_vm_free_port)
     : > "$dir/serial.log"
@@ -248,14 +248,13 @@ boot_vm() {
       tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name"; return 1
     fi
     if vm_ssh -o ConnectTimeout=5 true 2>/dev/null; then break; fi
-    if (( $(date +%s) - ${start%.*} > limit )); then
+    if (( $(date +%s) - start > limit )); then
       vm_log "$name: no ssh after ${limit}s; serial log tail:"
       tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name"; return 1
     fi
     sleep 1
   done
-  VM_BOOT_SECONDS=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "$(( $(date +%s) - ${start%.*} ))")
-  VM_BOOT_SECONDS=${VM_BOOT_SECONDS%.*}
+  VM_BOOT_SECONDS=$(( $(date +%s) - start ))
   echo "$VM_BOOT_SECONDS" > "$dir/boot-seconds"
   vm_log "$name: ssh on 127.0.0.1:$VM_SSH_PORT after ${VM_BOOT_SECONDS}s (qemu pid $VM_PID, $dir)"
 }

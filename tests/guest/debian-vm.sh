@@ -236,9 +236,10 @@ boot_vm() {
   echo "$VM_PID" > "$dir/pid"; echo "$port" > "$dir/port"
   FERRY_VMS[$name]=$dir
   # Kills qemu when this shell is gone (even by SIGKILL, when no trap runs).
-  ( trap '' INT TERM HUP; exec >/dev/null 2>&1 </dev/null
+  ( set +e; exec >/dev/null 2>&1 </dev/null
     while kill -0 $$ 2>/dev/null && kill -0 "$VM_PID" 2>/dev/null; do sleep 2; done
-    kill "$VM_PID" 2>/dev/null; sleep 5; kill -9 "$VM_PID" 2>/dev/null ) &
+    kill -0 $$ 2>/dev/null && exit 0
+    kill "$VM_PID"; sleep 5; kill -9 "$VM_PID"; rm -rf "$dir" ) &
   echo $! > "$dir/watcher"
   vm_use "$name"
   # Wait for sshd to answer with our key.
@@ -289,7 +290,7 @@ stop_vm() {
     fi
     wait "$pid" 2>/dev/null || true
   fi
-  [ -e "$dir/watcher" ] && kill "$(cat "$dir/watcher")" 2>/dev/null
+  if [ -e "$dir/watcher" ]; then kill "$(cat "$dir/watcher")" 2>/dev/null || true; fi
   cp "$dir/serial.log" "/tmp/ferry-vm-$name-serial.log" 2>/dev/null || true
   rm -rf "$dir"
   unset "FERRY_VMS[$name]"
@@ -298,17 +299,20 @@ stop_vm() {
 
 vm_cleanup_all() {
   local n
-  for n in "${!FERRY_VMS[@]}"; do stop_vm "$n"; done
+  for n in "${!FERRY_VMS[@]}"; do stop_vm "$n" || true; done
 }
 
-# Chain vm_cleanup_all before the EXIT trap the caller has (once).
+# Chain vm_cleanup_all before the EXIT trap the caller has (unless it is
+# already there). A caller that sets its EXIT trap after boot_vm must call
+# vm_cleanup_all in it.
 _vm_install_trap() {
-  [ -n "${_VM_TRAP_SET:-}" ] && return 0
-  local old
-  old=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
+  local cur
+  cur=$(trap -p EXIT)
+  [[ "$cur" == *vm_cleanup_all* ]] && return 0
+  set --
+  [ -n "$cur" ] && eval "set -- $cur"
   # shellcheck disable=SC2064
-  trap "vm_cleanup_all; $old" EXIT
-  _VM_TRAP_SET=1
+  trap "vm_cleanup_all; ${3:-}" EXIT
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

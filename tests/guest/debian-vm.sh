@@ -220,7 +220,7 @@ boot_vm() {
     qemu-system-x86_64 -name "ferry-vm-$name" -accel tcg -cpu max -m "${FERRY_VM_MEM:-1024}" -smp "${FERRY_VM_SMP:-1}" \
       -display none -monitor none -no-reboot -serial "file:$dir/serial.log" \
       -kernel "$VM_IMAGE_DIR/vmlinuz" -initrd "$VM_IMAGE_DIR/initrd.img" \
-      -append "root=/dev/vda rw console=ttyS0 fsck.mode=skip panic=-1 quiet systemd.show_status=auto" \
+      -append "root=/dev/vda rw console=ttyS0 fsck.mode=skip panic=-1 quiet loglevel=4 systemd.show_status=true" \
       -drive "file=$dir/root.qcow2,if=virtio,format=qcow2,cache=unsafe" "${extra[@]}" \
       -nic "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:$port-:22" \
       -device virtio-rng-pci </dev/null >"$dir/qemu.log" 2>&1 &
@@ -246,12 +246,12 @@ boot_vm() {
   while :; do
     if ! kill -0 "$VM_PID" 2>/dev/null; then
       vm_log "$name: qemu exited before ssh came up"; sed 's/^/  qemu: /' "$dir/qemu.log" >&2
-      tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name"; return 1
+      tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name" kill; return 1
     fi
     if vm_ssh -o ConnectTimeout=5 true 2>/dev/null; then break; fi
     if (( $(date +%s) - start > limit )); then
       vm_log "$name: no ssh after ${limit}s; serial log tail:"
-      tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name"; return 1
+      tail -40 "$dir/serial.log" | sed 's/^/  serial: /' >&2; stop_vm "$name" kill; return 1
     fi
     sleep 1
   done
@@ -268,14 +268,18 @@ vm_use() {
   VM_PID=$(cat "$dir/pid"); VM_SSH_PORT=$(cat "$dir/port")
 }
 
-# stop_vm [NAME]: power the guest off (ssh poweroff), kill qemu if it is
-# still there after FERRY_VM_STOP_TIMEOUT seconds (default 60), remove the
-# overlay. The serial log is kept as /tmp/ferry-vm-NAME-serial.log.
+# stop_vm [NAME [kill]]: power the guest off (ssh poweroff), kill qemu if
+# it is still there after FERRY_VM_STOP_TIMEOUT seconds (default 60; at once
+# with "kill"), remove the overlay. The serial log is kept as
+# /tmp/ferry-vm-NAME-serial.log.
 stop_vm() {
-  local name=${1:-${VM_NAME:-}}
+  local name=${1:-${VM_NAME:-}} how=${2:-poweroff}
   [ -n "$name" ] && [ -n "${FERRY_VMS[$name]:-}" ] || return 0
   local dir=${FERRY_VMS[$name]} pid port i
   pid=$(cat "$dir/pid" 2>/dev/null || true); port=$(cat "$dir/port" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$how" = kill ]; then
+    kill "$pid" 2>/dev/null; sleep 1; kill -9 "$pid" 2>/dev/null || true
+  fi
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     _vm_ssh_opts
     timeout 20 ssh "${VM_SSH_OPTS[@]}" -o ConnectTimeout=5 -i "$VM_IMAGE_DIR/id_ed25519" -p "$port" root@127.0.0.1 \

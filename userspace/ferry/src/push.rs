@@ -475,12 +475,14 @@ impl Ssh {
                 }
             }
         }
-        let last = err.lines().map(str::trim).filter(|l| !l.is_empty()).next_back().unwrap_or("").to_string();
+        let last = err.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string();
         match status {
             None => bail!("{}: {what}: no answer within {}s", self.host, limit.as_secs()),
             Some(s) if s.success() => Ok(out),
             Some(s) => match s.code() {
-                Some(255) => bail!("{}: ssh: {}", self.host, if last.is_empty() { "cannot connect" } else { &last }),
+                Some(255) => {
+                    bail!("{}: ssh: {}", self.host, if last.is_empty() { "cannot connect" } else { last.trim_start_matches("ssh: ") })
+                }
                 Some(124) => bail!("{}: {what}: gave up after {}s", self.host, limit.as_secs()),
                 Some(1) if self.sudo && last.contains("sudo") => {
                     bail!("{}: {what}: {last} (the SSH user needs passwordless sudo, or use --ssh-user root)", self.host)

@@ -697,12 +697,11 @@ pub fn run(a: PushInstall) -> Result<()> {
     install(&deb, "ferry", &plan_package(remote.ferry.as_deref(), &version))?;
     if let Some(act) = &dkms_action {
         install(&dkms_deb, "ferry-dkms", act)?;
-        if *act != PkgAction::Already {
-            // The postinst builds without failing the install: check the module.
-            ssh.run("loading ferry_cbt", "[ -e /dev/ferry-cbt ] || modprobe ferry_cbt", None, Duration::from_secs(60)).map_err(|e| {
-                anyhow!("{e} (ferry-dkms is installed but its module did not build or load: see /var/lib/dkms/ferry-cbt on {h})")
-            })?;
-        }
+        // The postinst builds without failing the install, and a reboot
+        // may have left it unloaded: check the module (no change if loaded).
+        ssh.run("loading ferry_cbt", "[ -e /dev/ferry-cbt ] || modprobe ferry_cbt", None, Duration::from_secs(60)).map_err(|e| {
+            anyhow!("{e} (the kernel module tracker is not available: see `dkms status` and /var/lib/dkms/ferry-cbt on {h})")
+        })?;
     }
 
     // ---- enrollment.
@@ -759,7 +758,8 @@ pub fn run(a: PushInstall) -> Result<()> {
         let mut script = String::new();
         for p in &left {
             script.push_str(&format!(
-                "echo \"== {n} $(systemctl is-active {u} 2>/dev/null)\"; ferry status --state {s} --json 2>&1 || true; echo\n",
+                "echo \"== {n} $(systemctl is-active {u} 2>/dev/null) $(systemctl show -p NRestarts --value {u} 2>/dev/null)\"; \
+                 ferry status --state {s} --json 2>&1 || true; echo\n",
                 n = p.name,
                 u = sq(&format!("ferry-agent@{}.service", p.name)),
                 s = sq(&format!("{STATE_DIR}/{}", p.name)),
@@ -769,7 +769,11 @@ pub fn run(a: PushInstall) -> Result<()> {
         let mut done = Vec::new();
         for block in out.split("== ").skip(1) {
             let (head, body) = block.split_once('\n').unwrap_or((block, ""));
-            let (name, active) = head.split_once(' ').unwrap_or((head, ""));
+            let mut words = head.split_whitespace();
+            let (name, active) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+            // Restart=on-failure hides a failing agent as "activating": a
+            // few restarts without a point are a failure too.
+            let restarts: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             let v: Option<serde_json::Value> = body.lines().find_map(|l| serde_json::from_str(l).ok());
             let point = v.as_ref().and_then(|v| v.get("last_point")).filter(|p| !p.is_null());
             if let Some(pt) = point {
@@ -783,7 +787,7 @@ pub fn run(a: PushInstall) -> Result<()> {
                     ),
                 );
                 done.push(name.to_string());
-            } else if active.trim() == "failed" {
+            } else if active == "failed" || restarts >= 3 {
                 let why = v
                     .as_ref()
                     .and_then(|v| v.get("stopped_reason").or_else(|| v.get("last_error")))

@@ -718,7 +718,17 @@ pub fn run(a: PushInstall) -> Result<()> {
         say(h, &format!("enrolled with the CA at {ca} ({IDENTITY})"));
     }
 
-    // ---- the disks.
+    // ---- the disks. Those whose agent (re)starts wait below for a point
+    // newer than the one they have now.
+    let moving: Vec<&str> = plans.iter().filter(|p| p.action != DiskAction::Already).map(|p| p.name.as_str()).collect();
+    let before: BTreeMap<String, Option<u64>> = if moving.is_empty() {
+        BTreeMap::new()
+    } else {
+        parse_status_round(&ssh.run("ferry status", &status_script(&moving), None, Duration::from_secs(60))?)
+            .into_iter()
+            .map(|(n, s)| (n, s.point.map(|p| p.id)))
+            .collect()
+    };
     for p in &plans {
         let unit = format!("ferry-agent@{}.service", p.name);
         let conf = format!("{CONF_DIR}/{}.conf", p.name);
@@ -755,65 +765,32 @@ pub fn run(a: PushInstall) -> Result<()> {
     let mut left: Vec<&DiskPlan> = plans.iter().collect();
     let mut last_state = BTreeMap::new();
     while !left.is_empty() {
-        let mut script = String::new();
-        for p in &left {
-            script.push_str(&format!(
-                "echo \"== {n} $(systemctl is-active {u} 2>/dev/null) $(systemctl show -p NRestarts --value {u} 2>/dev/null)\"; \
-                 ferry status --state {s} --json 2>&1 || true; echo\n",
-                n = p.name,
-                u = sq(&format!("ferry-agent@{}.service", p.name)),
-                s = sq(&format!("{STATE_DIR}/{}", p.name)),
-            ));
-        }
-        let out = ssh.run("ferry status", &script, None, Duration::from_secs(60))?;
+        let names: Vec<&str> = left.iter().map(|p| p.name.as_str()).collect();
+        let seen = parse_status_round(&ssh.run("ferry status", &status_script(&names), None, Duration::from_secs(60))?);
         let mut done = Vec::new();
-        for block in out.split("== ").skip(1) {
-            let (head, body) = block.split_once('\n').unwrap_or((block, ""));
-            let mut words = head.split_whitespace();
-            let (name, active) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-            // Restart=on-failure hides a failing agent as "activating": a
-            // few restarts without a point are a failure too.
-            let restarts: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-            let v: Option<serde_json::Value> = body.lines().find_map(|l| serde_json::from_str(l).ok());
-            let point = v.as_ref().and_then(|v| v.get("last_point")).filter(|p| !p.is_null());
-            if let Some(pt) = point {
-                say(
-                    h,
-                    &format!(
-                        "{name}: recovery point {} at {} ({})",
-                        pt.get("id").map(|x| x.to_string()).unwrap_or_default(),
-                        pt.get("time").and_then(|x| x.as_str()).unwrap_or("?"),
-                        pt.get("kind").and_then(|x| x.as_str()).unwrap_or("?")
-                    ),
-                );
+        for p in &left {
+            let name = p.name.as_str();
+            let Some(s) = seen.get(name) else { continue };
+            // A disk whose agent was just (re)started waits for a point newer than the one before.
+            let newer = |id: u64| before.get(name).copied().flatten().is_none_or(|b| id > b);
+            if let Some(pt) = s.point.as_ref().filter(|pt| newer(pt.id)) {
+                say(h, &format!("{name}: recovery point {} at {} ({})", pt.id, pt.time, pt.kind));
                 done.push(name.to_string());
-            } else if active == "failed" || restarts >= 3 {
-                let why = v
-                    .as_ref()
-                    .and_then(|v| v.get("stopped_reason").or_else(|| v.get("last_error")))
-                    .and_then(|x| x.as_str())
-                    .map(str::to_string);
-                let why = match why {
-                    Some(w) => w,
-                    None => ssh
-                        .run(
-                            "reading the agent's log",
-                            &format!(
-                                "journalctl -q -u {} -n 20 -o cat | grep 'ferry:' | tail -1",
-                                sq(&format!("ferry-agent@{name}.service"))
-                            ),
-                            None,
-                            Duration::from_secs(30),
-                        )
-                        .map(|s| s.trim().to_string())
-                        .unwrap_or_default(),
-                };
-                bail!(
-                    "{h}: {name}: the agent failed: {} (systemctl status ferry-agent@{name} there)",
-                    if why.is_empty() { "see its log" } else { &why }
-                );
+            } else if s.active == "failed" || s.restarts >= 3 {
+                // Why: the agent's last `ferry:` line in the journal, else what its status says.
+                let logged = ssh
+                    .run(
+                        "reading the agent's log",
+                        &format!("journalctl -q -u {} -n 50 -o cat | grep '^ferry:' | tail -1", sq(&format!("ferry-agent@{name}.service"))),
+                        None,
+                        Duration::from_secs(30),
+                    )
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                let why = if logged.is_empty() { s.error.clone().unwrap_or_else(|| "see its log".into()) } else { logged };
+                bail!("{h}: {name}: the agent failed: {why} (systemctl status ferry-agent@{name} there)");
             } else {
-                last_state.insert(name.to_string(), v.and_then(|v| v.get("health_reason").and_then(|x| x.as_str()).map(str::to_string)));
+                last_state.insert(name.to_string(), s.health.clone());
             }
         }
         left.retain(|p| !done.contains(&p.name));
@@ -834,6 +811,69 @@ pub fn run(a: PushInstall) -> Result<()> {
     }
     let _ = std::io::stdout().flush();
     Ok(())
+}
+
+/// A shell script printing, per agent, `== NAME ACTIVE RESTARTS` and its
+/// `ferry status --json` line.
+fn status_script(names: &[&str]) -> String {
+    let mut script = String::new();
+    for n in names {
+        script.push_str(&format!(
+            "echo \"== {n} $(systemctl is-active {u} 2>/dev/null) $(systemctl show -p NRestarts --value {u} 2>/dev/null)\"; \
+             ferry status --state {s} --json 2>&1 || true; echo\n",
+            u = sq(&format!("ferry-agent@{n}.service")),
+            s = sq(&format!("{STATE_DIR}/{n}")),
+        ));
+    }
+    script
+}
+
+/// A recovery point as `ferry status --json` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointSeen {
+    pub id: u64,
+    pub time: String,
+    pub kind: String,
+}
+
+/// One agent in a status round.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// `systemctl is-active`: active, activating, failed, inactive…
+    pub active: String,
+    /// systemd's NRestarts (Restart=on-failure hides a failing agent as
+    /// "activating": a few restarts without a point are a failure too).
+    pub restarts: u32,
+    pub point: Option<PointSeen>,
+    pub health: Option<String>,
+    /// Why it stopped, or its last error.
+    pub error: Option<String>,
+}
+
+/// Read a status round ([`status_script`]'s output).
+pub fn parse_status_round(out: &str) -> BTreeMap<String, Seen> {
+    let mut m = BTreeMap::new();
+    for block in out.split("== ").skip(1) {
+        let (head, body) = block.split_once('\n').unwrap_or((block, ""));
+        let mut words = head.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        let active = words.next().unwrap_or_default().to_string();
+        let restarts = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        let v: Option<serde_json::Value> =
+            body.lines().find_map(|l| serde_json::from_str(l).ok()).filter(|v: &serde_json::Value| v.is_object());
+        let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let point = v.as_ref().and_then(|v| v.get("last_point")).and_then(|p| {
+            Some(PointSeen {
+                id: p.get("id")?.as_u64()?,
+                time: text(p, "time").unwrap_or_default(),
+                kind: text(p, "kind").unwrap_or_default(),
+            })
+        });
+        let health = v.as_ref().and_then(|v| text(v, "health_reason"));
+        let error = v.as_ref().and_then(|v| text(v, "last_error").or_else(|| text(v, "stopped_reason")));
+        m.insert(name.to_string(), Seen { active, restarts, point, health, error });
+    }
+    m
 }
 
 #[cfg(test)]
@@ -944,6 +984,26 @@ mod tests {
         r2.confs.get_mut("web1-vdb").unwrap().insert("DISK".into(), "/dev/other".into());
         let e = plan_disk(&r2, "web1", "/dev/vdb", Some("10.0.0.2:7700"), None).unwrap_err();
         assert!(e.0.contains("taken"), "{}", e.0);
+    }
+
+    #[test]
+    fn status_rounds_are_read() {
+        let out = "== web1-vdb active 0\n{\"health_reason\":\"ok\",\"last_point\":{\"id\":7,\"kind\":\"crash\",\"seq\":9,\"time\":\"2026-12-01T04:00:00Z\"},\"last_error\":null}\n\n\
+                   == web1-vdc activating 4\nferry: no agent state in /var/lib/ferry/agent/web1-vdc\n\n\
+                   == web1-vdd failed 0\n{\"last_point\":null,\"last_error\":null,\"stopped_reason\":\"bad disk\"}\n";
+        let m = parse_status_round(out);
+        let b = &m["web1-vdb"];
+        assert_eq!((b.active.as_str(), b.restarts), ("active", 0));
+        assert_eq!(b.point, Some(PointSeen { id: 7, time: "2026-12-01T04:00:00Z".into(), kind: "crash".into() }));
+        assert_eq!(b.health.as_deref(), Some("ok"));
+        let c = &m["web1-vdc"];
+        assert_eq!((c.active.as_str(), c.restarts, &c.point), ("activating", 4, &None));
+        let d = &m["web1-vdd"];
+        assert_eq!((d.active.as_str(), d.point.is_none(), d.error.as_deref()), ("failed", true, Some("bad disk")));
+        assert!(parse_status_round("").is_empty());
+        // The names the script asks about are the names read back.
+        let s = status_script(&["a-b", "c"]);
+        assert!(s.contains("ferry-agent@a-b.service") && s.contains("/var/lib/ferry/agent/c"), "{s}");
     }
 
     #[test]

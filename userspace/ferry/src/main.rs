@@ -425,6 +425,8 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         identity: PathBuf,
     },
+    /// Install ferry on a machine over SSH, enroll it, protect its disks and report their first recovery points.
+    PushInstall(push::PushInstall),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -565,6 +567,7 @@ macro_rules! println {
 }
 
 mod identity_cmd;
+mod push;
 
 fn out_line(args: std::fmt::Arguments) {
     use std::io::Write;
@@ -698,6 +701,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ca { cmd } => identity_cmd::ca(cmd),
         Cmd::Token { cmd } => identity_cmd::token(cmd),
         Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
+        Cmd::PushInstall(a) => push::run(a),
         Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
         Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
         Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {

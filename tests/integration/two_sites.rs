@@ -437,7 +437,7 @@ fn a_certificate_renewed_mid_stream_keeps_the_stream_and_needs_no_resync() {
     unsafe { libc::kill(agent.pid(), libc::SIGTERM) };
     wait_for("the agent to stop", 20, || !agent.alive());
     let a = text();
-    assert_eq!(a.matches("connected to the master target").count(), 1, "one connection for the whole stream: {a}");
+    assert_eq!(a.matches("] connected to ").count(), 1, "one connection for the whole stream: {a}");
     assert!(!a.contains("resync"), "no resync: {a}");
     assert!(!std::fs::read_to_string(t.path("mt.log")).unwrap().contains("connection cut"));
     recover_to(&t.s("data"), &name, "latest", &t.s("r.img"));

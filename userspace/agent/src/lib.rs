@@ -58,8 +58,14 @@ use std::time::{Duration, Instant};
 
 /// Unit of dedup and framing in the initial sync.
 const UNIT: usize = 64 << 10;
-/// How far a session to another next hop numbers above everything
-/// acknowledged before: more frames than can ever be in flight unacknowledged.
+/// How long a cut through a process server waits for its point before the
+/// stream goes on without it (it is recorded when it comes).
+const RELAY_POINT_WAIT: Duration = Duration::from_secs(1);
+/// Tags whose late points are still looked for, at most.
+const LATE_TAGS_KEPT: usize = 4096;
+/// How far a session to another next hop numbers above everything any
+/// session reserved (each reserves this many above where it starts, saved
+/// before it sends): more frames than can ever be in flight unacknowledged.
 pub const SEQ_GAP: u64 = 1 << 24;
 /// First-level checksum chunk of a scan pass (16 bytes of checksum per 64 KiB:
 /// 0.025% of the disk).
@@ -329,6 +335,9 @@ pub struct Agent {
     /// `acked_seq` as last saved: ring slots up to it may be released.
     saved_acked: u64,
     deferred_map: Option<ChunkMap>,
+    /// Tags sent through a process server whose point has not come yet:
+    /// (seq, time, kind).
+    late_tags: Vec<(u64, u64, PointKind)>,
     /// The state folder's lock, held for the agent's life (live.rs).
     _lock: live::Lock,
     /// Initial sync: (last seq of a 64 KiB unit, end offset of the unit),
@@ -575,6 +584,7 @@ impl Agent {
             frozen: false,
             saved_acked: 0,
             deferred_map: None,
+            late_tags: Vec::new(),
             freeze_retry: freeze::Retry::default(),
             bpf_counters,
         })
@@ -624,6 +634,17 @@ impl Agent {
     }
 
     fn note_ack(&mut self, sess: &Session) {
+        if sess.relayed && !self.late_tags.is_empty() {
+            for (seq, id) in sess.take_points() {
+                if let Some(i) = self.late_tags.iter().position(|&(s, _, _)| s == seq) {
+                    let (_, t, kind) = self.late_tags.remove(i);
+                    log::info!("recovery point {id} ({}) at seq {seq} (reached the master target)", kind.as_str());
+                    if self.st.last_point.as_ref().is_none_or(|p| p.seq < seq) {
+                        self.st.last_point = Some(LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() });
+                    }
+                }
+            }
+        }
         self.st.acked_seq = self.st.acked_seq.max(sess.acked());
         self.st.seq_high = self.st.seq_high.max(self.st.acked_seq);
         let t = sess.last_ack_ns();
@@ -700,6 +721,11 @@ impl Agent {
                     log::info!("connected to {hop} (protocol v{})", s.version);
                 }
                 self.st.hop = Some(hop);
+                // Reserve what this session may number, before it sends
+                // anything (work() saves the state first): frames a hop
+                // applied or spooled without the ACK reaching us are still
+                // below the next hop's numbers.
+                self.st.seq_high = self.st.seq_high.max(s.next_seq.saturating_sub(1) + SEQ_GAP);
                 self.st.connected = true;
                 self.st.disconnected_since_ns = None;
                 self.st.last_error = None;
@@ -979,7 +1005,25 @@ impl Agent {
     /// [`Agent::cut`] with the point's time given (a group's cut id).
     fn cut_at(&mut self, sess: &mut Session, kind: PointKind, t: u64) -> Result<LastPoint, AgentError> {
         let seq = sess.send_tag(kind, t)?;
-        let id = sess.wait_point(seq)?;
+        let id = if sess.relayed && !self.opts.once {
+            // Through a process server a point exists once the master target
+            // behind it made it durable: that may be long after the spool
+            // acknowledged the tag (the master target away). The stream goes
+            // on meanwhile; the point is recorded when it comes (note_ack).
+            match sess.wait_point_for(seq, RELAY_POINT_WAIT)? {
+                Some(id) => id,
+                None => {
+                    if self.late_tags.len() >= LATE_TAGS_KEPT {
+                        self.late_tags.remove(0);
+                    }
+                    self.late_tags.push((seq, t, kind));
+                    log::debug!("tag at seq {seq}: its point comes once the master target has it");
+                    return Ok(LastPoint { id: 0, seq, time_ns: t, kind: kind.as_str().into() });
+                }
+            }
+        } else {
+            sess.wait_point(seq)?
+        };
         let p = LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() };
         log::info!("recovery point {id} ({}) at seq {seq}", kind.as_str());
         // The pass just before this tag left the replica equal to its sums,

@@ -85,6 +85,9 @@ pub struct Session {
     dedup_at: BTreeMap<u64, ([u8; 32], u32)>,
     /// The protocol version the master target chose.
     pub version: u16,
+    /// The next hop is a process server: a point comes once the master
+    /// target behind it made it durable, which may be much later.
+    pub relayed: bool,
 }
 
 /// An `AgentError` for a link error; `target` names the next hop.
@@ -133,7 +136,9 @@ impl Session {
         // Every wait also ends when a signal asks the agent to stop.
         link.set_interrupt(Box::new(|| crate::live::check_stop().is_err()));
         let o = link.opened();
+        let relayed = link.server_peer().starts_with("ferry-process-server");
         Ok(Session {
+            relayed,
             link,
             version: o.version,
             next_seq: next_seq.max(o.durable_seq + 1),
@@ -241,6 +246,16 @@ impl Session {
     /// Block until the master target reports the point for tag `seq`.
     pub fn wait_point(&mut self, seq: u64) -> Result<u64, AgentError> {
         self.link.wait_point(seq).map_err(lost)
+    }
+
+    /// Wait at most `d` for the point of tag `seq`.
+    pub fn wait_point_for(&mut self, seq: u64, d: std::time::Duration) -> Result<Option<u64>, AgentError> {
+        self.link.wait_point_for(seq, d).map_err(lost)
+    }
+
+    /// Points reported since the last call (a relayed session's late ones).
+    pub fn take_points(&self) -> Vec<(u64, u64)> {
+        self.link.take_points()
     }
 
     /// Ask for the replica's checksums of `count` chunks from `offset`.

@@ -112,8 +112,9 @@ pub struct AgentState {
     pub resync_required: Option<String>,
     /// Highest sequence number the master target acknowledged as durable.
     pub acked_seq: u64,
-    /// Highest sequence number any next hop ever acknowledged (never
-    /// lowered, unlike `acked_seq`).
+    /// Highest sequence number any session may have used: what a next hop
+    /// acknowledged, and each session's reservation (its first sequence
+    /// number plus `SEQ_GAP`), saved before it sends; never lowered.
     #[serde(default)]
     pub seq_high: u64,
     /// The address of the last session's next hop (`--target` may list

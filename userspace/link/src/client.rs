@@ -145,6 +145,8 @@ pub fn status<S: Stream>(stream: S, cfg: &ClientConfig) -> Result<String, LinkEr
 /// One open stream to the next hop.
 pub struct Client<S: Stream> {
     cfg: ClientConfig,
+    /// The server's name from HELLO_ACK (`ferry-master-target 0.1.0`).
+    server_peer: String,
     opened: Opened,
     w: Arc<Mutex<Writer<S>>>,
     /// A handle to shut the connection down with.
@@ -183,8 +185,8 @@ impl<S: Stream> Client<S> {
         let (min, max) = cfg.versions;
         ferry_proto::write_msg(&mut w, &Msg::Hello { min, max, peer: cfg.peer.clone() }).map_err(hs_io)?;
         w.flush().map_err(hs_io)?;
-        let version = match read_frame(&mut r).map_err(hs_proto)? {
-            Some(Msg::HelloAck { version, .. }) if (min..=max).contains(&version) => version,
+        let (version, server_peer) = match read_frame(&mut r).map_err(hs_proto)? {
+            Some(Msg::HelloAck { version, peer }) if (min..=max).contains(&version) => (version, peer),
             Some(Msg::HelloAck { version, peer }) => {
                 return Err(LinkError::Refused {
                     code: ErrorCode::UnsupportedVersion,
@@ -227,6 +229,7 @@ impl<S: Stream> Client<S> {
         }
         Ok(Client {
             cfg,
+            server_peer,
             opened: Opened { version, durable_seq, flags },
             w,
             ctl: stream,
@@ -399,6 +402,23 @@ impl<S: Stream> Client<S> {
     pub fn wait_point(&mut self, seq: u64) -> Result<u64, LinkError> {
         self.flush()?;
         self.wait_for(|st| st.points.iter().find(|(s, _)| *s == seq).map(|&(_, id)| id))
+    }
+
+    /// The server's name from HELLO_ACK, e.g. `ferry-process-server 0.1.0`.
+    pub fn server_peer(&self) -> &str {
+        &self.server_peer
+    }
+
+    /// Wait at most `d` for the point of tag `seq`: `None` if it did not
+    /// come by then (a relay's point waits for the master target).
+    pub fn wait_point_for(&mut self, seq: u64, d: Duration) -> Result<Option<u64>, LinkError> {
+        self.flush()?;
+        let until = Instant::now() + d;
+        self.wait_for(|st| match st.points.iter().find(|(s, _)| *s == seq) {
+            Some(&(_, id)) => Some(Some(id)),
+            None if Instant::now() >= until => Some(None),
+            None => None,
+        })
     }
 
     /// The points reported since the last call, `(seq, id)` in arrival

@@ -150,6 +150,11 @@ pub trait Sink {
     fn keeps_frames(&self) -> bool {
         false
     }
+    /// Whether this stream may carry XREF (another disk's content): a
+    /// sink that keeps frames says no unless its peer is a process server.
+    fn accepts_xref(&self) -> bool {
+        true
+    }
 }
 
 /// Opens the sink for the disk a client names in OPEN. Shared by every
@@ -433,6 +438,14 @@ fn frame<S: Stream, K: Sink>(
         }
         Ok(())
     };
+    // A reference resolved here reads the replica: what the pending batch
+    // writes into its source must be applied first.
+    if let (Msg::Ref { src, len, .. }, false) = (&msg, sink.keeps_frames()) {
+        let (a, z) = (*src, *src + u64::from(*len));
+        if b.ops.iter().any(|op| op.range().is_some_and(|(x, y)| x < z && a < y)) {
+            flush(c, sink, b)?;
+        }
+    }
     let op = match msg {
         Msg::Data { seq, offset, len, codec, payload } if sink.keeps_frames() => {
             in_disk(offset, len)?;
@@ -464,8 +477,8 @@ fn frame<S: Stream, K: Sink>(
                 None => return Err(Fail::new(ErrorCode::RefMiss, format!("REF seq {seq}: content not held; resend it as DATA"))),
             }
         }
-        Msg::XRef { seq, .. } if version < 3 => {
-            return Err(Fail::new(ErrorCode::BadFrame, format!("XREF seq {seq} in a v{version} stream")))
+        Msg::XRef { seq, .. } if version < 3 || !sink.accepts_xref() => {
+            return Err(Fail::new(ErrorCode::BadFrame, format!("XREF seq {seq}: not accepted on this stream (v{version})")))
         }
         Msg::XRef { seq, offset, len, src, digest, disk } if sink.keeps_frames() => {
             in_disk(offset, len)?;

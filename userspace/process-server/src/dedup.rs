@@ -43,6 +43,10 @@ struct Idx {
     order: VecDeque<[u8; 32]>,
     /// Per disk: (seq, digest) of entries still pending, in stream order.
     pending: HashMap<String, VecDeque<(u64, [u8; 32])>>,
+    /// After a wait for a twin ran out (its stream is stalled), no frame
+    /// waits again until then: a stalled disk must not slow the others to
+    /// one frame per wait.
+    no_wait_until: Option<Instant>,
 }
 
 pub struct Index {
@@ -80,15 +84,20 @@ impl Index {
     /// elsewhere (waiting up to [`PENDING_WAIT`] for one that is pending in
     /// another disk's stream), or a miss.
     pub fn lookup(&self, disk: &str, offset: u64, digest: &[u8; 32]) -> Hit {
+        let _ = offset;
         let until = Instant::now() + PENDING_WAIT;
         let mut g = self.lock();
         loop {
-            let _ = offset;
+            let waiting_allowed = g.no_wait_until.is_none_or(|t| Instant::now() >= t);
             match g.by_digest.get(digest) {
                 // Held; or pending in this very stream, which the master
                 // target applies in order.
                 Some(e) if e.pending.is_none() || e.loc.disk == disk => return Hit::At(e.loc.clone()),
-                Some(_) if Instant::now() < until => {}
+                Some(_) if waiting_allowed && Instant::now() < until => {}
+                Some(_) if waiting_allowed => {
+                    g.no_wait_until = Some(Instant::now() + 5 * PENDING_WAIT);
+                    return Hit::Miss;
+                }
                 _ => return Hit::Miss,
             }
             g = self.cv.wait_timeout(g, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;

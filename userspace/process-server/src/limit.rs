@@ -160,7 +160,8 @@ struct State {
     disks: HashMap<String, Bucket>,
     /// Bytes served per disk, on the fairness clock.
     served: HashMap<String, f64>,
-    waiting: HashMap<String, Instant>,
+    /// Disks inside `take`, with the tokens each needs.
+    waiting: HashMap<String, f64>,
     /// Disks with something to send (from their first `take` to `idle`).
     active: std::collections::HashSet<String>,
     /// The global rate, re-read from the schedule every second.
@@ -213,8 +214,8 @@ impl Limiter {
             *s = s.max(floor);
             st.active.insert(disk.to_string());
         }
-        st.waiting.insert(disk.to_string(), start);
         let need = (n as f64).min(BURST);
+        st.waiting.insert(disk.to_string(), need);
         loop {
             let now = Instant::now();
             if st.rate_at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
@@ -233,11 +234,11 @@ impl Limiter {
             // My turn: the fewest bytes served among the waiting disks that
             // their own limit lets send now.
             let mine = st.served.get(disk).copied().unwrap_or(0.0);
-            let ahead = st.waiting.keys().any(|d| {
+            let ahead = st.waiting.iter().any(|(d, &need_d)| {
                 // A disk its own limit holds back does not block the others.
                 d != disk
                     && st.served.get(d).copied().unwrap_or(0.0) < mine
-                    && (!self.limits.per_disk.contains_key(d) || st.disks.get(d).is_some_and(|b| b.tokens >= 1.0))
+                    && (!self.limits.per_disk.contains_key(d) || st.disks.get(d).is_some_and(|b| b.tokens >= need_d))
             });
             let global_ok = rate.is_none() || st.global.tokens >= need;
             let own_ok = per.is_none() || st.disks.get(disk).is_some_and(|b| b.tokens >= need);
@@ -320,5 +321,28 @@ mod tests {
         let rate = (a + b) / secs;
         assert!((rate - 4.0 * 1048576.0).abs() < 0.15 * 4.0 * 1048576.0, "rate {rate}");
         assert!((a / b - 1.0).abs() < 0.15, "shares {a} {b}");
+    }
+
+    #[test]
+    fn a_disk_under_its_own_limit_does_not_hold_the_others_back() {
+        let mut per = HashMap::new();
+        per.insert("slow".to_string(), 256.0 * 1024.0);
+        let l = Arc::new(Limiter::new(Limits { global: Some(8.0 * 1024.0 * 1024.0), schedule: Vec::new(), per_disk: per }));
+        let until = Instant::now() + Duration::from_millis(1000);
+        let run = |name: &'static str| {
+            let l = Arc::clone(&l);
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while Instant::now() < until {
+                    l.take(name, 64 << 10);
+                    sent += 64 << 10;
+                }
+                sent
+            })
+        };
+        let (s, f) = (run("slow"), run("fast"));
+        let (s, f) = (s.join().unwrap() as f64, f.join().unwrap() as f64);
+        assert!(s < 1.0 * 1048576.0, "the slow disk keeps to its limit: {s}");
+        assert!(f > 4.0 * 1048576.0, "the other disk is not held back: {f}");
     }
 }

@@ -25,8 +25,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long an agent's OPEN may wait for the master target's answer when
-/// the spool must ask it (a disk new here, a new generation).
-pub const ADOPT_WAIT: Duration = Duration::from_secs(40);
+/// the spool must ask it (a disk new here, a new generation): less than
+/// the agent's own 30 s deadline for OPEN_ACK.
+pub const ADOPT_WAIT: Duration = Duration::from_secs(25);
 /// How long a checksum request may wait for the frames before it to reach
 /// the master target (the agent gives up after 60 s of silence).
 pub const SUMS_WAIT: Duration = Duration::from_secs(45);
@@ -255,7 +256,16 @@ impl Relay {
         });
         d.insert(name.into(), Arc::clone(&slot));
         let (relay, s) = (Arc::clone(self), Arc::clone(&slot));
-        let spawned = std::thread::Builder::new().name(format!("fwd-{name}")).spawn(move || forward(relay, s));
+        let spawned = std::thread::Builder::new().name(format!("fwd-{name}")).spawn(move || loop {
+            // A forwarder that fails on a bug must not leave its disk
+            // silently stuck: it is started again (the spool is its state).
+            let (r, s2) = (Arc::clone(&relay), Arc::clone(&s));
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(r, s2))).is_ok() {
+                return;
+            }
+            log::error!("disk {}: the forwarder failed (a bug; see the message above); starting it again", s.name);
+            std::thread::sleep(Duration::from_secs(1));
+        });
         if let Err(e) = spawned {
             log::error!("disk {name}: cannot start its forwarder: {e}");
         }
@@ -555,7 +565,8 @@ impl Sinks for Spools {
         g.reset = None;
         drop(g);
         log::info!("disk {name}: stream opened by {peer}, {size} bytes, durable to seq {durable}");
-        Ok((SpoolSink { relay: Arc::clone(relay), slot, size, durable }, info_of(flags)))
+        let xref_ok = who.is_some_and(|w| w.role == ferry_identity::Role::ProcessServer);
+        Ok((SpoolSink { relay: Arc::clone(relay), slot, size, durable, xref_ok }, info_of(flags)))
     }
 
     fn status(&self, _who: Option<&ferry_identity::Identity>) -> Option<String> {
@@ -569,6 +580,8 @@ pub struct SpoolSink {
     slot: Arc<Slot>,
     size: u64,
     durable: u64,
+    /// The peer is a process server (XREF is a relay's, never an agent's).
+    xref_ok: bool,
 }
 
 impl Drop for SpoolSink {
@@ -677,6 +690,10 @@ impl Sink for SpoolSink {
     fn keeps_frames(&self) -> bool {
         true
     }
+
+    fn accepts_xref(&self) -> bool {
+        self.xref_ok
+    }
 }
 
 /// One disk's forwarder: keeps a connection to the master target while
@@ -695,6 +712,7 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
         if let Some(a) = adopt {
             if let Some(c) = client.take() {
                 c.close();
+                f.broken(&name, false);
             }
             let r = relay.connect_upstream(&name, a.size, a.generation, a.owner.as_deref());
             let mut g = slot.lock();
@@ -772,7 +790,15 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
                     let o = c.opened();
                     let mut g = slot.lock();
                     if g.spool.as_ref().is_some_and(|sp| sp.generation() == generation) {
-                        let _ = after_open(&name, &mut g, o.durable_seq, &mut f.cur);
+                        if let Err(e) = after_open(&name, &mut g, o.durable_seq, &mut f.cur) {
+                            // Not forwarding from a position we could not settle.
+                            log::error!("disk {name}: {}; reconnecting", e.msg);
+                            g.up.error = Some(e.msg);
+                            drop(g);
+                            c.close();
+                            std::thread::sleep(backoff.next_delay());
+                            continue;
+                        }
                     }
                     g.up.connected = true;
                     g.up.addr = Some(addr.clone());
@@ -811,6 +837,7 @@ fn forward(relay: Arc<Relay>, slot: Arc<Slot>) {
                 // Idle with no agent: let go of the disk upstream.
                 if let Some(c) = client.take() {
                     c.close();
+                    f.broken(&name, false);
                 }
                 slot.lock().up.connected = false;
             }
@@ -978,6 +1005,9 @@ const MAX_LEVEL: i32 = 6;
 /// spool is emptied down to it, and the agent's open session ends so that
 /// it reconnects, sees the lower durable sequence, and resyncs.
 fn after_open(name: &str, g: &mut Inner, durable: u64, cur: &mut Cursor) -> Result<(), Fail> {
+    // Whatever follows, this connection starts after what the master target
+    // holds: never after what an earlier connection merely sent.
+    *cur = Cursor { after: durable, at: None };
     let Some(sp) = g.spool.as_mut() else { return Ok(()) };
     if durable < sp.state.upstream_acked {
         let why = format!("the master target is durable only to seq {durable} but had acknowledged {}", sp.state.upstream_acked);
@@ -993,7 +1023,6 @@ fn after_open(name: &str, g: &mut Inner, durable: u64, cur: &mut Cursor) -> Resu
     } else {
         sp.release(durable).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
     }
-    *cur = Cursor { after: durable, at: None };
     Ok(())
 }
 
@@ -1067,9 +1096,15 @@ fn pump(relay: &Relay, slot: &Slot, c: &mut Client<AnyStream>, f: &mut Fwd) -> R
             if !held && all_acked && g.sums.is_empty() && f.idle_since.elapsed() >= IDLE_CLOSE {
                 return Ok(false);
             }
+            // Never a socket write under the slot's lock (a stalled master
+            // target would stall the agent's connection and the status).
+            drop(g);
             c.flush()?;
             c.check_alive()?;
-            drop(slot.wait(g, Duration::from_millis(50)));
+            let g = slot.lock();
+            if g.spool.as_ref().is_some_and(|sp| sp.plan_read(&f.cur).is_none()) && g.adopt.is_none() && g.sums.is_empty() {
+                drop(slot.wait(g, Duration::from_millis(50)));
+            }
             continue;
         }
         drop(g);

@@ -237,8 +237,9 @@ impl DiskSpool {
     }
 
     /// Open a disk's spool after a start or a crash: check every segment,
-    /// cut a torn or damaged tail (logged), drop segments the master target
-    /// already holds. `Ok(None)`: no spool here (no state file).
+    /// cut a torn or damaged tail (logged). Segments the master target
+    /// holds go once the forwarder learns its durable sequence.
+    /// `Ok(None)`: no spool here (no state file).
     pub fn open(dir: &Path) -> Result<Option<DiskSpool>, SpoolError> {
         let Some(state) = read_state::<DiskState>(&Self::state_path(dir), STATE_KIND, STATE_VERSION)? else {
             return Ok(None);
@@ -254,7 +255,6 @@ impl DiskSpool {
         }
         names.sort();
         let mut segs: Vec<Seg> = Vec::new();
-        let mut last = state.base_seq.max(state.upstream_acked);
         let mut cut: Option<String> = None;
         let count = names.len();
         for (i, (floor, path)) in names.into_iter().enumerate() {
@@ -302,7 +302,6 @@ impl DiskSpool {
                 fs::remove_file(&path).map_err(ioe(&path))?;
                 continue;
             }
-            last = last.max(s.last_seq);
             segs.push(Seg { floor, last: s.last_seq.max(floor), len: s.good_end, path });
         }
         fsync_dir(dir).map_err(ioe(dir))?;
@@ -406,14 +405,18 @@ impl DiskSpool {
     }
 
     /// The master target holds everything up to `acked`: remember it, and
-    /// drop the segments it covers (never the one being written).
+    /// drop the segments it covers (the one being written too when all of
+    /// it is covered: the next append starts a new one).
     pub fn release(&mut self, acked: u64) -> Result<(), SpoolError> {
         if acked <= self.state.upstream_acked {
             return Ok(());
         }
         self.state.upstream_acked = acked;
         let n = self.segs.len();
-        let drop: Vec<usize> = (0..n.saturating_sub(1)).filter(|&i| self.segs[i].last <= acked).collect();
+        let drop: Vec<usize> = (0..n).filter(|&i| self.segs[i].last <= acked && (i + 1 < n || self.segs[i].len > SEG_HEADER)).collect();
+        if n > 0 && drop.last() == Some(&(n - 1)) {
+            self.writer = None;
+        }
         if drop.is_empty() {
             return Ok(());
         }
@@ -567,7 +570,7 @@ mod tests {
         }
         assert!(sp.segs.len() >= 2, "segments roll over at SEG_MAX");
         sp.release(seq).unwrap();
-        assert_eq!(sp.segs.len(), 1, "all but the segment being written are gone");
+        assert!(sp.segs.is_empty(), "every segment the master target holds is gone");
         drop(sp);
         let sp = DiskSpool::open(&d).unwrap().unwrap();
         assert_eq!(sp.durable(), seq);

@@ -15,10 +15,12 @@ result() { echo "FERRY-TEST debian12-vm $1 $2"; [ "$2" = PASS ] || fail=1; }
 ferry=$PWD/target/release/ferry
 work=$(mktemp -d /tmp/ferry-push.XXXXXX)
 pids=()
+# (set -e holds in an EXIT trap too: nothing here may fail the test.)
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   vm_cleanup_all 2>/dev/null || true
-  rm -rf "$work"
+  rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -12,7 +12,8 @@ fail=0
 result() { echo "FERRY-TEST debian12-vm $1 $2"; [ "$2" = PASS ] || fail=1; }
 work=$(mktemp -d /tmp/ferry-ssh-smoke.XXXXXX)
 srv_pid=
-trap '[ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null; rm -rf "$work"' EXIT
+# (set -e holds in an EXIT trap: nothing in it may fail the test.)
+trap '{ [ -z "$srv_pid" ] || kill "$srv_pid" 2>/dev/null; } || true; rm -rf "$work" 2>/dev/null || true' EXIT
 
 start=$(date +%s)
 if build_image; then result image-build PASS; else result image-build FAIL; exit 1; fi

@@ -80,11 +80,10 @@ impl Index {
         forget_range(&mut g, disk, offset, len);
     }
 
-    /// Look `digest` up for a frame of `disk` at `offset`: a held copy
+    /// Look `digest` up for a frame of `disk`: a held copy
     /// elsewhere (waiting up to [`PENDING_WAIT`] for one that is pending in
     /// another disk's stream), or a miss.
-    pub fn lookup(&self, disk: &str, offset: u64, digest: &[u8; 32]) -> Hit {
-        let _ = offset;
+    pub fn lookup(&self, disk: &str, digest: &[u8; 32]) -> Hit {
         let until = Instant::now() + PENDING_WAIT;
         let mut g = self.lock();
         loop {
@@ -280,27 +279,27 @@ mod tests {
     fn held_content_is_found_pending_content_waits_and_overwrites_forget() {
         let ix = Index::new(100);
         let d = [1u8; 32];
-        assert_eq!(ix.lookup("a", 0, &d), Hit::Miss);
+        assert_eq!(ix.lookup("a", &d), Hit::Miss);
         ix.sent("a", 5, 65536, 65536, d);
         // Pending in disk a's own stream: usable there at once.
-        assert_eq!(ix.lookup("a", 0, &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
+        assert_eq!(ix.lookup("a", &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
         ix.acked("a", 5);
-        assert_eq!(ix.lookup("b", 65536, &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
+        assert_eq!(ix.lookup("b", &d), Hit::At(Loc { disk: "a".into(), offset: 65536, len: 65536 }));
         // Overwritten in a: gone.
         ix.forget_range("a", 100_000, 4096);
-        assert_eq!(ix.lookup("b", 65536, &d), Hit::Miss);
+        assert_eq!(ix.lookup("b", &d), Hit::Miss);
         // A twin pending in another stream: the lookup waits for its ack.
         let ix = std::sync::Arc::new(Index::new(100));
         ix.sent("a", 9, 0, 65536, d);
         let ix2 = std::sync::Arc::clone(&ix);
-        let t = std::thread::spawn(move || ix2.lookup("b", 0, &d));
+        let t = std::thread::spawn(move || ix2.lookup("b", &d));
         std::thread::sleep(Duration::from_millis(100));
         ix.acked("a", 9);
         assert_eq!(t.join().unwrap(), Hit::At(Loc { disk: "a".into(), offset: 0, len: 65536 }));
         // A broken stream drops what it had pending; the index stays bounded.
         ix.sent("a", 10, 1 << 20, 4096, [2; 32]);
         ix.drop_pending("a", &[]);
-        assert_eq!(ix.lookup("b", 0, &[2; 32]), Hit::Miss);
+        assert_eq!(ix.lookup("b", &[2; 32]), Hit::Miss);
         // Saved and loaded: the held entries come back; a damaged file is
         // not used at all.
         let f = std::env::temp_dir().join(format!("ferry-ddx-{}", std::process::id()));
@@ -311,7 +310,7 @@ mod tests {
         assert_eq!(ix.save(&f).unwrap(), 1, "only held entries are saved");
         let back = Index::new(100);
         assert_eq!(back.load(&f), 1);
-        assert_eq!(back.lookup("c", 0, &[5; 32]), Hit::At(Loc { disk: "a".into(), offset: 0, len: 65536 }));
+        assert_eq!(back.lookup("c", &[5; 32]), Hit::At(Loc { disk: "a".into(), offset: 0, len: 65536 }));
         let mut bytes = std::fs::read(&f).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&f, &bytes).unwrap();

@@ -335,12 +335,6 @@ impl Relay {
         }
     }
 
-    /// Bytes in every disk's spool.
-    pub fn used(&self) -> u64 {
-        let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
-        slots.iter().map(|s| s.lock().spool.as_ref().map_or(0, |sp| sp.bytes())).sum()
-    }
-
     /// Every disk's state.
     pub fn view(&self) -> RelayView {
         let mut slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
@@ -954,7 +948,7 @@ impl Fwd {
                     return (Msg::Data { seq, offset, len, codec, payload }, u64::from(len), 0);
                 }
                 let digest = *blake3::hash(bytes).as_bytes();
-                let hit = if seq <= self.no_refs_until { Hit::Miss } else { ix.lookup(disk, offset, &digest) };
+                let hit = if seq <= self.no_refs_until { Hit::Miss } else { ix.lookup(disk, &digest) };
                 match hit {
                     Hit::At(loc) if loc.disk == disk || xref => {
                         ix.forget_range(disk, offset, len);

@@ -7,6 +7,7 @@
 //!   size, and positioned reads with `O_DIRECT` where the source allows it.
 //! - [`buf`]: page-aligned buffers for direct I/O.
 //! - [`net`]: command-line addresses and the listening policy.
+//! - [`report`]: what a running role says of itself (its `/metrics` and heartbeat).
 //! - [`health`]: OK, WARN or CRIT, as status views say it.
 //! - [`units`]: sizes and times as people read them (output), and sizes as
 //!   they write them (flags).
@@ -20,6 +21,7 @@ pub mod buf;
 pub mod durable;
 pub mod health;
 pub mod net;
+pub mod report;
 pub mod source;
 pub mod testing;
 pub mod units;

@@ -212,6 +212,9 @@ pub struct Options {
     pub state: PathBuf,
     pub once: bool,
     pub point_every: Duration,
+    /// What the configuration server's policy changes while the agent runs
+    /// (its point interval overrides `point_every`).
+    pub live: Arc<ferry_common::control::Live>,
     pub freeze_cmd: Option<String>,
     pub thaw_cmd: Option<String>,
     pub ring_capacity: u64,
@@ -1049,7 +1052,7 @@ impl Agent {
     /// `--freeze-cmd`, its verify passes run inside the freeze); a pause of
     /// `--point-every` between rounds.
     fn scan_stream(&mut self, sess: &mut Session, start: Instant, verified: bool) -> Result<Summary, AgentError> {
-        let (once, every, frozen) = (self.opts.once, self.opts.point_every, self.opts.freeze_cmd.is_some());
+        let (once, frozen) = (self.opts.once, self.opts.freeze_cmd.is_some());
         let src = Arc::clone(&self.src);
         let mut source = ScanSource::new(&self.st.name, self.reader.clone()).with_stamp(move || stamp(&src)).verify_under_freeze(frozen);
         if self.did_initial || self.did_resync {
@@ -1086,6 +1089,7 @@ impl Agent {
                 }
                 Err(e) => return Err(e),
             }
+            let every = agent.opts.live.point_every(agent.opts.point_every);
             agent.pause(sess, every)?;
         }
     }
@@ -1186,7 +1190,7 @@ impl Agent {
         self.save()?;
         let durable = source.durable_position();
         let reader = self.reader.clone();
-        let (once, every, name) = (self.opts.once, self.opts.point_every, self.st.name.clone());
+        let (once, name) = (self.opts.once, self.st.name.clone());
         let mut sh = Shipper::start(source, AgentSink::new(self, sess), reader, durable)?;
         let r = (|| -> Result<Summary, AgentError> {
             let mut last_cut = Instant::now();
@@ -1203,6 +1207,12 @@ impl Agent {
                     agent.save()?;
                     // The shipper's own state too (a catch-up under way).
                     sh.resync(&why)?;
+                }
+                let a = &mut *sh.sink.agent;
+                let every = a.opts.live.point_every(a.opts.point_every);
+                if (a.st.point_every_s - every.as_secs_f64()).abs() > 1e-6 {
+                    log::info!("{}: a point every {:.1}s (policy)", a.st.name, every.as_secs_f64());
+                    a.st.point_every_s = every.as_secs_f64();
                 }
                 // A freeze that failed is tried again only after a back-off.
                 let due = (once || last_cut.elapsed() >= every) && sh.sink.agent.freeze_retry.ready();

@@ -7,6 +7,7 @@
 //!   size, and positioned reads with `O_DIRECT` where the source allows it.
 //! - [`buf`]: page-aligned buffers for direct I/O.
 //! - [`net`]: command-line addresses and the listening policy.
+//! - [`control`]: the configuration server's heartbeat answer (policy, jobs).
 //! - [`report`]: what a running role says of itself (its `/metrics` and heartbeat).
 //! - [`health`]: OK, WARN or CRIT, as status views say it.
 //! - [`units`]: sizes and times as people read them (output), and sizes as
@@ -18,6 +19,7 @@
 //! with a `SAFETY:` note.
 
 pub mod buf;
+pub mod control;
 pub mod durable;
 pub mod health;
 pub mod net;

@@ -79,6 +79,19 @@ pub struct DiskReport {
     /// The disk needs a resync (changes were lost by the tracker).
     #[serde(default)]
     pub resync_required: bool,
+    /// Master target: the newest recovery points (at most 50), oldest first.
+    #[serde(default)]
+    pub recent_points: Vec<PointInfo>,
+}
+
+/// One recovery point, as `ferry points` lists it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PointInfo {
+    pub id: String,
+    /// Source time, Unix milliseconds.
+    pub time_unix_ms: i64,
+    /// "crash", "app", … as `ferry points` says it.
+    pub kind: String,
 }
 
 impl RoleReport {

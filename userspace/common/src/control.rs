@@ -1,0 +1,117 @@
+//! What the configuration server and the roles say to each other: the
+//! heartbeat's answer (a policy, jobs). The report itself is [`crate::report`].
+//! Field names are part of the heartbeat API (docs/config-server.md): add
+//! fields, never rename them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What a running role's policy may change without a restart: set by its
+/// heartbeat thread, read by its loops.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Milliseconds between recovery points; 0: as started.
+    point_every_ms: AtomicU64,
+}
+
+impl Live {
+    /// The point interval: the policy's, else `started`.
+    pub fn point_every(&self, started: Duration) -> Duration {
+        match self.point_every_ms.load(Ordering::Relaxed) {
+            0 => started,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Apply a policy (None: back to the command line's settings).
+    pub fn apply(&self, p: Option<&Policy>) {
+        let ms = p.map(|p| (p.point_every_s * 1000.0) as u64).unwrap_or(0);
+        self.point_every_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// A protection group's policy. Every field has a default, so an operator
+/// sets only what differs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Alert when the newest recovery point is older than this, seconds.
+    pub rpo_threshold_s: u64,
+    /// Crash-consistent points, every this many seconds.
+    pub point_every_s: f64,
+    /// App-consistent points (freeze), every this many seconds; 0 for none.
+    pub app_point_every_s: f64,
+    /// Retention on the master target, e.g. "72h" (empty: the master target's own).
+    pub retention: String,
+    /// Bandwidth limit for the group's disks at the process server, e.g. "100Mbit" (empty: none).
+    pub bandwidth: String,
+    /// The process server (HOST:PORT) and master target the agents ship to (empty: as started).
+    pub process_server: String,
+    pub master_target: String,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            rpo_threshold_s: 300,
+            point_every_s: 60.0,
+            app_point_every_s: 0.0,
+            retention: String::new(),
+            bandwidth: String::new(),
+            process_server: String::new(),
+            master_target: String::new(),
+        }
+    }
+}
+
+impl Policy {
+    pub fn check(&self) -> Result<(), String> {
+        if self.rpo_threshold_s == 0 {
+            return Err(format!("rpo_threshold_s must be at least 1"));
+        }
+        if !(self.point_every_s >= 1.0 && self.point_every_s <= 86400.0) {
+            return Err(format!("point_every_s must be between 1 and 86400"));
+        }
+        if !(self.app_point_every_s == 0.0 || (self.app_point_every_s >= 1.0 && self.app_point_every_s <= 7.0 * 86400.0)) {
+            return Err(format!("app_point_every_s must be 0 (none) or between 1 and 604800"));
+        }
+        Ok(())
+    }
+}
+
+/// The heartbeat's answer: the policy to apply and work to do.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatReply {
+    /// Report again after this many seconds.
+    pub interval_s: f64,
+    /// The machine's protection group and its policy (None: in no group,
+    /// keep what the command line says).
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    #[serde(default)]
+    pub policy_version: i64,
+    /// Jobs for this role to run (a master target's test failovers …).
+    #[serde(default)]
+    pub jobs: Vec<Job>,
+}
+
+/// Work for one role: `kind` with `args`, its outcome posted back to
+/// `/api/v1/jobs/ID/result`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub role: String,
+    pub machine: String,
+    /// test-failover | test-cleanup | failover | failover-commit | failover-cancel
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub state: String,
+    #[serde(default)]
+    pub result: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}

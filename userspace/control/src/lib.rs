@@ -1,0 +1,295 @@
+//! A role's link to the configuration server, and the API client `ferry ctl`
+//! uses.
+//!
+//! [`Client`] speaks HTTPS to the configuration server (mutual TLS with the
+//! role's identity, or only checking the server against the site's CA for a
+//! person with an API token) or plain HTTP on loopback. Every request has a
+//! deadline (5 s to connect, 15 s in all).
+//!
+//! [`spawn`] starts a role's heartbeat thread: it posts the role's
+//! [`RoleReport`] every few seconds (the interval the server asks for),
+//! applies the policy in the answer to the role's [`Live`] settings, keeps
+//! that policy in a file (`policy.json` in the role's state folder, kind
+//! "ferry-policy" v1, checksummed; docs/formats.md) so that a restart while
+//! the server is away starts on the last policy, and runs the jobs in the
+//! answer, posting each outcome back. When the server cannot be reached the
+//! role goes on replicating on its last policy; the thread logs that once a
+//! minute and tries again.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ferry_common::control::{HeartbeatReply, Job, Live, Policy};
+use ferry_common::report::RoleReport;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Setup(String),
+    /// The server could not be reached or did not answer in time.
+    #[error("configuration server {addr}: {why}")]
+    Unreachable { addr: String, why: String },
+    /// The server answered with an error.
+    #[error("configuration server: {status} {msg}")]
+    Refused { status: u16, msg: String },
+}
+
+/// How the client checks the server (and shows itself).
+#[derive(Clone, Debug)]
+pub enum Tls {
+    /// Plain HTTP: loopback only.
+    None,
+    /// HTTPS with this machine's identity folder (a role: mutual TLS).
+    Identity(PathBuf),
+    /// HTTPS checking the server against this CA certificate (PEM) only.
+    Ca(PathBuf),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    addr: String,
+    token: Option<String>,
+}
+
+fn setup(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Setup(e.to_string())
+}
+
+impl Client {
+    /// A client of the configuration server at `addr` (HOST:PORT).
+    pub fn new(addr: &str, tls: &Tls) -> Result<Client, ControlError> {
+        use ferry_identity::{tls as itls, Role};
+        let resolved = ferry_common::net::resolve("config-server", addr, false).map_err(setup)?;
+        let mut b = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .redirects(0)
+            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
+        let scheme = match tls {
+            Tls::None => {
+                if !resolved.iter().all(|a| a.ip().is_loopback()) {
+                    return Err(ControlError::Setup(format!(
+                        "--config-server {addr}: plain HTTP is for loopback only; give --identity DIR (a role) or --ca PEM (ferry ctl)"
+                    )));
+                }
+                "http"
+            }
+            Tls::Identity(dir) => {
+                let held = ferry_identity::enroll::Held::load(dir).map_err(setup)?;
+                let v = itls::PeerVerifier::new(held.trust.clone(), &[Role::ConfigServer], true);
+                b = b.tls_config(itls::client_config(Some(held.creds.clone()), v).map_err(setup)?);
+                "https"
+            }
+            Tls::Ca(pem) => {
+                let text = std::fs::read_to_string(pem).map_err(|e| setup(format!("{}: {e}", pem.display())))?;
+                let der = ferry_identity::pem_blocks(&text, "CERTIFICATE").map_err(setup)?;
+                let ca = der.into_iter().next().ok_or_else(|| setup(format!("{}: no certificate in it", pem.display())))?;
+                let trust = itls::Trust::new(ca, &[]).map_err(setup)?;
+                let v = itls::PeerVerifier::new(Arc::new(RwLock::new(trust)), &[Role::ConfigServer], true);
+                b = b.tls_config(itls::client_config(None, v).map_err(setup)?);
+                "https"
+            }
+        };
+        Ok(Client { agent: b.build(), base: format!("{scheme}://{addr}"), addr: addr.to_string(), token: None })
+    }
+
+    /// Send an API token with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token;
+        self
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `method` `path` (e.g. "/api/v1/disks") with an optional JSON body;
+    /// the answer's JSON.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ControlError> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match r {
+            Ok(resp) => {
+                let text = resp.into_string().map_err(|e| ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() })?;
+                if text.is_empty() {
+                    return Ok(Value::Null);
+                }
+                serde_json::from_str(&text).or(Ok(Value::String(text)))
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                    .unwrap_or(text);
+                Err(ControlError::Refused { status: code, msg })
+            }
+            Err(e) => Err(ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() }),
+        }
+    }
+
+    /// The body of a text endpoint (e.g. /metrics).
+    pub fn text(&self, path: &str) -> Result<String, ControlError> {
+        let mut req = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => r.into_string().map_err(|e| ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() }),
+            Err(ureq::Error::Status(code, r)) => Err(ControlError::Refused { status: code, msg: r.into_string().unwrap_or_default() }),
+            Err(e) => Err(ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() }),
+        }
+    }
+
+    /// One heartbeat.
+    pub fn heartbeat(&self, r: &RoleReport) -> Result<HeartbeatReply, ControlError> {
+        let body = serde_json::to_value(r).map_err(setup)?;
+        let v = self.call("POST", "/api/v1/heartbeat", Some(&body))?;
+        serde_json::from_value(v).map_err(|e| ControlError::Refused { status: 200, msg: format!("unreadable heartbeat answer: {e}") })
+    }
+}
+
+/// What the heartbeat thread last heard.
+#[derive(Clone, Debug, Default)]
+pub struct Heard {
+    pub reply: Option<HeartbeatReply>,
+    pub last_ok: Option<Instant>,
+    pub error: Option<String>,
+}
+
+/// A role's heartbeat thread's handle.
+#[derive(Clone)]
+pub struct Reporter {
+    heard: Arc<Mutex<Heard>>,
+}
+
+impl Reporter {
+    pub fn heard(&self) -> Heard {
+        self.heard.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+/// Runs one job: Ok(what was done) or Err(why not).
+pub type JobRunner = Arc<dyn Fn(&Job) -> Result<String, String> + Send + Sync>;
+pub type ReportFn = Arc<dyn Fn() -> RoleReport + Send + Sync>;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Cached {
+    group: Option<String>,
+    policy: Option<Policy>,
+    policy_version: i64,
+}
+
+const CACHE_KIND: &str = "ferry-policy";
+
+/// Start the heartbeat thread. `cache`: the file that keeps the last policy.
+pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<PathBuf>, jobs: Option<JobRunner>) -> Reporter {
+    let heard = Arc::new(Mutex::new(Heard::default()));
+    // The last policy first: the server may be away right now.
+    let mut applied: Option<Cached> = None;
+    if let Some(path) = &cache {
+        match ferry_common::durable::read_state::<Cached>(path, CACHE_KIND, 1) {
+            Ok(Some(c)) => {
+                log::info!("applying the last policy the configuration server gave (group {:?}, version {})", c.group, c.policy_version);
+                live.apply(c.policy.as_ref());
+                applied = Some(c);
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("{}: {e}; waiting for the configuration server's policy", path.display()),
+        }
+    }
+    let h = heard.clone();
+    let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        let mut every = Duration::from_secs(5);
+        let mut warned: Option<Instant> = None;
+        loop {
+            let started = Instant::now();
+            let r = report();
+            match client.heartbeat(&r) {
+                Ok(reply) => {
+                    if warned.take().is_some() {
+                        log::info!("configuration server {} reached again", client.addr());
+                    }
+                    every = Duration::from_secs_f64(reply.interval_s.clamp(0.2, 300.0));
+                    let now = Cached { group: reply.group.clone(), policy: reply.policy.clone(), policy_version: reply.policy_version };
+                    if applied.as_ref() != Some(&now) {
+                        match &now.group {
+                            Some(g) => log::info!("policy of group {g} version {} applied", now.policy_version),
+                            None => log::info!("in no protection group: the command line's settings apply"),
+                        }
+                        live.apply(now.policy.as_ref());
+                        if let Some(path) = &cache {
+                            if let Err(e) = ferry_common::durable::write_state(path, CACHE_KIND, 1, &now) {
+                                log::warn!("{}: keeping the policy: {e}", path.display());
+                            }
+                        }
+                        applied = Some(now);
+                    }
+                    for job in reply.jobs.clone() {
+                        run_job(&client, &jobs, job);
+                    }
+                    if let Ok(mut g) = h.lock() {
+                        g.reply = Some(reply);
+                        g.last_ok = Some(Instant::now());
+                        g.error = None;
+                    }
+                }
+                Err(e) => {
+                    if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        log::warn!("{e}; replication goes on with the last policy");
+                        warned = Some(Instant::now());
+                    }
+                    if let Ok(mut g) = h.lock() {
+                        g.error = Some(e.to_string());
+                    }
+                }
+            }
+            std::thread::sleep(every.saturating_sub(started.elapsed()));
+        }
+    });
+    Reporter { heard }
+}
+
+/// Run a job in a thread of its own and post its outcome (retried for a
+/// minute if the server is away).
+fn run_job(client: &Client, jobs: &Option<JobRunner>, job: Job) {
+    let client = client.clone();
+    let runner = jobs.clone();
+    let _ = std::thread::Builder::new().name(format!("job-{}", &job.id[..job.id.len().min(8)])).spawn(move || {
+        log::info!("job {} ({}) {}", job.id, job.kind, job.args);
+        let out = match &runner {
+            Some(f) => f(&job),
+            None => Err(format!("this role does not run {} jobs", job.kind)),
+        };
+        match &out {
+            Ok(s) => log::info!("job {} done: {s}", job.id),
+            Err(e) => log::warn!("job {} failed: {e}", job.id),
+        }
+        let body = match out {
+            Ok(s) => serde_json::json!({ "ok": true, "result": s }),
+            Err(e) => serde_json::json!({ "ok": false, "result": e }),
+        };
+        for _ in 0..12 {
+            match client.call("POST", &format!("/api/v1/jobs/{}/result", job.id), Some(&body)) {
+                Ok(_) => return,
+                Err(ControlError::Refused { msg, .. }) => {
+                    log::warn!("job {}: the outcome was refused: {msg}", job.id);
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(5)),
+            }
+        }
+        log::warn!("job {}: could not report its outcome", job.id);
+    });
+}

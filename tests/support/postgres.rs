@@ -15,6 +15,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The login role and database a test's server has.
@@ -72,8 +73,9 @@ pub fn pg_bin_dir() -> io::Result<PathBuf> {
 }
 
 impl Postgres {
-    /// initdb, start, and create the role and database. Takes about a
-    /// second.
+    /// A new cluster (a copy of this process's one `initdb`), started, with
+    /// the role and database made. About half a second; the first in a
+    /// process a second more.
     pub fn start() -> io::Result<Postgres> {
         let bin = pg_bin_dir()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -188,39 +190,16 @@ impl Postgres {
 
     /// A server program from the bin folder, as the right user.
     fn cmd(&self, prog: &str) -> Command {
-        let exe = self.bin.join(prog);
-        let mut c = match &self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        // Where the user may not read the caller's cwd (root's home).
-        c.current_dir(&self.dir).stdin(Stdio::null());
-        c
+        server_cmd(&self.bin, self.run_as.as_deref(), prog, &self.dir)
     }
 
-    fn run(&self, what: &str, c: &mut Command) -> io::Result<()> {
-        let o = c.output().map_err(|e| err(format!("{what}: {e}")))?;
-        if o.status.success() {
-            return Ok(());
-        }
-        let mut msg = String::from_utf8_lossy(&o.stderr).trim().to_string();
-        if msg.is_empty() {
-            msg = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        }
-        Err(err(format!("{what} failed ({}): {msg}", o.status)))
-    }
-
+    /// The cluster in `data/`: a copy of this process's template (one
+    /// initdb per test process, about a second saved per server).
     fn initdb(&self) -> io::Result<()> {
         let data = self.dir.join("data");
-        let mut c = self.cmd("initdb");
-        // -N: no fsync of the new files. Superuser `postgres`, reached only
-        // over the unix socket (trust); TCP needs a password (scram).
-        c.args(["-N", "-U", "postgres", "-E", "UTF8", "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256", "-D"]).arg(&data);
-        self.run("initdb", &mut c)?;
+        let template = template(&self.bin, self.run_as.as_deref())?;
+        // -a keeps the owner (postgres) and the 0700 mode the server wants.
+        run("cp", Command::new("cp").arg("-a").arg(template).arg(&data))?;
         let conf = format!(
             "\n# ferry test server\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 50\n\
@@ -244,7 +223,7 @@ impl Postgres {
         // pg_ctl's stdout would hold the test's output pipe open through the
         // server it forks: give it none.
         c.stdout(Stdio::null());
-        self.run("pg_ctl start", &mut c).map_err(|e| err(format!("{e}\n{}", tail(&self.log(), 10))))
+        run("pg_ctl start", &mut c).map_err(|e| err(format!("{e}\n{}", tail(&self.log(), 10))))
     }
 
     fn stop_mode(&mut self, mode: &str) {
@@ -297,6 +276,79 @@ impl Postgres {
         }
         Ok(())
     }
+}
+
+/// `prog` from `bin`, run as `run_as` (through runuser) if given, in `cwd`
+/// (the caller's may be unreadable to that user), no stdin.
+fn server_cmd(bin: &Path, run_as: Option<&str>, prog: &str, cwd: &Path) -> Command {
+    let exe = bin.join(prog);
+    let mut c = match run_as {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--"]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    c.current_dir(cwd).stdin(Stdio::null());
+    c
+}
+
+/// Run to completion; Err with its stderr (or stdout) on failure.
+fn run(what: &str, c: &mut Command) -> io::Result<()> {
+    let o = c.output().map_err(|e| err(format!("{what}: {e}")))?;
+    if o.status.success() {
+        return Ok(());
+    }
+    let mut msg = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    if msg.is_empty() {
+        msg = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    }
+    Err(err(format!("{what} failed ({}): {msg}", o.status)))
+}
+
+/// This process's template cluster (`initdb` once), removed at exit.
+static TEMPLATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+extern "C" fn remove_template() {
+    if let Some(dir) = TEMPLATE.get().and_then(|r| r.as_ref().ok()).and_then(|data| data.parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn template(bin: &Path, run_as: Option<&str>) -> io::Result<PathBuf> {
+    let r = TEMPLATE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ferry-pg-template-{}-{}", std::process::id(), ferry_common::now_ns()));
+        let data = dir.join("data");
+        let made = (|| {
+            std::fs::create_dir_all(&dir)?;
+            if let Some(user) = run_as {
+                let st = Command::new("chown").arg(format!("{user}:")).arg(&dir).status()?;
+                if !st.success() {
+                    return Err(err(format!("chown {} to {user} failed (is there a `{user}` user?)", dir.display())));
+                }
+            }
+            // -N: no fsync of the new files. Superuser `postgres`, reached
+            // only over the unix socket (trust); TCP needs a password (scram).
+            let mut c = server_cmd(bin, run_as, "initdb", &dir);
+            c.args(["-N", "-U", "postgres", "-E", "UTF8", "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256", "-D"])
+                .arg(&data);
+            run("initdb", &mut c)
+        })();
+        match made {
+            Ok(()) => {
+                // SAFETY: atexit with a plain extern "C" fn that takes no
+                // arguments; it only reads the initialised OnceLock.
+                unsafe { libc::atexit(remove_template) };
+                Ok(data)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e.to_string())
+            }
+        }
+    });
+    r.clone().map_err(err)
 }
 
 fn tail(s: &str, n: usize) -> String {

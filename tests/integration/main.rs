@@ -10,6 +10,7 @@ mod damage;
 mod export;
 mod failover;
 mod operate;
+mod postgres_harness;
 mod process_server;
 mod replication;
 mod retention;

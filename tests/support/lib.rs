@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod postgres;
+pub use postgres::Postgres;
+
 /// Path of the built `ferry` binary (`FERRY_BIN`, or next to the test binary).
 pub fn ferry_bin() -> PathBuf {
     if let Ok(p) = std::env::var("FERRY_BIN") {

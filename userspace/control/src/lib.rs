@@ -139,6 +139,26 @@ impl Client {
         }
     }
 
+    /// A request made with a browser-style session (cookie and CSRF token):
+    /// how `ferry ctl login` turns a password into an API token.
+    pub fn call_with_session(&self, method: &str, path: &str, session: &str, csrf: &str, body: &Value) -> Result<Value, ControlError> {
+        let req = self
+            .agent
+            .request(method, &format!("{}{path}", self.base))
+            .set("Cookie", &format!("ferry_session={session}"))
+            .set("X-CSRF-Token", csrf);
+        match req.send_json(body) {
+            Ok(resp) => {
+                let text = resp.into_string().map_err(|e| ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() })?;
+                Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                Err(ControlError::Refused { status: code, msg: resp.into_string().unwrap_or_default() })
+            }
+            Err(e) => Err(ControlError::Unreachable { addr: self.addr.clone(), why: e.to_string() }),
+        }
+    }
+
     /// The body of a text endpoint (e.g. /metrics).
     pub fn text(&self, path: &str) -> Result<String, ControlError> {
         let mut req = self.agent.get(&format!("{}{path}", self.base));

@@ -425,6 +425,10 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         identity: PathBuf,
     },
+    /// The configuration server: inventory, policies, alerts, recovery plans, REST API, website, metrics.
+    ConfigServer(control_cmd::ConfigServer),
+    /// The configuration server's API, for scripts (JSON on stdout).
+    Ctl(control_cmd::Ctl),
     /// Install ferry on a machine over SSH, enroll it, protect its disks and report their first recovery points.
     PushInstall(push::PushInstall),
 }
@@ -566,6 +570,7 @@ macro_rules! println {
     };
 }
 
+mod control_cmd;
 mod identity_cmd;
 mod push;
 
@@ -702,6 +707,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Token { cmd } => identity_cmd::token(cmd),
         Cmd::Enroll { server, token, identity } => identity_cmd::enroll(&server, &token, &identity),
         Cmd::PushInstall(a) => push::run(a),
+        Cmd::ConfigServer(a) => control_cmd::config_server(a),
+        Cmd::Ctl(a) => control_cmd::ctl(a),
         Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
         Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
         Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {
@@ -855,6 +862,7 @@ fn run(cli: Cli) -> Result<()> {
                 state,
                 once: once || verify,
                 point_every: Duration::from_secs_f64(point_every),
+                live: Default::default(),
                 freeze_cmd,
                 thaw_cmd,
                 ring_capacity,

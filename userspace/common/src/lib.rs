@@ -8,6 +8,7 @@
 //! - [`buf`]: page-aligned buffers for direct I/O.
 //! - [`net`]: command-line addresses and the listening policy.
 //! - [`report`]: what a running role says of itself (its `/metrics` and heartbeat).
+//! - [`metrics_http`]: the `/metrics` endpoint (`--metrics ADDR`).
 //! - [`health`]: OK, WARN or CRIT, as status views say it.
 //! - [`units`]: sizes and times as people read them (output), and sizes as
 //!   they write them (flags).
@@ -20,6 +21,7 @@
 pub mod buf;
 pub mod durable;
 pub mod health;
+pub mod metrics_http;
 pub mod net;
 pub mod report;
 pub mod source;

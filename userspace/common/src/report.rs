@@ -81,6 +81,35 @@ pub struct DiskReport {
     pub resync_required: bool,
 }
 
+impl RoleReport {
+    /// A report of `role` made now: this machine's host name as its name
+    /// (a caller with an identity puts the identity's name instead), this
+    /// ferry's version, no disks yet.
+    pub fn new(role: &str) -> RoleReport {
+        RoleReport {
+            role: role.into(),
+            name: host_name(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            at_unix_ms: (crate::now_ns() / 1_000_000) as i64,
+            ..Default::default()
+        }
+    }
+}
+
+/// This machine's host name (`localhost` if it cannot be read).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Wall-clock ns as Unix milliseconds (None for 0, "never").
+pub fn unix_ms(ns: u64) -> Option<i64> {
+    (ns > 0).then_some((ns / 1_000_000) as i64)
+}
+
 /// The two text formats a scraper may ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -81,7 +81,8 @@ fn every_role_serves_its_metrics() {
     std::fs::File::create(t.path("src.img")).unwrap().set_len(blocks * 4096).unwrap();
     std::fs::create_dir_all(t.path("st")).unwrap();
     let ring = Ring::create(&t.path("st").join("ring"), 1 << 16).unwrap();
-    let (mt_m, ps_m, ag_m) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (mt_m, ps_m, ag_m) =
+        (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let mt = MasterTarget::start_args(&t.path("data"), &format!("127.0.0.1:{}", free_port()), &["--metrics", &mt_m]);
     let ps = ProcessServer::start_args(&t.path("spool"), &format!("127.0.0.1:{}", free_port()), &mt.addr, "1G", &["--metrics", &ps_m]);
     let log = OpenOptions::new().create(true).append(true).open(t.path("agent.log")).unwrap();

@@ -168,7 +168,10 @@ impl RoleReport {
                 m.gauge("ferry_disk_backlog_bytes", "Bytes of changes not yet durable at the next hop.", &l, v as f64);
             }
             m.counter("ferry_disk_churn_bytes", "Bytes written to the disk.", &l, d.churn_bytes_total as f64);
-            m.counter("ferry_disk_sent_bytes", "Bytes sent on to the next hop.", &l, d.sent_bytes_total as f64);
+            // A master target has no next hop.
+            if self.role != "master-target" {
+                m.counter("ferry_disk_sent_bytes", "Bytes sent on to the next hop.", &l, d.sent_bytes_total as f64);
+            }
             if let Some(v) = d.points {
                 m.gauge("ferry_disk_points", "Recovery points (master target: held; agent: cut).", &l, v as f64);
             }

@@ -623,7 +623,8 @@ mod tests {
         assert_eq!(a.journal_max_bytes, Some(0), "keep_everything has no journal cap");
         assert!(a.journal_bytes.is_some_and(|b| b > 0), "{a:?}");
         assert_eq!((r.disks[1].points, r.disks[1].last_point_unix_ms), (Some(0), None));
-        assert!(r.metrics(ferry_common::report::Format::Prometheus).contains("ferry_disk_points{disk=\"a\"} 2\n"));
+        let text = r.metrics(ferry_common::report::Format::Prometheus);
+        assert!(text.contains("ferry_disk_points{disk=\"a\"} 2\n") && !text.contains("ferry_disk_sent_bytes"), "{text}");
     }
 
     /// `ferry retention` flags: `none` lifts each limit, and a bad value

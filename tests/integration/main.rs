@@ -9,6 +9,7 @@ mod crash;
 mod damage;
 mod export;
 mod failover;
+mod metrics;
 mod operate;
 mod postgres_harness;
 mod process_server;

@@ -119,10 +119,16 @@ impl MasterTarget {
     }
 
     pub fn start_at(data: &Path, addr: &str) -> MasterTarget {
+        Self::start_args(data, addr, &[])
+    }
+
+    /// With more flags (`--metrics` …).
+    pub fn start_args(data: &Path, addr: &str, extra: &[&str]) -> MasterTarget {
         let mut child = ferry()
             .env("RUST_LOG", "info")
             .args(["master-target", "--listen", addr, "--data"])
             .arg(data)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -463,6 +463,11 @@ impl Agent {
                 bytes_read_total: 0,
                 backlog_bytes: 0,
                 backlog_lag_s: 0.0,
+                backlog_oldest_ns: None,
+                backlog_in_bitmap: 0,
+                churn_bytes_total: 0,
+                points_cut_total: 0,
+                last_app_point: None,
             },
         };
         let generation = unhex::<16>(&st.generation)
@@ -642,9 +647,7 @@ impl Agent {
                 if let Some(i) = self.late_tags.iter().position(|&(s, _, _)| s == seq) {
                     let (_, t, kind) = self.late_tags.remove(i);
                     log::info!("recovery point {id} ({}) at seq {seq} (reached the master target)", kind.as_str());
-                    if self.st.last_point.as_ref().is_none_or(|p| p.seq < seq) {
-                        self.st.last_point = Some(LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() });
-                    }
+                    self.note_point(LastPoint { id, seq, time_ns: t, kind: kind.as_str().into() }, true);
                 }
             }
         }
@@ -657,6 +660,21 @@ impl Agent {
         // Counters move while streaming, not only when a session ends.
         self.st.bytes_sent_total = self.sent_base + self.bytes_sent_prev + sess.bytes_sent;
         self.st.bytes_read_total = self.read_base + self.bytes_read;
+    }
+
+    /// A point the master target confirmed: the newest one (and the newest
+    /// app-consistent one) and the count, for `ferry status` and /metrics.
+    /// A point that comes late (through a process server) is the newest
+    /// only if no later one came first; one just cut always is.
+    fn note_point(&mut self, p: LastPoint, late: bool) {
+        self.st.points_cut_total += 1;
+        let newer = |l: &Option<LastPoint>| !late || l.as_ref().is_none_or(|l| l.seq < p.seq);
+        if p.kind == PointKind::App.as_str() && newer(&self.st.last_app_point) {
+            self.st.last_app_point = Some(p.clone());
+        }
+        if newer(&self.st.last_point) {
+            self.st.last_point = Some(p);
+        }
     }
 
     /// Between steps of every loop: a stop asked for by a signal, a source
@@ -1039,7 +1057,7 @@ impl Agent {
                 log::warn!("cannot save the chunk map ({e}); the next pass reads the replica instead");
             }
         }
-        self.st.last_point = Some(p.clone());
+        self.note_point(p.clone(), false);
         self.note_ack(sess);
         self.st.mode = Mode::Streaming;
         self.save()?;
@@ -1223,6 +1241,7 @@ impl Agent {
                     agent.st.ring_overflows_seen = ov;
                 }
                 agent.bytes_read += step.bytes_read;
+                agent.st.churn_bytes_total += step.churn_bytes;
                 if sh.source.folds() != folds {
                     // Folded into the bitmap: what was shipped before is
                     // shipped again from there.
@@ -1341,7 +1360,11 @@ impl Agent {
             oldest = oldest.min(t);
         }
         self.st.backlog_bytes = (bytes + in_bitmap).min(self.st.size);
+        self.st.backlog_in_bitmap = in_bitmap.min(self.st.size);
         self.st.backlog_lag_s = if oldest == u64::MAX { 0.0 } else { now.saturating_sub(oldest) as f64 / 1e9 };
+        // The same moment on the wall clock, so that its age can be told
+        // later (while the agent cannot ship, it keeps growing).
+        self.st.backlog_oldest_ns = (oldest != u64::MAX).then(|| ferry_common::now_ns().saturating_sub(now.saturating_sub(oldest)));
         Ok(())
     }
 
@@ -1736,6 +1759,9 @@ impl scan::Replica for AgentSink<'_> {
             f.push((offset, offset + data.len() as u64));
             return Ok(());
         }
+        // What a pass finds changed is churn (the scan tracker finds all of
+        // it this way; other trackers, what they lost).
+        self.agent.st.churn_bytes_total += data.len() as u64;
         let mut units = self.pass.as_mut().map(|p| std::mem::take(&mut p.units)).unwrap_or_default();
         prepare(offset, data, UNIT, &mut units);
         for u in units.drain(..) {

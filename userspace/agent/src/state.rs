@@ -229,6 +229,24 @@ pub struct AgentState {
     /// Age in seconds of the oldest change in that backlog (0 when none).
     #[serde(default)]
     pub backlog_lag_s: f64,
+    /// Wall-clock ns of the oldest change in that backlog, when the
+    /// tracker timed it (its age keeps growing while the agent cannot ship).
+    #[serde(default)]
+    pub backlog_oldest_ns: Option<u64>,
+    /// The part of the backlog held in the tracker's bitmap (bpf).
+    #[serde(default)]
+    pub backlog_in_bitmap: u64,
+    /// Bytes of changes the tracker reported (or a checksum pass found),
+    /// since the protection began: the disk's churn as tracked.
+    #[serde(default)]
+    pub churn_bytes_total: u64,
+    /// Recovery points cut (confirmed by the master target) since the
+    /// protection began.
+    #[serde(default)]
+    pub points_cut_total: u64,
+    /// The newest app-consistent recovery point.
+    #[serde(default)]
+    pub last_app_point: Option<LastPoint>,
 }
 
 /// `STATE/kmod.catchup` (the kernel module source keeps it; see

@@ -230,6 +230,20 @@ pub struct AgentStatus {
     pub lag_samples: usize,
     #[serde(skip)]
     pub freeze_samples: usize,
+    /// For /metrics (not in `--json`, whose keys are fixed): the disk's
+    /// churn as tracked, the points cut, the newest app-consistent point,
+    /// the oldest change of the backlog (wall-clock ns) and the part of the
+    /// backlog in the tracker's bitmap.
+    #[serde(skip)]
+    pub churn_bytes_total: u64,
+    #[serde(skip)]
+    pub points_cut_total: u64,
+    #[serde(skip)]
+    pub last_app_point: Option<PointView>,
+    #[serde(skip)]
+    pub backlog_oldest_ns: Option<u64>,
+    #[serde(skip)]
+    pub backlog_in_bitmap: u64,
 }
 
 /// The `q` quantile (nearest rank) of `v`.
@@ -277,13 +291,7 @@ pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError
         lag_ms_p50: pct(&st.lag_ms_recent, 0.5),
         lag_ms_p99: pct(&st.lag_ms_recent, 0.99),
         last_error: st.last_error.clone(),
-        last_point: st.last_point.as_ref().map(|p| PointView {
-            id: p.id,
-            kind: p.kind.clone(),
-            seq: p.seq,
-            time: ferry_common::units::rfc3339(p.time_ns),
-            time_ns: p.time_ns,
-        }),
+        last_point: st.last_point.as_ref().map(point_view),
         mode: live.mode,
         name: st.name.clone(),
         pid: live.pid,
@@ -301,7 +309,69 @@ pub fn agent_status(state: &Path, now_ns: u64) -> Result<AgentStatus, AgentError
         ring,
         lag_samples: st.lag_ms_recent.len(),
         freeze_samples: st.freeze_ms_recent.len(),
+        churn_bytes_total: st.churn_bytes_total,
+        points_cut_total: st.points_cut_total,
+        last_app_point: st.last_app_point.as_ref().map(point_view),
+        backlog_oldest_ns: st.backlog_oldest_ns,
+        backlog_in_bitmap: st.backlog_in_bitmap,
     })
+}
+
+fn point_view(p: &crate::state::LastPoint) -> PointView {
+    PointView { id: p.id, kind: p.kind.clone(), seq: p.seq, time: ferry_common::units::rfc3339(p.time_ns), time_ns: p.time_ns }
+}
+
+/// The agent's [`RoleReport`] (its /metrics and heartbeat) at wall-clock
+/// `now_ns`, from the status view of `state` (the agent's --state folder):
+/// one disk. `name` is this machine's host name; a caller with an identity
+/// sets the identity's name (and `cert_expires_unix`).
+///
+/// The disk's `lag_ms` is the age of the oldest change not yet durable at
+/// the next hop: 0 with no backlog; the age of the backlog's oldest change
+/// where the tracker times its changes; else (the scan tracker, or changes
+/// with no time) the age of the newest point, an upper bound (everything
+/// before it is durable); none before the first point.
+pub fn report(state: &Path, now_ns: u64) -> Result<ferry_common::report::RoleReport, AgentError> {
+    use ferry_common::report::{unix_ms, DiskReport, RoleReport};
+    let s = agent_status(state, now_ns)?;
+    let mut r = RoleReport::new("agent");
+    r.at_unix_ms = unix_ms(now_ns).unwrap_or(0);
+    let since_point = s.last_point.as_ref().map(|p| now_ns.saturating_sub(p.time_ns) / 1_000_000);
+    let lag_ms = match (s.tracker, s.backlog_bytes, s.backlog_oldest_ns) {
+        (TrackerKind::Scan, _, _) => since_point,
+        (_, 0, _) if s.running && s.initial_sync_cursor.is_none() => Some(0),
+        (_, _, Some(t)) if s.running => Some(now_ns.saturating_sub(t) / 1_000_000),
+        _ => since_point,
+    };
+    let mode = match (s.tracker, s.kmod_mode) {
+        (TrackerKind::Kmod, Some(m)) => Some(m.as_str().to_string()),
+        (TrackerKind::Bpf, _) if s.backlog_in_bitmap > 0 => Some("bitmap".into()),
+        (TrackerKind::Bpf | TrackerKind::Ring, _) => Some("ring".into()),
+        _ => None,
+    };
+    let state_word = match (&s.resync_required, s.mode) {
+        (Some(_), m) if m != Mode::Resync => "resync required".to_string(),
+        (_, m) => m.as_str().to_string(),
+    };
+    r.disks.push(DiskReport {
+        name: s.name.clone(),
+        state: state_word,
+        reason: (s.health != Health::Ok).then(|| s.health_reason.clone()),
+        tracker: Some(s.tracker.as_str().into()),
+        mode,
+        lag_ms,
+        backlog_bytes: Some(s.backlog_bytes),
+        churn_bytes_total: s.churn_bytes_total,
+        sent_bytes_total: s.bytes_sent_total,
+        points: Some(s.points_cut_total),
+        last_point_unix_ms: s.last_point.as_ref().and_then(|p| unix_ms(p.time_ns)),
+        last_app_point_unix_ms: s.last_app_point.as_ref().and_then(|p| unix_ms(p.time_ns)),
+        journal_bytes: None,
+        journal_max_bytes: None,
+        resync_required: s.resync_required.is_some(),
+        recent_points: Vec::new(),
+    });
+    Ok(r)
 }
 
 /// The CLI's text of the agent's views: lines without their newline.
@@ -524,6 +594,39 @@ mod tests {
             render::status(&v).iter().any(|l| l.starts_with("bpf        0 records fell back")),
             "the bpf lines follow the tracker kind"
         );
+    }
+
+    /// The agent's report is its status view: one disk with its tracker,
+    /// counters and points; the lag of a scan is the newest point's age.
+    #[test]
+    fn the_report_is_the_status_view() {
+        let t = tempfile::tempdir().unwrap();
+        let st: AgentState = serde_json::from_value(serde_json::json!({
+            "name": "vm", "disk": "/dev/loop9", "size": 1u64 << 20, "generation": "00", "tracker": "scan",
+            "target": "127.0.0.1:7700", "acked_seq": 5, "ring_overflows_seen": 0,
+            "last_point": {"id": 2, "seq": 5, "time_ns": 1_000_000_000u64, "kind": "crash"},
+            "last_app_point": {"id": 1, "seq": 3, "time_ns": 500_000_000u64, "kind": "app"},
+            "last_ack_ns": 1_000_000_000u64, "mode": "streaming", "running": false,
+            "bytes_sent_total": 10, "bytes_read_total": 20, "churn_bytes_total": 8192, "points_cut_total": 2,
+            "resync_required": "ring overflow"
+        }))
+        .unwrap();
+        StateDir::new(t.path()).save(&st).unwrap();
+        let r = report(t.path(), 3_000_000_000).unwrap();
+        assert_eq!((r.role.as_str(), r.disks.len()), ("agent", 1));
+        let d = &r.disks[0];
+        assert_eq!((d.name.as_str(), d.state.as_str(), d.tracker.as_deref()), ("vm", "resync required", Some("scan")));
+        assert_eq!((d.churn_bytes_total, d.sent_bytes_total, d.points), (8192, 10, Some(2)));
+        assert_eq!((d.last_point_unix_ms, d.last_app_point_unix_ms, d.lag_ms), (Some(1000), Some(500), Some(2000)));
+        assert!(d.resync_required && d.reason.as_deref().is_some_and(|w| w.contains("not running")), "{d:?}");
+        // A state file from before these counters reads as zero.
+        let mut v = serde_json::to_value(&st).unwrap();
+        for k in ["churn_bytes_total", "points_cut_total", "last_app_point"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        StateDir::new(t.path()).save(&serde_json::from_value(v).unwrap()).unwrap();
+        let d = report(t.path(), 3_000_000_000).unwrap().disks.remove(0);
+        assert_eq!((d.churn_bytes_total, d.points, d.last_app_point_unix_ms), (0, Some(0), None));
     }
 
     /// An agent killed right after it took the folder's lock, before it

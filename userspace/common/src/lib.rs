@@ -9,6 +9,7 @@
 //! - [`net`]: command-line addresses and the listening policy.
 //! - [`control`]: the configuration server's heartbeat answer (policy, jobs).
 //! - [`report`]: what a running role says of itself (its `/metrics` and heartbeat).
+//! - [`metrics_http`]: the `/metrics` endpoint (`--metrics ADDR`).
 //! - [`health`]: OK, WARN or CRIT, as status views say it.
 //! - [`units`]: sizes and times as people read them (output), and sizes as
 //!   they write them (flags).
@@ -22,6 +23,7 @@ pub mod buf;
 pub mod control;
 pub mod durable;
 pub mod health;
+pub mod metrics_http;
 pub mod net;
 pub mod report;
 pub mod source;

@@ -95,8 +95,64 @@ pub struct PointInfo {
 }
 
 impl RoleReport {
-    /// The report as Prometheus/OpenMetrics text (`# EOF` at the end).
+    /// A report of `role` made now: this machine's host name as its name
+    /// (a caller with an identity puts the identity's name instead), this
+    /// ferry's version, no disks yet.
+    pub fn new(role: &str) -> RoleReport {
+        RoleReport {
+            role: role.into(),
+            name: host_name(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            at_unix_ms: (crate::now_ns() / 1_000_000) as i64,
+            ..Default::default()
+        }
+    }
+}
+
+/// This machine's host name (`localhost` if it cannot be read).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Wall-clock ns as Unix milliseconds (None for 0, "never").
+pub fn unix_ms(ns: u64) -> Option<i64> {
+    (ns > 0).then_some((ns / 1_000_000) as i64)
+}
+
+/// The two text formats a scraper may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`): what
+    /// a scraper gets unless it asks for OpenMetrics, and what `promtool
+    /// check metrics` reads. State sets and info metrics are gauges in it.
+    Prometheus,
+    /// OpenMetrics 1.0 text (`application/openmetrics-text`), ending in `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The HTTP `Content-Type` of the format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+impl RoleReport {
+    /// The report as OpenMetrics text (`# EOF` at the end).
     pub fn metrics_text(&self) -> String {
+        self.metrics(Format::OpenMetrics)
+    }
+
+    /// The report in `format`. Every family is listed in docs/operating.md
+    /// ("Metrics").
+    pub fn metrics(&self, format: Format) -> String {
         let mut m = Metrics::default();
         let role = [("role", self.role.as_str()), ("name", self.name.as_str())];
         m.gauge("ferry_up", "1 while the role runs.", &role, 1.0);
@@ -113,6 +169,11 @@ impl RoleReport {
         for d in &self.disks {
             let l = [("disk", d.name.as_str())];
             m.state_set("ferry_disk_state", "The disk's state.", &l, &d.state);
+            if d.tracker.is_some() || d.mode.is_some() {
+                let t =
+                    [("disk", d.name.as_str()), ("tracker", d.tracker.as_deref().unwrap_or("")), ("mode", d.mode.as_deref().unwrap_or(""))];
+                m.info("ferry_disk_tracker", "The agent's tracker and its mode.", &t);
+            }
             if let Some(v) = d.lag_ms {
                 m.gauge("ferry_disk_lag_seconds", "Age of the oldest change not yet durable at the next hop.", &l, v as f64 / 1000.0);
             }
@@ -120,31 +181,59 @@ impl RoleReport {
                 m.gauge("ferry_disk_backlog_bytes", "Bytes of changes not yet durable at the next hop.", &l, v as f64);
             }
             m.counter("ferry_disk_churn_bytes", "Bytes written to the disk.", &l, d.churn_bytes_total as f64);
-            m.counter("ferry_disk_sent_bytes", "Bytes sent on to the next hop.", &l, d.sent_bytes_total as f64);
+            // A master target has no next hop.
+            if self.role != "master-target" {
+                m.counter("ferry_disk_sent_bytes", "Bytes sent on to the next hop.", &l, d.sent_bytes_total as f64);
+            }
             if let Some(v) = d.points {
-                m.gauge("ferry_disk_points", "Recovery points.", &l, v as f64);
+                m.gauge("ferry_disk_points", "Recovery points (master target: held; agent: cut).", &l, v as f64);
             }
             if let Some(v) = d.last_point_unix_ms {
                 m.gauge("ferry_disk_last_point_timestamp_seconds", "Source time of the newest recovery point.", &l, v as f64 / 1000.0);
             }
+            if let Some(v) = d.last_app_point_unix_ms {
+                m.gauge(
+                    "ferry_disk_last_app_point_timestamp_seconds",
+                    "Source time of the newest app-consistent recovery point.",
+                    &l,
+                    v as f64 / 1000.0,
+                );
+            }
             if let Some(v) = d.journal_bytes {
                 m.gauge("ferry_disk_journal_bytes", "Journal bytes used.", &l, v as f64);
             }
+            if let Some(v) = d.journal_max_bytes {
+                m.gauge("ferry_disk_journal_max_bytes", "Most journal retention keeps (0: no limit).", &l, v as f64);
+            }
             m.gauge("ferry_disk_resync_required", "1 when the disk needs a resync.", &l, if d.resync_required { 1.0 } else { 0.0 });
         }
-        m.finish()
+        m.finish_as(format)
     }
 }
 
-/// An OpenMetrics text writer: each family's HELP and TYPE once, then its samples.
+/// An OpenMetrics (or Prometheus) text writer: each family's HELP and TYPE
+/// once, then its samples.
 #[derive(Default)]
 pub struct Metrics {
-    families: Vec<(String, String, &'static str, Vec<String>)>,
+    families: Vec<Family>,
+}
+
+struct Family {
+    name: String,
+    help: String,
+    kind: &'static str,
+    /// (suffix of the sample name, labels, value).
+    samples: Vec<(&'static str, String, String)>,
 }
 
 /// A label value escaped for the text format.
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// HELP text escaped (no quotes to escape there).
+fn esc_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 fn labels(l: &[(&str, &str)]) -> String {
@@ -156,54 +245,66 @@ fn labels(l: &[(&str, &str)]) -> String {
 }
 
 impl Metrics {
-    fn family(&mut self, name: &str, help: &str, kind: &'static str) -> &mut Vec<String> {
-        let i = match self.families.iter().position(|f| f.0 == name) {
+    fn push(&mut self, name: &str, help: &str, kind: &'static str, suffix: &'static str, l: &[(&str, &str)], v: f64) {
+        let i = match self.families.iter().position(|f| f.name == name) {
             Some(i) => i,
             None => {
-                self.families.push((name.to_string(), help.to_string(), kind, Vec::new()));
+                self.families.push(Family { name: name.to_string(), help: help.to_string(), kind, samples: Vec::new() });
                 self.families.len() - 1
             }
         };
-        &mut self.families[i].3
+        self.families[i].samples.push((suffix, labels(l), num(v)));
     }
 
     /// A gauge sample.
     pub fn gauge(&mut self, name: &str, help: &str, l: &[(&str, &str)], v: f64) {
-        let line = format!("{name}{} {}", labels(l), num(v));
-        self.family(name, help, "gauge").push(line);
+        self.push(name, help, "gauge", "", l, v);
     }
 
     /// A counter sample (`name` without `_total`; the sample gets it).
     pub fn counter(&mut self, name: &str, help: &str, l: &[(&str, &str)], v: f64) {
-        let line = format!("{name}_total{} {}", labels(l), num(v));
-        self.family(name, help, "counter").push(line);
+        self.push(name, help, "counter", "_total", l, v);
     }
 
     /// An info metric (`name` without `_info`).
     pub fn info(&mut self, name: &str, help: &str, l: &[(&str, &str)]) {
-        let line = format!("{name}_info{} 1", labels(l));
-        self.family(name, help, "info").push(line);
+        self.push(name, help, "info", "_info", l, 1.0);
     }
 
-    /// A state set: one sample per state seen, 1 for the current one.
+    /// A state set: one sample, 1, for the current state (the state is a
+    /// label named as the family).
     pub fn state_set(&mut self, name: &str, help: &str, l: &[(&str, &str)], state: &str) {
         let mut all: Vec<(&str, &str)> = l.to_vec();
         all.push((name, state));
-        let line = format!("{name}{} 1", labels(&all));
-        self.family(name, help, "stateset").push(line);
+        self.push(name, help, "stateset", "", &all, 1.0);
     }
 
-    /// The text, ending with `# EOF`.
+    /// The OpenMetrics text, ending with `# EOF`.
     pub fn finish(self) -> String {
+        self.finish_as(Format::OpenMetrics)
+    }
+
+    /// The text in `format`. In the Prometheus format a counter's family is
+    /// named with its `_total`, an info metric's with its `_info`, and state
+    /// sets and info metrics are gauges (the format has no such types).
+    pub fn finish_as(self, format: Format) -> String {
         let mut out = String::new();
-        for (name, help, kind, samples) in self.families {
-            out.push_str(&format!("# HELP {name} {}\n# TYPE {name} {kind}\n", esc(&help)));
-            for s in samples {
-                out.push_str(&s);
-                out.push('\n');
+        for f in self.families {
+            let (family, kind) = match (format, f.kind) {
+                (Format::OpenMetrics, k) => (f.name.clone(), k),
+                (Format::Prometheus, "counter") => (format!("{}_total", f.name), "counter"),
+                (Format::Prometheus, "info") => (format!("{}_info", f.name), "gauge"),
+                (Format::Prometheus, "stateset") => (f.name.clone(), "gauge"),
+                (Format::Prometheus, k) => (f.name.clone(), k),
+            };
+            out.push_str(&format!("# HELP {family} {}\n# TYPE {family} {kind}\n", esc_help(&f.help)));
+            for (suffix, l, v) in f.samples {
+                out.push_str(&format!("{}{suffix}{l} {v}\n", f.name));
             }
         }
-        out.push_str("# EOF\n");
+        if format == Format::OpenMetrics {
+            out.push_str("# EOF\n");
+        }
         out
     }
 }
@@ -237,5 +338,36 @@ mod tests {
         assert!(t.contains("ferry_disk_lag_seconds{disk=\"a\"} 1.5\n"), "{t}");
         assert!(t.contains("name=\"db\\\"1\""), "{t}");
         assert!(t.ends_with("# EOF\n"));
+    }
+
+    /// The Prometheus text format names counter families with `_total`,
+    /// has no state sets or info metrics (gauges instead) and no `# EOF`.
+    #[test]
+    fn the_prometheus_format_has_only_its_own_types() {
+        let r = RoleReport {
+            role: "agent".into(),
+            name: "db1".into(),
+            version: "0.1.0".into(),
+            disks: vec![DiskReport {
+                name: "a".into(),
+                state: "resync required".into(),
+                tracker: Some("bpf".into()),
+                mode: Some("ring".into()),
+                churn_bytes_total: 8192,
+                last_app_point_unix_ms: Some(1_500),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = r.metrics(Format::Prometheus);
+        assert!(!t.contains("# EOF") && !t.contains("stateset") && !t.contains(" info\n"), "{t}");
+        assert!(t.contains("# TYPE ferry_disk_churn_bytes_total counter\nferry_disk_churn_bytes_total{disk=\"a\"} 8192\n"), "{t}");
+        assert!(t.contains("# TYPE ferry_build_info gauge\nferry_build_info{version=\"0.1.0\"} 1\n"), "{t}");
+        assert!(t.contains("ferry_disk_state{disk=\"a\",ferry_disk_state=\"resync required\"} 1\n"), "{t}");
+        assert!(t.contains("ferry_disk_tracker_info{disk=\"a\",tracker=\"bpf\",mode=\"ring\"} 1\n"), "{t}");
+        assert!(t.contains("ferry_disk_last_app_point_timestamp_seconds{disk=\"a\"} 1.5\n"), "{t}");
+        let om = r.metrics(Format::OpenMetrics);
+        assert!(om.contains("# TYPE ferry_disk_churn_bytes counter\nferry_disk_churn_bytes_total{disk=\"a\"} 8192\n"), "{om}");
+        assert!(om.contains("# TYPE ferry_disk_tracker info\n"), "{om}");
     }
 }

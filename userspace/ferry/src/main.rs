@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_agent::{Options, Tracker};
+use ferry_common::report::RoleReport;
 use ferry_common::units::parse_size;
 use ferry_target::ops::{self, render};
 use ferry_target::store::recover::Format;
@@ -83,6 +84,9 @@ enum Cmd {
         /// This machine's identity (from `ferry enroll`): mutual TLS with agents of the same CA; needed to listen outside loopback.
         #[arg(long, value_name = "DIR")]
         identity: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Relay agents' streams to master targets through a durable spool (acknowledged once spooled).
     ProcessServer {
@@ -113,6 +117,9 @@ enum Cmd {
         /// Entries of the index of content each master target holds (about 200 bytes of memory each, one per 64 KiB unit; 0 turns dedup off).
         #[arg(long, value_name = "N", default_value_t = 1 << 18)]
         dedup_entries: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Protect one block device or image file.
     Agent {
@@ -172,6 +179,9 @@ enum Cmd {
         /// With --verify: send exactly the ranges that differ, then cut a point.
         #[arg(long, requires = "verify")]
         repair: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
@@ -688,6 +698,51 @@ fn process_status(addr: &str, identity: Option<&std::path::Path>, json: bool) ->
     Ok(())
 }
 
+/// `--metrics ADDR`, checked before anything starts: the listening policy
+/// of `--listen` (loopback only without an identity).
+fn metrics_addr(addr: Option<&str>, authenticated: bool) -> Result<Option<std::net::SocketAddr>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => Ok(Some(ferry_common::metrics_http::listen_addr(a, authenticated).map_err(Usage::from)?)),
+    }
+}
+
+/// Serve `report` at http://ADDR/metrics from a thread of its own.
+fn start_metrics(addr: std::net::SocketAddr, report: impl Fn() -> RoleReport + Send + Sync + 'static) -> Result<()> {
+    let bound = ferry_common::metrics_http::serve(addr, ferry_common::metrics_http::from_report(report))?;
+    log::info!("metrics at http://{bound}/metrics");
+    Ok(())
+}
+
+/// A role's report named as its identity names the machine, with the
+/// certificate's expiry (read at each report: renewals change it).
+fn with_identity(mut r: RoleReport, creds: Option<&ferry_identity::tls::Credentials>) -> RoleReport {
+    if let Some(c) = creds {
+        let id = c.identity();
+        r.name = id.name;
+        r.cert_expires_unix = Some(id.not_after);
+    }
+    r
+}
+
+/// The agent's report; before its state can be read (or if it cannot),
+/// its disk with the state `unknown` and why.
+fn agent_report(state: &std::path::Path, name: &str) -> RoleReport {
+    match ferry_agent::status::report(state, ferry_common::now_ns()) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = RoleReport::new("agent");
+            r.disks.push(ferry_common::report::DiskReport {
+                name: name.into(),
+                state: "unknown".into(),
+                reason: Some(e.to_string()),
+                ..Default::default()
+            });
+            r
+        }
+    }
+}
+
 /// A comma-separated list of addresses (`--target`, `--upstream`), each
 /// checked.
 fn split_targets(opt: &'static str, list: &str) -> Result<Vec<String>> {
@@ -711,7 +766,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ctl(a) => control_cmd::ctl(a),
         Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
         Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
-        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity, metrics } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()
                 .filter(|d| *d >= Duration::from_secs(1))
@@ -723,6 +778,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
                 None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
             };
+            let metrics = metrics_addr(metrics.as_deref(), identity.is_some())?;
             let held = identity_cmd::held(identity.as_deref(), ferry_identity::Role::MasterTarget)?;
             let rate =
                 parse_size(&scrub_rate).ok_or_else(|| anyhow::anyhow!("--scrub-rate {scrub_rate:?}: expected a size like 100M, or 0"))?;
@@ -743,10 +799,15 @@ fn run(cli: Cli) -> Result<()> {
                 None => log::info!("master target listening on {listen}, data in {}", data.display()),
             }
             let limits = ferry_target::server::Limits { idle, max_connections };
-            ferry_target::server::serve_with(l, &data, limits, held).context("serving")?;
+            let live = std::sync::Arc::new(ferry_target::server::Live::default());
+            if let Some(a) = metrics {
+                let (live, data, creds) = (std::sync::Arc::clone(&live), data.clone(), held.as_ref().map(|h| h.creds.clone()));
+                start_metrics(a, move || with_identity(ops::report(&data, &live), creds.as_deref()))?;
+            }
+            ferry_target::server::serve_live(l, &data, limits, held, live).context("serving")?;
             Ok(())
         }
-        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries } => {
+        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries, metrics } => {
             use ferry_relay::limit;
             let mut limits =
                 limit::Limits { global: limit::parse_rate(&limit).map_err(|e| Usage(format!("--limit: {e}")))?, ..Default::default() };
@@ -770,6 +831,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(_) => ferry_common::net::resolve("listen", &listen, true).map_err(Usage::from)?[0],
                 None => ferry_common::net::listen_addr("listen", &listen).map_err(Usage::from)?,
             };
+            let metrics = metrics_addr(metrics.as_deref(), identity.is_some())?;
             let held = identity_cmd::held(identity.as_deref(), ferry_identity::Role::ProcessServer)?;
             if held.is_none() {
                 for u in &upstreams {
@@ -791,7 +853,13 @@ fn run(cli: Cli) -> Result<()> {
                 upstreams.join(",")
             );
             let cfg = ferry_relay::relay::RelayConfig { spool, spool_max: max, upstreams, limits, dedup_entries };
-            ferry_relay::serve(l, cfg, held).context("serving")?;
+            let creds = held.as_ref().map(|h| h.creds.clone());
+            let ps = ferry_relay::ProcessServer::open(cfg, held).context("serving")?;
+            if let Some(a) = metrics {
+                let relay = ps.relay();
+                start_metrics(a, move || with_identity(relay.report(), creds.as_deref()))?;
+            }
+            ps.serve(l).context("serving")?;
             Ok(())
         }
         Cmd::Agent {
@@ -813,11 +881,17 @@ fn run(cli: Cli) -> Result<()> {
             verify,
             repair,
             identity,
+            metrics,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
             let targets = split_targets("target", &target)?;
+            let metrics = metrics_addr(metrics.as_deref(), identity.is_some())?;
+            let mut creds = None;
             match identity_cmd::held(identity.as_deref(), ferry_identity::Role::Agent)? {
-                Some(h) => ferry_agent::session::use_identity(h)?,
+                Some(h) => {
+                    creds = Some(h.creds.clone());
+                    ferry_agent::session::use_identity(h)?
+                }
                 None => {
                     let mut addrs = Vec::new();
                     for t in &targets {
@@ -854,6 +928,7 @@ fn run(cli: Cli) -> Result<()> {
                 TrackerArg::Ring => Tracker::Ring,
             };
             let state = state.unwrap_or_else(|| PathBuf::from("/var/lib/ferry/agent").join(&name));
+            let name_for_metrics = name.clone();
             let opts = Options {
                 disk,
                 name,
@@ -873,7 +948,12 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stderr().is_terminal(),
                 verify: verify.then_some(repair),
             };
+            let state_dir = opts.state.clone();
             let agent = ferry_agent::Agent::new(opts)?;
+            if let Some(a) = metrics {
+                let disk_name = name_for_metrics.clone();
+                start_metrics(a, move || with_identity(agent_report(&state_dir, &disk_name), creds.as_deref()))?;
+            }
             // A failed run says what it leaves attached.
             let attached = agent.left_attached();
             let s = match agent.run() {

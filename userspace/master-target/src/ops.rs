@@ -515,6 +515,68 @@ pub fn disk_status(data: &Path, name: &str) -> Result<DiskStatus, OpsError> {
     })
 }
 
+// ---------------------------------------------------------------- report
+
+/// The master target's [`RoleReport`] (its /metrics and heartbeat): every
+/// disk folder of `data`, with its points (how many, the source time of
+/// the newest and of the newest app-consistent one), its journal (bytes on
+/// disk, and retention's cap: 0 for none), the bytes applied since this
+/// process started (churn, from `live`, the server's handle) and a state:
+/// `connected` while a stream writes it, else `idle`; `failed over` and
+/// `damaged` (with why) before either. `name` is the host name; a caller
+/// with an identity puts its name (and `cert_expires_unix`).
+pub fn report(data: &Path, live: &crate::server::Live) -> ferry_common::report::RoleReport {
+    use ferry_common::report::{unix_ms, DiskReport, RoleReport};
+    use std::os::unix::fs::MetadataExt;
+    let mut r = RoleReport::new("master-target");
+    let mut names: Vec<String> =
+        std::fs::read_dir(data).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    names.retain(|n| ferry_proto::valid_name(n) && Paths::new(data, n).meta.exists());
+    names.sort();
+    for name in names {
+        let p = Paths::new(data, &name);
+        let l = live.disk(&name);
+        let (meta, damage) = match read_meta(data, &name) {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let cat = catalog::scan(&p.points).unwrap_or_default();
+        let newest_app = cat.points.iter().rev().find(|q| q.kind == PointKind::App);
+        let failover = failover_state::refuse_if_failed_over(&p, &name).err().map(|e| match e {
+            DiskError::FailedOver { why, .. } => why,
+            e => e.to_string(),
+        });
+        let cap = meta.as_ref().and_then(|m| retention::effective(&p, m.size).ok()).map(|(pol, _)| pol.journal_cap);
+        let (state, reason) = match (&damage, &failover) {
+            (Some(d), _) => ("damaged", Some(d.clone())),
+            (None, Some(f)) => ("failed over", Some(f.clone())),
+            (None, None) if l.streams > 0 => ("connected", None),
+            (None, None) => ("idle", None),
+        };
+        r.disks.push(DiskReport {
+            name,
+            state: state.into(),
+            reason,
+            churn_bytes_total: l.applied_bytes,
+            points: Some(cat.points.len() as u64),
+            last_point_unix_ms: cat.points.last().and_then(|q| unix_ms(q.time_ns)),
+            last_app_point_unix_ms: newest_app.and_then(|q| unix_ms(q.time_ns)),
+            journal_bytes: Some(std::fs::metadata(&p.journal).map(|m| m.blocks() * 512).unwrap_or(0)),
+            journal_max_bytes: cap,
+            recent_points: cat.points[cat.points.len().saturating_sub(50)..]
+                .iter()
+                .map(|q| ferry_common::report::PointInfo {
+                    id: q.id.to_string(),
+                    time_unix_ms: unix_ms(q.time_ns).unwrap_or(0),
+                    kind: q.kind.as_str().into(),
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +612,27 @@ mod tests {
             r#"[{"points":{"a":2,"b":1},"time":"1970-01-01T00:00:00.000000007Z","time_ns":7}]"#
         );
         assert_eq!(render::group_points(&g), ["1970-01-01T00:00:00.000000007Z  b=1 a=2"]);
+    }
+
+    /// The report lists every disk folder with its points, the newest
+    /// app-consistent one, its journal and retention's cap.
+    #[test]
+    fn the_report_has_every_disk_with_its_points() {
+        let t = tempfile::tempdir().unwrap();
+        disk_with_points(t.path(), "a", &[(5_000_000, PointKind::App), (7_000_000, PointKind::Crash)]);
+        disk_with_points(t.path(), "b", &[]);
+        std::fs::create_dir_all(t.path().join("not-a-disk")).unwrap();
+        let r = report(t.path(), &crate::server::Live::default());
+        assert_eq!(r.role, "master-target");
+        let names: Vec<&str> = r.disks.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let a = &r.disks[0];
+        assert_eq!((a.state.as_str(), a.points, a.last_point_unix_ms, a.last_app_point_unix_ms), ("idle", Some(2), Some(7), Some(5)));
+        assert_eq!(a.journal_max_bytes, Some(0), "keep_everything has no journal cap");
+        assert!(a.journal_bytes.is_some_and(|b| b > 0), "{a:?}");
+        assert_eq!((r.disks[1].points, r.disks[1].last_point_unix_ms), (Some(0), None));
+        let text = r.metrics(ferry_common::report::Format::Prometheus);
+        assert!(text.contains("ferry_disk_points{disk=\"a\"} 2\n") && !text.contains("ferry_disk_sent_bytes"), "{text}");
     }
 
     /// `ferry retention` flags: `none` lifts each limit, and a bad value

@@ -14,10 +14,11 @@ use ferry_link::accept::{self, Service};
 use ferry_link::server::{ServerConfig, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use ferry_link::{Fail, Op, OpenInfo, Sink, Sinks};
 use ferry_proto::{write_msg, ErrorCode, Msg};
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use ferry_link::server::IDLE_TIMEOUT;
@@ -70,6 +71,35 @@ impl Default for Limits {
     }
 }
 
+/// What the running server knows of its disks beyond their folders: the
+/// streams open on each and the bytes applied since it started (for
+/// [`crate::ops::report`]).
+#[derive(Default)]
+pub struct Live {
+    disks: Mutex<HashMap<String, LiveDisk>>,
+}
+
+/// One disk in [`Live`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveDisk {
+    /// Streams writing it now (0 or 1: the writer lock).
+    pub streams: u32,
+    /// Bytes of the disk written by applied batches (writes and zeroed
+    /// ranges), since this process started: the disk's churn as applied.
+    pub applied_bytes: u64,
+}
+
+impl Live {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, LiveDisk>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The disk as the server sees it (all zero for one it has not served).
+    pub fn disk(&self, name: &str) -> LiveDisk {
+        self.lock().get(name).copied().unwrap_or_default()
+    }
+}
+
 /// Serve forever, with the default limits.
 pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
     serve_with(listener, data, Limits::default(), None)
@@ -79,6 +109,12 @@ pub fn serve(listener: TcpListener, data: &Path) -> io::Result<()> {
 /// with an identity, every connection is mutual TLS from an agent or a
 /// process server of the same CA (docs/security.md).
 pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits, identity: Option<Held>) -> io::Result<()> {
+    serve_live(listener, data, limits, identity, Arc::new(Live::default()))
+}
+
+/// [`serve_with`], keeping what it serves in `live` (the handle its
+/// /metrics reads: [`crate::ops::report`]).
+pub fn serve_live(listener: TcpListener, data: &Path, limits: Limits, identity: Option<Held>, live: Arc<Live>) -> io::Result<()> {
     let mut cfg = ServerConfig::new(format!("ferry-master-target {}", env!("CARGO_PKG_VERSION")));
     cfg.role = "this master target".into();
     cfg.idle = limits.idle;
@@ -93,7 +129,7 @@ pub fn serve_with(listener: TcpListener, data: &Path, limits: Limits, identity: 
         None => None,
     };
     let require_identity = tls.is_some();
-    let service = Replication { disks: Disks { data: data.to_path_buf(), require_identity }, cfg, tls };
+    let service = Replication { disks: Disks { data: data.to_path_buf(), require_identity, live }, cfg, tls };
     let limits = accept::Limits { max_connections: limits.max_connections, handshake: HANDSHAKE_TIMEOUT, write: WRITE_TIMEOUT };
     accept::serve(listener, limits, Arc::new(service))
 }
@@ -156,6 +192,7 @@ struct Disks {
     data: PathBuf,
     /// Every stream comes over mutual TLS and must name its identity.
     require_identity: bool,
+    live: Arc<Live>,
 }
 
 impl Sinks for Disks {
@@ -211,7 +248,12 @@ impl Sinks for Disks {
         // between machines) and from loopback peers; agents cannot name
         // another disk's content.
         let xref = who_role.is_none_or(|r| r == Role::ProcessServer);
-        Ok((DiskSink { disk, data: self.data.clone(), xref }, OpenInfo { existed: info.existed, same_generation: info.same_generation }))
+        self.live.lock().entry(name.to_string()).or_default().streams += 1;
+        let live = Arc::clone(&self.live);
+        Ok((
+            DiskSink { disk, data: self.data.clone(), xref, live },
+            OpenInfo { existed: info.existed, same_generation: info.same_generation },
+        ))
     }
 }
 
@@ -222,6 +264,15 @@ pub struct DiskSink {
     data: PathBuf,
     /// Whether this peer may send cross-disk references (XREF).
     xref: bool,
+    live: Arc<Live>,
+}
+
+impl Drop for DiskSink {
+    fn drop(&mut self) {
+        if let Some(d) = self.live.lock().get_mut(&self.disk.name) {
+            d.streams = d.streams.saturating_sub(1);
+        }
+    }
 }
 
 impl Sink for DiskSink {
@@ -246,7 +297,16 @@ impl Sink for DiskSink {
                 }
             })
             .collect::<Result<_, Fail>>()?;
+        let bytes: u64 = ops
+            .iter()
+            .map(|op| match op {
+                disk::Op::Write { data, .. } => data.len() as u64,
+                disk::Op::Zero { len, .. } => u64::from(*len),
+                disk::Op::Tag { .. } => 0,
+            })
+            .sum();
         let points = self.disk.apply(&ops).map_err(fail)?;
+        self.live.lock().entry(self.disk.name.clone()).or_default().applied_bytes += bytes;
         Ok(points
             .into_iter()
             .map(|p| {

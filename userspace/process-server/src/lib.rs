@@ -33,27 +33,52 @@ use std::time::Duration;
 /// forwarding to `cfg.upstreams`. With an identity, agents must come over
 /// mutual TLS and the forwarders use it towards the master target.
 pub fn serve(listener: TcpListener, cfg: RelayConfig, identity: Option<Held>) -> io::Result<()> {
-    let (server_tls, client_tls) = match identity {
-        Some(held) => {
-            // Any role of the site's CA may ask for status; only agents and
-            // process servers may open a disk (Spools::open checks).
-            let v = PeerVerifier::new(held.trust.clone(), &Role::ALL, true);
-            let sconf = tls::server_config(held.creds.clone(), v).map_err(io::Error::other)?;
-            let up = PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget, Role::ProcessServer], true);
-            let cconf = tls::client_config(Some(held.creds.clone()), up).map_err(io::Error::other)?;
-            let watch = ferry_link::Watch::start(held.trust.clone());
-            held.keep_fresh(Duration::from_secs(10));
-            (Some((sconf, Arc::clone(&watch))), Some((cconf, watch)))
-        }
-        None => (None, None),
-    };
-    let relay = Relay::open(cfg, client_tls).map_err(io::Error::other)?;
-    let mut scfg = ServerConfig::new(format!("ferry-process-server {}", env!("CARGO_PKG_VERSION")));
-    scfg.role = "this process server".into();
-    scfg.idle = IDLE_TIMEOUT;
-    let service = Front { spools: Spools(relay), cfg: scfg, tls: server_tls };
-    let limits = accept::Limits { max_connections: 1024, handshake: HANDSHAKE_TIMEOUT, write: WRITE_TIMEOUT };
-    accept::serve(listener, limits, Arc::new(service))
+    ProcessServer::open(cfg, identity)?.serve(listener)
+}
+
+/// A process server opened (its spool checked, its forwarders started)
+/// and not yet serving agents: [`ProcessServer::relay`] is the handle its
+/// status and /metrics read ([`Relay::report`]).
+pub struct ProcessServer {
+    relay: Arc<Relay>,
+    front: Front,
+}
+
+impl ProcessServer {
+    /// Open the spool and start forwarding what it holds.
+    pub fn open(cfg: RelayConfig, identity: Option<Held>) -> io::Result<ProcessServer> {
+        let (server_tls, client_tls) = match identity {
+            Some(held) => {
+                // Any role of the site's CA may ask for status; only agents and
+                // process servers may open a disk (Spools::open checks).
+                let v = PeerVerifier::new(held.trust.clone(), &Role::ALL, true);
+                let sconf = tls::server_config(held.creds.clone(), v).map_err(io::Error::other)?;
+                let up = PeerVerifier::new(held.trust.clone(), &[Role::MasterTarget, Role::ProcessServer], true);
+                let cconf = tls::client_config(Some(held.creds.clone()), up).map_err(io::Error::other)?;
+                let watch = ferry_link::Watch::start(held.trust.clone());
+                held.keep_fresh(Duration::from_secs(10));
+                (Some((sconf, Arc::clone(&watch))), Some((cconf, watch)))
+            }
+            None => (None, None),
+        };
+        let relay = Relay::open(cfg, client_tls).map_err(io::Error::other)?;
+        let mut scfg = ServerConfig::new(format!("ferry-process-server {}", env!("CARGO_PKG_VERSION")));
+        scfg.role = "this process server".into();
+        scfg.idle = IDLE_TIMEOUT;
+        let front = Front { spools: Spools(Arc::clone(&relay)), cfg: scfg, tls: server_tls };
+        Ok(ProcessServer { relay, front })
+    }
+
+    /// The relay: its view, its report.
+    pub fn relay(&self) -> Arc<Relay> {
+        Arc::clone(&self.relay)
+    }
+
+    /// Serve agents on `listener` forever.
+    pub fn serve(self, listener: TcpListener) -> io::Result<()> {
+        let limits = accept::Limits { max_connections: 1024, handshake: HANDSHAKE_TIMEOUT, write: WRITE_TIMEOUT };
+        accept::serve(listener, limits, Arc::new(self.front))
+    }
 }
 
 /// The agent-facing port.

@@ -115,6 +115,9 @@ struct Inner {
     /// as spooled (the agent's compression).
     raw_in: u64,
     payload_in: u64,
+    /// Bytes of disk content the agent's frames covered (DATA, ZERO, REF):
+    /// the disk's churn as this hop sees it.
+    content_in: u64,
     /// (when, bytes sent upstream so far): the last few seconds, for the
     /// upstream rate.
     rate_log: VecDeque<(Instant, u64)>,
@@ -391,6 +394,39 @@ impl Relay {
         }
     }
 
+    /// The process server's [`RoleReport`] (its /metrics and heartbeat),
+    /// from [`Relay::view`]: the spool's use and, per disk, its state, the
+    /// bytes the master target has not acknowledged (backlog), the age of
+    /// the oldest of them (lag; 0 with none), the bytes sent upstream and
+    /// the disk content its agent's frames covered (churn), both since this process
+    /// started. `name` is the host name; a caller with an identity puts
+    /// its name (and `cert_expires_unix`).
+    pub fn report(&self) -> ferry_common::report::RoleReport {
+        use ferry_common::report::{DiskReport, RoleReport};
+        let v = self.view();
+        // (The disks' lock is let go before a slot's is taken, as view() does.)
+        let slots: Vec<Arc<Slot>> = self.lock_disks().values().cloned().collect();
+        let raw: HashMap<String, u64> = slots.iter().map(|s| (s.name.clone(), s.lock().content_in)).collect();
+        let mut r = RoleReport::new("process-server");
+        r.spool_bytes = Some(v.spool_bytes);
+        r.spool_max_bytes = Some(v.spool_max);
+        r.disks = v
+            .disks
+            .into_iter()
+            .map(|d| DiskReport {
+                churn_bytes_total: raw.get(&d.name).copied().unwrap_or(0),
+                name: d.name,
+                state: d.state,
+                reason: d.why,
+                lag_ms: Some(d.oldest_unsent_s.map_or(0, |s| (s * 1000.0) as u64)),
+                backlog_bytes: Some(d.pending_bytes),
+                sent_bytes_total: d.upstream.bytes_sent,
+                ..Default::default()
+            })
+            .collect();
+        r
+    }
+
     /// Connect to the first upstream that answers and open the disk there.
     fn connect_upstream(
         &self,
@@ -620,6 +656,7 @@ impl Sink for SpoolSink {
             std::thread::sleep(Duration::from_millis(100));
         }
         let (mut raw, mut payload) = (0u64, 0u64);
+        let content: u64 = ops.iter().filter_map(Op::range).map(|(a, b)| b - a).sum();
         for op in &ops {
             if let Op::Data { len, payload: p, .. } = op {
                 raw += u64::from(*len);
@@ -633,6 +670,7 @@ impl Sink for SpoolSink {
         sp.append(ops).map_err(|e| Fail::new(ErrorCode::Internal, e.to_string()))?;
         self.durable = sp.durable();
         g.raw_in += raw;
+        g.content_in += content;
         g.payload_in += payload;
         let d = self.durable;
         if g.unsent.len() >= 1 << 16 {

@@ -145,6 +145,9 @@ pub struct Step {
     /// Changes taken from the source.
     pub changes: usize,
     pub bytes_read: u64,
+    /// Bytes the changes taken cover (extents, zeroed ranges, payloads),
+    /// as the source reported them: the disk's churn as tracked.
+    pub churn_bytes: u64,
     /// A resync ran (why).
     pub resynced: Option<String>,
     /// Points cut (their ids).
@@ -296,6 +299,11 @@ impl<S: ChangeSource, K: Sink, R: BlockReader> Shipper<S, K, R> {
         let mut run = Vec::new();
         let mut loss = None;
         for c in b.changes {
+            match &c {
+                Change::Extent { len, .. } | Change::Zero { len, .. } => out.churn_bytes += len,
+                Change::Payload { data, .. } => out.churn_bytes += data.len() as u64,
+                Change::Marker(_) | Change::Loss(_) => {}
+            }
             match c {
                 Change::Extent { offset, len } => {
                     run.push((offset, offset.saturating_add(len)));

@@ -97,6 +97,10 @@ pub struct HeartbeatReply {
     /// Jobs for this role to run (a master target's test failovers …).
     #[serde(default)]
     pub jobs: Vec<Job>,
+    /// Process servers and master targets: the policy of each disk they
+    /// reported whose agent is in a group (retention, bandwidth).
+    #[serde(default)]
+    pub disk_policies: std::collections::BTreeMap<String, Policy>,
 }
 
 /// Work for one role: `kind` with `args`, its outcome posted back to

@@ -118,7 +118,11 @@ async fn healthz(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
 
 /// The fleet as Prometheus text: per disk its RPO, lag, backlog and state
 /// as last reported; per role when it was last heard; open alerts by kind.
-async fn metrics(State(app): State<Arc<App>>) -> ApiResult<Response> {
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {
+    use ferry_common::report::Format;
+    // Prometheus text unless the scraper asks for OpenMetrics (as every role's endpoint).
+    let om = headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+    let format = if om { Format::OpenMetrics } else { Format::Prometheus };
     let mut m = Metrics::default();
     m.gauge("ferry_up", "1 while the role runs.", &[("role", "config-server"), ("name", &app.instance)], 1.0);
     m.counter("ferry_cs_heartbeats", "Heartbeats accepted by this instance.", &[], app.counters.heartbeats.load(Ordering::Relaxed) as f64);
@@ -169,7 +173,7 @@ async fn metrics(State(app): State<Arc<App>>) -> ApiResult<Response> {
             by_kind.get(*k).copied().unwrap_or(0) as f64,
         );
     }
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.finish()).into_response())
+    Ok(([(header::CONTENT_TYPE, format.content_type())], m.finish_as(format)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -226,7 +230,19 @@ async fn heartbeat(
         None => None,
     };
     let jobs = app.db.take_jobs(&r.role, &r.name).await?;
+    let mut disk_policies = std::collections::BTreeMap::new();
+    if r.role != "agent" && !r.disks.is_empty() {
+        let (rows, machines, groups) = (app.db.disk_rows().await?, app.db.machines().await?, app.db.groups().await?);
+        for d in &r.disks {
+            let agent = rows.iter().find(|x| x.disk == d.name && x.role == "agent").map(|x| x.machine.clone());
+            let group = agent.and_then(|a| machines.iter().find(|m| m.role == "agent" && m.name == a).and_then(|m| m.group.clone()));
+            if let Some(g) = group.and_then(|g| groups.iter().find(|x| x.name == g)) {
+                disk_policies.insert(d.name.clone(), g.policy.clone());
+            }
+        }
+    }
     Ok(Json(HeartbeatReply {
+        disk_policies,
         interval_s: app.cfg.heartbeat_every.as_secs_f64(),
         group: group.as_ref().map(|g| g.name.clone()),
         policy_version: group.as_ref().map(|g| g.version).unwrap_or(0),

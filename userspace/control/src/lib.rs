@@ -202,6 +202,15 @@ impl Reporter {
 
 /// Runs one job: Ok(what was done) or Err(why not).
 pub type JobRunner = Arc<dyn Fn(&Job) -> Result<String, String> + Send + Sync>;
+/// Sees every heartbeat answer (a master target applies per-disk retention).
+pub type ReplyHook = Arc<dyn Fn(&HeartbeatReply) + Send + Sync>;
+
+/// What a role does with the answers beyond its own policy.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub jobs: Option<JobRunner>,
+    pub on_reply: Option<ReplyHook>,
+}
 pub type ReportFn = Arc<dyn Fn() -> RoleReport + Send + Sync>;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -214,7 +223,8 @@ struct Cached {
 const CACHE_KIND: &str = "ferry-policy";
 
 /// Start the heartbeat thread. `cache`: the file that keeps the last policy.
-pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<PathBuf>, jobs: Option<JobRunner>) -> Reporter {
+pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<PathBuf>, hooks: Hooks) -> Reporter {
+    let jobs = hooks.jobs.clone();
     let heard = Arc::new(Mutex::new(Heard::default()));
     // The last policy first: the server may be away right now.
     let mut applied: Option<Cached> = None;
@@ -255,6 +265,9 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
                             }
                         }
                         applied = Some(now);
+                    }
+                    if let Some(f) = &hooks.on_reply {
+                        f(&reply);
                     }
                     for job in reply.jobs.clone() {
                         run_job(&client, &jobs, job);

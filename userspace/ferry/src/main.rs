@@ -87,6 +87,9 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Report to this configuration server (HOST:PORT) and apply its policy; HTTPS with --identity.
+        #[arg(long, value_name = "ADDR")]
+        config_server: Option<String>,
     },
     /// Relay agents' streams to master targets through a durable spool (acknowledged once spooled).
     ProcessServer {
@@ -120,6 +123,9 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Report to this configuration server (HOST:PORT) and apply its policy; HTTPS with --identity.
+        #[arg(long, value_name = "ADDR")]
+        config_server: Option<String>,
     },
     /// Protect one block device or image file.
     Agent {
@@ -182,6 +188,9 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT); loopback only without --identity.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Report to this configuration server (HOST:PORT) and apply its policy; HTTPS with --identity.
+        #[arg(long, value_name = "ADDR")]
+        config_server: Option<String>,
     },
     /// (internal) Thaw filesystems if the agent that froze them dies or overruns.
     #[command(hide = true)]
@@ -581,6 +590,7 @@ macro_rules! println {
 }
 
 mod control_cmd;
+mod role_control;
 mod identity_cmd;
 mod push;
 
@@ -766,7 +776,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ctl(a) => control_cmd::ctl(a),
         Cmd::Grant { data, name, to } => identity_cmd::grant(&data, &name, &to),
         Cmd::Revoke { data, name } => identity_cmd::revoke(&data, &name),
-        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity, metrics } => {
+        Cmd::MasterTarget { listen, data, scrub_every, scrub_rate, idle_timeout, max_connections, identity, metrics, config_server } => {
             let idle = humantime::parse_duration(&idle_timeout)
                 .ok()
                 .filter(|d| *d >= Duration::from_secs(1))
@@ -804,10 +814,21 @@ fn run(cli: Cli) -> Result<()> {
                 let (live, data, creds) = (std::sync::Arc::clone(&live), data.clone(), held.as_ref().map(|h| h.creds.clone()));
                 start_metrics(a, move || with_identity(ops::report(&data, &live), creds.as_deref()))?;
             }
+            if let Some(cs) = &config_server {
+                let (l2, d2, creds) = (std::sync::Arc::clone(&live), data.clone(), held.as_ref().map(|h| h.creds.clone()));
+                role_control::start(
+                    cs,
+                    identity.as_deref(),
+                    move || with_identity(ops::report(&d2, &l2), creds.as_deref()),
+                    Default::default(),
+                    None,
+                    role_control::master_target_hooks(data.clone()),
+                )?;
+            }
             ferry_target::server::serve_live(l, &data, limits, held, live).context("serving")?;
             Ok(())
         }
-        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries, metrics } => {
+        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries, metrics, config_server } => {
             use ferry_relay::limit;
             let mut limits =
                 limit::Limits { global: limit::parse_rate(&limit).map_err(|e| Usage(format!("--limit: {e}")))?, ..Default::default() };
@@ -857,7 +878,19 @@ fn run(cli: Cli) -> Result<()> {
             let ps = ferry_relay::ProcessServer::open(cfg, held).context("serving")?;
             if let Some(a) = metrics {
                 let relay = ps.relay();
+                let creds = creds.clone();
                 start_metrics(a, move || with_identity(relay.report(), creds.as_deref()))?;
+            }
+            if let Some(cs) = &config_server {
+                let relay = ps.relay();
+                role_control::start(
+                    cs,
+                    identity.as_deref(),
+                    move || with_identity(relay.report(), creds.as_deref()),
+                    Default::default(),
+                    None,
+                    Default::default(),
+                )?;
             }
             ps.serve(l).context("serving")?;
             Ok(())
@@ -882,6 +915,7 @@ fn run(cli: Cli) -> Result<()> {
             repair,
             identity,
             metrics,
+            config_server,
         } => {
             // Before anything is opened or attached: a bad address is bad usage.
             let targets = split_targets("target", &target)?;
@@ -929,6 +963,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let state = state.unwrap_or_else(|| PathBuf::from("/var/lib/ferry/agent").join(&name));
             let name_for_metrics = name.clone();
+            let live: std::sync::Arc<ferry_common::control::Live> = Default::default();
             let opts = Options {
                 disk,
                 name,
@@ -937,7 +972,7 @@ fn run(cli: Cli) -> Result<()> {
                 state,
                 once: once || verify,
                 point_every: Duration::from_secs_f64(point_every),
-                live: Default::default(),
+                live: live.clone(),
                 freeze_cmd,
                 thaw_cmd,
                 ring_capacity,
@@ -952,7 +987,21 @@ fn run(cli: Cli) -> Result<()> {
             let agent = ferry_agent::Agent::new(opts)?;
             if let Some(a) = metrics {
                 let disk_name = name_for_metrics.clone();
+                let (state_dir, creds) = (state_dir.clone(), creds.clone());
                 start_metrics(a, move || with_identity(agent_report(&state_dir, &disk_name), creds.as_deref()))?;
+            }
+            if let Some(cs) = &config_server {
+                let disk_name = name_for_metrics.clone();
+                let cache = state_dir.join("policy.state");
+                let sd = state_dir.clone();
+                role_control::start(
+                    cs,
+                    identity.as_deref(),
+                    move || with_identity(agent_report(&sd, &disk_name), creds.as_deref()),
+                    live,
+                    Some(cache),
+                    Default::default(),
+                )?;
             }
             // A failed run says what it leaves attached.
             let attached = agent.left_attached();

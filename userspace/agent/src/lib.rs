@@ -1064,6 +1064,17 @@ impl Agent {
         Ok(p)
     }
 
+    /// The time between points now: the configuration server's policy,
+    /// else `--point-every` (a change is logged and shown in the status).
+    fn point_interval(&mut self) -> Duration {
+        let every = self.opts.live.point_every(self.opts.point_every);
+        if (self.st.point_every_s - every.as_secs_f64()).abs() > 1e-6 {
+            log::info!("{}: a recovery point every {:.1}s from now", self.st.name, every.as_secs_f64());
+            self.st.point_every_s = every.as_secs_f64();
+        }
+        every
+    }
+
     /// The scan tracker on the shipper loop: each step is a round of
     /// checksum passes ([`ScanSource`], through this agent's session as the
     /// sink's replica), then a point if the round settled (under
@@ -1107,7 +1118,7 @@ impl Agent {
                 }
                 Err(e) => return Err(e),
             }
-            let every = agent.opts.live.point_every(agent.opts.point_every);
+            let every = agent.point_interval();
             agent.pause(sess, every)?;
         }
     }
@@ -1226,12 +1237,7 @@ impl Agent {
                     // The shipper's own state too (a catch-up under way).
                     sh.resync(&why)?;
                 }
-                let a = &mut *sh.sink.agent;
-                let every = a.opts.live.point_every(a.opts.point_every);
-                if (a.st.point_every_s - every.as_secs_f64()).abs() > 1e-6 {
-                    log::info!("{}: a point every {:.1}s (policy)", a.st.name, every.as_secs_f64());
-                    a.st.point_every_s = every.as_secs_f64();
-                }
+                let every = sh.sink.agent.point_interval();
                 // A freeze that failed is tried again only after a back-off.
                 let due = (once || last_cut.elapsed() >= every) && sh.sink.agent.freeze_retry.ready();
                 let step = sh.step(due)?;

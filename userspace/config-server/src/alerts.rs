@@ -169,7 +169,7 @@ pub async fn evaluate(app: &App) -> Result<()> {
 }
 
 fn stamp(ms: i64) -> String {
-    ferry_common::units::rfc3339(ms.max(0) as u64 * 1_000_000)
+    crate::db::stamp(ms)
 }
 
 pub async fn evaluate_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {

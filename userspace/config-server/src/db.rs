@@ -927,7 +927,7 @@ impl Db {
     pub async fn run_log(&self, id: &str, line: &str, state: Option<&str>, lease_until: i64) -> Result<()> {
         let now = now_ms();
         let stamped =
-            if line.is_empty() { String::new() } else { format!("{} {line}\n", ferry_common::units::rfc3339(now as u64 * 1_000_000)) };
+            if line.is_empty() { String::new() } else { format!("{} {line}\n", stamp(now)) };
         sqlx::query(
             "UPDATE plan_runs SET log = log || $1, state = COALESCE($2, state), updated_ms = $3, owner_until_ms = $4 WHERE id = $5",
         )
@@ -945,7 +945,7 @@ impl Db {
     pub async fn interrupt_run(&self, id: &str, now: i64) -> Result<bool> {
         let line = format!(
             "{} interrupted: the configuration server instance driving it stopped; clean it up or cancel it\n",
-            ferry_common::units::rfc3339(now as u64 * 1_000_000)
+            stamp(now)
         );
         let r = sqlx::query(
             "UPDATE plan_runs SET state = 'interrupted', log = log || $1, updated_ms = $2 WHERE id = $3 AND state = 'running' AND owner_until_ms < $2",
@@ -982,6 +982,11 @@ async fn queue_event(tx: &mut sqlx::Transaction<'_, sqlx::Any>, event: &str, a: 
         .await?;
     }
     Ok(())
+}
+
+/// A log line's time: RFC 3339, UTC, milliseconds.
+pub fn stamp(ms: i64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)).to_string()
 }
 
 /// A migration file's statements (split at `;` ending a line; comments dropped).

@@ -69,6 +69,22 @@ fn apply_retention(data: &Path, applied: &Mutex<HashMap<String, String>>, r: &He
     }
 }
 
+/// This program, to start `ferry export` with: after a package upgrade
+/// replaced the file, the new one at the same path.
+fn ferry_exe() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let s = exe.to_string_lossy();
+    let p = PathBuf::from(s.trim_end_matches(" (deleted)"));
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{} is gone (replaced while running?); restart the master target", p.display()))
+    }
+}
+
 fn arg<'a>(j: &'a Job, k: &str) -> Result<&'a str, String> {
     j.args.get(k).and_then(|v| v.as_str()).ok_or_else(|| format!("job {} has no {k}", j.id))
 }
@@ -101,7 +117,7 @@ fn run_job(data: &Path, exports: &Mutex<HashMap<String, Child>>, j: &Job) -> Res
         "test-failover" => {
             let point = point_arg(data, disk, arg(j, "point").unwrap_or("latest"))?;
             let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let exe = ferry_exe()?;
             let mut child = Command::new(exe)
                 .args(["export", "--data"])
                 .arg(data)

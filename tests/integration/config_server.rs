@@ -338,7 +338,7 @@ fn alerts_reach_a_signed_webhook() {
     cs.ctl(&["webhook", &hook.url, "--secret", secret]);
     let mt = MasterTarget::start_args(&t.path("data"), &format!("127.0.0.1:{}", free_port()), &["--config-server", &cs.addr]);
     let ps_addr = format!("127.0.0.1:{}", free_port());
-    let mut ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &["--limit", "20KB"]);
+    let mut ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &[]);
     cs.ctl(&["group", "g", "--rpo", "6", "--point-every", "1"]);
     let mut a1 = agent(&t, "a1", &ps_addr, &cs.addr, &[]);
     let _a2 = agent(&t, "a2", &mt.addr, &cs.addr, &[]);
@@ -346,8 +346,14 @@ fn alerts_reach_a_signed_webhook() {
     let machines = cs.ctl(&["machines"]);
     let host = machines.as_array().unwrap().iter().find(|m| m["role"] == "agent").unwrap()["name"].as_str().unwrap().to_string();
     cs.ctl(&["assign", &format!("agent/{host}"), "g"]);
+    wait_for("a1's first points", 60, || cs.disk("a1").is_some_and(|d| d["rpo_ms"].is_number()));
+    assert!(hook.find("raised", "rpo", "a1").is_none());
 
-    // The throttled link: a1's changes trickle, its RPO grows past 6 s.
+    // The throttled link: the process server restarted with a trickle of
+    // bandwidth; a1's changes queue, its RPO grows past 6 s.
+    ps.proc.kill9();
+    drop(ps);
+    let mut ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &["--limit", "20KB"]);
     let img = t.path("a1.img");
     let writer = {
         let img = img.clone();

@@ -223,7 +223,8 @@ fn api_scenario(db: &str, t: &TempDir) {
         cs.disk("web1").is_some_and(|d| d["agent"] == "web1" && d["master_target"] == "mt1" && d["rpo_ms"].is_number())
     });
     let machines = cs.ctl(&["machines"]);
-    let roles: Vec<String> = machines.as_array().unwrap().iter().map(|m| format!("{}/{}", m["role"].as_str().unwrap(), m["name"].as_str().unwrap())).collect();
+    let roles: Vec<String> =
+        machines.as_array().unwrap().iter().map(|m| format!("{}/{}", m["role"].as_str().unwrap(), m["name"].as_str().unwrap())).collect();
     assert!(roles.contains(&"agent/web1".into()) && roles.contains(&"master-target/mt1".into()), "{roles:?}");
     let ag = machines.as_array().unwrap().iter().find(|m| m["role"] == "agent").unwrap();
     assert!(ag["report"]["cert_expires_unix"].as_i64().unwrap() > 0, "{ag}");
@@ -262,7 +263,10 @@ fn api_scenario(db: &str, t: &TempDir) {
     wait_for("replication to go on during the test failover", 30, || point_ids(&t.s("data"), "web1").len() > before);
     cs.ctl(&["run-action", &id, "cleanup"]);
     wait_run(&cs, &id, &["cleaned"], 60);
-    assert!(std::process::Command::new("nbdinfo").args(["--size", &url]).output().map(|o| !o.status.success()).unwrap_or(true), "export removed");
+    assert!(
+        std::process::Command::new("nbdinfo").args(["--size", &url]).output().map(|o| !o.status.success()).unwrap_or(true),
+        "export removed"
+    );
 
     // A failover, then cancel: the stream is refused, then resumes.
     let run = cs.ctl(&["run", "site", "--kind", "failover", "--point", "latest"]);
@@ -290,10 +294,13 @@ fn api_scenario(db: &str, t: &TempDir) {
 }
 
 fn cs_metrics(cs: &Cs) -> String {
-    let c = ferry_control::Client::new(&cs.addr, &match &cs.ca_pem {
-        Some(p) => ferry_control::Tls::Ca(p.into()),
-        None => ferry_control::Tls::None,
-    })
+    let c = ferry_control::Client::new(
+        &cs.addr,
+        &match &cs.ca_pem {
+            Some(p) => ferry_control::Tls::Ca(p.into()),
+            None => ferry_control::Tls::None,
+        },
+    )
     .unwrap();
     c.text("/metrics").unwrap()
 }
@@ -326,9 +333,9 @@ fn api_on_postgresql() {
 }
 
 /// Stop an agent: "heartbeat lost" reaches the webhook within the
-/// configured time. Throttle the link (a process server limited to a
-/// trickle while the disk changes): "rpo" is raised, and cleared once the
-/// link is free again.
+/// configured time. Throttle the link (the group's policy limits the disk
+/// to a trickle at the process server while it changes): "rpo" is raised,
+/// and cleared once the policy lifts the limit.
 #[test]
 fn alerts_reach_a_signed_webhook() {
     let t = TempDir::new("cs-alerts");
@@ -338,7 +345,7 @@ fn alerts_reach_a_signed_webhook() {
     cs.ctl(&["webhook", &hook.url, "--secret", secret]);
     let mt = MasterTarget::start_args(&t.path("data"), &format!("127.0.0.1:{}", free_port()), &["--config-server", &cs.addr]);
     let ps_addr = format!("127.0.0.1:{}", free_port());
-    let mut ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &[]);
+    let ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &["--config-server", &cs.addr]);
     cs.ctl(&["group", "g", "--rpo", "6", "--point-every", "1"]);
     let mut a1 = agent(&t, "a1", &ps_addr, &cs.addr, &[]);
     let _a2 = agent(&t, "a2", &mt.addr, &cs.addr, &[]);
@@ -349,11 +356,10 @@ fn alerts_reach_a_signed_webhook() {
     wait_for("a1's first points", 60, || cs.disk("a1").is_some_and(|d| d["rpo_ms"].is_number()));
     assert!(hook.find("raised", "rpo", "a1").is_none());
 
-    // The throttled link: the process server restarted with a trickle of
-    // bandwidth; a1's changes queue, its RPO grows past 6 s.
-    ps.proc.kill9();
-    drop(ps);
-    let mut ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &["--limit", "20KB"]);
+    // The throttled link: the group's policy gives a1's disk a trickle of
+    // bandwidth at the process server; its changes queue, its RPO grows past 6 s.
+    cs.ctl(&["group", "g", "--bandwidth", "20KB"]);
+    wait_for("the process server to apply the policy's bandwidth", 30, || ps.log().contains("bandwidth from the policies"));
     let img = t.path("a1.img");
     let writer = {
         let img = img.clone();
@@ -369,10 +375,8 @@ fn alerts_reach_a_signed_webhook() {
     assert_eq!(raised["signature_ok"], true, "{raised}");
     assert!(raised["alert"]["message"].as_str().unwrap().contains("threshold 6 s"), "{raised}");
     writer.join().unwrap();
-    // The link freed: the same spool, no limit.
-    ps.proc.kill9();
-    drop(ps);
-    let _ps = ProcessServer::start_args(&t.path("spool"), &ps_addr, &mt.addr, "1G", &[]);
+    // The link freed: the policy without a bandwidth limit.
+    cs.ctl(&["group", "g", "--bandwidth", ""]);
     wait_for("the RPO alert to clear", 120, || hook.find("cleared", "rpo", "a1").is_some());
     assert!(hook.find("raised", "rpo", "a2").is_none(), "the unthrottled disk kept its RPO");
 
@@ -434,7 +438,11 @@ fn two_instances_share_one_postgresql() {
     }
     assert!(per.values().all(|n| *n == 1), "each alert event once: {per:?}");
     let hb: Vec<_> = ev.iter().filter(|(_, v)| v["alert"]["kind"] == "heartbeat").collect();
-    assert_eq!(hb.len(), 2 * hb.iter().filter(|(_, v)| v["event"] == "raised").count(), "every raised heartbeat alert was cleared, none lost: {hb:?}");
+    assert_eq!(
+        hb.len(),
+        2 * hb.iter().filter(|(_, v)| v["event"] == "raised").count(),
+        "every raised heartbeat alert was cleared, none lost: {hb:?}"
+    );
     let _ = (mt, pg);
     a.log();
 }
@@ -463,7 +471,8 @@ fn replication_goes_on_while_the_configuration_server_is_away() {
         cs.ctl(&["call", "GET", "/api/v1/disks/d1/samples"]).as_array().is_some_and(|a| a.iter().any(|s| s["at_ms"].as_u64() > Some(up)))
     });
     let s = cs.ctl(&["call", "GET", "/api/v1/disks/d1/samples"]);
-    let during: Vec<&Value> = s.as_array().unwrap().iter().filter(|s| s["at_ms"].as_u64().is_some_and(|a| a > down + 1000 && a < up)).collect();
+    let during: Vec<&Value> =
+        s.as_array().unwrap().iter().filter(|s| s["at_ms"].as_u64().is_some_and(|a| a > down + 1000 && a < up)).collect();
     assert!(during.is_empty(), "no sample was invented for the minute away: {during:?}");
     // The agent never stopped: it logged the server away, and came back.
     let log = agent_log(&t, "d1");

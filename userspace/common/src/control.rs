@@ -77,6 +77,13 @@ impl Policy {
         if !(self.app_point_every_s == 0.0 || (self.app_point_every_s >= 1.0 && self.app_point_every_s <= 7.0 * 86400.0)) {
             return Err("app_point_every_s must be 0 (none) or between 1 and 604800".to_string());
         }
+        for (what, a) in [("process_server", &self.process_server), ("master_target", &self.master_target)] {
+            let ok = a.is_empty()
+                || a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && !h.contains(',') && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(format!("{what} {a:?}: expected HOST:PORT"));
+            }
+        }
         Ok(())
     }
 }

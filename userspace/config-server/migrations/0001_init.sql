@@ -59,6 +59,7 @@ CREATE TABLE samples (
     last_point_ms BIGINT,
     PRIMARY KEY (disk, at_ms)
 );
+CREATE INDEX samples_at ON samples (at_ms);
 
 CREATE TABLE groups (
     name TEXT PRIMARY KEY,
@@ -116,6 +117,7 @@ CREATE TABLE jobs (
     created_ms BIGINT NOT NULL,
     updated_ms BIGINT NOT NULL
 );
+CREATE INDEX jobs_for ON jobs (role, machine, state);
 
 CREATE TABLE plans (
     name TEXT PRIMARY KEY,

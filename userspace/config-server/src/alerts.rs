@@ -156,7 +156,14 @@ pub async fn evaluate(app: &App) -> Result<()> {
             }
         }
     }
+    // Only what changes touches the database: a firing condition with its
+    // alert open, or a quiet one with none, needs nothing.
+    let open: std::collections::HashSet<(String, String)> =
+        app.db.alerts(true, 1_000_000).await?.into_iter().map(|a| (a.kind, a.subject)).collect();
     for x in v {
+        if x.firing == open.contains(&(x.kind.to_string(), x.subject.clone())) {
+            continue;
+        }
         if x.firing {
             if let Some(a) = app.db.raise(x.kind, &x.subject, &x.message).await? {
                 log::warn!("alert raised: {} {}: {}", a.kind, a.subject, a.message);

@@ -224,11 +224,7 @@ async fn heartbeat(
         return Err(e.into());
     }
     app.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
-    let m = app.db.machine(&r.role, &r.name).await?;
-    let group = match m.and_then(|m| m.group) {
-        Some(g) => app.db.group(&g).await?,
-        None => None,
-    };
+    let group = app.db.group_of(&r.role, &r.name).await?;
     let jobs = app.db.take_jobs(&r.role, &r.name).await?;
     let mut disk_policies = std::collections::BTreeMap::new();
     if r.role != "agent" && !r.disks.is_empty() {

@@ -466,6 +466,32 @@ impl Db {
         Ok(self.machines().await?.into_iter().find(|m| m.role == role && m.name == name))
     }
 
+    /// A machine's protection group and that group's policy (one row each).
+    pub async fn group_of(&self, role: &str, name: &str) -> Result<Option<Group>> {
+        let r = sqlx::query("SELECT group_name FROM machines WHERE role = $1 AND name = $2")
+            .bind(role)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        let g: Option<String> = match r {
+            Some(r) => r.try_get("group_name")?,
+            None => None,
+        };
+        let Some(g) = g else { return Ok(None) };
+        let r =
+            sqlx::query("SELECT name, policy, version, updated_ms FROM groups WHERE name = $1").bind(&g).fetch_optional(&self.pool).await?;
+        r.map(|r| {
+            let p: String = r.try_get("policy")?;
+            Ok(Group {
+                name: r.try_get("name")?,
+                policy: serde_json::from_str(&p).unwrap_or_default(),
+                version: r.try_get("version")?,
+                updated_ms: r.try_get("updated_ms")?,
+            })
+        })
+        .transpose()
+    }
+
     pub async fn disk_rows(&self) -> Result<Vec<DiskRow>> {
         let rows = sqlx::query("SELECT disk, role, machine, seen_ms, report FROM disk_reports ORDER BY disk, role, machine")
             .fetch_all(&self.pool)

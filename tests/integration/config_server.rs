@@ -306,16 +306,7 @@ fn cs_metrics(cs: &Cs) -> String {
 }
 
 fn promtool_ok(text: &str) {
-    let mut p = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (scripts/install-deps)");
-    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let o = p.wait_with_output().unwrap();
-    assert!(o.status.success(), "promtool: {}{}\n{text}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    promtool_check("the configuration server", text);
     assert!(text.contains("ferry_cs_disk_rpo_seconds{disk=\""), "{text}");
 }
 

@@ -43,23 +43,8 @@ fn must(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
-/// `promtool check metrics` reads the text from stdin: it must pass.
 fn promtool(what: &str, text: &str) {
-    let mut p = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("promtool: {e} (scripts/install-deps installs it: Debian package prometheus)"));
-    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let o = p.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "{what}: promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    promtool_check(what, text);
 }
 
 /// The OpenMetrics text (asked for as Prometheus asks) has the same

@@ -825,3 +825,22 @@ pub fn tree_digest(dir: &Path) -> String {
 pub fn mkimage_bin() -> PathBuf {
     ferry_bin().with_file_name("ferry-mkimage")
 }
+
+/// `promtool check metrics` reads the text from stdin: it must pass.
+pub fn promtool_check(what: &str, text: &str) {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool: {e} (scripts/install-deps installs it: Debian package prometheus)"));
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{what}: promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -140,6 +140,23 @@ pub struct PlanRun {
     pub updated_ms: i64,
 }
 
+fn user_of(r: &AnyRow) -> Result<User> {
+    Ok(User { name: r.try_get("name")?, role: r.try_get("role")?, pw_hash: r.try_get("pw_hash")? })
+}
+
+fn delivery_of(r: &AnyRow) -> Result<Delivery> {
+    Ok(Delivery {
+        id: r.try_get("id")?,
+        webhook_id: r.try_get("webhook_id")?,
+        body: r.try_get("body")?,
+        state: r.try_get("state")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        created_ms: r.try_get("created_ms")?,
+        sent_ms: r.try_get("sent_ms")?,
+    })
+}
+
 fn alert_of(r: &AnyRow) -> Result<Alert> {
     Ok(Alert {
         id: r.try_get("id")?,
@@ -292,12 +309,12 @@ impl Db {
 
     pub async fn user(&self, name: &str) -> Result<Option<User>> {
         let r = sqlx::query("SELECT name, role, pw_hash FROM users WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
-        r.map(|r| Ok(User { name: r.try_get("name")?, role: r.try_get("role")?, pw_hash: r.try_get("pw_hash")? })).transpose()
+        r.as_ref().map(user_of).transpose()
     }
 
     pub async fn users(&self) -> Result<Vec<User>> {
         let rows = sqlx::query("SELECT name, role, pw_hash FROM users ORDER BY name").fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok(User { name: r.try_get("name")?, role: r.try_get("role")?, pw_hash: r.try_get("pw_hash")? })).collect()
+        rows.iter().map(user_of).collect()
     }
 
     pub async fn delete_user(&self, name: &str) -> Result<bool> {
@@ -329,13 +346,7 @@ impl Db {
         .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
-        r.map(|r| {
-            Ok(Session {
-                user: User { name: r.try_get("name")?, role: r.try_get("role")?, pw_hash: r.try_get("pw_hash")? },
-                csrf: r.try_get("csrf")?,
-            })
-        })
-        .transpose()
+        r.map(|r| Ok(Session { user: user_of(&r)?, csrf: r.try_get("csrf")? })).transpose()
     }
 
     pub async fn delete_session(&self, id_hash: &str) -> Result<()> {
@@ -362,7 +373,7 @@ impl Db {
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
-        r.map(|r| Ok(User { name: r.try_get("name")?, role: r.try_get("role")?, pw_hash: r.try_get("pw_hash")? })).transpose()
+        r.as_ref().map(user_of).transpose()
     }
 
     // ---- heartbeats and inventory ----
@@ -760,16 +771,7 @@ impl Db {
             return Ok(None);
         };
         Ok(Some((
-            Delivery {
-                id: r.try_get("id")?,
-                webhook_id: r.try_get("webhook_id")?,
-                body: r.try_get("body")?,
-                state: r.try_get("state")?,
-                attempts: r.try_get("attempts")?,
-                last_error: r.try_get("last_error")?,
-                created_ms: r.try_get("created_ms")?,
-                sent_ms: r.try_get("sent_ms")?,
-            },
+            delivery_of(&r)?,
             Webhook {
                 id: r.try_get("webhook_id")?,
                 url: r.try_get("url")?,
@@ -812,20 +814,7 @@ impl Db {
 
     pub async fn deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
         let rows = sqlx::query("SELECT * FROM deliveries ORDER BY created_ms DESC LIMIT $1").bind(limit).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Delivery {
-                    id: r.try_get("id")?,
-                    webhook_id: r.try_get("webhook_id")?,
-                    body: r.try_get("body")?,
-                    state: r.try_get("state")?,
-                    attempts: r.try_get("attempts")?,
-                    last_error: r.try_get("last_error")?,
-                    created_ms: r.try_get("created_ms")?,
-                    sent_ms: r.try_get("sent_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(delivery_of).collect()
     }
 
     // ---- jobs for roles ----

@@ -280,6 +280,13 @@ fn api_scenario(db: &str, t: &TempDir) {
     let n = point_ids(&t.s("data"), "web1").len();
     wait_for("replication to resume after the cancel", 60, || point_ids(&t.s("data"), "web1").len() > n);
 
+    // Every heartbeat so far was taken, and the charts have rates.
+    let m = cs_metrics(&cs);
+    assert!(m.contains("\nferry_cs_heartbeat_errors_total 0\n"), "{m}");
+    let samples = cs.ctl(&["call", "GET", "/api/v1/disks/web1/samples"]);
+    let s = samples.as_array().unwrap();
+    assert!(s.len() >= 5 && s.iter().filter(|x| x["churn_bps"].is_number() && x["rpo_ms"].is_number()).count() >= 3, "{samples}");
+
     // A role's certificate is its name: the agent cannot report as the master target.
     let c = ferry_control::Client::new(&cs.addr, &ferry_control::Tls::Identity(t.path("id-ag"))).unwrap();
     let forged = ferry_common::report::RoleReport { role: "master-target".into(), name: "mt1".into(), ..Default::default() };

@@ -1,6 +1,6 @@
 -- ferry configuration server, schema version 1.
--- One SQL text for SQLite (3.35+) and PostgreSQL (12+): TEXT, BIGINT and
--- DOUBLE PRECISION only, ids made by the server, times in Unix milliseconds.
+-- One SQL text for SQLite (3.35+) and PostgreSQL (12+): TEXT and BIGINT
+-- only, ids made by the server, times in Unix milliseconds.
 -- Applied in one transaction by db.rs; never edit a migration that shipped,
 -- add the next one.
 
@@ -54,8 +54,8 @@ CREATE TABLE samples (
     at_ms BIGINT NOT NULL,
     lag_ms BIGINT,
     rpo_ms BIGINT,
-    churn_bps DOUBLE PRECISION,
-    sent_bps DOUBLE PRECISION,
+    churn_bps BIGINT,              -- bytes a second (integers: see db.rs heartbeat)
+    sent_bps BIGINT,
     last_point_ms BIGINT,
     PRIMARY KEY (disk, at_ms)
 );

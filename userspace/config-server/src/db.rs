@@ -1,7 +1,7 @@
 //! The configuration server's storage: one [`Db`] over SQLite or PostgreSQL.
 //!
 //! Both engines run the same SQL (the subset both speak: `$N` parameters,
-//! TEXT/BIGINT/DOUBLE PRECISION, `ON CONFLICT`, partial unique indexes);
+//! TEXT and BIGINT (no floats: see `heartbeat`), `ON CONFLICT`, partial unique indexes);
 //! what differs (pragmas, the migration lock) is confined to [`Db::open`].
 //! Several instances may share one PostgreSQL database: every decision that
 //! must be taken once (raising an alert, claiming a delivery or a plan run)
@@ -442,8 +442,10 @@ impl Db {
             .bind(now)
             .bind(d.lag_ms.map(|v| v as i64))
             .bind(rpo)
-            .bind(churn)
-            .bind(sent)
+            // Integers: sqlx 0.8's Any driver binds a NULL f64 as float4 on
+            // PostgreSQL and caches that type, so a later value fails.
+            .bind(churn.map(|v: f64| v.round() as i64))
+            .bind(sent.map(|v: f64| v.round() as i64))
             .bind(d.last_point_unix_ms)
             .execute(&mut *tx)
             .await?;
@@ -535,8 +537,8 @@ impl Db {
                     at_ms: r.try_get("at_ms")?,
                     lag_ms: r.try_get("lag_ms")?,
                     rpo_ms: r.try_get("rpo_ms")?,
-                    churn_bps: r.try_get("churn_bps")?,
-                    sent_bps: r.try_get("sent_bps")?,
+                    churn_bps: r.try_get::<Option<i64>, _>("churn_bps")?.map(|v| v as f64),
+                    sent_bps: r.try_get::<Option<i64>, _>("sent_bps")?.map(|v| v as f64),
                     last_point_ms: r.try_get("last_point_ms")?,
                 })
             })

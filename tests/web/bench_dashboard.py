@@ -52,6 +52,14 @@ def main():
             out["error"] = f"login: HTTP {r.status}"
             print(json.dumps(out))
             return
+        # No dashboard yet (the website a stub): chromium refuses an empty
+        # error page (ERR_HTTP_RESPONSE_CODE_FAILURE); say the status.
+        probe = ctx.request.get(base)
+        if probe.status != 200:
+            out["status"] = probe.status
+            out["error"] = f"GET / answers HTTP {probe.status}"
+            print(json.dumps(out))
+            return
         t = {"response_end": [], "dcl": [], "load": [], "fcp": []}
         for _ in range(rounds):
             page = ctx.new_page()

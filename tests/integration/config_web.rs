@@ -228,7 +228,13 @@ fn pages_need_a_login_a_role_and_the_csrf_token() {
     let csp = r.header("content-security-policy").unwrap_or_default();
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{}", r.head);
     assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"));
-    let r = http(a, "POST", "/login", &[], Some(("application/x-www-form-urlencoded", &form(&[("user", "admin"), ("password", "wrong-password")]))));
+    let r = http(
+        a,
+        "POST",
+        "/login",
+        &[],
+        Some(("application/x-www-form-urlencoded", &form(&[("user", "admin"), ("password", "wrong-password")]))),
+    );
     assert_eq!(r.status, 401);
     assert!(r.header("set-cookie").is_none() && r.body.contains("wrong user name or password"), "{}", r.body);
 
@@ -300,7 +306,10 @@ fn pages_need_a_login_a_role_and_the_csrf_token() {
     assert!(r.body.contains("data-plan=\"web-plan\"") && r.body.contains("id=\"test-failover-web-plan\""), "{}", r.body);
 
     // A viewer: sees everything, no operator form, and a forged post is refused.
-    assert_eq!(admin.api(a, "POST", "/api/v1/users", &serde_json::json!({"name": "vera", "role": "viewer", "password": "viewer-password"})).status, 200);
+    assert_eq!(
+        admin.api(a, "POST", "/api/v1/users", &serde_json::json!({"name": "vera", "role": "viewer", "password": "viewer-password"})).status,
+        200
+    );
     let r = admin.submit(a, "/users", &[("name", "otto"), ("role", "operator"), ("password", "operator-password")]);
     assert_eq!(r.status, 303, "{}", r.body);
     let viewer = login(a, "vera", "viewer-password");
@@ -418,7 +427,14 @@ fn browser_dashboard_charts_and_a_test_failover() {
     }
     let admin = login(&cs.addr, "admin", ADMIN_PW);
     assert_eq!(
-        admin.api(&cs.addr, "POST", "/api/v1/users", &serde_json::json!({"name": "viewer1", "role": "viewer", "password": "viewer1-password"})).status,
+        admin
+            .api(
+                &cs.addr,
+                "POST",
+                "/api/v1/users",
+                &serde_json::json!({"name": "viewer1", "role": "viewer", "password": "viewer1-password"})
+            )
+            .status,
         200
     );
     // Both disks with a point at the master target, reported to the server.
@@ -426,7 +442,8 @@ fn browser_dashboard_charts_and_a_test_failover() {
         let v: serde_json::Value = serde_json::from_str(&admin.get(&cs.addr, "/api/v1/disks").body).unwrap_or_default();
         names.iter().all(|n| {
             v.as_array().is_some_and(|l| {
-                l.iter().any(|d| d["name"] == n.as_str() && d["master_target"].is_string() && d["agent"].is_string() && d["rpo_ms"].is_i64())
+                l.iter()
+                    .any(|d| d["name"] == n.as_str() && d["master_target"].is_string() && d["agent"].is_string() && d["rpo_ms"].is_i64())
             })
         })
     });

@@ -97,7 +97,13 @@ pub struct Me {
 
 impl Me {
     fn of(c: &Caller) -> Me {
-        Me { name: c.user.name.clone(), role: c.user.role.clone(), csrf: c.csrf(), operator: c.can(Level::Operator), admin: c.can(Level::Admin) }
+        Me {
+            name: c.user.name.clone(),
+            role: c.user.role.clone(),
+            csrf: c.csrf(),
+            operator: c.can(Level::Operator),
+            admin: c.can(Level::Admin),
+        }
     }
 }
 
@@ -244,9 +250,7 @@ async fn login(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Response {
     let user = field(&f, "user").to_string();
     let pw = f.get("password").cloned().unwrap_or_default();
     match auth::login(&app.db, &user, &pw).await {
-        Ok(Some((secret, _csrf))) => {
-            ([(header::SET_COOKIE, auth::session_cookie(&secret, app.tls))], Redirect::to("/")).into_response()
-        }
+        Ok(Some((secret, _csrf))) => ([(header::SET_COOKIE, auth::session_cookie(&secret, app.tls))], Redirect::to("/")).into_response(),
         Ok(None) => render(StatusCode::UNAUTHORIZED, &LoginPage { error: "wrong user name or password".into(), user }),
         Err(e) => internal(&Me::default(), e),
     }
@@ -479,7 +483,12 @@ pub fn chart(id: &str, unit: &str, samples: &[(i64, Option<f64>)], span: &Span, 
         }
     }
     for &m in marks.iter().filter(|&&m| m >= span.since && m <= span.now) {
-        let _ = write!(s, r#"<circle class="point" cx="{:.1}" cy="{base}" r="3"><title>recovery point {}</title></circle>"#, x(m), db::stamp(m));
+        let _ = write!(
+            s,
+            r#"<circle class="point" cx="{:.1}" cy="{base}" r="3"><title>recovery point {}</title></circle>"#,
+            x(m),
+            db::stamp(m)
+        );
     }
     s.push_str("</svg>");
     s
@@ -740,7 +749,12 @@ async fn run_page(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Pat
     ))
 }
 
-async fn run_action(State(app): State<Arc<App>>, headers: HeaderMap, Path((id, action)): Path<(String, String)>, Form(f): Form<Fields>) -> Page {
+async fn run_action(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    Form(f): Form<Fields>,
+) -> Page {
     let (c, me) = posting(&app, &headers, Level::Operator, &f).await?;
     let back = format!("/runs/{id}");
     crate::plans::act(&app, &id, &action, &c.user.name).await.map_err(|e| failed(&me, e, &back))?;
@@ -838,13 +852,8 @@ mod tests {
         assert_eq!(count(&svg, "class=\"point\""), 2, "{svg}");
         // No segment joins 10 s to 50 s: within a line, samples are 1 s (5.8 px) apart.
         for line in svg.split("<polyline").skip(1) {
-            let pts: Vec<f64> = line
-                .split('"')
-                .nth(3)
-                .unwrap()
-                .split(' ')
-                .map(|p| p.split(',').next().unwrap().parse::<f64>().unwrap())
-                .collect();
+            let pts: Vec<f64> =
+                line.split('"').nth(3).unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse::<f64>().unwrap()).collect();
             assert!(pts.windows(2).all(|w| w[1] - w[0] < (W - PAD_L - PAD_R) * 0.03 + 0.2), "{pts:?}");
         }
     }

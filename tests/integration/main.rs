@@ -5,6 +5,7 @@ mod backlog;
 mod bad_input;
 mod bpf;
 mod cli;
+mod config_server;
 mod config_web;
 mod crash;
 mod damage;

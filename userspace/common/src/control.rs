@@ -69,13 +69,20 @@ impl Default for Policy {
 impl Policy {
     pub fn check(&self) -> Result<(), String> {
         if self.rpo_threshold_s == 0 {
-            return Err(format!("rpo_threshold_s must be at least 1"));
+            return Err("rpo_threshold_s must be at least 1".to_string());
         }
         if !(self.point_every_s >= 1.0 && self.point_every_s <= 86400.0) {
-            return Err(format!("point_every_s must be between 1 and 86400"));
+            return Err("point_every_s must be between 1 and 86400".to_string());
         }
         if !(self.app_point_every_s == 0.0 || (self.app_point_every_s >= 1.0 && self.app_point_every_s <= 7.0 * 86400.0)) {
-            return Err(format!("app_point_every_s must be 0 (none) or between 1 and 604800"));
+            return Err("app_point_every_s must be 0 (none) or between 1 and 604800".to_string());
+        }
+        for (what, a) in [("process_server", &self.process_server), ("master_target", &self.master_target)] {
+            let ok = a.is_empty()
+                || a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && !h.contains(',') && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(format!("{what} {a:?}: expected HOST:PORT"));
+            }
         }
         Ok(())
     }

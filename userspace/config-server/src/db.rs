@@ -926,8 +926,7 @@ impl Db {
     /// Append a line to a run's log (and set its state), renewing the lease.
     pub async fn run_log(&self, id: &str, line: &str, state: Option<&str>, lease_until: i64) -> Result<()> {
         let now = now_ms();
-        let stamped =
-            if line.is_empty() { String::new() } else { format!("{} {line}\n", stamp(now)) };
+        let stamped = if line.is_empty() { String::new() } else { format!("{} {line}\n", stamp(now)) };
         sqlx::query(
             "UPDATE plan_runs SET log = log || $1, state = COALESCE($2, state), updated_ms = $3, owner_until_ms = $4 WHERE id = $5",
         )
@@ -943,10 +942,7 @@ impl Db {
 
     /// Mark a run whose driver's lease ran out as interrupted (once).
     pub async fn interrupt_run(&self, id: &str, now: i64) -> Result<bool> {
-        let line = format!(
-            "{} interrupted: the configuration server instance driving it stopped; clean it up or cancel it\n",
-            stamp(now)
-        );
+        let line = format!("{} interrupted: the configuration server instance driving it stopped; clean it up or cancel it\n", stamp(now));
         let r = sqlx::query(
             "UPDATE plan_runs SET state = 'interrupted', log = log || $1, updated_ms = $2 WHERE id = $3 AND state = 'running' AND owner_until_ms < $2",
         )

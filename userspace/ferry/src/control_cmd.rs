@@ -152,6 +152,12 @@ enum CtlCmd {
         retention: Option<String>,
         #[arg(long, value_name = "RATE")]
         bandwidth: Option<String>,
+        /// The process server the group's agents ship to, HOST:PORT ("" for none).
+        #[arg(long, value_name = "ADDR")]
+        process_server: Option<String>,
+        /// The master target the group's agents ship to (after the process server), HOST:PORT ("" for none).
+        #[arg(long, value_name = "ADDR")]
+        master_target: Option<String>,
     },
     /// Put a machine (ROLE/NAME) into a group (--none: out of every group).
     Assign {
@@ -295,7 +301,7 @@ pub fn ctl(a: Ctl) -> Result<()> {
         CtlCmd::Machines => show(&c.call("GET", "/api/v1/machines", None)?),
         CtlCmd::Alerts { all } => show(&c.call("GET", if all { "/api/v1/alerts?all=true" } else { "/api/v1/alerts" }, None)?),
         CtlCmd::Points { disk } => show(&c.call("GET", &format!("/api/v1/disks/{disk}/points"), None)?),
-        CtlCmd::Group { name, rpo, point_every, app_point_every, retention, bandwidth } => {
+        CtlCmd::Group { name, rpo, point_every, app_point_every, retention, bandwidth, process_server, master_target } => {
             let mut p = ferry_common::control::Policy::default();
             if let Some(g) =
                 c.call("GET", "/api/v1/groups", None)?.as_array().and_then(|a| a.iter().find(|g| g["name"] == name.as_str()).cloned())
@@ -316,6 +322,12 @@ pub fn ctl(a: Ctl) -> Result<()> {
             }
             if let Some(v) = bandwidth {
                 p.bandwidth = v;
+            }
+            if let Some(v) = process_server {
+                p.process_server = v;
+            }
+            if let Some(v) = master_target {
+                p.master_target = v;
             }
             show(&c.call("PUT", &format!("/api/v1/groups/{name}"), Some(&serde_json::to_value(&p)?))?);
         }

@@ -590,9 +590,9 @@ macro_rules! println {
 }
 
 mod control_cmd;
-mod role_control;
 mod identity_cmd;
 mod push;
+mod role_control;
 
 fn out_line(args: std::fmt::Arguments) {
     use std::io::Write;
@@ -828,7 +828,19 @@ fn run(cli: Cli) -> Result<()> {
             ferry_target::server::serve_live(l, &data, limits, held, live).context("serving")?;
             Ok(())
         }
-        Cmd::ProcessServer { listen, spool, spool_max, upstream, identity, limit, limit_schedule, limit_disk, dedup_entries, metrics, config_server } => {
+        Cmd::ProcessServer {
+            listen,
+            spool,
+            spool_max,
+            upstream,
+            identity,
+            limit,
+            limit_schedule,
+            limit_disk,
+            dedup_entries,
+            metrics,
+            config_server,
+        } => {
             use ferry_relay::limit;
             let mut limits =
                 limit::Limits { global: limit::parse_rate(&limit).map_err(|e| Usage(format!("--limit: {e}")))?, ..Default::default() };
@@ -889,7 +901,7 @@ fn run(cli: Cli) -> Result<()> {
                     move || with_identity(relay.report(), creds.as_deref()),
                     Default::default(),
                     None,
-                    Default::default(),
+                    role_control::process_server_hooks(ps.relay()),
                 )?;
             }
             ps.serve(l).context("serving")?;

@@ -46,6 +46,33 @@ pub fn master_target_hooks(data: PathBuf) -> Hooks {
     Hooks { jobs: Some(jobs), on_reply: Some(on_reply) }
 }
 
+/// The process server's hooks: each disk's bandwidth from its policy.
+pub fn process_server_hooks(relay: Arc<ferry_relay::relay::Relay>) -> Hooks {
+    let last: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
+    let on_reply: ReplyHook = Arc::new(move |r: &HeartbeatReply| {
+        let mut rates = HashMap::new();
+        for (disk, p) in &r.disk_policies {
+            if p.bandwidth.is_empty() {
+                continue;
+            }
+            match ferry_relay::limit::parse_rate(&p.bandwidth) {
+                Ok(Some(v)) => {
+                    rates.insert(disk.clone(), v);
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{disk}: the policy's bandwidth {:?}: {e}", p.bandwidth),
+            }
+        }
+        let Ok(mut l) = last.lock() else { return };
+        if *l != rates {
+            log::info!("bandwidth from the policies: {}", if rates.is_empty() { "none".to_string() } else { format!("{rates:?} bytes/s") });
+            relay.set_policy_rates(rates.clone());
+            *l = rates;
+        }
+    });
+    Hooks { jobs: None, on_reply: Some(on_reply) }
+}
+
 fn apply_retention(data: &Path, applied: &Mutex<HashMap<String, String>>, r: &HeartbeatReply) {
     let Ok(mut done) = applied.lock() else { return };
     for (disk, p) in &r.disk_policies {

@@ -167,6 +167,9 @@ struct State {
     /// The global rate, re-read from the schedule every second.
     rate: Rate,
     rate_at: Option<Instant>,
+    /// Per-disk rates from the configuration server's policies (a
+    /// `--limit-disk` of the same disk wins).
+    policy: HashMap<String, f64>,
 }
 
 /// The process server's limiter, shared by every forwarder.
@@ -174,6 +177,8 @@ pub struct Limiter {
     limits: Limits,
     m: Mutex<State>,
     cv: Condvar,
+    /// Some policy rate is set (read without the lock by `limits_anything`).
+    has_policy: std::sync::atomic::AtomicBool,
 }
 
 impl Limiter {
@@ -188,14 +193,32 @@ impl Limiter {
                 active: Default::default(),
                 rate: None,
                 rate_at: None,
+                policy: HashMap::new(),
             }),
             cv: Condvar::new(),
+            has_policy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Whether any limit is set at all (none: `take` returns at once).
     pub fn limits_anything(&self) -> bool {
-        self.limits.global.is_some() || !self.limits.schedule.is_empty() || !self.limits.per_disk.is_empty()
+        self.limits.global.is_some()
+            || !self.limits.schedule.is_empty()
+            || !self.limits.per_disk.is_empty()
+            || self.has_policy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The per-disk rates the configuration server's policies set (bytes a
+    /// second), replacing the previous ones.
+    pub fn set_policy_rates(&self, rates: HashMap<String, f64>) {
+        let mut st = self.m.lock().unwrap_or_else(|p| p.into_inner());
+        self.has_policy.store(!rates.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        st.policy = rates;
+        self.cv.notify_all();
+    }
+
+    fn disk_rate(&self, st: &State, disk: &str) -> Option<f64> {
+        self.limits.per_disk.get(disk).or_else(|| st.policy.get(disk)).copied()
     }
 
     /// Wait until `disk` may send `n` bytes; returns how long it waited.
@@ -227,7 +250,7 @@ impl Limiter {
             if let Some(r) = rate {
                 st.global.refill(r, now);
             }
-            let per = self.limits.per_disk.get(disk).copied();
+            let per = self.disk_rate(&st, disk);
             if let Some(r) = per {
                 st.disks.entry(disk.to_string()).or_insert_with(Bucket::new).refill(r, now);
             }
@@ -238,7 +261,7 @@ impl Limiter {
                 // A disk its own limit holds back does not block the others.
                 d != disk
                     && st.served.get(d).copied().unwrap_or(0.0) < mine
-                    && (!self.limits.per_disk.contains_key(d) || st.disks.get(d).is_some_and(|b| b.tokens >= need_d))
+                    && (self.disk_rate(&st, d).is_none() || st.disks.get(d).is_some_and(|b| b.tokens >= need_d))
             });
             let global_ok = rate.is_none() || st.global.tokens >= need;
             let own_ok = per.is_none() || st.disks.get(disk).is_some_and(|b| b.tokens >= need);
@@ -274,6 +297,26 @@ impl Limiter {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn policy_rates_apply_unless_the_command_line_names_the_disk() {
+        let mut per = HashMap::new();
+        per.insert("cli".to_string(), 1e6);
+        let l = Limiter::new(Limits { global: None, schedule: Vec::new(), per_disk: HashMap::new() });
+        assert!(!l.limits_anything());
+        l.set_policy_rates([("a".to_string(), 2e6)].into_iter().collect());
+        assert!(l.limits_anything());
+        let st = l.m.lock().unwrap();
+        assert_eq!(l.disk_rate(&st, "a"), Some(2e6));
+        assert_eq!(l.disk_rate(&st, "b"), None);
+        drop(st);
+        l.set_policy_rates(HashMap::new());
+        assert!(!l.limits_anything(), "cleared policies limit nothing");
+        let l = Limiter::new(Limits { global: None, schedule: Vec::new(), per_disk: per });
+        l.set_policy_rates([("cli".to_string(), 5e6)].into_iter().collect());
+        let st = l.m.lock().unwrap();
+        assert_eq!(l.disk_rate(&st, "cli"), Some(1e6), "--limit-disk wins");
+    }
 
     #[test]
     fn rates_and_schedules_parse_and_bad_ones_are_refused() {

@@ -401,6 +401,11 @@ impl Relay {
     /// the disk content its agent's frames covered (churn), both since this process
     /// started. `name` is the host name; a caller with an identity puts
     /// its name (and `cert_expires_unix`).
+    /// Per-disk bandwidth from the configuration server's policies.
+    pub fn set_policy_rates(&self, rates: std::collections::HashMap<String, f64>) {
+        self.limiter.set_policy_rates(rates);
+    }
+
     pub fn report(&self) -> ferry_common::report::RoleReport {
         use ferry_common::report::{DiskReport, RoleReport};
         let v = self.view();

@@ -6,6 +6,7 @@ mod bad_input;
 mod bpf;
 mod cli;
 mod config_server;
+mod config_web;
 mod crash;
 mod damage;
 mod export;

@@ -136,3 +136,5 @@ CREATE TABLE plan_runs (
     owner TEXT,                    -- instance driving it
     owner_until_ms BIGINT NOT NULL
 );
+-- One live run per plan, whichever instance starts it.
+CREATE UNIQUE INDEX plan_runs_live ON plan_runs (plan) WHERE state IN ('running', 'ready', 'failed-over');

@@ -238,7 +238,7 @@ pub async fn deliver_due(app: &App) -> Result<usize> {
         match sent {
             Ok(()) => {
                 app.counters.deliveries_sent.fetch_add(1, Ordering::Relaxed);
-                app.db.delivered(&d.id, None, None).await?;
+                app.db.delivered(&d.id, &app.instance, None, None).await?;
             }
             Err(e) => {
                 app.counters.deliveries_failed.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +250,7 @@ pub async fn deliver_due(app: &App) -> Result<usize> {
                     d.id,
                     if retry.is_some() { "; will retry" } else { "; given up" }
                 );
-                app.db.delivered(&d.id, Some(&e), retry).await?;
+                app.db.delivered(&d.id, &app.instance, Some(&e), retry).await?;
             }
         }
     }

@@ -785,7 +785,7 @@ impl Db {
 
     /// Record a delivery's outcome: sent, or due again at `retry_at_ms`
     /// (None: given up).
-    pub async fn delivered(&self, id: &str, error: Option<&str>, retry_at_ms: Option<i64>) -> Result<()> {
+    pub async fn delivered(&self, id: &str, instance: &str, error: Option<&str>, retry_at_ms: Option<i64>) -> Result<()> {
         let now = now_ms();
         match (error, retry_at_ms) {
             (None, _) => {
@@ -796,10 +796,11 @@ impl Db {
                     .await?
             }
             (Some(e), Some(at)) => {
-                sqlx::query("UPDATE deliveries SET next_ms = $1, claimed_until_ms = 0, last_error = $2 WHERE id = $3")
+                sqlx::query("UPDATE deliveries SET next_ms = $1, claimed_until_ms = 0, last_error = $2 WHERE id = $3 AND claimed_by = $4")
                     .bind(at)
                     .bind(e)
                     .bind(id)
+                    .bind(instance)
                     .execute(&self.pool)
                     .await?
             }
@@ -913,11 +914,13 @@ impl Db {
         Ok(sqlx::query("DELETE FROM plans WHERE name = $1").bind(name).execute(&self.pool).await?.rows_affected() == 1)
     }
 
-    pub async fn start_run(&self, plan: &str, kind: &str, instance: &str, lease_ms: i64) -> Result<PlanRun> {
+    /// A new run of `plan`, or None when the plan has a live run (a unique index).
+    pub async fn start_run(&self, plan: &str, kind: &str, instance: &str, lease_ms: i64) -> Result<Option<PlanRun>> {
         let now = now_ms();
         let id = new_id();
-        sqlx::query(
-            "INSERT INTO plan_runs (id, plan, kind, state, log, started_ms, updated_ms, owner, owner_until_ms) VALUES ($1, $2, $3, 'running', '', $4, $4, $5, $6)",
+        let r = sqlx::query(
+            "INSERT INTO plan_runs (id, plan, kind, state, log, started_ms, updated_ms, owner, owner_until_ms) VALUES ($1, $2, $3, 'running', '', $4, $4, $5, $6) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(&id)
         .bind(plan)
@@ -927,7 +930,30 @@ impl Db {
         .bind(now + lease_ms)
         .execute(&self.pool)
         .await?;
-        self.run(&id).await?.ok_or_else(|| anyhow!("run {id} vanished"))
+        if r.rows_affected() != 1 {
+            return Ok(None);
+        }
+        self.run(&id).await
+    }
+
+    /// Take a run over to act on it (cleanup, commit, cancel): from one of
+    /// `from` to running, driven by `instance`; false if it is in none.
+    pub async fn take_run(&self, id: &str, instance: &str, from: &[&str], line: &str, lease_until: i64) -> Result<bool> {
+        let now = now_ms();
+        let states: Vec<String> = from.iter().map(|s| format!("'{}'", s.replace('\'', ""))).collect();
+        let sql = format!(
+            "UPDATE plan_runs SET state = 'running', owner = $1, owner_until_ms = $2, updated_ms = $3, log = log || $4 WHERE id = $5 AND state IN ({})",
+            states.join(", ")
+        );
+        let r = sqlx::query(&sql)
+            .bind(instance)
+            .bind(lease_until)
+            .bind(now)
+            .bind(format!("{} {line}\n", stamp(now)))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     pub async fn run(&self, id: &str) -> Result<Option<PlanRun>> {
@@ -941,19 +967,27 @@ impl Db {
     }
 
     /// Append a line to a run's log (and set its state), renewing the lease.
-    pub async fn run_log(&self, id: &str, line: &str, state: Option<&str>, lease_until: i64) -> Result<()> {
+    /// Append to a run this instance drives (and set its state), renewing
+    /// its lease; an error once the run is no longer this instance's to
+    /// drive (another marked it interrupted or took it over).
+    pub async fn run_log(&self, id: &str, instance: &str, line: &str, state: Option<&str>, lease_until: i64) -> Result<()> {
         let now = now_ms();
         let stamped = if line.is_empty() { String::new() } else { format!("{} {line}\n", stamp(now)) };
-        sqlx::query(
-            "UPDATE plan_runs SET log = log || $1, state = COALESCE($2, state), updated_ms = $3, owner_until_ms = $4 WHERE id = $5",
+        let r = sqlx::query(
+            "UPDATE plan_runs SET log = log || $1, state = COALESCE($2, state), updated_ms = $3, owner_until_ms = $4 \
+             WHERE id = $5 AND owner = $6 AND state = 'running'",
         )
         .bind(stamped)
         .bind(state)
         .bind(now)
         .bind(lease_until)
         .bind(id)
+        .bind(instance)
         .execute(&self.pool)
         .await?;
+        if r.rows_affected() != 1 {
+            bail!("run {id} is no longer driven by this instance");
+        }
         Ok(())
     }
 

@@ -103,8 +103,21 @@ pub async fn start(app: &Arc<App>, name: &str, b: &RunBody, user: &str) -> ApiRe
             ));
         }
     }
-    let run = app.db.start_run(name, &b.kind, &app.instance, LEASE_MS).await?;
-    app.db.run_log(&run.id, &format!("{} of plan {name} to point {point} started by {user}", b.kind), None, now_ms() + LEASE_MS).await?;
+    let Some(run) = app.db.start_run(name, &b.kind, &app.instance, LEASE_MS).await? else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("plan {name} has a run that is not finished: clean it up, commit or cancel it first"),
+        ));
+    };
+    app.db
+        .run_log(
+            &run.id,
+            &app.instance,
+            &format!("{} of plan {name} to point {point} started by {user}", b.kind),
+            None,
+            now_ms() + LEASE_MS,
+        )
+        .await?;
     let (app2, id, kind) = (app.clone(), run.id.clone(), b.kind.clone());
     let plan_name = name.to_string();
     tokio::spawn(async move {
@@ -112,7 +125,7 @@ pub async fn start(app: &Arc<App>, name: &str, b: &RunBody, user: &str) -> ApiRe
             Ok(()) => (if kind == "test-failover" { "ready" } else { "failed-over" }, "every step done".to_string()),
             Err(e) => ("failed", format!("failed: {e:#}")),
         };
-        let _ = app2.db.run_log(&id, &end.1, Some(end.0), now_ms() + LEASE_MS).await;
+        let _ = app2.db.run_log(&id, &app2.instance, &end.1, Some(end.0), now_ms() + LEASE_MS).await;
     });
     Ok(app.db.run(&run.id).await?.unwrap_or(run))
 }
@@ -148,9 +161,9 @@ async fn drive(app: &App, id: &str, plan_name: &str, plan: &Plan, kind: &str, po
     for (i, s) in plan.steps.iter().enumerate() {
         let label = if s.name.is_empty() { format!("step {}", i + 1) } else { format!("step {} ({})", i + 1, s.name) };
         if let Some(cmd) = &s.pre {
-            app.db.run_log(id, &format!("{label}: pre script: {cmd}"), None, lease()).await?;
+            app.db.run_log(id, &app.instance, &format!("{label}: pre script: {cmd}"), None, lease()).await?;
             let out = script(cmd, plan_name, id, kind).await?;
-            app.db.run_log(id, &format!("{label}: pre script done{out}"), None, lease()).await?;
+            app.db.run_log(id, &app.instance, &format!("{label}: pre script done{out}"), None, lease()).await?;
         }
         let disks = step_disks(app, s).await?;
         let job_kind = if kind == "test-failover" { "test-failover" } else { "failover" };
@@ -159,15 +172,15 @@ async fn drive(app: &App, id: &str, plan_name: &str, plan: &Plan, kind: &str, po
             bail!("{label}: a disk failed (see above)");
         }
         if let Some(cmd) = &s.post {
-            app.db.run_log(id, &format!("{label}: post script: {cmd}"), None, lease()).await?;
+            app.db.run_log(id, &app.instance, &format!("{label}: post script: {cmd}"), None, lease()).await?;
             let out = script(cmd, plan_name, id, kind).await?;
-            app.db.run_log(id, &format!("{label}: post script done{out}"), None, lease()).await?;
+            app.db.run_log(id, &app.instance, &format!("{label}: post script done{out}"), None, lease()).await?;
         }
         if s.wait_s > 0.0 {
-            app.db.run_log(id, &format!("{label}: waiting {} s", s.wait_s), None, lease()).await?;
+            app.db.run_log(id, &app.instance, &format!("{label}: waiting {} s", s.wait_s), None, lease()).await?;
             tokio::time::sleep(Duration::from_secs_f64(s.wait_s)).await;
         }
-        app.db.run_log(id, &format!("{label}: done"), None, lease()).await?;
+        app.db.run_log(id, &app.instance, &format!("{label}: done"), None, lease()).await?;
     }
     Ok(())
 }
@@ -178,7 +191,13 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
     for (disk, mt) in disks {
         let j = app.db.add_job("master-target", mt, kind, &json!({ "disk": disk, "point": point, "run": run })).await?;
         app.db
-            .run_log(run, &format!("{label}: {kind} of {disk} asked of master-target/{mt} (job {})", j.id), None, now_ms() + LEASE_MS)
+            .run_log(
+                run,
+                &app.instance,
+                &format!("{label}: {kind} of {disk} asked of master-target/{mt} (job {})", j.id),
+                None,
+                now_ms() + LEASE_MS,
+            )
             .await?;
         ids.push((disk.clone(), j.id));
     }
@@ -195,6 +214,7 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
                     app.db
                         .run_log(
                             run,
+                            &app.instance,
                             &format!("{label}: {disk}: {} {}", if ok { "done:" } else { "FAILED:" }, j.result.unwrap_or_default()),
                             None,
                             now_ms() + LEASE_MS,
@@ -209,7 +229,7 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         // Keep the lease while waiting.
-        app.db.run_log(run, "", None, now_ms() + LEASE_MS).await.ok();
+        app.db.run_log(run, &app.instance, "", None, now_ms() + LEASE_MS).await.ok();
     }
     Ok(out.into_iter().map(|o| o.unwrap_or(false)).collect())
 }
@@ -258,7 +278,16 @@ pub async fn act(app: &Arc<App>, id: &str, action: &str, user: &str) -> ApiResul
             }
         }
     }
-    app.db.run_log(id, &format!("{action} started by {user}"), Some("running"), now_ms() + LEASE_MS).await?;
+    let from: &[&str] = if action == "cleanup" {
+        &["ready", "failed", "interrupted", "running"]
+    } else if action == "commit" {
+        &["failed-over"]
+    } else {
+        &["failed-over", "failed", "interrupted"]
+    };
+    if !app.db.take_run(id, &app.instance, from, &format!("{action} started by {user}"), now_ms() + LEASE_MS).await? {
+        return Err(ApiError(StatusCode::CONFLICT, format!("run {id} changed state meanwhile: {action} does not apply")));
+    }
     let (app2, id2) = (app.clone(), id.to_string());
     let action = action.to_string();
     tokio::spawn(async move {
@@ -268,7 +297,7 @@ pub async fn act(app: &Arc<App>, id: &str, action: &str, user: &str) -> ApiResul
             Ok(_) => ("failed", format!("{action}: a disk failed (see above); run {action} again")),
             Err(e) => ("failed", format!("{action} failed: {e:#}")),
         };
-        let _ = app2.db.run_log(&id2, &line, Some(state), now_ms() + LEASE_MS).await;
+        let _ = app2.db.run_log(&id2, &app2.instance, &line, Some(state), now_ms() + LEASE_MS).await;
     });
     Ok(app.db.run(id).await?.unwrap_or(r))
 }

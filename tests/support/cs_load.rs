@@ -144,6 +144,7 @@ impl Sim {
             cert_expires_unix: None,
             spool_bytes: None,
             spool_max_bytes: None,
+            jobs: Vec::new(),
             disks: vec![DiskReport {
                 name: self.disk.clone(),
                 state: "streaming".into(),

@@ -126,3 +126,18 @@ pub struct Job {
     pub created_ms: i64,
     pub updated_ms: i64,
 }
+
+/// A job as the role that holds it sees it. Every heartbeat carries the jobs
+/// the role is running and the outcomes the server has not confirmed: the
+/// server marks a job it handed out as received ("acknowledged") when it
+/// first sees it here, hands it out again when it never does (the answer
+/// that carried it was lost), and records an outcome that came this way
+/// when the role could not post it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobReport {
+    pub id: String,
+    /// running | done | failed
+    pub state: String,
+    #[serde(default)]
+    pub result: Option<String>,
+}

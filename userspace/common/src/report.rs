@@ -32,6 +32,10 @@ pub struct RoleReport {
     pub spool_max_bytes: Option<u64>,
     #[serde(default)]
     pub disks: Vec<DiskReport>,
+    /// The configuration server's jobs this role holds (heartbeats only;
+    /// not in `/metrics`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<crate::control::JobReport>,
 }
 
 /// One disk as one role sees it.

@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-pub use ferry_common::control::{Job, Policy};
+pub use ferry_common::control::{Job, JobReport, Policy};
 
 /// The migrations, in order; the version is the position (1-based).
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql"), include_str!("../migrations/0002_job_ack.sql")];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -844,37 +844,82 @@ impl Db {
         r.as_ref().map(job_of).transpose()
     }
 
-    /// The jobs queued for a machine, now marked running (handed out once).
-    pub async fn take_jobs(&self, role: &str, machine: &str) -> Result<Vec<Job>> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE role = $1 AND machine = $2 AND state = 'queued' ORDER BY created_ms")
-            .bind(role)
-            .bind(machine)
-            .fetch_all(&self.pool)
-            .await?;
+    /// The jobs for a machine: those queued, now marked running, and those
+    /// handed out at least `again_ms` ago that no heartbeat has listed since
+    /// (the answer that carried them was lost). The role runs a job once
+    /// however often it gets it. One instance hands out each time.
+    pub async fn take_jobs(&self, role: &str, machine: &str, now: i64, again_ms: i64) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE role = $1 AND machine = $2 \
+             AND (state = 'queued' OR (state = 'running' AND acked_ms IS NULL AND updated_ms <= $3)) ORDER BY created_ms",
+        )
+        .bind(role)
+        .bind(machine)
+        .bind(now - again_ms)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::new();
         for r in &rows {
             let mut j = job_of(r)?;
-            let u = sqlx::query("UPDATE jobs SET state = 'running', updated_ms = $1 WHERE id = $2 AND state = 'queued'")
-                .bind(now_ms())
-                .bind(&j.id)
-                .execute(&self.pool)
-                .await?;
+            let u = sqlx::query(
+                "UPDATE jobs SET state = 'running', updated_ms = $1 WHERE id = $2 AND state = $3 AND updated_ms = $4 AND acked_ms IS NULL",
+            )
+            .bind(now)
+            .bind(&j.id)
+            .bind(&j.state)
+            .bind(j.updated_ms)
+            .execute(&self.pool)
+            .await?;
             if u.rows_affected() == 1 {
+                if j.state == "running" {
+                    log::warn!("job {} ({}) handed out again to {role} {machine}: it never said it had it", j.id, j.kind);
+                }
                 j.state = "running".into();
+                j.updated_ms = now;
                 out.push(j);
             }
         }
         Ok(out)
     }
 
+    /// What a role's heartbeat says of the jobs it holds: a running one is
+    /// acknowledged, a finished one's outcome recorded (when not yet).
+    pub async fn job_reports(&self, role: &str, machine: &str, reports: &[JobReport], now: i64) -> Result<()> {
+        for j in reports {
+            match j.state.as_str() {
+                "running" => {
+                    sqlx::query(
+                        "UPDATE jobs SET acked_ms = $1 WHERE id = $2 AND role = $3 AND machine = $4 AND state = 'running' AND acked_ms IS NULL",
+                    )
+                    .bind(now)
+                    .bind(&j.id)
+                    .bind(role)
+                    .bind(machine)
+                    .execute(&self.pool)
+                    .await?;
+                }
+                "done" | "failed" => {
+                    let recorded = self.finish_job(&j.id, role, machine, j.state == "done", j.result.as_deref().unwrap_or("")).await?;
+                    if recorded {
+                        log::info!("job {}: its outcome came with a heartbeat", j.id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// A role's outcome of a job it ran (only the machine it was given to).
     pub async fn finish_job(&self, id: &str, role: &str, machine: &str, ok: bool, result: &str) -> Result<bool> {
+        let now = now_ms();
         let r = sqlx::query(
-            "UPDATE jobs SET state = $1, result = $2, updated_ms = $3 WHERE id = $4 AND role = $5 AND machine = $6 AND state = 'running'",
+            "UPDATE jobs SET state = $1, result = $2, updated_ms = $3, acked_ms = COALESCE(acked_ms, $3) \
+             WHERE id = $4 AND role = $5 AND machine = $6 AND state = 'running'",
         )
         .bind(if ok { "done" } else { "failed" })
         .bind(result)
-        .bind(now_ms())
+        .bind(now)
         .bind(id)
         .bind(role)
         .bind(machine)
@@ -1084,6 +1129,42 @@ mod tests {
         let s = statements(MIGRATIONS[0]);
         assert!(s.len() > 10);
         assert!(s.iter().all(|x| !x.contains("--")));
+    }
+
+    /// A job whose answer was lost (no heartbeat lists it) is handed out
+    /// again after `again_ms`, and only then; one a heartbeat acknowledged
+    /// never is; an outcome carried by a heartbeat is recorded once.
+    #[tokio::test]
+    async fn a_job_is_handed_out_again_until_a_heartbeat_acknowledges_it() {
+        let dir = std::env::temp_dir().join(format!("ferry-cs-jobs-{}-{}", std::process::id(), now_ms()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::open(&format!("sqlite:{}", dir.join("cs.db").display())).await.unwrap();
+        assert_eq!(db.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
+        let j = db.add_job("master-target", "mt1", "test-failover", &serde_json::json!({"disk": "d1"})).await.unwrap();
+        let k = db.add_job("master-target", "mt1", "test-failover", &serde_json::json!({"disk": "d2"})).await.unwrap();
+        let t = now_ms();
+        let ids = |v: Vec<Job>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t, 15_000).await.unwrap()), vec![j.id.clone(), k.id.clone()]);
+        assert!(db.take_jobs("master-target", "other", t, 15_000).await.unwrap().is_empty(), "another machine's jobs");
+        assert!(db.take_jobs("master-target", "mt1", t + 14_000, 15_000).await.unwrap().is_empty(), "handed out again too soon");
+        // The next heartbeat lists k only: j's answer was lost.
+        let running = |id: &str| JobReport { id: id.into(), state: "running".into(), result: None };
+        db.job_reports("master-target", "mt1", &[running(&k.id)], t + 5_000).await.unwrap();
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t + 15_000, 15_000).await.unwrap()), vec![j.id.clone()]);
+        assert!(db.take_jobs("master-target", "mt1", t + 20_000, 15_000).await.unwrap().is_empty());
+        db.job_reports("master-target", "mt1", &[running(&j.id), running(&k.id)], t + 21_000).await.unwrap();
+        assert!(db.take_jobs("master-target", "mt1", t + 90_000, 15_000).await.unwrap().is_empty(), "acknowledged jobs stay put");
+        // Outcomes by heartbeat; another machine cannot settle them.
+        let done = JobReport { id: k.id.clone(), state: "done".into(), result: Some("exported".into()) };
+        db.job_reports("master-target", "mt2", std::slice::from_ref(&done), t + 22_000).await.unwrap();
+        assert_eq!(db.job(&k.id).await.unwrap().unwrap().state, "running");
+        db.job_reports("master-target", "mt1", std::slice::from_ref(&done), t + 22_000).await.unwrap();
+        let got = db.job(&k.id).await.unwrap().unwrap();
+        assert_eq!((got.state.as_str(), got.result.as_deref()), ("done", Some("exported")));
+        assert!(!db.finish_job(&k.id, "master-target", "mt1", false, "late").await.unwrap(), "an outcome is recorded once");
+        assert_eq!(db.job(&k.id).await.unwrap().unwrap().result.as_deref(), Some("exported"));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ferry_common::control::{HeartbeatReply, Job, Live, Policy};
+use ferry_common::control::{HeartbeatReply, Job, JobReport, Live, Policy};
 use ferry_common::report::RoleReport;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -240,12 +240,14 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
         }
     }
     let h = heard.clone();
+    let book = JobBook::default();
     let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
         let mut every = Duration::from_secs(5);
         let mut warned: Option<Instant> = None;
         loop {
             let started = Instant::now();
-            let r = report();
+            let mut r = report();
+            r.jobs = book.reports();
             match client.heartbeat(&r) {
                 Ok(reply) => {
                     if warned.take().is_some() {
@@ -269,8 +271,14 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
                     if let Some(f) = &hooks.on_reply {
                         f(&reply);
                     }
+                    // The server has the outcomes this report carried.
+                    book.settle(r.jobs.iter().filter(|j| j.state != "running").map(|j| j.id.as_str()));
                     for job in reply.jobs.clone() {
-                        run_job(&client, &jobs, job);
+                        if book.take(&job.id) {
+                            run_job(&client, &jobs, &book, job);
+                        } else {
+                            log::info!("job {} was handed out again; it is already here", job.id);
+                        }
                     }
                     if let Ok(mut g) = h.lock() {
                         g.reply = Some(reply);
@@ -294,11 +302,75 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
     Reporter { heard }
 }
 
+/// The jobs this role was given: each runs once however often it is handed
+/// out, and each is reported in the heartbeats until the server has its
+/// outcome.
+#[derive(Clone, Default)]
+struct JobBook(Arc<Mutex<BookInner>>);
+
+#[derive(Default)]
+struct BookInner {
+    /// Jobs still to be reported, in the order they came.
+    open: Vec<JobReport>,
+    /// Every id taken, newest last (the most recent [`BOOK_IDS`]).
+    seen: std::collections::VecDeque<String>,
+}
+
+const BOOK_IDS: usize = 1024;
+/// At most this many jobs in one heartbeat (the server's limit); the rest
+/// wait for a later one.
+const REPORT_JOBS: usize = 256;
+/// An outcome longer than this is cut (the server's limit is 64 KiB).
+const RESULT_MAX: usize = 16 << 10;
+
+impl JobBook {
+    /// True the first time `id` is given: run it.
+    fn take(&self, id: &str) -> bool {
+        let Ok(mut b) = self.0.lock() else { return false };
+        if b.seen.iter().any(|x| x == id) {
+            return false;
+        }
+        if b.seen.len() >= BOOK_IDS {
+            b.seen.pop_front();
+        }
+        b.seen.push_back(id.to_string());
+        b.open.push(JobReport { id: id.to_string(), state: "running".into(), result: None });
+        true
+    }
+
+    fn finished(&self, id: &str, ok: bool, result: &str) {
+        if let Ok(mut b) = self.0.lock() {
+            if let Some(j) = b.open.iter_mut().find(|j| j.id == id) {
+                j.state = if ok { "done" } else { "failed" }.into();
+                let mut cut = result.len().min(RESULT_MAX);
+                while !result.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                j.result = Some(result[..cut].to_string());
+            }
+        }
+    }
+
+    /// The server has these outcomes: stop reporting them.
+    fn settle<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        if let Ok(mut b) = self.0.lock() {
+            for id in ids {
+                b.open.retain(|j| j.id != id || j.state == "running");
+            }
+        }
+    }
+
+    fn reports(&self) -> Vec<JobReport> {
+        self.0.lock().map(|b| b.open.iter().take(REPORT_JOBS).cloned().collect()).unwrap_or_default()
+    }
+}
+
 /// Run a job in a thread of its own and post its outcome (retried for a
-/// minute if the server is away).
-fn run_job(client: &Client, jobs: &Option<JobRunner>, job: Job) {
+/// minute if the server is away; the heartbeats carry it after that).
+fn run_job(client: &Client, jobs: &Option<JobRunner>, book: &JobBook, job: Job) {
     let client = client.clone();
     let runner = jobs.clone();
+    let book = book.clone();
     let _ = std::thread::Builder::new().name(format!("job-{}", &job.id[..job.id.len().min(8)])).spawn(move || {
         log::info!("job {} ({}) {}", job.id, job.kind, job.args);
         let out = match &runner {
@@ -309,20 +381,72 @@ fn run_job(client: &Client, jobs: &Option<JobRunner>, job: Job) {
             Ok(s) => log::info!("job {} done: {s}", job.id),
             Err(e) => log::warn!("job {} failed: {e}", job.id),
         }
-        let body = match out {
-            Ok(s) => serde_json::json!({ "ok": true, "result": s }),
-            Err(e) => serde_json::json!({ "ok": false, "result": e }),
+        let (ok, result) = match out {
+            Ok(s) => (true, s),
+            Err(e) => (false, e),
         };
+        book.finished(&job.id, ok, &result);
+        let body = serde_json::json!({ "ok": ok, "result": result });
         for _ in 0..12 {
             match client.call("POST", &format!("/api/v1/jobs/{}/result", job.id), Some(&body)) {
-                Ok(_) => return,
+                Ok(_) => return book.settle(std::iter::once(job.id.as_str())),
                 Err(ControlError::Refused { msg, .. }) => {
                     log::warn!("job {}: the outcome was refused: {msg}", job.id);
-                    return;
+                    return book.settle(std::iter::once(job.id.as_str()));
                 }
                 Err(_) => std::thread::sleep(Duration::from_secs(5)),
             }
         }
-        log::warn!("job {}: could not report its outcome", job.id);
+        log::warn!("job {}: could not post its outcome; the heartbeats carry it", job.id);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job handed out twice (its first answer seemed lost) runs once; its
+    /// outcome is reported until the server has it.
+    #[test]
+    fn a_job_runs_once_and_is_reported_until_settled() {
+        let b = JobBook::default();
+        assert!(b.take("j1"));
+        assert!(!b.take("j1"), "a job handed out again must not run twice");
+        assert_eq!(b.reports(), vec![JobReport { id: "j1".into(), state: "running".into(), result: None }]);
+        // A running job is never settled by a heartbeat's answer.
+        b.settle(std::iter::once("j1"));
+        assert_eq!(b.reports().len(), 1);
+        b.finished("j1", false, "no such disk");
+        assert_eq!(b.reports()[0].state, "failed");
+        assert_eq!(b.reports()[0].result.as_deref(), Some("no such disk"));
+        b.settle(std::iter::once("j1"));
+        assert!(b.reports().is_empty());
+        assert!(!b.take("j1"), "a settled job handed out again must not run again");
+    }
+
+    /// What a heartbeat carries stays inside the server's limits.
+    #[test]
+    fn reports_stay_inside_the_server_s_limits() {
+        let b = JobBook::default();
+        for i in 0..REPORT_JOBS + 5 {
+            assert!(b.take(&format!("j{i}")));
+        }
+        assert_eq!(b.reports().len(), REPORT_JOBS);
+        b.finished("j0", false, &"é".repeat(RESULT_MAX));
+        let r = b.reports()[0].result.clone().unwrap();
+        assert!(r.len() <= RESULT_MAX && r.starts_with('é'), "{}", r.len());
+    }
+
+    #[test]
+    fn the_book_remembers_a_bounded_number_of_ids() {
+        let b = JobBook::default();
+        for i in 0..BOOK_IDS + 10 {
+            assert!(b.take(&format!("j{i}")));
+            b.finished(&format!("j{i}"), true, "");
+            b.settle(std::iter::once(format!("j{i}").as_str()));
+        }
+        let inner = b.0.lock().unwrap();
+        assert_eq!(inner.seen.len(), BOOK_IDS);
+        assert!(inner.open.is_empty());
+    }
 }

@@ -17,8 +17,8 @@ pub struct ConfigServer {
     /// Address to listen on, HOST:PORT; loopback only without --identity.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
     listen: String,
-    /// The database: sqlite:PATH (one instance) or postgres://USER:PASSWORD@HOST:PORT/DB (several).
-    #[arg(long, value_name = "URL")]
+    /// The database: sqlite:PATH (one instance) or postgres://USER:PASSWORD@HOST:PORT/DB (several); from the environment keeps a password out of ps.
+    #[arg(long, value_name = "URL", env = "FERRY_CS_DB", hide_env_values = true)]
     db: String,
     /// Its identity (role config-server, from `ferry enroll`): HTTPS, and roles' heartbeats checked by their certificates.
     #[arg(long, value_name = "DIR")]

@@ -275,11 +275,43 @@ fn api_scenario(db: &str, t: &TempDir) {
     assert!(r["log"].as_str().unwrap().contains("failed over to point"), "{r}");
     let o = cs.ctl_as(&cs.token, &["run", "site", "--kind", "test-failover"], None);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("409"), "a second run of the plan is refused: {o:?}");
+    // The answer that carries the cancel is lost: while the master target
+    // is stopped, another client with its certificate takes that answer
+    // and drops it. The job is handed out again and runs once.
+    // SAFETY: kill(2) on the pid of a child this test owns.
+    unsafe { libc::kill(mt.proc.pid(), libc::SIGSTOP) };
     cs.ctl(&["run-action", &id, "cancel"]);
+    let thief = ferry_control::Client::new(&cs.addr, &ferry_control::Tls::Identity(t.path("id-mt"))).unwrap();
+    let me =
+        ferry_common::report::RoleReport { role: "master-target".into(), name: "mt1".into(), version: "test".into(), ..Default::default() };
+    let t0 = std::time::Instant::now();
+    let lost = loop {
+        let reply = thief.heartbeat(&me).unwrap();
+        if !reply.jobs.is_empty() {
+            break reply.jobs;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the cancel job was never handed out");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(mt.proc.pid(), libc::SIGCONT) };
+    assert_eq!(lost.len(), 1, "{lost:?}");
     wait_run(&cs, &id, &["cancelled"], 60);
+    let again: Vec<String> = cs.log().lines().filter(|l| l.contains("handed out again")).map(String::from).collect();
+    assert!(again.len() == 1 && again[0].contains(&lost[0].id), "{again:?}");
     let n = point_ids(&t.s("data"), "web1").len();
     wait_for("replication to resume after the cancel", 60, || point_ids(&t.s("data"), "web1").len() > n);
 
+    // Every job was acknowledged and ran once (the master target's log
+    // says each once).
+    let jobs = cs.ctl(&["call", "GET", "/api/v1/jobs"]);
+    let jobs = jobs.as_array().unwrap();
+    assert!(jobs.len() >= 4, "{jobs:?}");
+    for j in jobs {
+        assert!(j["state"] == "done" && j["acked_ms"].as_i64() >= j["created_ms"].as_i64(), "{j}");
+        let id = j["id"].as_str().unwrap();
+        assert_eq!(mt.log().matches(&format!("job {id} (")).count(), 1, "job {id} ran once: {}", mt.log());
+    }
     // Every heartbeat so far was taken, and the charts have rates.
     let m = cs_metrics(&cs);
     assert!(m.contains("\nferry_cs_heartbeat_errors_total 0\n"), "{m}");

@@ -125,6 +125,9 @@ pub struct Job {
     pub result: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// When a heartbeat of the role first listed it (it has the job).
+    #[serde(default)]
+    pub acked_ms: Option<i64>,
 }
 
 /// A job as the role that holds it sees it. Every heartbeat carries the jobs

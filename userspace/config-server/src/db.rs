@@ -183,6 +183,7 @@ fn job_of(r: &AnyRow) -> Result<Job> {
         result: r.try_get("result")?,
         created_ms: r.try_get("created_ms")?,
         updated_ms: r.try_get("updated_ms")?,
+        acked_ms: r.try_get("acked_ms")?,
     })
 }
 

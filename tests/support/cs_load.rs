@@ -144,7 +144,7 @@ impl Sim {
             cert_expires_unix: None,
             spool_bytes: None,
             spool_max_bytes: None,
-            jobs: Vec::new(),
+            jobs: None,
             disks: vec![DiskReport {
                 name: self.disk.clone(),
                 state: "streaming".into(),

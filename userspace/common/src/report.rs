@@ -33,9 +33,11 @@ pub struct RoleReport {
     #[serde(default)]
     pub disks: Vec<DiskReport>,
     /// The configuration server's jobs this role holds (heartbeats only;
-    /// not in `/metrics`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub jobs: Vec<crate::control::JobReport>,
+    /// not in `/metrics`, not kept by the server). Some (even empty) says
+    /// the role acknowledges jobs: only then is an unacknowledged job
+    /// handed out again (a role of before that would run it twice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<crate::control::JobReport>>,
 }
 
 /// One disk as one role sees it.

@@ -223,7 +223,7 @@ impl Db {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Engine::Postgres, url.to_string())
         } else {
-            bail!("--db {url:?}: expected sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DB");
+            bail!("--db {:?}: expected sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DB", redact(url));
         };
         let mut opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         opts = match engine {
@@ -383,7 +383,8 @@ impl Db {
     /// for an agent one chart sample per disk (rates from the counters'
     /// change since its previous report).
     pub async fn heartbeat(&self, r: &RoleReport, now: i64) -> Result<()> {
-        let body = serde_json::to_string(r)?;
+        // The jobs (and their outcomes) are the jobs table's, not the report's.
+        let body = serde_json::to_string(&RoleReport { jobs: None, ..r.clone() })?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO machines (role, name, version, group_name, first_seen_ms, last_seen_ms, report) VALUES ($1, $2, $3, NULL, $4, $4, $5) \
@@ -849,14 +850,16 @@ impl Db {
     /// handed out at least `again_ms` ago that no heartbeat has listed since
     /// (the answer that carried them was lost). The role runs a job once
     /// however often it gets it. One instance hands out each time.
-    pub async fn take_jobs(&self, role: &str, machine: &str, now: i64, again_ms: i64) -> Result<Vec<Job>> {
+    /// `again_ms` None: the role does not acknowledge jobs (an older one);
+    /// only queued jobs.
+    pub async fn take_jobs(&self, role: &str, machine: &str, now: i64, again_ms: Option<i64>) -> Result<Vec<Job>> {
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE role = $1 AND machine = $2 \
              AND (state = 'queued' OR (state = 'running' AND acked_ms IS NULL AND updated_ms <= $3)) ORDER BY created_ms",
         )
         .bind(role)
         .bind(machine)
-        .bind(now - again_ms)
+        .bind(again_ms.map(|a| now - a).unwrap_or(i64::MIN))
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::new();
@@ -886,7 +889,7 @@ impl Db {
     /// What a role's heartbeat says of the jobs it holds: a running one is
     /// acknowledged, a finished one's outcome recorded (when not yet).
     pub async fn job_reports(&self, role: &str, machine: &str, reports: &[JobReport], now: i64) -> Result<()> {
-        for j in reports {
+        for j in reports.iter().filter(|j| !j.id.is_empty() && j.id.len() <= 64) {
             match j.state.as_str() {
                 "running" => {
                     sqlx::query(
@@ -900,7 +903,12 @@ impl Db {
                     .await?;
                 }
                 "done" | "failed" => {
-                    let recorded = self.finish_job(&j.id, role, machine, j.state == "done", j.result.as_deref().unwrap_or("")).await?;
+                    let result = j.result.as_deref().unwrap_or("");
+                    let mut cut = result.len().min(64 << 10);
+                    while !result.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    let recorded = self.finish_job(&j.id, role, machine, j.state == "done", &result[..cut]).await?;
                     if recorded {
                         log::info!("job {}: its outcome came with a heartbeat", j.id);
                     }
@@ -909,6 +917,20 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    /// A job its run stopped waiting for, never acknowledged: failed, so
+    /// that it is not handed out later (false: the role has it, or it ended).
+    pub async fn expire_job(&self, id: &str, why: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 WHERE id = $3 AND acked_ms IS NULL AND state IN ('queued', 'running')",
+        )
+        .bind(why)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// A role's outcome of a job it ran (only the machine it was given to).
@@ -1145,16 +1167,16 @@ mod tests {
         let k = db.add_job("master-target", "mt1", "test-failover", &serde_json::json!({"disk": "d2"})).await.unwrap();
         let t = now_ms();
         let ids = |v: Vec<Job>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
-        assert_eq!(ids(db.take_jobs("master-target", "mt1", t, 15_000).await.unwrap()), vec![j.id.clone(), k.id.clone()]);
-        assert!(db.take_jobs("master-target", "other", t, 15_000).await.unwrap().is_empty(), "another machine's jobs");
-        assert!(db.take_jobs("master-target", "mt1", t + 14_000, 15_000).await.unwrap().is_empty(), "handed out again too soon");
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t, Some(15_000)).await.unwrap()), vec![j.id.clone(), k.id.clone()]);
+        assert!(db.take_jobs("master-target", "other", t, Some(15_000)).await.unwrap().is_empty(), "another machine's jobs");
+        assert!(db.take_jobs("master-target", "mt1", t + 14_000, Some(15_000)).await.unwrap().is_empty(), "handed out again too soon");
         // The next heartbeat lists k only: j's answer was lost.
         let running = |id: &str| JobReport { id: id.into(), state: "running".into(), result: None };
         db.job_reports("master-target", "mt1", &[running(&k.id)], t + 5_000).await.unwrap();
-        assert_eq!(ids(db.take_jobs("master-target", "mt1", t + 15_000, 15_000).await.unwrap()), vec![j.id.clone()]);
-        assert!(db.take_jobs("master-target", "mt1", t + 20_000, 15_000).await.unwrap().is_empty());
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t + 15_000, Some(15_000)).await.unwrap()), vec![j.id.clone()]);
+        assert!(db.take_jobs("master-target", "mt1", t + 20_000, Some(15_000)).await.unwrap().is_empty());
         db.job_reports("master-target", "mt1", &[running(&j.id), running(&k.id)], t + 21_000).await.unwrap();
-        assert!(db.take_jobs("master-target", "mt1", t + 90_000, 15_000).await.unwrap().is_empty(), "acknowledged jobs stay put");
+        assert!(db.take_jobs("master-target", "mt1", t + 90_000, Some(15_000)).await.unwrap().is_empty(), "acknowledged jobs stay put");
         // Outcomes by heartbeat; another machine cannot settle them.
         let done = JobReport { id: k.id.clone(), state: "done".into(), result: Some("exported".into()) };
         db.job_reports("master-target", "mt2", std::slice::from_ref(&done), t + 22_000).await.unwrap();
@@ -1164,6 +1186,15 @@ mod tests {
         assert_eq!((got.state.as_str(), got.result.as_deref()), ("done", Some("exported")));
         assert!(!db.finish_job(&k.id, "master-target", "mt1", false, "late").await.unwrap(), "an outcome is recorded once");
         assert_eq!(db.job(&k.id).await.unwrap().unwrap().result.as_deref(), Some("exported"));
+        // A role that does not acknowledge jobs (an older one) gets a job once.
+        let m = db.add_job("master-target", "mt1", "failover", &serde_json::json!({"disk": "d3"})).await.unwrap();
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t, None).await.unwrap()), vec![m.id.clone()]);
+        assert!(db.take_jobs("master-target", "mt1", t + 90_000, None).await.unwrap().is_empty(), "an older role would run it twice");
+        // A run that stops waiting expires what was never acknowledged, not what was.
+        assert!(!db.expire_job(&j.id, "expired").await.unwrap());
+        assert!(db.expire_job(&m.id, "expired: its run stopped waiting").await.unwrap());
+        assert!(db.take_jobs("master-target", "mt1", t + 90_000, Some(15_000)).await.unwrap().is_empty());
+        assert_eq!(db.job(&m.id).await.unwrap().unwrap().state, "failed");
         drop(db);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -225,6 +225,12 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
             }
         }
         if tokio::time::Instant::now() > deadline {
+            // Never handed out later, when the run has moved on.
+            for (i, (_, jid)) in ids.iter().enumerate() {
+                if out[i].is_none() {
+                    app.db.expire_job(jid, "expired: no master target took it before its run stopped waiting").await?;
+                }
+            }
             bail!("{label}: master targets did not answer within {} s", JOB_DEADLINE.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -236,7 +242,13 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
 
 async fn script(cmd: &str, plan: &str, run: &str, kind: &str) -> Result<String> {
     let mut c = tokio::process::Command::new("sh");
-    c.arg("-c").arg(cmd).env("FERRY_PLAN", plan).env("FERRY_RUN", run).env("FERRY_RUN_KIND", kind).kill_on_drop(true);
+    c.arg("-c")
+        .arg(cmd)
+        .env_remove("FERRY_CS_DB")
+        .env("FERRY_PLAN", plan)
+        .env("FERRY_RUN", run)
+        .env("FERRY_RUN_KIND", kind)
+        .kill_on_drop(true);
     let out = match tokio::time::timeout(SCRIPT_DEADLINE, c.output()).await {
         Ok(r) => r?,
         Err(_) => bail!("the script ran over {} s and was killed", SCRIPT_DEADLINE.as_secs()),

@@ -210,6 +210,9 @@ pub type ReplyHook = Arc<dyn Fn(&HeartbeatReply) + Send + Sync>;
 pub struct Hooks {
     pub jobs: Option<JobRunner>,
     pub on_reply: Option<ReplyHook>,
+    /// Where to keep the jobs given (state file `ferry-jobs` v1); None: in
+    /// memory (a restart may run a job again).
+    pub job_book: Option<PathBuf>,
 }
 pub type ReportFn = Arc<dyn Fn() -> RoleReport + Send + Sync>;
 
@@ -240,14 +243,14 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
         }
     }
     let h = heard.clone();
-    let book = JobBook::default();
+    let book = JobBook::open(hooks.job_book.clone());
     let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
         let mut every = Duration::from_secs(5);
         let mut warned: Option<Instant> = None;
         loop {
             let started = Instant::now();
             let mut r = report();
-            r.jobs = book.reports();
+            r.jobs = Some(book.reports());
             match client.heartbeat(&r) {
                 Ok(reply) => {
                     if warned.take().is_some() {
@@ -272,7 +275,7 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
                         f(&reply);
                     }
                     // The server has the outcomes this report carried.
-                    book.settle(r.jobs.iter().filter(|j| j.state != "running").map(|j| j.id.as_str()));
+                    book.settle(r.jobs.iter().flatten().filter(|j| j.state != "running").map(|j| j.id.as_str()));
                     for job in reply.jobs.clone() {
                         if book.take(&job.id) {
                             run_job(&client, &jobs, &book, job);
@@ -304,11 +307,16 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
 
 /// The jobs this role was given: each runs once however often it is handed
 /// out, and each is reported in the heartbeats until the server has its
-/// outcome.
+/// outcome. Kept in a file when the role has one, so that a restart neither
+/// runs a job again nor leaves one the server waits for: a job that was
+/// running when the role ended is reported failed ("interrupted").
 #[derive(Clone, Default)]
-struct JobBook(Arc<Mutex<BookInner>>);
+struct JobBook {
+    inner: Arc<Mutex<BookInner>>,
+    path: Option<PathBuf>,
+}
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 struct BookInner {
     /// Jobs still to be reported, in the order they came.
     open: Vec<JobReport>,
@@ -316,30 +324,67 @@ struct BookInner {
     seen: std::collections::VecDeque<String>,
 }
 
+const BOOK_KIND: &str = "ferry-jobs";
 const BOOK_IDS: usize = 1024;
-/// At most this many jobs in one heartbeat (the server's limit); the rest
+/// At most this many jobs in one heartbeat (the server reads 256); the rest
 /// wait for a later one.
 const REPORT_JOBS: usize = 256;
-/// An outcome longer than this is cut (the server's limit is 64 KiB).
-const RESULT_MAX: usize = 16 << 10;
+/// An outcome longer than this is cut.
+const RESULT_MAX: usize = 4 << 10;
+/// Outcomes in one heartbeat, bytes at most (the rest wait): a heartbeat
+/// stays far below the server's 2 MiB body limit however they escape.
+const REPORT_BUDGET: usize = 128 << 10;
 
 impl JobBook {
-    /// True the first time `id` is given: run it.
+    /// The book kept at `path` (None: in memory only).
+    fn open(path: Option<PathBuf>) -> JobBook {
+        let mut inner = BookInner::default();
+        if let Some(p) = &path {
+            match ferry_common::durable::read_state::<BookInner>(p, BOOK_KIND, 1) {
+                Ok(Some(mut b)) => {
+                    for j in b.open.iter_mut().filter(|j| j.state == "running") {
+                        log::warn!("job {}: interrupted by a restart of this role; reported failed", j.id);
+                        j.state = "failed".into();
+                        j.result =
+                            Some("interrupted: the role restarted while the job ran; check its effect before running it again".into());
+                    }
+                    inner = b;
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{}: {e}; starting with no record of earlier jobs", p.display()),
+            }
+        }
+        let book = JobBook { inner: Arc::new(Mutex::new(inner)), path };
+        book.save();
+        book
+    }
+
+    fn save(&self) {
+        let (Some(p), Ok(b)) = (&self.path, self.inner.lock()) else { return };
+        if let Err(e) = ferry_common::durable::write_state(p, BOOK_KIND, 1, &*b) {
+            log::warn!("{}: keeping the jobs: {e}", p.display());
+        }
+    }
+
+    /// True the first time `id` is given: run it (recorded before it runs).
     fn take(&self, id: &str) -> bool {
-        let Ok(mut b) = self.0.lock() else { return false };
-        if b.seen.iter().any(|x| x == id) {
-            return false;
+        {
+            let Ok(mut b) = self.inner.lock() else { return false };
+            if b.seen.iter().any(|x| x == id) {
+                return false;
+            }
+            if b.seen.len() >= BOOK_IDS {
+                b.seen.pop_front();
+            }
+            b.seen.push_back(id.to_string());
+            b.open.push(JobReport { id: id.to_string(), state: "running".into(), result: None });
         }
-        if b.seen.len() >= BOOK_IDS {
-            b.seen.pop_front();
-        }
-        b.seen.push_back(id.to_string());
-        b.open.push(JobReport { id: id.to_string(), state: "running".into(), result: None });
+        self.save();
         true
     }
 
     fn finished(&self, id: &str, ok: bool, result: &str) {
-        if let Ok(mut b) = self.0.lock() {
+        if let Ok(mut b) = self.inner.lock() {
             if let Some(j) = b.open.iter_mut().find(|j| j.id == id) {
                 j.state = if ok { "done" } else { "failed" }.into();
                 let mut cut = result.len().min(RESULT_MAX);
@@ -349,19 +394,40 @@ impl JobBook {
                 j.result = Some(result[..cut].to_string());
             }
         }
+        self.save();
     }
 
     /// The server has these outcomes: stop reporting them.
     fn settle<'a>(&self, ids: impl Iterator<Item = &'a str>) {
-        if let Ok(mut b) = self.0.lock() {
-            for id in ids {
-                b.open.retain(|j| j.id != id || j.state == "running");
+        let changed = match self.inner.lock() {
+            Ok(mut b) => {
+                let n = b.open.len();
+                for id in ids {
+                    b.open.retain(|j| j.id != id || j.state == "running");
+                }
+                b.open.len() != n
             }
+            Err(_) => false,
+        };
+        if changed {
+            self.save();
         }
     }
 
+    /// What the next heartbeat says: within [`REPORT_JOBS`] and [`REPORT_BUDGET`].
     fn reports(&self) -> Vec<JobReport> {
-        self.0.lock().map(|b| b.open.iter().take(REPORT_JOBS).cloned().collect()).unwrap_or_default()
+        let Ok(b) = self.inner.lock() else { return Vec::new() };
+        let mut used = 0;
+        let mut out = Vec::new();
+        for j in &b.open {
+            let len = j.result.as_ref().map_or(0, |r| r.len());
+            if out.len() >= REPORT_JOBS || (used + len > REPORT_BUDGET && !out.is_empty()) {
+                break;
+            }
+            used += len;
+            out.push(j.clone());
+        }
+        out
     }
 }
 
@@ -409,7 +475,7 @@ mod tests {
     /// outcome is reported until the server has it.
     #[test]
     fn a_job_runs_once_and_is_reported_until_settled() {
-        let b = JobBook::default();
+        let b = JobBook::open(None);
         assert!(b.take("j1"));
         assert!(!b.take("j1"), "a job handed out again must not run twice");
         assert_eq!(b.reports(), vec![JobReport { id: "j1".into(), state: "running".into(), result: None }]);
@@ -427,7 +493,7 @@ mod tests {
     /// What a heartbeat carries stays inside the server's limits.
     #[test]
     fn reports_stay_inside_the_server_s_limits() {
-        let b = JobBook::default();
+        let b = JobBook::open(None);
         for i in 0..REPORT_JOBS + 5 {
             assert!(b.take(&format!("j{i}")));
         }
@@ -435,17 +501,45 @@ mod tests {
         b.finished("j0", false, &"é".repeat(RESULT_MAX));
         let r = b.reports()[0].result.clone().unwrap();
         assert!(r.len() <= RESULT_MAX && r.starts_with('é'), "{}", r.len());
+        for i in 0..REPORT_JOBS {
+            b.finished(&format!("j{i}"), true, &"x".repeat(RESULT_MAX));
+        }
+        let r = b.reports();
+        let bytes: usize = r.iter().map(|j| j.result.as_ref().map_or(0, |x| x.len())).sum();
+        assert!(!r.is_empty() && r.len() < REPORT_JOBS && bytes <= REPORT_BUDGET, "{} jobs, {bytes} bytes", r.len());
+    }
+
+    /// A restart neither runs a job again nor leaves one running for ever.
+    #[test]
+    fn a_restart_reports_the_interrupted_job_failed_and_runs_none_again() {
+        let dir = std::env::temp_dir().join(format!("ferry-jobbook-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobs.state");
+        let b = JobBook::open(Some(path.clone()));
+        assert!(b.take("j1") && b.take("j2"));
+        b.finished("j2", true, "exported");
+        drop(b);
+        let b = JobBook::open(Some(path.clone()));
+        let r = b.reports();
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].id == "j1" && r[0].state == "failed" && r[0].result.as_deref().unwrap().starts_with("interrupted"), "{r:?}");
+        assert_eq!((r[1].state.as_str(), r[1].result.as_deref()), ("done", Some("exported")));
+        assert!(!b.take("j1") && !b.take("j2"), "a job given before the restart must not run again");
+        b.settle(["j1", "j2"].into_iter());
+        drop(b);
+        assert!(JobBook::open(Some(path)).reports().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_book_remembers_a_bounded_number_of_ids() {
-        let b = JobBook::default();
+        let b = JobBook::open(None);
         for i in 0..BOOK_IDS + 10 {
             assert!(b.take(&format!("j{i}")));
             b.finished(&format!("j{i}"), true, "");
             b.settle(std::iter::once(format!("j{i}").as_str()));
         }
-        let inner = b.0.lock().unwrap();
+        let inner = b.inner.lock().unwrap();
         assert_eq!(inner.seen.len(), BOOK_IDS);
         assert!(inner.open.is_empty());
     }

@@ -62,7 +62,11 @@ pub fn config_server(a: ConfigServer) -> Result<()> {
         None => None,
     };
     if !(a.db.starts_with("sqlite:") || a.db.starts_with("postgres://") || a.db.starts_with("postgresql://")) {
-        return Err(Usage(format!("--db {:?}: expected sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DB", a.db)).into());
+        return Err(Usage(format!(
+            "--db {:?}: expected sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DB",
+            ferry_config::db::redact(&a.db)
+        ))
+        .into());
     }
     let cfg = ferry_config::Config {
         listen,

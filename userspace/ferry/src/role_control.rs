@@ -42,8 +42,10 @@ pub fn master_target_hooks(data: PathBuf) -> Hooks {
     let d = data.clone();
     let jobs: JobRunner = Arc::new(move |j: &Job| run_job(&d, &exports, j));
     let applied: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    // The jobs given, kept beside the disks ('@' is in no disk name).
+    let job_book = Some(data.join("@jobs.state"));
     let on_reply: ReplyHook = Arc::new(move |r: &HeartbeatReply| apply_retention(&data, &applied, r));
-    Hooks { jobs: Some(jobs), on_reply: Some(on_reply) }
+    Hooks { jobs: Some(jobs), on_reply: Some(on_reply), job_book }
 }
 
 /// The process server's hooks: each disk's bandwidth from its policy.
@@ -70,7 +72,7 @@ pub fn process_server_hooks(relay: Arc<ferry_relay::relay::Relay>) -> Hooks {
             *l = rates;
         }
     });
-    Hooks { jobs: None, on_reply: Some(on_reply) }
+    Hooks { jobs: None, on_reply: Some(on_reply), job_book: None }
 }
 
 fn apply_retention(data: &Path, applied: &Mutex<HashMap<String, String>>, r: &HeartbeatReply) {

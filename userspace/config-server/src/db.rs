@@ -17,6 +17,10 @@ use sqlx::{AnyPool, Row};
 
 pub use ferry_common::control::{Job, JobReport, Policy};
 
+/// A job not taken this long after it was made is never handed out: its
+/// run waits at most this long for it (plans.rs).
+pub const JOB_MAX_AGE_MS: i64 = 600_000;
+
 /// The migrations, in order; the version is the position (1-based).
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql"), include_str!("../migrations/0002_job_ack.sql")];
 
@@ -828,7 +832,7 @@ impl Db {
         let now = now_ms();
         let id = new_id();
         sqlx::query(
-            "INSERT INTO jobs (id, role, machine, kind, args, state, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6)",
+            "INSERT INTO jobs (id, role, machine, kind, args, state, created_ms, updated_ms, run_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6, $7)",
         )
         .bind(&id)
         .bind(role)
@@ -836,6 +840,7 @@ impl Db {
         .bind(kind)
         .bind(args.to_string())
         .bind(now)
+        .bind(args.get("run").and_then(|v| v.as_str()).unwrap_or("").to_string())
         .execute(&self.pool)
         .await?;
         self.job(&id).await?.ok_or_else(|| anyhow!("job {id} vanished"))
@@ -853,6 +858,18 @@ impl Db {
     /// `again_ms` None: the role does not acknowledge jobs (an older one);
     /// only queued jobs.
     pub async fn take_jobs(&self, role: &str, machine: &str, now: i64, again_ms: Option<i64>) -> Result<Vec<Job>> {
+        // A job older than its run waits for is never handed out.
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 \
+             WHERE role = $3 AND machine = $4 AND acked_ms IS NULL AND state IN ('queued', 'running') AND created_ms < $5",
+        )
+        .bind(format!("expired: not taken within {} s", JOB_MAX_AGE_MS / 1000))
+        .bind(now)
+        .bind(role)
+        .bind(machine)
+        .bind(now - JOB_MAX_AGE_MS)
+        .execute(&self.pool)
+        .await?;
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE role = $1 AND machine = $2 \
              AND (state = 'queued' OR (state = 'running' AND acked_ms IS NULL AND updated_ms <= $3)) ORDER BY created_ms",
@@ -919,18 +936,20 @@ impl Db {
         Ok(())
     }
 
-    /// A job its run stopped waiting for, never acknowledged: failed, so
-    /// that it is not handed out later (false: the role has it, or it ended).
-    pub async fn expire_job(&self, id: &str, why: &str) -> Result<bool> {
+    /// The jobs of a run that no role acknowledged: failed (`why`), so that
+    /// none is handed out after the run ended, was interrupted or moved on.
+    /// The number expired.
+    pub async fn expire_run_jobs(&self, run: &str, why: &str) -> Result<u64> {
         let r = sqlx::query(
-            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 WHERE id = $3 AND acked_ms IS NULL AND state IN ('queued', 'running')",
+            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 \
+             WHERE run_id = $3 AND acked_ms IS NULL AND state IN ('queued', 'running')",
         )
         .bind(why)
         .bind(now_ms())
-        .bind(id)
+        .bind(run)
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        Ok(r.rows_affected())
     }
 
     /// A role's outcome of a job it ran (only the machine it was given to).
@@ -1070,6 +1089,9 @@ impl Db {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        if r.rows_affected() == 1 {
+            self.expire_run_jobs(id, "expired: its run was interrupted").await?;
+        }
         Ok(r.rows_affected() == 1)
     }
 
@@ -1131,7 +1153,13 @@ fn statements(sql: &str) -> Vec<String> {
 
 /// A database URL with its password hidden (for messages).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+    // The last '@' before the path: a password may hold a raw '@'.
+    let host_at = url.find("://").and_then(|s| {
+        let rest = &url[s + 3..];
+        let end = rest.find('/').unwrap_or(rest.len());
+        rest[..end].rfind('@').map(|a| s + 3 + a)
+    });
+    match (url.find("://"), host_at) {
         (Some(s), Some(at)) if at > s => {
             let cred = &url[s + 3..at];
             match cred.find(':') {
@@ -1187,14 +1215,23 @@ mod tests {
         assert!(!db.finish_job(&k.id, "master-target", "mt1", false, "late").await.unwrap(), "an outcome is recorded once");
         assert_eq!(db.job(&k.id).await.unwrap().unwrap().result.as_deref(), Some("exported"));
         // A role that does not acknowledge jobs (an older one) gets a job once.
-        let m = db.add_job("master-target", "mt1", "failover", &serde_json::json!({"disk": "d3"})).await.unwrap();
+        let m = db.add_job("master-target", "mt1", "failover", &serde_json::json!({"disk": "d3", "run": "r1"})).await.unwrap();
         assert_eq!(ids(db.take_jobs("master-target", "mt1", t, None).await.unwrap()), vec![m.id.clone()]);
         assert!(db.take_jobs("master-target", "mt1", t + 90_000, None).await.unwrap().is_empty(), "an older role would run it twice");
-        // A run that stops waiting expires what was never acknowledged, not what was.
-        assert!(!db.expire_job(&j.id, "expired").await.unwrap());
-        assert!(db.expire_job(&m.id, "expired: its run stopped waiting").await.unwrap());
+        // A run that moves on expires its jobs never acknowledged, not the others.
+        let n = db.add_job("master-target", "mt1", "failover", &serde_json::json!({"disk": "d4", "run": "r2"})).await.unwrap();
+        assert_eq!(ids(db.take_jobs("master-target", "mt1", t, Some(15_000)).await.unwrap()), vec![n.id.clone()]);
+        db.job_reports("master-target", "mt1", &[running(&n.id)], t).await.unwrap();
+        assert_eq!(db.expire_run_jobs("r1", "expired: its run moved on").await.unwrap(), 1);
+        assert_eq!(db.expire_run_jobs("r2", "expired").await.unwrap(), 0, "n was acknowledged");
         assert!(db.take_jobs("master-target", "mt1", t + 90_000, Some(15_000)).await.unwrap().is_empty());
         assert_eq!(db.job(&m.id).await.unwrap().unwrap().state, "failed");
+        // A job older than a run waits is never handed out.
+        let o = db.add_job("master-target", "mt1", "test-failover", &serde_json::json!({"disk": "d5"})).await.unwrap();
+        let late = o.created_ms + JOB_MAX_AGE_MS + 1;
+        assert!(db.take_jobs("master-target", "mt1", late, Some(15_000)).await.unwrap().is_empty());
+        let o = db.job(&o.id).await.unwrap().unwrap();
+        assert!(o.state == "failed" && o.result.as_deref().unwrap_or("").starts_with("expired"), "{o:?}");
         drop(db);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1202,5 +1239,7 @@ mod tests {
     #[test]
     fn passwords_are_hidden() {
         assert_eq!(redact("postgres://ferry:s3cret@127.0.0.1:5432/ferry"), "postgres://ferry:***@127.0.0.1:5432/ferry");
+        assert_eq!(redact("postgres://ferry:p@ss@db:5432/ferry"), "postgres://ferry:***@db:5432/ferry");
+        assert_eq!(redact("sqlite:/var/lib/ferry/cs.db"), "sqlite:/var/lib/ferry/cs.db");
     }
 }

@@ -30,7 +30,8 @@ use crate::App;
 
 const LEASE_MS: i64 = 60_000;
 /// How long a master target has for one job.
-const JOB_DEADLINE: Duration = Duration::from_secs(600);
+/// How long a run waits for its jobs (a job older than this is never handed out).
+const JOB_DEADLINE: Duration = Duration::from_millis(crate::db::JOB_MAX_AGE_MS as u64);
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -186,7 +187,19 @@ async fn drive(app: &App, id: &str, plan_name: &str, plan: &Plan, kind: &str, po
 }
 
 /// Give each disk's master target its job, wait for every outcome, log each.
+/// However it ends, the jobs no master target took are expired: none is
+/// handed out after the run stopped waiting for it.
 async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)], kind: &str, point: &str) -> Result<Vec<bool>> {
+    let r = run_jobs_waiting(app, run, label, disks, kind, point).await;
+    if r.is_err() {
+        if let Err(e) = app.db.expire_run_jobs(run, "expired: no master target took it before its run stopped waiting").await {
+            log::warn!("run {run}: expiring its jobs: {e:#}");
+        }
+    }
+    r
+}
+
+async fn run_jobs_waiting(app: &App, run: &str, label: &str, disks: &[(String, String)], kind: &str, point: &str) -> Result<Vec<bool>> {
     let mut ids = Vec::new();
     for (disk, mt) in disks {
         let j = app.db.add_job("master-target", mt, kind, &json!({ "disk": disk, "point": point, "run": run })).await?;
@@ -225,12 +238,6 @@ async fn run_jobs(app: &App, run: &str, label: &str, disks: &[(String, String)],
             }
         }
         if tokio::time::Instant::now() > deadline {
-            // Never handed out later, when the run has moved on.
-            for (i, (_, jid)) in ids.iter().enumerate() {
-                if out[i].is_none() {
-                    app.db.expire_job(jid, "expired: no master target took it before its run stopped waiting").await?;
-                }
-            }
             bail!("{label}: master targets did not answer within {} s", JOB_DEADLINE.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -300,6 +307,9 @@ pub async fn act(app: &Arc<App>, id: &str, action: &str, user: &str) -> ApiResul
     if !app.db.take_run(id, &app.instance, from, &format!("{action} started by {user}"), now_ms() + LEASE_MS).await? {
         return Err(ApiError(StatusCode::CONFLICT, format!("run {id} changed state meanwhile: {action} does not apply")));
     }
+    // What the run asked before and no master target took is never handed
+    // out next to (or after) this action's jobs.
+    app.db.expire_run_jobs(id, &format!("expired: {action} was started before a master target took it")).await?;
     let (app2, id2) = (app.clone(), id.to_string());
     let action = action.to_string();
     tokio::spawn(async move {

@@ -280,7 +280,7 @@ pub fn spawn(client: Client, report: ReportFn, live: Arc<Live>, cache: Option<Pa
                         if book.take(&job.id) {
                             run_job(&client, &jobs, &book, job);
                         } else {
-                            log::info!("job {} was handed out again; it is already here", job.id);
+                            log::info!("job {} not run: it was given before, or could not be recorded", job.id);
                         }
                     }
                     if let Ok(mut g) = h.lock() {
@@ -355,18 +355,21 @@ impl JobBook {
             }
         }
         let book = JobBook { inner: Arc::new(Mutex::new(inner)), path };
-        book.save();
+        let _ = book.save();
         book
     }
 
-    fn save(&self) {
-        let (Some(p), Ok(b)) = (&self.path, self.inner.lock()) else { return };
-        if let Err(e) = ferry_common::durable::write_state(p, BOOK_KIND, 1, &*b) {
+    fn save(&self) -> Result<(), String> {
+        let (Some(p), Ok(b)) = (&self.path, self.inner.lock()) else { return Ok(()) };
+        ferry_common::durable::write_state(p, BOOK_KIND, 1, &*b).map_err(|e| {
             log::warn!("{}: keeping the jobs: {e}", p.display());
-        }
+            e.to_string()
+        })
     }
 
-    /// True the first time `id` is given: run it (recorded before it runs).
+    /// True the first time `id` is given: run it. It is recorded before it
+    /// runs; when that fails (a full disk), it is not run but reported
+    /// failed, since a restart could not tell that it ran.
     fn take(&self, id: &str) -> bool {
         {
             let Ok(mut b) = self.inner.lock() else { return false };
@@ -379,7 +382,10 @@ impl JobBook {
             b.seen.push_back(id.to_string());
             b.open.push(JobReport { id: id.to_string(), state: "running".into(), result: None });
         }
-        self.save();
+        if let Err(e) = self.save() {
+            self.finished(id, false, &format!("not run: could not record it first ({e})"));
+            return false;
+        }
         true
     }
 
@@ -394,7 +400,7 @@ impl JobBook {
                 j.result = Some(result[..cut].to_string());
             }
         }
-        self.save();
+        let _ = self.save();
     }
 
     /// The server has these outcomes: stop reporting them.
@@ -410,7 +416,7 @@ impl JobBook {
             Err(_) => false,
         };
         if changed {
-            self.save();
+            let _ = self.save();
         }
     }
 
@@ -507,6 +513,15 @@ mod tests {
         let r = b.reports();
         let bytes: usize = r.iter().map(|j| j.result.as_ref().map_or(0, |x| x.len())).sum();
         assert!(!r.is_empty() && r.len() < REPORT_JOBS && bytes <= REPORT_BUDGET, "{} jobs, {bytes} bytes", r.len());
+    }
+
+    /// A job that cannot be recorded first is not run, and says why.
+    #[test]
+    fn a_job_that_cannot_be_recorded_is_not_run() {
+        let b = JobBook::open(Some(PathBuf::from("/nonexistent-ferry-dir/jobs.state")));
+        assert!(!b.take("j1"));
+        let r = b.reports();
+        assert!(r.len() == 1 && r[0].state == "failed" && r[0].result.as_deref().unwrap().starts_with("not run"), "{r:?}");
     }
 
     /// A restart neither runs a job again nor leaves one running for ever.

@@ -144,3 +144,27 @@ pub struct JobReport {
     #[serde(default)]
     pub result: Option<String>,
 }
+
+/// The most jobs the server reads from one heartbeat (a role sends at most
+/// this many; the rest wait for a later one).
+pub const JOB_REPORTS_MAX: usize = 256;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
+}
+
+#[cfg(test)]
+mod truncate_tests {
+    #[test]
+    fn cuts_at_a_character_boundary() {
+        assert_eq!(super::truncate_utf8("abc", 10), "abc");
+        assert_eq!(super::truncate_utf8("abc", 2), "ab");
+        assert_eq!(super::truncate_utf8("éé", 3), "é");
+        assert_eq!(super::truncate_utf8("é", 1), "");
+    }
+}

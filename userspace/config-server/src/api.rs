@@ -225,11 +225,11 @@ async fn heartbeat(
     }
     app.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     let group = app.db.group_of(&r.role, &r.name).await?;
-    // What the role says of its jobs (the first 256; more wait for later
-    // heartbeats). A role that acknowledges jobs gets one it never
+    // What the role says of its jobs (the first JOB_REPORTS_MAX; more wait
+    // for later heartbeats). A role that acknowledges jobs gets one it never
     // acknowledged again; one of before that only gets queued jobs.
     let held = r.jobs.as_deref().unwrap_or(&[]);
-    app.db.job_reports(&r.role, &r.name, &held[..held.len().min(256)], now).await?;
+    app.db.job_reports(&r.role, &r.name, &held[..held.len().min(ferry_common::control::JOB_REPORTS_MAX)], now).await?;
     let again_ms = r.jobs.as_ref().map(|_| (3 * app.cfg.heartbeat_every.as_millis() as i64).max(10_000));
     let jobs = app.db.take_jobs(&r.role, &r.name, now, again_ms).await?;
     let mut disk_policies = std::collections::BTreeMap::new();

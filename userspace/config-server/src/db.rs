@@ -857,26 +857,17 @@ impl Db {
     /// however often it gets it. One instance hands out each time.
     /// `again_ms` None: the role does not acknowledge jobs (an older one);
     /// only queued jobs.
+    /// A job older than [`JOB_MAX_AGE_MS`] is never handed out (and
+    /// [`Db::expire_old_jobs`] marks it failed).
     pub async fn take_jobs(&self, role: &str, machine: &str, now: i64, again_ms: Option<i64>) -> Result<Vec<Job>> {
-        // A job older than its run waits for is never handed out.
-        sqlx::query(
-            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 \
-             WHERE role = $3 AND machine = $4 AND acked_ms IS NULL AND state IN ('queued', 'running') AND created_ms < $5",
-        )
-        .bind(format!("expired: not taken within {} s", JOB_MAX_AGE_MS / 1000))
-        .bind(now)
-        .bind(role)
-        .bind(machine)
-        .bind(now - JOB_MAX_AGE_MS)
-        .execute(&self.pool)
-        .await?;
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE role = $1 AND machine = $2 \
+            "SELECT * FROM jobs WHERE role = $1 AND machine = $2 AND created_ms >= $4 \
              AND (state = 'queued' OR (state = 'running' AND acked_ms IS NULL AND updated_ms <= $3)) ORDER BY created_ms",
         )
         .bind(role)
         .bind(machine)
         .bind(again_ms.map(|a| now - a).unwrap_or(i64::MIN))
+        .bind(now - JOB_MAX_AGE_MS)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::new();
@@ -920,12 +911,8 @@ impl Db {
                     .await?;
                 }
                 "done" | "failed" => {
-                    let result = j.result.as_deref().unwrap_or("");
-                    let mut cut = result.len().min(64 << 10);
-                    while !result.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    let recorded = self.finish_job(&j.id, role, machine, j.state == "done", &result[..cut]).await?;
+                    let result = ferry_common::control::truncate_utf8(j.result.as_deref().unwrap_or(""), 64 << 10);
+                    let recorded = self.finish_job(&j.id, role, machine, j.state == "done", result).await?;
                     if recorded {
                         log::info!("job {}: its outcome came with a heartbeat", j.id);
                     }
@@ -934,6 +921,22 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    /// Every job older than [`JOB_MAX_AGE_MS`] that no role acknowledged:
+    /// failed ("expired"). Run every few seconds (plans::resume_loop), not
+    /// on the heartbeat's path.
+    pub async fn expire_old_jobs(&self, now: i64) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'failed', result = $1, updated_ms = $2 \
+             WHERE acked_ms IS NULL AND state IN ('queued', 'running') AND created_ms < $3",
+        )
+        .bind(format!("expired: not taken within {} s", JOB_MAX_AGE_MS / 1000))
+        .bind(now)
+        .bind(now - JOB_MAX_AGE_MS)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     /// The jobs of a run that no role acknowledged: failed (`why`), so that
@@ -1230,6 +1233,7 @@ mod tests {
         let o = db.add_job("master-target", "mt1", "test-failover", &serde_json::json!({"disk": "d5"})).await.unwrap();
         let late = o.created_ms + JOB_MAX_AGE_MS + 1;
         assert!(db.take_jobs("master-target", "mt1", late, Some(15_000)).await.unwrap().is_empty());
+        assert_eq!(db.expire_old_jobs(late).await.unwrap(), 1);
         let o = db.job(&o.id).await.unwrap().unwrap();
         assert!(o.state == "failed" && o.result.as_deref().unwrap_or("").starts_with("expired"), "{o:?}");
         drop(db);

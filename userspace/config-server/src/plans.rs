@@ -324,7 +324,8 @@ pub async fn act(app: &Arc<App>, id: &str, action: &str, user: &str) -> ApiResul
     Ok(app.db.run(id).await?.unwrap_or(r))
 }
 
-/// Runs whose driving instance went away are marked interrupted.
+/// Runs whose driving instance went away are marked interrupted; jobs no
+/// role took in time are marked expired.
 pub async fn resume_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         if let Ok(runs) = app.db.runs(1000).await {
@@ -333,6 +334,9 @@ pub async fn resume_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
                     log::warn!("run {} of plan {} lost the instance driving it: marked interrupted", r.id, r.plan);
                 }
             }
+        }
+        if let Err(e) = app.db.expire_old_jobs(now_ms()).await {
+            log::warn!("expiring old jobs: {e:#}");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

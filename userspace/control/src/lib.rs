@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ferry_common::control::{HeartbeatReply, Job, JobReport, Live, Policy};
+use ferry_common::control::{truncate_utf8, HeartbeatReply, Job, JobReport, Live, Policy, JOB_REPORTS_MAX};
 use ferry_common::report::RoleReport;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -326,9 +326,8 @@ struct BookInner {
 
 const BOOK_KIND: &str = "ferry-jobs";
 const BOOK_IDS: usize = 1024;
-/// At most this many jobs in one heartbeat (the server reads 256); the rest
-/// wait for a later one.
-const REPORT_JOBS: usize = 256;
+/// At most this many jobs in one heartbeat; the rest wait for a later one.
+const REPORT_JOBS: usize = JOB_REPORTS_MAX;
 /// An outcome longer than this is cut.
 const RESULT_MAX: usize = 4 << 10;
 /// Outcomes in one heartbeat, bytes at most (the rest wait): a heartbeat
@@ -393,11 +392,7 @@ impl JobBook {
         if let Ok(mut b) = self.inner.lock() {
             if let Some(j) = b.open.iter_mut().find(|j| j.id == id) {
                 j.state = if ok { "done" } else { "failed" }.into();
-                let mut cut = result.len().min(RESULT_MAX);
-                while !result.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                j.result = Some(result[..cut].to_string());
+                j.result = Some(truncate_utf8(result, RESULT_MAX).to_string());
             }
         }
         let _ = self.save();
